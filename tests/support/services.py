@@ -1,0 +1,147 @@
+"""Real services for tests: a Mosquitto broker per test session, PostgreSQL on this machine.
+
+A service that is absent fails the test loudly under CI (``CI=true``) and skips elsewhere with
+the reason, as the project's rules require.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+POSTGRES_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip (or fail under CI) when a service the test needs is absent."""
+    if condition:
+        return
+    if in_ci():
+        pytest.fail(f"required service missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+@dataclass
+class Mosquitto:
+    host: str
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def start(self) -> None:
+        """(Re)start on the same port with the same config, e.g. after `stop()` in an outage test."""
+        if self.process.poll() is None:
+            return
+        self.process = _spawn(self.workdir)
+        wait_port(self.port)
+
+
+def _spawn(workdir: Path) -> subprocess.Popen[bytes]:
+    log = open(workdir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the process
+    return subprocess.Popen(
+        ["mosquitto", "-c", str(workdir / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+@contextmanager
+def mosquitto(
+    workdir: Path,
+    *,
+    passwords: dict[str, str] | None = None,
+    acl: str | None = None,
+) -> Iterator[Mosquitto]:
+    """Start a Mosquitto broker of our own on a free loopback port.
+
+    ``passwords`` (user -> password) turns anonymous access off; ``acl`` is the text of a
+    Mosquitto ACL file (e.g. ``pattern readwrite edgefleet/v1/devices/%u/#``).
+    """
+    exe = shutil.which("mosquitto")
+    require(exe is not None, "mosquitto is not installed (apt-get install mosquitto)")
+    workdir = workdir / f"mosquitto-{uuid.uuid4().hex[:8]}"
+    workdir.mkdir(parents=True)
+    port = free_port()
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "persistence false",
+        "max_queued_messages 100000",
+        "max_inflight_messages 100",
+        f"log_dest file {workdir / 'broker.log'}",
+        "log_type error",
+        "log_type warning",
+    ]
+    if passwords:
+        pwfile = workdir / "passwd"
+        pwfile.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()))
+        subprocess.run(["mosquitto_passwd", "-U", str(pwfile)], check=True)
+        pwfile.chmod(0o600)
+        lines += ["allow_anonymous false", f"password_file {pwfile}"]
+    else:
+        lines.append("allow_anonymous true")
+    if acl is not None:
+        aclfile = workdir / "acl"
+        aclfile.write_text(acl)
+        aclfile.chmod(0o600)
+        lines.append(f"acl_file {aclfile}")
+    (workdir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+    broker = Mosquitto("127.0.0.1", port, workdir, _spawn(workdir))
+    try:
+        wait_port(port)
+        yield broker
+    finally:
+        broker.stop()
+
+
+def postgres_available(url: str = POSTGRES_URL) -> bool:
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    try:
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3):
+            return True
+    except Exception:
+        return False
