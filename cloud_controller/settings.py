@@ -1,0 +1,78 @@
+"""Controller settings: defaults, then `EDGEFLEET_CONTROLLER_*` environment overrides."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ENV_PREFIX = "EDGEFLEET_CONTROLLER_"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(ENV_PREFIX + "DATA_DIR", Path.home() / ".edgefleet" / "controller"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the controller process needs; `None` broker means no MQTT bridge."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    db_url: str | None = None
+    broker_url: str | None = None
+    packages_dir: Path | None = None
+    signing_key: Path | None = None
+    signing_key_passphrase: str | None = None
+    trusted_keys: tuple[Path, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8400
+    public_url: str | None = None
+    desired_ttl_s: float = 7 * 24 * 3600.0
+    tick_s: float = 0.5
+    max_upload_bytes: int = 4 * 1024**3
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'controller.db'}"
+
+    @property
+    def package_dir(self) -> Path:
+        return self.packages_dir or self.data_dir / "packages"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key or self.data_dir / "keys" / "controller.key"
+
+    @property
+    def base_url(self) -> str:
+        """The URL devices use to download packages."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def with_env(self) -> Settings:
+        """A copy with `EDGEFLEET_CONTROLLER_*` variables applied."""
+        env = os.environ
+        updates: dict[str, object] = {}
+        for name, conv in (
+            ("DATA_DIR", Path),
+            ("DB", str),
+            ("BROKER", str),
+            ("PACKAGES", Path),
+            ("SIGNING_KEY", Path),
+            ("SIGNING_KEY_PASSPHRASE", str),
+            ("HOST", str),
+            ("PORT", int),
+            ("PUBLIC_URL", str),
+            ("DESIRED_TTL_S", float),
+        ):
+            value = env.get(ENV_PREFIX + name)
+            if value:
+                key = {
+                    "DB": "db_url",
+                    "BROKER": "broker_url",
+                    "PACKAGES": "packages_dir",
+                }.get(name, name.lower())
+                updates[key] = conv(value)
+        trusted = env.get(ENV_PREFIX + "TRUSTED_KEYS")
+        if trusted:
+            updates["trusted_keys"] = tuple(Path(p) for p in trusted.split(os.pathsep) if p)
+        return replace(self, **updates)  # type: ignore[arg-type]
