@@ -1,0 +1,174 @@
+"""The MQTT protocol: topics, message shapes, and the signed desired state.
+
+Per device ``DEV``, under ``edgefleet/v1/devices/DEV/``:
+
+========== ======================= ============== ==============================================
+topic      direction               QoS, retain    payload
+========== ======================= ============== ==============================================
+desired    controller -> device    1, retained    :func:`sign_desired` envelope
+status     device -> controller    1              update state changes (:func:`status_message`)
+telemetry  device -> controller    1              ``{"device_id", "records": [...]}``, ids increase
+presence   device -> controller    1, retained    inventory; last will ``{"online": false}``
+========== ======================= ============== ==============================================
+
+The desired state is a *state*: a device that was offline catches up from the retained message.
+It is signed by the controller so that a broker (or anyone who can publish on it) cannot make a
+device install something; its sequence number only goes up so that old states cannot be replayed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any, Literal, cast
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgefleet.keys import key_id
+from edgefleet.wire.errors import RejectCode, RejectError, ReplayError
+from edgefleet.wire.manifest import NAME_RE, now_utc, parse_time
+from edgefleet.wire.semver import InvalidVersion, parse_version
+
+TOPIC_PREFIX = "edgefleet/v1"
+Kind = Literal["desired", "status", "telemetry", "presence"]
+KINDS: tuple[Kind, ...] = ("desired", "status", "telemetry", "presence")
+DESIRED_ALG = "ecdsa-p256-sha256"
+_DESIRED_CONTEXT = b"edgefleet desired state v1\n"
+
+
+def topic(device_id: str, kind: Kind) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown topic kind {kind!r}")
+    if not device_id or any(c in device_id for c in "/+#\x00"):
+        raise ValueError(f"device id {device_id!r} cannot be used in a topic")
+    return f"{TOPIC_PREFIX}/devices/{device_id}/{kind}"
+
+
+def subscription(kind: Kind) -> str:
+    """Wildcard subscription for one kind of message from every device (controller side)."""
+    return f"{TOPIC_PREFIX}/devices/+/{kind}"
+
+
+def parse_topic(name: str) -> tuple[str, Kind] | None:
+    """``(device_id, kind)`` for an edgefleet topic, else None."""
+    parts = name.split("/")
+    if len(parts) != 5 or "/".join(parts[:3]) != f"{TOPIC_PREFIX}/devices" or parts[4] not in KINDS:
+        return None
+    return parts[3], cast(Kind, parts[4])
+
+
+def _signed_bytes(payload: bytes) -> bytes:
+    return _DESIRED_CONTEXT + payload
+
+
+def sign_desired(state: dict[str, Any], private_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The envelope to publish: ``{"payload": b64(json), "sig": b64, "key_id", "alg"}``."""
+    validate_desired(state)
+    payload = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+    sig = private_key.sign(_signed_bytes(payload), ec.ECDSA(hashes.SHA256()))
+    envelope = {
+        "alg": DESIRED_ALG,
+        "key_id": key_id(private_key.public_key()),
+        "payload": base64.b64encode(payload).decode(),
+        "sig": base64.b64encode(sig).decode(),
+    }
+    return json.dumps(envelope, separators=(",", ":")).encode()
+
+
+def _bad(msg: str) -> RejectError:
+    return RejectError(RejectCode.MANIFEST_INVALID, f"desired state: {msg}")
+
+
+def validate_desired(state: Any) -> dict[str, Any]:
+    """Structure of a desired state (pure)."""
+    if not isinstance(state, dict):
+        raise _bad("not an object")
+    for f in ("device_id", "issued_at", "expires_at"):
+        if not isinstance(state.get(f), str):
+            raise _bad(f"{f} missing or not a string")
+    seq = state.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise _bad("seq missing or not a non-negative integer")
+    try:
+        parse_time(state["issued_at"])
+        parse_time(state["expires_at"])
+    except ValueError as e:
+        raise _bad(f"bad time: {e}") from e
+    models = state.get("models")
+    if not isinstance(models, dict):
+        raise _bad("models missing or not an object")
+    for name, spec in models.items():
+        if not NAME_RE.match(name) or not isinstance(spec, dict):
+            raise _bad(f"bad model entry {name!r}")
+        try:
+            parse_version(str(spec.get("version")))
+        except InvalidVersion as e:
+            raise _bad(f"model {name!r}: {e}") from e
+        if not isinstance(spec.get("url"), str) or not isinstance(spec.get("sha256"), str):
+            raise _bad(f"model {name!r} needs url and sha256")
+    return state
+
+
+def verify_desired(
+    raw: bytes,
+    trusted: Collection[ec.EllipticCurvePublicKey],
+    *,
+    device_id: str,
+    last_seq: int | None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Verify and decode a desired-state envelope for ``device_id``.
+
+    Raises :class:`RejectError` (unsigned, bad signature, unknown key, wrong device, expired,
+    malformed) or :class:`ReplayError` when ``seq`` is not newer than ``last_seq``.
+    """
+    try:
+        env = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RejectError(
+            RejectCode.SIGNATURE_INVALID, "desired state is not a JSON envelope"
+        ) from e
+    if not isinstance(env, dict) or not isinstance(env.get("sig"), str) or "payload" not in env:
+        raise RejectError(RejectCode.SIGNATURE_MISSING, "desired state is not signed")
+    if env.get("alg") != DESIRED_ALG:
+        raise RejectError(
+            RejectCode.SIGNATURE_INVALID, f"unsupported signature algorithm {env.get('alg')!r}"
+        )
+    by_id = {key_id(k): k for k in trusted}
+    key = by_id.get(str(env.get("key_id")))
+    if key is None:
+        raise RejectError(
+            RejectCode.UNTRUSTED_KEY, f"desired state signed by unknown key {env.get('key_id')}"
+        )
+    try:
+        payload = base64.b64decode(env["payload"], validate=True)
+        sig = base64.b64decode(env["sig"], validate=True)
+        key.verify(sig, _signed_bytes(payload), ec.ECDSA(hashes.SHA256()))
+    except (binascii.Error, ValueError, TypeError, InvalidSignature) as e:
+        raise RejectError(
+            RejectCode.SIGNATURE_INVALID, "desired state signature does not verify"
+        ) from e
+    try:
+        state = validate_desired(json.loads(payload))
+    except json.JSONDecodeError as e:
+        raise _bad("payload is not JSON") from e
+    if state["device_id"] != device_id:
+        raise RejectError(
+            RejectCode.DEVICE_MISMATCH,
+            f"desired state is for {state['device_id']!r}, not {device_id!r}",
+        )
+    if last_seq is not None and state["seq"] <= last_seq:
+        raise ReplayError(f"sequence {state['seq']} is not newer than {last_seq}")
+    if parse_time(state["expires_at"]) <= (now or now_utc()):
+        raise RejectError(RejectCode.EXPIRED, f"desired state expired at {state['expires_at']}")
+    return state
+
+
+def offline_will(device_id: str) -> bytes:
+    """The presence last will: retained, so the controller sees a device that dropped."""
+    return json.dumps({"device_id": device_id, "online": False}).encode()
