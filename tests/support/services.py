@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-POSTGRES_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 def in_ci() -> bool:
@@ -141,7 +143,9 @@ def postgres_available(url: str = POSTGRES_URL) -> bool:
     except ImportError:
         return False
     try:
-        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3):
+        with psycopg.connect(
+            url.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3
+        ):
             return True
     except Exception:
         return False
