@@ -1,0 +1,717 @@
+"""The pure rollout decision engine: no I/O, no clock reads (time is an input).
+
+`plan(...)` builds the initial state of a rollout; `handle(state, event, now)` returns the next
+state and the actions the I/O shell (`cloud_controller.rollouts`) must apply. State is immutable
+(frozen dataclasses) and serializes to plain JSON with `state_to_dict` / `state_from_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+
+class Phase(StrEnum):
+    AWAITING_APPROVAL = "awaiting_approval"
+    RUNNING = "running"
+    SOAKING = "soaking"
+    SUCCEEDED = "succeeded"
+    ABORTED = "aborted"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.ABORTED, Phase.CANCELLED})
+
+
+class DevState(StrEnum):
+    PENDING = "pending"  # in a wave, not dispatched yet
+    IN_PROGRESS = "in_progress"  # desired state published, waiting for the device
+    WAITING_RETRY = "waiting_retry"  # failed/timed out, will be dispatched again
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    INCOMPATIBLE = "incompatible"  # no package for any of its profiles: reported, not failed
+    SKIPPED = "skipped"  # never dispatched (rollout aborted/cancelled first)
+
+
+FINISHED = frozenset({DevState.SUCCEEDED, DevState.FAILED, DevState.TIMED_OUT})
+FAILURES = frozenset({DevState.FAILED, DevState.TIMED_OUT})
+MOVED = frozenset(
+    {
+        DevState.IN_PROGRESS,
+        DevState.WAITING_RETRY,
+        DevState.SUCCEEDED,
+        DevState.FAILED,
+        DevState.TIMED_OUT,
+    }
+)
+
+# Agent update states (the status message's "state").
+AGENT_SUCCESS = frozenset({"COMMITTED"})
+AGENT_FAILURE = frozenset({"FAILED", "ROLLED_BACK"})
+# Reasons worth another attempt (transient); anything else is final for this release.
+RETRYABLE_REASONS = frozenset(
+    {"timeout", "download_failed", "network_error", "digest_mismatch", "size_mismatch", "io_error"}
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    device_ids: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.device_ids or self.groups or self.tags)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the engine needs to know about a device when a rollout is planned."""
+
+    device_id: str
+    profiles: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    previous_version: str | None = None
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Health gates checked during soak; `None` disables a gate."""
+
+    max_p95_ratio: float | None = None
+    max_error_rate: float | None = None
+    max_drift: float | None = None
+
+
+@dataclass(frozen=True)
+class Health:
+    """Figures for the new version on the moved devices (the drift role computes them)."""
+
+    p95_ratio: float | None = None
+    error_rate: float | None = None
+    drift: float | None = None
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    rollout_id: str
+    model: str
+    version: str
+    target: Target = field(default_factory=Target)
+    waves: tuple[float, ...] = (5.0, 25.0, 100.0)  # cumulative percentages
+    device_timeout_s: float = 600.0
+    max_retries: int = 0
+    retry_backoff_s: float = 30.0  # doubled per attempt
+    success_threshold_pct: float = 100.0  # of a wave's devices, to pass it
+    abort_failure_pct: float = 20.0  # abort when failures > this % ...
+    abort_min_finished: int = 1  # ... once at least this many devices finished
+    approval_waves: tuple[int, ...] = ()  # wave indexes that wait for approval first
+    rate_per_min: int | None = None
+    soak_s: float = 0.0
+    gates: Gates = field(default_factory=Gates)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    device_id: str
+    wave: int  # -1 when incompatible
+    profile: str | None
+    previous_version: str | None
+    state: DevState = DevState.PENDING
+    attempts: int = 0
+    started_at: float | None = None
+    deadline: float | None = None
+    retry_at: float | None = None
+    finished_at: float | None = None
+    agent_state: str | None = None
+    reason_code: str | None = None
+    reason: str | None = None
+    rollback: str | None = None  # None | "requested" | "done"
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    spec: RolloutSpec
+    devices: Mapping[str, DeviceProgress]
+    wave_sizes: tuple[int, ...]
+    phase: Phase = Phase.RUNNING
+    paused: bool = False
+    wave: int = 0
+    wave_done_at: float | None = None
+    approved: tuple[int, ...] = ()
+    dispatch_times: tuple[float, ...] = ()
+    reason: str | None = None
+    created_at: float = 0.0
+    finished_at: float | None = None
+
+
+# --- actions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Set this release as the device's desired version (new seq, so also a retry)."""
+
+    device_id: str
+    profile: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Revert:
+    """Set the previous version as desired again (allow_downgrade); None = remove the model."""
+
+    device_id: str
+    profile: str | None
+    previous_version: str | None
+
+
+@dataclass(frozen=True)
+class Log:
+    message: str
+
+
+Action = Dispatch | Revert | Log
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: RolloutState
+    actions: tuple[Action, ...]
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tick:
+    health: Health | None = None
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    device_id: str
+    version: str
+    state: str
+    reason_code: str | None = None
+    reason: str | None = None
+    rollout_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Approve:
+    wave: int | None = None  # None = the wave that waits now
+
+
+@dataclass(frozen=True)
+class Pause:
+    pass
+
+
+@dataclass(frozen=True)
+class Resume:
+    pass
+
+
+@dataclass(frozen=True)
+class Cancel:
+    rollback: bool = False
+
+
+@dataclass(frozen=True)
+class Abort:
+    reason: str = "aborted by operator"
+
+
+Event = Tick | StatusReport | Approve | Pause | Resume | Cancel | Abort
+
+
+class SpecError(ValueError):
+    """A rollout spec that cannot run; the message names the field."""
+
+
+# --- planning ------------------------------------------------------------------------------
+
+
+def validate_spec(spec: RolloutSpec) -> None:
+    if not spec.waves:
+        raise SpecError("waves: at least one wave is required")
+    prev = 0.0
+    for pct in spec.waves:
+        if not 0 < pct <= 100 or pct <= prev:
+            raise SpecError(f"waves: must increase within (0, 100], got {list(spec.waves)}")
+        prev = pct
+    if spec.waves[-1] != 100:
+        raise SpecError("waves: the last wave must be 100 %")
+    if spec.device_timeout_s <= 0:
+        raise SpecError("device_timeout_s: must be > 0")
+    if spec.max_retries < 0 or spec.retry_backoff_s < 0:
+        raise SpecError("max_retries/retry_backoff_s: must be >= 0")
+    if not 0 <= spec.success_threshold_pct <= 100:
+        raise SpecError("success_threshold_pct: must be within [0, 100]")
+    if not 0 <= spec.abort_failure_pct <= 100 or spec.abort_min_finished < 1:
+        raise SpecError("abort rule: failure % within [0, 100] and min finished >= 1")
+    if spec.rate_per_min is not None and spec.rate_per_min < 1:
+        raise SpecError("rate_per_min: must be >= 1")
+    if spec.soak_s < 0:
+        raise SpecError("soak_s: must be >= 0")
+    if any(w < 0 or w >= len(spec.waves) for w in spec.approval_waves):
+        raise SpecError("approval_waves: wave index out of range")
+
+
+def resolve_target(devices: Iterable[DeviceInfo], target: Target) -> list[DeviceInfo]:
+    """Devices named by id, or in any of the groups, or carrying any of the tags (sorted)."""
+    ids, groups, tags = set(target.device_ids), set(target.groups), set(target.tags)
+    chosen = [
+        d
+        for d in devices
+        if d.device_id in ids or groups.intersection(d.groups) or tags.intersection(d.tags)
+    ]
+    return sorted(chosen, key=lambda d: d.device_id)
+
+
+def choose_profile(device: DeviceInfo, release_profiles: Iterable[str]) -> str | None:
+    """The device's first profile (its order of preference) that the release has a package for."""
+    available = set(release_profiles)
+    return next((p for p in device.profiles if p in available), None)
+
+
+def wave_sizes(n: int, waves: Sequence[float]) -> tuple[int, ...]:
+    """Devices per wave for `n` devices and cumulative percentages (each wave >= 1 when possible)."""
+    sizes: list[int] = []
+    done = 0
+    for pct in waves:
+        cum = min(n, max(done + (1 if done < n else 0), math.ceil(n * pct / 100 - 1e-9)))
+        sizes.append(cum - done)
+        done = cum
+    return tuple(sizes)
+
+
+def plan(
+    spec: RolloutSpec,
+    devices: Iterable[DeviceInfo],
+    release_profiles: Iterable[str],
+    now: float,
+) -> Decision:
+    """Resolve the target, shuffle compatible devices with the spec's seed, assign waves."""
+    validate_spec(spec)
+    profiles = list(release_profiles)
+    targets = resolve_target(devices, spec.target)
+    compatible: list[tuple[DeviceInfo, str]] = []
+    progress: dict[str, DeviceProgress] = {}
+    for d in targets:
+        profile = choose_profile(d, profiles)
+        if profile is None:
+            progress[d.device_id] = DeviceProgress(
+                d.device_id,
+                -1,
+                None,
+                d.previous_version,
+                DevState.INCOMPATIBLE,
+                reason_code="profile_incompatible",
+                reason=f"no package for profiles {list(d.profiles)}",
+            )
+        else:
+            compatible.append((d, profile))
+    random.Random(spec.seed).shuffle(compatible)
+    sizes = wave_sizes(len(compatible), spec.waves)
+    i = 0
+    for wave, size in enumerate(sizes):
+        for d, profile in compatible[i : i + size]:
+            progress[d.device_id] = DeviceProgress(d.device_id, wave, profile, d.previous_version)
+        i += size
+    state = RolloutState(spec=spec, devices=progress, wave_sizes=sizes, created_at=now)
+    logs: list[Action] = [
+        Log(
+            f"planned {len(targets)} target devices: {len(compatible)} compatible in waves "
+            f"{list(sizes)} (seed {spec.seed}), {len(targets) - len(compatible)} incompatible"
+        )
+    ]
+    if not compatible:
+        state = replace(
+            state, phase=Phase.ABORTED, reason="no compatible target devices", finished_at=now
+        )
+        logs.append(Log("aborted: no compatible target devices"))
+        return Decision(state, tuple(logs))
+    state = _enter_wave(state, 0, now, logs)
+    return _advance(state, now, None, logs)
+
+
+# --- event handling ------------------------------------------------------------------------
+
+
+def handle(state: RolloutState, event: Event, now: float) -> Decision:
+    """Apply one event at time `now` and advance the rollout as far as it can go."""
+    actions: list[Action] = []
+    health: Health | None = None
+    if isinstance(event, Tick):
+        health = event.health
+    elif isinstance(event, StatusReport):
+        state = _on_status(state, event, now, actions)
+        if state.phase in TERMINAL_PHASES:
+            return Decision(state, tuple(actions))
+    elif state.phase in TERMINAL_PHASES:
+        actions.append(Log(f"ignored {type(event).__name__.lower()}: rollout is {state.phase}"))
+        return Decision(state, tuple(actions))
+    elif isinstance(event, Approve):
+        wave = state.wave if event.wave is None else event.wave
+        if wave not in state.approved:
+            state = replace(state, approved=(*state.approved, wave))
+            actions.append(Log(f"wave {wave + 1} approved"))
+    elif isinstance(event, Pause):
+        if not state.paused:
+            state = replace(state, paused=True)
+            actions.append(Log("paused"))
+    elif isinstance(event, Resume):
+        if state.paused:
+            state = replace(state, paused=False)
+            actions.append(Log("resumed"))
+    elif isinstance(event, Cancel):
+        return Decision(*_finish(state, Phase.CANCELLED, "cancelled", now, event.rollback, actions))
+    elif isinstance(event, Abort):
+        return Decision(*_finish(state, Phase.ABORTED, event.reason, now, True, actions))
+    if state.phase in TERMINAL_PHASES:
+        return Decision(state, tuple(actions))
+    return _advance(state, now, health, actions)
+
+
+def _on_status(
+    state: RolloutState, ev: StatusReport, now: float, actions: list[Action]
+) -> RolloutState:
+    dev = state.devices.get(ev.device_id)
+    if dev is None or dev.wave < 0:
+        return state
+    spec = state.spec
+    # After an abort/cancel-with-rollback: confirmation that the device is back.
+    if dev.rollback == "requested":
+        back = ev.version == dev.previous_version and ev.state in AGENT_SUCCESS
+        self_rolled = ev.version == spec.version and ev.state == "ROLLED_BACK"
+        if back or self_rolled:
+            actions.append(Log(f"{dev.device_id}: back on {dev.previous_version}"))
+            return _put(state, replace(dev, rollback="done"))
+        return state
+    if ev.version != spec.version or (ev.rollout_id and ev.rollout_id != spec.rollout_id):
+        return state
+    if dev.state not in (DevState.IN_PROGRESS, DevState.WAITING_RETRY):
+        return state
+    dev = replace(dev, agent_state=ev.state)
+    if ev.state in AGENT_SUCCESS:
+        actions.append(Log(f"{dev.device_id}: succeeded (attempt {dev.attempts})"))
+        return _put(
+            state,
+            replace(
+                dev,
+                state=DevState.SUCCEEDED,
+                finished_at=now,
+                retry_at=None,
+                reason_code=None,
+                reason=None,
+            ),
+        )
+    if ev.state in AGENT_FAILURE and dev.state == DevState.IN_PROGRESS:
+        code = ev.reason_code or ev.state.lower()
+        return _put(state, _fail(state.spec, dev, DevState.FAILED, code, ev.reason, now, actions))
+    return _put(state, dev)
+
+
+def _fail(
+    spec: RolloutSpec,
+    dev: DeviceProgress,
+    final: DevState,
+    code: str,
+    reason: str | None,
+    now: float,
+    actions: list[Action],
+) -> DeviceProgress:
+    retryable = final == DevState.TIMED_OUT or code in RETRYABLE_REASONS
+    if retryable and dev.attempts <= spec.max_retries:
+        delay = spec.retry_backoff_s * (2 ** (dev.attempts - 1))
+        actions.append(Log(f"{dev.device_id}: {code}, retry in {delay:g}s"))
+        return replace(
+            dev,
+            state=DevState.WAITING_RETRY,
+            retry_at=now + delay,
+            deadline=None,
+            reason_code=code,
+            reason=reason,
+        )
+    actions.append(Log(f"{dev.device_id}: {final} ({code}{': ' + reason if reason else ''})"))
+    return replace(
+        dev, state=final, finished_at=now, retry_at=None, reason_code=code, reason=reason
+    )
+
+
+def _put(state: RolloutState, dev: DeviceProgress) -> RolloutState:
+    devices = dict(state.devices)
+    devices[dev.device_id] = dev
+    return replace(state, devices=devices)
+
+
+def _enter_wave(state: RolloutState, wave: int, now: float, actions: list[Action]) -> RolloutState:
+    """Move to `wave`, skipping empty waves; wait for approval when the spec asks for it."""
+    while wave < len(state.wave_sizes) and state.wave_sizes[wave] == 0:
+        wave += 1
+    if wave >= len(state.wave_sizes):
+        actions.append(Log("all waves passed"))
+        return replace(
+            state, wave=len(state.wave_sizes) - 1, phase=Phase.SUCCEEDED, finished_at=now
+        )
+    phase = (
+        Phase.AWAITING_APPROVAL
+        if wave in state.spec.approval_waves and wave not in state.approved
+        else Phase.RUNNING
+    )
+    actions.append(
+        Log(
+            f"wave {wave + 1}/{len(state.wave_sizes)} ({state.wave_sizes[wave]} devices)"
+            + (": waiting for approval" if phase == Phase.AWAITING_APPROVAL else " started")
+        )
+    )
+    return replace(state, wave=wave, phase=phase, wave_done_at=None)
+
+
+def _advance(
+    state: RolloutState, now: float, health: Health | None, actions: list[Action]
+) -> Decision:
+    spec = state.spec
+    # 1. Timeouts (they run while paused too: the device was already asked).
+    for dev in list(state.devices.values()):
+        if dev.state == DevState.IN_PROGRESS and dev.deadline is not None and now >= dev.deadline:
+            state = _put(
+                state,
+                _fail(
+                    spec,
+                    dev,
+                    DevState.TIMED_OUT,
+                    "timeout",
+                    f"no result within {spec.device_timeout_s:g}s",
+                    now,
+                    actions,
+                ),
+            )
+    # 2. The abort rule, over every device finished so far.
+    counts = Counter(d.state for d in state.devices.values())
+    finished = sum(counts[s] for s in FINISHED)
+    failures = sum(counts[s] for s in FAILURES)
+    if finished >= spec.abort_min_finished and failures * 100 > spec.abort_failure_pct * finished:
+        reason = (
+            f"failures {failures}/{finished} ({100 * failures / finished:.0f} %) over "
+            f"{spec.abort_failure_pct:g} % once >= {spec.abort_min_finished} finished"
+        )
+        return Decision(*_finish(state, Phase.ABORTED, reason, now, True, actions))
+    if state.phase == Phase.AWAITING_APPROVAL and state.wave in state.approved:
+        state = replace(state, phase=Phase.RUNNING)
+        actions.append(Log(f"wave {state.wave + 1} started"))
+    # 3. Wave completion -> success threshold -> soak -> health gates -> next wave.
+    if state.phase in (Phase.RUNNING, Phase.SOAKING):
+        wave_devs = [d for d in state.devices.values() if d.wave == state.wave]
+        if wave_devs and all(d.state in FINISHED for d in wave_devs):
+            ok = sum(1 for d in wave_devs if d.state == DevState.SUCCEEDED)
+            if ok * 100 < spec.success_threshold_pct * len(wave_devs):
+                reason = (
+                    f"wave {state.wave + 1}: {ok}/{len(wave_devs)} succeeded, below "
+                    f"{spec.success_threshold_pct:g} %"
+                )
+                return Decision(*_finish(state, Phase.ABORTED, reason, now, True, actions))
+            if state.phase == Phase.RUNNING:
+                state = replace(state, phase=Phase.SOAKING, wave_done_at=now)
+                actions.append(
+                    Log(
+                        f"wave {state.wave + 1} done ({ok}/{len(wave_devs)}), soak {spec.soak_s:g}s"
+                    )
+                )
+            violated = gate_violation(spec.gates, health)
+            if violated:
+                return Decision(
+                    *_finish(state, Phase.ABORTED, f"health gate: {violated}", now, True, actions)
+                )
+            done_at = state.wave_done_at if state.wave_done_at is not None else now
+            if now >= done_at + spec.soak_s and not state.paused:
+                state = _enter_wave(state, state.wave + 1, now, actions)
+                if state.phase == Phase.SUCCEEDED:
+                    return Decision(state, tuple(actions))
+                return _advance(state, now, health, actions)
+    # 4. Dispatch: pending devices of the current wave, retries that are due; rate limited.
+    if state.phase == Phase.RUNNING and not state.paused:
+        state = _dispatch(state, now, actions)
+    return Decision(state, tuple(actions))
+
+
+def gate_violation(gates: Gates, health: Health | None) -> str | None:
+    """The first violated health gate, or None (missing figures do not violate)."""
+    if health is None:
+        return None
+    checks = (
+        ("p95 latency ratio", health.p95_ratio, gates.max_p95_ratio),
+        ("error rate", health.error_rate, gates.max_error_rate),
+        ("drift", health.drift, gates.max_drift),
+    )
+    for name, value, limit in checks:
+        if value is not None and limit is not None and value > limit:
+            return f"{name} {value:g} > {limit:g}"
+    return None
+
+
+def _dispatch(state: RolloutState, now: float, actions: list[Action]) -> RolloutState:
+    spec = state.spec
+    recent = tuple(t for t in state.dispatch_times if t > now - 60.0)
+    budget = (spec.rate_per_min - len(recent)) if spec.rate_per_min else None
+    due = [
+        d
+        for d in state.devices.values()
+        if (d.wave == state.wave and d.state == DevState.PENDING)
+        or (d.state == DevState.WAITING_RETRY and d.retry_at is not None and now >= d.retry_at)
+    ]
+    due.sort(key=lambda d: (d.state != DevState.WAITING_RETRY, d.device_id))
+    devices = dict(state.devices)
+    sent = 0
+    for dev in due:
+        if budget is not None and sent >= budget:
+            break
+        attempt = dev.attempts + 1
+        devices[dev.device_id] = replace(
+            dev,
+            state=DevState.IN_PROGRESS,
+            attempts=attempt,
+            started_at=dev.started_at if dev.started_at is not None else now,
+            deadline=now + spec.device_timeout_s,
+            retry_at=None,
+        )
+        assert dev.profile is not None
+        actions.append(Dispatch(dev.device_id, dev.profile, attempt))
+        sent += 1
+    if not sent:
+        return replace(state, dispatch_times=recent) if spec.rate_per_min else state
+    times = (*recent, *([now] * sent)) if spec.rate_per_min else ()
+    return replace(state, devices=devices, dispatch_times=times)
+
+
+def _finish(
+    state: RolloutState,
+    phase: Phase,
+    reason: str,
+    now: float,
+    rollback: bool,
+    actions: list[Action],
+) -> tuple[RolloutState, tuple[Action, ...]]:
+    devices = dict(state.devices)
+    reverted = 0
+    for dev in state.devices.values():
+        if dev.state == DevState.PENDING:
+            devices[dev.device_id] = replace(dev, state=DevState.SKIPPED)
+        elif rollback and dev.state in MOVED and dev.rollback is None:
+            new = dev
+            if dev.state in (DevState.IN_PROGRESS, DevState.WAITING_RETRY):
+                new = replace(
+                    dev,
+                    state=DevState.FAILED,
+                    finished_at=now,
+                    retry_at=None,
+                    reason_code="rollout_" + phase.value,
+                    reason=reason,
+                )
+            # A device that failed before activating, or rolled itself back, still runs the
+            # previous version: its desired state is set back, and nothing is left to confirm.
+            back = dev.state == DevState.FAILED and dev.agent_state in AGENT_FAILURE
+            new = replace(new, rollback="done" if back else "requested")
+            actions.append(Revert(dev.device_id, dev.profile, dev.previous_version))
+            reverted += 1
+            devices[dev.device_id] = new
+    actions.append(
+        Log(f"{phase}: {reason}" + (f"; reverting {reverted} devices" if rollback else ""))
+    )
+    state = replace(
+        state, devices=devices, phase=phase, reason=reason, finished_at=now, paused=False
+    )
+    return state, tuple(actions)
+
+
+# --- reporting and serialization -----------------------------------------------------------
+
+
+def counts(state: RolloutState) -> dict[str, Any]:
+    """Per device-state counts, overall and per wave, plus rollback progress."""
+    total = Counter(d.state.value for d in state.devices.values())
+    waves: list[dict[str, int]] = []
+    for w in range(len(state.wave_sizes)):
+        c = Counter(d.state.value for d in state.devices.values() if d.wave == w)
+        waves.append({"size": state.wave_sizes[w], **c})
+    rb = Counter(d.rollback for d in state.devices.values() if d.rollback)
+    return {
+        "total": len(state.devices),
+        "states": dict(total),
+        "waves": waves,
+        "rollback_requested": rb.get("requested", 0) + rb.get("done", 0),
+        "rolled_back": rb.get("done", 0),
+    }
+
+
+def spec_to_dict(spec: RolloutSpec) -> dict[str, Any]:
+    return asdict(spec)
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> RolloutSpec:
+    d = dict(data)
+    t = d.pop("target", {}) or {}
+    g = d.pop("gates", {}) or {}
+    return RolloutSpec(
+        target=Target(**{k: tuple(v) for k, v in t.items()}),
+        gates=Gates(**g),
+        waves=tuple(float(w) for w in d.pop("waves", (5.0, 25.0, 100.0))),
+        approval_waves=tuple(int(w) for w in d.pop("approval_waves", ())),
+        **d,
+    )
+
+
+def device_to_dict(dev: DeviceProgress) -> dict[str, Any]:
+    return asdict(dev)
+
+
+def device_from_dict(data: Mapping[str, Any]) -> DeviceProgress:
+    d = dict(data)
+    d["state"] = DevState(d["state"])
+    return DeviceProgress(**d)
+
+
+def header_to_dict(state: RolloutState) -> dict[str, Any]:
+    """Rollout-level fields (devices are stored one row each)."""
+    return {
+        "wave_sizes": list(state.wave_sizes),
+        "phase": state.phase.value,
+        "paused": state.paused,
+        "wave": state.wave,
+        "wave_done_at": state.wave_done_at,
+        "approved": list(state.approved),
+        "dispatch_times": list(state.dispatch_times),
+        "reason": state.reason,
+        "created_at": state.created_at,
+        "finished_at": state.finished_at,
+    }
+
+
+def state_from_parts(
+    spec: RolloutSpec, header: Mapping[str, Any], devices: Iterable[DeviceProgress]
+) -> RolloutState:
+    return RolloutState(
+        spec=spec,
+        devices={d.device_id: d for d in devices},
+        wave_sizes=tuple(header["wave_sizes"]),
+        phase=Phase(header["phase"]),
+        paused=bool(header["paused"]),
+        wave=int(header["wave"]),
+        wave_done_at=header["wave_done_at"],
+        approved=tuple(header["approved"]),
+        dispatch_times=tuple(header["dispatch_times"]),
+        reason=header["reason"],
+        created_at=float(header["created_at"]),
+        finished_at=header["finished_at"],
+    )
