@@ -97,6 +97,9 @@ def mosquitto_config(
         "log_type error",
         "log_type warning",
     ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Mosquitto run as root drops to user "mosquitto", who cannot read our 0600 files.
+        lines.append("user root")
     if passwords:
         pwfile = workdir / "passwd"
         pwfile.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()))
@@ -153,7 +156,7 @@ class EmbeddedBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent(),  # noqa: PLW1509 - only sets the death signal
+                preexec_fn=die_with_parent(),
             )
         try:
             wait_listening(self.host, self.port, self.process, self.startup_timeout, self.log_path)

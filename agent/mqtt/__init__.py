@@ -1,0 +1,1 @@
+"""The agent's MQTT side: reconciliation decisions, durable outbox, link state."""

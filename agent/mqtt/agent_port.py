@@ -1,0 +1,108 @@
+"""The seam between the MQTT link and `agent.runtime`: requests in, events and inventory out.
+
+Kept in one module so that the link's logic does not depend on the runtime's field names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from agent.mqtt.reconcile import ModelTarget
+
+
+def _plain(value: Any) -> Any:
+    from agent.mqtt_link import jsonable
+
+    return jsonable(value)
+
+
+def make_update_request(target: ModelTarget, *, desired_seq: int) -> Any:
+    """An `agent.runtime.UpdateRequest` for ``target`` (rollback when allow_downgrade)."""
+    from agent.runtime import UpdateRequest
+
+    values: dict[str, Any] = {
+        "source": target.url,
+        "url": target.url,
+        "sha256": target.sha256,
+        "expected_sha256": target.sha256,
+        "size": target.size,
+        "expected_size": target.size,
+        "model": target.name,
+        "name": target.name,
+        "version": target.version,
+        "expected_version": target.version,
+        "rollout_id": target.rollout_id,
+        "allow_downgrade": target.allow_downgrade,
+        "allow_version": target.version if target.allow_downgrade else None,
+        "profile": target.profile,
+        "desired_seq": desired_seq,
+    }
+    if dataclasses.is_dataclass(UpdateRequest):
+        names = {f.name for f in dataclasses.fields(UpdateRequest)}
+        return UpdateRequest(**{k: v for k, v in values.items() if k in names})
+    return UpdateRequest(**values)
+
+
+def installed_versions(inventory: Any) -> dict[str, str]:
+    """model name -> version it serves, from `agent.inventory()`."""
+    inv = _plain(inventory)
+    models = inv.get("models", inv) if isinstance(inv, Mapping) else inv
+    out: dict[str, str] = {}
+    if isinstance(models, Mapping):
+        for name, info in models.items():
+            version = info.get("version") if isinstance(info, Mapping) else info
+            if isinstance(version, str):
+                out[str(name)] = version
+    elif isinstance(models, list):
+        for info in models:
+            if isinstance(info, Mapping) and info.get("name") and info.get("version"):
+                out[str(info["name"])] = str(info["version"])
+    return out
+
+
+def event_status(event: Any) -> dict[str, Any]:
+    """A status report body from an `UpdateEvent`: model, version, state, reason, figures."""
+    raw = _plain(event)
+    if not isinstance(raw, dict):
+        raw = {"event": raw}
+    body: dict[str, Any] = {"kind": "update"}
+    body["model"] = raw.get("model", raw.get("name"))
+    body["version"] = raw.get("version")
+    body["state"] = str(raw.get("state", "")).upper() or None
+    code = raw.get("reason_code")
+    reason = raw.get("reason")
+    body["reason"] = {"code": code, "message": reason} if code else reason
+    figures = raw.get("figures", raw.get("benchmark"))
+    if figures:
+        body["figures"] = figures
+    for key in ("update_id", "rollout_id", "from_version", "previous_version", "at"):
+        if raw.get(key) is not None:
+            body[key] = raw[key]
+    return body
+
+
+def presence_fields(agent: Any, config: Any) -> dict[str, Any]:
+    """Inventory for the presence message: agent version, providers, profiles, models."""
+    from edgefleet import __version__
+
+    fields: dict[str, Any] = {"agent_version": __version__}
+    try:
+        import onnxruntime as ort
+
+        fields["execution_providers"] = list(ort.get_available_providers())
+    except ImportError:
+        fields["execution_providers"] = []
+    profiles = list(getattr(config, "profiles", []) or [])
+    if not profiles:
+        from agent.config import default_profiles
+
+        profiles = default_profiles(fields["execution_providers"])
+    fields["profiles"] = profiles
+    inv = _plain(agent.inventory())
+    if isinstance(inv, Mapping):
+        for key, value in inv.items():
+            fields.setdefault(str(key), value)
+    fields["installed"] = installed_versions(inv)
+    return fields

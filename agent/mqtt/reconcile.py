@@ -1,0 +1,92 @@
+"""Pure reconciliation: from a verified desired state and what the device runs, what to do.
+
+Desired state is a state, not a command: each model converges to its desired version. A model
+already at that version is reported as such (so a rollout counts it); one already being updated
+to that version is left alone; anything else is installed (a rollback when the controller set
+``allow_downgrade``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+class DesiredStateError(ValueError):
+    """A verified desired state whose models table is malformed; the message says where."""
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    name: str
+    version: str
+    url: str
+    sha256: str
+    size: int | None
+    profile: str | None
+    rollout_id: str | None
+    allow_downgrade: bool
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Literal["install", "report"]
+    target: ModelTarget
+    reason: str
+
+
+def parse_targets(desired: Mapping[str, Any]) -> list[ModelTarget]:
+    """The models of a desired state payload, sorted by name."""
+    models = desired.get("models", {})
+    if not isinstance(models, Mapping):
+        raise DesiredStateError("desired state 'models' is not an object")
+    out: list[ModelTarget] = []
+    for name in sorted(models):
+        spec = models[name]
+        if not isinstance(spec, Mapping):
+            raise DesiredStateError(f"desired model {name!r} is not an object")
+        for key in ("version", "url", "sha256"):
+            if not isinstance(spec.get(key), str) or not spec.get(key):
+                raise DesiredStateError(f"desired model {name!r} lacks a string {key!r}")
+        size = spec.get("size")
+        rollout = spec.get("rollout_id")
+        out.append(
+            ModelTarget(
+                name=str(name),
+                version=str(spec["version"]),
+                url=str(spec["url"]),
+                sha256=str(spec["sha256"]).lower(),
+                size=int(size) if isinstance(size, int) else None,
+                profile=str(spec["profile"]) if spec.get("profile") else None,
+                rollout_id=str(rollout) if rollout is not None else None,
+                allow_downgrade=bool(spec.get("allow_downgrade", False)),
+            )
+        )
+    return out
+
+
+def plan(
+    targets: list[ModelTarget],
+    installed: Mapping[str, str],
+    in_flight: Mapping[str, str],
+) -> list[Action]:
+    """Actions that bring ``installed`` (name -> serving version) to ``targets``.
+
+    ``in_flight`` maps a model name to the version an unfinished update is installing.
+    """
+    actions: list[Action] = []
+    for t in targets:
+        if in_flight.get(t.name) == t.version:
+            continue
+        if installed.get(t.name) == t.version:
+            actions.append(Action("report", t, f"already serving {t.name} {t.version}"))
+            continue
+        current = installed.get(t.name)
+        why = (
+            f"install {t.name} {t.version}"
+            if current is None
+            else f"{'roll back' if t.allow_downgrade else 'update'} {t.name} {current} -> {t.version}"
+        )
+        actions.append(Action("install", t, why))
+    return actions

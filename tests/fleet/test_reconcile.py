@@ -1,0 +1,67 @@
+"""The pure reconciliation planner: desired state + what runs -> actions."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.mqtt.reconcile import DesiredStateError, parse_targets, plan
+
+
+def _desired(**models: dict[str, object]) -> dict[str, object]:
+    return {"device_id": "d1", "seq": 3, "models": models}
+
+
+def _spec(version: str, **kw: object) -> dict[str, object]:
+    return {"version": version, "url": f"http://h/{version}", "sha256": "AB" * 32, **kw}
+
+
+def test_parse_targets_sorted_and_normalised() -> None:
+    targets = parse_targets(
+        _desired(b=_spec("1.0.0", rollout_id=7, allow_downgrade=True), a=_spec("2.0.0", size=10))
+    )
+    assert [t.name for t in targets] == ["a", "b"]
+    assert targets[0].size == 10 and targets[0].sha256 == "ab" * 32
+    assert targets[1].rollout_id == "7" and targets[1].allow_downgrade
+
+
+@pytest.mark.parametrize(
+    "models, reason",
+    [
+        ({"m": "x"}, "not an object"),
+        ({"m": {"version": "1.0.0", "sha256": "a"}}, "'url'"),
+        ({"m": {"version": "", "url": "u", "sha256": "a"}}, "'version'"),
+    ],
+)
+def test_parse_targets_names_what_is_wrong(models: dict[str, object], reason: str) -> None:
+    with pytest.raises(DesiredStateError, match=reason):
+        parse_targets({"models": models})
+
+
+def test_models_not_an_object() -> None:
+    with pytest.raises(DesiredStateError, match="not an object"):
+        parse_targets({"models": []})
+
+
+def test_plan_install_update_rollback_and_already() -> None:
+    targets = parse_targets(
+        _desired(
+            new=_spec("1.0.0"),
+            up=_spec("2.0.0"),
+            back=_spec("1.0.0", allow_downgrade=True),
+            same=_spec("3.0.0"),
+            busy=_spec("4.0.0"),
+        )
+    )
+    installed = {"up": "1.0.0", "back": "2.0.0", "same": "3.0.0", "busy": "3.0.0"}
+    actions = {a.target.name: a for a in plan(targets, installed, {"busy": "4.0.0"})}
+    assert "busy" not in actions  # an update to that version is already running
+    assert actions["same"].kind == "report" and "already serving" in actions["same"].reason
+    assert actions["new"].kind == "install" and actions["new"].reason == "install new 1.0.0"
+    assert actions["up"].reason == "update up 1.0.0 -> 2.0.0"
+    assert actions["back"].reason == "roll back back 2.0.0 -> 1.0.0"
+
+
+def test_plan_in_flight_other_version_still_installs() -> None:
+    targets = parse_targets(_desired(m=_spec("1.0.0", allow_downgrade=True)))
+    (action,) = plan(targets, {"m": "2.0.0"}, {"m": "3.0.0"})
+    assert action.kind == "install"
