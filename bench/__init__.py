@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench [--quick] [NAME ...]` runs them and prints a table each."""
