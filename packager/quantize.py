@@ -1,0 +1,379 @@
+"""Apply a :class:`~packager.recipe.Recipe` to an ONNX model with ONNX Runtime's quantization tools.
+
+I/O lives here; the decisions (which candidate wins) live in ``packager.search``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from packager.recipe import Recipe
+
+
+class BuildError(RuntimeError):
+    """A recipe could not be applied to the model; the message says which step failed."""
+
+
+def _quant_type(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return getattr(QuantType, name)
+
+
+def _calibration_method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return getattr(CalibrationMethod, name)
+
+
+def make_reader(model: Path, data: Mapping[str, np.ndarray], batch: int = 16) -> Any:
+    """A CalibrationDataReader over ``data`` (one array per model input, samples on axis 0)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    inputs = sess.get_inputs()
+    missing = [i.name for i in inputs if i.name not in data]
+    if missing:
+        raise BuildError(f"calibration data lacks model input(s) {missing}")
+    fixed_one = any(isinstance(i.shape[0], int) and i.shape[0] == 1 for i in inputs if i.shape)
+    step = 1 if fixed_one else batch
+    names = [i.name for i in inputs]
+    n = len(data[names[0]])
+    del sess
+
+    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._it: Iterator[dict[str, np.ndarray]] = self._batches()
+
+        def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+            for start in range(0, n, step):
+                yield {k: np.ascontiguousarray(data[k][start : start + step]) for k in names}
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = self._batches()
+
+    return _Reader()
+
+
+def preprocess(source: Path, out: Path, *, external: bool) -> tuple[Path, dict[str, Any]]:
+    """Shape inference + graph optimisation before quantization (``quant_pre_process``).
+
+    Symbolic shape inference is tried first; graphs it cannot handle (skl2onnx's ML ops) are
+    retried with ``skip_symbolic_shape=True``. If a tensor is still untyped afterwards, the
+    quantizer would fail on it, so the source model is used as is. Returns the model to
+    quantize and what was done, for the manifest.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    kwargs: dict[str, Any] = {
+        "save_as_external_data": external,
+        "all_tensors_to_one_file": True,
+        "external_data_location": out.name + ".data" if external else None,
+    }
+    info: dict[str, Any] = {"symbolic_shape_inference": True}
+    try:
+        quant_pre_process(str(source), str(out), **kwargs)
+    except Exception as first:  # noqa: BLE001 - ORT raises many types here
+        info = {"symbolic_shape_inference": False, "symbolic_error": str(first)[:200]}
+        try:
+            quant_pre_process(str(source), str(out), skip_symbolic_shape=True, **kwargs)
+        except Exception as second:  # noqa: BLE001
+            info["applied"] = False
+            info["reason"] = f"quant_pre_process failed: {str(second)[:200]}"
+            return source, info
+    untyped = untyped_tensors(out)
+    if untyped:
+        info["applied"] = False
+        info["reason"] = f"shape inference left {len(untyped)} tensor(s) untyped, e.g. {untyped[0]!r}"
+        return source, info
+    info["applied"] = True
+    return out, info
+
+
+def untyped_tensors(path: Path) -> list[str]:
+    """Node outputs that have no type after shape inference (the quantizer needs them all)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    typed = {v.name for v in [*graph.value_info, *graph.output, *graph.input] if v.type.tensor_type.elem_type}
+    typed |= {t.name for t in graph.initializer}
+    return [o for n in graph.node for o in n.output if o and o not in typed]
+
+
+def build_candidate(
+    recipe: Recipe,
+    *,
+    source: Path,
+    prepared: Path,
+    out: Path,
+    calibration: Mapping[str, np.ndarray],
+    external: bool,
+) -> Path:
+    """Write the model ``recipe`` produces to ``out``; raises :class:`BuildError`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if recipe.method == "fp32":
+            return _copy_model(source, out, external)
+        if recipe.method == "fp16":
+            return _fp16(recipe, source, out, external)
+        if recipe.method == "dynamic":
+            return _dynamic(recipe, prepared, out, external)
+        if recipe.method == "qnn":
+            return _qnn(recipe, prepared, out, calibration, external)
+        if recipe.method == "static":
+            return _static(recipe, prepared, out, calibration, external)
+    except BuildError:
+        raise
+    except Exception as exc:
+        raise BuildError(f"{recipe.method} quantization failed: {type(exc).__name__}: {exc}") from exc
+    raise BuildError(f"unknown method {recipe.method!r}")
+
+
+def _copy_model(source: Path, out: Path, external: bool) -> Path:
+    import onnx
+
+    if not external and not _has_external_data(source):
+        shutil.copyfile(source, out)
+        return out
+    save_model(onnx.load(str(source)), out, external=external)
+    return out
+
+
+def _has_external_data(path: Path) -> bool:
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(uses_external_data(t) for t in model.graph.initializer)
+
+
+def save_model(model: Any, out: Path, *, external: bool) -> Path:
+    """Save ``model`` to ``out`` (external data in ``out.name + '.data'`` when asked)."""
+    import onnx
+
+    data = out.with_name(out.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external:
+        onnx.save_model(
+            model,
+            str(out),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(out))
+    return out
+
+
+def _dynamic(recipe: Recipe, prepared: Path, out: Path, external: bool) -> Path:
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(
+        str(prepared),
+        str(out),
+        op_types_to_quantize=list(recipe.op_types or ("MatMul", "Gemm")),
+        per_channel=recipe.per_channel,
+        reduce_range=recipe.reduce_range,
+        weight_type=_quant_type(recipe.weight_type),
+        use_external_data_format=external,
+        extra_options=dict(recipe.extra_options),  # ORT mutates it: pass a copy
+    )
+    return out
+
+
+def _static_options(recipe: Recipe) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "ActivationSymmetric": recipe.activation_symmetric,
+        "WeightSymmetric": recipe.weight_symmetric,
+    }
+    opts.update(recipe.extra_options)
+    return opts
+
+
+def _static(
+    recipe: Recipe,
+    prepared: Path,
+    out: Path,
+    calibration: Mapping[str, np.ndarray],
+    external: bool,
+    overrides: dict[str, list[dict[str, Any]]] | None = None,
+) -> Path:
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    opts = _static_options(recipe)
+    if overrides:
+        opts["TensorQuantOverrides"] = overrides
+    quantize_static(
+        str(prepared),
+        str(out),
+        make_reader(prepared, calibration),
+        quant_format=getattr(QuantFormat, recipe.format),
+        op_types_to_quantize=list(recipe.op_types) if recipe.op_types else None,
+        per_channel=recipe.per_channel,
+        reduce_range=recipe.reduce_range,
+        activation_type=_quant_type(recipe.activation_type),
+        weight_type=_quant_type(recipe.weight_type),
+        calibrate_method=_calibration_method(recipe.calibrate_method),
+        use_external_data_format=external,
+        extra_options=opts,
+    )
+    if recipe.power_of_two and overrides is None:
+        overrides = power_of_two_overrides(out, prepared)
+        _static(recipe, prepared, out, calibration, external, overrides)
+        snap_activation_scales(out, external=external)
+    return out
+
+
+def snap_activation_scales(path: Path, *, external: bool) -> int:
+    """Round up activation scales ORT fixed itself (e.g. Softmax's 1/127) to powers of two.
+
+    Only scales of Quantize/Dequantize pairs on activations are touched: no stored integer
+    data depends on them. Returns how many were changed.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits:
+            continue
+        tensor = inits.get(node.input[1])
+        if tensor is None:
+            continue
+        scale = numpy_helper.to_array(tensor)
+        snapped = np.vectorize(pow2_ceil)(scale).astype(np.float32)
+        if not np.array_equal(snapped, scale):
+            tensor.CopyFrom(numpy_helper.from_array(snapped, tensor.name))
+            changed += 1
+    if changed:
+        save_model(model, path, external=external)
+    return changed
+
+
+def non_power_of_two_scales(path: Path) -> list[str]:
+    """Names of quantization scale initializers that are not exact powers of two."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {n.input[1] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    bad = []
+    for name in sorted(names & set(inits)):
+        values = numpy_helper.to_array(inits[name]).astype(np.float64).ravel()
+        mant, _ = np.frexp(values)
+        if not np.all(mant == 0.5):
+            bad.append(name)
+    return bad
+
+
+def pow2_ceil(scale: float) -> float:
+    """Smallest power of two >= ``scale`` (so the calibrated range still fits)."""
+    if scale <= 0 or not math.isfinite(scale):
+        return 1.0
+    return float(2.0 ** math.ceil(math.log2(scale)))
+
+
+def power_of_two_overrides(quantized: Path, prepared: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per-tensor power-of-two scales (zero point 0) for every tensor a QDQ pass quantized.
+
+    Activation scales are rounded up from the first calibrated pass; weight scales come from the
+    weights' absolute maximum. Bias scales (input x weight) are then powers of two too.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(quantized))
+    inits = {t.name: t for t in model.graph.initializer}
+    src = onnx.load(str(prepared))
+    weights = {t.name: numpy_helper.to_array(t) for t in src.graph.initializer}
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        name, scale_name = node.input[0], node.input[1]
+        if name in overrides or scale_name not in inits:
+            continue
+        zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+        qdtype = numpy_helper.to_array(zp).dtype if zp is not None else np.dtype(np.uint8)
+        scale = float(np.max(numpy_helper.to_array(inits[scale_name])))
+        overrides[name] = [_pow2_override(pow2_ceil(scale), qdtype)]
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        qname = node.input[0]
+        wname = qname[: -len("_quantized")] if qname.endswith("_quantized") else qname
+        if wname not in weights or weights[wname].dtype != np.float32 or wname in overrides:
+            continue
+        if wname.endswith("bias") or numpy_helper.to_array(inits[qname]).dtype == np.int32:
+            continue
+        amax = float(np.max(np.abs(weights[wname]))) or 1.0
+        overrides[wname] = [_pow2_override(pow2_ceil(amax / 127.0), np.dtype(np.int8))]
+    return overrides
+
+
+def _pow2_override(scale: float, qdtype: np.dtype[Any]) -> dict[str, Any]:
+    return {"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(0, dtype=qdtype)}
+
+
+def _qnn(
+    recipe: Recipe,
+    prepared: Path,
+    out: Path,
+    calibration: Mapping[str, np.ndarray],
+    external: bool,
+) -> Path:
+    from onnxruntime.quantization import quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    config = get_qnn_qdq_config(
+        str(prepared),
+        make_reader(prepared, calibration),
+        calibrate_method=_calibration_method(recipe.calibrate_method),
+        activation_type=_quant_type(recipe.activation_type),
+        weight_type=_quant_type(recipe.weight_type),
+        per_channel=recipe.per_channel,
+        activation_symmetric=recipe.activation_symmetric,
+        op_types_to_quantize=list(recipe.op_types) if recipe.op_types else None,
+    )
+    config.use_external_data_format = external
+    config.extra_options.update(recipe.extra_options)
+    quantize(str(prepared), str(out), config)
+    return out
+
+
+def _fp16(recipe: Recipe, source: Path, out: Path, external: bool) -> Path:
+    """FP16 with float IO; Cast nodes and the default ML ops stay in FP32 (blocked by name)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(source))
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    blocked_ops = list(dict.fromkeys([*float16.DEFAULT_OP_BLOCK_LIST, *recipe.op_block_list]))
+    cast_nodes = [n.name for n in model.graph.node if n.op_type == "Cast"]
+    converted = float16.convert_float_to_float16(
+        model,
+        keep_io_types=recipe.keep_io_types,
+        op_block_list=blocked_ops,
+        node_block_list=cast_nodes,
+    )
+    save_model(converted, out, external=external)
+    return out

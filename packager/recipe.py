@@ -1,0 +1,121 @@
+"""Quantization recipes: what a hardware profile asks the packager to do to a model (pure data)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+METHODS = ("fp32", "dynamic", "static", "qnn", "fp16")
+QUANT_TYPES = ("QInt8", "QUInt8", "QInt16", "QUInt16")
+FORMATS = ("QDQ", "QOperator")
+CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
+
+
+class RecipeError(ValueError):
+    """A recipe table is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One candidate transformation of the source model.
+
+    ``method``: ``fp32`` (unchanged), ``dynamic`` (quantize_dynamic), ``static`` (quantize_static
+    with calibration), ``qnn`` (static QDQ with ORT's QNN config), ``fp16`` (onnxconverter-common).
+    """
+
+    id: str
+    method: str
+    format: str = "QDQ"
+    activation_type: str = "QUInt8"
+    weight_type: str = "QInt8"
+    per_channel: bool = False
+    reduce_range: bool = False
+    calibrate_method: str = "MinMax"
+    op_types: tuple[str, ...] | None = None
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+    power_of_two: bool = False
+    keep_io_types: bool = True
+    op_block_list: tuple[str, ...] = ()
+    extra_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.method in ("dynamic", "static", "qnn")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as recorded in the manifest (only fields that matter for its method)."""
+        d = asdict(self)
+        d["op_types"] = list(self.op_types) if self.op_types is not None else None
+        d["op_block_list"] = list(self.op_block_list)
+        keep = {"id", "method"}
+        if self.method == "dynamic":
+            keep |= {"weight_type", "per_channel", "reduce_range", "op_types", "extra_options"}
+        elif self.method in ("static", "qnn"):
+            keep |= {
+                "format",
+                "activation_type",
+                "weight_type",
+                "per_channel",
+                "reduce_range",
+                "calibrate_method",
+                "op_types",
+                "activation_symmetric",
+                "weight_symmetric",
+                "power_of_two",
+                "extra_options",
+            }
+        elif self.method == "fp16":
+            keep |= {"keep_io_types", "op_block_list"}
+        return {k: v for k, v in d.items() if k in keep}
+
+
+_BOOL_FIELDS = (
+    "per_channel",
+    "reduce_range",
+    "activation_symmetric",
+    "weight_symmetric",
+    "power_of_two",
+    "keep_io_types",
+)
+
+
+def parse_recipe(raw: dict[str, Any], where: str) -> Recipe:
+    """Build a :class:`Recipe` from a TOML table, naming the offending field on error."""
+    known = set(Recipe.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise RecipeError(f"{where}: unknown recipe field(s) {unknown}")
+    rid = raw.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise RecipeError(f"{where}: 'id' must be a non-empty string")
+    where = f"{where} ({rid})"
+    method = raw.get("method")
+    if method not in METHODS:
+        raise RecipeError(f"{where}: 'method' must be one of {list(METHODS)}, got {method!r}")
+    for name, allowed in (
+        ("format", FORMATS),
+        ("activation_type", QUANT_TYPES),
+        ("weight_type", QUANT_TYPES),
+        ("calibrate_method", CALIBRATION_METHODS),
+    ):
+        if name in raw and raw[name] not in allowed:
+            raise RecipeError(f"{where}: '{name}' must be one of {list(allowed)}, got {raw[name]!r}")
+    for name in _BOOL_FIELDS:
+        if name in raw and not isinstance(raw[name], bool):
+            raise RecipeError(f"{where}: '{name}' must be true or false")
+    kwargs = dict(raw)
+    for name in ("op_types", "op_block_list"):
+        if name in kwargs:
+            value = kwargs[name]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise RecipeError(f"{where}: '{name}' must be a list of op type names")
+            kwargs[name] = tuple(value)
+    if "extra_options" in kwargs and not isinstance(kwargs["extra_options"], dict):
+        raise RecipeError(f"{where}: 'extra_options' must be a table")
+    recipe = Recipe(**kwargs)
+    if recipe.power_of_two and recipe.method != "static":
+        raise RecipeError(f"{where}: 'power_of_two' needs method = 'static'")
+    if recipe.method == "dynamic" and recipe.format != "QDQ" and "format" in raw:
+        raise RecipeError(f"{where}: dynamic quantization has no 'format'")
+    return recipe
