@@ -1,0 +1,204 @@
+"""The drift decision: calibrated per window size, configurable per model.
+
+Fixed PSI cut-offs are not calibrated: with 10 bins and n live samples PSI's null mean is about
+(bins - 1) * (1/n + 1/n_ref), so windows of 100 samples alarm most of the time without drift.
+Instead each feature gets a two-sample chi-square test of its live counts against the reference
+counts (the reference's own sample size is part of the test), p-values are adjusted across the
+features (Benjamini–Hochberg by default, or Bonferroni), and the window is drifted when any
+adjusted p-value is <= ``alpha``. Under no drift the chance that a window alarms is then about
+``alpha`` whatever n is. ``min_effect`` (a Jensen–Shannon distance) can additionally ignore
+significant-but-tiny shifts in very large fleet-wide windows. PSI, JS and KS are reported as
+evidence next to the test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from edgefleet.drift.stats import (
+    benjamini_hochberg,
+    binned_ks,
+    bonferroni,
+    chi2_homogeneity,
+    js_distance,
+    psi,
+)
+
+Status = Literal["drift", "ok", "insufficient_data"]
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Per-model drift settings (``from_dict`` accepts the same keys)."""
+
+    alpha: float = 0.01
+    min_samples: int = 100
+    correction: Literal["bh", "bonferroni"] = "bh"
+    features: Sequence[str] | None = None  # None: every feature of the reference
+    min_effect: float = 0.0  # minimum JS distance for a drifted feature
+    min_expected: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
+        if self.correction not in ("bh", "bonferroni"):
+            raise ValueError(f"correction must be 'bh' or 'bonferroni', got {self.correction!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> DriftConfig:
+        d = dict(d or {})
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"unknown drift settings: {', '.join(sorted(unknown))}")
+        if known.get("features") is not None:
+            known["features"] = tuple(known["features"])
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["features"] = list(self.features) if self.features is not None else None
+        return d
+
+
+@dataclass
+class FeatureDrift:
+    name: str
+    role: str
+    kind: str
+    n: int
+    psi: float
+    js: float
+    ks: float | None
+    chi2: float
+    df: int
+    p_value: float
+    p_adjusted: float = 1.0
+    drifted: bool = False
+
+
+@dataclass
+class DriftDecision:
+    status: Status
+    reason: str
+    n: int
+    n_reference: int
+    alpha: float
+    features: list[FeatureDrift] = field(default_factory=list)
+
+    @property
+    def drift(self) -> bool:
+        return self.status == "drift"
+
+    @property
+    def drifted_features(self) -> list[str]:
+        return [f.name for f in self.features if f.drifted]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "drift": self.drift,
+            "reason": self.reason,
+            "n": self.n,
+            "n_reference": self.n_reference,
+            "alpha": self.alpha,
+            "drifted_features": self.drifted_features,
+            "features": [asdict(f) for f in self.features],
+        }
+
+
+def _with_missing(counts: Sequence[int], missing: int) -> np.ndarray:
+    return np.append(np.asarray(counts, dtype=np.float64), float(missing))
+
+
+def compare_feature(
+    spec: Mapping[str, Any],
+    live_counts: Sequence[int],
+    live_missing: int = 0,
+    min_expected: float = 5.0,
+) -> FeatureDrift:
+    """Statistics of one feature: reference spec (from the reference) vs live counts."""
+    ref = _with_missing(spec["counts"], int(spec.get("missing", 0)))
+    live = _with_missing(live_counts, live_missing)
+    if len(ref) != len(live):
+        raise ValueError(
+            f"feature {spec['name']!r}: {len(live) - 1} live bins, reference has {len(ref) - 1}"
+        )
+    test = chi2_homogeneity(ref, live, min_expected)
+    numeric = spec.get("kind") == "numeric"
+    return FeatureDrift(
+        name=str(spec["name"]),
+        role=str(spec.get("role", "input")),
+        kind=str(spec.get("kind")),
+        n=int(live.sum()),
+        psi=psi(ref, live) if live.sum() > 0 else 0.0,
+        js=js_distance(ref, live) if live.sum() > 0 else 0.0,
+        ks=binned_ks(ref[:-1], live[:-1]) if numeric and live[:-1].sum() > 0 else None,
+        chi2=test.statistic,
+        df=test.df,
+        p_value=test.p_value,
+    )
+
+
+def decide(
+    reference: Mapping[str, Any], sketch: Mapping[str, Any], config: DriftConfig | None = None
+) -> DriftDecision:
+    """Drift decision for one window: ``sketch`` is a wire sketch (``Sketch.to_dict()``)."""
+    cfg = config or DriftConfig()
+    n_ref = int(reference.get("samples", 0))
+    if sketch.get("reference_id") != reference.get("id"):
+        return DriftDecision(
+            "insufficient_data", "sketch was counted against another reference", 0, n_ref, cfg.alpha
+        )
+    n = int(sketch.get("n", 0))
+    if n < cfg.min_samples:
+        return DriftDecision(
+            "insufficient_data",
+            f"{n} samples, fewer than min_samples {cfg.min_samples}",
+            n,
+            n_ref,
+            cfg.alpha,
+        )
+    wanted = set(cfg.features) if cfg.features is not None else None
+    counts = sketch.get("counts", {})
+    missing = sketch.get("missing", {})
+    feats: list[FeatureDrift] = []
+    for spec in reference["features"]:
+        name = spec["name"]
+        if (wanted is not None and name not in wanted) or name not in counts:
+            continue
+        feats.append(
+            compare_feature(spec, counts[name], int(missing.get(name, 0)), cfg.min_expected)
+        )
+    if not feats:
+        return DriftDecision(
+            "insufficient_data", "no feature of the reference was counted", n, n_ref, cfg.alpha
+        )
+    p = [f.p_value for f in feats]
+    adjusted = benjamini_hochberg(p) if cfg.correction == "bh" else bonferroni(p)
+    for f, adj in zip(feats, adjusted, strict=True):
+        f.p_adjusted = float(adj)
+        f.drifted = bool(adj <= cfg.alpha and f.js >= cfg.min_effect)
+    drifted = [f for f in feats if f.drifted]
+    if drifted:
+        worst = min(drifted, key=lambda f: f.p_adjusted)
+        reason = (
+            f"{len(drifted)} of {len(feats)} features drifted (alpha {cfg.alpha}, "
+            f"{cfg.correction}); strongest {worst.name}: p={worst.p_adjusted:.2g}, "
+            f"PSI={worst.psi:.3f}, JS={worst.js:.3f}"
+        )
+        return DriftDecision("drift", reason, n, n_ref, cfg.alpha, feats)
+    return DriftDecision(
+        "ok",
+        f"no feature drifted at alpha {cfg.alpha} ({cfg.correction}, {len(feats)} features)",
+        n,
+        n_ref,
+        cfg.alpha,
+        feats,
+    )

@@ -1,0 +1,180 @@
+"""Distances and tests between two binned distributions (reference counts vs live counts).
+
+- ``psi``: population stability index, sum (p - q) ln(p / q), empty bins floored at ``eps``.
+- ``js_distance``: Jensen–Shannon distance (square root of the divergence), base 2: in [0, 1].
+- ``binned_ks``: the largest gap between the two cumulative distributions over the bin edges
+  (what ``ks_2samp`` gives on the binned samples); only meaningful for ordered (numeric) bins.
+- ``chi2_homogeneity``: the two-sample chi-square test of the 2 x K table (reference, live),
+  which accounts for the reference being a finite sample too; adjacent bins are pooled until every
+  expected cell count is >= ``min_expected`` so the chi-square approximation holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+ArrayLike = Sequence[float] | np.ndarray
+
+
+def _proportions(counts: ArrayLike, eps: float) -> np.ndarray:
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    if total <= 0:
+        raise ValueError("empty distribution: no counts")
+    p = np.maximum(c / total, eps)
+    return p / p.sum()
+
+
+def psi(reference: ArrayLike, live: ArrayLike, eps: float = 1e-4) -> float:
+    """Population stability index of ``live`` against ``reference`` (counts per bin)."""
+    p = _proportions(live, eps)
+    q = _proportions(reference, eps)
+    return float(np.sum((p - q) * np.log(p / q)))
+
+
+def js_distance(reference: ArrayLike, live: ArrayLike, base: float = 2.0) -> float:
+    """Jensen–Shannon distance between the two count vectors' distributions."""
+    p = np.asarray(live, dtype=np.float64)
+    q = np.asarray(reference, dtype=np.float64)
+    if p.sum() <= 0 or q.sum() <= 0:
+        raise ValueError("empty distribution: no counts")
+    p = p / p.sum()
+    q = q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log(a[nz] / m[nz])))
+
+    div = 0.5 * (kl(p) + kl(q)) / math.log(base)
+    return math.sqrt(max(div, 0.0))
+
+
+def binned_ks(reference: ArrayLike, live: ArrayLike) -> float:
+    """Max |F_ref - F_live| over the bin boundaries (bins in order)."""
+    p = np.asarray(live, dtype=np.float64)
+    q = np.asarray(reference, dtype=np.float64)
+    if p.sum() <= 0 or q.sum() <= 0:
+        raise ValueError("empty distribution: no counts")
+    return float(np.max(np.abs(np.cumsum(p) / p.sum() - np.cumsum(q) / q.sum())))
+
+
+def gammaincc(a: float, x: float) -> float:
+    """Regularised upper incomplete gamma Q(a, x) (series / continued fraction)."""
+    if x < 0 or a <= 0:
+        raise ValueError(f"gammaincc needs a > 0, x >= 0 (got a={a}, x={x})")
+    if x == 0:
+        return 1.0
+    lg = math.lgamma(a)
+    if x < a + 1.0:
+        term = total = 1.0 / a
+        ap = a
+        for _ in range(10_000):
+            ap += 1.0
+            term *= x / ap
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * math.exp(-x + a * math.log(x) - lg))
+    tiny = 1e-300
+    b = x + 1.0 - a
+    c = 1.0 / tiny
+    d = 1.0 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return min(1.0, math.exp(-x + a * math.log(x) - lg) * h)
+
+
+def chi2_sf(x: float, df: int) -> float:
+    """P(X >= x) for a chi-square variable with ``df`` degrees of freedom."""
+    if df <= 0:
+        return 1.0
+    return gammaincc(df / 2.0, max(x, 0.0) / 2.0)
+
+
+@dataclass(frozen=True)
+class Chi2Result:
+    statistic: float
+    df: int
+    p_value: float
+    pooled_bins: int
+
+
+def pool_bins(reference: np.ndarray, live: np.ndarray, min_expected: float) -> np.ndarray:
+    """Group adjacent bins until each group's expected count (smaller sample) >= min_expected.
+
+    Returns a (2, K') table. Bins empty in both samples are dropped.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    liv = np.asarray(live, dtype=np.float64)
+    keep = (ref + liv) > 0
+    ref, liv = ref[keep], liv[keep]
+    n_r, n_l = ref.sum(), liv.sum()
+    n = n_r + n_l
+    need = min_expected * n / max(min(n_r, n_l), 1e-12)  # column total needed
+    cols_r: list[float] = []
+    cols_l: list[float] = []
+    acc_r = acc_l = 0.0
+    for r, l_ in zip(ref, liv, strict=True):
+        acc_r += r
+        acc_l += l_
+        if acc_r + acc_l >= need:
+            cols_r.append(acc_r)
+            cols_l.append(acc_l)
+            acc_r = acc_l = 0.0
+    if acc_r + acc_l > 0:
+        if cols_r:
+            cols_r[-1] += acc_r
+            cols_l[-1] += acc_l
+        else:
+            cols_r.append(acc_r)
+            cols_l.append(acc_l)
+    return np.array([cols_r, cols_l])
+
+
+def chi2_homogeneity(
+    reference: ArrayLike, live: ArrayLike, min_expected: float = 5.0
+) -> Chi2Result:
+    """Two-sample chi-square test that ``live`` and ``reference`` counts share one distribution."""
+    table = pool_bins(np.asarray(reference), np.asarray(live), min_expected)
+    k = table.shape[1]
+    if k < 2 or table[0].sum() <= 0 or table[1].sum() <= 0:
+        return Chi2Result(0.0, 0, 1.0, k)
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+    stat = float(np.sum((table - expected) ** 2 / expected))
+    df = k - 1
+    return Chi2Result(stat, df, chi2_sf(stat, df), k)
+
+
+def bonferroni(p_values: ArrayLike) -> np.ndarray:
+    p = np.asarray(p_values, dtype=np.float64)
+    return np.minimum(p * max(len(p), 1), 1.0)
+
+
+def benjamini_hochberg(p_values: ArrayLike) -> np.ndarray:
+    """BH-adjusted p-values (reject where adjusted <= alpha)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = len(p)
+    if m == 0:
+        return p
+    order = np.argsort(p)
+    ranked = p[order] * m / np.arange(1, m + 1)
+    adj = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return out
