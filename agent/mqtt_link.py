@@ -302,7 +302,12 @@ class MqttLink:
         except RejectError as e:
             self._ignore(e.code.value, e.message)
             self._report(
-                {"kind": "desired_rejected", "state": "REJECTED", "reason": e.to_dict()},
+                {
+                    "kind": "desired_rejected",
+                    "state": "REJECTED",
+                    "reason_code": e.code.value,
+                    "reason": e.message,
+                }
             )
             return
         except ValueError as e:
@@ -315,7 +320,15 @@ class MqttLink:
             self.state.last_seq = seq
             self.state.save(self.state_path)
             self._ignore("manifest_invalid", str(e))
-            self._report({"kind": "desired_rejected", "state": "REJECTED", "reason": str(e)})
+            self._report(
+                {
+                    "kind": "desired_rejected",
+                    "state": "REJECTED",
+                    "reason_code": "manifest_invalid",
+                    "reason": str(e),
+                    "desired_seq": seq,
+                }
+            )
             return
         # Persist the seq before acting: a crash after this never acts twice on one state;
         # the agent's own state machine resumes an update it had accepted.
@@ -326,7 +339,9 @@ class MqttLink:
         installed = self._installed_versions()
         for action in plan(targets, installed, dict(self._in_flight_updates)):
             if action.kind == "report":
-                self._report_target(action.target, "COMMITTED", action.reason, seq, already=True)
+                self._report_target(
+                    action.target, "COMMITTED", action.reason, seq, code="already", already=True
+                )
             else:
                 self._install(action.target, seq, action.reason)
 
@@ -340,8 +355,10 @@ class MqttLink:
             self.agent.submit_update(request)
         except Exception as e:
             self._in_flight_updates.pop(target.name, None)
-            reason = e.to_dict() if hasattr(e, "to_dict") else f"{type(e).__name__}: {e}"
-            self._report_target(target, "FAILED", reason, seq)
+            code = getattr(e, "code", None)
+            code = str(getattr(code, "value", code) or "submit_refused")
+            message = str(getattr(e, "message", None) or f"{type(e).__name__}: {e}")
+            self._report_target(target, "FAILED", message, seq, code=code)
 
     def _installed_versions(self) -> dict[str, str]:
         from agent.mqtt.agent_port import installed_versions
@@ -353,9 +370,10 @@ class MqttLink:
         self,
         target: ModelTarget,
         state: str,
-        reason: Any,
+        reason: str,
         seq: int,
         *,
+        code: str | None = None,
         already: bool = False,
     ) -> None:
         self._report(
@@ -365,6 +383,7 @@ class MqttLink:
                 "version": target.version,
                 "rollout_id": target.rollout_id,
                 "state": state,
+                "reason_code": code,
                 "reason": reason,
                 "desired_seq": seq,
                 "already_installed": already,

@@ -147,9 +147,9 @@ class EmbeddedBroker:
         """Start (or restart after `stop`) on the same port with the same config."""
         if self.process is not None and self.process.poll() is None:
             return self
+        self.workdir.mkdir(parents=True, exist_ok=True)
         if not self._argv:
             self._argv = self._command()
-        self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self._argv,

@@ -71,9 +71,13 @@ def event_status(event: Any) -> dict[str, Any]:
     body["model"] = raw.get("model", raw.get("name"))
     body["version"] = raw.get("version")
     body["state"] = str(raw.get("state", "")).upper() or None
-    code = raw.get("reason_code")
     reason = raw.get("reason")
-    body["reason"] = {"code": code, "message": reason} if code else reason
+    if isinstance(reason, Mapping):  # {"code", "message"} from RejectError.to_dict()
+        body["reason_code"] = reason.get("code")
+        body["reason"] = reason.get("message")
+    else:
+        body["reason_code"] = raw.get("reason_code")
+        body["reason"] = reason
     figures = raw.get("figures", raw.get("benchmark"))
     if figures:
         body["figures"] = figures
@@ -104,5 +108,6 @@ def presence_fields(agent: Any, config: Any) -> dict[str, Any]:
     if isinstance(inv, Mapping):
         for key, value in inv.items():
             fields.setdefault(str(key), value)
-    fields["installed"] = installed_versions(inv)
+    # The controller's inventory reads installed[model]["version"].
+    fields["installed"] = {n: {"version": v} for n, v in installed_versions(inv).items()}
     return fields
