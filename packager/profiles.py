@@ -1,0 +1,228 @@
+"""Hardware profiles (``hardware_profiles/*.toml``): loading and schema validation.
+
+A profile names the execution providers (with options) a device runs, the quantization
+candidates the packager may build for it, the accuracy gate a candidate must meet against the
+source model, the device gates the agent checks on the hardware, and whether the CPU provider is
+an acceptable fallback there.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from packager.recipe import Recipe, RecipeError, parse_recipe
+
+
+class ProfileError(ValueError):
+    """A profile file is missing or invalid; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class ExecutionProvider:
+    name: str
+    options: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
+class AccuracyGate:
+    """What a candidate must reach against the source model on the validation data.
+
+    ``max_accuracy_drop`` is in accuracy points (fraction, 0.01 = 1 point) and applies only when
+    the validation data has labels; ``min_agreement`` is top-1 agreement with the source.
+    """
+
+    min_agreement: float
+    max_accuracy_drop: float
+    max_abs_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "min_agreement": self.min_agreement,
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "max_abs_error": self.max_abs_error,
+        }
+
+
+@dataclass(frozen=True)
+class DeviceGates:
+    """Checked by the agent on the device during VALIDATING (recorded in the manifest)."""
+
+    max_p95_ms: float
+    max_memory_mb: float
+    sample_atol: float
+    sample_rtol: float
+    min_sample_agreement: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    id: str
+    description: str
+    execution_providers: tuple[ExecutionProvider, ...]
+    cpu_fallback: bool
+    candidates: tuple[Recipe, ...]
+    accuracy_gate: AccuracyGate
+    device_gates: DeviceGates
+    min_agent_version: str
+    source: Path | None = None
+
+    @property
+    def provider_names(self) -> list[str]:
+        return [p.name for p in self.execution_providers]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "description": self.description,
+            "execution_providers": [p.to_dict() for p in self.execution_providers],
+            "cpu_fallback": self.cpu_fallback,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "accuracy_gate": self.accuracy_gate.to_dict(),
+            "device_gates": dict(vars(self.device_gates)),
+            "min_agent_version": self.min_agent_version,
+        }
+
+
+def profiles_dir() -> Path:
+    """The directory of the profiles shipped with the ``hardware_profiles`` package."""
+    return Path(str(resources.files("hardware_profiles")))
+
+
+def _num(table: dict[str, Any], key: str, where: str, *, lo: float, hi: float | None = None) -> float:
+    value = table.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProfileError(f"{where}: '{key}' must be a number")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ProfileError(f"{where}: '{key}' = {value} is outside {bound}")
+    return float(value)
+
+
+def _table(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = raw.get(key)
+    if not isinstance(value, dict):
+        raise ProfileError(f"{where}: missing table [{key}]")
+    return value
+
+
+def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -> Profile:
+    """Validate one profile document; every error names the file and the field."""
+    known = {
+        "id",
+        "description",
+        "execution_providers",
+        "cpu_fallback",
+        "quantization",
+        "accuracy_gate",
+        "device_gates",
+        "min_agent_version",
+    }
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ProfileError(f"{where}: unknown key(s) {unknown}")
+    pid = raw.get("id")
+    if not isinstance(pid, str) or not pid:
+        raise ProfileError(f"{where}: 'id' must be a non-empty string")
+    if source is not None and source.stem != pid:
+        raise ProfileError(f"{where}: id {pid!r} does not match the file name {source.name!r}")
+    eps_raw = raw.get("execution_providers")
+    if not isinstance(eps_raw, list) or not eps_raw:
+        raise ProfileError(f"{where}: 'execution_providers' must be a non-empty array of tables")
+    eps = []
+    for i, ep in enumerate(eps_raw):
+        if not isinstance(ep, dict) or not isinstance(ep.get("name"), str):
+            raise ProfileError(f"{where}: execution_providers[{i}] needs a 'name'")
+        if not ep["name"].endswith("ExecutionProvider"):
+            raise ProfileError(f"{where}: execution_providers[{i}] name {ep['name']!r} is not an EP")
+        options = ep.get("options", {})
+        if not isinstance(options, dict):
+            raise ProfileError(f"{where}: execution_providers[{i}].options must be a table")
+        eps.append(ExecutionProvider(ep["name"], options))
+    cpu_fallback = raw.get("cpu_fallback")
+    if not isinstance(cpu_fallback, bool):
+        raise ProfileError(f"{where}: 'cpu_fallback' must be true or false")
+    quant = _table(raw, "quantization", where)
+    cands_raw = quant.get("candidates")
+    if not isinstance(cands_raw, list) or not cands_raw:
+        raise ProfileError(f"{where}: [[quantization.candidates]] needs at least one recipe")
+    try:
+        cands = tuple(
+            parse_recipe(c, f"{where}: quantization.candidates[{i}]") for i, c in enumerate(cands_raw)
+        )
+    except RecipeError as exc:
+        raise ProfileError(str(exc)) from exc
+    ids = [c.id for c in cands]
+    if len(set(ids)) != len(ids):
+        raise ProfileError(f"{where}: candidate ids must be unique, got {ids}")
+    acc = _table(raw, "accuracy_gate", where)
+    gate = AccuracyGate(
+        min_agreement=_num(acc, "min_agreement", f"{where} [accuracy_gate]", lo=0, hi=1),
+        max_accuracy_drop=_num(acc, "max_accuracy_drop", f"{where} [accuracy_gate]", lo=0, hi=1),
+        max_abs_error=(
+            _num(acc, "max_abs_error", f"{where} [accuracy_gate]", lo=0)
+            if "max_abs_error" in acc
+            else None
+        ),
+    )
+    dev = _table(raw, "device_gates", where)
+    dw = f"{where} [device_gates]"
+    gates = DeviceGates(
+        max_p95_ms=_num(dev, "max_p95_ms", dw, lo=0),
+        max_memory_mb=_num(dev, "max_memory_mb", dw, lo=1),
+        sample_atol=_num(dev, "sample_atol", dw, lo=0),
+        sample_rtol=_num(dev, "sample_rtol", dw, lo=0),
+        min_sample_agreement=_num(dev, "min_sample_agreement", dw, lo=0, hi=1),
+    )
+    min_agent = raw.get("min_agent_version", "0.1.0")
+    if not isinstance(min_agent, str):
+        raise ProfileError(f"{where}: 'min_agent_version' must be a string")
+    desc = raw.get("description", "")
+    return Profile(
+        id=pid,
+        description=str(desc),
+        execution_providers=tuple(eps),
+        cpu_fallback=cpu_fallback,
+        candidates=cands,
+        accuracy_gate=gate,
+        device_gates=gates,
+        min_agent_version=min_agent,
+        source=source,
+    )
+
+
+def load_profile_file(path: Path) -> Profile:
+    """Parse and validate one ``.toml`` file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ProfileError(f"{path}: no such profile file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_profile(raw, path.name, source=path)
+
+
+def load_profiles(directory: Path | None = None) -> dict[str, Profile]:
+    """Every profile in ``directory`` (default: the shipped ones), by id, sorted."""
+    directory = Path(directory) if directory is not None else profiles_dir()
+    found = {p.id: p for p in (load_profile_file(f) for f in sorted(directory.glob("*.toml")))}
+    if not found:
+        raise ProfileError(f"{directory}: no *.toml profiles")
+    return dict(sorted(found.items()))
+
+
+def get_profile(profile_id: str, directory: Path | None = None) -> Profile:
+    """One profile by id, or a path to a ``.toml`` file; unknown ids name the known ones."""
+    if profile_id.endswith(".toml"):
+        return load_profile_file(Path(profile_id))
+    profiles = load_profiles(directory)
+    if profile_id not in profiles:
+        raise ProfileError(f"unknown profile {profile_id!r}; known: {', '.join(profiles)}")
+    return profiles[profile_id]
