@@ -1,0 +1,251 @@
+"""Agent configuration: a TOML file, overridden by EDGEFLEET_AGENT_<FIELD> environment variables.
+
+Nested tables are overridden as EDGEFLEET_AGENT_<TABLE>_<FIELD> (e.g. EDGEFLEET_AGENT_MQTT_URL).
+Relative paths in the file are resolved against the file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "EDGEFLEET_AGENT_"
+
+_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
+_PROVIDER_PROFILES = {
+    "CUDAExecutionProvider": "gpu-cuda",
+    "TensorrtExecutionProvider": "gpu-tensorrt",
+    "QNNExecutionProvider": "npu-qnn",
+    "OpenVINOExecutionProvider": "npu-openvino",
+    "VitisAIExecutionProvider": "fpga-vitisai",
+}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field."""
+
+
+def default_profiles(providers: list[str] | None = None) -> list[str]:
+    """Profiles this machine can run: its CPU profile plus one per accelerator provider."""
+    arch = _ARCH.get(platform.machine().lower(), platform.machine().lower())
+    profiles = [_PROVIDER_PROFILES[p] for p in providers or [] if p in _PROVIDER_PROFILES]
+    return [*profiles, f"cpu-{arch}"]
+
+
+@dataclass
+class SwapConfig:
+    """How ACTIVATING swaps sessions."""
+
+    mode: str = "auto"  # auto | overlap | unload_first
+    memory_budget_mb: float | None = None  # None: psutil's available memory
+    queue_max: int = 256  # requests held during an unload-first gap
+    queue_timeout_s: float = 30.0
+
+
+@dataclass
+class ProbationConfig:
+    """What PROBATION watches before COMMITTED."""
+
+    seconds: float = 10.0
+    min_requests: int = 20  # below this, error rate and latency are not judged
+    max_error_rate: float = 0.05
+    latency_factor: float = 3.0  # serving p95 may be at most factor x validation p95 + slack
+    latency_slack_ms: float = 5.0
+
+
+@dataclass
+class ValidationConfig:
+    """On-device benchmark of VALIDATING."""
+
+    bench_runs: int = 50
+    bench_warmup: int = 5
+    bench_max_seconds: float = 10.0
+
+
+@dataclass
+class MqttConfig:
+    """Used by agent.mqtt_link (fleet role)."""
+
+    url: str | None = None
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    client_id: str | None = None
+    keepalive_s: int = 30
+
+
+@dataclass
+class TelemetryConfig:
+    """Used by agent.telemetry (drift role)."""
+
+    enabled: bool = True
+    interval_s: float = 10.0
+    outbox_max_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass
+class AgentConfig:
+    device_id: str
+    data_dir: Path
+    trusted_keys: list[Path] = field(default_factory=list)
+    revoked_key_ids: list[str] = field(default_factory=list)
+    controller_keys: list[Path] = field(default_factory=list)
+    profiles: list[str] = field(default_factory=list)  # empty: default_profiles()
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 0  # 0: a free port, written to DATA_DIR/admin.json
+    max_package_bytes: int = 2 * 1024**3
+    disk_headroom_bytes: int = 64 * 1024**2
+    memory_headroom_mb: float = 32.0
+    keep_versions: int = 2  # current + previous; older ones are pruned
+    download_timeout_s: float = 30.0
+    download_retries: int = 5
+    swap: SwapConfig = field(default_factory=SwapConfig)
+    probation: ProbationConfig = field(default_factory=ProbationConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    config_path: Path | None = None
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    @property
+    def admin_info_path(self) -> Path:
+        return self.data_dir / "admin.json"
+
+
+def _coerce(value: Any, tp: Any, name: str, base: Path) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name, base)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], name, base) for v in value]
+    if tp is Path:
+        p = Path(str(value)).expanduser()
+        return p if p.is_absolute() else (base / p)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            return tp(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from e
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a table")
+        return _build(tp, value, name + ".", base)
+    return value
+
+
+def _build(cls: Any, raw: Mapping[str, Any], prefix: str, base: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(prefix + u for u in sorted(unknown))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k, base) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    tables = {
+        f.name
+        for f in dataclasses.fields(AgentConfig)
+        if dataclasses.is_dataclass(f.default_factory)
+    }
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        table = next((t for t in tables if name.startswith(t + "_")), None)
+        if table is not None:
+            out.setdefault(table, {})[name[len(table) + 1 :]] = value
+        elif name in {f.name for f in dataclasses.fields(AgentConfig)}:
+            out[name] = value
+    return out
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read the TOML file (optional) and apply environment overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path).resolve()
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        base = path.parent
+    for key, value in _env_overrides(env).items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    for required in ("device_id", "data_dir"):
+        if not raw.get(required):
+            raise ConfigError(f"{required} is required")
+    raw.pop("config_path", None)
+    cfg: AgentConfig = _build(AgentConfig, raw, "", base)
+    cfg.config_path = path
+    if cfg.swap.mode not in ("auto", "overlap", "unload_first"):
+        raise ConfigError(
+            f"swap.mode: expected auto, overlap or unload_first, got {cfg.swap.mode!r}"
+        )
+    return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def dump_config(values: Mapping[str, Any]) -> str:
+    """Write a flat-plus-tables mapping as TOML (enough for `agent init`)."""
+    lines: list[str] = []
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    for k, v in values.items():
+        if isinstance(v, Mapping):
+            tables.append((k, v))
+        elif v is not None:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for name, table in tables:
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,200 @@
+"""Fetch a package to disk: HTTP(S) streamed with httpx (sha256 on the way, Range resume after an
+interruption, size limit), or a local path / file:// URL copied the same way."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+_CHUNK = 1 << 16
+
+
+class DownloadError(RuntimeError):
+    """The download was refused or could not complete; `code` names why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    path: Path
+    sha256: str
+    size: int
+    resumed_from: int  # bytes already on disk when this call started
+    attempts: int
+
+
+def is_url(source: str) -> bool:
+    return urlparse(source).scheme in ("http", "https")
+
+
+def local_path(source: str) -> Path:
+    u = urlparse(source)
+    if u.scheme == "file":
+        return Path(unquote(u.path))
+    return Path(source)
+
+
+def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
+    h = hashlib.sha256()
+    n = 0
+    if path.exists():
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+    return h, n
+
+
+def _finish(
+    part: Path, dest: Path, h: hashlib._Hash, size: int, sha256: str | None, exp_size: int | None
+) -> str:
+    digest = h.hexdigest()
+    if exp_size is not None and size != exp_size:
+        part.unlink(missing_ok=True)
+        raise DownloadError("size_mismatch", f"got {size} bytes, expected {exp_size}")
+    if sha256 is not None and digest != sha256.lower():
+        part.unlink(missing_ok=True)
+        raise DownloadError("digest_mismatch", f"sha256 {digest} differs from expected {sha256}")
+    with open(part, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(part, dest)
+    return digest
+
+
+def fetch(
+    source: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    max_bytes: int,
+    timeout_s: float = 30.0,
+    retries: int = 5,
+    on_progress: Callable[[int], None] | None = None,
+) -> Downloaded:
+    """Download `source` to `dest` (via `dest`.part, kept across restarts for Range resume)."""
+    if size is not None and size > max_bytes:
+        raise DownloadError("too_large", f"declared size {size} exceeds the limit {max_bytes}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    if dest.exists():  # completed before a restart: check it again
+        h, n = _hash_existing(dest)
+        os.replace(dest, part)
+        return Downloaded(dest, _finish(part, dest, h, n, sha256, size), n, n, 0)
+    if not is_url(source):
+        return _copy_local(local_path(source), part, dest, sha256, size, max_bytes)
+    return _http(source, part, dest, sha256, size, max_bytes, timeout_s, retries, on_progress)
+
+
+def _copy_local(
+    src: Path, part: Path, dest: Path, sha256: str | None, size: int | None, max_bytes: int
+) -> Downloaded:
+    if not src.is_file():
+        raise DownloadError("source_missing", f"{src} is not a file")
+    if src.stat().st_size > max_bytes:
+        raise DownloadError(
+            "too_large", f"{src.stat().st_size} bytes exceeds the limit {max_bytes}"
+        )
+    h = hashlib.sha256()
+    n = 0
+    with open(src, "rb") as fi, open(part, "wb") as fo:
+        while chunk := fi.read(1 << 20):
+            n += len(chunk)
+            if n > max_bytes:
+                raise DownloadError("too_large", f"more than {max_bytes} bytes")
+            h.update(chunk)
+            fo.write(chunk)
+    return Downloaded(dest, _finish(part, dest, h, n, sha256, size), n, 0, 1)
+
+
+def _http(
+    url: str,
+    part: Path,
+    dest: Path,
+    sha256: str | None,
+    size: int | None,
+    max_bytes: int,
+    timeout_s: float,
+    retries: int,
+    on_progress: Callable[[int], None] | None,
+) -> Downloaded:
+    import httpx
+
+    h, n = _hash_existing(part)
+    resumed_from = n
+    last_error = "no attempt made"
+    attempts = 0
+    with httpx.Client(timeout=timeout_s, follow_redirects=True) as client:
+        for attempt in range(retries + 1):
+            attempts = attempt + 1
+            if size is not None and n == size:
+                break
+            headers = {"Range": f"bytes={n}-"} if n else {}
+            try:
+                with client.stream("GET", url, headers=headers) as r:
+                    if r.status_code == 416 and n:  # nothing left: the part file is complete
+                        break
+                    if r.status_code == 200 and n:  # the server ignored Range: start over
+                        h, n = hashlib.sha256(), 0
+                        part.unlink(missing_ok=True)
+                    elif r.status_code not in (200, 206):
+                        raise DownloadError(
+                            "http_error", f"GET {url} answered HTTP {r.status_code}"
+                        )
+                    total = _total_size(r.headers, n)
+                    if total is not None and total > max_bytes:
+                        raise DownloadError(
+                            "too_large", f"server announces {total} bytes, limit {max_bytes}"
+                        )
+                    if total is not None and size is not None and total != size:
+                        raise DownloadError(
+                            "size_mismatch", f"server announces {total} bytes, expected {size}"
+                        )
+                    with open(part, "ab") as f:
+                        for chunk in r.iter_bytes(_CHUNK):
+                            n += len(chunk)
+                            if n > max_bytes:
+                                f.close()
+                                part.unlink(missing_ok=True)
+                                raise DownloadError("too_large", f"more than {max_bytes} bytes")
+                            h.update(chunk)
+                            f.write(chunk)
+                            if on_progress is not None:
+                                on_progress(n)
+                    if total is None or n >= total:
+                        break
+                    last_error = f"connection ended after {n} of {total} bytes"
+            except httpx.HTTPError as e:
+                last_error = f"{type(e).__name__}: {e}"
+            if attempt < retries:
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+        else:
+            raise DownloadError(
+                "download_incomplete", f"{url}: {last_error} after {attempts} attempts"
+            )
+    return Downloaded(dest, _finish(part, dest, h, n, sha256, size), n, resumed_from, attempts)
+
+
+def _total_size(headers: object, offset: int) -> int | None:
+    get = headers.get  # type: ignore[attr-defined]
+    cr = get("content-range")
+    if cr and "/" in cr and not cr.endswith("/*"):
+        return int(cr.rsplit("/", 1)[1])
+    cl = get("content-length")
+    if cl is not None and get("content-encoding") in (None, "identity"):
+        return offset + int(cl)
+    return None
+
+
+def discard(dest: Path) -> None:
+    dest.unlink(missing_ok=True)
+    dest.with_name(dest.name + ".part").unlink(missing_ok=True)

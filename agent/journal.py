@@ -1,0 +1,143 @@
+"""The update journal: one JSON record per update, rewritten atomically before each transition
+takes effect. `decide_recovery` (pure) says what a restarted agent does with a record."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from agent.fsio import atomic_write_json, clean_temp, read_json
+from agent.states import State, check_transition, is_terminal
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Transition:
+    state: str
+    at: str
+    reason_code: str | None = None
+    reason: str | None = None
+    figures: dict[str, Any] | None = None
+
+
+@dataclass
+class UpdateRecord:
+    id: str
+    model: str
+    version: str
+    source: str
+    sha256: str | None = None
+    size: int | None = None
+    rollout_id: str | None = None
+    allow_downgrade: bool = False
+    state: str = State.IDLE.value
+    from_version: str | None = None  # the version serving when the update started
+    profile: str | None = None
+    resumes: int = 0
+    history: list[Transition] = field(default_factory=list)
+
+    @property
+    def current(self) -> State:
+        return State(self.state)
+
+    def last(self) -> Transition:
+        return self.history[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UpdateRecord:
+        hist = [Transition(**t) for t in d.get("history", [])]
+        return cls(**{**d, "history": hist})
+
+
+def new_update_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+class Journal:
+    """Update records under DATA_DIR/updates/ID.json."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = data_dir / "updates"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        clean_temp(self.dir)
+
+    def path(self, update_id: str) -> Path:
+        return self.dir / f"{update_id}.json"
+
+    def save(self, rec: UpdateRecord) -> None:
+        atomic_write_json(self.path(rec.id), rec.to_dict())
+
+    def create(self, rec: UpdateRecord) -> None:
+        rec.history = [Transition(State.IDLE.value, now_iso())]
+        rec.state = State.IDLE.value
+        self.save(rec)
+
+    def transition(
+        self,
+        rec: UpdateRecord,
+        target: State,
+        reason_code: str | None = None,
+        reason: str | None = None,
+        figures: dict[str, Any] | None = None,
+    ) -> Transition:
+        """Persist `target` (atomically, fsynced) and only then update the in-memory record."""
+        check_transition(rec.current, target)
+        t = Transition(target.value, now_iso(), reason_code, reason, figures)
+        data = rec.to_dict()
+        data["state"] = target.value
+        data["history"] = [*data["history"], asdict(t)]
+        atomic_write_json(self.path(rec.id), data)
+        rec.state = target.value
+        rec.history.append(t)
+        return t
+
+    def load(self, update_id: str) -> UpdateRecord | None:
+        p = self.path(update_id)
+        if not p.exists():
+            return None
+        return UpdateRecord.from_dict(read_json(p))
+
+    def all(self) -> list[UpdateRecord]:
+        recs = []
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                recs.append(UpdateRecord.from_dict(read_json(p)))
+            except (ValueError, TypeError, KeyError):
+                continue  # unreadable records are never half-written (atomic); skip foreign files
+        recs.sort(key=lambda r: (r.history[0].at if r.history else "", r.id))
+        return recs
+
+    def unfinished(self) -> list[UpdateRecord]:
+        return [r for r in self.all() if not is_terminal(r.current)]
+
+
+class Recovery(StrEnum):
+    NONE = "none"  # terminal: nothing to do
+    RESUME = "resume"  # re-run the recorded state's step (each step is idempotent)
+    FAIL = "fail"  # before activation, too many resumes: FAILED, old model keeps serving
+    ROLL_BACK = "roll_back"  # PROBATION interrupted: trust the previous version
+    FINISH_ROLLBACK = "finish_rollback"
+
+
+def decide_recovery(state: State, resumes: int, max_resumes: int = 3) -> Recovery:
+    """What a restarted agent does with an update found in `state` (pure)."""
+    if is_terminal(state):
+        return Recovery.NONE
+    if state is State.ROLLING_BACK:
+        return Recovery.FINISH_ROLLBACK
+    if state is State.PROBATION:
+        # A crash while the new version serves is a reason to distrust it.
+        return Recovery.ROLL_BACK
+    if resumes >= max_resumes:
+        return Recovery.ROLL_BACK if state is State.ACTIVATING else Recovery.FAIL
+    return Recovery.RESUME

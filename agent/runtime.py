@@ -1,0 +1,788 @@
+"""`Agent`: the public surface other components use (MQTT link, telemetry, CLI, tests).
+
+Threads: the inference server, the admin server, and one update worker that runs updates one at
+a time through the persisted state machine. `start()` recovers from the journal before serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.config import AgentConfig, default_profiles
+from agent.journal import (
+    Journal,
+    Recovery,
+    Transition,
+    UpdateRecord,
+    decide_recovery,
+    new_update_id,
+)
+from agent.metrics import Metrics
+from agent.sessions import LoadedModel, SessionManager, judge_probation, plan_swap
+from agent.states import BEFORE_ACTIVATION, State, is_terminal
+from agent.store import IntegrityError, ModelStore, Pointers
+from agent.validation import Figures, benchmark, judge, load_samples, run_samples, sample_agreement
+
+log = logging.getLogger("edgefleet.agent")
+
+PAUSE_ENV = "EDGEFLEET_AGENT_PAUSE_AT"  # test hook: STATE[,STATE...] -> sleep after entering it
+PAUSE_MAX_S = 120.0
+
+
+@dataclass
+class UpdateRequest:
+    model: str  # "" = take it from the package
+    version: str  # "" = take it from the package
+    source: str  # http(s) URL, file:// URL or local path
+    sha256: str | None = None
+    size: int | None = None
+    rollout_id: str | None = None
+    allow_downgrade: bool = False
+
+
+@dataclass
+class UpdateEvent:
+    update_id: str
+    model: str
+    version: str
+    rollout_id: str | None
+    state: str
+    reason_code: str | None
+    reason: str | None
+    figures: dict[str, Any] | None
+    timestamp: str
+    from_version: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+UpdateListener = Callable[[UpdateEvent], None]
+InferenceObserver = Callable[
+    [str, str, dict[str, np.ndarray], dict[str, np.ndarray], float, bool], None
+]
+
+
+class StepFailed(Exception):
+    def __init__(self, code: str, reason: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+        self.figures = figures
+
+
+@dataclass
+class _Run:
+    """In-memory companions of an update record while the worker runs it."""
+
+    package: Path | None = None
+    verified: Any = None
+    staged: LoadedModel | None = None
+    figures: Figures | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def agent_version() -> str:
+    from edgefleet import __version__
+
+    return __version__
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(self.data_dir)
+        self.store = ModelStore(self.data_dir)
+        self.sessions = SessionManager(config.swap)
+        self.metrics = Metrics()
+        self.ready = threading.Event()
+        self._listeners: list[UpdateListener] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._http: Any = None
+        self._admin: Any = None
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._providers: list[str] | None = None
+        self._pause = {
+            s.strip().upper() for s in os.environ.get(PAUSE_ENV, "").split(",") if s.strip()
+        }
+
+    # ------------------------------------------------------------------ public surface
+
+    def add_listener(self, cb: UpdateListener) -> None:
+        """`cb(UpdateEvent)` on every state transition (from the update worker thread)."""
+        self._listeners.append(cb)
+
+    def add_inference_observer(self, cb: InferenceObserver) -> None:
+        """`cb(model, version, inputs, outputs, latency_s, ok)` after each inference (request thread)."""
+        self.sessions.observers.append(cb)
+
+    @property
+    def execution_providers(self) -> list[str]:
+        if self._providers is None:
+            import onnxruntime as ort
+
+            self._providers = list(ort.get_available_providers())
+        return self._providers
+
+    @property
+    def profiles(self) -> list[str]:
+        return list(self.config.profiles) or default_profiles(self.execution_providers)
+
+    def submit_update(self, req: UpdateRequest) -> str:
+        """Persist the update (IDLE) and queue it; returns its id. Runs after earlier ones."""
+        rec = UpdateRecord(
+            id=new_update_id(),
+            model=req.model,
+            version=req.version,
+            source=req.source,
+            sha256=req.sha256,
+            size=req.size,
+            rollout_id=req.rollout_id,
+            allow_downgrade=req.allow_downgrade,
+        )
+        self.journal.create(rec)
+        self._emit(rec, rec.last())
+        self._queue.put(rec.id)
+        return rec.id
+
+    def update(self, update_id: str) -> dict[str, Any] | None:
+        rec = self.journal.load(update_id)
+        return _record_view(rec) if rec else None
+
+    def updates(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [_record_view(r) for r in self.journal.all()[-limit:]]
+
+    def inventory(self) -> dict[str, Any]:
+        models: dict[str, Any] = {}
+        latest: dict[str, UpdateRecord] = {}
+        for r in self.journal.all():
+            if r.model:
+                latest[r.model] = r
+        for name in sorted(set(self.store.names()) | set(self.sessions.names())):
+            ptr = self.store.pointers(name)
+            lm = self.sessions.get(name)
+            if ptr.current is None and lm is None:
+                continue
+            last = latest.get(name)
+            models[name] = {
+                "version": lm.version if lm else ptr.current,
+                "previous": ptr.previous,
+                "state": last.state if last else ("SERVING" if lm else "INSTALLED"),
+                "serving": lm is not None,
+                "profile": lm.manifest.get("profile") if lm else None,
+                "providers": lm.providers if lm else [],
+            }
+        return {
+            "device_id": self.config.device_id,
+            "agent_version": agent_version(),
+            "execution_providers": self.execution_providers,
+            "hardware": _hardware(),
+            "profiles": self.profiles,
+            "models": models,
+        }
+
+    def reference(self, model: str) -> dict[str, Any] | None:
+        lm = self.sessions.get(model)
+        ref = lm.manifest.get("drift_reference") if lm else None
+        return ref if isinstance(ref, dict) else None
+
+    def manifest(self, model: str) -> dict[str, Any] | None:
+        lm = self.sessions.get(model)
+        return lm.manifest if lm else None
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.server_address[1] if self._http else None
+
+    @property
+    def admin_port(self) -> int | None:
+        return self._admin.server_address[1] if self._admin else None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, *, serve_http: bool = True, serve_admin: bool = True) -> None:
+        """Recover from the journal, load the current models, start serving and the worker."""
+        resume = self._recover()
+        self._load_current_models()
+        if serve_http:
+            from agent.server import InferenceServer
+
+            self._http = InferenceServer(
+                (self.config.http_host, self.config.http_port),
+                self.sessions,
+                self.metrics,
+                server_name="edgefleet-agent",
+                server_version=agent_version(),
+                ready=self.ready,
+            )
+            self._spawn(self._http.serve_forever, "agent-http")
+        if serve_admin:
+            from agent.admin import AdminServer
+
+            self._admin = AdminServer(self)
+            self._spawn(self._admin.serve_forever, "agent-admin")
+        self._worker = self._spawn(self._work, "agent-updates")
+        for uid in resume:
+            self._queue.put(uid)
+        self.ready.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        for srv in (self._http, self._admin):
+            if srv is not None:
+                srv.shutdown()
+                srv.server_close()
+        if self._admin is not None:
+            self._admin.forget()
+        for t in self._threads:
+            t.join(timeout=10)
+        self.ready.clear()
+
+    def wait_update(self, update_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Block until the update is terminal (bounded); returns its view."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            view = self.update(update_id)
+            if view and is_terminal(State(view["state"])):
+                return view
+            time.sleep(0.02)
+        raise TimeoutError(f"update {update_id} did not finish within {timeout}s")
+
+    def _spawn(self, fn: Callable[[], Any], name: str) -> threading.Thread:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+        return t
+
+    # ------------------------------------------------------------------ recovery
+
+    def _recover(self) -> list[str]:
+        """Apply decide_recovery to unfinished updates; return the ids to resume."""
+        (self.data_dir / "downloads").mkdir(exist_ok=True)
+        resume: list[str] = []
+        for rec in self.journal.unfinished():
+            action = decide_recovery(rec.current, rec.resumes)
+            log.warning("recovering update %s in %s: %s", rec.id, rec.state, action)
+            if action is Recovery.RESUME:
+                rec.resumes += 1
+                self.journal.save(rec)
+                resume.append(rec.id)
+            elif action is Recovery.FAIL:
+                self._transition(
+                    rec,
+                    State.FAILED,
+                    "resume_limit",
+                    f"interrupted {rec.resumes} times in {rec.state}",
+                )
+                self._cleanup_failed(rec)
+            elif action is Recovery.ROLL_BACK:
+                self._transition(
+                    rec,
+                    State.ROLLING_BACK,
+                    "interrupted_probation",
+                    f"the agent restarted while {rec.version} was in {rec.state}",
+                )
+                self._restore_pointers(rec)
+                self._transition(rec, State.ROLLED_BACK)
+            elif action is Recovery.FINISH_ROLLBACK:
+                self._restore_pointers(rec)
+                self._transition(rec, State.ROLLED_BACK)
+        for name in self.store.names():
+            self.store.discard_incomplete(name)
+        return resume
+
+    def _load_current_models(self) -> None:
+        for name in self.store.names():
+            ptr = self.store.pointers(name)
+            for version in (ptr.current, ptr.previous):
+                if version is None:
+                    continue
+                try:
+                    lm = self._load(name, version)
+                except (IntegrityError, OSError, RuntimeError, ValueError) as e:
+                    log.error("cannot serve %s %s: %s", name, version, e)
+                    continue
+                if version != ptr.current:
+                    self.store.set_pointers(name, Pointers(version, None))
+                self.sessions.install(lm, name)
+                self.metrics.set_serving(name, version, None)
+                break
+
+    def _load(self, name: str, version: str) -> LoadedModel:
+        """Load an installed version after re-hashing its files against the install record."""
+        rec = self.store.check_integrity(name, version)
+        vdir = self.store.version_dir(name, version)
+        lm = LoadedModel(name, version, vdir, self.store.manifest(name, version), rec["providers"])
+        v = rec.get("validation") or {}
+        lm.baseline_p95_ms = v.get("p95_ms")
+        lm.memory_mb = float(v.get("memory_growth_mb") or 0.0)
+        return lm
+
+    # ------------------------------------------------------------------ the worker
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            uid = self._queue.get()
+            if uid is None:
+                return
+            rec = self.journal.load(uid)
+            if rec is None or is_terminal(rec.current):
+                continue
+            try:
+                self._run(rec)
+            except Exception as e:  # a bug must not kill the worker; the record says why
+                log.exception("update %s crashed", uid)
+                if rec.current in BEFORE_ACTIVATION:
+                    self._transition(
+                        rec, State.FAILED, "internal_error", f"{type(e).__name__}: {e}"
+                    )
+                    self._cleanup_failed(rec)
+                elif rec.current in (State.ACTIVATING, State.PROBATION):
+                    self._roll_back(rec, "internal_error", f"{type(e).__name__}: {e}")
+
+    def _run(self, rec: UpdateRecord) -> None:
+        run = _Run()
+        steps: dict[State, Callable[[UpdateRecord, _Run], None]] = {
+            State.IDLE: self._step_idle,
+            State.DOWNLOADING: self._step_download,
+            State.VERIFYING: self._step_verify,
+            State.INSTALLING: self._step_install,
+            State.VALIDATING: self._step_validate,
+            State.ACTIVATING: self._step_activate,
+            State.PROBATION: self._step_probation,
+            State.ROLLING_BACK: self._step_rolling_back,
+        }
+        for _ in range(32):  # bounded: the table has no cycles
+            if is_terminal(rec.current) or self._stop.is_set():
+                return
+            state = rec.current
+            try:
+                steps[state](rec, run)
+            except StepFailed as f:
+                if state in BEFORE_ACTIVATION:
+                    self._transition(rec, State.FAILED, f.code, f.reason, f.figures)
+                    self._cleanup_failed(rec)
+                else:
+                    self._roll_back(rec, f.code, f.reason, f.figures)
+                run.staged = None
+
+    # Each step does the work of the state it is in, then persists the next state.
+
+    def _step_idle(self, rec: UpdateRecord, run: _Run) -> None:
+        ptr = self.store.pointers(rec.model) if rec.model else Pointers()
+        rec.from_version = ptr.current
+        self._transition(rec, State.DOWNLOADING)
+
+    def _package_path(self, rec: UpdateRecord) -> Path:
+        return self.data_dir / "downloads" / f"{rec.id}.efpkg"
+
+    def _step_download(self, rec: UpdateRecord, run: _Run) -> None:
+        from agent.download import DownloadError, fetch
+
+        try:
+            got = fetch(
+                rec.source,
+                self._package_path(rec),
+                sha256=rec.sha256,
+                size=rec.size,
+                max_bytes=self.config.max_package_bytes,
+                timeout_s=self.config.download_timeout_s,
+                retries=self.config.download_retries,
+            )
+        except DownloadError as e:
+            raise StepFailed(e.code, e.message) from e
+        except OSError as e:
+            raise StepFailed("download_failed", f"{type(e).__name__}: {e}") from e
+        run.package = got.path
+        self._transition(
+            rec,
+            State.VERIFYING,
+            figures={"bytes": got.size, "sha256": got.sha256, "resumed_from": got.resumed_from},
+        )
+
+    def _policy(self, rec: UpdateRecord) -> Any:
+        from edgefleet.keys import load_public_key
+        from edgefleet.wire.package import VerifyPolicy
+
+        keys = []
+        for p in self.config.trusted_keys:
+            try:
+                keys.append(load_public_key(p))
+            except (OSError, ValueError) as e:
+                log.error("cannot read trusted key %s: %s", p, e)
+        installed = self.store.pointers(rec.model).current if rec.model else None
+        return VerifyPolicy(
+            trusted_keys=keys,
+            revoked_key_ids=list(self.config.revoked_key_ids),
+            max_package_bytes=self.config.max_package_bytes,
+            max_member_bytes=self.config.max_package_bytes,
+            expected_name=rec.model or None,
+            installed_version=installed,
+            allow_version=rec.version if rec.allow_downgrade and rec.version else None,
+            profiles=self.profiles,
+            available_providers=self.execution_providers,
+            agent_version=agent_version(),
+        )
+
+    def _verify(self, rec: UpdateRecord, extract_to: Path | None = None) -> Any:
+        from edgefleet.wire.package import RejectError, verify_package
+
+        try:
+            return verify_package(self._package_path(rec), self._policy(rec), extract_to=extract_to)
+        except RejectError as e:
+            raise StepFailed(e.code.value, e.message) from e
+
+    def _step_verify(self, rec: UpdateRecord, run: _Run) -> None:
+        if not rec.model:  # model name unknown until now: read it unverified, then verify by it
+            from edgefleet.wire.package import RejectError, read_manifest
+
+            try:
+                rec.model = str(read_manifest(self._package_path(rec))["name"])
+            except (RejectError, KeyError) as e:
+                raise StepFailed("manifest_invalid", f"cannot read the package's name: {e}") from e
+            rec.from_version = self.store.pointers(rec.model).current
+        vp = self._verify(rec)
+        m = vp.manifest
+        if rec.version and m["version"] != rec.version:
+            raise StepFailed(
+                "version_mismatch",
+                f"package holds version {m['version']}, the update asked for {rec.version}",
+            )
+        rec.version = m["version"]
+        rec.profile = m["profile"]
+        self._device_checks(rec, m)
+        run.verified = vp
+        self._transition(
+            rec,
+            State.INSTALLING,
+            figures={
+                "key_id": vp.key_id,
+                "providers": vp.providers,
+                "cpu_fallback_used": vp.cpu_fallback_used,
+            },
+            reason_code="cpu_fallback" if vp.cpu_fallback_used else None,
+            reason=(
+                f"{[ep['name'] for ep in m['execution_providers']]} missing here; the profile allows CPU fallback"
+                if vp.cpu_fallback_used
+                else None
+            ),
+        )
+
+    def _device_checks(self, rec: UpdateRecord, manifest: dict[str, Any]) -> None:
+        """Free disk and memory: what only the device knows."""
+        import psutil
+
+        need = sum(int(m["size"]) for m in manifest["members"].values())
+        if not self.store.is_installed(rec.model, rec.version):
+            free = shutil.disk_usage(self.data_dir).free
+            if need + self.config.disk_headroom_bytes > free:
+                raise StepFailed(
+                    "disk_full",
+                    f"installing needs {need} bytes + {self.config.disk_headroom_bytes} headroom, {free} free",
+                )
+        gate = (manifest.get("gates") or {}).get("max_memory_mb")
+        want_mb = float(gate) if gate is not None else 2.0 * need / 2**20
+        avail_mb = psutil.virtual_memory().available / 2**20
+        if self.config.swap.memory_budget_mb is not None:
+            avail_mb = min(avail_mb, float(self.config.swap.memory_budget_mb))
+        if want_mb + self.config.memory_headroom_mb > avail_mb:
+            raise StepFailed(
+                "memory_insufficient",
+                f"the model may use {want_mb:.0f} MB + {self.config.memory_headroom_mb:.0f} MB headroom,"
+                f" {avail_mb:.0f} MB available",
+            )
+
+    def _step_install(self, rec: UpdateRecord, run: _Run) -> None:
+        from agent.fsio import remove_tree
+
+        name, version = rec.model, rec.version
+        if self.store.is_installed(name, version):
+            try:
+                inst = self.store.check_integrity(name, version)
+            except IntegrityError as e:
+                if version in (
+                    self.store.pointers(name).current,
+                    self.store.pointers(name).previous,
+                ):
+                    raise StepFailed("integrity", str(e)) from e
+                remove_tree(self.store.version_dir(name, version))
+                inst = None
+        else:
+            inst = None
+        if inst is None:
+            vdir = self.store.version_dir(name, version)
+            if vdir.exists():  # an interrupted install left a directory without a record
+                remove_tree(vdir)
+            vp = self._verify(rec, extract_to=vdir)
+            self.store.record_install(
+                name,
+                version,
+                {
+                    "member_digests": vp.member_digests,
+                    "key_id": vp.key_id,
+                    "providers": vp.providers,
+                    "cpu_fallback_used": vp.cpu_fallback_used,
+                    "installed_at": time.time(),
+                    "update_id": rec.id,
+                },
+            )
+        self._transition(rec, State.VALIDATING)
+
+    def _step_validate(self, rec: UpdateRecord, run: _Run) -> None:
+        import psutil
+
+        name, version = rec.model, rec.version
+        inst = self.store.install_record(name, version)
+        vdir = self.store.version_dir(name, version)
+        manifest = self.store.manifest(name, version)
+        proc = psutil.Process()
+        rss0 = proc.memory_info().rss
+        try:
+            lm = LoadedModel(name, version, vdir, manifest, inst["providers"])
+        except Exception as e:
+            raise StepFailed("load_failed", f"ONNX Runtime cannot load the model: {e}") from e
+        fig = Figures(providers=lm.providers, cpu_fallback_used=bool(inst.get("cpu_fallback_used")))
+        try:
+            inputs, expected = load_samples(vdir / "samples.npz")
+            got = run_samples(lm.session, inputs, list(expected))
+            n = len(next(iter(got.values())))
+            exp = {k: v[:n] for k, v in expected.items()}
+            gates = manifest.get("gates") or {}
+            fig.agreement, fig.max_abs_error, fig.samples = sample_agreement(
+                exp,
+                got,
+                float(gates.get("sample_atol") or 1e-4),
+                float(gates.get("sample_rtol") or 1e-3),
+            )
+            vc = self.config.validation
+            fig.p50_ms, fig.p95_ms, fig.runs = benchmark(
+                lm.session, inputs, vc.bench_runs, vc.bench_warmup, vc.bench_max_seconds
+            )
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise StepFailed(
+                "validation_error", f"cannot run the samples: {type(e).__name__}: {e}"
+            ) from e
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise StepFailed("validation_error", f"the model failed on its samples: {e}") from e
+        fig.memory_growth_mb = max(0.0, (proc.memory_info().rss - rss0) / 2**20)
+        failure = judge(fig, gates)
+        if failure is not None:
+            raise StepFailed(failure.code, failure.reason, fig.to_dict())
+        inst["validation"] = fig.to_dict()
+        self.store.record_install(name, version, inst)
+        lm.baseline_p95_ms = fig.p95_ms
+        lm.memory_mb = fig.memory_growth_mb
+        run.staged = lm
+        run.figures = fig
+        self._transition(rec, State.ACTIVATING, figures=fig.to_dict())
+
+    def _step_activate(self, rec: UpdateRecord, run: _Run) -> None:
+        import psutil
+
+        name, version = rec.model, rec.version
+        staged = run.staged
+        new_mb = (
+            staged.memory_mb
+            if staged
+            else float(
+                (self.store.install_record(name, version).get("validation") or {}).get(
+                    "memory_growth_mb"
+                )
+                or 0
+            )
+        )
+        current = self.sessions.get(name)
+        if self.config.swap.memory_budget_mb is not None:
+            avail = float(self.config.swap.memory_budget_mb) - self.sessions.models_memory_mb()
+        else:
+            avail = psutil.virtual_memory().available / 2**20
+        plan = (
+            "overlap"
+            if current is None
+            else plan_swap(self.config.swap.mode, avail, new_mb, self.config.memory_headroom_mb)
+        )
+        # Pointers first (the journal already says ACTIVATING): a restart serves the new version.
+        prev = (
+            rec.from_version if rec.from_version != version else self.store.pointers(name).previous
+        )
+        self.store.set_pointers(name, Pointers(version, prev))
+        try:
+            if plan == "overlap":
+                lm = staged or self._load(name, version)
+                self.sessions.install(lm, name)
+            else:
+                run.staged = staged = None
+                lm = self.sessions.swap_unload_first(name, lambda: self._load(name, version))
+        except Exception as e:
+            raise StepFailed("activation_failed", f"{type(e).__name__}: {e}") from e
+        self.metrics.set_serving(name, version, rec.from_version)
+        run.staged = None
+        self._transition(
+            rec,
+            State.PROBATION,
+            figures={"swap": plan, "available_mb": round(avail, 1), "new_mb": round(new_mb, 1)},
+        )
+
+    def _step_probation(self, rec: UpdateRecord, run: _Run) -> None:
+        cfg = self.config.probation
+        lm = self.sessions.get(rec.model)
+        deadline = time.monotonic() + cfg.seconds
+        verdict = None
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if lm is None or lm.version != rec.version:
+                verdict = ("replaced", "the version under probation is no longer serving")
+                break
+            n, err, lat = lm.stats.snapshot()
+            verdict = judge_probation(n, err, lat, lm.baseline_p95_ms, cfg)
+            if verdict:
+                break
+            time.sleep(min(0.05, cfg.seconds))
+        if self._stop.is_set():
+            return  # resumed (rolled back) on the next start
+        n, err, lat = lm.stats.snapshot() if lm else (0, 0, [])
+        figures = {
+            "requests": n,
+            "errors": err,
+            "p95_ms": round(float(np.percentile(lat, 95)), 4) if lat else None,
+            "baseline_p95_ms": lm.baseline_p95_ms if lm else None,
+        }
+        if verdict:
+            raise StepFailed(verdict[0], verdict[1], figures)
+        self._transition(rec, State.COMMITTED, figures=figures)
+        self.store.prune(rec.model, self.config.keep_versions)
+        self._discard_download(rec)
+
+    def _step_rolling_back(self, rec: UpdateRecord, run: _Run) -> None:
+        self._restore_pointers(rec)
+        self._swap_to_previous(rec)
+        self._transition(rec, State.ROLLED_BACK)
+
+    def _roll_back(
+        self, rec: UpdateRecord, code: str, reason: str, figures: dict[str, Any] | None = None
+    ) -> None:
+        self._transition(rec, State.ROLLING_BACK, code, reason, figures)
+        self._restore_pointers(rec)
+        self._swap_to_previous(rec)
+        self._transition(rec, State.ROLLED_BACK, code, reason, figures)
+
+    def _restore_pointers(self, rec: UpdateRecord) -> None:
+        if not rec.model:
+            return
+        if rec.from_version == rec.version:
+            return
+        self.store.set_pointers(rec.model, Pointers(rec.from_version, None))
+
+    def _swap_to_previous(self, rec: UpdateRecord) -> None:
+        name = rec.model
+        if rec.from_version is None:
+            self.sessions.install(None, name)
+            self.metrics.set_serving(name, None, rec.version)
+            return
+        current = self.sessions.get(name)
+        if current is not None and current.version == rec.from_version:
+            return
+        try:
+            lm = self._load(name, rec.from_version)
+        except (IntegrityError, OSError, RuntimeError, ValueError) as e:
+            log.error("rollback of %s cannot load %s: %s", name, rec.from_version, e)
+            return
+        self.sessions.install(lm, name)
+        self.metrics.set_serving(name, rec.from_version, rec.version)
+        self._discard_download(rec)
+
+    def _cleanup_failed(self, rec: UpdateRecord) -> None:
+        self._discard_download(rec)
+        if rec.model and rec.version and self.store.is_installed(rec.model, rec.version):
+            ptr = self.store.pointers(rec.model)
+            if rec.version not in (ptr.current, ptr.previous):
+                self.store.remove_version(rec.model, rec.version)
+
+    def _discard_download(self, rec: UpdateRecord) -> None:
+        from agent.download import discard
+
+        discard(self._package_path(rec))
+
+    # ------------------------------------------------------------------ transitions
+
+    def _transition(
+        self,
+        rec: UpdateRecord,
+        target: State,
+        reason_code: str | None = None,
+        reason: str | None = None,
+        figures: dict[str, Any] | None = None,
+    ) -> None:
+        with self._lock:
+            t = self.journal.transition(rec, target, reason_code, reason, figures)
+        self.metrics.transitions.labels(target.value).inc()
+        if is_terminal(target):
+            self.metrics.updates.labels(target.value, reason_code or "").inc()
+        self._emit(rec, t)
+        if target.value in self._pause:
+            self._pause_here(target)
+
+    def _pause_here(self, state: State) -> None:
+        marker = self.data_dir / f"paused-{state.value}"
+        marker.write_text(str(os.getpid()))
+        deadline = time.monotonic() + PAUSE_MAX_S
+        while time.monotonic() < deadline and marker.exists() and not self._stop.is_set():
+            time.sleep(0.05)
+
+    def _emit(self, rec: UpdateRecord, t: Transition) -> None:
+        ev = UpdateEvent(
+            update_id=rec.id,
+            model=rec.model,
+            version=rec.version,
+            rollout_id=rec.rollout_id,
+            state=t.state,
+            reason_code=t.reason_code,
+            reason=t.reason,
+            figures=t.figures,
+            timestamp=t.at,
+            from_version=rec.from_version,
+        )
+        for cb in list(self._listeners):
+            try:
+                cb(ev)
+            except Exception:
+                log.exception("update listener failed")
+
+
+def _record_view(rec: UpdateRecord) -> dict[str, Any]:
+    d = rec.to_dict()
+    last = rec.history[-1] if rec.history else None
+    d["reason_code"] = last.reason_code if last else None
+    d["reason"] = next((t.reason for t in reversed(rec.history) if t.reason), None)
+    d["reason_code"] = next((t.reason_code for t in reversed(rec.history) if t.reason_code), None)
+    return d
+
+
+def _hardware() -> dict[str, Any]:
+    import psutil
+
+    return {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "release": platform.release(),
+        "cpu_count": os.cpu_count(),
+        "memory_mb": round(psutil.virtual_memory().total / 2**20),
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,55 @@
+"""The update state machine: the one transition table, pure."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    IDLE = "IDLE"
+    DOWNLOADING = "DOWNLOADING"
+    VERIFYING = "VERIFYING"
+    INSTALLING = "INSTALLING"
+    VALIDATING = "VALIDATING"
+    ACTIVATING = "ACTIVATING"
+    PROBATION = "PROBATION"
+    COMMITTED = "COMMITTED"
+    FAILED = "FAILED"
+    ROLLING_BACK = "ROLLING_BACK"
+    ROLLED_BACK = "ROLLED_BACK"
+
+
+S = State
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.IDLE: frozenset({S.DOWNLOADING, S.FAILED}),
+    S.DOWNLOADING: frozenset({S.VERIFYING, S.FAILED}),
+    S.VERIFYING: frozenset({S.INSTALLING, S.FAILED}),
+    S.INSTALLING: frozenset({S.VALIDATING, S.FAILED}),
+    S.VALIDATING: frozenset({S.ACTIVATING, S.FAILED}),
+    # A swap that cannot complete puts the previous version back: that is a rollback.
+    S.ACTIVATING: frozenset({S.PROBATION, S.ROLLING_BACK}),
+    S.PROBATION: frozenset({S.COMMITTED, S.ROLLING_BACK}),
+    S.ROLLING_BACK: frozenset({S.ROLLED_BACK}),
+    S.COMMITTED: frozenset(),
+    S.FAILED: frozenset(),
+    S.ROLLED_BACK: frozenset(),
+}
+
+TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+# States in which the running model is still the old one and FAILED is allowed.
+BEFORE_ACTIVATION = frozenset({S.IDLE, S.DOWNLOADING, S.VERIFYING, S.INSTALLING, S.VALIDATING})
+
+
+class TransitionError(RuntimeError):
+    """A transition the table does not allow."""
+
+
+def check_transition(current: State, target: State) -> None:
+    """Raise TransitionError when `current -> target` is not in the table."""
+    if target not in TRANSITIONS[current]:
+        raise TransitionError(f"transition {current} -> {target} is not allowed")
+
+
+def is_terminal(state: State) -> bool:
+    return state in TERMINAL

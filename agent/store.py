@@ -1,0 +1,132 @@
+"""Installed model versions: DATA_DIR/models/NAME/VERSION/, plus NAME/pointers.json holding the
+`current` and `previous` versions (one file, replaced atomically, so both move together)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.fsio import atomic_write_json, clean_temp, read_json, remove_tree
+
+INSTALL_RECORD = ".install.json"
+_CHUNK = 1 << 20
+
+
+class IntegrityError(RuntimeError):
+    """An installed version's files do not match what was verified at install time."""
+
+
+@dataclass(frozen=True)
+class Pointers:
+    current: str | None = None
+    previous: str | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ModelStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "models"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def version_dir(self, name: str, version: str) -> Path:
+        return self.root / name / version
+
+    def names(self) -> list[str]:
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+
+    def pointers(self, name: str) -> Pointers:
+        p = self.model_dir(name) / "pointers.json"
+        if not p.exists():
+            return Pointers()
+        d = read_json(p)
+        return Pointers(d.get("current"), d.get("previous"))
+
+    def set_pointers(self, name: str, ptr: Pointers) -> None:
+        self.model_dir(name).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            self.model_dir(name) / "pointers.json",
+            {"current": ptr.current, "previous": ptr.previous},
+        )
+
+    def is_installed(self, name: str, version: str) -> bool:
+        return (self.version_dir(name, version) / INSTALL_RECORD).exists()
+
+    def installed_versions(self, name: str) -> list[str]:
+        d = self.model_dir(name)
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and (p / INSTALL_RECORD).exists())
+
+    def record_install(self, name: str, version: str, record: dict[str, Any]) -> None:
+        """Mark a verified, extracted version as installed (written last, atomically)."""
+        atomic_write_json(self.version_dir(name, version) / INSTALL_RECORD, record)
+
+    def install_record(self, name: str, version: str) -> dict[str, Any]:
+        rec: dict[str, Any] = read_json(self.version_dir(name, version) / INSTALL_RECORD)
+        return rec
+
+    def manifest(self, name: str, version: str) -> dict[str, Any]:
+        m: dict[str, Any] = read_json(self.version_dir(name, version) / "manifest.json")
+        return m
+
+    def check_integrity(self, name: str, version: str) -> dict[str, Any]:
+        """Re-hash every member against the digests verified at install; return the record."""
+        vdir = self.version_dir(name, version)
+        try:
+            rec = self.install_record(name, version)
+        except (OSError, ValueError) as e:
+            raise IntegrityError(f"{name} {version}: no install record ({e})") from e
+        for member, digest in rec["member_digests"].items():
+            p = vdir / member
+            if not p.is_file() or p.is_symlink():
+                raise IntegrityError(f"{name} {version}: member {member} is missing")
+            if sha256_file(p) != digest:
+                raise IntegrityError(f"{name} {version}: member {member} digest differs")
+        return rec
+
+    def discard_incomplete(self, name: str) -> None:
+        """Remove version directories without an install record (interrupted installs)."""
+        d = self.model_dir(name)
+        if not d.is_dir():
+            return
+        clean_temp(d)
+        keep = self.pointers(name)
+        for p in d.iterdir():
+            if (
+                p.is_dir()
+                and not p.name.startswith(".")
+                and not (p / INSTALL_RECORD).exists()
+                and p.name not in (keep.current, keep.previous)
+            ):
+                remove_tree(p)
+
+    def remove_version(self, name: str, version: str) -> None:
+        ptr = self.pointers(name)
+        if version in (ptr.current, ptr.previous):
+            raise ValueError(f"refusing to remove {name} {version}: it is current or previous")
+        remove_tree(self.version_dir(name, version))
+
+    def prune(self, name: str, keep: int = 2) -> list[str]:
+        """Remove installed versions other than current and previous (keep >= 2 keeps both)."""
+        ptr = self.pointers(name)
+        protected = [v for v in (ptr.current, ptr.previous) if v][: max(keep, 1)]
+        removed = []
+        for v in self.installed_versions(name):
+            if v not in protected:
+                remove_tree(self.version_dir(name, v))
+                removed.append(v)
+        return removed

@@ -1,0 +1,147 @@
+"""VALIDATING: the package's samples against the recorded outputs, then an on-device benchmark,
+both judged against the manifest's gates. `compare_outputs` and `judge` are pure."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+DEFAULT_MIN_AGREEMENT = 1.0
+MAX_CHUNK = 64
+
+
+@dataclass
+class Figures:
+    """What VALIDATING measured; goes into the FAILED/ACTIVATING event as `figures`."""
+
+    samples: int = 0
+    agreement: float = 0.0
+    max_abs_error: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    runs: int = 0
+    memory_growth_mb: float = 0.0
+    providers: list[str] = field(default_factory=list)
+    cpu_fallback_used: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class GateFailure:
+    code: str  # sample_mismatch | latency_gate | memory_gate
+    reason: str
+
+
+def sample_agreement(
+    expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], atol: float, rtol: float
+) -> tuple[float, float, int]:
+    """(fraction of samples whose every output agrees, max abs error, sample count), pure.
+
+    Integer and boolean outputs must be equal; float outputs within atol + rtol*|expected|.
+    """
+    n = min(len(v) for v in expected.values()) if expected else 0
+    if n == 0:
+        return 0.0, 0.0, 0
+    ok = np.ones(n, dtype=bool)
+    max_err = 0.0
+    for name, exp in expected.items():
+        got = actual.get(name)
+        if got is None or got.shape != exp.shape:
+            return 0.0, float("inf"), n
+        e = exp.reshape(n, -1)
+        g = got.reshape(n, -1)
+        if np.issubdtype(e.dtype, np.floating) or np.issubdtype(g.dtype, np.floating):
+            e64, g64 = e.astype(np.float64), g.astype(np.float64)
+            diff = np.abs(g64 - e64)
+            if diff.size:
+                max_err = max(max_err, float(np.nanmax(diff)))
+            ok &= np.all(diff <= atol + rtol * np.abs(e64), axis=1)
+        else:
+            ok &= np.all(e == g, axis=1)
+    return float(ok.mean()), max_err, n
+
+
+def judge(figures: Figures, gates: dict[str, Any]) -> GateFailure | None:
+    """The first gate the figures fail, or None (pure)."""
+    min_agree = gates.get("min_sample_agreement")
+    min_agree = DEFAULT_MIN_AGREEMENT if min_agree is None else float(min_agree)
+    if figures.agreement < min_agree:
+        return GateFailure(
+            "sample_mismatch",
+            f"{figures.agreement:.1%} of {figures.samples} samples agree with the recorded outputs"
+            f" (max abs error {figures.max_abs_error:.3g}), the gate needs {min_agree:.1%}",
+        )
+    max_p95 = gates.get("max_p95_ms")
+    if max_p95 is not None and figures.p95_ms > float(max_p95):
+        return GateFailure(
+            "latency_gate",
+            f"p95 latency {figures.p95_ms:.3f} ms on this device exceeds the gate {float(max_p95)} ms"
+            f" (p50 {figures.p50_ms:.3f} ms over {figures.runs} runs)",
+        )
+    max_mem = gates.get("max_memory_mb")
+    if max_mem is not None and figures.memory_growth_mb > float(max_mem):
+        return GateFailure(
+            "memory_gate",
+            f"memory growth {figures.memory_growth_mb:.1f} MB exceeds the gate {float(max_mem)} MB",
+        )
+    return None
+
+
+def load_samples(path: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(inputs, expected outputs) from samples.npz (`input:NAME`, `output:NAME`)."""
+    with np.load(path, allow_pickle=False) as z:
+        inputs = {k[6:]: z[k] for k in z.files if k.startswith("input:")}
+        outputs = {k[7:]: z[k] for k in z.files if k.startswith("output:")}
+    return inputs, outputs
+
+
+def _batch_size(session: Any, n: int) -> int:
+    dims = [i.shape[0] if i.shape else None for i in session.get_inputs()]
+    fixed = [d for d in dims if isinstance(d, int) and d > 0]
+    return fixed[0] if fixed else min(n, MAX_CHUNK)
+
+
+def run_samples(
+    session: Any, inputs: dict[str, np.ndarray], output_names: list[str]
+) -> dict[str, np.ndarray]:
+    """Outputs for the samples, batched as the model allows (whole batches only)."""
+    n = min(len(v) for v in inputs.values())
+    bs = _batch_size(session, n)
+    usable = (n // bs) * bs
+    if usable == 0:
+        raise ValueError(f"{n} samples cannot fill one batch of {bs}")
+    parts: list[list[np.ndarray]] = [[] for _ in output_names]
+    for start in range(0, usable, bs):
+        feed = {k: v[start : start + bs] for k, v in inputs.items()}
+        for i, o in enumerate(session.run(output_names, feed)):
+            parts[i].append(np.asarray(o))
+    return {name: np.concatenate(p, axis=0) for name, p in zip(output_names, parts, strict=True)}
+
+
+def benchmark(
+    session: Any, inputs: dict[str, np.ndarray], runs: int, warmup: int, max_seconds: float
+) -> tuple[float, float, int]:
+    """(p50 ms, p95 ms, runs done) of single-batch inference, bounded in count and time."""
+    bs = _batch_size(session, 1)
+    feed = {k: v[:bs] for k, v in inputs.items()}
+    deadline = time.monotonic() + max_seconds
+    for _ in range(warmup):
+        session.run(None, feed)
+        if time.monotonic() > deadline:
+            break
+    times = []
+    for _ in range(max(runs, 1)):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1000.0)
+        if time.monotonic() > deadline:
+            break
+    arr = np.asarray(times)
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 95)), len(times)
