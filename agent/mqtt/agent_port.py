@@ -5,7 +5,6 @@ Kept in one module so that the link's logic does not depend on the runtime's fie
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,30 +18,19 @@ def _plain(value: Any) -> Any:
 
 
 def make_update_request(target: ModelTarget, *, desired_seq: int) -> Any:
-    """An `agent.runtime.UpdateRequest` for ``target`` (rollback when allow_downgrade)."""
+    """An `agent.runtime.UpdateRequest` for ``target`` (a rollback when allow_downgrade)."""
     from agent.runtime import UpdateRequest
 
-    values: dict[str, Any] = {
-        "source": target.url,
-        "url": target.url,
-        "sha256": target.sha256,
-        "expected_sha256": target.sha256,
-        "size": target.size,
-        "expected_size": target.size,
-        "model": target.name,
-        "name": target.name,
-        "version": target.version,
-        "expected_version": target.version,
-        "rollout_id": target.rollout_id,
-        "allow_downgrade": target.allow_downgrade,
-        "allow_version": target.version if target.allow_downgrade else None,
-        "profile": target.profile,
-        "desired_seq": desired_seq,
-    }
-    if dataclasses.is_dataclass(UpdateRequest):
-        names = {f.name for f in dataclasses.fields(UpdateRequest)}
-        return UpdateRequest(**{k: v for k, v in values.items() if k in names})
-    return UpdateRequest(**values)
+    del desired_seq  # the link keeps it; the runtime does not need it
+    return UpdateRequest(
+        model=target.name,
+        version=target.version,
+        source=target.url,
+        sha256=target.sha256,
+        size=target.size,
+        rollout_id=target.rollout_id,
+        allow_downgrade=target.allow_downgrade,
+    )
 
 
 def installed_versions(inventory: Any) -> dict[str, str]:
@@ -81,9 +69,11 @@ def event_status(event: Any) -> dict[str, Any]:
     figures = raw.get("figures", raw.get("benchmark"))
     if figures:
         body["figures"] = figures
-    for key in ("update_id", "rollout_id", "from_version", "previous_version", "at"):
+    for key in ("update_id", "rollout_id", "from_version"):
         if raw.get(key) is not None:
             body[key] = raw[key]
+    if raw.get("timestamp"):
+        body["at"] = raw["timestamp"]
     return body
 
 
