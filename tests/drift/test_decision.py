@@ -39,8 +39,14 @@ def reference(population: Population) -> dict:
     return build_reference({"x": population.draw(np.random.default_rng(0), 2000)}, {})
 
 
-def _windows(reference: dict, population: Population, n: int, count: int, seed: int,
-             shift: np.ndarray | None = None) -> list[dict]:  # fmt: skip
+def _windows(
+    reference: dict,
+    population: Population,
+    n: int,
+    count: int,
+    seed: int,
+    shift: np.ndarray | None = None,
+) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):

@@ -59,9 +59,14 @@ def test_image_tensors_get_per_channel_mean_and_std() -> None:
     ref = build_reference({"img": img}, {"score": rng.random(40).astype(np.float32)})
     names = [f["name"] for f in ref["features"]]
     assert names == [
-        "img[c=0].mean", "img[c=0].std", "img[c=1].mean", "img[c=1].std",
-        "img[c=2].mean", "img[c=2].std", "score",
-    ]  # fmt: skip
+        "img[c=0].mean",
+        "img[c=0].std",
+        "img[c=1].mean",
+        "img[c=1].std",
+        "img[c=2].mean",
+        "img[c=2].std",
+        "score",
+    ]
     c1 = ref["features"][2]
     assert 4.0 < c1["edges"][0] < c1["edges"][-1] < 6.0
 

@@ -86,6 +86,7 @@ def test_64_feature_digits_counts_match_per_feature_searchsorted() -> None:
     d = sk.to_dict()
     for f in ref["features"]:
         col = x[1000:, f["index"]]
-        expected = np.bincount(np.searchsorted(f["edges"], col, side="right"),
-                               minlength=len(f["edges"]) + 1)  # fmt: skip
+        expected = np.bincount(
+            np.searchsorted(f["edges"], col, side="right"), minlength=len(f["edges"]) + 1
+        )
         assert d["counts"][f["name"]] == expected.tolist()
