@@ -158,9 +158,6 @@ class Outbox:
             dropped = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()[0]
         return OutboxStats(int(pending), self._bytes, int(dropped), int(last[0]), self.max_bytes)
 
-    def __len__(self) -> int:
-        return self.stats().pending
-
     def close(self) -> None:
         with self._lock:
             self._db.close()
