@@ -70,7 +70,7 @@ def col2im(cols: F32, layer: ConvLayer, n: int) -> F32:
     """Adjoint of :func:`im2col` (sums overlapping patches)."""
     p = layer.pad
     xp = np.zeros((n, layer.c_in, layer.h_in + 2 * p, layer.w_in + 2 * p), dtype=np.float32)
-    np.add.at(xp, (slice(None), layer.chans, layer.rows, layer.cols), cols)
+    np.add.at(xp, (slice(None), layer.chans, layer.rows, layer.cols), cols)  # type: ignore[arg-type]
     return xp[:, :, p : p + layer.h_in, p : p + layer.w_in] if p else xp
 
 
@@ -113,7 +113,13 @@ def _softmax(z: F32) -> F32:
 
 
 def train(
-    x: F32, y: NDArray[np.int64], *, epochs: int = 12, batch: int = 64, lr: float = 3e-3, seed: int = 0
+    x: F32,
+    y: NDArray[np.int64],
+    *,
+    epochs: int = 12,
+    batch: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
 ) -> DigitsCNN:
     """Train with minibatch Adam on cross-entropy; deterministic for a given seed."""
     rng = np.random.default_rng(seed)

@@ -95,7 +95,9 @@ def profiles_dir() -> Path:
     return Path(str(resources.files("hardware_profiles")))
 
 
-def _num(table: dict[str, Any], key: str, where: str, *, lo: float, hi: float | None = None) -> float:
+def _num(
+    table: dict[str, Any], key: str, where: str, *, lo: float, hi: float | None = None
+) -> float:
     value = table.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProfileError(f"{where}: '{key}' must be a number")
@@ -140,7 +142,9 @@ def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -
         if not isinstance(ep, dict) or not isinstance(ep.get("name"), str):
             raise ProfileError(f"{where}: execution_providers[{i}] needs a 'name'")
         if not ep["name"].endswith("ExecutionProvider"):
-            raise ProfileError(f"{where}: execution_providers[{i}] name {ep['name']!r} is not an EP")
+            raise ProfileError(
+                f"{where}: execution_providers[{i}] name {ep['name']!r} is not an EP"
+            )
         options = ep.get("options", {})
         if not isinstance(options, dict):
             raise ProfileError(f"{where}: execution_providers[{i}].options must be a table")
@@ -154,7 +158,8 @@ def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -
         raise ProfileError(f"{where}: [[quantization.candidates]] needs at least one recipe")
     try:
         cands = tuple(
-            parse_recipe(c, f"{where}: quantization.candidates[{i}]") for i, c in enumerate(cands_raw)
+            parse_recipe(c, f"{where}: quantization.candidates[{i}]")
+            for i, c in enumerate(cands_raw)
         )
     except RecipeError as exc:
         raise ProfileError(str(exc)) from exc

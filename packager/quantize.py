@@ -5,8 +5,12 @@ I/O lives here; the decisions (which candidate wins) live in ``packager.search``
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import shutil
+import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,7 @@ def make_reader(model: Path, data: Mapping[str, np.ndarray], batch: int = 16) ->
     n = len(data[names[0]])
     del sess
 
-    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self._it: Iterator[dict[str, np.ndarray]] = self._batches()
 
@@ -83,18 +87,20 @@ def preprocess(source: Path, out: Path, *, external: bool) -> tuple[Path, dict[s
     info: dict[str, Any] = {"symbolic_shape_inference": True}
     try:
         quant_pre_process(str(source), str(out), **kwargs)
-    except Exception as first:  # noqa: BLE001 - ORT raises many types here
+    except Exception as first:
         info = {"symbolic_shape_inference": False, "symbolic_error": str(first)[:200]}
         try:
             quant_pre_process(str(source), str(out), skip_symbolic_shape=True, **kwargs)
-        except Exception as second:  # noqa: BLE001
+        except Exception as second:
             info["applied"] = False
             info["reason"] = f"quant_pre_process failed: {str(second)[:200]}"
             return source, info
     untyped = untyped_tensors(out)
     if untyped:
         info["applied"] = False
-        info["reason"] = f"shape inference left {len(untyped)} tensor(s) untyped, e.g. {untyped[0]!r}"
+        info["reason"] = (
+            f"shape inference left {len(untyped)} tensor(s) untyped, e.g. {untyped[0]!r}"
+        )
         return source, info
     info["applied"] = True
     return out, info
@@ -106,7 +112,11 @@ def untyped_tensors(path: Path) -> list[str]:
 
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
-    typed = {v.name for v in [*graph.value_info, *graph.output, *graph.input] if v.type.tensor_type.elem_type}
+    typed = {
+        v.name
+        for v in [*graph.value_info, *graph.output, *graph.input]
+        if v.type.tensor_type.elem_type
+    }
     typed |= {t.name for t in graph.initializer}
     return [o for n in graph.node for o in n.output if o and o not in typed]
 
@@ -122,6 +132,36 @@ def build_candidate(
 ) -> Path:
     """Write the model ``recipe`` produces to ``out``; raises :class:`BuildError`."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    # ORT's calibrators print progress to stdout (it would corrupt `--json`) and log warnings;
+    # onnxconverter-common warns about every clamped FP16 value.
+    with (
+        contextlib.redirect_stdout(sys.stderr),
+        warnings.catch_warnings(),
+        _quiet_root_logger(),
+    ):
+        warnings.simplefilter("ignore")
+        return _build(recipe, source, prepared, out, calibration, external)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _build(
+    recipe: Recipe,
+    source: Path,
+    prepared: Path,
+    out: Path,
+    calibration: Mapping[str, np.ndarray],
+    external: bool,
+) -> Path:
     try:
         if recipe.method == "fp32":
             return _copy_model(source, out, external)
@@ -136,7 +176,9 @@ def build_candidate(
     except BuildError:
         raise
     except Exception as exc:
-        raise BuildError(f"{recipe.method} quantization failed: {type(exc).__name__}: {exc}") from exc
+        raise BuildError(
+            f"{recipe.method} quantization failed: {type(exc).__name__}: {exc}"
+        ) from exc
     raise BuildError(f"unknown method {recipe.method!r}")
 
 
@@ -150,12 +192,29 @@ def _copy_model(source: Path, out: Path, external: bool) -> Path:
     return out
 
 
-def _has_external_data(path: Path) -> bool:
+def external_files(path: Path) -> list[Path]:
+    """The external data files a model refers to (empty when all weights are inline)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)
-    return any(uses_external_data(t) for t in model.graph.initializer)
+    locations = {
+        entry.value
+        for t in model.graph.initializer
+        if uses_external_data(t)
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    return [path.parent / loc for loc in sorted(locations)]
+
+
+def _has_external_data(path: Path) -> bool:
+    return bool(external_files(path))
+
+
+def model_size(path: Path) -> int:
+    """Bytes of the model file plus its external data."""
+    return path.stat().st_size + sum(f.stat().st_size for f in external_files(path))
 
 
 def save_model(model: Any, out: Path, *, external: bool) -> Path:
@@ -273,7 +332,9 @@ def non_power_of_two_scales(path: Path) -> list[str]:
 
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
-    names = {n.input[1] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    names = {
+        n.input[1] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+    }
     bad = []
     for name in sorted(names & set(inits)):
         values = numpy_helper.to_array(inits[name]).astype(np.float64).ravel()

@@ -100,7 +100,9 @@ def parse_recipe(raw: dict[str, Any], where: str) -> Recipe:
         ("calibrate_method", CALIBRATION_METHODS),
     ):
         if name in raw and raw[name] not in allowed:
-            raise RecipeError(f"{where}: '{name}' must be one of {list(allowed)}, got {raw[name]!r}")
+            raise RecipeError(
+                f"{where}: '{name}' must be one of {list(allowed)}, got {raw[name]!r}"
+            )
     for name in _BOOL_FIELDS:
         if name in raw and not isinstance(raw[name], bool):
             raise RecipeError(f"{where}: '{name}' must be true or false")
