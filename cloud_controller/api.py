@@ -1,0 +1,292 @@
+"""HTTP API v1: tokens, audit, packages, devices, rollouts."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cloud_controller import auth, devices, registry, rollouts
+from cloud_controller import rollout_engine as E
+from cloud_controller.db import transaction
+from cloud_controller.deps import Principal, audit_detail, controller, need, session
+from cloud_controller.models import AuditEntry, DesiredState, Device, Package
+
+router = APIRouter(prefix="/api/v1")
+Db = Annotated[Session, Depends(session)]
+Reader = Annotated[Principal, Depends(need(auth.Perm.READ))]
+Publisher = Annotated[Principal, Depends(need(auth.Perm.UPLOAD))]
+Operator = Annotated[Principal, Depends(need(auth.Perm.OPERATE))]
+Admin = Annotated[Principal, Depends(need(auth.Perm.ADMIN))]
+
+
+def fail(status: int, code: str, message: str) -> HTTPException:
+    return HTTPException(status, detail={"code": code, "message": message})
+
+
+# --- tokens and audit ------------------------------------------------------------------------
+
+
+class TokenRequest(BaseModel):
+    role: auth.Role
+    name: str = Field(default="api", max_length=200)
+
+
+@router.post("/tokens", status_code=201)
+def create_token(body: TokenRequest, request: Request, who: Admin) -> dict[str, str]:
+    with transaction(controller(request).factory) as s:
+        token = auth.create_token(s, body.role.value, body.name)
+    audit_detail(request, role=body.role.value, name=body.name)
+    return {"token": token, "role": body.role.value, "name": body.name}
+
+
+@router.get("/audit")
+def audit_log(db: Db, who: Admin, limit: int = 100) -> list[dict[str, Any]]:
+    rows = db.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(min(limit, 1000)))
+    return [
+        {
+            "at": r.at.isoformat(),
+            "actor": r.actor,
+            "action": r.action,
+            "target": r.target,
+            "outcome": r.outcome,
+            "detail": r.detail,
+        }
+        for r in rows
+    ]
+
+
+@router.get("/keys/controller")
+def controller_key(request: Request) -> dict[str, str]:
+    """The public key devices trust for desired states (public: it is not a secret)."""
+    from edgefleet.keys import key_id, public_pem
+
+    pub = controller(request).signer.key.public_key()
+    return {"key_id": key_id(pub), "pem": public_pem(pub).decode()}
+
+
+# --- packages --------------------------------------------------------------------------------
+
+
+@router.post("/packages", status_code=201)
+async def upload_package(request: Request, who: Publisher) -> dict[str, Any]:
+    """Body: the `.efpkg` file itself (application/octet-stream)."""
+    ctl = controller(request)
+    limit = ctl.settings.max_upload_bytes
+    incoming = ctl.settings.package_dir / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=incoming, suffix=".efpkg")
+    tmp = Path(name)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise fail(413, "too_large", f"package is over the {limit} byte limit")
+                f.write(chunk)
+        if size == 0:
+            raise fail(422, "not_a_package", "empty body: send the .efpkg file")
+
+        def store() -> tuple[Package, bool]:
+            with transaction(ctl.factory) as s:
+                return registry.store_upload(
+                    s,
+                    tmp,
+                    ctl.settings.package_dir,
+                    ctl.trusted_keys,
+                    who.actor,
+                    max_bytes=limit,
+                )
+
+        try:
+            pkg, created = await run_in_threadpool(store)
+        except registry.UploadRejected as e:
+            audit_detail(request, rejected=e.code)
+            raise fail(e.status, e.code, e.message) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    audit_detail(request, package=f"{pkg.name} {pkg.version} {pkg.profile}", created=created)
+    return {**registry.to_dict(pkg, ctl.settings.base_url), "created": created}
+
+
+@router.get("/packages")
+def list_packages(
+    request: Request, db: Db, who: Reader, name: str | None = None
+) -> list[dict[str, Any]]:
+    base = controller(request).settings.base_url
+    return [registry.to_dict(p, base) for p in registry.list_packages(db, name)]
+
+
+@router.get("/releases")
+def list_releases(db: Db, who: Reader) -> list[dict[str, Any]]:
+    return registry.releases(db)
+
+
+@router.get("/packages/{package_id}")
+def show_package(package_id: int, request: Request, db: Db, who: Reader) -> dict[str, Any]:
+    pkg = db.get(Package, package_id)
+    if pkg is None:
+        raise fail(404, "not_found", f"no package {package_id}")
+    return {
+        **registry.to_dict(pkg, controller(request).settings.base_url),
+        "manifest": pkg.manifest,
+    }
+
+
+@router.get("/packages/{package_id}/download")
+def download_package(
+    package_id: int,
+    request: Request,
+    db: Db,
+    who: Annotated[Principal, Depends(need(auth.Perm.READ, devices_ok=True))],
+) -> FileResponse:
+    """The package file; HTTP Range requests resume interrupted downloads."""
+    pkg = db.get(Package, package_id)
+    if pkg is None:
+        raise fail(404, "not_found", f"no package {package_id}")
+    path = controller(request).settings.package_dir / pkg.filename
+    if not path.is_file():
+        raise fail(410, "package_file_missing", f"{pkg.filename} is gone from the packages dir")
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=Path(pkg.filename).name,
+        headers={"X-Sha256": pkg.sha256},
+    )
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+
+class RegisterRequest(BaseModel):
+    device_id: str = Field(min_length=1, max_length=128)
+    groups: list[str] = []
+    tags: list[str] = []
+
+
+class LabelsRequest(BaseModel):
+    groups: list[str] | None = None
+    tags: list[str] | None = None
+
+
+@router.post("/devices", status_code=201)
+def register_device(body: RegisterRequest, request: Request, who: Operator) -> dict[str, Any]:
+    """Create a device (or rotate its credentials); the secrets are shown only in this reply."""
+    ctl = controller(request)
+    try:
+        with transaction(ctl.factory) as s:
+            creds = auth.register_device(s, body.device_id, body.groups, body.tags)
+    except ValueError as e:
+        raise fail(422, "invalid_device_id", str(e)) from e
+    audit_detail(request, device=body.device_id)
+    return {
+        "device_id": creds.device_id,
+        "mqtt_username": creds.mqtt_username,
+        "mqtt_password": creds.mqtt_password,
+        "download_token": creds.download_token,
+        "controller_key": controller_key(request),
+    }
+
+
+@router.get("/devices")
+def list_devices(
+    db: Db, who: Reader, group: str | None = None, tag: str | None = None
+) -> list[dict[str, Any]]:
+    out = []
+    for d in devices.list_devices(db):
+        if (group and group not in d.groups) or (tag and tag not in d.tags):
+            continue
+        out.append(devices.to_dict(d))
+    return out
+
+
+@router.get("/devices/{device_id}")
+def show_device(device_id: str, db: Db, who: Reader) -> dict[str, Any]:
+    dev = db.get(Device, device_id)
+    if dev is None:
+        raise fail(404, "not_found", f"no device {device_id}")
+    return devices.to_dict(dev, db.get(DesiredState, device_id))
+
+
+@router.patch("/devices/{device_id}")
+def label_device(
+    device_id: str, body: LabelsRequest, request: Request, who: Operator
+) -> dict[str, Any]:
+    with transaction(controller(request).factory) as s:
+        if s.get(Device, device_id) is None:
+            raise fail(404, "not_found", f"no device {device_id}")
+        dev = devices.set_labels(s, device_id, body.groups, body.tags)
+        out = devices.to_dict(dev)
+    audit_detail(request, groups=body.groups, tags=body.tags)
+    return out
+
+
+# --- rollouts --------------------------------------------------------------------------------
+
+
+def _rollout_error(e: rollouts.RolloutError) -> HTTPException:
+    return fail(e.status, e.code, e.message)
+
+
+@router.post("/rollouts", status_code=201)
+def create_rollout(body: dict[str, Any], request: Request, who: Operator) -> dict[str, Any]:
+    """Body: `RolloutSpec` fields (model, version, target{device_ids,groups,tags}, waves, ...)."""
+    try:
+        state = controller(request).rollouts.create(body, who.actor)
+    except rollouts.RolloutError as e:
+        raise _rollout_error(e) from e
+    audit_detail(request, rollout=state.spec.rollout_id, seed=state.spec.seed)
+    return rollouts.summary(state)
+
+
+@router.get("/rollouts")
+def list_rollouts(db: Db, who: Reader) -> list[dict[str, Any]]:
+    return rollouts.list_rollouts(db)
+
+
+@router.get("/rollouts/{rollout_id}")
+def show_rollout(rollout_id: str, request: Request, db: Db, who: Reader) -> dict[str, Any]:
+    state = controller(request).rollouts.get_state(rollout_id)
+    if state is None:
+        raise fail(404, "not_found", f"no rollout {rollout_id}")
+    return rollouts.detail(db, state)
+
+
+class ControlRequest(BaseModel):
+    wave: int | None = None  # approve: a wave index (0-based); default the waiting one
+    rollback: bool = False  # cancel: also revert moved devices
+    reason: str = "aborted by operator"  # abort
+
+
+@router.post("/rollouts/{rollout_id}/{action}")
+def control_rollout(
+    rollout_id: str,
+    action: str,
+    request: Request,
+    who: Operator,
+    body: ControlRequest | None = None,
+) -> dict[str, Any]:
+    b = body or ControlRequest()
+    events: dict[str, E.Event] = {
+        "approve": E.Approve(b.wave),
+        "pause": E.Pause(),
+        "resume": E.Resume(),
+        "cancel": E.Cancel(b.rollback),
+        "abort": E.Abort(f"{b.reason} ({who.actor})"),
+    }
+    if action not in events:
+        raise fail(404, "unknown_action", f"{action!r}: use one of {sorted(events)}")
+    try:
+        state = controller(request).rollouts.control(rollout_id, events[action])
+    except rollouts.RolloutError as e:
+        raise _rollout_error(e) from e
+    return rollouts.summary(state)

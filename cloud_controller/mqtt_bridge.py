@@ -1,0 +1,286 @@
+"""The controller's MQTT client: device presence/status/telemetry in, desired states out.
+
+paho's network thread only queues messages; one worker thread drains the queue in batches, one
+transaction per batch, so thousands of status messages a second do not mean thousands of
+commits. On every (re)connect the current desired state of every device is published again
+(retained, same seq), so a broker that lost its retained messages is repaired.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud_controller import devices
+from cloud_controller import rollout_engine as E
+from cloud_controller.db import transaction
+from cloud_controller.models import DesiredState
+from cloud_controller.rollouts import RolloutService
+
+log = logging.getLogger(__name__)
+BATCH = 500
+
+
+@dataclass
+class BridgeStats:
+    received: dict[str, int] = field(
+        default_factory=lambda: {"status": 0, "presence": 0, "telemetry": 0}
+    )
+    dropped: dict[str, int] = field(default_factory=dict)
+    published: int = 0
+    connected: bool = False
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        u = urlsplit(url if "://" in url else "mqtt://" + url)
+        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker url {url!r}: scheme must be mqtt:// or mqtts://")
+        tls = u.scheme in ("mqtts", "ssl")
+        return cls(
+            u.hostname or "127.0.0.1",
+            u.port or (8883 if tls else 1883),
+            unquote(u.username) if u.username else None,
+            unquote(u.password) if u.password else None,
+            tls,
+        )
+
+
+def _telemetry_ingest() -> Callable[[Session, str, dict[str, Any]], int] | None:
+    try:
+        from cloud_controller.drift.ingest import ingest_telemetry
+    except ImportError:
+        return None
+    return ingest_telemetry  # type: ignore[no-any-return,unused-ignore]
+
+
+class MqttBridge:
+    def __init__(
+        self,
+        broker_url: str,
+        factory: sessionmaker[Session],
+        rollouts: RolloutService,
+        client_id: str | None = None,
+    ) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.address = BrokerAddress.parse(broker_url)
+        self._factory = factory
+        self._rollouts = rollouts
+        self.stats = BridgeStats()
+        self._queue: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._ingest = _telemetry_ingest()
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"edgefleet-controller-{uuid.uuid4().hex[:8]}",
+            clean_session=True,
+        )
+        if self.address.username:
+            self._client.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            self._client.tls_set()
+        self._client.max_queued_messages_set(0)
+        self._client.max_inflight_messages_set(100)
+        self._client.reconnect_delay_set(1, 5)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker = threading.Thread(target=self._work, name="mqtt-bridge", daemon=True)
+        self._worker.start()
+        self._client.connect_async(self.address.host, self.address.port, keepalive=30)
+        self._client.loop_start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._client.disconnect()
+        self._client.loop_stop()
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.stats.connected:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Retained, QoS 1; paho queues it while the broker is away."""
+        self._client.publish(topic, payload, qos=1, retain=True)
+        self.stats.published += 1
+
+    def idle(self) -> bool:
+        """True when every received message has been processed (tests, benchmarks)."""
+        return self._queue.unfinished_tasks == 0
+
+    # --- paho callbacks (network thread) -------------------------------------------------------
+
+    def _on_connect(self, client: Any, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("broker refused the controller: %s", reason)
+            return
+        from edgefleet.wire.mqtt import subscription
+
+        client.subscribe([(subscription(k), 1) for k in ("status", "presence", "telemetry")])
+        self.stats.connected = True
+        self._queue.put(("", "republish", b""))
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        self.stats.connected = False
+
+    def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
+        from edgefleet.wire.mqtt import parse_topic
+
+        parsed = parse_topic(msg.topic)
+        if parsed is None or parsed[1] == "desired":
+            self.stats.drop("unknown_topic")
+            return
+        self._queue.put((parsed[0], parsed[1], bytes(msg.payload)))
+
+    # --- worker -------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._process(batch)
+            except Exception:
+                log.exception("mqtt batch of %d messages failed", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _process(self, batch: list[tuple[str, str, bytes]]) -> None:
+        if any(kind == "republish" for _, kind, _ in batch):
+            self._republish_all()
+        reports: list[tuple[str, E.StatusReport]] = []
+        now = datetime.now(UTC)
+        with transaction(self._factory) as session:
+            for device_id, kind, raw in batch:
+                if kind == "republish":
+                    continue
+                self.stats.received[kind] = self.stats.received.get(kind, 0) + 1
+                try:
+                    msg = json.loads(raw)
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    self.stats.drop(f"{kind}_not_json")
+                    continue
+                if not isinstance(msg, dict):
+                    self.stats.drop(f"{kind}_not_object")
+                    continue
+                if msg.get("device_id", device_id) != device_id:
+                    self.stats.drop(f"{kind}_device_mismatch")
+                    continue
+                if kind == "presence":
+                    devices.apply_presence(session, device_id, msg, now)
+                elif kind == "status":
+                    rep = self._status(session, device_id, msg, now)
+                    if rep is not None:
+                        reports.append(rep)
+                elif kind == "telemetry":
+                    self._telemetry(session, device_id, msg, now)
+        if reports:
+            self._rollouts.on_status(reports)
+
+    def _status(
+        self, session: Session, device_id: str, msg: dict[str, Any], now: datetime
+    ) -> tuple[str, E.StatusReport] | None:
+        seq = msg.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            self.stats.drop("status_no_seq")
+            return None
+        dev = devices.get_or_create(session, device_id)
+        if dev.last_status_seq is not None and seq <= dev.last_status_seq:
+            self.stats.drop("status_duplicate")
+            return None
+        dev.last_status_seq = seq
+        dev.last_status = msg
+        dev.last_seen = now
+        model, version, state = msg.get("model"), msg.get("version"), msg.get("state")
+        if not (isinstance(model, str) and isinstance(version, str) and isinstance(state, str)):
+            self.stats.drop("status_incomplete")
+            return None
+        if state == "COMMITTED":
+            installed = dict(dev.installed)
+            prev = (
+                installed.get(model, {}).get("version")
+                if isinstance(installed.get(model), dict)
+                else None
+            )
+            installed[model] = {
+                "version": version,
+                "previous": prev if prev != version else None,
+                "state": state,
+            }
+            dev.installed = installed
+        rid = msg.get("rollout_id")
+        return model, E.StatusReport(
+            device_id,
+            version,
+            state,
+            reason_code=msg.get("reason_code") if isinstance(msg.get("reason_code"), str) else None,
+            reason=msg.get("reason") if isinstance(msg.get("reason"), str) else None,
+            rollout_id=rid if isinstance(rid, str) else None,
+        )
+
+    def _telemetry(
+        self, session: Session, device_id: str, msg: dict[str, Any], now: datetime
+    ) -> None:
+        dev = devices.get_or_create(session, device_id)
+        dev.last_seen = now
+        if self._ingest is None:
+            self.stats.drop("telemetry_no_ingest")
+            return
+        try:
+            with session.begin_nested():
+                self._ingest(session, device_id, msg)
+        except Exception:
+            log.exception("telemetry from %s refused", device_id)
+            self.stats.drop("telemetry_refused")
+
+    def _republish_all(self) -> None:
+        with self._factory() as session:
+            rows = list(session.scalars(select(DesiredState)))
+        from edgefleet.wire.mqtt import topic
+
+        for row in rows:
+            self.publish(topic(row.device_id, "desired"), row.envelope)

@@ -1,0 +1,408 @@
+"""The rollout I/O shell: persists engine state, feeds it events and time, applies its actions.
+
+Every decision is committed (rollout header, changed device rows, events, new desired states)
+in one transaction before its desired states are published, so a controller restarted at any
+point reloads exactly the counts it had and re-publishes what the broker may have missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud_controller import desired, devices, registry
+from cloud_controller import rollout_engine as E
+from cloud_controller.db import transaction
+from cloud_controller.models import DesiredState, Package, Rollout, RolloutDevice, RolloutEvent
+
+log = logging.getLogger(__name__)
+
+HealthFn = Callable[[Session, E.RolloutState], E.Health | None]
+
+
+class RolloutError(Exception):
+    """A refused rollout request; `code` names the reason, `status` is the HTTP status."""
+
+    def __init__(self, code: str, message: str, status: int = 409) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.status = code, message, status
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _live(state: E.RolloutState) -> bool:
+    """Still needs events: running, or waiting for devices to confirm a rollback."""
+    if state.phase not in E.TERMINAL_PHASES:
+        return True
+    return any(d.rollback == "requested" for d in state.devices.values())
+
+
+def spec_from_request(body: dict[str, Any], rollout_id: str | None = None) -> E.RolloutSpec:
+    """Build a spec from the API's JSON body (unknown fields are refused by name)."""
+    body = dict(body)
+    allowed = {f for f in E.RolloutSpec.__dataclass_fields__ if f != "rollout_id"}
+    unknown = set(body) - allowed
+    if unknown:
+        raise RolloutError("invalid_spec", f"unknown fields {sorted(unknown)}", 422)
+    for f in ("model", "version"):
+        if not isinstance(body.get(f), str) or not body[f]:
+            raise RolloutError("invalid_spec", f"{f} is required", 422)
+    body.setdefault("seed", secrets.randbits(31))
+    try:
+        spec = E.spec_from_dict({"rollout_id": rollout_id or uuid.uuid4().hex[:12], **body})
+        E.validate_spec(spec)
+    except E.SpecError as e:
+        raise RolloutError("invalid_spec", str(e), 422) from e
+    except (TypeError, ValueError) as e:
+        raise RolloutError("invalid_spec", str(e), 422) from e
+    if spec.target.empty:
+        raise RolloutError("invalid_spec", "target: give device_ids, groups or tags", 422)
+    return spec
+
+
+def default_health(session: Session, state: E.RolloutState) -> E.Health | None:
+    """Health figures from the drift role's `cloud_controller.drift.health`, when it exists."""
+    try:
+        from cloud_controller.drift import health as drift_health
+    except ImportError:
+        return None
+    fn = getattr(drift_health, "rollout_health", None)
+    if fn is None:
+        return None
+    moved = [d.device_id for d in state.devices.values() if d.state in E.MOVED]
+    prev = sorted({d.previous_version for d in state.devices.values() if d.previous_version})
+    try:
+        h = fn(
+            session,
+            model=state.spec.model,
+            version=state.spec.version,
+            previous_version=prev[-1] if prev else None,
+            device_ids=moved,
+            since=_utc(state.created_at),
+        )
+    except Exception:  # the gates are optional: a broken figure must not stop the engine
+        log.exception("rollout health figures failed; gates not checked this tick")
+        return None
+    if h is None:
+        return None
+    get = h.get if isinstance(h, dict) else lambda k: getattr(h, k, None)
+    return E.Health(get("p95_ratio"), get("error_rate"), get("drift"))
+
+
+class RolloutService:
+    """Thread-safe: the API, the MQTT bridge and the ticker all call in."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        signer: desired.Signer,
+        base_url: str,
+        publish: desired.Publish | None = None,
+        health: HealthFn | None = default_health,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._factory = factory
+        self._signer = signer
+        self._base_url = base_url
+        self.publish = publish
+        self._health = health
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._active: dict[str, E.RolloutState] = {}
+        self._last_refresh = 0.0
+        self.load()
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """(Re)load every live rollout from the database."""
+        with self._lock, self._factory() as session:
+            self._active.clear()
+            for row in session.scalars(select(Rollout)):
+                if row.phase in E.TERMINAL_PHASES and not row.state.get("pending_rollback"):
+                    continue
+                self._active[row.id] = self._read(session, row)
+
+    def _read(self, session: Session, row: Rollout) -> E.RolloutState:
+        devs = session.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == row.id))
+        return E.state_from_parts(
+            E.spec_from_dict(row.spec), row.state, (E.device_from_dict(d.data) for d in devs)
+        )
+
+    def get_state(self, rollout_id: str) -> E.RolloutState | None:
+        with self._lock:
+            if rollout_id in self._active:
+                return self._active[rollout_id]
+        with self._factory() as session:
+            row = session.get(Rollout, rollout_id)
+            return self._read(session, row) if row is not None else None
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def create(self, body: dict[str, Any], actor: str) -> E.RolloutState:
+        spec = spec_from_request(body)
+        now = self._clock()
+        with self._lock:
+            for st in self._active.values():
+                if st.spec.model == spec.model and st.phase not in E.TERMINAL_PHASES:
+                    raise RolloutError(
+                        "rollout_conflict",
+                        f"rollout {st.spec.rollout_id} of {spec.model} is still {st.phase}",
+                    )
+            with transaction(self._factory) as session:
+                profiles = registry.release_profiles(session, spec.model, spec.version)
+                if not profiles:
+                    raise RolloutError(
+                        "release_not_found", f"no package of {spec.model} {spec.version}", 404
+                    )
+                infos = devices.device_infos(session, spec.model)
+                decision = E.plan(spec, infos, profiles, now)
+                if not any(d.wave >= 0 for d in decision.state.devices.values()):
+                    raise RolloutError(
+                        "no_compatible_devices",
+                        f"the target matches {len(decision.state.devices)} devices, none with "
+                        f"a profile in {profiles}",
+                        422,
+                    )
+                session.add(
+                    Rollout(
+                        id=spec.rollout_id,
+                        model=spec.model,
+                        version=spec.version,
+                        phase=decision.state.phase.value,
+                        spec=E.spec_to_dict(spec),
+                        state={},
+                        created_at=_utc(now),
+                        updated_at=_utc(now),
+                        created_by=actor,
+                    )
+                )
+                session.add_all(
+                    RolloutDevice(
+                        rollout_id=spec.rollout_id,
+                        device_id=d.device_id,
+                        data=E.device_to_dict(d),
+                        state=d.state.value,
+                        wave=d.wave,
+                    )
+                    for d in decision.state.devices.values()
+                )
+                session.flush()
+                empty = E.RolloutState(spec, decision.state.devices, decision.state.wave_sizes)
+                rows = self._apply(session, empty, decision, now)
+            self._publish(rows)
+            self._set(decision.state)
+            return decision.state
+
+    def control(self, rollout_id: str, event: E.Event) -> E.RolloutState:
+        """Approve / pause / resume / cancel / abort."""
+        with self._lock:
+            state = self.get_state(rollout_id)
+            if state is None:
+                raise RolloutError("not_found", f"no rollout {rollout_id}", 404)
+            if state.phase in E.TERMINAL_PHASES:
+                raise RolloutError("finished", f"rollout {rollout_id} is {state.phase}")
+            return self._step({rollout_id: state}, event)[rollout_id]
+
+    def on_status(self, reports: Iterable[tuple[str, E.StatusReport]]) -> None:
+        """Status messages (model, report) from devices, already de-duplicated."""
+        with self._lock:
+            for model, rep in reports:
+                targets = {
+                    rid: st
+                    for rid, st in self._active.items()
+                    if st.spec.model == model and rep.device_id in st.devices
+                }
+                if targets:
+                    self._step(targets, rep)
+
+    def tick(self) -> None:
+        """Time passes: timeouts, retries, soak, rate limit; re-sign expiring desired states."""
+        now = self._clock()
+        with self._lock:
+            live = {
+                rid: st for rid, st in self._active.items() if st.phase not in E.TERMINAL_PHASES
+            }
+            if live:
+                self._step(live, None)
+            if now - self._last_refresh > 60:
+                self._last_refresh = now
+                with transaction(self._factory) as session:
+                    rows = desired.refresh_expiring(session, self._signer, _utc(now))
+                self._publish(rows)
+
+    def active_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._active)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _step(
+        self, states: dict[str, E.RolloutState], event: E.Event | None
+    ) -> dict[str, E.RolloutState]:
+        now = self._clock()
+        out: dict[str, E.RolloutState] = {}
+        rows: list[DesiredState] = []
+        with transaction(self._factory) as session:
+            for rid, state in states.items():
+                ev = event
+                if ev is None:
+                    health = self._health(session, state) if self._health else None
+                    ev = E.Tick(health)
+                decision = E.handle(state, ev, now)
+                if decision.state != state or decision.actions:
+                    rows += self._apply(session, state, decision, now)
+                out[rid] = decision.state
+        self._publish(rows)
+        for st in out.values():
+            self._set(st)
+        return out
+
+    def _set(self, state: E.RolloutState) -> None:
+        if _live(state):
+            self._active[state.spec.rollout_id] = state
+        else:
+            self._active.pop(state.spec.rollout_id, None)
+
+    def _apply(
+        self, session: Session, old: E.RolloutState, decision: E.Decision, now: float
+    ) -> list[DesiredState]:
+        new, spec = decision.state, decision.state.spec
+        rid = spec.rollout_id
+        header = E.header_to_dict(new)
+        header["pending_rollback"] = sum(
+            1 for d in new.devices.values() if d.rollback == "requested"
+        )
+        header["counts"] = E.counts(new)
+        session.execute(
+            update(Rollout)
+            .where(Rollout.id == rid)
+            .values(phase=new.phase.value, state=header, updated_at=_utc(now))
+        )
+        for did, dev in new.devices.items():
+            if old.devices.get(did) is not dev:
+                session.execute(
+                    update(RolloutDevice)
+                    .where(RolloutDevice.rollout_id == rid, RolloutDevice.device_id == did)
+                    .values(data=E.device_to_dict(dev), state=dev.state.value, wave=dev.wave)
+                )
+        rows: list[DesiredState] = []
+        packages: dict[tuple[str, str], Package | None] = {}
+
+        def package(version: str, profile: str) -> Package | None:
+            if (version, profile) not in packages:
+                packages[(version, profile)] = registry.find(session, spec.model, version, profile)
+            return packages[(version, profile)]
+
+        when = _utc(now)
+        for action in decision.actions:
+            if isinstance(action, E.Log):
+                session.add(RolloutEvent(rollout_id=rid, at=now, message=action.message))
+            elif isinstance(action, E.Dispatch):
+                pkg = package(spec.version, action.profile)
+                if pkg is None:  # deleted under us: report, the device will time out
+                    session.add(RolloutEvent(rollout_id=rid, at=now, message="package missing"))
+                    continue
+                entry = registry.desired_entry(pkg, self._base_url, rid, False)
+                entry["attempt"] = action.attempt
+                rows.append(
+                    desired.set_model(
+                        session, self._signer, action.device_id, spec.model, entry, when
+                    )
+                )
+            elif isinstance(action, E.Revert):
+                rows.append(self._revert(session, spec, action, package, when))
+        return rows
+
+    def _revert(
+        self,
+        session: Session,
+        spec: E.RolloutSpec,
+        action: E.Revert,
+        package: Callable[[str, str], Package | None],
+        when: datetime,
+    ) -> DesiredState:
+        if action.previous_version is None:
+            return desired.set_model(
+                session, self._signer, action.device_id, spec.model, None, when
+            )
+        pkg = package(action.previous_version, action.profile or "")
+        if pkg is not None:
+            entry = registry.desired_entry(pkg, self._base_url, spec.rollout_id, True)
+        else:  # installed outside the registry: the agent still holds it for a local rollback
+            entry = {
+                "version": action.previous_version,
+                "url": "",
+                "sha256": "",
+                "size": 0,
+                "profile": action.profile,
+                "rollout_id": spec.rollout_id,
+                "allow_downgrade": True,
+            }
+        return desired.set_model(session, self._signer, action.device_id, spec.model, entry, when)
+
+    def _publish(self, rows: Sequence[DesiredState]) -> None:
+        if self.publish is None or not rows:
+            return
+        desired.publish_rows(list(rows), self.publish)
+
+
+def summary(state: E.RolloutState) -> dict[str, Any]:
+    return {
+        "id": state.spec.rollout_id,
+        "model": state.spec.model,
+        "version": state.spec.version,
+        "phase": state.phase.value,
+        "paused": state.paused,
+        "wave": state.wave,
+        "waves": list(state.spec.waves),
+        "wave_sizes": list(state.wave_sizes),
+        "reason": state.reason,
+        "counts": E.counts(state),
+        "created_at": state.created_at,
+        "finished_at": state.finished_at,
+        "spec": E.spec_to_dict(state.spec),
+    }
+
+
+def detail(session: Session, state: E.RolloutState) -> dict[str, Any]:
+    out = summary(state)
+    out["devices"] = [
+        E.device_to_dict(d) for d in sorted(state.devices.values(), key=lambda d: d.device_id)
+    ]
+    events = session.scalars(
+        select(RolloutEvent)
+        .where(RolloutEvent.rollout_id == state.spec.rollout_id)
+        .order_by(RolloutEvent.id)
+    )
+    out["events"] = [{"at": e.at, "message": e.message} for e in events]
+    return out
+
+
+def list_rollouts(session: Session) -> list[dict[str, Any]]:
+    rows = session.scalars(select(Rollout).order_by(Rollout.created_at.desc()))
+    return [
+        {
+            "id": r.id,
+            "model": r.model,
+            "version": r.version,
+            "phase": r.phase,
+            "wave": r.state.get("wave"),
+            "counts": r.state.get("counts"),
+            "reason": r.state.get("reason"),
+            "created_at": r.created_at.isoformat(),
+            "created_by": r.created_by,
+        }
+        for r in rows
+    ]

@@ -1,0 +1,123 @@
+"""Controller fixtures: a real uvicorn server on loopback, SQLite files, signed packages."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edgefleet.keys import KeyPair, generate_keypair
+from tests.support.services import free_port
+
+
+@dataclass
+class Running:
+    url: str
+    controller: Any
+    admin: str
+    server: Any
+    thread: threading.Thread
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def client(self, role: str = "admin") -> httpx.Client:
+        token = self.admin if role == "admin" else self.tokens[role]
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive(), "uvicorn did not stop"
+
+
+def start_controller(
+    data_dir: Path,
+    *,
+    trusted: list[Path] | None = None,
+    broker_url: str | None = None,
+    db_url: str | None = None,
+    tick_s: float = 0.1,
+    signing_key: Path | None = None,
+) -> Running:
+    """Build the controller app and serve it with uvicorn in a thread on a free port."""
+    import uvicorn
+
+    from cloud_controller import auth
+    from cloud_controller.app import Controller, create_app
+    from cloud_controller.db import transaction
+    from cloud_controller.settings import Settings
+
+    port = free_port()
+    settings = Settings(
+        data_dir=data_dir,
+        db_url=db_url,
+        broker_url=broker_url,
+        trusted_keys=tuple(trusted or ()),
+        port=port,
+        tick_s=tick_s,
+        signing_key=signing_key,
+    )
+    ctl = Controller.build(settings)
+    with transaction(ctl.factory) as s:
+        admin = auth.create_token(s, "admin", "test-admin")
+        tokens = {
+            r: auth.create_token(s, r, f"test-{r}") for r in ("publisher", "operator", "viewer")
+        }
+    app = create_app(settings, ctl)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("controller did not start")
+        time.sleep(0.02)
+    return Running(f"http://127.0.0.1:{port}", ctl, admin, server, thread, tokens)
+
+
+@pytest.fixture(scope="session")
+def packager_key(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    return generate_keypair(tmp_path_factory.mktemp("pkgkeys"), "packager")
+
+
+@pytest.fixture(scope="session")
+def packages(tmp_path_factory: pytest.TempPathFactory, packager_key: KeyPair) -> dict[str, Path]:
+    """Real signed iris packages: 1.0.0 and 2.0.0 for cpu-x86_64, 2.0.0 for cpu-arm64."""
+    from tests.support.packages import make_package
+
+    out = tmp_path_factory.mktemp("pkgs")
+    return {
+        "1.0.0/cpu-x86_64": make_package(out, name="iris", version="1.0.0", key=packager_key),
+        "2.0.0/cpu-x86_64": make_package(out, name="iris", version="2.0.0", key=packager_key),
+        "2.0.0/cpu-arm64": make_package(
+            out, name="iris", version="2.0.0", key=packager_key, profile="cpu-arm64"
+        ),
+    }
+
+
+@pytest.fixture
+def controller(tmp_path: Path, packager_key: KeyPair) -> Iterator[Running]:
+    run = start_controller(tmp_path / "ctl", trusted=[packager_key.public_path])
+    try:
+        yield run
+    finally:
+        run.stop()
+
+
+def wait_for(pred: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
