@@ -1,9 +1,244 @@
-"""Command-line commands of this component (registered on the root `edgefleet` app)."""
+"""Packager commands: ``example-models``, ``profiles list|show``, ``package``.
+
+Only typer, rich and the standard library are imported here; the quantization stack is imported
+inside the commands.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+EXIT_GATE_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+profiles_app = typer.Typer(
+    help="Hardware profiles (hardware_profiles/*.toml).", no_args_is_help=True
+)
+
+
+def _err(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+
+
+def example_models(
+    out: Path = typer.Option(..., "--out", help="Directory for the models and their data."),
+    as_json: bool = typer.Option(False, "--json", help="Print the paths as JSON."),
+) -> None:
+    """Build the example models (digits MLP, digits CNN) with calibration/validation data, offline."""
+    from packager.examples import build_examples
+
+    built = build_examples(out)
+    if as_json:
+        typer.echo(json.dumps({k: v.to_dict() for k, v in built.items()}, indent=2))
+        return
+    table = Table(title=f"example models in {out}")
+    for col in ("name", "model", "calibration", "validation", "what"):
+        table.add_column(col)
+    for m in built.values():
+        table.add_row(m.name, str(m.model), str(m.calibration), str(m.validation), m.description)
+    Console().print(table)
+
+
+@profiles_app.command("list")
+def profiles_list(
+    directory: Path | None = typer.Option(None, "--dir", help="Profiles directory."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List the hardware profiles."""
+    from packager.profiles import ProfileError, load_profiles
+
+    try:
+        profiles = load_profiles(directory)
+    except ProfileError as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if as_json:
+        typer.echo(json.dumps([p.to_dict() for p in profiles.values()], indent=2))
+        return
+    table = Table(title="hardware profiles")
+    for col in ("id", "providers", "candidates", "gate", "cpu fallback"):
+        table.add_column(col)
+    for p in profiles.values():
+        g = p.accuracy_gate
+        table.add_row(
+            p.id,
+            ", ".join(p.provider_names),
+            "\n".join(c.id for c in p.candidates),
+            f"agree >= {g.min_agreement}, drop <= {g.max_accuracy_drop}",
+            "yes" if p.cpu_fallback else "no",
+        )
+    Console().print(table)
+
+
+@profiles_app.command("show")
+def profiles_show(
+    profile_id: str = typer.Argument(..., help="Profile id or path to a .toml file."),
+    directory: Path | None = typer.Option(None, "--dir", help="Profiles directory."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show one hardware profile in full."""
+    from packager.profiles import ProfileError, get_profile
+
+    try:
+        profile = get_profile(profile_id, directory)
+    except ProfileError as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if as_json:
+        typer.echo(json.dumps(profile.to_dict(), indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]{profile.id}[/]: {profile.description}", highlight=False)
+    console.print_json(json.dumps(profile.to_dict()))
+
+
+def _render(report: Any, console: Console) -> None:
+    src = report.source
+    table = Table(title=f"{report.name} {report.version} (source p50 {src['p50_ms']:.3f} ms)")
+    for col in (
+        "profile",
+        "status",
+        "recipe",
+        "agreement",
+        "accuracy",
+        "p50 ms",
+        "x FP32",
+        "size x",
+    ):
+        table.add_column(col)
+    for p in report.profiles:
+        if p.ok and p.metrics and p.latency and p.size_bytes:
+            acc = f"{p.metrics.accuracy:.4f}" if p.metrics.accuracy is not None else "-"
+            table.add_row(
+                p.profile,
+                "[green]packaged[/]",
+                p.chosen or "",
+                f"{p.metrics.agreement:.4f}",
+                acc,
+                f"{p.latency.p50_ms:.3f}",
+                f"{src['p50_ms'] / p.latency.p50_ms:.2f}",
+                f"{p.size_bytes / src['size_bytes']:.2f}",
+            )
+        else:
+            table.add_row(p.profile, f"[red]{p.status}[/]", "", "", "", "", "", "")
+    console.print(table)
+    for p in report.profiles:
+        if p.package:
+            console.print(f"  {p.profile}: {p.package}", highlight=False)
+        if p.failure:
+            console.print(f"[red]  {p.profile}: {p.failure['reason']}[/]", highlight=False)
+            closest = p.failure.get("closest_candidate")
+            for g in p.failure.get("gates", []):
+                console.print(
+                    f"    {closest}: gate {g['gate']} required {g['required']}, "
+                    f"measured {g['measured']:.4f}, margin {g['margin']:+.4f}",
+                    highlight=False,
+                )
+            for cand, error in p.failure.get("errors", {}).items():
+                console.print(f"    {cand}: {error}", highlight=False)
+
+
+def package(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="Source ONNX model."),
+    name: str = typer.Option(..., "--name", help="Model name."),
+    version: str = typer.Option(..., "--version", help="Semantic version of this release."),
+    profile: list[str] = typer.Option([], "--profile", help="Profile id (repeatable)."),
+    all_profiles: bool = typer.Option(False, "--all-profiles", help="Every shipped profile."),
+    calibration: Path = typer.Option(..., "--calibration", exists=True, dir_okay=False),
+    validation: Path = typer.Option(..., "--validation", exists=True, dir_okay=False),
+    key: Path = typer.Option(..., "--key", exists=True, dir_okay=False, help="Private key PEM."),
+    key_passphrase_env: str | None = typer.Option(
+        None, "--key-passphrase-env", help="Environment variable holding the key passphrase."
+    ),
+    out: Path = typer.Option(..., "--out", help="Directory for the .efpkg files."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
+    git_commit: str | None = typer.Option(None, "--git-commit", help="Default: HEAD of cwd."),
+    training_run: str | None = typer.Option(None, "--training-run", help="Training run id."),
+    expires_days: float | None = typer.Option(None, "--expires-days", min=0.0),
+    bench_runs: int = typer.Option(200, "--bench-runs", min=1, help="Timed runs per model."),
+    bench_seconds: float = typer.Option(2.0, "--bench-seconds", min=0.01),
+    threads: int = typer.Option(1, "--threads", min=1, help="ORT intra-op threads to time with."),
+    external_data: bool = typer.Option(
+        False, "--external-data", help="Store weights as external data even for small models."
+    ),
+) -> None:
+    """Quantize, validate, benchmark and sign MODEL for each hardware profile.
+
+    Exit status: 0 when every profile was packaged, 1 when a profile failed its gate (it writes
+    no package), 2 for bad input.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from packager.pipeline import PackagingError, package_model
+    from packager.profiles import ProfileError, load_profiles
+
+    if bool(profile) == all_profiles:
+        _err("give --profile ID (repeatable) or --all-profiles, not both or neither")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    passphrase = None
+    if key_passphrase_env:
+        passphrase = os.environ.get(key_passphrase_env)
+        if passphrase is None:
+            _err(f"environment variable {key_passphrase_env} is not set")
+            raise typer.Exit(EXIT_BAD_INPUT)
+    stderr = Console(stderr=True)
+    try:
+        ids: list[str] = list(load_profiles()) if all_profiles else profile
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[step]}"),
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=as_json,
+        ) as bar:
+            tasks: dict[str, Any] = {}
+
+            def on_progress(pid: str, message: str, done: int, total: int) -> None:
+                if pid not in tasks:
+                    tasks[pid] = bar.add_task(pid, total=total, step="")
+                bar.update(tasks[pid], completed=done, total=total, step=message)
+
+            report = package_model(
+                model,
+                name=name,
+                version=version,
+                profiles=ids,
+                calibration=calibration,
+                validation=validation,
+                key=key,
+                key_passphrase=passphrase,
+                out_dir=out,
+                git_commit=git_commit,
+                training_run=training_run,
+                expires_days=expires_days,
+                bench_runs=bench_runs,
+                bench_seconds=bench_seconds,
+                threads=threads,
+                force_external_data=external_data,
+                progress=on_progress,
+            )
+    except (PackagingError, ProfileError) as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _render(report, Console())
+    if not report.ok:
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this component's commands to the root app."""
+    """Add the packager's commands to the root app."""
+    app.command("example-models")(example_models)
+    app.command("package")(package)
+    app.add_typer(profiles_app, name="profiles")

@@ -88,6 +88,7 @@ def build_mlp(out_dir: Path, split: DigitsSplit) -> ExampleModel:
         options={id(mlp): {"zipmap": False}},
         target_opset={"": 17, "ai.onnx.ml": 3},
     )
+    onx.graph.name = "digits_mlp"  # skl2onnx names the graph with a random uuid
     out_dir.mkdir(parents=True, exist_ok=True)
     model = out_dir / "model.onnx"
     _write_bytes(model, onx.SerializeToString())

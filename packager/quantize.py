@@ -6,10 +6,10 @@ I/O lives here; the decisions (which candidate wins) live in ``packager.search``
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import shutil
-import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -135,7 +135,7 @@ def build_candidate(
     # ORT's calibrators print progress to stdout (it would corrupt `--json`) and log warnings;
     # onnxconverter-common warns about every clamped FP16 value.
     with (
-        contextlib.redirect_stdout(sys.stderr),
+        contextlib.redirect_stdout(io.StringIO()),
         warnings.catch_warnings(),
         _quiet_root_logger(),
     ):
