@@ -70,11 +70,15 @@ class BrokerAddress:
 
 
 def _telemetry_ingest() -> Callable[[Session, str, dict[str, Any]], int] | None:
+    """`cloud_controller.drift.ingest.ingest_telemetry` (the drift role's), when installed."""
+    import importlib
+
     try:
-        from cloud_controller.drift.ingest import ingest_telemetry
+        mod = importlib.import_module("cloud_controller.drift.ingest")
     except ImportError:
         return None
-    return ingest_telemetry  # type: ignore[no-any-return,unused-ignore]
+    fn = getattr(mod, "ingest_telemetry", None)
+    return fn if callable(fn) else None
 
 
 class MqttBridge:

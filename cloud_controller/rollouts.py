@@ -73,8 +73,10 @@ def spec_from_request(body: dict[str, Any], rollout_id: str | None = None) -> E.
 
 def default_health(session: Session, state: E.RolloutState) -> E.Health | None:
     """Health figures from the drift role's `cloud_controller.drift.health`, when it exists."""
+    import importlib
+
     try:
-        from cloud_controller.drift import health as drift_health
+        drift_health = importlib.import_module("cloud_controller.drift.health")
     except ImportError:
         return None
     fn = getattr(drift_health, "rollout_health", None)

@@ -1,0 +1,119 @@
+"""A simulated device speaking the real MQTT wire (no ONNX): for controller tests.
+
+It verifies each desired state with the controller's public key, ignores replays, and answers
+with status messages: COMMITTED for versions it accepts, FAILED for versions in `fail_versions`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgefleet.wire.errors import RejectError
+from edgefleet.wire.mqtt import offline_will, topic, verify_desired
+
+
+class SimDevice:
+    def __init__(
+        self,
+        device_id: str,
+        host: str,
+        port: int,
+        controller_key: ec.EllipticCurvePublicKey,
+        *,
+        profiles: tuple[str, ...] = ("cpu-x86_64",),
+        installed: str | None = "1.0.0",
+        fail_versions: frozenset[str] = frozenset(),
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.device_id, self.key = device_id, controller_key
+        self.profiles, self.fail_versions = profiles, fail_versions
+        self.version = installed
+        self.previous: str | None = None
+        self.last_seq: int | None = None
+        self.status_seq = 0
+        self.rejected: list[str] = []
+        self.seen_desired = 0
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.will_set(topic(device_id, "presence"), offline_will(device_id), 1, True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.host, self.port = host, port
+
+    def start(self) -> SimDevice:
+        self.client.connect(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def presence(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "online": True,
+            "agent_version": "0.1.0",
+            "execution_providers": ["CPUExecutionProvider"],
+            "profiles": list(self.profiles),
+            "hardware": {"sim": True},
+            "installed": {
+                "iris": {"version": self.version, "previous": self.previous, "state": "COMMITTED"}
+            }
+            if self.version
+            else {},
+            "at": time.time(),
+        }
+
+    def _on_connect(self, client: Any, *_a: Any) -> None:
+        client.subscribe(topic(self.device_id, "desired"), qos=1)
+        client.publish(
+            topic(self.device_id, "presence"), json.dumps(self.presence()), qos=1, retain=True
+        )
+
+    def _status(self, entry: dict[str, Any], state: str, reason_code: str | None = None) -> None:
+        self.status_seq += 1
+        msg = {
+            "device_id": self.device_id,
+            "seq": self.status_seq,
+            "update_id": f"u{self.status_seq}",
+            "model": "iris",
+            "version": entry["version"],
+            "rollout_id": entry.get("rollout_id"),
+            "state": state,
+            "reason_code": reason_code,
+            "reason": reason_code and f"simulated {reason_code}",
+            "at": time.time(),
+            "benchmark": {"p95_ms": 1.0},
+        }
+        self.client.publish(topic(self.device_id, "status"), json.dumps(msg), qos=1)
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        with self._lock:
+            try:
+                state = verify_desired(
+                    msg.payload, [self.key], device_id=self.device_id, last_seq=self.last_seq
+                )
+            except RejectError as e:
+                self.rejected.append(str(e.code))
+                return
+            self.last_seq = state["seq"]
+            self.seen_desired += 1
+            entry = state["models"].get("iris")
+            if entry is None or entry["version"] == self.version:
+                return
+            self._status(entry, "DOWNLOADING")
+            if entry["version"] in self.fail_versions:
+                self._status(entry, "FAILED", "validation_failed")
+                return
+            self.previous, self.version = self.version, entry["version"]
+            self._status(entry, "COMMITTED")
