@@ -286,13 +286,13 @@ class Agent:
                 self.journal.save(rec)
                 resume.append(rec.id)
             elif action is Recovery.FAIL:
+                self._cleanup_failed(rec)
                 self._transition(
                     rec,
                     State.FAILED,
                     "resume_limit",
                     f"interrupted {rec.resumes} times in {rec.state}",
                 )
-                self._cleanup_failed(rec)
             elif action is Recovery.ROLL_BACK:
                 self._transition(
                     rec,
@@ -351,10 +351,10 @@ class Agent:
             except Exception as e:  # a bug must not kill the worker; the record says why
                 log.exception("update %s crashed", uid)
                 if rec.current in BEFORE_ACTIVATION:
+                    self._cleanup_failed(rec)
                     self._transition(
                         rec, State.FAILED, "internal_error", f"{type(e).__name__}: {e}"
                     )
-                    self._cleanup_failed(rec)
                 elif rec.current in (State.ACTIVATING, State.PROBATION):
                     self._roll_back(rec, "internal_error", f"{type(e).__name__}: {e}")
 
@@ -378,8 +378,8 @@ class Agent:
                 steps[state](rec, run)
             except StepFailed as f:
                 if state in BEFORE_ACTIVATION:
-                    self._transition(rec, State.FAILED, f.code, f.reason, f.figures)
                     self._cleanup_failed(rec)
+                    self._transition(rec, State.FAILED, f.code, f.reason, f.figures)
                 else:
                     self._roll_back(rec, f.code, f.reason, f.figures)
                 run.staged = None
