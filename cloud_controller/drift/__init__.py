@@ -1,0 +1,1 @@
+"""Controller side of telemetry and drift: ingest, merged sketches, events, health gates."""

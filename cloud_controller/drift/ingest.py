@@ -1,0 +1,219 @@
+"""Telemetry in: dedupe by (device, record id), store windows, merge sketches, judge buckets.
+
+``ingest_telemetry(session, device_id, payload)`` is what the MQTT bridge calls per message
+inside its transaction; ``ingest_batch(session, [(device_id, payload), ...])`` does the same for
+many messages with one duplicate lookup per device, one bulk insert and one merge per aggregate
+(the fast path the benchmark measures). Neither commits. Webhooks of new drift events are sent
+after the surrounding transaction commits, from a background thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import event, insert, select
+from sqlalchemy.orm import Session
+
+from cloud_controller.drift.analysis import (
+    ModelDriftSettings,
+    bucket_start,
+    evaluate_due,
+    get_settings,
+    parse_time,
+)
+from cloud_controller.drift.models import SketchAggregate, TelemetryRecord
+from edgefleet.drift.sketch import SketchError, merge_dicts
+
+KINDS = ("system", "agent", "inference", "sketch", "sample")
+MAX_RECORDS_PER_MESSAGE = 10_000
+
+
+class TelemetryError(ValueError):
+    """A telemetry message that cannot be ingested; the message names why."""
+
+
+def _records(payload: Any) -> list[dict[str, Any]]:
+    if not isinstance(payload, Mapping):
+        raise TelemetryError("telemetry payload is not a JSON object")
+    recs = payload.get("records")
+    if not isinstance(recs, list):
+        raise TelemetryError("telemetry payload has no records list")
+    if len(recs) > MAX_RECORDS_PER_MESSAGE:
+        raise TelemetryError(f"{len(recs)} records in one message, limit {MAX_RECORDS_PER_MESSAGE}")
+    good = []
+    for r in recs:
+        if not isinstance(r, dict):
+            continue
+        rid = r.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool) or r.get("kind") not in KINDS:
+            continue
+        good.append(r)
+    return good
+
+
+def ingest_telemetry(session: Session, device_id: str, payload: Mapping[str, Any]) -> int:
+    """Store one telemetry message; returns how many of its records were new."""
+    return ingest_batch(session, [(device_id, payload)])
+
+
+def ingest_batch(
+    session: Session,
+    messages: Iterable[tuple[str, Mapping[str, Any]]],
+    *,
+    now: datetime | None = None,
+) -> int:
+    """Store many messages in the caller's transaction; returns the count of new records."""
+    now = now or datetime.now(UTC)
+    fresh: dict[tuple[str, int], dict[str, Any]] = {}
+    for device_id, payload in messages:
+        for r in _records(payload):
+            fresh.setdefault((device_id, int(r["id"])), r)
+    if not fresh:
+        return 0
+    by_device: dict[str, list[int]] = defaultdict(list)
+    for dev, rid in fresh:
+        by_device[dev].append(rid)
+    for dev, ids in by_device.items():
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            seen = session.scalars(
+                select(TelemetryRecord.record_id).where(
+                    TelemetryRecord.device_id == dev, TelemetryRecord.record_id.in_(chunk)
+                )
+            )
+            for rid in seen:
+                fresh.pop((dev, int(rid)), None)
+    if not fresh:
+        return 0
+    rows = [_row(dev, rid, rec, now) for (dev, rid), rec in fresh.items()]
+    session.execute(insert(TelemetryRecord), rows)
+    sketches = [(dev, rec) for (dev, _), rec in fresh.items() if rec["kind"] == "sketch"]
+    if sketches:
+        _merge_sketches(session, sketches, now)
+    return len(rows)
+
+
+def _row(device_id: str, rid: int, rec: dict[str, Any], now: datetime) -> dict[str, Any]:
+    at = parse_time(rec.get("window_end") or rec.get("at"), now)
+    lat = rec.get("latency_ms") if isinstance(rec.get("latency_ms"), dict) else {}
+    p95 = lat.get("p95") if isinstance(lat, dict) else None
+    return {
+        "device_id": device_id,
+        "record_id": rid,
+        "kind": rec["kind"],
+        "at": at,
+        "model": _str(rec.get("model")),
+        "version": _str(rec.get("version")),
+        "requests": _int(rec.get("requests")),
+        "errors": _int(rec.get("errors")),
+        "p95_ms": float(p95) if isinstance(p95, int | float) else None,
+        "data": rec,
+    }
+
+
+def _str(v: Any) -> str | None:
+    return str(v)[:200] if isinstance(v, str) and v else None
+
+
+def _int(v: Any) -> int | None:
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _device_groups(session: Session, device_ids: Iterable[str]) -> dict[str, list[str]]:
+    try:
+        from cloud_controller.models import Device
+    except ImportError:  # pragma: no cover
+        return {}
+    ids = list(set(device_ids))
+    out: dict[str, list[str]] = {}
+    for dev in session.scalars(select(Device).where(Device.id.in_(ids))):
+        out[dev.id] = [str(g) for g in (dev.groups or [])]
+    return out
+
+
+def _merge_sketches(
+    session: Session, sketches: list[tuple[str, dict[str, Any]]], now: datetime
+) -> None:
+    groups = _device_groups(session, (d for d, _ in sketches))
+    settings: dict[str, ModelDriftSettings] = {}
+    pending: dict[tuple[str, str, str, str, datetime], tuple[dict[str, Any], set[str]]] = {}
+    for dev, rec in sketches:
+        sk, model, version = rec.get("sketch"), _str(rec.get("model")), _str(rec.get("version"))
+        if not isinstance(sk, dict) or model is None or not isinstance(sk.get("reference_id"), str):
+            continue
+        s = settings.get(model) or settings.setdefault(model, get_settings(session, model))
+        bucket = bucket_start(parse_time(rec.get("window_end") or rec.get("at"), now), s.bucket_s)
+        rid = str(sk["reference_id"])
+        keys = [("device", dev), ("release", version or "?"), ("fleet", "*")]
+        keys += [("group", g) for g in groups.get(dev, [])]
+        for scope, key in keys:
+            k = (model, rid, scope, key, bucket)
+            prev = pending.get(k)
+            try:
+                merged_sk = sk if prev is None else merge_dicts(prev[0], sk)
+            except SketchError:
+                continue
+            versions = (prev[1] if prev else set()) | ({version} if version else set())
+            pending[k] = (merged_sk, versions)
+    for (model, rid, scope, key, bucket), (sk, versions) in pending.items():
+        row = session.scalars(
+            select(SketchAggregate)
+            .where(
+                SketchAggregate.model == model,
+                SketchAggregate.reference_id == rid,
+                SketchAggregate.scope == scope,
+                SketchAggregate.scope_key == key,
+                SketchAggregate.bucket_start == bucket,
+            )
+            .with_for_update()
+        ).first()
+        if row is None:
+            session.add(
+                SketchAggregate(
+                    model=model,
+                    reference_id=rid,
+                    scope=scope,
+                    scope_key=key,
+                    bucket_start=bucket,
+                    n=int(sk.get("n", 0)),
+                    sketch=sk,
+                    versions=sorted(versions),
+                    evaluated=False,
+                    updated_at=now,
+                )
+            )
+            continue
+        try:
+            row.sketch = merge_dicts(row.sketch, sk)
+        except SketchError:
+            continue
+        row.n = int(row.sketch.get("n", 0))
+        row.versions = sorted(set(row.versions) | versions)
+        row.updated_at = now
+        if row.evaluated:  # a late window: judge the bucket again with it
+            row.evaluated = False
+    session.flush()
+    new_events = evaluate_due(session, now, models=settings)
+    if any(e.webhook_state == "pending" for e in new_events):
+        _deliver_after_commit(session)
+
+
+def _deliver_after_commit(session: Session) -> None:
+    bind = session.get_bind()
+
+    def _after_commit(_s: Session) -> None:
+        from sqlalchemy.orm import sessionmaker
+
+        from cloud_controller.drift.webhook import deliver_pending
+
+        factory = sessionmaker(bind, expire_on_commit=False)
+        threading.Thread(
+            target=deliver_pending, args=(factory,), name="drift-webhook", daemon=True
+        ).start()
+
+    if not event.contains(session, "after_commit", _after_commit):
+        event.listen(session, "after_commit", _after_commit, once=True)
