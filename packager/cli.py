@@ -24,7 +24,7 @@ profiles_app = typer.Typer(
 
 
 def _err(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def example_models(

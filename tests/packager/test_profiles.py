@@ -96,7 +96,7 @@ def test_id_must_match_file_name_and_unknown_ids_list_known(tmp_path: Path) -> N
     path.write_text(GOOD.format(id="two"))
     with pytest.raises(ProfileError, match="does not match the file name"):
         load_profile_file(path)
-    with pytest.raises(ProfileError, match="known: .*cpu-x86_64"):
+    with pytest.raises(ProfileError, match=r"known: .*cpu-x86_64"):
         get_profile("no-such-profile")
     path.write_text("id = [")
     with pytest.raises(ProfileError, match="not valid TOML"):

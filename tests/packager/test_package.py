@@ -1,0 +1,311 @@
+"""`edgefleet package` end to end: real quantization, validation, signing, verification."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from edgefleet.cli import app
+from edgefleet.keys import KeyPair, load_public_key
+from edgefleet.wire.package import VerifyPolicy, read_manifest, verify_package
+from packager.examples import ExampleModel, file_sha256
+from packager.npzio import load_npz
+from packager.pipeline import PackageReport
+from packager.profiles import load_profiles
+
+STRICT = """
+id = "cpu-strict"
+cpu_fallback = true
+[[execution_providers]]
+name = "CPUExecutionProvider"
+[[quantization.candidates]]
+id = "dynamic"
+method = "dynamic"
+[[quantization.candidates]]
+id = "static"
+method = "static"
+per_channel = true
+[accuracy_gate]
+min_agreement = 0.5
+max_accuracy_drop = 0.5
+max_abs_error = 1e-9
+[device_gates]
+max_p95_ms = 10
+max_memory_mb = 100
+sample_atol = 0.1
+sample_rtol = 0
+min_sample_agreement = 0.9
+"""
+
+
+def _policy(key: KeyPair, **kw: object) -> VerifyPolicy:
+    return VerifyPolicy(trusted_keys=[load_public_key(key.public_path)], **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn"])
+def test_every_profile_packaged_verified_and_searched(
+    name: str,
+    all_reports: dict[str, tuple[PackageReport, Path]],
+    signing_key: KeyPair,
+    examples: dict[str, ExampleModel],
+) -> None:
+    report, out_dir = all_reports[name]
+    assert report.ok, [p.failure for p in report.profiles]
+    profiles = load_profiles()
+    assert {p.profile for p in report.profiles} == set(profiles)
+    assert sorted(f.name for f in out_dir.glob("*.efpkg")) == sorted(
+        f"{name}-1.2.3-{pid}.efpkg" for pid in profiles
+    )
+    source_sha = file_sha256(examples[name].model)
+    for result in report.profiles:
+        assert result.package is not None
+        verified = verify_package(result.package, _policy(signing_key, expected_name=name))
+        m = verified.manifest
+        assert m["profile"] == result.profile and m["version"] == "1.2.3"
+        search = m["quantization"]["search"]
+        assert [s["candidate"] for s in search] == [
+            c.id for c in profiles[result.profile].candidates
+        ]
+        chosen = [s for s in search if s["chosen"]]
+        assert len(chosen) == 1 and chosen[0]["candidate"] == result.chosen
+        assert m["quantization"]["recipe"]["id"] == result.chosen
+        accepted = [s for s in search if s["accepted"]]
+        assert chosen[0]["p50_ms"] == min(s["p50_ms"] for s in accepted)
+        assert all(s["reason"] for s in search)
+        gate = profiles[result.profile].accuracy_gate
+        assert m["validation"]["agreement"] >= gate.min_agreement
+        assert (
+            m["validation"]["source_accuracy"] - m["validation"]["accuracy"]
+            <= gate.max_accuracy_drop
+        )
+        assert m["benchmark"]["p50_ms"] > 0 and m["benchmark"]["p95_ms"] >= m["benchmark"]["p50_ms"]
+        assert m["gates"]["max_p95_ms"] == profiles[result.profile].device_gates.max_p95_ms
+        assert m["lineage"]["source_sha256"] == source_sha
+        assert m["lineage"]["training_run"] == "run-42" and m["expires"] is not None
+        assert m["drift_reference"]["features"]
+        on_host = result.profile.startswith("cpu-")
+        assert m["quantization"]["provider_on_host"] is on_host
+        if not on_host:
+            assert "absent on the packaging host" in m["quantization"]["note"]
+        assert m["execution_providers"][0]["name"] == profiles[result.profile].provider_names[0]
+
+
+def test_samples_hold_source_outputs_and_packaged_model_runs(
+    all_reports: dict[str, tuple[PackageReport, Path]],
+    signing_key: KeyPair,
+    examples: dict[str, ExampleModel],
+    tmp_path: Path,
+) -> None:
+    report, _ = all_reports["digits-cnn"]
+    pkg = next(p.package for p in report.profiles if p.profile == "cpu-x86_64")
+    assert pkg is not None
+    dest = tmp_path / "installed"
+    verified = verify_package(pkg, _policy(signing_key), extract_to=dest)
+    samples = load_npz(dest / "samples.npz")
+    assert set(samples) == {"input:image", "output:probabilities"}
+    x = samples["input:image"]
+    assert x.shape == (32, 1, 8, 8)
+    source = ort.InferenceSession(
+        str(examples["digits-cnn"].model), providers=["CPUExecutionProvider"]
+    )
+    np.testing.assert_array_equal(
+        source.run(None, {"image": x})[0], samples["output:probabilities"]
+    )
+    packaged = ort.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = packaged.run(None, {"image": x})[0]
+    gates = verified.manifest["gates"]
+    assert np.abs(got - samples["output:probabilities"]).max() <= gates["sample_atol"]
+    agreement = np.mean(got.argmax(1) == samples["output:probabilities"].argmax(1))
+    assert agreement >= gates["min_sample_agreement"]
+
+
+def test_too_strict_gate_writes_nothing_and_exits_nonzero(
+    examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
+) -> None:
+    profile = tmp_path / "cpu-strict.toml"
+    profile.write_text(STRICT)
+    ex = examples["digits-cnn"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        [
+            "package", str(ex.model), "--name", "cnn", "--version", "1.0.0",
+            "--profile", str(profile), "--profile", "cpu-arm64",
+            "--calibration", str(ex.calibration), "--validation", str(ex.validation),
+            "--key", str(signing_key.private_path), "--out", str(out),
+            "--json", "--bench-runs", "5", "--bench-seconds", "0.1",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    by = {p["profile"]: p for p in report["profiles"]}
+    strict = by["cpu-strict"]
+    assert strict["status"] == "gate_failed" and strict["package"] is None
+    gates = strict["failure"]["gates"]
+    assert gates and gates[0]["gate"] == "max_abs_error" and gates[0]["margin"] < 0
+    assert all(
+        not c["accepted"] and c["reason"].startswith("failed gate") for c in strict["candidates"]
+    )
+    assert by["cpu-arm64"]["status"] == "packaged"
+    assert [f.name for f in out.glob("*.efpkg")] == ["cnn-1.0.0-cpu-arm64.efpkg"]
+    human = CliRunner().invoke(
+        app,
+        [
+            "package", str(ex.model), "--name", "cnn", "--version", "1.0.0",
+            "--profile", str(profile), "--calibration", str(ex.calibration),
+            "--validation", str(ex.validation), "--key", str(signing_key.private_path),
+            "--out", str(tmp_path / "out2"), "--bench-runs", "5", "--bench-seconds", "0.1",
+        ],
+    )  # fmt: skip
+    assert human.exit_code == 1
+    assert "gate max_abs_error required 1e-09" in human.stdout and "margin -" in human.stdout
+    assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").glob("*.efpkg"))
+
+
+def test_json_report_shape(
+    examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
+) -> None:
+    ex = examples["digits-mlp"]
+    result = CliRunner().invoke(
+        app,
+        [
+            "package", str(ex.model), "--name", "mlp", "--version", "2.0.0-rc.1",
+            "--profile", "cpu-x86_64", "--calibration", str(ex.calibration),
+            "--validation", str(ex.validation), "--key", str(signing_key.private_path),
+            "--out", str(tmp_path), "--json", "--bench-runs", "5", "--bench-seconds", "0.1",
+            "--git-commit", "a" * 40, "--training-run", "exp-7",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # nothing but JSON on stdout
+    assert report["format"] == "edgefleet.package-report/v1"
+    assert report["ok"] is True and report["name"] == "mlp" and report["version"] == "2.0.0-rc.1"
+    assert {"model", "sha256", "size_bytes", "p50_ms", "p95_ms", "accuracy"} <= set(
+        report["source"]
+    )
+    (p,) = report["profiles"]
+    assert p["status"] == "packaged" and Path(p["package"]).is_file()
+    assert {"agreement", "accuracy", "source_accuracy", "max_abs_error"} <= set(p["validation"])
+    assert {"p50_ms", "p95_ms", "runs"} <= set(p["benchmark"])
+    keys = {
+        "candidate",
+        "recipe",
+        "accepted",
+        "chosen",
+        "reason",
+        "p50_ms",
+        "agreement",
+        "gate_misses",
+    }
+    assert all(keys <= set(c) for c in p["candidates"])
+    manifest = read_manifest(Path(p["package"]))
+    assert manifest["lineage"]["git_commit"] == "a" * 40
+    assert manifest["lineage"]["training_run"] == "exp-7"
+
+
+def test_external_data_model(
+    examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
+) -> None:
+    """Weights stored outside the protobuf (the >2 GB path), forced on a small model."""
+    import onnx
+
+    ex = examples["digits-cnn"]
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    onnx.save_model(
+        onnx.load(str(ex.model)),
+        str(src_dir / "big.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="big.weights",
+        size_threshold=0,
+    )
+    assert (src_dir / "big.weights").stat().st_size > 1000
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        [
+            "package", str(src_dir / "big.onnx"), "--name", "cnn-ext", "--version", "1.0.0",
+            "--profile", "cpu-x86_64", "--profile", "gpu-cuda", "--profile", "fpga-vitisai",
+            "--calibration", str(ex.calibration), "--validation", str(ex.validation),
+            "--key", str(signing_key.private_path), "--out", str(out), "--json",
+            "--bench-runs", "5", "--bench-seconds", "0.1",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["source"]["external_data"] is True
+    for p in report["profiles"]:
+        dest = tmp_path / p["profile"]
+        verified = verify_package(Path(p["package"]), _policy(signing_key), extract_to=dest)
+        assert verified.manifest["model"]["external_data"] == ["model.onnx.data"]
+        assert set(verified.manifest["members"]) == {"model.onnx", "model.onnx.data", "samples.npz"}
+        proto = onnx.load(str(dest / "model.onnx"), load_external_data=False)
+        locations = {
+            e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"
+        }
+        assert locations == {"model.onnx.data"}
+        sess = ort.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"])
+        samples = load_npz(dest / "samples.npz")
+        got = sess.run(None, {"image": samples["input:image"]})[0]
+        assert np.mean(got.argmax(1) == samples["output:probabilities"].argmax(1)) >= 0.9
+
+
+def test_bad_inputs_exit_2_with_reason(
+    examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
+) -> None:
+    ex = examples["digits-cnn"]
+    base = [
+        "package", str(ex.model), "--name", "cnn", "--version", "1.0.0", "--profile", "cpu-x86_64",
+        "--validation", str(ex.validation), "--key", str(signing_key.private_path),
+        "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    wrong = examples["digits-mlp"].calibration  # has "features", the CNN wants "image"
+    r = CliRunner().invoke(app, [*base, "--calibration", str(wrong)])
+    assert r.exit_code == 2 and "lacks array(s) for model input(s) ['image']" in r.stderr
+    r = CliRunner().invoke(app, [*base, "--calibration", str(ex.calibration), "--version", "v1"])
+    assert r.exit_code == 2 and "not a semantic version" in r.stderr
+    r = CliRunner().invoke(
+        app,
+        [
+            *base[:-2],
+            "--all-profiles",
+            "--calibration",
+            str(ex.calibration),
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert r.exit_code == 2 and "not both" in r.stderr
+    assert not list(tmp_path.rglob("*.efpkg"))
+
+
+def test_encrypted_key_via_environment(
+    examples: dict[str, ExampleModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgefleet.keys import generate_keypair
+
+    key = generate_keypair(tmp_path / "k", "enc", passphrase="s3cret")
+    ex = examples["digits-mlp"]
+    args = [
+        "package", str(ex.model), "--name", "mlp", "--version", "1.0.0", "--profile", "gpu-cuda",
+        "--calibration", str(ex.calibration), "--validation", str(ex.validation),
+        "--key", str(key.private_path), "--key-passphrase-env", "EF_PASS", "--out", str(tmp_path / "o"),
+        "--bench-runs", "5", "--bench-seconds", "0.1",
+    ]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "EF_PASS is not set" in r.stderr
+    monkeypatch.setenv("EF_PASS", "wrong")
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "signing key" in r.stderr
+    monkeypatch.setenv("EF_PASS", "s3cret")
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    shutil.rmtree(tmp_path / "o")

@@ -1,0 +1,104 @@
+"""Every recipe the shipped profiles use builds a model ONNX Runtime loads and runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from packager.examples import ExampleModel
+from packager.npzio import load_npz
+from packager.profiles import load_profiles
+from packager.quantize import build_candidate as build
+from packager.quantize import non_power_of_two_scales, pow2_ceil, preprocess
+from packager.recipe import Recipe, parse_recipe
+
+RECIPES: dict[str, Recipe] = {}
+for _p in load_profiles().values():
+    for _c in _p.candidates:
+        RECIPES.setdefault(f"{_p.id}/{_c.id}", _c)
+
+
+def _build(ex: ExampleModel, recipe: Recipe, tmp: Path) -> tuple[Path, onnx.ModelProto]:
+    prepared, _ = preprocess(ex.model, tmp / "prep.onnx", external=False)
+    out = build(
+        recipe,
+        source=ex.model,
+        prepared=prepared,
+        out=tmp / "out.onnx",
+        calibration=load_npz(ex.calibration),
+        external=False,
+    )
+    return out, onnx.load(str(out))
+
+
+def _check_runs(ex: ExampleModel, model: Path) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    val = load_npz(ex.validation)
+    feed = {i.name: val[i.name][:16] for i in sess.get_inputs()}
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
+    probs = outs["probabilities"]
+    assert probs.shape == (16, 10) and np.all(np.isfinite(probs))
+    return probs
+
+
+@pytest.mark.parametrize("key", sorted(RECIPES))
+def test_recipe_builds_loadable_model(
+    key: str, examples: dict[str, ExampleModel], tmp_path: Path
+) -> None:
+    recipe = RECIPES[key]
+    ex = examples["digits-cnn"]
+    out, model = _build(ex, recipe, tmp_path)
+    _check_runs(ex, out)
+    ops = {n.op_type for n in model.graph.node}
+    inits = {t.name: t for t in model.graph.initializer}
+    if recipe.method == "static":
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    if recipe.method == "dynamic":
+        assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops
+        assert "ConvInteger" not in ops  # dynamic stays off Conv (it is slower than FP32 there)
+    if recipe.method == "fp16":
+        assert any(t.data_type == TensorProto.FLOAT16 for t in inits.values())
+        assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # keep_io_types
+    if recipe.method == "qnn":
+        zps = [
+            numpy_helper.to_array(inits[n.input[2]])
+            for n in model.graph.node
+            if n.op_type == "QuantizeLinear"
+        ]
+        assert zps and any(z.dtype == np.uint16 for z in zps)  # 16-bit activations
+    if recipe.power_of_two:
+        assert non_power_of_two_scales(out) == []
+        zps = [
+            numpy_helper.to_array(inits[n.input[2]])
+            for n in model.graph.node
+            if n.op_type == "QuantizeLinear"
+        ]
+        assert zps and all(int(z.max()) == 0 and z.dtype == np.int8 for z in zps)  # symmetric
+
+
+def test_skl2onnx_model_quantizes_after_preprocessing_falls_back(
+    examples: dict[str, ExampleModel], tmp_path: Path
+) -> None:
+    ex = examples["digits-mlp"]
+    _, info = preprocess(ex.model, tmp_path / "prep.onnx", external=False)
+    assert info["symbolic_shape_inference"] is False  # skl2onnx's ML ops defeat symbolic inference
+    for recipe in (
+        parse_recipe({"id": "d", "method": "dynamic"}, "t"),
+        parse_recipe({"id": "s", "method": "static", "per_channel": True}, "t"),
+    ):
+        out, model = _build(ex, recipe, tmp_path / recipe.id)
+        assert {"MatMulInteger", "QuantizeLinear"} & {n.op_type for n in model.graph.node}
+        _check_runs(ex, out)
+
+
+def test_power_of_two_rounding() -> None:
+    assert pow2_ceil(0.3) == 0.5
+    assert pow2_ceil(0.25) == 0.25
+    assert pow2_ceil(1e-3) == 2**-9
+    assert pow2_ceil(0.0) == 1.0

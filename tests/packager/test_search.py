@@ -1,0 +1,75 @@
+"""The pure search decisions: gate checks with margins, fastest accepted candidate wins."""
+
+from __future__ import annotations
+
+import pytest
+
+from packager.evaluate import Metrics, compare
+from packager.profiles import AccuracyGate
+from packager.search import CandidateResult, check_gate, choose, closest_miss
+
+GATE = AccuracyGate(min_agreement=0.98, max_accuracy_drop=0.01)
+
+
+def _metrics(
+    agreement: float, accuracy: float | None = 0.95, source: float | None = 0.95
+) -> Metrics:
+    return Metrics(agreement, accuracy, source, 0.1, 100, "p")
+
+
+def _cand(
+    name: str, p50: float | None, metrics: Metrics | None, error: str | None = None
+) -> CandidateResult:
+    c = CandidateResult(name, {"id": name}, metrics=metrics, p50_ms=p50, error=error)
+    if metrics is not None:
+        c.misses = check_gate(metrics, GATE)
+        c.accepted = not c.misses
+    return c
+
+
+def test_gate_misses_carry_margins() -> None:
+    assert check_gate(_metrics(0.99), GATE) == []
+    misses = check_gate(_metrics(0.95, accuracy=0.90, source=0.95), GATE)
+    assert [m.gate for m in misses] == ["min_agreement", "max_accuracy_drop"]
+    assert misses[0].margin == pytest.approx(-0.03)
+    assert misses[1].measured == pytest.approx(0.05) and misses[1].margin == pytest.approx(-0.04)
+    assert check_gate(_metrics(0.99, accuracy=None, source=None), GATE) == []
+    strict = AccuracyGate(min_agreement=0.0, max_accuracy_drop=1.0, max_abs_error=0.01)
+    assert [m.gate for m in check_gate(_metrics(1.0), strict)] == ["max_abs_error"]
+
+
+def test_choose_fastest_within_gate_and_record_why() -> None:
+    results = [
+        _cand("slow-ok", 2.0, _metrics(0.99)),
+        _cand("fast-bad", 0.5, _metrics(0.90)),
+        _cand("fast-ok", 1.0, _metrics(0.985)),
+        _cand("broken", None, None, error="boom"),
+    ]
+    best = choose(results)
+    assert best is not None and best.candidate == "fast-ok"
+    by = {r.candidate: r for r in results}
+    assert [r.candidate for r in results if r.chosen] == ["fast-ok"]
+    assert by["slow-ok"].reason.startswith("within gate but slower")
+    assert by["fast-bad"].reason.startswith("failed gate: min_agreement")
+    assert "boom" in by["broken"].reason
+    assert by["fast-ok"].reason.startswith("fastest within gate")
+
+
+def test_no_candidate_within_gate() -> None:
+    results = [_cand("a", 1.0, _metrics(0.90)), _cand("b", 1.0, _metrics(0.97))]
+    assert choose(results) is None
+    closest = closest_miss(results)
+    assert closest is not None and closest.candidate == "b"
+    assert not any(r.chosen for r in results)
+
+
+def test_compare_metrics() -> None:
+    import numpy as np
+
+    src = {"p": np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], np.float32)}
+    cand = {"p": np.array([[0.8, 0.2], [0.6, 0.4], [0.6, 0.4]], np.float32)}
+    m = compare(src, cand, np.array([0, 1, 1]))
+    assert m.agreement == pytest.approx(2 / 3)
+    assert m.accuracy == pytest.approx(1 / 3) and m.source_accuracy == pytest.approx(2 / 3)
+    assert m.max_abs_error == pytest.approx(0.4)
+    assert m.score_output == "p"
