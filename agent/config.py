@@ -59,6 +59,7 @@ class ProbationConfig:
     max_error_rate: float = 0.05
     latency_factor: float = 3.0  # serving p95 may be at most factor x validation p95 + slack
     latency_slack_ms: float = 5.0
+    commit_after_requests: int | None = None  # commit early after this many healthy requests
 
 
 @dataclass

@@ -652,7 +652,9 @@ class Agent:
                 break
             n, err, lat = lm.stats.snapshot()
             verdict = judge_probation(n, err, lat, lm.baseline_p95_ms, cfg)
-            if verdict:
+            if verdict or (
+                cfg.commit_after_requests is not None and n >= cfg.commit_after_requests
+            ):
                 break
             time.sleep(min(0.05, cfg.seconds))
         if self._stop.is_set():
