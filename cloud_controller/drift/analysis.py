@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from cloud_controller.drift.models import DriftEvent, DriftReference, DriftSettings, SketchAggregate
 from edgefleet.drift.decision import DriftConfig, DriftDecision, decide
 from edgefleet.drift.reference import ReferenceError, validate_reference
-from edgefleet.drift.sketch import merge_dicts
+from edgefleet.drift.sketch import SketchError, merge_dicts
 
 SCOPES = ("device", "group", "release", "fleet")
 DEFAULT_SCOPES = ("fleet", "release", "group")
@@ -281,7 +281,7 @@ def merged(
     since: datetime | None = None,
     reference_id: str | None = None,
 ) -> tuple[str | None, dict[str, Any] | None, list[str]]:
-    """(reference id, merged sketch, versions) of a scope's buckets since ``since``."""
+    """(reference id, merged sketch, versions) of a scope's buckets overlapping ``since``..now."""
     rid = reference_id or latest_reference_id(session, model)
     if rid is None:
         return None, None, []
@@ -291,14 +291,16 @@ def merged(
         SketchAggregate.scope == scope,
         SketchAggregate.scope_key == key,
     )
-    if since is not None:
-        q = q.where(SketchAggregate.bucket_start >= bucket_start(since, 60) - timedelta(hours=1))
+    if since is not None:  # every bucket that overlaps [since, now]
+        bucket_s = get_settings(session, model).bucket_s
+        q = q.where(SketchAggregate.bucket_start > since - timedelta(seconds=bucket_s))
     total: dict[str, Any] | None = None
     versions: set[str] = set()
     for agg in session.scalars(q):
-        if since is not None and (utc(agg.bucket_start) or since) < since - timedelta(hours=1):
+        try:
+            total = dict(agg.sketch) if total is None else merge_dicts(total, agg.sketch)
+        except SketchError:
             continue
-        total = dict(agg.sketch) if total is None else merge_dicts(total, agg.sketch)
         versions.update(agg.versions)
     return rid, total, sorted(versions)
 

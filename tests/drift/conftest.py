@@ -140,3 +140,50 @@ def hook() -> Iterator[Hook]:
     h = Hook()
     yield h
     h.close()
+
+
+class Served:
+    """The real controller app (create_app) served by uvicorn on a free loopback port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import time
+
+        import uvicorn
+
+        from cloud_controller import auth
+        from cloud_controller.app import Controller, create_app
+        from cloud_controller.db import transaction
+        from cloud_controller.settings import Settings
+        from tests.support.services import free_port
+
+        port = free_port()
+        settings = Settings(data_dir=data_dir, port=port, tick_s=0.2)
+        self.ctl = Controller.build(settings)
+        with transaction(self.ctl.factory) as s:
+            self.admin = auth.create_token(s, "admin", "drift-admin")
+            self.viewer = auth.create_token(s, "viewer", "drift-viewer")
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings, self.ctl),
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                lifespan="on",
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("controller did not start")
+            time.sleep(0.02)
+
+    @property
+    def factory(self) -> sessionmaker[Session]:
+        return self.ctl.factory  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)

@@ -1,0 +1,287 @@
+"""Server-rendered dashboard: fleet, rollouts, drift (HTML + inline SVG, no scripts, no CDN).
+
+Pages need a token with the ``read`` permission: ``Authorization: Bearer``, the
+``edgefleet_token`` cookie, or ``?token=`` once (it is then kept in an HttpOnly cookie).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from html import escape
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from cloud_controller.auth import Perm, allowed, lookup_token
+from cloud_controller.dashboard import svg
+from cloud_controller.deps import controller, session
+
+router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
+COOKIE = "edgefleet_token"
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:0;background:#fafafa;color:#222}
+nav{background:#1f2d3d;padding:10px 16px}nav a{color:#fff;margin-right:18px;text-decoration:none}
+main{padding:16px}table{border-collapse:collapse;background:#fff}
+td,th{border:1px solid #ddd;padding:4px 8px;font-size:13px;text-align:left}
+.badge{padding:1px 6px;border-radius:3px;color:#fff;font-size:12px}
+.ok{background:#2ca02c}.drift,.aborted,.failed,.offline{background:#d62728}
+.running,.soaking,.insufficient_data,.no_data,.no_reference,.paused{background:#888}
+.succeeded{background:#2ca02c}.degraded{background:#ff9f1c}
+.grid{display:flex;flex-wrap:wrap;gap:10px}
+.feature{background:#fff;border:2px solid #ddd;padding:6px}
+.feature.drifted{border-color:#d62728}
+.legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}
+.bar{background:#eee;width:200px;height:12px;display:inline-block}
+.bar i{background:#4c78a8;height:12px;display:block}
+"""
+
+
+def _page(title: str, body: str, *, refresh: int | None = None) -> HTMLResponse:
+    meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
+    html = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)} · edgefleet"
+        f"</title>{meta}<style>{CSS}</style></head><body><nav>"
+        '<a href="/dashboard/">Fleet</a><a href="/dashboard/rollouts">Rollouts</a>'
+        '<a href="/dashboard/drift">Drift</a></nav>'
+        f"<main><h1>{escape(title)}</h1>{body}</main></body></html>"
+    )
+    return HTMLResponse(html)
+
+
+def _badge(status: str | None) -> str:
+    s = escape(str(status or "-"))
+    return f'<span class="badge {s}">{s}</span>'
+
+
+def _viewer(request: Request) -> Response | None:
+    """None when the request carries a token with read permission, else the 401 page."""
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    token = (
+        value.strip()
+        if scheme.lower() == "bearer"
+        else request.query_params.get("token") or request.cookies.get(COOKIE)
+    )
+    if token:
+        with controller(request).factory() as s:
+            row = lookup_token(s, token)
+            if row is not None and allowed(row.role, Perm.READ):
+                request.state.actor = f"token:{row.name}#{row.id}"
+                return None
+    resp = _page("Sign in", "<p>This page needs a viewer token: open it with ?token=…</p>")
+    resp.status_code = 401
+    return resp
+
+
+def _with_cookie(request: Request, resp: HTMLResponse) -> HTMLResponse:
+    token = request.query_params.get("token")
+    if token:
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+    return resp
+
+
+def _ago(dt: datetime | None) -> str:
+    if dt is None:
+        return "never"
+    dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
+    secs = (datetime.now(UTC) - dt).total_seconds()
+    if secs < 120:
+        return f"{secs:.0f} s ago"
+    if secs < 7200:
+        return f"{secs / 60:.0f} min ago"
+    return f"{secs / 3600:.1f} h ago"
+
+
+# --- fleet ------------------------------------------------------------------------------------
+
+
+def fleet_rows(s: Session) -> list[dict[str, Any]]:
+    from cloud_controller.devices import list_devices
+    from cloud_controller.drift.models import TelemetryRecord
+
+    since = datetime.now(UTC) - timedelta(hours=1)
+    errs: dict[str, tuple[int, int]] = {}
+    for dev_id, req, err in s.execute(
+        select(
+            TelemetryRecord.device_id,
+            func.coalesce(func.sum(TelemetryRecord.requests), 0),
+            func.coalesce(func.sum(TelemetryRecord.errors), 0),
+        )
+        .where(TelemetryRecord.kind == "inference", TelemetryRecord.at >= since)
+        .group_by(TelemetryRecord.device_id)
+    ):
+        errs[dev_id] = (int(req or 0), int(err or 0))
+    rows = []
+    for dev in list_devices(s):
+        req, err = errs.get(dev.id, (0, 0))
+        rate = err / req if req else None
+        health = "offline" if not dev.online else ("degraded" if rate and rate > 0.05 else "ok")
+        versions = {
+            name: (info.get("version") if isinstance(info, dict) else info)
+            for name, info in (dev.installed or {}).items()
+        }
+        rows.append(
+            {
+                "id": dev.id,
+                "online": dev.online,
+                "groups": dev.groups or [],
+                "versions": versions,
+                "requests_1h": req,
+                "error_rate_1h": rate,
+                "health": health,
+                "last_seen": dev.last_seen,
+            }
+        )
+    return rows
+
+
+@router.get("/", response_class=HTMLResponse)
+def fleet(request: Request, s: Session = Depends(session)) -> Response:
+    if (denied := _viewer(request)) is not None:
+        return denied
+    rows = fleet_rows(s)
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f} %"
+
+    trs = "".join(
+        f"<tr><td>{escape(r['id'])}</td><td>{_badge(r['health'])}</td>"
+        f"<td>{escape(', '.join(f'{k} {v}' for k, v in r['versions'].items()) or '-')}</td>"
+        f"<td>{escape(', '.join(r['groups']) or '-')}</td><td>{r['requests_1h']}</td>"
+        f"<td>{pct(r['error_rate_1h'])}</td>"
+        f"<td>{_ago(r['last_seen'])}</td></tr>"
+        for r in rows
+    )
+    online = sum(1 for r in rows if r["online"])
+    body = (
+        f"<p>{len(rows)} devices, {online} online.</p><table id='devices'><tr><th>device</th>"
+        "<th>health</th><th>versions</th><th>groups</th><th>requests (1 h)</th>"
+        f"<th>errors (1 h)</th><th>last seen</th></tr>{trs}</table>"
+    )
+    return _with_cookie(request, _page("Fleet", body, refresh=15))
+
+
+# --- rollouts ---------------------------------------------------------------------------------
+
+
+@router.get("/rollouts", response_class=HTMLResponse)
+def rollouts(request: Request, s: Session = Depends(session)) -> Response:
+    if (denied := _viewer(request)) is not None:
+        return denied
+    from cloud_controller.rollouts import detail
+
+    svc = controller(request).rollouts
+    from cloud_controller.rollouts import list_rollouts
+
+    parts = []
+    live = False
+    for r in list_rollouts(s)[:50]:
+        state = svc.get_state(r["id"])
+        if state is None:
+            continue
+        d = detail(s, state)
+        live = live or d["phase"] in ("running", "soaking")
+        waves = []
+        for i, pct in enumerate(d["waves"]):
+            devs = [x for x in d["devices"] if x.get("wave") == i]
+            done = sum(1 for x in devs if str(x.get("state")) == "succeeded")
+            frac = done / len(devs) if devs else 0.0
+            mark = " (current)" if i == d["wave"] and d["phase"] in ("running", "soaking") else ""
+            waves.append(
+                f"<tr><td>wave {i + 1}: {pct:g} %{mark}</td><td>{done}/{len(devs)}</td>"
+                f'<td><span class="bar"><i style="width:{100 * frac:.0f}%"></i></span></td></tr>'
+            )
+        states: dict[str, int] = {}
+        for x in d["devices"]:
+            states[str(x.get("state"))] = states.get(str(x.get("state")), 0) + 1
+        evs = "".join(f"<li>{escape(e['message'])}</li>" for e in d["events"][-8:])
+        parts.append(
+            f"<section class='rollout' id='rollout-{escape(d['id'])}'><h2>{escape(d['model'])} "
+            f"{escape(d['version'])} {_badge(d['phase'])}</h2>"
+            f"<p>reason: {escape(str(d['reason'] or '-'))}; devices: "
+            f"{escape(', '.join(f'{k} {v}' for k, v in sorted(states.items())) or '-')}</p>"
+            f"<table>{''.join(waves)}</table><ul>{evs}</ul></section>"
+        )
+    body = "".join(parts) or "<p>No rollouts yet.</p>"
+    return _with_cookie(request, _page("Rollouts", body, refresh=5 if live else None))
+
+
+# --- drift ------------------------------------------------------------------------------------
+
+
+@router.get("/drift", response_class=HTMLResponse)
+def drift_index(request: Request, s: Session = Depends(session)) -> Response:
+    if (denied := _viewer(request)) is not None:
+        return denied
+    from cloud_controller.drift.models import SketchAggregate
+
+    models = sorted(set(s.scalars(select(SketchAggregate.model).distinct())))
+    items = "".join(
+        f'<li><a href="/dashboard/drift/{escape(m)}">{escape(m)}</a></li>' for m in models
+    )
+    body = f"<ul>{items}</ul>" if items else "<p>No telemetry sketches yet.</p>"
+    return _with_cookie(request, _page("Drift", body))
+
+
+@router.get("/drift/{model}", response_class=HTMLResponse)
+def drift_page(
+    request: Request,
+    model: str,
+    device: str | None = None,
+    hours: float = 24.0,
+    s: Session = Depends(session),
+) -> Response:
+    if (denied := _viewer(request)) is not None:
+        return denied
+    from cloud_controller.drift import analysis
+    from cloud_controller.drift.api import drift_view
+
+    view = drift_view(s, model, device=device, hours=hours)
+    hist = analysis.history(s, model, scope="device" if device else "fleet", key=device or "*")
+    where = f"device {device}" if device else "fleet"
+    head = (
+        f"<p id='status'>{escape(where)}, last {hours:g} h, n={view.get('n', 0)}, versions "
+        f"{escape(', '.join(view.get('versions', [])) or '-')}: {_badge(view.get('status'))} "
+        f"{escape(str(view.get('reason', '')))}</p>"
+        f'<p class="legend"><span style="background:{svg.REFERENCE}"></span>reference'
+        f'<span style="background:{svg.LIVE}"></span>live'
+        f'<span style="background:{svg.DRIFT}"></span>drifted</p>'
+    )
+    timeline = svg.timeline(
+        [(h["bucket_start"], float(h["max_psi"]), h["status"] == "drift") for h in hist],
+        title="max PSI per bucket (red: drift decided)",
+    )
+    cards = []
+    feats = sorted(view.get("features", []), key=lambda f: (not f["drifted"], f["p_adjusted"]))
+    for f in feats:
+        chart = svg.histogram(
+            f.get("reference_counts") or [],
+            f.get("live_counts"),
+            svg.bin_labels(f.get("edges"), f.get("categories")),
+            title=f["name"],
+        )
+        ks = "-" if f["ks"] is None else f"{f['ks']:.3f}"
+        cls = "feature drifted" if f["drifted"] else "feature"
+        cards.append(
+            f"<div class='{cls}' data-feature='{escape(f['name'])}'>{chart}<div>"
+            f"PSI {f['psi']:.3f} · JS {f['js']:.3f} · KS {ks} · p {f['p_adjusted']:.2g}"
+            f"</div></div>"
+        )
+    evs = "".join(
+        f"<tr><td>{escape(e['at'][:19])}</td><td>{escape(e['scope'])} {escape(e['scope_key'])}"
+        f"</td><td>{escape(', '.join(e['features']))}</td><td>{escape(e['webhook']['state'])}"
+        f"</td></tr>"
+        for e in view.get("events", [])
+    )
+    body = (
+        head
+        + f"<h2>Statistic over time</h2>{timeline}"
+        + f"<h2>Features</h2><div class='grid'>{''.join(cards)}</div>"
+        + "<h2>Drift events</h2><table id='events'><tr><th>at</th><th>scope</th>"
+        + f"<th>features</th><th>webhook</th></tr>{evs}</table>"
+    )
+    return _with_cookie(request, _page(f"Drift: {model}", body, refresh=60))

@@ -1,0 +1,95 @@
+"""`edgefleet drift show MODEL [--device D] [--json]` (calls the controller's API).
+
+Exit codes: 0 no drift (or not enough data), 3 drift, 1 the API refused, 2 unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+DRIFT_EXIT = 3
+drift_app = typer.Typer(help="Data drift and field health of models.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `drift` to the root app."""
+    app.add_typer(drift_app, name="drift")
+
+
+def _get(url: str | None, token: str | None, path: str, params: dict[str, Any]) -> Any:
+    import httpx
+
+    base = (url or "http://127.0.0.1:8400").rstrip("/")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        r = httpx.get(base + path, params=params, headers=headers, timeout=60)
+    except httpx.HTTPError as e:
+        err.print(f"[red]cannot reach {base}: {e}[/red]")
+        raise typer.Exit(2) from e
+    if r.status_code >= 400:
+        try:
+            detail = r.json().get("detail")
+        except ValueError:
+            detail = r.text
+        if isinstance(detail, dict):
+            err.print(f"[red]{r.status_code} {detail.get('code')}: {detail.get('message')}[/red]")
+        else:
+            err.print(f"[red]{r.status_code}: {detail}[/red]")
+        raise typer.Exit(1)
+    return r.json()
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+@drift_app.command("show")
+def show(
+    model: str = typer.Argument(..., help="Model name."),
+    device: str | None = typer.Option(None, "--device", help="One device instead of the fleet."),
+    hours: float = typer.Option(24.0, "--hours", help="Window: the last N hours."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    url: str | None = typer.Option(None, "--url", envvar="EDGEFLEET_URL", help="Controller URL."),
+    token: str | None = typer.Option(None, "--token", envvar="EDGEFLEET_TOKEN", help="API token."),
+) -> None:
+    """Drift per feature and output of MODEL: PSI, JS distance, KS, adjusted p-value."""
+    params: dict[str, Any] = {"hours": hours}
+    if device:
+        params["device"] = device
+    doc = _get(url, token, f"/api/v1/drift/{model}", params)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+        raise typer.Exit(DRIFT_EXIT if doc.get("status") == "drift" else 0)
+    where = f"device {device}" if device else "fleet"
+    colour = {"drift": "red", "ok": "green"}.get(doc.get("status", ""), "yellow")
+    console.print(
+        f"[bold]{model}[/bold] ({where}, last {hours:g} h, n={doc.get('n', 0)}, "
+        f"versions {', '.join(doc.get('versions', [])) or '-'}): "
+        f"[{colour}]{doc.get('status')}[/{colour}] — {doc.get('reason', '')}"
+    )
+    feats = doc.get("features", [])
+    if feats:
+        t = Table("feature", "role", "n", "PSI", "JS", "KS", "p (adj.)", "drift")
+        for f in sorted(feats, key=lambda f: f["p_adjusted"]):
+            t.add_row(
+                f["name"],
+                f["role"],
+                str(f["n"]),
+                _fmt(f["psi"]),
+                _fmt(f["js"]),
+                _fmt(f["ks"]),
+                _fmt(f["p_adjusted"], ".2g"),
+                "[red]yes[/red]" if f["drifted"] else "no",
+            )
+        console.print(t)
+    evs = doc.get("events", [])
+    if evs:
+        console.print(f"{len(evs)} recent drift event(s); latest: {evs[0]['reason']}")
+    raise typer.Exit(DRIFT_EXIT if doc.get("status") == "drift" else 0)
