@@ -138,7 +138,9 @@ def _http(
             attempts = attempt + 1
             if size is not None and n == size:
                 break
-            headers = {"Range": f"bytes={n}-"} if n else {}
+            headers = {"Accept-Encoding": "identity"}
+            if n:
+                headers["Range"] = f"bytes={n}-"
             try:
                 with client.stream("GET", url, headers=headers) as r:
                     if r.status_code == 416 and n:  # nothing left: the part file is complete
@@ -160,7 +162,7 @@ def _http(
                             "size_mismatch", f"server announces {total} bytes, expected {size}"
                         )
                     with open(part, "ab") as f:
-                        for chunk in r.iter_bytes(_CHUNK):
+                        for chunk in r.iter_raw():
                             n += len(chunk)
                             if n > max_bytes:
                                 f.close()

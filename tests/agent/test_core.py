@@ -1,0 +1,188 @@
+"""Pure parts: the transition table, recovery decisions, journal, config, OIP codec, gates."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import oip
+from agent.config import ConfigError, ProbationConfig, load_config
+from agent.journal import Journal, Recovery, UpdateRecord, decide_recovery
+from agent.sessions import judge_probation, plan_swap
+from agent.states import TERMINAL, TRANSITIONS, State, TransitionError, check_transition
+from agent.store import ModelStore, Pointers
+from agent.validation import Figures, judge, sample_agreement
+
+HAPPY = [
+    "IDLE",
+    "DOWNLOADING",
+    "VERIFYING",
+    "INSTALLING",
+    "VALIDATING",
+    "ACTIVATING",
+    "PROBATION",
+    "COMMITTED",
+]
+
+
+def test_happy_path_and_failures_follow_the_table() -> None:
+    for a, b in itertools.pairwise(HAPPY):
+        check_transition(State(a), State(b))
+    for s in ["IDLE", "DOWNLOADING", "VERIFYING", "INSTALLING", "VALIDATING"]:
+        check_transition(State(s), State.FAILED)
+    check_transition(State.PROBATION, State.ROLLING_BACK)
+    check_transition(State.ROLLING_BACK, State.ROLLED_BACK)
+    with pytest.raises(TransitionError):
+        check_transition(State.ACTIVATING, State.FAILED)  # the old model no longer serves alone
+    with pytest.raises(TransitionError):
+        check_transition(State.VALIDATING, State.PROBATION)
+    assert {State.COMMITTED, State.FAILED, State.ROLLED_BACK} == TERMINAL
+    assert set(TRANSITIONS) == set(State)
+
+
+@pytest.mark.parametrize(
+    ("state", "resumes", "action"),
+    [
+        ("IDLE", 0, Recovery.RESUME),
+        ("DOWNLOADING", 0, Recovery.RESUME),
+        ("VALIDATING", 2, Recovery.RESUME),
+        ("VALIDATING", 3, Recovery.FAIL),
+        ("ACTIVATING", 0, Recovery.RESUME),
+        ("ACTIVATING", 3, Recovery.ROLL_BACK),
+        ("PROBATION", 0, Recovery.ROLL_BACK),
+        ("ROLLING_BACK", 0, Recovery.FINISH_ROLLBACK),
+        ("COMMITTED", 0, Recovery.NONE),
+        ("FAILED", 9, Recovery.NONE),
+    ],
+)
+def test_decide_recovery(state: str, resumes: int, action: Recovery) -> None:
+    assert decide_recovery(State(state), resumes) is action
+
+
+def test_journal_persists_before_memory_and_refuses_bad_transitions(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    rec = UpdateRecord(id="u1", model="m", version="1.0.0", source="/x")
+    j.create(rec)
+    j.transition(rec, State.DOWNLOADING)
+    on_disk = json.loads(j.path("u1").read_text())
+    assert on_disk["state"] == "DOWNLOADING" and len(on_disk["history"]) == 2
+    with pytest.raises(TransitionError):
+        j.transition(rec, State.COMMITTED)
+    assert rec.state == "DOWNLOADING" and j.load("u1").state == "DOWNLOADING"  # type: ignore[union-attr]
+    j.transition(rec, State.FAILED, "x", "because")
+    assert j.unfinished() == [] and j.all()[0].history[-1].reason == "because"
+    (tmp_path / "updates" / ".u2.json.abcd.tmp").write_text("{half")  # an interrupted write
+    assert len(Journal(tmp_path).all()) == 1
+    assert not (tmp_path / "updates" / ".u2.json.abcd.tmp").exists()
+
+
+def test_store_pointers_and_prune(tmp_path: Path) -> None:
+    s = ModelStore(tmp_path)
+    for v in ("1.0.0", "1.1.0", "1.2.0"):
+        s.version_dir("m", v).mkdir(parents=True)
+        (s.version_dir("m", v) / "model.onnx").write_bytes(v.encode())
+        s.record_install("m", v, {"member_digests": {}})
+    s.version_dir("m", "2.0.0").mkdir()  # interrupted install: no record
+    s.set_pointers("m", Pointers("1.2.0", "1.1.0"))
+    s.discard_incomplete("m")
+    assert not s.version_dir("m", "2.0.0").exists()
+    assert s.prune("m") == ["1.0.0"]
+    assert s.installed_versions("m") == ["1.1.0", "1.2.0"]
+    with pytest.raises(ValueError):
+        s.remove_version("m", "1.1.0")
+
+
+def test_config_toml_env_and_errors(tmp_path: Path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text(
+        'device_id = "gw"\ndata_dir = "data"\ntrusted_keys = ["k/a.pem"]\n[probation]\nseconds = 2.5\n'
+    )
+    cfg = load_config(
+        p,
+        env={
+            "EDGEFLEET_AGENT_HTTP_PORT": "9999",
+            "EDGEFLEET_AGENT_MQTT_URL": "mqtt://127.0.0.1:1883",
+            "EDGEFLEET_AGENT_SWAP_MODE": "unload_first",
+        },
+    )
+    assert cfg.data_dir == tmp_path / "data" and cfg.trusted_keys == [tmp_path / "k/a.pem"]
+    assert cfg.http_port == 9999 and cfg.mqtt.url == "mqtt://127.0.0.1:1883"
+    assert cfg.probation.seconds == 2.5 and cfg.swap.mode == "unload_first"
+    with pytest.raises(ConfigError, match="http_port"):
+        load_config(p, env={"EDGEFLEET_AGENT_HTTP_PORT": "eighty"})
+    p.write_text('device_id = "gw"\ndata_dir = "d"\nbogus = 1\n')
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(p, env={})
+    with pytest.raises(ConfigError, match="device_id"):
+        load_config(None, env={"EDGEFLEET_AGENT_DATA_DIR": "/tmp/x"})
+
+
+def test_oip_json_and_binary_roundtrip() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for binary in (False, True):
+        body, headers = oip.encode_request({"X": x}, binary=binary, binary_outputs=binary)
+        req = oip.parse_request(body, int(headers[oip.HEADER_LENGTH]) if binary else None)
+        assert np.array_equal(req.inputs["X"], x) and req.inputs["X"].dtype == np.float32
+        out = {"y": x * 2, "label": np.array([1, 2, 3], np.int64)}
+        rbody, rheaders = oip.encode_response("m", "1", req, out)
+        got = oip.decode_response(rbody, rheaders)
+        assert np.array_equal(got["y"], x * 2) and got["label"].dtype == np.int64
+        assert (oip.HEADER_LENGTH in rheaders) is binary
+
+
+@pytest.mark.parametrize(
+    ("body", "hl", "msg"),
+    [
+        (b"not json", None, "not JSON"),
+        (b'{"inputs": []}', None, "non-empty"),
+        (
+            b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [2], "data": [1]}]}',
+            None,
+            "does not fit",
+        ),
+        (
+            b'{"inputs": [{"name": "X", "datatype": "NOPE", "shape": [1], "data": [1]}]}',
+            None,
+            "datatype",
+        ),
+    ],
+)
+def test_oip_malformed_requests(body: bytes, hl: int | None, msg: str) -> None:
+    with pytest.raises(oip.ProtocolError, match=msg):
+        oip.parse_request(body, hl)
+
+
+def test_oip_binary_data_past_the_body() -> None:
+    j = b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}}]}'
+    with pytest.raises(oip.ProtocolError, match="runs past"):
+        oip.parse_request(j + b"abcd", len(j))
+    assert oip.parse_request(j + b"abcdefgh", len(j)).inputs["X"].shape == (2,)
+
+
+def test_validation_gates() -> None:
+    exp = {"p": np.array([[0.1, 0.9], [0.5, 0.5]], np.float32), "l": np.array([1, 0])}
+    got = {"p": np.array([[0.1, 0.9], [0.6, 0.4]], np.float32), "l": np.array([1, 0])}
+    agree, err, n = sample_agreement(exp, got, 1e-4, 1e-3)
+    assert (agree, n) == (0.5, 2) and err == pytest.approx(0.1, abs=1e-6)
+    f = Figures(samples=2, agreement=agree, p95_ms=3.0, memory_growth_mb=10)
+    assert judge(f, {"min_sample_agreement": 0.5}) is None
+    assert judge(f, {}).code == "sample_mismatch"  # type: ignore[union-attr]
+    assert judge(f, {"min_sample_agreement": 0.5, "max_p95_ms": 2.0}).code == "latency_gate"  # type: ignore[union-attr]
+    assert judge(f, {"min_sample_agreement": 0.5, "max_memory_mb": 5}).code == "memory_gate"  # type: ignore[union-attr]
+
+
+def test_probation_and_swap_decisions() -> None:
+    cfg = ProbationConfig(
+        min_requests=10, max_error_rate=0.1, latency_factor=2.0, latency_slack_ms=1.0
+    )
+    assert judge_probation(5, 5, [], 1.0, cfg) is None  # too few requests to judge
+    assert judge_probation(10, 2, [1.0] * 8, 1.0, cfg)[0] == "probation_error_rate"  # type: ignore[index]
+    assert judge_probation(20, 0, [5.0] * 20, 1.0, cfg)[0] == "probation_latency"  # type: ignore[index]
+    assert judge_probation(20, 1, [2.0] * 19, 1.0, cfg) is None
+    assert plan_swap("auto", 1000, 100, 50) == "overlap"
+    assert plan_swap("auto", 120, 100, 50) == "unload_first"
+    assert plan_swap("overlap", 0, 100, 50) == "overlap"

@@ -1,0 +1,126 @@
+"""The KServe v2 API of a running agent: endpoints, JSON and binary tensors, errors, metrics,
+several models, observers, inventory, probation rollback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.config import ProbationConfig
+from agent.runtime import Agent, UpdateRequest
+from tests.agent.helpers import OipClient, wait_for
+
+
+def test_endpoints_json_binary_and_errors(
+    pkgs: dict[str, Path], agent_factory: Callable[..., Agent], v1_copy: Path, x_iris: np.ndarray
+) -> None:
+    agent = agent_factory(v1_copy)
+    seen: list[tuple[str, str, bool]] = []
+    agent.add_inference_observer(lambda m, v, i, o, lat, ok: seen.append((m, v, ok)))
+    c = OipClient(agent.http_port or 0)
+    assert c.get_json("/v2/health/live") == (200, {"live": True})
+    assert c.get_json("/v2/health/ready")[0] == 200
+    status, meta = c.get_json("/v2")
+    assert status == 200 and "binary_tensor_data" in meta["extensions"]
+    status, md = c.get_json("/v2/models/iris")
+    assert md["versions"] == ["1.0.0"] and md["inputs"] == [
+        {"name": "X", "datatype": "FP32", "shape": [-1, 4]}
+    ]
+    assert c.get_json("/v2/models/iris/versions/1.0.0")[0] == 200
+    assert c.get_json("/v2/models/iris/ready")[0] == 200
+    assert c.get_json("/v2/models/iris/versions/9.9.9")[0] == 404
+    assert c.get_json("/v2/models/nope/ready")[0] == 404
+
+    raw = ort.InferenceSession(str(v1_copy / "models/iris/1.0.0/model.onnx")).run(
+        None, {"X": x_iris}
+    )
+    for binary in (False, True):
+        status, meta, out = c.infer("iris", {"X": x_iris}, binary=binary)
+        assert status == 200 and meta["model_name"] == "iris" and meta["model_version"] == "1.0.0"
+        assert np.array_equal(out["label"], raw[0]) and np.allclose(out["probabilities"], raw[1])
+        if binary:
+            assert all("binary_data_size" in o["parameters"] for o in meta["outputs"])
+    status, _, out = c.infer("iris", {"X": x_iris}, version="1.0.0")
+    assert status == 200
+    assert c.infer("iris", {"X": x_iris}, version="0.1.0")[0] == 404
+    assert c.infer("nope", {"X": x_iris})[0] == 404
+    status, err, _ = c.infer("iris", {"X": x_iris.astype(np.float64)})
+    assert status == 400 and "float32" in err["error"]
+    status, err, _ = c.infer("iris", {"Z": x_iris})
+    assert status == 400 and "missing input" in err["error"]
+    status, err, _ = c.infer("iris", {"X": x_iris[:, :3]})
+    assert status == 400 and "shape" in err["error"]
+    status, body, _ = c.request(
+        "POST", "/v2/models/iris/infer", b"{", {"Content-Type": "application/json"}
+    )
+    assert status == 400 and b"error" in body
+    assert c.request("GET", "/v2/nothing")[0] == 404
+
+    status, metrics, _ = c.request("GET", "/metrics")
+    text = metrics.decode()
+    assert status == 200
+    assert (
+        'edgefleet_inference_requests_total{model="iris",protocol="json",version="1.0.0"} 2.0'
+        in text
+    )
+    assert (
+        'edgefleet_inference_requests_total{model="iris",protocol="binary",version="1.0.0"} 1.0'
+        in text
+    )
+    assert 'edgefleet_inference_errors_total{code="bad_request",model="iris"} 4.0' in text
+    assert 'edgefleet_model_info{model="iris",version="1.0.0"} 1.0' in text
+    assert "edgefleet_inference_latency_seconds_bucket" in text
+    c.close()
+    assert ("iris", "1.0.0", True) in seen and len(seen) == 3
+
+
+def test_several_models_inventory_reference_and_probation_rollback(
+    pkgs: dict[str, Path], agent_factory: Callable[..., Agent], v1_copy: Path, x_iris: np.ndarray
+) -> None:
+    agent = agent_factory(
+        v1_copy,
+        probation=ProbationConfig(
+            seconds=30.0, min_requests=4, max_error_rate=0.2, commit_after_requests=6
+        ),
+    )
+    events: list[Any] = []
+    agent.add_listener(events.append)
+    c = OipClient(agent.http_port or 0)
+    ok = {"X": np.array([1.0, 3.0], np.float32)}
+    uid = agent.submit_update(UpdateRequest("lookup", "1.0.0", str(pkgs["lookup1"])))
+    wait_for(lambda: agent.sessions.get("lookup") is not None, 30, what="lookup serving")
+    for _ in range(6):
+        assert c.infer("lookup", ok)[0] == 200
+    assert agent.wait_update(uid, 30)["state"] == "COMMITTED"
+    assert c.infer("iris", {"X": x_iris})[0] == 200  # both models by name
+    inv = agent.inventory()
+    assert (
+        set(inv["models"]) == {"iris", "lookup"} and inv["models"]["lookup"]["version"] == "1.0.0"
+    )
+    assert (
+        inv["profiles"] == ["cpu-x86_64"] and "CPUExecutionProvider" in inv["execution_providers"]
+    )
+    assert agent.reference("lookup") == {"kind": "test", "features": {}}
+    assert agent.reference("iris") is None and agent.reference("nope") is None
+
+    uid = agent.submit_update(UpdateRequest("lookup", "2.0.0", str(pkgs["lookup2"])))
+    wait_for(lambda: agent.sessions.get("lookup").version == "2.0.0", 30, what="2.0.0 serving")  # type: ignore[union-attr]
+    assert c.infer("lookup", ok)[1]["model_version"] == "2.0.0"
+    for _ in range(4):  # out-of-table index: the new model fails at run time (500)
+        assert c.infer("lookup", {"X": np.array([50.0], np.float32)})[0] == 500
+    view = agent.wait_update(uid, 30)
+    assert view["state"] == "ROLLED_BACK" and view["reason_code"] == "probation_error_rate", view
+    status, meta, out = c.infer("lookup", ok)
+    assert status == 200 and meta["model_version"] == "1.0.0" and out["Y"].tolist() == [1.0, 3.0]
+    assert agent.store.pointers("lookup").current == "1.0.0"
+    assert [e.state for e in events if e.update_id == uid][-2:] == ["ROLLING_BACK", "ROLLED_BACK"]
+    status, metrics, _ = c.request("GET", "/metrics")
+    assert (
+        b'edgefleet_updates_total{outcome="ROLLED_BACK",reason_code="probation_error_rate"} 1.0'
+        in metrics
+    )
+    c.close()
