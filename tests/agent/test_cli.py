@@ -1,0 +1,103 @@
+"""`edgefleet agent init/run/install/status` end to end, in real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgefleet.keys import KeyPair
+from tests.agent.helpers import REPO, served_version, wait_for
+from tests.support.services import free_port, wait_port
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgefleet", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+    )
+
+
+def test_init_run_install_status(
+    tmp_path: Path, keys: dict[str, KeyPair], pkgs: dict[str, Path], x_iris: np.ndarray
+) -> None:
+    d = tmp_path / "gw"
+    port = free_port()
+    r = _cli(
+        "init",
+        str(d),
+        "--device-id",
+        "gw-7",
+        "--trust",
+        str(keys["trusted"].public_path),
+        "--http-port",
+        str(port),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (d / "keys/trusted/trusted.pub.pem").exists() or list((d / "keys/trusted").iterdir())
+    assert (
+        _cli(
+            "init", str(d), "--device-id", "x", "--trust", str(keys["trusted"].public_path)
+        ).returncode
+        == 1
+    )
+    cfg = d / "agent.toml"
+    text = (
+        cfg.read_text()
+        .replace("seconds = 10.0", "seconds = 0.2")
+        .replace("min_requests = 20", "min_requests = 0")
+    )
+    cfg.write_text(text.replace("enabled = true", "enabled = false"))
+    assert ((d / "data" / "admin.token").stat().st_mode & 0o777) == 0o600
+
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(cfg)],
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, timeout=60)
+        wait_for(lambda: (d / "data" / "admin.json").exists(), 30, what="admin endpoint")
+        r = _cli("install", str(pkgs["v1"]), "--config", str(cfg))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "COMMITTED" in r.stdout and "iris 1.0.0 serves" in r.stdout
+        assert served_version(port, "iris", x_iris) == "1.0.0"
+        r = _cli("install", str(pkgs["v0"]), "--config", str(cfg))
+        assert r.returncode == 2 and "version_not_newer" in r.stdout, r.stdout
+        r = _cli("install", str(pkgs["v2"]), "--config", str(cfg))
+        assert r.returncode == 0, r.stdout
+        assert served_version(port, "iris", x_iris) == "1.1.0"
+        r = _cli("status", "--config", str(cfg))
+        assert (
+            r.returncode == 0
+            and "gw-7" in r.stdout
+            and "1.1.0" in r.stdout
+            and "VERIFYING" in r.stdout
+        )
+        st = json.loads(_cli("status", "--config", str(cfg), "--json").stdout)
+        assert (
+            st["models"]["iris"]["version"] == "1.1.0"
+            and st["models"]["iris"]["previous"] == "1.0.0"
+        )
+        # a wrong token is refused
+        (d / "data" / "admin.token").write_text("wrong")
+        r = _cli("status", "--config", str(cfg))
+        assert r.returncode == 1 and "401" in r.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == 0
+    assert not (d / "data" / "admin.json").exists()
