@@ -71,7 +71,9 @@ class Controller:
         service = RolloutService(factory, signer, settings.base_url)
         ctl = cls(settings, engine, factory, signer, load_trusted_keys(settings), service)
         if settings.broker_url:
-            ctl.bridge = MqttBridge(settings.broker_url, factory, service)
+            ctl.bridge = MqttBridge(
+                settings.broker_url, factory, service, client_id=settings.mqtt_client_id
+            )
             service.publish = ctl.bridge.publish
         return ctl
 

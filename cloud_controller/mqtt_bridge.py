@@ -99,10 +99,12 @@ class MqttBridge:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._ingest = _telemetry_ingest()
+        # A fixed client id with a persistent session: the broker keeps the QoS 1 status
+        # messages devices send while the controller restarts, so no count is lost.
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id or f"edgefleet-controller-{uuid.uuid4().hex[:8]}",
-            clean_session=True,
+            clean_session=client_id is None,
         )
         if self.address.username:
             self._client.username_pw_set(self.address.username, self.address.password)

@@ -20,6 +20,7 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     db_url: str | None = None
     broker_url: str | None = None
+    mqtt_client_id: str = "edgefleet-controller"  # persistent session: QoS 1 kept while away
     packages_dir: Path | None = None
     signing_key: Path | None = None
     signing_key_passphrase: str | None = None
@@ -56,6 +57,7 @@ class Settings:
             ("DATA_DIR", Path),
             ("DB", str),
             ("BROKER", str),
+            ("MQTT_CLIENT_ID", str),
             ("PACKAGES", Path),
             ("SIGNING_KEY", Path),
             ("SIGNING_KEY_PASSPHRASE", str),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def start_controller(
     db_url: str | None = None,
     tick_s: float = 0.1,
     signing_key: Path | None = None,
+    client_id: str | None = None,
+    before_start: Callable[[Any], None] | None = None,
 ) -> Running:
     """Build the controller app and serve it with uvicorn in a thread on a free port."""
     import uvicorn
@@ -63,8 +66,11 @@ def start_controller(
         port=port,
         tick_s=tick_s,
         signing_key=signing_key,
+        mqtt_client_id=client_id or f"ctl-test-{uuid.uuid4().hex[:8]}",
     )
     ctl = Controller.build(settings)
+    if before_start is not None:
+        before_start(ctl)
     with transaction(ctl.factory) as s:
         admin = auth.create_token(s, "admin", "test-admin")
         tokens = {

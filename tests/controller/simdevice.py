@@ -14,7 +14,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgefleet.wire.errors import RejectError
+from edgefleet.wire.errors import RejectError, ReplayError
 from edgefleet.wire.mqtt import offline_will, topic, verify_desired
 
 
@@ -31,6 +31,7 @@ class SimDevice:
         fail_versions: frozenset[str] = frozenset(),
         username: str | None = None,
         password: str | None = None,
+        hold: bool = False,
     ) -> None:
         self.device_id, self.key = device_id, controller_key
         self.profiles, self.fail_versions = profiles, fail_versions
@@ -39,7 +40,10 @@ class SimDevice:
         self.last_seq: int | None = None
         self.status_seq = 0
         self.rejected: list[str] = []
+        self.replays = 0
         self.seen_desired = 0
+        self.hold = hold  # keep desired states until release(): a device that is slow to act
+        self.held: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
         if username:
@@ -103,6 +107,9 @@ class SimDevice:
                 state = verify_desired(
                     msg.payload, [self.key], device_id=self.device_id, last_seq=self.last_seq
                 )
+            except ReplayError:
+                self.replays += 1  # the controller re-publishes on reconnect: same seq, ignored
+                return
             except RejectError as e:
                 self.rejected.append(str(e.code))
                 return
@@ -111,9 +118,23 @@ class SimDevice:
             entry = state["models"].get("iris")
             if entry is None or entry["version"] == self.version:
                 return
-            self._status(entry, "DOWNLOADING")
-            if entry["version"] in self.fail_versions:
-                self._status(entry, "FAILED", "validation_failed")
+            if self.hold:
+                self.held.append(entry)
                 return
-            self.previous, self.version = self.version, entry["version"]
-            self._status(entry, "COMMITTED")
+            self._act(entry)
+
+    def release(self) -> int:
+        """Act on the held desired states now; returns how many."""
+        with self._lock:
+            held, self.held, self.hold = self.held, [], False
+            for entry in held:
+                self._act(entry)
+            return len(held)
+
+    def _act(self, entry: dict[str, Any]) -> None:
+        self._status(entry, "DOWNLOADING")
+        if entry["version"] in self.fail_versions:
+            self._status(entry, "FAILED", "validation_failed")
+            return
+        self.previous, self.version = self.version, entry["version"]
+        self._status(entry, "COMMITTED")

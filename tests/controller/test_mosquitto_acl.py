@@ -1,0 +1,144 @@
+"""Generated Mosquitto password + ACL files, enforced by a real Mosquitto process."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from typer.testing import CliRunner
+
+from cloud_controller import auth
+from cloud_controller import db as dbm
+from edgefleet.cli import app
+from edgefleet.wire.mqtt import topic
+from tests.support.services import free_port, require, wait_port
+
+CTL_PW = "controller-secret-pw"
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    require(shutil.which("mosquitto") is not None, "mosquitto is not installed")
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    engine = dbm.make_engine(url)
+    dbm.upgrade(engine)
+    with dbm.transaction(dbm.session_factory(engine)) as s:
+        creds = {d: auth.register_device(s, d).mqtt_password for d in ("gw-1", "gw-2")}
+    engine.dispose()
+    port = free_port()
+    out = tmp_path / "mq"
+    res = CliRunner().invoke(
+        app,
+        [
+            "controller", "mosquitto-config", "--out", str(out), "--db", url,
+            "--controller-password", CTL_PW, "--port", str(port),
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    passwd = (out / "passwd").read_text()
+    assert "gw-1:$7$" in passwd and creds["gw-1"] not in passwd and CTL_PW not in passwd
+    conf = (
+        (out / "mosquitto.conf")
+        .read_text()
+        .replace(f"listener {port}", f"listener {port} 127.0.0.1")
+    )
+    if os.geteuid() == 0:  # as root Mosquitto drops to user `mosquitto`, who cannot read tmp_path
+        conf += "user root\n"
+    (out / "mosquitto.conf").write_text(conf)
+    log = open(out / "log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(out / "mosquitto.conf")], stdout=log, stderr=log
+    )
+    try:
+        wait_port(port)
+        yield port, creds
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+class Conn:
+    def __init__(self, port: int, user: str, pw: str) -> None:
+        self.msgs: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connected: queue.Queue[Any] = queue.Queue()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-t")
+        self.c.username_pw_set(user, pw)
+        self.c.on_connect = lambda *a: self.connected.put(a[3])
+        self.c.on_message = lambda _c, _u, m: self.msgs.put((m.topic, bytes(m.payload)))
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        self.rc = self.connected.get(timeout=10)
+
+    def sub(self, t: str) -> None:
+        self.c.subscribe(t, qos=1)
+
+    def pub(self, t: str, payload: dict[str, Any], retain: bool = False) -> None:
+        self.c.publish(t, json.dumps(payload), qos=1, retain=retain).wait_for_publish(10)
+
+    def drain(self, seconds: float = 1.0) -> list[str]:
+        out = []
+        try:
+            while True:
+                out.append(self.msgs.get(timeout=seconds)[0])
+        except queue.Empty:
+            return out
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def test_acl_confines_each_device_to_its_own_topics(secured: tuple[int, dict[str, str]]) -> None:
+    port, creds = secured
+    ctl = Conn(port, auth.CONTROLLER_MQTT_USER, CTL_PW)
+    gw1 = Conn(port, "gw-1", creds["gw-1"])
+    gw2 = Conn(port, "gw-2", creds["gw-2"])
+    wrong = Conn(port, "gw-1", creds["gw-2"])
+    try:
+        assert not ctl.rc.is_failure and not gw1.rc.is_failure and not gw2.rc.is_failure
+        assert wrong.rc.is_failure  # gw-2's password does not open gw-1
+        ctl.sub("edgefleet/v1/devices/+/status")
+        ctl.sub("edgefleet/v1/devices/+/presence")
+        ctl.sub("edgefleet/v1/devices/+/telemetry")
+        gw1.sub("edgefleet/v1/devices/+/desired")  # wildcard: must still see only its own
+        gw1.sub(topic("gw-2", "desired"))
+        gw1.sub(topic("gw-2", "status"))
+        gw2.sub(topic("gw-2", "desired"))
+        ctl.drain(0.3), gw1.drain(0.3), gw2.drain(0.3)
+        # the controller writes both devices' desired states
+        ctl.pub(topic("gw-1", "desired"), {"for": "gw-1"}, retain=True)
+        ctl.pub(topic("gw-2", "desired"), {"for": "gw-2"}, retain=True)
+        assert gw1.drain() == [topic("gw-1", "desired")]
+        assert gw2.drain() == [topic("gw-2", "desired")]
+        # gw-1 may write its own status/telemetry/presence, not gw-2's, nor any desired state
+        gw1.pub(topic("gw-1", "status"), {"seq": 1})
+        gw1.pub(topic("gw-1", "telemetry"), {"records": []})
+        gw1.pub(topic("gw-1", "presence"), {"online": True})
+        gw1.pub(topic("gw-2", "status"), {"forged": True})
+        gw1.pub(topic("gw-2", "presence"), {"forged": True})
+        gw1.pub(topic("gw-2", "desired"), {"forged": True}, retain=True)
+        gw1.pub(topic("gw-1", "desired"), {"forged": True}, retain=True)
+        got = sorted(ctl.drain())
+        assert got == sorted(
+            [topic("gw-1", "status"), topic("gw-1", "telemetry"), topic("gw-1", "presence")]
+        )
+        assert gw2.drain() == []  # no forged desired state reached gw-2
+        assert gw1.drain(0.5) == []  # and gw-1 did not overwrite its own either
+        # the retained desired states are still the controller's
+        late = Conn(port, "gw-2", creds["gw-2"])
+        late.sub(topic("gw-2", "desired"))
+        payload = late.msgs.get(timeout=5)[1]
+        assert json.loads(payload) == {"for": "gw-2"}
+        late.close()
+    finally:
+        for c in (ctl, gw1, gw2, wrong):
+            c.close()
