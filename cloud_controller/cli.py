@@ -63,6 +63,7 @@ def _api(url: str | None, token: str | None, method: str, path: str, **kw: Any) 
 
     base = (url or "http://127.0.0.1:8400").rstrip("/")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers.update(kw.pop("headers", None) or {})
     try:
         r = httpx.request(method, base + path, headers=headers, timeout=120, **kw)
     except httpx.HTTPError as e:
