@@ -37,13 +37,16 @@ def _root(
 def _register_components() -> None:
     from agent import cli as agent_cli
     from cloud_controller import cli as controller_cli
-    from edgefleet import core_cli
+    from cloud_controller.drift import cli as drift_cli
+    from edgefleet import core_cli, demo
     from packager import cli as packager_cli
 
     core_cli.register(app)
     packager_cli.register(app)
     agent_cli.register(app)
     controller_cli.register(app)
+    drift_cli.register(app)
+    demo.register(app)
 
 
 _register_components()
