@@ -235,17 +235,42 @@ def evaluate_due(
             )
             .order_by(SketchAggregate.bucket_start)
         )
+        known: dict[str, bool] = {}
         for agg in session.scalars(q):
-            result = judge(session, agg.model, agg.reference_id, agg.sketch, s.config)
-            if result["status"] == "no_reference":
+            if agg.scope not in s.scopes:  # not judged here; shown on request (history)
+                agg.evaluated = True
+                agg.status = None
+                agg.result = None
+                continue
+            rid = agg.reference_id
+            if rid not in known:
+                known[rid] = get_reference(session, agg.model, rid) is not None
+            if not known[rid]:
                 continue  # judged once the reference arrives
+            result = judge(session, agg.model, rid, agg.sketch, s.config)
             agg.evaluated = True
             agg.status = result["status"]
             agg.result = result
-            if result["status"] == "drift" and agg.scope in s.scopes:
+            if result["status"] == "drift" and not _has_event(session, agg):
                 events.append(_event(session, agg, result, s, now))
     session.flush()
     return events
+
+
+def _has_event(session: Session, agg: SketchAggregate) -> bool:
+    """A bucket re-judged after late data raises no second event."""
+    found = session.scalars(
+        select(DriftEvent.id)
+        .where(
+            DriftEvent.model == agg.model,
+            DriftEvent.reference_id == agg.reference_id,
+            DriftEvent.scope == agg.scope,
+            DriftEvent.scope_key == agg.scope_key,
+            DriftEvent.bucket_start == agg.bucket_start,
+        )
+        .limit(1)
+    ).first()
+    return found is not None
 
 
 def _event(

@@ -10,12 +10,11 @@ after the surrounding transaction commits, from a background thread.
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event, insert, select
+from sqlalchemy import bindparam, event, insert, select, update
 from sqlalchemy.orm import Session
 
 from cloud_controller.drift.analysis import (
@@ -24,6 +23,7 @@ from cloud_controller.drift.analysis import (
     evaluate_due,
     get_settings,
     parse_time,
+    utc,
 )
 from cloud_controller.drift.models import SketchAggregate, TelemetryRecord
 from edgefleet.drift.sketch import SketchError, merge_dicts
@@ -74,23 +74,21 @@ def ingest_batch(
             fresh.setdefault((device_id, int(r["id"])), r)
     if not fresh:
         return 0
-    by_device: dict[str, list[int]] = defaultdict(list)
-    for dev, rid in fresh:
-        by_device[dev].append(rid)
-    for dev, ids in by_device.items():
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            seen = session.scalars(
-                select(TelemetryRecord.record_id).where(
-                    TelemetryRecord.device_id == dev, TelemetryRecord.record_id.in_(chunk)
-                )
+    devices = sorted({dev for dev, _ in fresh})
+    ids = sorted({rid for _, rid in fresh})
+    for i in range(0, len(ids), 500):  # one query per 500 ids, pairs filtered here
+        seen = session.execute(
+            select(TelemetryRecord.device_id, TelemetryRecord.record_id).where(
+                TelemetryRecord.record_id.in_(ids[i : i + 500]),
+                TelemetryRecord.device_id.in_(devices),
             )
-            for rid in seen:
-                fresh.pop((dev, int(rid)), None)
+        )
+        for dev, rid in seen:
+            fresh.pop((dev, int(rid)), None)
     if not fresh:
         return 0
     rows = [_row(dev, rid, rec, now) for (dev, rid), rec in fresh.items()]
-    session.execute(insert(TelemetryRecord), rows)
+    session.execute(insert(TelemetryRecord.__table__), rows)  # type: ignore[arg-type]
     sketches = [(dev, rec) for (dev, _), rec in fresh.items() if rec["kind"] == "sketch"]
     if sketches:
         _merge_sketches(session, sketches, now)
@@ -140,62 +138,98 @@ def _merge_sketches(
 ) -> None:
     groups = _device_groups(session, (d for d, _ in sketches))
     settings: dict[str, ModelDriftSettings] = {}
-    pending: dict[tuple[str, str, str, str, datetime], tuple[dict[str, Any], set[str]]] = {}
+    # 1. one merge per window into (model, reference, device, version, bucket)
+    per_device: dict[tuple[str, str, str, str, datetime], dict[str, Any]] = {}
     for dev, rec in sketches:
         sk, model, version = rec.get("sketch"), _str(rec.get("model")), _str(rec.get("version"))
         if not isinstance(sk, dict) or model is None or not isinstance(sk.get("reference_id"), str):
             continue
         s = settings.get(model) or settings.setdefault(model, get_settings(session, model))
         bucket = bucket_start(parse_time(rec.get("window_end") or rec.get("at"), now), s.bucket_s)
-        rid = str(sk["reference_id"])
-        keys = [("device", dev), ("release", version or "?"), ("fleet", "*")]
+        k1 = (model, str(sk["reference_id"]), dev, version or "?", bucket)
+        prev = per_device.get(k1)
+        try:
+            per_device[k1] = sk if prev is None else merge_dicts(prev, sk)
+        except SketchError:
+            continue
+    # 2. those into every scope they belong to
+    pending: dict[tuple[str, str, str, str, datetime], tuple[dict[str, Any], set[str]]] = {}
+    for (model, rid, dev, version, bucket), sk in per_device.items():
+        keys = [("device", dev), ("release", version), ("fleet", "*")]
         keys += [("group", g) for g in groups.get(dev, [])]
         for scope, key in keys:
             k = (model, rid, scope, key, bucket)
-            prev = pending.get(k)
-            try:
-                merged_sk = sk if prev is None else merge_dicts(prev[0], sk)
-            except SketchError:
-                continue
-            versions = (prev[1] if prev else set()) | ({version} if version else set())
-            pending[k] = (merged_sk, versions)
-    for (model, rid, scope, key, bucket), (sk, versions) in pending.items():
-        row = session.scalars(
+            prev2 = pending.get(k)
+            merged_sk = sk if prev2 is None else merge_dicts(prev2[0], sk)
+            pending[k] = (merged_sk, (prev2[1] if prev2 else set()) | {version} - {"?"})
+    existing: dict[tuple[str, str, str, str, datetime], SketchAggregate] = {}
+    for model in {k[0] for k in pending}:
+        buckets = sorted({k[4] for k in pending if k[0] == model})
+        rids = sorted({k[1] for k in pending if k[0] == model})
+        rows = session.scalars(
             select(SketchAggregate)
             .where(
                 SketchAggregate.model == model,
-                SketchAggregate.reference_id == rid,
-                SketchAggregate.scope == scope,
-                SketchAggregate.scope_key == key,
-                SketchAggregate.bucket_start == bucket,
+                SketchAggregate.reference_id.in_(rids),
+                SketchAggregate.bucket_start.in_(buckets),
             )
             .with_for_update()
-        ).first()
+        )
+        for found in rows:
+            start = utc(found.bucket_start)
+            assert start is not None
+            existing[(found.model, found.reference_id, found.scope, found.scope_key, start)] = found
+    fresh_rows: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    for (model, rid, scope, key, bucket), (sk, versions) in pending.items():
+        row = existing.get((model, rid, scope, key, bucket))
         if row is None:
-            session.add(
-                SketchAggregate(
-                    model=model,
-                    reference_id=rid,
-                    scope=scope,
-                    scope_key=key,
-                    bucket_start=bucket,
-                    n=int(sk.get("n", 0)),
-                    sketch=sk,
-                    versions=sorted(versions),
-                    evaluated=False,
-                    updated_at=now,
-                )
+            fresh_rows.append(
+                {
+                    "model": model,
+                    "reference_id": rid,
+                    "scope": scope,
+                    "scope_key": key,
+                    "bucket_start": bucket,
+                    "n": int(sk.get("n", 0)),
+                    "sketch": sk,
+                    "versions": sorted(versions),
+                    "evaluated": False,
+                    "updated_at": now,
+                }
             )
             continue
         try:
-            row.sketch = merge_dicts(row.sketch, sk)
+            total = merge_dicts(row.sketch, sk)
         except SketchError:
             continue
-        row.n = int(row.sketch.get("n", 0))
-        row.versions = sorted(set(row.versions) | versions)
-        row.updated_at = now
-        if row.evaluated:  # a late window: judge the bucket again with it
-            row.evaluated = False
+        updates.append(
+            {
+                "_id": row.id,
+                "sketch": total,
+                "n": int(total.get("n", 0)),
+                "versions": sorted(set(row.versions) | versions),
+                "updated_at": now,
+            }
+        )
+    table = SketchAggregate.__table__
+    if fresh_rows:
+        session.execute(insert(table), fresh_rows)  # type: ignore[arg-type]
+    if updates:  # one executemany; a late window reopens a judged bucket
+        session.execute(
+            update(table)  # type: ignore[arg-type]
+            .where(table.c.id == bindparam("_id"))
+            .values(
+                sketch=bindparam("sketch"),
+                n=bindparam("n"),
+                versions=bindparam("versions"),
+                updated_at=bindparam("updated_at"),
+                evaluated=False,
+            ),
+            updates,
+        )
+        for row in existing.values():
+            session.expire(row)
     session.flush()
     new_events = evaluate_due(session, now, models=settings)
     if any(e.webhook_state == "pending" for e in new_events):

@@ -143,6 +143,18 @@ def test_closed_drifted_bucket_raises_one_event_and_a_signed_webhook(
         assert s.scalars(select(DriftEvent)).one().webhook_state == "delivered"
     with transaction(factory) as s:  # judged once: no second event for the same bucket
         assert analysis.evaluate_due(s, late + timedelta(hours=3)) == []
+        # a late window for the closed bucket (an agent back from an outage): merged and
+        # judged again, still one event
+        idx = rng.integers(0, 150, 100)
+        msg = {"records": [sketch_record(_shifted(x[idx]), y[idx], at=T0 + timedelta(minutes=9))]}
+        ingest_batch(s, [("d9", msg)], now=late + timedelta(hours=3))
+        fleet = s.scalars(
+            select(SketchAggregate).where(
+                SketchAggregate.scope == "fleet", SketchAggregate.bucket_start == T0
+            )
+        ).one()
+        assert fleet.n == 500 and fleet.evaluated and fleet.status == "drift"
+        assert _count(s, DriftEvent) == 1
 
 
 def test_undrifted_buckets_are_judged_ok_without_events(factory: sessionmaker[Session]) -> None:
