@@ -56,6 +56,7 @@ class AdminServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     server: AdminServer
 
     def log_message(self, format: str, *args: Any) -> None:

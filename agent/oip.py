@@ -84,7 +84,7 @@ def _decode_bytes(raw: bytes, count: int) -> np.ndarray:
     return out
 
 
-def _tensor(spec: dict[str, Any], raw: bytes | None) -> np.ndarray:
+def _tensor(spec: dict[str, Any], raw: bytes | memoryview | None) -> np.ndarray:
     name = spec.get("name")
     dt = spec.get("datatype")
     shape = spec.get("shape")
@@ -99,7 +99,7 @@ def _tensor(spec: dict[str, Any], raw: bytes | None) -> np.ndarray:
     count = int(np.prod(shape_t, dtype=np.int64))
     if raw is not None:
         if dt == "BYTES":
-            return _decode_bytes(raw, count).reshape(shape_t)
+            return _decode_bytes(bytes(raw), count).reshape(shape_t)
         np_dt = np.dtype(_TO_NP[dt]).newbyteorder("<")
         if len(raw) != count * np_dt.itemsize:
             raise ProtocolError(
@@ -133,19 +133,20 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise ProtocolError("request needs a non-empty 'inputs' list")
     offset = header_length or 0
+    view = memoryview(body)  # binary tensors are read in place, not copied
     inputs: dict[str, np.ndarray] = {}
     for spec in req["inputs"]:
         if not isinstance(spec, dict):
             raise ProtocolError("each input must be an object")
         size = (spec.get("parameters") or {}).get("binary_data_size")
-        raw = None
+        raw: memoryview | None = None
         if size is not None:
             if header_length is None:
                 raise ProtocolError(f"binary_data_size without the {HEADER_LENGTH} header")
             size = int(size)
             if size < 0 or offset + size > len(body):
                 raise ProtocolError(f"input {spec.get('name')!r}: binary data runs past the body")
-            raw = body[offset : offset + size]
+            raw = view[offset : offset + size]
             offset += size
         arr = _tensor(spec, raw)
         if spec["name"] in inputs:

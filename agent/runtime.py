@@ -330,11 +330,29 @@ class Agent:
         """Load an installed version after re-hashing its files against the install record."""
         rec = self.store.check_integrity(name, version)
         vdir = self.store.version_dir(name, version)
-        lm = LoadedModel(name, version, vdir, self.store.manifest(name, version), rec["providers"])
+        lm = LoadedModel(
+            name,
+            version,
+            vdir,
+            self.store.manifest(name, version),
+            rec["providers"],
+            self._session_options(),
+        )
         v = rec.get("validation") or {}
         lm.baseline_p95_ms = v.get("p95_ms")
         lm.memory_mb = float(v.get("memory_growth_mb") or 0.0)
         return lm
+
+    def _session_options(self) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if self.config.intra_op_threads > 0:
+            so.intra_op_num_threads = self.config.intra_op_threads
+        spin = "1" if self.config.allow_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        return so
 
     # ------------------------------------------------------------------ the worker
 
@@ -556,7 +574,9 @@ class Agent:
         proc = psutil.Process()
         rss0 = proc.memory_info().rss
         try:
-            lm = LoadedModel(name, version, vdir, manifest, inst["providers"])
+            lm = LoadedModel(
+                name, version, vdir, manifest, inst["providers"], self._session_options()
+            )
         except Exception as e:
             raise StepFailed("load_failed", f"ONNX Runtime cannot load the model: {e}") from e
         fig = Figures(providers=lm.providers, cpu_fallback_used=bool(inst.get("cpu_fallback_used")))

@@ -46,6 +46,7 @@ class InferenceServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # small responses must not wait for the client's delayed ACK
     server: InferenceServer
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -57,9 +58,12 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in hdrs.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        # headers and body in one write: one segment for small responses
+        buf: list[bytes] = self._headers_buffer  # type: ignore[attr-defined]
+        buf.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(body)
+            buf.append(body)
+        self.flush_headers()
 
     def _json(self, status: int, obj: Any) -> None:
         self._send(status, json.dumps(obj, separators=(",", ":")).encode())

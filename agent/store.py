@@ -69,9 +69,11 @@ class ModelStore:
         d = self.model_dir(name)
         if not d.is_dir():
             return []
-        return sorted(p.name
+        return sorted(
+            p.name
             for p in d.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and (p / INSTALL_RECORD).exists())
+            if p.is_dir() and not p.name.startswith(".") and (p / INSTALL_RECORD).exists()
+        )
 
     def record_install(self, name: str, version: str, record: dict[str, Any]) -> None:
         """Mark a verified, extracted version as installed (written last, atomically)."""

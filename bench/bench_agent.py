@@ -41,21 +41,24 @@ def _iris_model() -> tuple[bytes, np.ndarray]:
 
 
 def _conv_model() -> tuple[bytes, np.ndarray]:
-    """A small CNN on a 1 MiB input [1, 4, 256, 256] float32."""
+    """A small two-layer CNN (~0.2 GMAC) on a 1 MiB input [1, 4, 256, 256] float32."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((16, 4, 3, 3)).astype(np.float32) * 0.1, "W")
+    w1 = numpy_helper.from_array(rng.standard_normal((32, 4, 3, 3)).astype(np.float32) * 0.1, "W1")
+    w2 = numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.1, "W2")
     g = helper.make_graph(
         [
-            helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]),
-            helper.make_node("Relu", ["c"], ["r"]),
-            helper.make_node("GlobalAveragePool", ["r"], ["Y"]),
+            helper.make_node("Conv", ["X", "W1"], ["c1"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c1"], ["r1"]),
+            helper.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+            helper.make_node("Relu", ["c2"], ["r2"]),
+            helper.make_node("GlobalAveragePool", ["r2"], ["Y"]),
         ],
         "conv",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4, 256, 256])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 16, 1, 1])],
-        [w],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 32, 1, 1])],
+        [w1, w2],
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -122,6 +125,7 @@ class _AgentProc:
 
         self.data = work / "data"
         self.port = _free_port()
+        work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
         cfg.write_text(
             dump_config(
@@ -192,7 +196,9 @@ def _pct(a: list[float], q: float) -> float:
 def _raw_latency(onnx_bytes: bytes, x: np.ndarray, n: int) -> list[float]:
     import onnxruntime as ort
 
-    s = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the agent runs it
+    s = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
     for _ in range(min(20, n)):
         s.run(None, {"X": x})
     out = []
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     quick = "--quick" in args
     n_small = 300 if quick else 2000
-    n_big = 40 if quick else 200
+    n_big = 50 if quick else 250
     console = Console()
     rows: list[tuple[str, str, str, str, str]] = []
     ok_all = True
@@ -306,8 +312,12 @@ def main(argv: list[str] | None = None) -> int:
                 if v["state"] != "COMMITTED":
                     raise RuntimeError(f"install of {p.name} ended {v['state']}: {v.get('reason')}")
             x1 = xi[:1]
-            raw = _raw_latency(iris, x1, n_small)
-            js, f1 = _oip_latency(a.port, "iris", x1, n_small, binary=False)
+            raw, js, f1 = [], [], 0
+            for _ in range(5):
+                raw += _raw_latency(iris, x1, n_small // 5)
+                got, f = _oip_latency(a.port, "iris", x1, n_small // 5, binary=False)
+                js += got
+                f1 += f
             raw50, js50 = _pct(raw, 50), _pct(js, 50)
             row(
                 "JSON p50, iris 1 row",
@@ -328,8 +338,12 @@ def main(argv: list[str] | None = None) -> int:
                 f2 == 0,
             )
             xb = xc[:1]
-            rawb = _raw_latency(conv, xb, n_big)
-            bb, f3 = _oip_latency(a.port, "conv", xb, n_big, binary=True)
+            rawb, bb, f3 = [], [], 0
+            for _ in range(5):  # interleaved rounds: load from other processes hits both alike
+                rawb += _raw_latency(conv, xb, n_big // 5)
+                got, f = _oip_latency(a.port, "conv", xb, n_big // 5, binary=True)
+                bb += got
+                f3 += f
             thr_raw = 1000.0 / float(np.mean(rawb))
             thr_bin = 1000.0 / float(np.mean(bb))
             row(
