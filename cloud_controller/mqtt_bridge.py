@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud_controller import devices
 from cloud_controller import rollout_engine as E
 from cloud_controller.db import transaction
-from cloud_controller.models import DesiredState
+from cloud_controller.models import DesiredState, Device
 from cloud_controller.rollouts import RolloutService
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,11 @@ class MqttBridge:
         factory: sessionmaker[Session],
         rollouts: RolloutService,
         client_id: str | None = None,
+        batch_size: int = BATCH,
     ) -> None:
         import paho.mqtt.client as mqtt
 
+        self.batch_size = batch_size
         self.address = BrokerAddress.parse(broker_url)
         self._factory = factory
         self._rollouts = rollouts
@@ -182,7 +184,7 @@ class MqttBridge:
             except queue.Empty:
                 continue
             batch = [first]
-            while len(batch) < BATCH:
+            while len(batch) < self.batch_size:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -200,7 +202,10 @@ class MqttBridge:
             self._republish_all()
         reports: list[tuple[str, E.StatusReport]] = []
         now = datetime.now(UTC)
-        with transaction(self._factory) as session:
+        with transaction(self._factory) as session, session.no_autoflush:
+            ids = sorted({d for d, kind, _ in batch if kind != "republish"})
+            # One query; held here so that get_or_create finds them in the identity map.
+            loaded = list(session.scalars(select(Device).where(Device.id.in_(ids)))) if ids else []
             for device_id, kind, raw in batch:
                 if kind == "republish":
                     continue
@@ -224,6 +229,7 @@ class MqttBridge:
                         reports.append(rep)
                 elif kind == "telemetry":
                     self._telemetry(session, device_id, msg, now)
+        del loaded
         if reports:
             self._rollouts.on_status(reports)
 

@@ -356,8 +356,12 @@ def handle(state: RolloutState, event: Event, now: float) -> Decision:
     if isinstance(event, Tick):
         health = event.health
     elif isinstance(event, StatusReport):
+        before = state.devices.get(event.device_id)
         state = _on_status(state, event, now, actions)
-        if state.phase in TERMINAL_PHASES:
+        after = state.devices.get(event.device_id)
+        if state.phase in TERMINAL_PHASES or (
+            before is not None and after is not None and before.state == after.state
+        ):  # progress only (DOWNLOADING...): nothing to decide
             return Decision(state, tuple(actions))
     elif state.phase in TERMINAL_PHASES:
         actions.append(Log(f"ignored {type(event).__name__.lower()}: rollout is {state.phase}"))
@@ -382,6 +386,16 @@ def handle(state: RolloutState, event: Event, now: float) -> Decision:
     if state.phase in TERMINAL_PHASES:
         return Decision(state, tuple(actions))
     return _advance(state, now, health, actions)
+
+
+def handle_all(state: RolloutState, events: Iterable[Event], now: float) -> Decision:
+    """`handle` each event in order; the actions of all of them, in order."""
+    actions: list[Action] = []
+    for ev in events:
+        d = handle(state, ev, now)
+        state = d.state
+        actions.extend(d.actions)
+    return Decision(state, tuple(actions))
 
 
 def _on_status(
@@ -479,29 +493,65 @@ def _enter_wave(state: RolloutState, wave: int, now: float, actions: list[Action
     return replace(state, wave=wave, phase=phase, wave_done_at=None)
 
 
+@dataclass
+class _Scan:
+    """One pass over the devices: what `_advance` needs to decide."""
+
+    finished: int = 0
+    failures: int = 0
+    wave_n: int = 0
+    wave_finished: int = 0
+    wave_ok: int = 0
+    expired: list[DeviceProgress] = field(default_factory=list)
+    due: list[DeviceProgress] = field(default_factory=list)
+
+
+def _scan(state: RolloutState, now: float) -> _Scan:
+    sc = _Scan()
+    retries: list[DeviceProgress] = []
+    pending: list[DeviceProgress] = []
+    for d in state.devices.values():
+        st = d.state
+        if st in FINISHED:
+            sc.finished += 1
+            if st != DevState.SUCCEEDED:
+                sc.failures += 1
+        elif st == DevState.IN_PROGRESS:
+            if d.deadline is not None and now >= d.deadline:
+                sc.expired.append(d)
+        elif st == DevState.WAITING_RETRY and d.retry_at is not None and now >= d.retry_at:
+            retries.append(d)
+        if d.wave == state.wave:
+            sc.wave_n += 1
+            if st in FINISHED:
+                sc.wave_finished += 1
+                if st == DevState.SUCCEEDED:
+                    sc.wave_ok += 1
+            elif st == DevState.PENDING:
+                pending.append(d)
+    retries.sort(key=lambda d: d.device_id)
+    pending.sort(key=lambda d: d.device_id)
+    sc.due = retries + pending
+    return sc
+
+
 def _advance(
     state: RolloutState, now: float, health: Health | None, actions: list[Action]
 ) -> Decision:
     spec = state.spec
+    sc = _scan(state, now)
     # 1. Timeouts (they run while paused too: the device was already asked).
-    for dev in list(state.devices.values()):
-        if dev.state == DevState.IN_PROGRESS and dev.deadline is not None and now >= dev.deadline:
-            state = _put(
-                state,
-                _fail(
-                    spec,
-                    dev,
-                    DevState.TIMED_OUT,
-                    "timeout",
-                    f"no result within {spec.device_timeout_s:g}s",
-                    now,
-                    actions,
-                ),
+    if sc.expired:
+        devices = dict(state.devices)
+        for dev in sc.expired:
+            why = f"no result within {spec.device_timeout_s:g}s"
+            devices[dev.device_id] = _fail(
+                spec, dev, DevState.TIMED_OUT, "timeout", why, now, actions
             )
+        state = replace(state, devices=devices)
+        sc = _scan(state, now)
     # 2. The abort rule, over every device finished so far.
-    counts = Counter(d.state for d in state.devices.values())
-    finished = sum(counts[s] for s in FINISHED)
-    failures = sum(counts[s] for s in FAILURES)
+    finished, failures = sc.finished, sc.failures
     if finished >= spec.abort_min_finished and failures * 100 > spec.abort_failure_pct * finished:
         reason = (
             f"failures {failures}/{finished} ({100 * failures / finished:.0f} %) over "
@@ -512,37 +562,34 @@ def _advance(
         state = replace(state, phase=Phase.RUNNING)
         actions.append(Log(f"wave {state.wave + 1} started"))
     # 3. Wave completion -> success threshold -> soak -> health gates -> next wave.
-    if state.phase in (Phase.RUNNING, Phase.SOAKING):
-        wave_devs = [d for d in state.devices.values() if d.wave == state.wave]
-        if wave_devs and all(d.state in FINISHED for d in wave_devs):
-            ok = sum(1 for d in wave_devs if d.state == DevState.SUCCEEDED)
-            if ok * 100 < spec.success_threshold_pct * len(wave_devs):
-                reason = (
-                    f"wave {state.wave + 1}: {ok}/{len(wave_devs)} succeeded, below "
-                    f"{spec.success_threshold_pct:g} %"
-                )
-                return Decision(*_finish(state, Phase.ABORTED, reason, now, True, actions))
-            if state.phase == Phase.RUNNING:
-                state = replace(state, phase=Phase.SOAKING, wave_done_at=now)
-                actions.append(
-                    Log(
-                        f"wave {state.wave + 1} done ({ok}/{len(wave_devs)}), soak {spec.soak_s:g}s"
-                    )
-                )
-            violated = gate_violation(spec.gates, health)
-            if violated:
-                return Decision(
-                    *_finish(state, Phase.ABORTED, f"health gate: {violated}", now, True, actions)
-                )
-            done_at = state.wave_done_at if state.wave_done_at is not None else now
-            if now >= done_at + spec.soak_s and not state.paused:
-                state = _enter_wave(state, state.wave + 1, now, actions)
-                if state.phase == Phase.SUCCEEDED:
-                    return Decision(state, tuple(actions))
-                return _advance(state, now, health, actions)
+    if (
+        state.phase in (Phase.RUNNING, Phase.SOAKING)
+        and sc.wave_n
+        and (sc.wave_finished == sc.wave_n)
+    ):
+        ok, n = sc.wave_ok, sc.wave_n
+        if ok * 100 < spec.success_threshold_pct * n:
+            reason = (
+                f"wave {state.wave + 1}: {ok}/{n} succeeded, below {spec.success_threshold_pct:g} %"
+            )
+            return Decision(*_finish(state, Phase.ABORTED, reason, now, True, actions))
+        if state.phase == Phase.RUNNING:
+            state = replace(state, phase=Phase.SOAKING, wave_done_at=now)
+            actions.append(Log(f"wave {state.wave + 1} done ({ok}/{n}), soak {spec.soak_s:g}s"))
+        violated = gate_violation(spec.gates, health)
+        if violated:
+            return Decision(
+                *_finish(state, Phase.ABORTED, f"health gate: {violated}", now, True, actions)
+            )
+        done_at = state.wave_done_at if state.wave_done_at is not None else now
+        if now >= done_at + spec.soak_s and not state.paused:
+            state = _enter_wave(state, state.wave + 1, now, actions)
+            if state.phase == Phase.SUCCEEDED:
+                return Decision(state, tuple(actions))
+            return _advance(state, now, health, actions)
     # 4. Dispatch: pending devices of the current wave, retries that are due; rate limited.
     if state.phase == Phase.RUNNING and not state.paused:
-        state = _dispatch(state, now, actions)
+        state = _dispatch(state, sc.due, now, actions)
     return Decision(state, tuple(actions))
 
 
@@ -561,22 +608,19 @@ def gate_violation(gates: Gates, health: Health | None) -> str | None:
     return None
 
 
-def _dispatch(state: RolloutState, now: float, actions: list[Action]) -> RolloutState:
+def _dispatch(
+    state: RolloutState, due: list[DeviceProgress], now: float, actions: list[Action]
+) -> RolloutState:
+    """Send retries that are due, then pending devices of the current wave (sorted by id)."""
     spec = state.spec
     recent = tuple(t for t in state.dispatch_times if t > now - 60.0)
     budget = (spec.rate_per_min - len(recent)) if spec.rate_per_min else None
-    due = [
-        d
-        for d in state.devices.values()
-        if (d.wave == state.wave and d.state == DevState.PENDING)
-        or (d.state == DevState.WAITING_RETRY and d.retry_at is not None and now >= d.retry_at)
-    ]
-    due.sort(key=lambda d: (d.state != DevState.WAITING_RETRY, d.device_id))
+    if budget is not None:
+        due = due[: max(0, budget)]
+    if not due:
+        return replace(state, dispatch_times=recent) if spec.rate_per_min else state
     devices = dict(state.devices)
-    sent = 0
     for dev in due:
-        if budget is not None and sent >= budget:
-            break
         attempt = dev.attempts + 1
         devices[dev.device_id] = replace(
             dev,
@@ -588,10 +632,7 @@ def _dispatch(state: RolloutState, now: float, actions: list[Action]) -> Rollout
         )
         assert dev.profile is not None
         actions.append(Dispatch(dev.device_id, dev.profile, attempt))
-        sent += 1
-    if not sent:
-        return replace(state, dispatch_times=recent) if spec.rate_per_min else state
-    times = (*recent, *([now] * sent)) if spec.rate_per_min else ()
+    times = (*recent, *([now] * len(due))) if spec.rate_per_min else ()
     return replace(state, devices=devices, dispatch_times=times)
 
 

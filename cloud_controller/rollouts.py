@@ -218,16 +218,16 @@ class RolloutService:
             return self._step({rollout_id: state}, event)[rollout_id]
 
     def on_status(self, reports: Iterable[tuple[str, E.StatusReport]]) -> None:
-        """Status messages (model, report) from devices, already de-duplicated."""
+        """Status messages (model, report) from devices, already de-duplicated; one
+        transaction for the whole batch."""
         with self._lock:
+            events: dict[str, list[E.Event]] = {}
             for model, rep in reports:
-                targets = {
-                    rid: st
-                    for rid, st in self._active.items()
-                    if st.spec.model == model and rep.device_id in st.devices
-                }
-                if targets:
-                    self._step(targets, rep)
+                for rid, st in self._active.items():
+                    if st.spec.model == model and rep.device_id in st.devices:
+                        events.setdefault(rid, []).append(rep)
+            if events:
+                self._step({rid: self._active[rid] for rid in events}, events)
 
     def tick(self) -> None:
         """Time passes: timeouts, retries, soak, rate limit; re-sign expiring desired states."""
@@ -251,18 +251,25 @@ class RolloutService:
     # --- internals ---------------------------------------------------------------------------
 
     def _step(
-        self, states: dict[str, E.RolloutState], event: E.Event | None
+        self,
+        states: dict[str, E.RolloutState],
+        events: E.Event | dict[str, list[E.Event]] | None,
     ) -> dict[str, E.RolloutState]:
+        """Feed events (None = a tick) to each rollout; persist and publish the outcome."""
         now = self._clock()
         out: dict[str, E.RolloutState] = {}
         rows: list[DesiredState] = []
         with transaction(self._factory) as session:
             for rid, state in states.items():
-                ev = event
-                if ev is None:
+                evs: list[E.Event]
+                if events is None:
                     health = self._health(session, state) if self._health else None
-                    ev = E.Tick(health)
-                decision = E.handle(state, ev, now)
+                    evs = [E.Tick(health)]
+                elif isinstance(events, dict):
+                    evs = events.get(rid, [])
+                else:
+                    evs = [events]
+                decision = E.handle_all(state, evs, now)
                 if decision.state != state or decision.actions:
                     rows += self._apply(session, state, decision, now)
                 out[rid] = decision.state
@@ -292,13 +299,24 @@ class RolloutService:
             .where(Rollout.id == rid)
             .values(phase=new.phase.value, state=header, updated_at=_utc(now))
         )
-        for did, dev in new.devices.items():
-            if old.devices.get(did) is not dev:
-                session.execute(
-                    update(RolloutDevice)
-                    .where(RolloutDevice.rollout_id == rid, RolloutDevice.device_id == did)
-                    .values(data=E.device_to_dict(dev), state=dev.state.value, wave=dev.wave)
-                )
+        changed = [
+            {
+                "rollout_id": rid,
+                "device_id": did,
+                "data": E.device_to_dict(dev),
+                "state": dev.state.value,
+                "wave": dev.wave,
+            }
+            for did, dev in new.devices.items()
+            if old.devices.get(did) is not dev
+        ]
+        if changed:  # one executemany (ORM bulk UPDATE by primary key)
+            session.execute(update(RolloutDevice), changed)
+        targets = [a.device_id for a in decision.actions if isinstance(a, E.Dispatch | E.Revert)]
+        loaded: list[DesiredState] = []  # held so the identity map keeps them for set_model
+        for i in range(0, len(targets), 500):
+            chunk = targets[i : i + 500]
+            loaded += session.scalars(select(DesiredState).where(DesiredState.device_id.in_(chunk)))
         rows: list[DesiredState] = []
         packages: dict[tuple[str, str], Package | None] = {}
 
