@@ -74,25 +74,54 @@ def ingest_batch(
             fresh.setdefault((device_id, int(r["id"])), r)
     if not fresh:
         return 0
-    devices = sorted({dev for dev, _ in fresh})
-    ids = sorted({rid for _, rid in fresh})
-    for i in range(0, len(ids), 500):  # one query per 500 ids, pairs filtered here
+    rows = [_row(dev, rid, rec, now) for (dev, rid), rec in fresh.items()]
+    new = _insert_new(session, rows)
+    fresh = {k: v for k, v in fresh.items() if k in new}
+    if not fresh:
+        return 0
+    sketches = [(dev, rec) for (dev, _), rec in fresh.items() if rec["kind"] == "sketch"]
+    if sketches:
+        _merge_sketches(session, sketches, now)
+    return len(fresh)
+
+
+def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    """Insert rows whose (device, record id) is not stored yet; returns the inserted pairs.
+
+    SQLite and PostgreSQL: ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` (race-free across
+    controller replicas); elsewhere a lookup of the stored pairs first.
+    """
+    table = TelemetryRecord.__table__
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        make = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        stmt = (
+            make(table)  # type: ignore[arg-type]
+            .on_conflict_do_nothing(index_elements=["device_id", "record_id"])
+            .returning(table.c.device_id, table.c.record_id)
+        )
+        inserted: set[tuple[str, int]] = set()
+        for i in range(0, len(rows), 1000):
+            result = session.execute(stmt, rows[i : i + 1000])
+            inserted.update((str(d), int(r)) for d, r in result)
+        return inserted
+    pairs = {(r["device_id"], r["record_id"]) for r in rows}
+    devices = sorted({d for d, _ in pairs})
+    ids = sorted({i for _, i in pairs})
+    for i in range(0, len(ids), 500):
         seen = session.execute(
             select(TelemetryRecord.device_id, TelemetryRecord.record_id).where(
                 TelemetryRecord.record_id.in_(ids[i : i + 500]),
                 TelemetryRecord.device_id.in_(devices),
             )
         )
-        for dev, rid in seen:
-            fresh.pop((dev, int(rid)), None)
-    if not fresh:
-        return 0
-    rows = [_row(dev, rid, rec, now) for (dev, rid), rec in fresh.items()]
-    session.execute(insert(TelemetryRecord.__table__), rows)  # type: ignore[arg-type]
-    sketches = [(dev, rec) for (dev, _), rec in fresh.items() if rec["kind"] == "sketch"]
-    if sketches:
-        _merge_sketches(session, sketches, now)
-    return len(rows)
+        pairs -= {(str(d), int(r)) for d, r in seen}
+    todo = [r for r in rows if (r["device_id"], r["record_id"]) in pairs]
+    if todo:
+        session.execute(insert(table), todo)  # type: ignore[arg-type]
+    return pairs
 
 
 def _row(device_id: str, rid: int, rec: dict[str, Any], now: datetime) -> dict[str, Any]:
