@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -83,7 +84,8 @@ def default_health(session: Session, state: E.RolloutState) -> E.Health | None:
     if fn is None:
         return None
     moved = [d.device_id for d in state.devices.values() if d.state in E.MOVED]
-    prev = sorted({d.previous_version for d in state.devices.values() if d.previous_version})
+    prevs = Counter(d.previous_version for d in state.devices.values() if d.previous_version)
+    prev = [v for v, _ in prevs.most_common(1)]
     try:
         h = fn(
             session,
@@ -263,8 +265,7 @@ class RolloutService:
             for rid, state in states.items():
                 evs: list[E.Event]
                 if events is None:
-                    health = self._health(session, state) if self._health else None
-                    evs = [E.Tick(health)]
+                    evs = [E.Tick(self._health_of(session, state))]
                 elif isinstance(events, dict):
                     evs = events.get(rid, [])
                 else:
@@ -277,6 +278,14 @@ class RolloutService:
         for st in out.values():
             self._set(st)
         return out
+
+    def _health_of(self, session: Session, state: E.RolloutState) -> E.Health | None:
+        """Gate figures, only while they are looked at (soaking, with a gate set)."""
+        g = state.spec.gates
+        gated = (g.max_p95_ratio, g.max_error_rate, g.max_drift) != (None, None, None)
+        if self._health is None or not gated or state.phase != E.Phase.SOAKING:
+            return None
+        return self._health(session, state)
 
     def _set(self, state: E.RolloutState) -> None:
         if _live(state):

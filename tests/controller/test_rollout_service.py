@@ -1,0 +1,177 @@
+"""The rollout shell on a SQLite file with a controllable clock (time is an input)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud_controller import db, devices
+from cloud_controller import rollout_engine as E
+from cloud_controller.desired import Signer
+from cloud_controller.models import DesiredState, Package
+from cloud_controller.rollouts import RolloutService, default_health
+from edgefleet.wire.mqtt import verify_desired
+
+T0 = 1_900_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> sessionmaker[Session]:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 's.db'}")
+    db.upgrade(engine)
+    factory = db.session_factory(engine)
+    now = datetime.now(UTC)
+    with db.transaction(factory) as s:
+        for v in ("1.0.0", "2.0.0"):
+            s.add(
+                Package(
+                    name="iris", version=v, profile="cpu-x86_64", filename=f"{v}.efpkg",
+                    sha256=v[0] * 64, size=10, key_id="k", manifest={}, uploaded_at=now,
+                    uploaded_by="t",
+                )
+            )  # fmt: skip
+        for i in range(4):
+            devices.apply_presence(
+                s,
+                f"d{i}",
+                {
+                    "online": True,
+                    "profiles": ["cpu-x86_64"],
+                    "installed": {"iris": {"version": "1.0.0"}},
+                },
+            )
+    return factory
+
+
+def service(
+    factory: sessionmaker[Session], clock: Clock, **kw: Any
+) -> tuple[RolloutService, list[tuple[str, bytes]]]:
+    sent: list[tuple[str, bytes]] = []
+    key = ec.generate_private_key(ec.SECP256R1())
+    svc = RolloutService(
+        factory,
+        Signer(key, timedelta(hours=2)),
+        "http://ctl",
+        publish=lambda t, p: sent.append((t, p)),
+        clock=clock,
+        **kw,
+    )
+    return svc, sent
+
+
+SPEC = {
+    "model": "iris",
+    "version": "2.0.0",
+    "target": {"groups": [], "tags": [], "device_ids": ["d0", "d1", "d2", "d3"]},
+}
+
+
+def test_health_gates_are_asked_only_while_soaking_and_abort(store: sessionmaker[Session]) -> None:
+    clock = Clock()
+    calls: list[str] = []
+
+    def health(_s: Session, st: E.RolloutState) -> E.Health:
+        calls.append(st.phase.value)
+        return E.Health(p95_ratio=2.0 if clock.now > T0 + 5 else 1.0)
+
+    svc, _ = service(store, clock, health=health)
+    st = svc.create(
+        {**SPEC, "waves": [50, 100], "soak_s": 60, "gates": {"max_p95_ratio": 1.5}, "seed": 1},
+        "t",
+    )
+    svc.tick()
+    assert calls == []  # running: nobody looks at gates
+    moved = [d for d, p in st.devices.items() if p.state == E.DevState.IN_PROGRESS]
+    svc.on_status([("iris", E.StatusReport(d, "2.0.0", "COMMITTED")) for d in moved])
+    svc.tick()
+    assert calls == ["soaking"] and svc.get_state(st.spec.rollout_id).phase == E.Phase.SOAKING
+    clock.now += 10
+    svc.tick()
+    final = svc.get_state(st.spec.rollout_id)
+    assert final is not None and final.phase == E.Phase.ABORTED
+    assert "p95 latency ratio 2 > 1.5" in (final.reason or "")
+    with store() as s:
+        for d in moved:
+            row = s.get(DesiredState, d)
+            assert row is not None and row.models["iris"]["version"] == "1.0.0"
+
+
+def test_default_health_reads_the_drift_figures(store: sessionmaker[Session]) -> None:
+    clock = Clock()
+    svc, _ = service(store, clock)
+    st = svc.create({**SPEC, "waves": [100]}, "t")
+    with store() as s:
+        h = default_health(s, st)
+    # the drift role's figures are read; no telemetry yet: unknown, which trips no gate
+    assert h == E.Health(None, None, None)
+    assert E.gate_violation(E.Gates(1.0, 0.0, 0.0), h) is None
+
+
+def test_retry_republishes_with_a_higher_seq(store: sessionmaker[Session]) -> None:
+    clock = Clock()
+    svc, sent = service(store, clock)
+    st = svc.create(
+        {**SPEC, "target": {"device_ids": ["d0"]}, "waves": [100], "max_retries": 1,
+         "retry_backoff_s": 5, "device_timeout_s": 100},
+        "t",
+    )  # fmt: skip
+    pub = svc._signer.key.public_key()
+    first = verify_desired(sent[-1][1], [pub], device_id="d0", last_seq=None)
+    assert first["models"]["iris"]["attempt"] == 1
+    svc.on_status([("iris", E.StatusReport("d0", "2.0.0", "FAILED", "download_failed"))])
+    clock.now += 5
+    svc.tick()
+    second = verify_desired(sent[-1][1], [pub], device_id="d0", last_seq=first["seq"])
+    assert second["seq"] == first["seq"] + 1 and second["models"]["iris"]["attempt"] == 2
+    assert second["models"]["iris"]["url"].startswith("http://ctl/api/v1/packages/")
+    assert svc.get_state(st.spec.rollout_id).devices["d0"].attempts == 2
+
+
+def test_rate_limit_through_the_shell(store: sessionmaker[Session]) -> None:
+    clock = Clock()
+    svc, sent = service(store, clock)
+    st = svc.create({**SPEC, "waves": [100], "rate_per_min": 2}, "t")
+    assert len(sent) == 2
+    clock.now += 30
+    svc.tick()
+    assert len(sent) == 2
+    clock.now += 31
+    svc.tick()
+    assert len(sent) == 4
+    counts = E.counts(svc.get_state(st.spec.rollout_id))
+    assert counts["states"] == {"in_progress": 4}
+
+
+def test_expiring_desired_states_are_resigned(store: sessionmaker[Session]) -> None:
+    clock = Clock()
+    svc, sent = service(store, clock)
+    svc.create({**SPEC, "waves": [100]}, "t")
+    with store() as s:
+        before = {r.device_id: r.seq for r in s.query(DesiredState)}
+    n = len(sent)
+    svc.tick()  # first tick after start: refresh pass, nothing near expiry (ttl 2 h)
+    assert len(sent) == n
+    # make the rows old: issued 1.5 h ago (past half of the 2 h lifetime)
+    old = datetime.now(UTC) - timedelta(minutes=30)
+    with db.transaction(store) as s:
+        for r in s.query(DesiredState):
+            r.expires_at = old + timedelta(hours=1)
+    svc._last_refresh = 0.0
+    svc.tick()
+    assert len(sent) == n + 4
+    with store() as s:
+        after = {r.device_id: r.seq for r in s.query(DesiredState)}
+    assert all(after[d] == before[d] + 1 for d in before)
