@@ -203,6 +203,7 @@ class RolloutService:
                     for d in decision.state.devices.values()
                 )
                 session.flush()
+                self._warn_unrevertable(session, decision.state, now)
                 empty = E.RolloutState(spec, decision.state.devices, decision.state.wave_sizes)
                 rows = self._apply(session, empty, decision, now)
             self._publish(rows)
@@ -354,6 +355,29 @@ class RolloutService:
                 rows.append(self._revert(session, spec, action, package, when))
         return rows
 
+    def _warn_unrevertable(self, session: Session, state: E.RolloutState, now: float) -> None:
+        """Say up front which devices an abort could not put back (no package of their
+        previous version for their profile)."""
+        missing: dict[tuple[str, str], list[str]] = {}
+        known: dict[tuple[str, str], bool] = {}
+        for d in state.devices.values():
+            if d.wave < 0 or d.previous_version is None or d.profile is None:
+                continue
+            k = (d.previous_version, d.profile)
+            if k not in known:
+                known[k] = registry.find(session, state.spec.model, *k) is not None
+            if not known[k]:
+                missing.setdefault(k, []).append(d.device_id)
+        for (version, profile), ids in sorted(missing.items()):
+            session.add(
+                RolloutEvent(
+                    rollout_id=state.spec.rollout_id,
+                    at=now,
+                    message=f"warning: {len(ids)} devices run {version} with no {profile} "
+                    f"package of it here; an abort cannot restore them ({', '.join(ids[:5])})",
+                )
+            )
+
     def _revert(
         self,
         session: Session,
@@ -367,18 +391,21 @@ class RolloutService:
                 session, self._signer, action.device_id, spec.model, None, when
             )
         pkg = package(action.previous_version, action.profile or "")
-        if pkg is not None:
-            entry = registry.desired_entry(pkg, self._base_url, spec.rollout_id, True)
-        else:  # installed outside the registry: the agent still holds it for a local rollback
-            entry = {
-                "version": action.previous_version,
-                "url": "",
-                "sha256": "",
-                "size": 0,
-                "profile": action.profile,
-                "rollout_id": spec.rollout_id,
-                "allow_downgrade": True,
-            }
+        if pkg is None:
+            # Installed outside the registry: there is no package to point the device at, so the
+            # model leaves its desired state and the revert stays unconfirmed (visible in counts).
+            session.add(
+                RolloutEvent(
+                    rollout_id=spec.rollout_id,
+                    at=when.timestamp(),
+                    message=f"{action.device_id}: cannot revert to {action.previous_version}: "
+                    f"no {action.profile} package of it in the registry",
+                )
+            )
+            return desired.set_model(
+                session, self._signer, action.device_id, spec.model, None, when
+            )
+        entry = registry.desired_entry(pkg, self._base_url, spec.rollout_id, True)
         return desired.set_model(session, self._signer, action.device_id, spec.model, entry, when)
 
     def _publish(self, rows: Sequence[DesiredState]) -> None:

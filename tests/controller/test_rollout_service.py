@@ -175,3 +175,33 @@ def test_expiring_desired_states_are_resigned(store: sessionmaker[Session]) -> N
     with store() as s:
         after = {r.device_id: r.seq for r in s.query(DesiredState)}
     assert all(after[d] == before[d] + 1 for d in before)
+
+
+def test_abort_without_a_package_of_the_previous_version_is_reported(
+    store: sessionmaker[Session],
+) -> None:
+    with db.transaction(store) as s:
+        devices.apply_presence(
+            s, "old", {"online": True, "profiles": ["cpu-x86_64"],
+                       "installed": {"iris": {"version": "0.9.0"}}},
+        )  # fmt: skip
+    clock = Clock()
+    svc, _ = service(store, clock)
+    st = svc.create({**SPEC, "target": {"device_ids": ["old", "d0"]}, "waves": [100]}, "t")
+    rid = st.spec.rollout_id
+    after = svc.control(rid, E.Abort("test"))
+    assert E.counts(after)["rollback_requested"] == 2 and E.counts(after)["rolled_back"] == 0
+    with store() as s:
+        from sqlalchemy import select
+
+        from cloud_controller.models import RolloutEvent
+
+        msgs = [
+            e.message for e in s.scalars(select(RolloutEvent).where(RolloutEvent.rollout_id == rid))
+        ]
+        old = s.get(DesiredState, "old")
+        d0 = s.get(DesiredState, "d0")
+    assert any(m.startswith("warning: 1 devices run 0.9.0") for m in msgs)
+    assert any("old: cannot revert to 0.9.0" in m for m in msgs)
+    assert old is not None and "iris" not in old.models  # never an entry the agent must refuse
+    assert d0 is not None and d0.models["iris"]["version"] == "1.0.0"
