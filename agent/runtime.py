@@ -412,9 +412,21 @@ class Agent:
     def _package_path(self, rec: UpdateRecord) -> Path:
         return self.data_dir / "downloads" / f"{rec.id}.efpkg"
 
+    def _installed_rollback(self, rec: UpdateRecord) -> bool:
+        """An asked-for rollback to a version still installed: no download, instant."""
+        return bool(
+            rec.model
+            and rec.version
+            and rec.allow_downgrade
+            and self.store.is_installed(rec.model, rec.version)
+        )
+
     def _step_download(self, rec: UpdateRecord, run: _Run) -> None:
         from agent.download import DownloadError, fetch
 
+        if self._installed_rollback(rec):
+            self._transition(rec, State.VERIFYING, figures={"download": "skipped, installed"})
+            return
         try:
             got = fetch(
                 rec.source,
@@ -468,7 +480,30 @@ class Agent:
         except RejectError as e:
             raise StepFailed(e.code.value, e.message) from e
 
+    def _verify_installed(self, rec: UpdateRecord) -> None:
+        """Re-check an installed version: files against the install record, key, manifest policy."""
+        from edgefleet.wire.package import RejectError, check_manifest_policy
+
+        try:
+            inst = self.store.check_integrity(rec.model, rec.version)
+        except IntegrityError as e:
+            raise StepFailed("digest_mismatch", str(e)) from e
+        if inst.get("key_id") in set(self.config.revoked_key_ids):
+            raise StepFailed(
+                "revoked_key", f"{rec.model} {rec.version} was signed by a revoked key"
+            )
+        try:
+            check_manifest_policy(self.store.manifest(rec.model, rec.version), self._policy(rec))
+        except RejectError as e:
+            raise StepFailed(e.code.value, e.message) from e
+        rec.profile = self.store.manifest(rec.model, rec.version).get("profile")
+        self._transition(
+            rec, State.INSTALLING, figures={"key_id": inst.get("key_id"), "installed": True}
+        )
+
     def _step_verify(self, rec: UpdateRecord, run: _Run) -> None:
+        if self._installed_rollback(rec):
+            return self._verify_installed(rec)
         if not rec.model:  # model name unknown until now: read it unverified, then verify by it
             from edgefleet.wire.package import RejectError, read_manifest
 

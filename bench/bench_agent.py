@@ -81,7 +81,7 @@ def _package(
         samples = {"input:X": x} | {
             f"output:{o.name}": v for o, v in zip(sess.get_outputs(), outs, strict=True)
         }
-        np.savez(t / "samples.npz", **samples)  # type: ignore[arg-type]
+        np.savez(t / "samples.npz", **samples)
         manifest = {
             "format": "edgefleet.package/v1",
             "name": name,

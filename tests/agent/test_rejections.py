@@ -195,3 +195,27 @@ def test_unsafe_member_never_written_outside(
     assert not list(tmp_path.rglob("escaped.txt"))
     with tarfile.open(bad) as t:  # the crafted archive really holds the member
         assert "../escaped.txt" in t.getnames()
+
+
+def test_rollback_to_installed_previous_needs_no_download(
+    pkgs: dict[str, Path],
+    keys: dict[str, KeyPair],
+    agent_factory: Callable[..., Agent],
+    v1_copy: Path,
+    x_iris: np.ndarray,
+) -> None:
+    agent = agent_factory(v1_copy)
+    assert _update(agent, pkgs["v2"])["state"] == "COMMITTED"
+    assert agent.store.pointers("iris").previous == "1.0.0"
+    gone = "http://127.0.0.1:9/nothing-listens-here.efpkg"
+    view = _update(agent, gone, version="1.0.0", allow_downgrade=True)
+    assert view["state"] == "COMMITTED", view
+    assert view["history"][2]["figures"] == {"download": "skipped, installed"}
+    assert served_version(agent.http_port or 0, "iris", x_iris) == "1.0.0"
+    assert agent.store.pointers("iris").previous == "1.1.0"
+    # without allow_downgrade the same request is a refused older version
+    view = _update(agent, pkgs["v2"], version="1.1.0")
+    assert view["state"] == "COMMITTED"
+    view = _update(agent, pkgs["v1"], version="1.0.0")
+    assert view["state"] == "FAILED" and view["reason_code"] == "version_not_newer"
+    assert agent.store.is_installed("iris", "1.0.0")  # the previous version is kept
