@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -69,16 +68,16 @@ class BrokerAddress:
         )
 
 
-def _telemetry_ingest() -> Callable[[Session, str, dict[str, Any]], int] | None:
-    """`cloud_controller.drift.ingest.ingest_telemetry` (the drift role's), when installed."""
+def _telemetry_ingest() -> tuple[Any, Any]:
+    """`ingest_telemetry` and `ingest_batch` of `cloud_controller.drift.ingest` (the drift
+    role's), when installed; (None, None) otherwise."""
     import importlib
 
     try:
         mod = importlib.import_module("cloud_controller.drift.ingest")
     except ImportError:
-        return None
-    fn = getattr(mod, "ingest_telemetry", None)
-    return fn if callable(fn) else None
+        return None, None
+    return getattr(mod, "ingest_telemetry", None), getattr(mod, "ingest_batch", None)
 
 
 class MqttBridge:
@@ -100,7 +99,7 @@ class MqttBridge:
         self._queue: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self._ingest = _telemetry_ingest()
+        self._ingest, self._ingest_batch = _telemetry_ingest()
         # A fixed client id with a persistent session: the broker keeps the QoS 1 status
         # messages devices send while the controller restarts, so no count is lost.
         self._client = mqtt.Client(
@@ -201,6 +200,7 @@ class MqttBridge:
         if any(kind == "republish" for _, kind, _ in batch):
             self._republish_all()
         reports: list[tuple[str, E.StatusReport]] = []
+        telemetry: list[tuple[str, dict[str, Any]]] = []
         now = datetime.now(UTC)
         with transaction(self._factory) as session, session.no_autoflush:
             ids = sorted({d for d, kind, _ in batch if kind != "republish"})
@@ -228,7 +228,10 @@ class MqttBridge:
                     if rep is not None:
                         reports.append(rep)
                 elif kind == "telemetry":
-                    self._telemetry(session, device_id, msg, now)
+                    devices.get_or_create(session, device_id).last_seen = now
+                    telemetry.append((device_id, msg))
+            if telemetry:
+                self._telemetry(session, telemetry)
         del loaded
         if reports:
             self._rollouts.on_status(reports)
@@ -274,20 +277,26 @@ class MqttBridge:
             rollout_id=rid if isinstance(rid, str) else None,
         )
 
-    def _telemetry(
-        self, session: Session, device_id: str, msg: dict[str, Any], now: datetime
-    ) -> None:
-        dev = devices.get_or_create(session, device_id)
-        dev.last_seen = now
+    def _telemetry(self, session: Session, messages: list[tuple[str, dict[str, Any]]]) -> None:
+        """Hand telemetry to the drift role's ingest: the batch at once, and message by message
+        (each in its own savepoint) only when the batch is refused, to isolate the bad one."""
         if self._ingest is None:
             self.stats.drop("telemetry_no_ingest")
             return
-        try:
-            with session.begin_nested():
-                self._ingest(session, device_id, msg)
-        except Exception:
-            log.exception("telemetry from %s refused", device_id)
-            self.stats.drop("telemetry_refused")
+        if self._ingest_batch is not None:
+            try:
+                with session.begin_nested():
+                    self._ingest_batch(session, messages)
+                return
+            except Exception:
+                log.warning("telemetry batch refused; ingesting message by message")
+        for device_id, msg in messages:
+            try:
+                with session.begin_nested():
+                    self._ingest(session, device_id, msg)
+            except Exception as e:
+                log.warning("telemetry from %s refused: %s", device_id, e)
+                self.stats.drop("telemetry_refused")
 
     def _republish_all(self) -> None:
         with self._factory() as session:

@@ -227,3 +227,59 @@ def test_offline_device_times_out_and_counts_as_failure(
     finally:
         for d in devs[:2]:
             d.stop()
+
+
+def test_telemetry_reaches_the_drift_ingest_once(fleet_ctl: Running, broker: Mosquitto) -> None:
+    from sqlalchemy import func, select
+
+    from cloud_controller.drift.models import TelemetryRecord
+
+    bridge = fleet_ctl.controller.bridge
+    assert bridge is not None
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tel-pub")
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    rec = {"kind": "agent", "at": "2026-01-01T00:00:00Z", "model": "iris", "version": "2.0.0",
+           "requests": 10, "errors": 1}  # fmt: skip
+    msgs = [
+        {"device_id": "tel-1", "records": [{**rec, "id": 1}, {**rec, "id": 2}]},
+        {"device_id": "tel-1", "records": [{**rec, "id": 2}, {**rec, "id": 3}]},  # 2 repeated
+        {"device_id": "tel-1", "records": "not a list"},
+    ]
+    for m in msgs:
+        c.publish(topic("tel-1", "telemetry"), json.dumps(m), qos=1).wait_for_publish(10)
+    c.loop_stop()
+    c.disconnect()
+
+    def stored() -> int:
+        with fleet_ctl.controller.factory() as s:
+            q = select(func.count()).select_from(TelemetryRecord)
+            return int(s.scalar(q.where(TelemetryRecord.device_id == "tel-1")) or 0)
+
+    wait_for(lambda: bridge.stats.received["telemetry"] >= 3 and bridge.idle(), what="telemetry")
+    assert stored() == 3
+    assert bridge.stats.dropped.get("telemetry_refused") == 1
+    with fleet_ctl.controller.factory() as s:
+        dev = s.get(Device, "tel-1")
+        assert dev is not None and dev.last_seen is not None
+
+
+def test_cli_watch_shows_live_progress_until_the_end(fleet_ctl: Running, broker: Mosquitto) -> None:
+    from typer.testing import CliRunner
+
+    from edgefleet.cli import app
+
+    ids = ["cw-1", "cw-2", "cw-3"]
+    devs = start_devices(fleet_ctl, broker, ids)
+    try:
+        env = {"EDGEFLEET_URL": fleet_ctl.url, "EDGEFLEET_TOKEN": fleet_ctl.tokens["operator"],
+               "COLUMNS": "160"}  # fmt: skip
+        args = ["rollout", "create", "iris", "2.0.0", "--waves", "34,100", "--watch",
+                "--watch-timeout", "60"] + [a for i in ids for a in ("--device", i)]  # fmt: skip
+        res = CliRunner().invoke(app, args, env=env)
+        assert res.exit_code == 0, res.output
+        assert "succeeded" in res.output and "2 (100 %)" in res.output
+        assert all(d.version == "2.0.0" for d in devs)
+    finally:
+        for d in devs:
+            d.stop()
