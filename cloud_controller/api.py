@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from cloud_controller import auth, devices, registry, rollouts
 from cloud_controller import rollout_engine as E
-from cloud_controller.db import transaction
+from cloud_controller.db import iso, transaction
 from cloud_controller.deps import Principal, audit_detail, controller, need, session
 from cloud_controller.models import AuditEntry, DesiredState, Device, Package
 
@@ -53,7 +53,7 @@ def audit_log(db: Db, who: Admin, limit: int = 100) -> list[dict[str, Any]]:
     rows = db.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(min(limit, 1000)))
     return [
         {
-            "at": r.at.isoformat(),
+            "at": iso(r.at),
             "actor": r.actor,
             "action": r.action,
             "target": r.target,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,11 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 class Base(DeclarativeBase):
     """Declarative base of every controller table (the drift role's tables included)."""
+
+
+def iso(t: datetime) -> str:
+    """RFC 3339 in UTC; SQLite hands back naive datetimes, which are UTC here."""
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
 
 
 def normalize_url(url: str) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cloud_controller.db import iso
 from cloud_controller.models import DesiredState, Device
 from cloud_controller.rollout_engine import DeviceInfo
 
@@ -81,7 +82,7 @@ def to_dict(dev: Device, desired: DesiredState | None = None) -> dict[str, Any]:
         "installed": dev.installed,
         "groups": dev.groups,
         "tags": dev.tags,
-        "last_seen": dev.last_seen.isoformat() if dev.last_seen else None,
+        "last_seen": iso(dev.last_seen) if dev.last_seen else None,
         "last_status": dev.last_status,
     }
     if desired is not None:

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cloud_controller.db import iso
 from cloud_controller.models import Package
 
 
@@ -132,7 +133,7 @@ def to_dict(pkg: Package, base_url: str | None = None) -> dict[str, Any]:
         "sha256": pkg.sha256,
         "size": pkg.size,
         "key_id": pkg.key_id,
-        "uploaded_at": pkg.uploaded_at.isoformat(),
+        "uploaded_at": iso(pkg.uploaded_at),
         "uploaded_by": pkg.uploaded_by,
     }
     if base_url is not None:
@@ -159,7 +160,7 @@ def releases(session: Session) -> list[dict[str, Any]]:
             "name": n,
             "version": v,
             "profiles": sorted(p.profile for p in grouped[(n, v)]),
-            "uploaded_at": min(p.uploaded_at for p in grouped[(n, v)]).isoformat(),
+            "uploaded_at": iso(min(p.uploaded_at for p in grouped[(n, v)])),
         }
         for n, v in sorted(grouped, key=order)
     ]

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_controller import desired, devices, registry
 from cloud_controller import rollout_engine as E
-from cloud_controller.db import transaction
+from cloud_controller.db import iso, transaction
 from cloud_controller.models import DesiredState, Package, Rollout, RolloutDevice, RolloutEvent
 
 log = logging.getLogger(__name__)
@@ -457,7 +457,7 @@ def list_rollouts(session: Session) -> list[dict[str, Any]]:
             "wave": r.state.get("wave"),
             "counts": r.state.get("counts"),
             "reason": r.state.get("reason"),
-            "created_at": r.created_at.isoformat(),
+            "created_at": iso(r.created_at),
             "created_by": r.created_by,
         }
         for r in rows

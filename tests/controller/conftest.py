@@ -6,6 +6,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,46 @@ def packages(tmp_path_factory: pytest.TempPathFactory, packager_key: KeyPair) ->
     }
 
 
+@contextmanager
+def pg_schema(base: str) -> Iterator[str]:
+    """A URL on a fresh PostgreSQL schema of its own (dropped afterwards)."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(base, autocommit=True, connect_timeout=5) as c:
+        c.execute(f"CREATE SCHEMA {schema}")
+    try:
+        sep = "&" if "?" in base else "?"
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(base, autocommit=True, connect_timeout=5) as c:
+            c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The controller's database: a SQLite file, then a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'controller.db'}"
+        return
+    with pg_schema(request.getfixturevalue("postgres_url")) as url:
+        yield url
+
+
 @pytest.fixture
 def controller(tmp_path: Path, packager_key: KeyPair) -> Iterator[Running]:
+    """A controller on a SQLite file, no broker."""
     run = start_controller(tmp_path / "ctl", trusted=[packager_key.public_path])
+    try:
+        yield run
+    finally:
+        run.stop()
+
+
+@pytest.fixture
+def any_controller(tmp_path: Path, packager_key: KeyPair, db_url: str) -> Iterator[Running]:
+    """The same, once on SQLite and once on PostgreSQL."""
+    run = start_controller(tmp_path / "ctl", trusted=[packager_key.public_path], db_url=db_url)
     try:
         yield run
     finally:

@@ -82,8 +82,9 @@ def test_tokens_roles_and_audit(controller: Running, packages: dict[str, Path]) 
 
 
 def test_upload_verifies_and_refuses_with_reason(
-    controller: Running, packages: dict[str, Path], tmp_path: Path, packager_key: KeyPair
+    any_controller: Running, packages: dict[str, Path], tmp_path: Path, packager_key: KeyPair
 ) -> None:
+    controller = any_controller
     from tests.support.packages import make_package
 
     with controller.client("publisher") as pub:
@@ -176,8 +177,9 @@ def test_devices_inventory_and_labels(controller: Running) -> None:
 
 
 def test_rollout_over_the_api_with_signed_desired_states(
-    controller: Running, packages: dict[str, Path]
+    any_controller: Running, packages: dict[str, Path]
 ) -> None:
+    controller = any_controller
     from edgefleet.keys import load_public_key  # noqa: F401
     from edgefleet.wire.mqtt import verify_desired
 

@@ -7,11 +7,8 @@ controller's persistent session, and the restarted controller carries on from th
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from cloud_controller import rollout_engine as E
 from cloud_controller.models import DesiredState
@@ -20,25 +17,6 @@ from tests.controller.conftest import start_controller, wait_for
 from tests.controller.simdevice import SimDevice
 from tests.controller.test_api import upload
 from tests.support.services import Mosquitto
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'restart.db'}"
-        return
-    import psycopg
-
-    base: str = request.getfixturevalue("postgres_url")
-    schema = f"t_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(base, autocommit=True, connect_timeout=5) as c:
-        c.execute(f"CREATE SCHEMA {schema}")
-    try:
-        sep = "&" if "?" in base else "?"
-        yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(base, autocommit=True, connect_timeout=5) as c:
-            c.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def snapshot(ctl: Any, rid: str) -> tuple[str, dict[str, Any], dict[str, E.DeviceProgress]]:
