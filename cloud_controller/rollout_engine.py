@@ -56,7 +56,15 @@ AGENT_SUCCESS = frozenset({"COMMITTED"})
 AGENT_FAILURE = frozenset({"FAILED", "ROLLED_BACK"})
 # Reasons worth another attempt (transient); anything else is final for this release.
 RETRYABLE_REASONS = frozenset(
-    {"timeout", "download_failed", "network_error", "digest_mismatch", "size_mismatch", "io_error"}
+    {
+        "timeout",
+        "download_failed",
+        "network_error",
+        "digest_mismatch",
+        "size_mismatch",
+        "io_error",
+        "internal_error",
+    }
 )
 
 
