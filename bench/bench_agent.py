@@ -41,24 +41,31 @@ def _iris_model() -> tuple[bytes, np.ndarray]:
 
 
 def _conv_model() -> tuple[bytes, np.ndarray]:
-    """A small two-layer CNN (~0.2 GMAC) on a 1 MiB input [1, 4, 256, 256] float32."""
+    """A MobileNetV1-class CNN (~0.5 GMAC) on a 1 MiB input [1, 4, 256, 256] float32."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((32, 4, 3, 3)).astype(np.float32) * 0.1, "W1")
-    w2 = numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.1, "W2")
+
+    def w(name: str, shape: tuple[int, ...]) -> Any:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.1, name)
+
+    nodes, prev = [], "X"
+    layers = [("W1", (32, 4, 3, 3), 1), ("W2", (64, 32, 3, 3), 2), ("W3", (64, 64, 3, 3), 2)]
+    for i, (name, _shape, stride) in enumerate(layers):
+        nodes.append(
+            helper.make_node(
+                "Conv", [prev, name], [f"c{i}"], pads=[1, 1, 1, 1], strides=[stride, stride]
+            )
+        )
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        prev = f"r{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [prev], ["Y"]))
     g = helper.make_graph(
-        [
-            helper.make_node("Conv", ["X", "W1"], ["c1"], pads=[1, 1, 1, 1]),
-            helper.make_node("Relu", ["c1"], ["r1"]),
-            helper.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
-            helper.make_node("Relu", ["c2"], ["r2"]),
-            helper.make_node("GlobalAveragePool", ["r2"], ["Y"]),
-        ],
+        nodes,
         "conv",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4, 256, 256])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 32, 1, 1])],
-        [w1, w2],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 64, 1, 1])],
+        [w(name, shape) for name, shape, _ in layers],
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
