@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     from packager.pipeline import package_model
     from packager.profiles import load_profiles
 
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     profiles = args.profile or list(load_profiles())
     runs, seconds = (30, 0.5) if args.quick else (300, 3.0)
     rows: list[dict[str, Any]] = []
