@@ -109,6 +109,7 @@ class AgentConfig:
     disk_headroom_bytes: int = 64 * 1024**2
     memory_headroom_mb: float = 32.0
     keep_versions: int = 2  # current + previous; older ones are pruned
+    keep_updates: int = 200  # finished update records kept in the journal
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = its default
     allow_spinning: bool = False  # ORT worker threads spin between runs: CPU burnt on a gateway
     download_timeout_s: float = 30.0

@@ -117,6 +117,14 @@ class Journal:
         recs.sort(key=lambda r: (r.history[0].at if r.history else "", r.id))
         return recs
 
+    def prune(self, keep: int) -> int:
+        """Delete the oldest finished records beyond `keep` (a gateway runs for months)."""
+        done = [r for r in self.all() if is_terminal(r.current)]
+        old = done[: max(0, len(done) - keep)]
+        for r in old:
+            self.path(r.id).unlink(missing_ok=True)
+        return len(old)
+
     def unfinished(self) -> list[UpdateRecord]:
         return [r for r in self.all() if not is_terminal(r.current)]
 

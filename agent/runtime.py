@@ -551,8 +551,13 @@ class Agent:
                     "disk_full",
                     f"installing needs {need} bytes + {self.config.disk_headroom_bytes} headroom, {free} free",
                 )
-        gate = (manifest.get("gates") or {}).get("max_memory_mb")
-        want_mb = float(gate) if gate is not None else 2.0 * need / 2**20
+        # ONNX Runtime needs about twice the weights while it loads them (file + arena).
+        model = manifest.get("model") or {}
+        weights = [model.get("file", "model.onnx"), *(model.get("external_data") or [])]
+        wbytes = sum(
+            int(manifest["members"][w]["size"]) for w in weights if w in manifest["members"]
+        )
+        want_mb = 2.0 * (wbytes or need) / 2**20
         avail_mb = psutil.virtual_memory().available / 2**20
         if self.config.swap.memory_budget_mb is not None:
             avail_mb = min(avail_mb, float(self.config.swap.memory_budget_mb))
@@ -725,6 +730,7 @@ class Agent:
             raise StepFailed(verdict[0], verdict[1], figures)
         self._transition(rec, State.COMMITTED, figures=figures)
         self.store.prune(rec.model, self.config.keep_versions)
+        self.journal.prune(self.config.keep_updates)
         self._discard_download(rec)
 
     def _step_rolling_back(self, rec: UpdateRecord, run: _Run) -> None:

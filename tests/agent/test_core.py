@@ -75,8 +75,15 @@ def test_journal_persists_before_memory_and_refuses_bad_transitions(tmp_path: Pa
     assert rec.state == "DOWNLOADING" and j.load("u1").state == "DOWNLOADING"  # type: ignore[union-attr]
     j.transition(rec, State.FAILED, "x", "because")
     assert j.unfinished() == [] and j.all()[0].history[-1].reason == "because"
+    for i in range(3):
+        r = UpdateRecord(id=f"v{i}", model="m", version="1.0.0", source="/x")
+        j.create(r)
+        if i < 2:
+            j.transition(r, State.FAILED, "x", "y")
+    assert j.prune(1) == 2  # the oldest finished ones go; the unfinished one stays
+    assert sorted(r.id for r in j.all()) == ["v1", "v2"]
     (tmp_path / "updates" / ".u2.json.abcd.tmp").write_text("{half")  # an interrupted write
-    assert len(Journal(tmp_path).all()) == 1
+    assert len(Journal(tmp_path).all()) == 2
     assert not (tmp_path / "updates" / ".u2.json.abcd.tmp").exists()
 
 

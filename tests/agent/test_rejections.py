@@ -156,7 +156,7 @@ def test_memory_insufficient_rejected(
 ) -> None:
     from agent.config import SwapConfig
 
-    agent = agent_factory(v1_copy, swap=SwapConfig(memory_budget_mb=100.0))  # gate says 512 MB
+    agent = agent_factory(v1_copy, swap=SwapConfig(memory_budget_mb=1.0))  # + 32 MB headroom
     _assert_rejected(agent, _update(agent, pkgs["v2"]), "memory_insufficient", x_iris)
 
 

@@ -124,3 +124,26 @@ def test_several_models_inventory_reference_and_probation_rollback(
         in metrics
     )
     c.close()
+
+
+def test_corrupted_current_version_is_never_loaded(
+    pkgs: dict[str, Path], agent_factory: Callable[..., Agent], v1_copy: Path, x_iris: np.ndarray
+) -> None:
+    agent = agent_factory(v1_copy)
+    assert (
+        agent.wait_update(agent.submit_update(UpdateRequest("iris", "", str(pkgs["v2"]))), 60)[
+            "state"
+        ]
+        == "COMMITTED"
+    )
+    agent.stop()
+    model = v1_copy / "models/iris/1.1.0/model.onnx"
+    data = bytearray(model.read_bytes())
+    data[100] ^= 0x01  # bit rot / a tampered file on disk
+    model.write_bytes(bytes(data))
+    agent = agent_factory(v1_copy)
+    c = OipClient(agent.http_port or 0)
+    status, meta, _ = c.infer("iris", {"X": x_iris})
+    c.close()
+    assert status == 200 and meta["model_version"] == "1.0.0"  # the verified previous version
+    assert agent.store.pointers("iris").current == "1.0.0"
