@@ -399,7 +399,12 @@ def _package_profile(
                 b.latency.p95_ms,
                 b.size,
             )
-            cr.misses = check_gate(b.metrics, profile.accuracy_gate)
+            cr.misses = check_gate(
+                b.metrics,
+                profile.accuracy_gate,
+                model_bytes=b.size,
+                max_memory_mb=profile.device_gates.max_memory_mb,
+            )
             cr.accepted = not cr.misses
         result.candidates.append(cr)
     best = choose(result.candidates)
@@ -408,7 +413,7 @@ def _package_profile(
         result.status = "gate_failed"
         closest = closest_miss(result.candidates)
         result.failure = {
-            "reason": "no candidate met the accuracy gate"
+            "reason": "no candidate met its gates"
             if closest
             else "every candidate failed to build or run",
             "closest_candidate": closest.candidate if closest else None,

@@ -180,7 +180,7 @@ def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -
     dw = f"{where} [device_gates]"
     gates = DeviceGates(
         max_p95_ms=_num(dev, "max_p95_ms", dw, lo=0),
-        max_memory_mb=_num(dev, "max_memory_mb", dw, lo=1),
+        max_memory_mb=_num(dev, "max_memory_mb", dw, lo=0.001),
         sample_atol=_num(dev, "sample_atol", dw, lo=0),
         sample_rtol=_num(dev, "sample_rtol", dw, lo=0),
         min_sample_agreement=_num(dev, "min_sample_agreement", dw, lo=0, hi=1),

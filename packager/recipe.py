@@ -51,7 +51,17 @@ class Recipe:
         keep = {"id", "method"}
         if self.method == "dynamic":
             keep |= {"weight_type", "per_channel", "reduce_range", "op_types", "extra_options"}
-        elif self.method in ("static", "qnn"):
+        elif self.method == "qnn":
+            keep |= {
+                "activation_type",
+                "weight_type",
+                "per_channel",
+                "calibrate_method",
+                "op_types",
+                "activation_symmetric",
+                "extra_options",
+            }
+        elif self.method == "static":
             keep |= {
                 "format",
                 "activation_type",

@@ -66,9 +66,23 @@ class CandidateResult:
         }
 
 
-def check_gate(metrics: Metrics, gate: AccuracyGate) -> list[GateMiss]:
-    """Every accuracy gate ``metrics`` misses (empty when it passes)."""
+def check_gate(
+    metrics: Metrics,
+    gate: AccuracyGate,
+    *,
+    model_bytes: int | None = None,
+    max_memory_mb: float | None = None,
+) -> list[GateMiss]:
+    """Every gate ``metrics`` misses (empty when it passes).
+
+    With ``max_memory_mb``, a model whose weights alone exceed the device's memory budget misses
+    ``max_memory_mb`` too (it cannot fit, whatever the runtime overhead).
+    """
     misses = []
+    if model_bytes is not None and max_memory_mb is not None:
+        mb = model_bytes / 2**20
+        if mb > max_memory_mb:
+            misses.append(GateMiss("max_memory_mb", max_memory_mb, mb, max_memory_mb - mb))
     if metrics.agreement < gate.min_agreement:
         misses.append(
             GateMiss(

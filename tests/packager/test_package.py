@@ -169,6 +169,38 @@ def test_too_strict_gate_writes_nothing_and_exits_nonzero(
     assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").glob("*.efpkg"))
 
 
+def test_memory_gate_steers_the_search(
+    examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
+) -> None:
+    """A device budget the dynamic model (Conv left FP32) does not fit leaves the static one."""
+    from packager.pipeline import package_model
+    from packager.profiles import load_profile_file
+
+    text = STRICT.replace("max_abs_error = 1e-9", "").replace(
+        "max_memory_mb = 100", "max_memory_mb = 0.02"
+    )
+    path = tmp_path / "cpu-strict.toml"
+    path.write_text(text)
+    ex = examples["digits-cnn"]
+    report = package_model(
+        ex.model,
+        name="cnn",
+        version="1.0.0",
+        profiles=[load_profile_file(path)],
+        calibration=ex.calibration,
+        validation=ex.validation,
+        key=signing_key.private_path,
+        out_dir=tmp_path / "out",
+        bench_runs=5,
+        bench_seconds=0.1,
+    )
+    (result,) = report.profiles
+    assert result.ok and result.chosen == "static"
+    dynamic = next(c for c in result.candidates if c.candidate == "dynamic")
+    assert not dynamic.accepted and [m.gate for m in dynamic.misses] == ["max_memory_mb"]
+    assert result.size_bytes is not None and result.size_bytes < 0.02 * 2**20
+
+
 def test_json_report_shape(
     examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
 ) -> None:

@@ -36,6 +36,9 @@ def test_gate_misses_carry_margins() -> None:
     assert check_gate(_metrics(0.99, accuracy=None, source=None), GATE) == []
     strict = AccuracyGate(min_agreement=0.0, max_accuracy_drop=1.0, max_abs_error=0.01)
     assert [m.gate for m in check_gate(_metrics(1.0), strict)] == ["max_abs_error"]
+    big = check_gate(_metrics(0.99), GATE, model_bytes=3 * 2**20, max_memory_mb=2)
+    assert [(m.gate, m.margin) for m in big] == [("max_memory_mb", pytest.approx(-1.0))]
+    assert check_gate(_metrics(0.99), GATE, model_bytes=2**20, max_memory_mb=2) == []
 
 
 def test_choose_fastest_within_gate_and_record_why() -> None:
