@@ -99,6 +99,7 @@ class Rollout(Base):
     model: Mapped[str] = mapped_column(String(200), index=True)
     version: Mapped[str] = mapped_column(String(100))
     phase: Mapped[str] = mapped_column(String(32), index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     state: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

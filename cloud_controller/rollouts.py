@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_controller import desired, devices, registry
@@ -36,6 +36,14 @@ class RolloutError(Exception):
     def __init__(self, code: str, message: str, status: int = 409) -> None:
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.status = code, message, status
+
+
+class _Stale(Exception):
+    """Another controller (replica) changed this rollout since we loaded it."""
+
+    def __init__(self, rollout_id: str) -> None:
+        super().__init__(rollout_id)
+        self.rollout_id = rollout_id
 
 
 def _utc(ts: float) -> datetime:
@@ -124,7 +132,10 @@ class RolloutService:
         self._clock = clock
         self._lock = threading.RLock()
         self._active: dict[str, E.RolloutState] = {}
+        self._rev: dict[str, int] = {}  # revision of each cached rollout row
+        self._next_rev: dict[str, int] = {}
         self._last_refresh = 0.0
+        self._last_sync = 0.0
         self.load()
 
     # --- loading -----------------------------------------------------------------------------
@@ -137,6 +148,37 @@ class RolloutService:
                 if row.phase in E.TERMINAL_PHASES and not row.state.get("pending_rollback"):
                     continue
                 self._active[row.id] = self._read(session, row)
+                self._rev[row.id] = row.revision
+
+    def _reload(self, rollout_id: str) -> E.RolloutState | None:
+        """Fresh state of one rollout from the database (another replica changed it)."""
+        with self._factory() as session:
+            row = session.get(Rollout, rollout_id)
+            if row is None:
+                self._active.pop(rollout_id, None)
+                return None
+            state = self._read(session, row)
+            self._rev[rollout_id] = row.revision
+        self._set(state)
+        return state
+
+    def sync(self) -> None:
+        """Pick up rollouts that other replicas created or changed (cheap: ids and revisions)."""
+        recent = _utc(self._clock() - 86400)
+        with self._lock:
+            with self._factory() as session:
+                rows = session.execute(
+                    select(Rollout.id, Rollout.revision).where(
+                        or_(
+                            Rollout.phase.not_in([p.value for p in E.TERMINAL_PHASES]),
+                            Rollout.updated_at > recent,
+                            Rollout.id.in_(list(self._active)),
+                        )
+                    )
+                ).all()
+            for rid, rev in rows:
+                if self._rev.get(rid) != rev:
+                    self._reload(rid)
 
     def _read(self, session: Session, row: Rollout) -> E.RolloutState:
         devs = session.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == row.id))
@@ -158,13 +200,18 @@ class RolloutService:
         spec = spec_from_request(body)
         now = self._clock()
         with self._lock:
-            for st in self._active.values():
-                if st.spec.model == spec.model and st.phase not in E.TERMINAL_PHASES:
+            with transaction(self._factory) as session:
+                running = session.execute(
+                    select(Rollout.id, Rollout.phase).where(
+                        Rollout.model == spec.model,
+                        Rollout.phase.not_in([p.value for p in E.TERMINAL_PHASES]),
+                    )
+                ).first()
+                if running is not None:
                     raise RolloutError(
                         "rollout_conflict",
-                        f"rollout {st.spec.rollout_id} of {spec.model} is still {st.phase}",
+                        f"rollout {running[0]} of {spec.model} is still {running[1]}",
                     )
-            with transaction(self._factory) as session:
                 profiles = registry.release_profiles(session, spec.model, spec.version)
                 if not profiles:
                     raise RolloutError(
@@ -185,6 +232,7 @@ class RolloutService:
                         model=spec.model,
                         version=spec.version,
                         phase=decision.state.phase.value,
+                        revision=0,
                         spec=E.spec_to_dict(spec),
                         state={},
                         created_at=_utc(now),
@@ -205,7 +253,10 @@ class RolloutService:
                 session.flush()
                 self._warn_unrevertable(session, decision.state, now)
                 empty = E.RolloutState(spec, decision.state.devices, decision.state.wave_sizes)
+                self._rev[spec.rollout_id] = 0
+                self._next_rev.clear()
                 rows = self._apply(session, empty, decision, now)
+            self._rev.update(self._next_rev)
             self._publish(rows)
             self._set(decision.state)
             return decision.state
@@ -213,7 +264,7 @@ class RolloutService:
     def control(self, rollout_id: str, event: E.Event) -> E.RolloutState:
         """Approve / pause / resume / cancel / abort."""
         with self._lock:
-            state = self.get_state(rollout_id)
+            state = self._active.get(rollout_id) or self._reload(rollout_id)
             if state is None:
                 raise RolloutError("not_found", f"no rollout {rollout_id}", 404)
             if state.phase in E.TERMINAL_PHASES:
@@ -239,6 +290,12 @@ class RolloutService:
             live = {
                 rid: st for rid, st in self._active.items() if st.phase not in E.TERMINAL_PHASES
             }
+            if now - self._last_sync > 2:
+                self._last_sync = now
+                self.sync()
+                live = {
+                    rid: st for rid, st in self._active.items() if st.phase not in E.TERMINAL_PHASES
+                }
             if live:
                 self._step(live, None)
             if now - self._last_refresh > 60:
@@ -258,10 +315,29 @@ class RolloutService:
         states: dict[str, E.RolloutState],
         events: E.Event | dict[str, list[E.Event]] | None,
     ) -> dict[str, E.RolloutState]:
+        """`_step_once`, again on fresh state when another replica got there first."""
+        for _ in range(5):
+            try:
+                return self._step_once(states, events)
+            except _Stale as e:
+                fresh = self._reload(e.rollout_id)
+                states = dict(states)
+                if fresh is None:
+                    states.pop(e.rollout_id, None)
+                else:
+                    states[e.rollout_id] = fresh
+        raise RolloutError("conflict", "the rollout keeps changing under us; try again", 409)
+
+    def _step_once(
+        self,
+        states: dict[str, E.RolloutState],
+        events: E.Event | dict[str, list[E.Event]] | None,
+    ) -> dict[str, E.RolloutState]:
         """Feed events (None = a tick) to each rollout; persist and publish the outcome."""
         now = self._clock()
         out: dict[str, E.RolloutState] = {}
         rows: list[DesiredState] = []
+        self._next_rev.clear()
         with transaction(self._factory) as session:
             for rid, state in states.items():
                 evs: list[E.Event]
@@ -275,6 +351,7 @@ class RolloutService:
                 if decision.state != state or decision.actions:
                     rows += self._apply(session, state, decision, now)
                 out[rid] = decision.state
+        self._rev.update(self._next_rev)
         self._publish(rows)
         for st in out.values():
             self._set(st)
@@ -304,11 +381,16 @@ class RolloutService:
             1 for d in new.devices.values() if d.rollback == "requested"
         )
         header["counts"] = E.counts(new)
-        session.execute(
+        rev = self._rev.get(rid, 0)
+        res = session.execute(
             update(Rollout)
-            .where(Rollout.id == rid)
-            .values(phase=new.phase.value, state=header, updated_at=_utc(now))
+            .where(Rollout.id == rid, Rollout.revision == rev)
+            .values(phase=new.phase.value, state=header, updated_at=_utc(now), revision=rev + 1)
+            .execution_options(synchronize_session=False)
         )
+        if getattr(res, "rowcount", 1) != 1:  # optimistic lock: someone else moved it on
+            raise _Stale(rid)
+        self._next_rev[rid] = rev + 1
         changed = [
             {
                 "rollout_id": rid,
@@ -324,9 +406,10 @@ class RolloutService:
             session.execute(update(RolloutDevice), changed)
         targets = [a.device_id for a in decision.actions if isinstance(a, E.Dispatch | E.Revert)]
         loaded: list[DesiredState] = []  # held so the identity map keeps them for set_model
-        for i in range(0, len(targets), 500):
+        for i in range(0, len(targets), 500):  # locked (PostgreSQL): seq + 1 is read-modify-write
             chunk = targets[i : i + 500]
-            loaded += session.scalars(select(DesiredState).where(DesiredState.device_id.in_(chunk)))
+            q = select(DesiredState).where(DesiredState.device_id.in_(chunk)).with_for_update()
+            loaded += session.scalars(q)
         rows: list[DesiredState] = []
         packages: dict[tuple[str, str], Package | None] = {}
 

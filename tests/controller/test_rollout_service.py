@@ -205,3 +205,78 @@ def test_abort_without_a_package_of_the_previous_version_is_reported(
     assert any("old: cannot revert to 0.9.0" in m for m in msgs)
     assert old is not None and "iris" not in old.models  # never an entry the agent must refuse
     assert d0 is not None and d0.models["iris"]["version"] == "1.0.0"
+
+
+@pytest.fixture
+def shared_store(db_url: str) -> sessionmaker[Session]:
+    """The `store` contents on the parametrized database (SQLite file, PostgreSQL schema)."""
+    engine = db.make_engine(db_url)
+    db.upgrade(engine)
+    factory = db.session_factory(engine)
+    now = datetime.now(UTC)
+    with db.transaction(factory) as s:
+        for v in ("1.0.0", "2.0.0"):
+            s.add(
+                Package(
+                    name="iris", version=v, profile="cpu-x86_64", filename=f"{v}.efpkg",
+                    sha256=v[0] * 64, size=10, key_id="k", manifest={}, uploaded_at=now,
+                    uploaded_by="t",
+                )
+            )  # fmt: skip
+        for i in range(4):
+            devices.apply_presence(
+                s, f"d{i}", {"online": True, "profiles": ["cpu-x86_64"],
+                             "installed": {"iris": {"version": "1.0.0"}}},
+            )  # fmt: skip
+    return factory
+
+
+def test_two_replicas_on_one_database_keep_exact_counts(
+    shared_store: sessionmaker[Session],
+) -> None:
+    clock = Clock()
+    key = ec.generate_private_key(ec.SECP256R1())
+    sent: list[tuple[str, bytes]] = []
+
+    def replica() -> RolloutService:
+        return RolloutService(
+            shared_store, Signer(key, timedelta(hours=2)), "http://ctl",
+            publish=lambda t, p: sent.append((t, p)), clock=clock, health=None,
+        )  # fmt: skip
+
+    a = replica()
+    st = a.create({**SPEC, "waves": [50, 100], "seed": 2}, "t")
+    rid = st.spec.rollout_id
+    b = replica()  # starts after the rollout exists
+    first = sorted(d for d, p in st.devices.items() if p.wave == 0)
+    second = sorted(d for d, p in st.devices.items() if p.wave == 1)
+    a.on_status([("iris", E.StatusReport(first[0], "2.0.0", "COMMITTED"))])
+    # b's copy is one revision behind: it must notice, reload, then apply
+    b.on_status([("iris", E.StatusReport(first[1], "2.0.0", "COMMITTED"))])
+    mid = b.get_state(rid)
+    assert mid is not None and mid.wave == 1
+    assert E.counts(mid)["states"] == {"succeeded": 2, "in_progress": 2}
+    # a is stale too; its tick must not dispatch wave 2 a second time
+    clock.now += 3
+    a.tick()
+    a.on_status([("iris", E.StatusReport(d, "2.0.0", "COMMITTED")) for d in second])
+    for svc in (a, b):
+        clock.now += 3
+        svc.tick()
+    with shared_store() as s:
+        from sqlalchemy import select
+
+        from cloud_controller.models import Rollout
+
+        row = s.get(Rollout, rid)
+        seqs = {r.device_id: r.seq for r in s.scalars(select(DesiredState))}
+    assert row is not None and row.phase == "succeeded"
+    assert row.state["counts"]["states"] == {"succeeded": 4}
+    assert seqs == {d: 1 for d in first + second}  # each device dispatched exactly once
+    assert b.get_state(rid).phase == E.Phase.SUCCEEDED  # type: ignore[union-attr]
+    # a rollout created on one replica is picked up by the other's sync
+    st2 = b.create({**SPEC, "version": "1.0.0", "waves": [100]}, "t")
+    assert st2.spec.rollout_id not in a.active_ids()
+    clock.now += 3
+    a.tick()
+    assert st2.spec.rollout_id in a.active_ids()

@@ -92,6 +92,7 @@ def upgrade() -> None:
         sa.Column("model", sa.String(200), nullable=False),
         sa.Column("version", sa.String(100), nullable=False),
         sa.Column("phase", sa.String(32), nullable=False),
+        sa.Column("revision", sa.Integer, nullable=False, server_default="0"),
         sa.Column("spec", sa.JSON, nullable=False),
         sa.Column("state", sa.JSON, nullable=False),
         sa.Column("created_at", TS, nullable=False),
