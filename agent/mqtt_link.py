@@ -54,6 +54,8 @@ class RecordOutbox(Protocol):
 
     def ack(self, ids: Iterable[int]) -> int: ...
 
+    def stats(self) -> Any: ...
+
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -116,6 +118,7 @@ class MqttLink:
         telemetry: RecordOutbox | None = None,
         telemetry_batch: int = 100,
         tick_s: float = 0.5,
+        resend_after_s: float = 15.0,
     ) -> None:
         from edgefleet.keys import load_public_key
 
@@ -140,14 +143,19 @@ class MqttLink:
         self.telemetry = telemetry
         self.telemetry_batch = telemetry_batch
         self.tick_s = tick_s
+        self.resend_after_s = resend_after_s
+        self.resent = 0  # reports handed to the broker again after no PUBACK in resend_after_s
         self.ignored: dict[str, int] = {}  # reason code -> count of desired states ignored
         self.last_connect_error: str | None = None
         self.connected = threading.Event()
         self._jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._lock = threading.Lock()
-        # mid -> (outbox, record ids) handed to paho and not yet acknowledged by the broker;
-        # paho itself re-sends them after a reconnect, the outbox after a restart.
-        self._inflight: dict[int, tuple[RecordOutbox, list[int]]] = {}
+        # PUBACKed mids, from paho's thread to the worker. paho calls on_publish holding its own
+        # message mutex, which publish() needs too: the callback must never wait on a lock the
+        # worker holds while publishing, so it only queues.
+        self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # Worker-only: mid -> (outbox, record ids, when handed) not yet acknowledged by the
+        # broker; paho itself re-sends them after a reconnect, the outbox after a restart.
+        self._inflight: dict[int, tuple[RecordOutbox, list[int], float]] = {}
         self._handed: set[tuple[int, int]] = set()  # (id(outbox), record id)
         self._in_flight_updates: dict[str, str] = {}  # model -> version being installed
         self._worker: threading.Thread | None = None
@@ -221,6 +229,10 @@ class MqttLink:
         if close is not None:
             close()
 
+    def backlog(self) -> int:
+        """Status reports on disk that the broker has not acknowledged yet."""
+        return int(self.outbox.stats().pending)
+
     def wait_connected(self, timeout: float = 10.0) -> bool:
         return self.connected.wait(timeout)
 
@@ -247,13 +259,21 @@ class MqttLink:
             self._jobs.put(("desired", bytes(message.payload)))
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        with self._lock:
+        self._acked.put(mid)
+        self._jobs.put(("acked", None))
+
+    def _drain_acks(self) -> None:
+        """Worker: forget acknowledged records (unknown mids are presence messages)."""
+        while True:
+            try:
+                mid = self._acked.get_nowait()
+            except queue.Empty:
+                return
             entry = self._inflight.pop(mid, None)
-        if entry is None:
-            return
-        box, ids = entry
-        box.ack(ids)
-        with self._lock:
+            if entry is None:
+                continue
+            box, ids, _ = entry
+            box.ack(ids)
             self._handed.difference_update((id(box), i) for i in ids)
 
     def _on_event(self, event: Any) -> None:
@@ -268,10 +288,12 @@ class MqttLink:
             except queue.Empty:
                 kind, arg = "tick", None
             try:
+                self._drain_acks()
                 if kind == "stop":
                     self._flush()
                     return
                 if kind == "connected":
+                    self._restart_resend_clock()
                     self._publish_presence()
                 elif kind == "desired":
                     self._handle_desired(arg)
@@ -433,31 +455,50 @@ class MqttLink:
         )
 
     # -- outboxes -> broker -----------------------------------------------------------------
+    def _restart_resend_clock(self) -> None:
+        """After a reconnect paho re-sends what it holds; give those a fresh deadline."""
+        now = time.monotonic()
+        for mid, (box, ids, _) in list(self._inflight.items()):
+            self._inflight[mid] = (box, ids, now)
+
+    def _forget_stale(self) -> None:
+        """Reports without a PUBACK for ``resend_after_s`` while connected are handed out again
+        (some brokers drop a QoS 1 flow under load); the controller drops duplicates by seq."""
+        now = time.monotonic()
+        stale = [m for m, (_, _, t) in self._inflight.items() if now - t > self.resend_after_s]
+        for mid in stale:
+            box, ids, _ = self._inflight.pop(mid)
+            self._handed.difference_update((id(box), i) for i in ids)
+            self.resent += len(ids)
+
     def _flush(self) -> None:
         if self._client is None or not self.connected.is_set():
             return
+        self._forget_stale()
         for _, record in self._fresh(self.outbox, 500):
-            self._publish_records(self.outbox, "status", [record], json.dumps(record).encode())
+            # The outbox id increases across restarts: it is the status seq the controller
+            # uses to drop duplicates of at-least-once delivery.
+            body = json.dumps({**record, "seq": record["id"]}).encode()
+            self._publish_records(self.outbox, "status", [record], body)
         if self.telemetry is not None:
             batch = [r for _, r in self._fresh(self.telemetry, self.telemetry_batch)]
             if batch:
-                body = {"device_id": self.device_id, "records": batch}
-                self._publish_records(self.telemetry, "telemetry", batch, json.dumps(body).encode())
+                envelope = {"device_id": self.device_id, "records": batch}
+                payload = json.dumps(envelope).encode()
+                self._publish_records(self.telemetry, "telemetry", batch, payload)
 
     def _fresh(self, box: RecordOutbox, limit: int) -> list[tuple[int, dict[str, Any]]]:
         """Pending records not already handed to paho."""
-        with self._lock:
-            handed = {i for b, i in self._handed if b == id(box)}
+        handed = {i for b, i in self._handed if b == id(box)}
         return [(i, r) for i, r in box.pending(limit + len(handed)) if i not in handed][:limit]
 
     def _publish_records(
         self, box: RecordOutbox, kind: str, records: list[dict[str, Any]], payload: bytes
     ) -> None:
         ids = [int(r["id"]) for r in records]
-        with self._lock:
-            info = self._client.publish(self.topic(kind), payload, qos=1)
-            self._inflight[info.mid] = (box, ids)
-            self._handed.update((id(box), i) for i in ids)
+        info = self._client.publish(self.topic(kind), payload, qos=1)
+        self._inflight[info.mid] = (box, ids, time.monotonic())
+        self._handed.update((id(box), i) for i in ids)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:

@@ -86,8 +86,13 @@ def mosquitto_config(
     *,
     passwords: Mapping[str, str] | None = None,
     acl: str | None = None,
+    password_file: str | None = None,
 ) -> Path:
-    """Write a Mosquitto config (and hashed password / ACL files) into ``workdir``."""
+    """Write a Mosquitto config (and hashed password / ACL files) into ``workdir``.
+
+    ``passwords`` are plaintext (hashed here with ``mosquitto_passwd``); ``password_file`` is
+    the text of an already hashed file, e.g. from `cloud_controller.auth.mosquitto_passwords`.
+    """
     lines = [
         f"listener {port} {host}",
         "persistence false",
@@ -100,7 +105,12 @@ def mosquitto_config(
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # Mosquitto run as root drops to user "mosquitto", who cannot read our 0600 files.
         lines.append("user root")
-    if passwords:
+    if password_file is not None:
+        pwfile = workdir / "passwd"
+        pwfile.write_text(password_file)
+        pwfile.chmod(0o600)
+        lines += ["allow_anonymous false", f"password_file {pwfile}"]
+    elif passwords:
         pwfile = workdir / "passwd"
         pwfile.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()))
         pwfile.chmod(0o600)
@@ -132,6 +142,7 @@ class EmbeddedBroker:
     process: subprocess.Popen[bytes] | None = None
     passwords: Mapping[str, str] | None = None
     acl: str | None = None
+    password_file: str | None = None
     startup_timeout: float = 20.0
     _argv: list[str] = field(default_factory=list)
 
@@ -187,11 +198,16 @@ class EmbeddedBroker:
             if exe is None:
                 raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
             conf = mosquitto_config(
-                self.workdir, self.host, self.port, passwords=self.passwords, acl=self.acl
+                self.workdir,
+                self.host,
+                self.port,
+                passwords=self.passwords,
+                acl=self.acl,
+                password_file=self.password_file,
             )
             return [exe, "-c", str(conf)]
         if self.kind == "amqtt":
-            if self.passwords or self.acl:
+            if self.passwords or self.acl or self.password_file:
                 raise BrokerError("the amqtt broker runs anonymous only; use --broker mosquitto")
             return [
                 sys.executable,

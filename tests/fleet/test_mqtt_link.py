@@ -215,19 +215,19 @@ def test_status_survives_broker_outage_and_agent_restart(
         p1 = iris_packages["1.0.0"]
         uid = dev.agent.submit_update(UpdateRequest("iris", "1.0.0", str(p1.path), p1.sha256))
         assert dev.agent.wait_update(uid, 60)["state"] == "COMMITTED"
-        assert wait_until(lambda: len(dev.link.outbox) >= len(FULL_PATH), 10)
+        assert wait_until(lambda: dev.link.backlog() >= len(FULL_PATH), 10)
         assert observer.of(dev.id, "status") == []
 
         proxy.restore()  # paho reconnects with backoff; the outbox drains on PUBACK
         assert observer.wait(lambda: committed(observer, dev.id, "1.0.0"), 60)
-        assert wait_until(lambda: len(dev.link.outbox) == 0, 10)
+        assert wait_until(lambda: dev.link.backlog() == 0, 10)
 
         # Offline again, and the agent's link restarts before the broker comes back.
         proxy.cut()
         p2 = iris_packages["1.1.0"]
         uid = dev.agent.submit_update(UpdateRequest("iris", "1.1.0", str(p2.path), p2.sha256))
         assert dev.agent.wait_update(uid, 60)["state"] == "COMMITTED"
-        assert wait_until(lambda: len(dev.link.outbox) >= len(FULL_PATH), 10)
+        assert wait_until(lambda: dev.link.backlog() >= len(FULL_PATH), 10)
         dev.new_link()
         proxy.restore()
         dev.start_link()
