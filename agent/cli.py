@@ -124,24 +124,34 @@ def run(
     agent.start()
     extras: list[Any] = []
     telemetry = None
+    # The fleet link and telemetry are written by other components; a failure there must not
+    # stop the gateway from serving, so each is started on its own and reported.
     if cfg.telemetry.enabled and importlib.util.find_spec("agent.telemetry") is not None:
-        mod = importlib.import_module("agent.telemetry")
-        service_cls = getattr(mod, "TelemetryService", None)
-        if service_cls is not None:
-            telemetry = service_cls(agent, cfg)
-            telemetry.start()
-            extras.append(telemetry)
+        try:
+            service_cls = getattr(
+                importlib.import_module("agent.telemetry"), "TelemetryService", None
+            )
+            if service_cls is not None:
+                telemetry = service_cls(agent, cfg)
+                telemetry.start()
+                extras.append(telemetry)
+        except Exception as e:
+            console.print(f"[yellow]telemetry not started:[/yellow] {type(e).__name__}: {e}")
+            telemetry = None
     if cfg.mqtt.url and importlib.util.find_spec("agent.mqtt_link") is not None:
-        from agent import mqtt_link
+        try:
+            from agent import mqtt_link
 
-        outbox = getattr(telemetry, "outbox", None)
-        link = (
-            mqtt_link.MqttLink(agent, cfg, telemetry=outbox)
-            if outbox
-            else mqtt_link.MqttLink(agent, cfg)
-        )
-        link.start()
-        extras.append(link)
+            outbox = getattr(telemetry, "outbox", None)
+            link = (
+                mqtt_link.MqttLink(agent, cfg, telemetry=outbox)
+                if outbox is not None
+                else mqtt_link.MqttLink(agent, cfg)
+            )
+            link.start()
+            extras.append(link)
+        except Exception as e:
+            console.print(f"[yellow]fleet link not started:[/yellow] {type(e).__name__}: {e}")
     console.print(
         f"agent {cfg.device_id}: inference http://{cfg.http_host}:{agent.http_port}/v2,"
         f" admin 127.0.0.1:{agent.admin_port}, models {list(agent.inventory()['models'])}"

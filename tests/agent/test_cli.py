@@ -13,7 +13,7 @@ import numpy as np
 
 from edgefleet.keys import KeyPair
 from tests.agent.helpers import REPO, served_version, wait_for
-from tests.support.services import free_port, wait_port
+from tests.support.services import Mosquitto, free_port, wait_port
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -101,3 +101,65 @@ def test_init_run_install_status(
         log.close()
     assert proc.returncode == 0
     assert not (d / "data" / "admin.json").exists()
+
+
+def test_run_starts_fleet_link_and_telemetry(
+    tmp_path: Path, keys: dict[str, KeyPair], broker: Mosquitto
+) -> None:
+    """`agent run` with mqtt.url set connects to the broker: retained presence appears."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from edgefleet.wire.mqtt import topic
+
+    d = tmp_path / "gw"
+    port = free_port()
+    r = _cli(
+        "init",
+        str(d),
+        "--device-id",
+        "gw-mq",
+        "--trust",
+        str(keys["trusted"].public_path),
+        "--controller-key",
+        str(keys["second"].public_path),
+        "--http-port",
+        str(port),
+        "--mqtt-url",
+        broker.url,
+    )
+    assert r.returncode == 0, r.stdout
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(d / "agent.toml")],
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    got: list[bytes] = []
+    seen = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cli-test-observer")
+
+    def on_message(c: object, u: object, msg: mqtt.MQTTMessage) -> None:
+        got.append(msg.payload)
+        if b"gw-mq" in msg.payload:
+            seen.set()
+
+    client.on_message = on_message
+    try:
+        wait_port(port, timeout=60)
+        client.connect(broker.host, broker.port, keepalive=10)
+        client.subscribe(topic("gw-mq", "presence"), qos=1)
+        client.loop_start()
+        assert seen.wait(30), got
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+    out = (tmp_path / "run.log").read_text()
+    assert "not started" not in out, out
+    assert proc.returncode == 0
