@@ -425,6 +425,8 @@ def _on_status(
         return state
     if dev.state not in (DevState.IN_PROGRESS, DevState.WAITING_RETRY):
         return state
+    if state.phase in TERMINAL_PHASES and dev.state != DevState.IN_PROGRESS:
+        return state  # after a plain cancel only the devices still at work are followed
     dev = replace(dev, agent_state=ev.state)
     if ev.state in AGENT_SUCCESS:
         actions.append(Log(f"{dev.device_id}: succeeded (attempt {dev.attempts})"))
@@ -441,7 +443,9 @@ def _on_status(
         )
     if ev.state in AGENT_FAILURE and dev.state == DevState.IN_PROGRESS:
         code = ev.reason_code or ev.state.lower()
-        return _put(state, _fail(state.spec, dev, DevState.FAILED, code, ev.reason, now, actions))
+        ended = state.phase in TERMINAL_PHASES  # no retry once the rollout is over
+        spec_ = replace(spec, max_retries=0) if ended else spec
+        return _put(state, _fail(spec_, dev, DevState.FAILED, code, ev.reason, now, actions))
     return _put(state, dev)
 
 
@@ -657,6 +661,11 @@ def _finish(
     for dev in state.devices.values():
         if dev.state == DevState.PENDING:
             devices[dev.device_id] = replace(dev, state=DevState.SKIPPED)
+        elif not rollback and dev.state == DevState.WAITING_RETRY:
+            # no retry will come: the last failure stands (devices still at work are followed)
+            devices[dev.device_id] = replace(
+                dev, state=DevState.FAILED, finished_at=now, retry_at=None
+            )
         elif rollback and dev.state in MOVED and dev.rollback is None:
             new = dev
             if dev.state in (DevState.IN_PROGRESS, DevState.WAITING_RETRY):

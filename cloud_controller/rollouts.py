@@ -51,10 +51,14 @@ def _utc(ts: float) -> datetime:
 
 
 def _live(state: E.RolloutState) -> bool:
-    """Still needs events: running, or waiting for devices to confirm a rollback."""
+    """Still needs events: running, waiting for devices to confirm a rollback, or (after a
+    plain cancel) following devices that were still at work."""
     if state.phase not in E.TERMINAL_PHASES:
         return True
-    return any(d.rollback == "requested" for d in state.devices.values())
+    return any(
+        d.rollback == "requested" or d.state == E.DevState.IN_PROGRESS
+        for d in state.devices.values()
+    )
 
 
 def spec_from_request(body: dict[str, Any], rollout_id: str | None = None) -> E.RolloutSpec:
@@ -145,7 +149,7 @@ class RolloutService:
         with self._lock, self._factory() as session:
             self._active.clear()
             for row in session.scalars(select(Rollout)):
-                if row.phase in E.TERMINAL_PHASES and not row.state.get("pending_rollback"):
+                if row.phase in E.TERMINAL_PHASES and not row.state.get("open"):
                     continue
                 self._active[row.id] = self._read(session, row)
                 self._rev[row.id] = row.revision
@@ -381,6 +385,7 @@ class RolloutService:
             1 for d in new.devices.values() if d.rollback == "requested"
         )
         header["counts"] = E.counts(new)
+        header["open"] = _live(new)
         rev = self._rev.get(rid, 0)
         res = session.execute(
             update(Rollout)

@@ -447,3 +447,19 @@ def test_state_round_trips_through_json_parts() -> None:
     assert back == replace(st, devices=dict(st.devices))
     # and it keeps deciding the same way
     assert E.handle(back, Tick(), T0 + 2) == E.handle(st, Tick(), T0 + 2)
+
+
+def test_plain_cancel_follows_devices_still_at_work_without_retrying() -> None:
+    s = spec(waves=(100.0,), max_retries=2, retry_backoff_s=100, abort_failure_pct=100.0)
+    st = E.plan(s, fleet(3), ["cpu-x86_64"], T0).state
+    a, b, c = ids_in(st, DevState.IN_PROGRESS)
+    st = E.handle(st, StatusReport(a, "2.0.0", "FAILED", "download_failed"), T0 + 1).state
+    assert st.devices[a].state == DevState.WAITING_RETRY
+    st = E.handle(st, Cancel(), T0 + 2).state
+    assert st.devices[a].state == DevState.FAILED  # its retry will not come
+    assert st.devices[a].reason_code == "download_failed"
+    st = E.handle(st, StatusReport(b, "2.0.0", "COMMITTED"), T0 + 3).state
+    d = E.handle(st, StatusReport(c, "2.0.0", "FAILED", "download_failed"), T0 + 4)
+    assert d.state.devices[b].state == DevState.SUCCEEDED
+    assert d.state.devices[c].state == DevState.FAILED  # no retry after the end
+    assert not dispatched(d.actions) and d.state.phase == Phase.CANCELLED
