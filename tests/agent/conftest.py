@@ -46,6 +46,9 @@ def pkgs(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, KeyPair]) -> 
             created="2020-01-01T00:00:00Z",
             expires="2021-01-01T00:00:00Z",
         ),
+        "needs_new_agent": make_package(
+            d / "na", name="iris", version="1.2.0", key=k, min_agent_version="9.0.0"
+        ),
         "arm": make_package(d / "arm", name="iris", version="1.2.0", key=k, profile="cpu-arm64"),
         "cuda_no_fallback": make_package(
             d / "cu",

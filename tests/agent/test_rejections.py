@@ -95,6 +95,7 @@ def test_crafted_package_rejected(
         ("second_key", "revoked_key", {"revoked": True}),
         ("expired", "expired", {}),
         ("arm", "profile_incompatible", {}),
+        ("needs_new_agent", "agent_too_old", {}),
         ("cuda_no_fallback", "provider_missing", {}),
         ("v0", "version_not_newer", {}),
         ("v1", "version_not_newer", {}),
@@ -219,3 +220,10 @@ def test_rollback_to_installed_previous_needs_no_download(
     view = _update(agent, pkgs["v1"], version="1.0.0")
     assert view["state"] == "FAILED" and view["reason_code"] == "version_not_newer"
     assert agent.store.is_installed("iris", "1.0.0")  # the previous version is kept
+
+
+def test_disk_full_rejected(
+    pkgs: dict[str, Path], agent_factory: Callable[..., Agent], v1_copy: Path, x_iris: np.ndarray
+) -> None:
+    agent = agent_factory(v1_copy, disk_headroom_bytes=2**60)  # more than any disk has free
+    _assert_rejected(agent, _update(agent, pkgs["v2"]), "disk_full", x_iris)
