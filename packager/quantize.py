@@ -69,41 +69,45 @@ def make_reader(model: Path, data: Mapping[str, np.ndarray], batch: int = 16) ->
     return _Reader()
 
 
-def preprocess(source: Path, out: Path, *, external: bool) -> tuple[Path, dict[str, Any]]:
+def preprocess(
+    source: Path, out: Path, *, external: bool, timeout: float = 3600.0
+) -> tuple[Path, dict[str, Any]]:
     """Shape inference + graph optimisation before quantization (``quant_pre_process``).
 
-    Symbolic shape inference is tried first; graphs it cannot handle (skl2onnx's ML ops) are
-    retried with ``skip_symbolic_shape=True``. If a tensor is still untyped afterwards, the
-    quantizer would fail on it, so the source model is used as is. Returns the model to
-    quantize and what was done, for the manifest.
+    Runs in a child process in ``out``'s directory (see ``packager.preprocess``). Symbolic shape
+    inference is tried first, then ``skip_symbolic_shape=True`` (skl2onnx graphs). If a tensor is
+    still untyped afterwards, the quantizer would fail on it, so the source model is used as is.
+    Returns the model to quantize and what was done, for the manifest.
     """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import json
+    import subprocess
+    import sys
 
-    kwargs: dict[str, Any] = {
-        "save_as_external_data": external,
-        "all_tensors_to_one_file": True,
-        "external_data_location": out.name + ".data" if external else None,
-    }
-    info: dict[str, Any] = {"symbolic_shape_inference": True}
+    source, out = Path(source).resolve(), Path(out).resolve()
+    cmd = [sys.executable, "-m", "packager.preprocess", str(source), str(out)]
+    if external:
+        cmd.append("--external")
     try:
-        quant_pre_process(str(source), str(out), **kwargs)
-    except Exception as first:
-        info = {"symbolic_shape_inference": False, "symbolic_error": str(first)[:200]}
-        try:
-            quant_pre_process(str(source), str(out), skip_symbolic_shape=True, **kwargs)
-        except Exception as second:
-            info["applied"] = False
-            info["reason"] = f"quant_pre_process failed: {str(second)[:200]}"
-            return source, info
-    untyped = untyped_tensors(out)
-    if untyped:
-        info["applied"] = False
-        info["reason"] = (
-            f"shape inference left {len(untyped)} tensor(s) untyped, e.g. {untyped[0]!r}"
+        proc = subprocess.run(
+            cmd, cwd=out.parent, capture_output=True, text=True, timeout=timeout, check=False
         )
-        return source, info
-    info["applied"] = True
-    return out, info
+        lines = proc.stdout.strip().splitlines()
+        info: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        info = {"ok": False, "reason": f"pre-processing did not complete: {exc}"}
+    else:
+        if not info:
+            info = {"ok": False, "reason": f"pre-processing crashed: {proc.stderr.strip()[-300:]}"}
+    ok = bool(info.pop("ok", False))
+    if ok:
+        untyped = untyped_tensors(out)
+        if untyped:
+            ok = False
+            info["reason"] = (
+                f"shape inference left {len(untyped)} tensor(s) untyped, e.g. {untyped[0]!r}"
+            )
+    info["applied"] = ok
+    return (out if ok else source), info
 
 
 def untyped_tensors(path: Path) -> list[str]:

@@ -22,8 +22,21 @@ for _p in load_profiles().values():
         RECIPES.setdefault(f"{_p.id}/{_c.id}", _c)
 
 
-def _build(ex: ExampleModel, recipe: Recipe, tmp: Path) -> tuple[Path, onnx.ModelProto]:
-    prepared, _ = preprocess(ex.model, tmp / "prep.onnx", external=False)
+@pytest.fixture(scope="session")
+def prepared(
+    examples: dict[str, ExampleModel], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, dict[str, object]]]:
+    """Each example pre-processed once (a child process per call)."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    return {
+        name: preprocess(ex.model, tmp / f"{name}.onnx", external=False)
+        for name, ex in examples.items()
+    }
+
+
+def _build(
+    ex: ExampleModel, recipe: Recipe, tmp: Path, prepared: Path
+) -> tuple[Path, onnx.ModelProto]:
     out = build(
         recipe,
         source=ex.model,
@@ -49,11 +62,14 @@ def _check_runs(ex: ExampleModel, model: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("key", sorted(RECIPES))
 def test_recipe_builds_loadable_model(
-    key: str, examples: dict[str, ExampleModel], tmp_path: Path
+    key: str,
+    examples: dict[str, ExampleModel],
+    prepared: dict[str, tuple[Path, dict[str, object]]],
+    tmp_path: Path,
 ) -> None:
     recipe = RECIPES[key]
     ex = examples["digits-cnn"]
-    out, model = _build(ex, recipe, tmp_path)
+    out, model = _build(ex, recipe, tmp_path, prepared["digits-cnn"][0])
     _check_runs(ex, out)
     ops = {n.op_type for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
@@ -83,16 +99,20 @@ def test_recipe_builds_loadable_model(
 
 
 def test_skl2onnx_model_quantizes_after_preprocessing_falls_back(
-    examples: dict[str, ExampleModel], tmp_path: Path
+    examples: dict[str, ExampleModel],
+    prepared: dict[str, tuple[Path, dict[str, object]]],
+    tmp_path: Path,
 ) -> None:
     ex = examples["digits-mlp"]
-    _, info = preprocess(ex.model, tmp_path / "prep.onnx", external=False)
+    path, info = prepared["digits-mlp"]
     assert info["symbolic_shape_inference"] is False  # skl2onnx's ML ops defeat symbolic inference
+    assert info["applied"] is False and "untyped" in str(info["reason"]) and path == ex.model
+    assert prepared["digits-cnn"][1]["applied"] is True
     for recipe in (
         parse_recipe({"id": "d", "method": "dynamic"}, "t"),
         parse_recipe({"id": "s", "method": "static", "per_channel": True}, "t"),
     ):
-        out, model = _build(ex, recipe, tmp_path / recipe.id)
+        out, model = _build(ex, recipe, tmp_path / recipe.id, path)
         assert {"MatMulInteger", "QuantizeLinear"} & {n.op_type for n in model.graph.node}
         _check_runs(ex, out)
 
@@ -102,3 +122,17 @@ def test_power_of_two_rounding() -> None:
     assert pow2_ceil(0.25) == 0.25
     assert pow2_ceil(1e-3) == 2**-9
     assert pow2_ceil(0.0) == 1.0
+
+
+def test_preprocessing_leaves_the_working_directory_clean(
+    examples: dict[str, ExampleModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ORT drops sym_shape_infer_temp.onnx into the cwd when symbolic inference gives up."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    work = tmp_path / "work"
+    work.mkdir()
+    _, info = preprocess(examples["digits-mlp"].model, work / "prep.onnx", external=False)
+    assert info["symbolic_shape_inference"] is False
+    assert list(cwd.iterdir()) == []
