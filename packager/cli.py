@@ -149,7 +149,9 @@ def package(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="Source ONNX model."),
     name: str = typer.Option(..., "--name", help="Model name."),
     version: str = typer.Option(..., "--version", help="Semantic version of this release."),
-    profile: list[str] = typer.Option([], "--profile", help="Profile id (repeatable)."),
+    profile: list[str] = typer.Option(
+        [], "--profile", help="Profile id or path to a profile .toml (repeatable)."
+    ),
     all_profiles: bool = typer.Option(False, "--all-profiles", help="Every shipped profile."),
     calibration: Path = typer.Option(..., "--calibration", exists=True, dir_okay=False),
     validation: Path = typer.Option(..., "--validation", exists=True, dir_okay=False),

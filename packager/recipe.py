@@ -126,8 +126,8 @@ def parse_recipe(raw: dict[str, Any], where: str) -> Recipe:
     if "extra_options" in kwargs and not isinstance(kwargs["extra_options"], dict):
         raise RecipeError(f"{where}: 'extra_options' must be a table")
     recipe = Recipe(**kwargs)
-    if recipe.power_of_two and recipe.method != "static":
-        raise RecipeError(f"{where}: 'power_of_two' needs method = 'static'")
+    if recipe.power_of_two and (recipe.method != "static" or recipe.per_channel):
+        raise RecipeError(f"{where}: 'power_of_two' needs method = 'static', per_channel = false")
     if recipe.method == "dynamic" and recipe.format != "QDQ" and "format" in raw:
         raise RecipeError(f"{where}: dynamic quantization has no 'format'")
     return recipe

@@ -79,6 +79,12 @@ def test_every_required_profile_loads_with_its_documented_recipe() -> None:
             lambda s: s.replace('method = "static"', 'method = "fp16"\npower_of_two = true'),
             "power_of_two",
         ),
+        (
+            lambda s: s.replace(
+                'method = "static"', 'method = "static"\npower_of_two = true\nper_channel = true'
+            ),
+            "per_channel = false",
+        ),
         (lambda s: s + '\n[[quantization.candidates]]\nid = "s"\nmethod = "fp32"\n', "unique"),
         (lambda s: s.replace("max_p95_ms = 10\n", ""), "max_p95_ms"),
     ],
