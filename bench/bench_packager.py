@@ -160,6 +160,45 @@ def build_mobilenet(out_dir: Path, *, epochs: int, seed: int = 0) -> dict[str, A
     }
 
 
+def dynamic_conv_probe(
+    m: dict[str, Any], work: Path, src: dict[str, Any], runs: int, seconds: float
+) -> dict[str, Any]:
+    """Dynamic INT8 with Conv included (ConvInteger): why the profiles keep dynamic off Conv."""
+    from packager.benchmark import measure
+    from packager.evaluate import compare, run_all, session
+    from packager.npzio import load_npz
+    from packager.quantize import build_candidate, model_size, preprocess
+    from packager.recipe import parse_recipe
+
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = parse_recipe(
+        {"id": "probe", "method": "dynamic", "op_types": ["Conv", "MatMul", "Gemm"]}, "probe"
+    )
+    prepared, _ = preprocess(m["model"], work / "prep.onnx", external=False)
+    out = build_candidate(
+        recipe,
+        source=m["model"],
+        prepared=prepared,
+        out=work / "dyn-conv.onnx",
+        calibration=load_npz(m["calibration"]),
+        external=False,
+    )
+    val = load_npz(m["validation"])
+    inputs = {k: v for k, v in val.items() if k != "labels"}
+    sess, ref = session(out), session(m["model"])
+    lat = measure(sess, inputs, runs=runs, max_seconds=seconds)
+    metrics = compare(run_all(ref, inputs), run_all(sess, inputs))
+    return {
+        "candidate": "probe: dynamic INT8 incl. Conv (ConvInteger)",
+        "p50_ms": lat.p50_ms,
+        "speedup": src["p50_ms"] / lat.p50_ms,
+        "agreement": metrics.agreement,
+        "size_ratio": model_size(out) / src["size_bytes"],
+        "accepted": "n/a",
+        "chosen": False,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_packager")
     parser.add_argument("--quick", action="store_true", help="fewer epochs and timed runs")
@@ -177,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     profiles = args.profile or list(load_profiles())
     runs, seconds = (30, 0.5) if args.quick else (300, 3.0)
     rows: list[dict[str, Any]] = []
+    search: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-packager-") as tmp_dir:
         tmp = Path(tmp_dir)
         key = generate_keypair(tmp / "keys", "bench")
@@ -234,6 +274,20 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     row["failure"] = p.failure
                 rows.append(row)
+                if name.startswith("mobilenet") and p.profile == "cpu-x86_64":
+                    search = [
+                        {
+                            "candidate": c.candidate,
+                            "p50_ms": c.p50_ms,
+                            "speedup": src["p50_ms"] / c.p50_ms if c.p50_ms else None,
+                            "agreement": c.metrics.agreement if c.metrics else None,
+                            "size_ratio": (c.size_bytes or 0) / src["size_bytes"],
+                            "accepted": c.accepted,
+                            "chosen": c.chosen,
+                        }
+                        for c in p.candidates
+                    ]
+                    search.append(dynamic_conv_probe(m, tmp / "probe", src, runs, seconds))
     table = Table(
         title="packager: chosen recipe per profile vs FP32 source (CPU provider, 1 thread)"
     )
@@ -263,6 +317,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['speedup']:.2f}x",
         )
     console.print(table)
+    if search:
+        st = Table(
+            title="mobilenet-digits32 on cpu-x86_64: every candidate (+ dynamic INT8 on Conv)"
+        )
+        for col in ("candidate", "p50 ms", "speedup", "agree", "size x", "within gate", "chosen"):
+            st.add_column(col)
+        for c in search:
+            st.add_row(
+                c["candidate"],
+                f"{c['p50_ms']:.3f}" if c["p50_ms"] else "-",
+                f"{c['speedup']:.2f}x" if c["speedup"] else "-",
+                f"{c['agreement']:.4f}" if c["agreement"] is not None else "-",
+                f"{c['size_ratio']:.2f}",
+                str(c["accepted"]),
+                "yes" if c["chosen"] else "",
+            )
+        console.print(st)
     target = next(
         (r for r in rows if r["model"] == "mobilenet-digits32" and r["profile"] == "cpu-x86_64"),
         None,
@@ -276,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             f"-> {'[green]met[/]' if ok else '[yellow]not met[/]'}"
         )
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=str))
+        args.json.write_text(json.dumps({"rows": rows, "search": search}, indent=2, default=str))
     return 0
 
 
