@@ -139,14 +139,43 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         m = _MODEL_RE.match(path)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length < 0 or length > MAX_BODY:
+        try:
+            body = self._read_body()
+        except ValueError as e:
             self.close_connection = True
-            return self._error(413, f"request body of {length} bytes exceeds {MAX_BODY}")
-        body = self.rfile.read(length) if length else b""
+            return self._error(413 if "exceeds" in str(e) else 400, str(e))
         if not m or m.group(3) != "/infer":
             return self._error(404, f"no such endpoint: POST {path}")
         self._infer(m.group(1), m.group(2), body)
+
+    def _read_body(self) -> bytes:
+        """The request body, by Content-Length or chunked transfer encoding, at most MAX_BODY."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts: list[bytes] = []
+            total = 0
+            for _ in range(1 << 20):  # bounded: at most a million chunks
+                line = self.rfile.readline(1024)
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError as e:
+                    raise ValueError(f"bad chunk size line {line[:40]!r}") from e
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                total += size
+                if total > MAX_BODY:
+                    raise ValueError(f"chunked request body exceeds {MAX_BODY} bytes")
+                parts.append(self.rfile.read(size))
+                self.rfile.readline(8)
+            raise ValueError("too many chunks")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError as e:
+            raise ValueError("Content-Length is not a number") from e
+        if length < 0 or length > MAX_BODY:
+            raise ValueError(f"request body of {length} bytes exceeds {MAX_BODY}")
+        return self.rfile.read(length) if length else b""
 
     def _infer(self, name: str, version: str | None, body: bytes) -> None:
         srv = self.server

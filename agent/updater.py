@@ -588,10 +588,11 @@ class Updater:
         }
         if verdict:
             raise StepFailed(verdict[0], verdict[1], figures)
-        self._transition(rec, State.COMMITTED, figures=figures)
+        # Tidy first, so that COMMITTED, once read, means nothing is left to do.
         self.store.prune(rec.model, self.config.keep_versions)
         self.journal.prune(self.config.keep_updates)
         self._discard_download(rec)
+        self._transition(rec, State.COMMITTED, figures=figures)
 
     def _step_rolling_back(self, rec: UpdateRecord, run: _Run) -> None:
         self._restore_pointers(rec)
@@ -615,6 +616,7 @@ class Updater:
 
     def _swap_to_previous(self, rec: UpdateRecord) -> None:
         name = rec.model
+        self._discard_download(rec)
         if rec.from_version is None:
             self.sessions.install(None, name)
             self.metrics.set_serving(name, None, rec.version)
@@ -629,7 +631,6 @@ class Updater:
             return
         self.sessions.install(lm, name)
         self.metrics.set_serving(name, rec.from_version, rec.version)
-        self._discard_download(rec)
 
     def _cleanup_failed(self, rec: UpdateRecord) -> None:
         self._discard_download(rec)

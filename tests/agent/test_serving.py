@@ -3,6 +3,7 @@ several models, observers, inventory, probation rollback."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from agent import oip
 from agent.config import ProbationConfig
 from agent.runtime import Agent, UpdateRequest
 from tests.agent.helpers import OipClient, wait_for
@@ -59,12 +61,22 @@ def test_endpoints_json_binary_and_errors(
     )
     assert status == 400 and b"error" in body
     assert c.request("GET", "/v2/nothing")[0] == 404
+    body, headers = oip.encode_request({"X": x_iris})  # chunked transfer encoding works too
+    c.conn.request(
+        "POST",
+        "/v2/models/iris/infer",
+        body=iter([body[:7], body[7:]]),
+        headers=headers,
+        encode_chunked=True,
+    )
+    r = c.conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["model_version"] == "1.0.0"
 
     status, metrics, _ = c.request("GET", "/metrics")
     text = metrics.decode()
     assert status == 200
     assert (
-        'edgefleet_inference_requests_total{model="iris",protocol="json",version="1.0.0"} 2.0'
+        'edgefleet_inference_requests_total{model="iris",protocol="json",version="1.0.0"} 3.0'
         in text
     )
     assert (
@@ -75,7 +87,7 @@ def test_endpoints_json_binary_and_errors(
     assert 'edgefleet_model_info{model="iris",version="1.0.0"} 1.0' in text
     assert "edgefleet_inference_latency_seconds_bucket" in text
     c.close()
-    assert ("iris", "1.0.0", True) in seen and len(seen) == 3
+    assert ("iris", "1.0.0", True) in seen and len(seen) == 4
 
 
 def test_several_models_inventory_reference_and_probation_rollback(
@@ -114,6 +126,8 @@ def test_several_models_inventory_reference_and_probation_rollback(
         assert c.infer("lookup", {"X": np.array([50.0], np.float32)})[0] == 500
     view = agent.wait_update(uid, 30)
     assert view["state"] == "ROLLED_BACK" and view["reason_code"] == "probation_error_rate", view
+    # listeners and counters run right after the journal write that wait_update reads
+    wait_for(lambda: events and events[-1].state == "ROLLED_BACK", 10, what="ROLLED_BACK event")
     status, meta, out = c.infer("lookup", ok)
     assert status == 200 and meta["model_version"] == "1.0.0" and out["Y"].tolist() == [1.0, 3.0]
     assert agent.store.pointers("lookup").current == "1.0.0"
