@@ -99,19 +99,21 @@ class SketchWindow:
     start: str = field(default_factory=now_iso)
     pending: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = field(default_factory=list)
     pending_rows: int = 0
+    pending_bytes: int = 0
 
     def add(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> int:
         """Buffer one request's tensors (cheap); returns rows buffered so far."""
         self.pending.append((dict(inputs), dict(outputs)))
         first = next(iter(inputs.values()), None)
         self.pending_rows += int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
+        self.pending_bytes += sum(int(getattr(v, "nbytes", 0)) for v in inputs.values())
         return self.pending_rows
 
     def flush(self) -> None:
         """Count buffered requests in one vectorised pass per tensor."""
         if not self.pending:
             return
-        batch, self.pending, self.pending_rows = self.pending, [], 0
+        batch, self.pending, self.pending_rows, self.pending_bytes = self.pending, [], 0, 0
         names_in = batch[0][0].keys()
         names_out = batch[0][1].keys()
         try:

@@ -2,7 +2,8 @@
 
 The inference observer runs on the request thread, so it only counts and buffers (a lock, a
 few integer updates, a list append); sketches are counted in vectorised batches by the service
-thread at each interval, or on the request thread once ``flush_rows`` rows are buffered. Every
+thread at each interval, or on the request thread once ``flush_rows`` rows (or ``flush_bytes``
+of input tensors, for image models) are buffered. Every
 ``interval_s`` the windows are closed into records appended to the persistent outbox, which
 the MQTT link drains to ``edgefleet/v1/devices/DEV/telemetry``. Raw inputs never leave the
 device unless ``sample_inputs`` is on.
@@ -52,6 +53,7 @@ class TelemetrySettings:
     sample_rate: float = 0.01
     sample_max_per_window: int = 10
     flush_rows: int = 1024
+    flush_bytes: int = 8 * 1024 * 1024
     data_dir: Path | None = None
 
     @classmethod
@@ -129,7 +131,10 @@ class TelemetryService:
                     sk = None
                 else:
                     sk = self._sketches[key] = SketchWindow(model, version, Sketch(ref))
-            if sk is not None and sk.add(inputs, outputs) >= self.settings.flush_rows:
+            if sk is not None and (
+                sk.add(inputs, outputs) >= self.settings.flush_rows
+                or sk.pending_bytes >= self.settings.flush_bytes
+            ):
                 flush = sk
             if (
                 self.settings.sample_inputs
