@@ -1,0 +1,232 @@
+"""End to end: real Mosquitto (per-device passwords and ACL from the controller's generator),
+the controller process, five agent processes, packages from the packager pipeline.
+
+The tests share one fleet and run in file order; each reads the versions it starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from edgefleet.demo import MODEL_NAME, Fleet, rollout_body
+from edgefleet.wire.mqtt import topic
+
+
+def serving(fleet: Fleet, device_id: str) -> str | None:
+    """The version the agent serves over the Open Inference Protocol."""
+    url = f"http://127.0.0.1:{fleet.agent_ports[device_id]}/v2/models/{MODEL_NAME}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return str(json.loads(r.read())["versions"][0])
+    except OSError:
+        return None
+
+
+def all_serving(fleet: Fleet) -> dict[str, str | None]:
+    return {d: serving(fleet, d) for d in fleet.spec.device_ids()}
+
+
+def dropped(fleet: Fleet, reason: str) -> float:
+    """The controller's count of MQTT messages dropped for ``reason`` (Prometheus text)."""
+    assert fleet.api is not None
+    with urllib.request.urlopen(fleet.api.base + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("edgefleet_mqtt_dropped") and f'reason="{reason}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def states(detail: dict[str, Any]) -> dict[str, str]:
+    return {d["device_id"]: d["state"] for d in detail["devices"]}
+
+
+def create(fleet: Fleet, version: str, **kw: Any) -> str:
+    return fleet.create_rollout(rollout_body(version, fleet.spec.device_ids(), **kw))
+
+
+def test_three_wave_rollout_succeeds(fleet: Fleet) -> None:
+    rid = create(fleet, "1.0.0", waves=[20.0, 60.0, 100.0])
+    seen_waves: set[int] = set()
+    detail = fleet.wait_rollout(rid, timeout=120, on_change=lambda d: seen_waves.add(d["wave"]))
+    assert detail["phase"] == "succeeded", detail
+    assert detail["wave_sizes"] == [1, 2, 2]
+    assert seen_waves >= {1, 2}
+    assert set(states(detail).values()) == {"succeeded"}
+    assert all(d["attempts"] == 1 for d in detail["devices"])
+    assert set(fleet.installed().values()) == {"1.0.0"}
+    assert set(all_serving(fleet).values()) == {"1.0.0"}
+
+
+def test_devices_cannot_read_or_write_each_others_topics(fleet: Fleet) -> None:
+    a, b = fleet.spec.device_ids()[:2]
+    creds = fleet.credentials[a]
+    got: list[str] = []
+    subscribed = threading.Event()
+    granted: list[Any] = []
+    # Same username as the device (the ACL keys on it), another client id so that the real
+    # agent stays connected.
+    probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{a}-probe")
+    probe.username_pw_set(creds["mqtt_username"], creds["mqtt_password"])
+
+    def on_connect(c: mqtt.Client, u: Any, f: Any, rc: Any, p: Any) -> None:
+        c.subscribe([(topic(b, "desired"), 1), ("edgefleet/v1/devices/+/desired", 1)])
+
+    def on_subscribe(c: mqtt.Client, u: Any, mid: int, rcs: Any, p: Any) -> None:
+        granted.extend(rcs)
+        subscribed.set()
+
+    probe.on_connect = on_connect
+    probe.on_subscribe = on_subscribe
+    probe.on_message = lambda c, u, m: got.append(m.topic)
+    probe.connect(fleet.broker.host, fleet.broker.port)
+    probe.loop_start()
+    try:
+        assert subscribed.wait(10)
+        # Its own retained desired state arrives through the wildcard; the other's never does.
+        deadline = time.monotonic() + 10
+        while topic(a, "desired") not in got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert topic(a, "desired") in got
+        assert topic(b, "desired") not in got
+        before = fleet.devices()[b]["last_status"]
+        forged = {
+            "device_id": b,
+            "seq": 2**62,
+            "model": MODEL_NAME,
+            "version": "9.9.9",
+            "state": "COMMITTED",
+        }
+        probe.publish(topic(b, "status"), json.dumps(forged), qos=1).wait_for_publish(5)
+        # Positive control: its own status topic is writable. seq 0 is below anything the
+        # device sent, so the controller counts it as a duplicate instead of recording it.
+        dup_before = dropped(fleet, "status_duplicate")
+        mine = {"device_id": a, "seq": 0, "model": "probe", "version": "0.0.1", "state": "IDLE"}
+        probe.publish(topic(a, "status"), json.dumps(mine), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 15
+        while dropped(fleet, "status_duplicate") == dup_before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert dropped(fleet, "status_duplicate") == dup_before + 1, "own topic not writable"
+        assert fleet.devices()[b]["last_status"] == before, "wrote another device's status"
+    finally:
+        probe.disconnect()
+        probe.loop_stop()
+
+    # A wrong password is refused outright.
+    refused = threading.Event()
+    intruder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{b}-intruder")
+    intruder.username_pw_set(b, "not-the-password")
+    intruder.on_connect = lambda c, u, f, rc, p: refused.set() if rc.is_failure else None
+    intruder.connect(fleet.broker.host, fleet.broker.port)
+    intruder.loop_start()
+    try:
+        assert refused.wait(10)
+    finally:
+        intruder.disconnect()
+        intruder.loop_stop()
+
+
+def test_bad_release_aborts_at_threshold_and_moved_devices_stay_on_previous(
+    fleet: Fleet,
+) -> None:
+    before = fleet.installed()
+    assert set(before.values()) == {"1.0.0"}
+    rid = create(fleet, "1.1.0", waves=[40.0, 100.0], abort_failure_pct=30.0, abort_min_finished=2)
+    detail = fleet.wait_rollout(rid, timeout=120)
+    assert detail["phase"] == "aborted", detail
+    by_state = detail["counts"]["states"]
+    assert by_state == {"failed": 2, "skipped": 3}, by_state
+    failed = [d for d in detail["devices"] if d["state"] == "failed"]
+    assert {d["agent_state"] for d in failed} == {"FAILED"}
+    assert {d["reason_code"] for d in failed} == {"latency_gate"}
+    assert detail["counts"]["rollback_requested"] == detail["counts"]["rolled_back"] == 2
+    assert "30" in str(detail["reason"])
+    assert fleet.installed() == before
+    assert set(all_serving(fleet).values()) == {"1.0.0"}
+
+
+def test_controller_restart_mid_rollout_resumes_with_exact_counts(fleet: Fleet) -> None:
+    rid = create(fleet, "1.2.0", waves=[20.0, 60.0, 100.0], approval_waves=[1])
+    waiting = fleet.wait_rollout(rid, timeout=90, until=lambda d: d["phase"] == "awaiting_approval")
+    assert waiting["counts"]["states"] == {"succeeded": 1, "pending": 4}
+    fleet.stop_controller(kill=True)
+    fleet.start_controller()
+    resumed = fleet.rollout(rid)
+    assert resumed["phase"] == "awaiting_approval"
+    assert resumed["counts"] == waiting["counts"]
+    assert states(resumed) == states(waiting)
+    assert fleet.api is not None
+    fleet.api.call("POST", f"/api/v1/rollouts/{rid}/approve", {})
+    done = fleet.wait_rollout(rid, timeout=120)
+    assert done["phase"] == "succeeded", done
+    assert done["counts"]["states"] == {"succeeded": 5}
+    assert done["wave_sizes"] == waiting["wave_sizes"]
+    assert {d["device_id"]: d["wave"] for d in done["devices"]} == {
+        d["device_id"]: d["wave"] for d in waiting["devices"]
+    }
+    assert set(all_serving(fleet).values()) == {"1.2.0"}
+
+
+def test_offline_devices_time_out_abort_rolls_back_and_they_catch_up(fleet: Fleet) -> None:
+    ids = fleet.spec.device_ids()
+    offline = ids[-2:]
+    for dev in offline:
+        fleet.stop_agent(dev)
+    try:
+        rid = create(
+            fleet,
+            "1.3.0",
+            waves=[100.0],
+            device_timeout_s=12.0,
+            max_retries=0,
+            abort_failure_pct=30.0,
+            abort_min_finished=5,
+        )
+        detail = fleet.wait_rollout(rid, timeout=90, until=lambda d: d["phase"] == "aborted")
+        st = states(detail)
+        assert {st[d] for d in offline} == {"timed_out"}
+        assert {st[d] for d in ids[:-2]} == {"succeeded"}
+        # Devices that committed 1.3.0 are set back to 1.2.0 and really roll back.
+        online = ids[:-2]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all(serving(fleet, d) == "1.2.0" for d in online):
+                break
+            time.sleep(0.3)
+        assert {d: serving(fleet, d) for d in online} == dict.fromkeys(online, "1.2.0")
+    finally:
+        for dev in offline:
+            fleet.start_agent(dev)
+    # The offline devices catch up from their retained desired state (1.2.0, which they run),
+    # and the rollback is confirmed for every moved device.
+    settled = fleet.wait_rollout(rid, timeout=90)
+    assert settled["counts"]["rollback_requested"] == settled["counts"]["rolled_back"] == 5
+    fleet.wait_online()
+    assert set(all_serving(fleet).values()) == {"1.2.0"}
+
+
+def test_device_offline_during_rollout_catches_up_from_retained_state(fleet: Fleet) -> None:
+    ids = fleet.spec.device_ids()
+    late = ids[0]
+    fleet.stop_agent(late)
+    try:
+        rid = create(fleet, "1.4.0", waves=[100.0], device_timeout_s=90.0)
+        fleet.wait_rollout(
+            rid,
+            timeout=90,
+            until=lambda d: d["counts"]["states"].get("succeeded", 0) == len(ids) - 1,
+        )
+        assert states(fleet.rollout(rid))[late] == "in_progress"
+    finally:
+        fleet.start_agent(late)
+    done = fleet.wait_rollout(rid, timeout=90)
+    assert done["phase"] == "succeeded", done
+    assert done["counts"]["states"] == {"succeeded": len(ids)}
+    fleet.wait_online()
+    assert set(all_serving(fleet).values()) == {"1.4.0"}
