@@ -92,13 +92,20 @@ def _messages(n: int, devices: int, start_id: int) -> list[tuple[str, dict[str, 
     return out
 
 
-def bench_ingest(quick: bool) -> list[tuple[str, float, str]]:
+def bench_ingest(quick: bool) -> list[tuple[str, float, float, str]]:
+    """(path, messages per wall second, per CPU second of this process, ratio) rows."""
     from cloud_controller import db
     from cloud_controller.drift.analysis import register_reference
     from cloud_controller.drift.ingest import ingest_batch, ingest_telemetry
 
     n = 2000 if quick else 10_000
-    rows: list[tuple[str, float, str]] = []
+    rows: list[tuple[str, float, float, str]] = []
+
+    def timed(fn: Any, count: int) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        return count / (time.perf_counter() - t0), count / max(time.process_time() - c0, 1e-9)
+
     with tempfile.TemporaryDirectory() as tmp:
         engine = db.make_engine(f"sqlite:///{Path(tmp) / 'c.db'}")
         db.upgrade(engine)
@@ -106,25 +113,33 @@ def bench_ingest(quick: bool) -> list[tuple[str, float, str]]:
         with db.transaction(factory) as s:
             register_reference(s, "iris", "1.0.0", _iris_reference())
         single = _messages(n // 4, 100, 1)
-        t0 = time.perf_counter()
-        for dev, msg in single:
-            with db.transaction(factory) as s:
-                ingest_telemetry(s, dev, msg)
-        base = len(single) / (time.perf_counter() - t0)
-        rows.append(("ingest: 1 message per transaction (baseline)", base, "1.00x"))
+
+        def one_by_one() -> None:
+            for dev, msg in single:
+                with db.transaction(factory) as s:
+                    ingest_telemetry(s, dev, msg)
+
+        base, base_cpu = timed(one_by_one, len(single))
+        rows.append(("ingest: 1 message per transaction (baseline)", base, base_cpu, "1.00x"))
         batched = _messages(n, 100, 10_000_000)
-        t0 = time.perf_counter()
-        for i in range(0, n, 500):
-            with db.transaction(factory) as s:
-                ingest_batch(s, batched[i : i + 500])
-        rate = n / (time.perf_counter() - t0)
-        rows.append(("ingest_batch: 500 messages per transaction", rate, f"{rate / base:.2f}x"))
-        t0 = time.perf_counter()
-        for i in range(0, n, 500):  # the same messages again: all duplicates
-            with db.transaction(factory) as s:
-                assert ingest_batch(s, batched[i : i + 500]) == 0
-        dup = n / (time.perf_counter() - t0)
-        rows.append(("ingest_batch: duplicates (redelivery)", dup, f"{dup / base:.2f}x"))
+
+        def batches() -> None:
+            for i in range(0, n, 500):
+                with db.transaction(factory) as s:
+                    ingest_batch(s, batched[i : i + 500])
+
+        rate, cpu = timed(batches, n)
+        rows.append(
+            ("ingest_batch: 500 messages per transaction", rate, cpu, f"{rate / base:.2f}x")
+        )
+
+        def again() -> None:  # the same messages again: all duplicates
+            for i in range(0, n, 500):
+                with db.transaction(factory) as s:
+                    assert ingest_batch(s, batched[i : i + 500]) == 0
+
+        dup, dup_cpu = timed(again, n)
+        rows.append(("ingest_batch: duplicates (redelivery)", dup, dup_cpu, f"{dup / base:.2f}x"))
         engine.dispose()
     return rows
 
@@ -238,17 +253,28 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
 
-    t = Table(title="controller telemetry ingest (SQLite file)")
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    t = Table(
+        title=f"controller telemetry ingest (SQLite file; load average {load:.1f}, "
+        f"{os.cpu_count()} CPUs)"
+    )
     t.add_column("path")
-    t.add_column("messages/s", justify="right")
-    t.add_column("vs baseline", justify="right")
+    t.add_column("messages/s (wall)", justify="right")
+    t.add_column("messages per CPU-s", justify="right")
+    t.add_column("vs baseline (wall)", justify="right")
     ingest = bench_ingest(args.quick)
-    for name, rate, ratio in ingest:
-        t.add_row(name, f"{rate:,.0f}", ratio)
+    for name, rate, cpu, ratio in ingest:
+        t.add_row(name, f"{rate:,.0f}", f"{cpu:,.0f}", ratio)
     console.print(t)
     target = 5000
-    best = max(r for _, r, _ in ingest[1:2])
-    console.print(f"target >= {target:,} messages/s: {'met' if best >= target else 'NOT met'}")
+    _, wall, cpu, _ = ingest[1]
+    console.print(
+        f"target >= {target:,} messages/s: wall {'met' if wall >= target else 'NOT met'}, "
+        f"per CPU-second {'met' if cpu >= target else 'NOT met'} (a message = one tick of one "
+        "device: system, agent, inference and sketch records)"
+    )
 
     t = Table(title="sketch cost per inference (CPU, ONNX Runtime)")
     t.add_column("what")

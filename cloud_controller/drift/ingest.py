@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, event, insert, select, update
@@ -30,6 +30,7 @@ from edgefleet.drift.sketch import SketchError, merge_dicts
 
 KINDS = ("system", "agent", "inference", "sketch", "sample")
 MAX_RECORDS_PER_MESSAGE = 10_000
+CLOCK_SKEW = timedelta(minutes=5)
 
 
 class TelemetryError(ValueError):
@@ -125,7 +126,7 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[tuple[str, 
 
 
 def _row(device_id: str, rid: int, rec: dict[str, Any], now: datetime) -> dict[str, Any]:
-    at = parse_time(rec.get("window_end") or rec.get("at"), now)
+    at = record_time(rec, now)
     lat = rec.get("latency_ms") if isinstance(rec.get("latency_ms"), dict) else {}
     p95 = lat.get("p95") if isinstance(lat, dict) else None
     return {
@@ -140,6 +141,12 @@ def _row(device_id: str, rid: int, rec: dict[str, Any], now: datetime) -> dict[s
         "p95_ms": float(p95) if isinstance(p95, int | float) else None,
         "data": rec,
     }
+
+
+def record_time(rec: Mapping[str, Any], now: datetime) -> datetime:
+    """The window's end as the device reports it; a clock ahead of ours counts as now."""
+    at = parse_time(rec.get("window_end") or rec.get("at"), now)
+    return now if at > now + CLOCK_SKEW else at
 
 
 def _str(v: Any) -> str | None:
@@ -174,7 +181,7 @@ def _merge_sketches(
         if not isinstance(sk, dict) or model is None or not isinstance(sk.get("reference_id"), str):
             continue
         s = settings.get(model) or settings.setdefault(model, get_settings(session, model))
-        bucket = bucket_start(parse_time(rec.get("window_end") or rec.get("at"), now), s.bucket_s)
+        bucket = bucket_start(record_time(rec, now), s.bucket_s)
         k1 = (model, str(sk["reference_id"]), dev, version or "?", bucket)
         prev = per_device.get(k1)
         try:

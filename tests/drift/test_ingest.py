@@ -48,6 +48,20 @@ def test_duplicate_records_are_dropped_by_device_and_id(factory: sessionmaker[Se
         assert fleet.n == 100  # d1 and d2 once each, the duplicate not merged
 
 
+def test_a_device_clock_ahead_of_the_controller_counts_as_now(
+    factory: sessionmaker[Session],
+) -> None:
+    _, x, y = iris()
+    now = T0 + timedelta(minutes=30)
+    msg = {"records": [sketch_record(x, y, at=T0 + timedelta(days=3))]}
+    with transaction(factory) as s:
+        ingest_batch(s, [("skewed", msg)], now=now)
+        rec = s.scalars(select(TelemetryRecord)).one()
+        assert analysis.utc(rec.at) == now
+        agg = s.scalars(select(SketchAggregate).where(SketchAggregate.scope == "fleet")).one()
+        assert analysis.utc(agg.bucket_start) == T0  # the bucket of "now", closes on time
+
+
 def test_malformed_payloads_are_refused_with_reason(factory: sessionmaker[Session]) -> None:
     with transaction(factory) as s:
         with pytest.raises(TelemetryError, match="no records list"):
