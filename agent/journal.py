@@ -41,6 +41,7 @@ class UpdateRecord:
     from_version: str | None = None  # the version serving when the update started
     profile: str | None = None
     resumes: int = 0
+    stopped_gracefully: bool = False  # the agent was stopped (not killed) in this state
     history: list[Transition] = field(default_factory=list)
 
     @property
@@ -137,14 +138,19 @@ class Recovery(StrEnum):
     FINISH_ROLLBACK = "finish_rollback"
 
 
-def decide_recovery(state: State, resumes: int, max_resumes: int = 3) -> Recovery:
+def decide_recovery(
+    state: State, resumes: int, max_resumes: int = 3, stopped_gracefully: bool = False
+) -> Recovery:
     """What a restarted agent does with an update found in `state` (pure)."""
     if is_terminal(state):
         return Recovery.NONE
     if state is State.ROLLING_BACK:
         return Recovery.FINISH_ROLLBACK
     if state is State.PROBATION:
-        # A crash while the new version serves is a reason to distrust it.
+        # A crash while the new version serves is a reason to distrust it; an orderly stop
+        # (e.g. a restart to change the config) only restarts the probation window.
+        if stopped_gracefully and resumes < max_resumes:
+            return Recovery.RESUME
         return Recovery.ROLL_BACK
     if resumes >= max_resumes:
         return Recovery.ROLL_BACK if state is State.ACTIVATING else Recovery.FAIL

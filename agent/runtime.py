@@ -193,8 +193,10 @@ class Agent:
                 srv.server_close()
         if self._admin is not None:
             self._admin.forget()
+        self._http = self._admin = None
         for t in self._threads:
             t.join(timeout=10)
+        self._threads.clear()
         self.ready.clear()
 
     def wait_update(self, update_id: str, timeout: float = 60.0) -> dict[str, Any]:

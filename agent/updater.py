@@ -138,10 +138,13 @@ class Updater:
         (self.data_dir / "downloads").mkdir(exist_ok=True)
         resume: list[str] = []
         for rec in self.journal.unfinished():
-            action = decide_recovery(rec.current, rec.resumes)
+            action = decide_recovery(
+                rec.current, rec.resumes, stopped_gracefully=rec.stopped_gracefully
+            )
             log.warning("recovering update %s in %s: %s", rec.id, rec.state, action)
             if action is Recovery.RESUME:
                 rec.resumes += 1
+                rec.stopped_gracefully = False
                 self.journal.save(rec)
                 resume.append(rec.id)
             elif action is Recovery.FAIL:
@@ -577,8 +580,10 @@ class Updater:
             ):
                 break
             time.sleep(min(0.05, cfg.seconds))
-        if self._stop.is_set():
-            return  # resumed (rolled back) on the next start
+        if self._stop.is_set():  # an orderly stop: the next start restarts the window
+            rec.stopped_gracefully = True
+            self.journal.save(rec)
+            return
         n, err, lat = lm.stats.snapshot() if lm else (0, 0, [])
         figures = {
             "requests": n,

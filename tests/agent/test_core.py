@@ -54,13 +54,16 @@ def test_happy_path_and_failures_follow_the_table() -> None:
         ("ACTIVATING", 0, Recovery.RESUME),
         ("ACTIVATING", 3, Recovery.ROLL_BACK),
         ("PROBATION", 0, Recovery.ROLL_BACK),
+        ("PROBATION", -1, Recovery.RESUME),  # -1: stopped gracefully, 0 resumes so far
+        ("PROBATION", -3, Recovery.ROLL_BACK),  # stopped gracefully, but resumed 3 times
         ("ROLLING_BACK", 0, Recovery.FINISH_ROLLBACK),
         ("COMMITTED", 0, Recovery.NONE),
         ("FAILED", 9, Recovery.NONE),
     ],
 )
 def test_decide_recovery(state: str, resumes: int, action: Recovery) -> None:
-    assert decide_recovery(State(state), resumes) is action
+    graceful = resumes < 0
+    assert decide_recovery(State(state), abs(resumes), stopped_gracefully=graceful) is action
 
 
 def test_journal_persists_before_memory_and_refuses_bad_transitions(tmp_path: Path) -> None:

@@ -161,3 +161,19 @@ def test_corrupted_current_version_is_never_loaded(
     c.close()
     assert status == 200 and meta["model_version"] == "1.0.0"  # the verified previous version
     assert agent.store.pointers("iris").current == "1.0.0"
+
+
+def test_orderly_stop_in_probation_resumes_it(
+    pkgs: dict[str, Path], agent_factory: Callable[..., Agent], v1_copy: Path, x_iris: np.ndarray
+) -> None:
+    agent = agent_factory(v1_copy, probation=ProbationConfig(seconds=60.0, min_requests=0))
+    uid = agent.submit_update(UpdateRequest("iris", "", str(pkgs["v2"])))
+    wait_for(lambda: agent.update(uid)["state"] == "PROBATION", 30, what="PROBATION")  # type: ignore[index]
+    agent.stop()  # SIGTERM-like: not a crash
+    assert agent.update(uid)["stopped_gracefully"] is True  # type: ignore[index]
+    agent = agent_factory(v1_copy, probation=ProbationConfig(seconds=0.2, min_requests=0))
+    view = agent.wait_update(uid, 30)
+    assert view["state"] == "COMMITTED" and view["resumes"] == 1, view
+    c = OipClient(agent.http_port or 0)
+    assert c.infer("iris", {"X": x_iris})[1]["model_version"] == "1.1.0"
+    c.close()
