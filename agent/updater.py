@@ -163,9 +163,11 @@ class Updater:
                     f"the agent restarted while {rec.version} was in {rec.state}",
                 )
                 self._restore_pointers(rec)
+                self._discard_download(rec)
                 self._transition(rec, State.ROLLED_BACK)
             elif action is Recovery.FINISH_ROLLBACK:
                 self._restore_pointers(rec)
+                self._discard_download(rec)
                 self._transition(rec, State.ROLLED_BACK)
         for name in self.store.names():
             self.store.discard_incomplete(name)
