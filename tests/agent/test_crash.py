@@ -30,6 +30,7 @@ def _assert_verified_serving(port: int, data: Path, x: np.ndarray, expect: str) 
     assert store.pointers("iris").current == expect
     store.check_integrity("iris", expect)  # every member matches the digests verified at install
     assert not [p for p in (data / "models" / "iris").iterdir() if p.name.startswith(".")]
+    assert not list((data / "downloads").iterdir())  # no package or .part left behind
 
 
 @pytest.mark.parametrize("state", STATES)
