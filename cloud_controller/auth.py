@@ -121,6 +121,7 @@ def register_device(
             hardware={},
             installed={},
             online=False,
+            recent_status_seqs=[],
         )
         session.add(dev)
     password, token = new_secret("efm"), new_secret("efd")

@@ -26,9 +26,29 @@ def get_or_create(session: Session, device_id: str) -> Device:
             profiles=[],
             hardware={},
             installed={},
+            recent_status_seqs=[],
         )
         session.add(dev)
     return dev
+
+
+SEQ_WINDOW = 128
+
+
+def accept_seq(
+    last: int | None, recent: list[int], seq: int, window: int = SEQ_WINDOW
+) -> tuple[bool, int, list[int]]:
+    """Duplicate check for a device's status seq (pure): (new?, highest seq, recent seqs).
+
+    A set of the last `window` seqs rather than a high-water mark, so that a report re-sent
+    after a reconnect (older seq, never seen) still counts, while a repeat does not. Anything
+    older than the window is taken as seen.
+    """
+    if seq in recent or (last is not None and seq <= last - window):
+        return False, last if last is not None else seq, recent
+    top = seq if last is None else max(last, seq)
+    kept = sorted(s for s in (*recent, seq) if s > top - window)
+    return True, top, kept
 
 
 def _str_list(value: Any) -> list[str]:

@@ -63,6 +63,7 @@ class Device(Base):
     installed: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_status_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    recent_status_seqs: Mapped[list[int]] = mapped_column(JSON, default=list)
     last_status: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 

@@ -244,11 +244,15 @@ class MqttBridge:
             self.stats.drop("status_no_seq")
             return None
         dev = devices.get_or_create(session, device_id)
-        if dev.last_status_seq is not None and seq <= dev.last_status_seq:
+        fresh, top, recent = devices.accept_seq(
+            dev.last_status_seq, list(dev.recent_status_seqs or []), seq
+        )
+        if not fresh:
             self.stats.drop("status_duplicate")
             return None
-        dev.last_status_seq = seq
-        dev.last_status = msg
+        if top == seq:  # the newest report is the device's last status (a late one is not)
+            dev.last_status = msg
+        dev.last_status_seq, dev.recent_status_seqs = top, recent
         dev.last_seen = now
         model, version, state = msg.get("model"), msg.get("version"), msg.get("state")
         if not (isinstance(model, str) and isinstance(version, str) and isinstance(state, str)):

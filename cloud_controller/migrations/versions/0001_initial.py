@@ -54,6 +54,7 @@ def upgrade() -> None:
         sa.Column("installed", sa.JSON, nullable=False),
         sa.Column("last_seen", TS, nullable=True),
         sa.Column("last_status_seq", sa.BigInteger, nullable=True),
+        sa.Column("recent_status_seqs", sa.JSON, nullable=False),
         sa.Column("last_status", sa.JSON, nullable=True),
     )
     op.create_index(
