@@ -80,6 +80,13 @@ def controller_key(request: Request) -> dict[str, str]:
 async def upload_package(request: Request, who: Publisher) -> dict[str, Any]:
     """Body: the `.efpkg` file itself (application/octet-stream)."""
     ctl = controller(request)
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        raise fail(
+            415,
+            "unsupported_media_type",
+            "send the .efpkg file itself as the body (Content-Type: application/octet-stream), "
+            "e.g. curl --data-binary @FILE",
+        )
     limit = ctl.settings.max_upload_bytes
     incoming = ctl.settings.package_dir / ".incoming"
     incoming.mkdir(parents=True, exist_ok=True)

@@ -197,6 +197,25 @@ def mosquitto_config(
         )
 
 
+@controller_app.command("audit")
+def controller_audit(
+    limit: int = typer.Option(50, "--limit"),
+    url: str = URL_OPT,
+    token: str = TOKEN_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """The audit log (admin): who changed what, when, with which outcome."""
+    rows = _api(url, token, "GET", "/api/v1/audit", params={"limit": limit})
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table("when", "who", "what", "status", "detail")
+    for r in rows:
+        t.add_row(r["at"][:19], r["actor"], r["action"], str(r["outcome"]),
+                  json.dumps(r["detail"])[:60])  # fmt: skip
+    console.print(t)
+
+
 # --- packages --------------------------------------------------------------------------------
 
 

@@ -99,6 +99,8 @@ def test_upload_verifies_and_refuses_with_reason(
         foreign = make_package(tmp_path / "p", name="iris", version="3.0.0", key=stranger)
         r = upload(pub, foreign)
         assert r.status_code == 422 and r.json()["detail"]["code"] == "untrusted_key"
+        r = pub.post("/api/v1/packages", files={"file": ("x.efpkg", b"abc")})
+        assert r.status_code == 415 and r.json()["detail"]["code"] == "unsupported_media_type"
         garbage = tmp_path / "junk.efpkg"
         garbage.write_bytes(b"not a tar" * 100)
         r = upload(pub, garbage)

@@ -85,6 +85,10 @@ def test_packages_devices_and_rollout_commands(
     code, out = run(controller, "rollout", "show", rid, "--json")
     shown = json.loads(out)
     assert shown["phase"] == "cancelled" and shown["counts"]["rollback_requested"] == 4
+    code, out = run(controller, "controller", "audit", "--json")
+    actions = [(e["action"], e["outcome"]) for e in json.loads(out)]
+    assert ("POST /api/v1/rollouts/{rollout_id}/{action}", 409) in actions
+    assert ("POST /api/v1/rollouts", 201) in actions
 
 
 def test_unreachable_controller_names_the_reason() -> None:
