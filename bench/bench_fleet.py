@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
     sizes = args.devices or ([100] if args.quick else [100, 1000])
-    console = Console()
+    console = Console(width=120)
     results = []
     for n in sizes:
         flood = args.flood or max(10, 20_000 // n)
