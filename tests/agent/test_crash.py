@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import random
 import shutil
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -142,3 +145,78 @@ def test_kill_at_random_instants(
             _assert_verified_serving(agent.port, agent.data_dir, x_iris, expect)
         finally:
             agent.stop()
+
+
+class _SlowHandler(BaseHTTPRequestHandler):
+    """Serves one package slowly, honouring Range, and records the Range headers it saw."""
+
+    protocol_version = "HTTP/1.1"
+    data = b""
+    ranges: ClassVar[list[str]] = []
+
+    def log_message(self, *args: object) -> None:
+        return
+
+    def do_GET(self) -> None:
+        rng = self.headers.get("Range")
+        type(self).ranges.append(rng or "")
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        body = self.data[start:]
+        self.send_response(206 if rng else 200)
+        if rng:
+            self.send_header(
+                "Content-Range", f"bytes {start}-{len(self.data) - 1}/{len(self.data)}"
+            )
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for i in range(0, len(body), 512):  # ~10 KB/s: a kill lands mid-download
+                self.wfile.write(body[i : i + 512])
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            return
+
+
+def test_kill_mid_download_resumes_with_range(
+    tmp_path: Path,
+    v1_data: Path,
+    keys: dict[str, KeyPair],
+    pkgs: dict[str, Path],
+    x_iris: np.ndarray,
+) -> None:
+    _SlowHandler.data = pkgs["v2"].read_bytes()
+    _SlowHandler.ranges = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/iris-1.1.0.efpkg"
+    try:
+        cfg = _config(tmp_path, v1_data, keys)
+        agent = AgentProcess(cfg)
+        try:
+            uid = agent.submit(url)
+            parts = agent.data_dir / "downloads"
+            wait_for(
+                lambda: any(p.stat().st_size >= 3000 for p in parts.glob("*.part")),
+                30,
+                0.02,
+                "a partly downloaded package",
+            )
+        finally:
+            agent.kill()
+        cut_at = max(p.stat().st_size for p in parts.glob("*.part"))
+        agent = AgentProcess(cfg)
+        try:
+            view = agent.wait_terminal(uid)
+            assert view["state"] == "COMMITTED", view
+            resumed = int(_SlowHandler.ranges[-1].split("=")[1].rstrip("-"))
+            assert _SlowHandler.ranges[0] == "" and resumed >= cut_at > 0
+            verifying = next(t for t in view["history"] if t["state"] == "VERIFYING")
+            assert verifying["figures"]["resumed_from"] == resumed
+            _assert_verified_serving(agent.port, agent.data_dir, x_iris, "1.1.0")
+        finally:
+            agent.stop()
+    finally:
+        srv.shutdown()
+        srv.server_close()
