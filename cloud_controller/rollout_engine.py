@@ -160,6 +160,24 @@ class RolloutState:
     reason: str | None = None
     created_at: float = 0.0
     finished_at: float | None = None
+    # Devices per (wave, state), derived from `devices`: kept up to date by `_put` so that a
+    # status report is decided without a pass over every device. None = compute it.
+    tally: Mapping[tuple[int, DevState], int] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.tally is None:
+            object.__setattr__(self, "tally", tally_of(self.devices))
+
+
+def tally_of(devices: Mapping[str, DeviceProgress]) -> dict[tuple[int, DevState], int]:
+    return dict(Counter((d.wave, d.state) for d in devices.values()))
+
+
+def _tally(state: RolloutState) -> Mapping[tuple[int, DevState], int]:
+    assert state.tally is not None
+    return state.tally
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -371,6 +389,10 @@ def handle(state: RolloutState, event: Event, now: float) -> Decision:
             before is not None and after is not None and before.state == after.state
         ):  # progress only (DOWNLOADING...): nothing to decide
             return Decision(state, tuple(actions))
+        if after is not None and after.state != DevState.WAITING_RETRY:
+            light = _after_result(state, now, actions)
+            if light is not None:
+                return light
     elif state.phase in TERMINAL_PHASES:
         actions.append(Log(f"ignored {type(event).__name__.lower()}: rollout is {state.phase}"))
         return Decision(state, tuple(actions))
@@ -477,9 +499,18 @@ def _fail(
 
 
 def _put(state: RolloutState, dev: DeviceProgress) -> RolloutState:
+    old = state.devices[dev.device_id]
     devices = dict(state.devices)
     devices[dev.device_id] = dev
-    return replace(state, devices=devices)
+    tally = dict(_tally(state))
+    if (old.wave, old.state) != (dev.wave, dev.state):
+        k = (old.wave, old.state)
+        tally[k] -= 1
+        if not tally[k]:
+            del tally[k]
+        k = (dev.wave, dev.state)
+        tally[k] = tally.get(k, 0) + 1
+    return replace(state, devices=devices, tally=tally)
 
 
 def _enter_wave(state: RolloutState, wave: int, now: float, actions: list[Action]) -> RolloutState:
@@ -503,6 +534,23 @@ def _enter_wave(state: RolloutState, wave: int, now: float, actions: list[Action
         )
     )
     return replace(state, wave=wave, phase=phase, wave_done_at=None)
+
+
+def _after_result(state: RolloutState, now: float, actions: list[Action]) -> Decision | None:
+    """A device finished: the abort rule from the tally, without a pass over the devices.
+    None when its wave is complete (the full `_advance` decides the wave). Time-based work
+    (timeouts, due retries, rate-limited dispatch) is left to the next tick."""
+    spec, tally = state.spec, _tally(state)
+    finished = sum(n for (_, st), n in tally.items() if st in FINISHED)
+    failures = sum(n for (_, st), n in tally.items() if st in FAILURES)
+    if finished >= spec.abort_min_finished and failures * 100 > spec.abort_failure_pct * finished:
+        return None  # the full pass aborts, with its message
+    if state.phase in (Phase.RUNNING, Phase.SOAKING):
+        in_wave = sum(n for (w, _), n in tally.items() if w == state.wave)
+        done = sum(n for (w, st), n in tally.items() if w == state.wave and st in FINISHED)
+        if in_wave and done == in_wave:
+            return None
+    return Decision(state, tuple(actions))
 
 
 @dataclass
@@ -560,7 +608,7 @@ def _advance(
             devices[dev.device_id] = _fail(
                 spec, dev, DevState.TIMED_OUT, "timeout", why, now, actions
             )
-        state = replace(state, devices=devices)
+        state = replace(state, devices=devices, tally=None)
         sc = _scan(state, now)
     # 2. The abort rule, over every device finished so far.
     finished, failures = sc.finished, sc.failures
@@ -645,7 +693,7 @@ def _dispatch(
         assert dev.profile is not None
         actions.append(Dispatch(dev.device_id, dev.profile, attempt))
     times = (*recent, *([now] * len(due))) if spec.rate_per_min else ()
-    return replace(state, devices=devices, dispatch_times=times)
+    return replace(state, devices=devices, dispatch_times=times, tally=None)
 
 
 def _finish(
@@ -688,7 +736,13 @@ def _finish(
         Log(f"{phase}: {reason}" + (f"; reverting {reverted} devices" if rollback else ""))
     )
     state = replace(
-        state, devices=devices, phase=phase, reason=reason, finished_at=now, paused=False
+        state,
+        devices=devices,
+        phase=phase,
+        reason=reason,
+        finished_at=now,
+        paused=False,
+        tally=None,
     )
     return state, tuple(actions)
 

@@ -101,6 +101,8 @@ def test_invariants_hold_for_any_event_sequence(
                 assert a.previous_version == "1.0.0"
         if state.phase in E.TERMINAL_PHASES and ended_at_step is None:
             ended_at_step = k
+        # the incremental tally always equals a fresh count
+        assert state.tally == E.tally_of(state.devices)
         # counts always add up, and waves match the plan
         c = E.counts(state)
         assert sum(c["states"].values()) == n + 1
