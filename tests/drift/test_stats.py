@@ -76,3 +76,29 @@ def test_chi2_pools_sparse_bins_until_expected_counts_are_large_enough() -> None
 def test_benjamini_hochberg_matches_scipy() -> None:
     p = np.random.default_rng(3).random(40) ** 3
     assert benjamini_hochberg(p) == pytest.approx(sps.false_discovery_control(p, method="bh"))
+
+
+@pytest.mark.parametrize(
+    ("ref", "live"), [([40, 10], [3, 7]), ([30, 30], [12, 3]), ([5, 50], [2, 8])]
+)
+def test_permutation_p_matches_the_exact_hypergeometric_tail(
+    ref: list[int], live: list[int]
+) -> None:
+    from edgefleet.drift.stats import chi2_permutation_p
+
+    t1, n_l = ref[0] + live[0], sum(live)
+    n = sum(ref) + n_l
+    totals = np.array([t1, n - t1])
+
+    def stat(l1: np.ndarray) -> np.ndarray:
+        lc = np.stack([l1, n_l - l1], axis=-1).astype(float)
+        rc = totals - lc
+        el, er = n_l * totals / n, (n - n_l) * totals / n
+        return ((lc - el) ** 2 / el).sum(-1) + ((rc - er) ** 2 / er).sum(-1)
+
+    support = np.arange(max(0, n_l - (n - t1)), min(t1, n_l) + 1)
+    pmf = sps.hypergeom(n, t1, n_l).pmf(support)
+    exact = float(pmf[stat(support) >= stat(np.array([live[0]]))[0] - 1e-9].sum())
+    mc = chi2_permutation_p(ref, live, min_expected=0.0, draws=50_000, seed=1)
+    assert mc == pytest.approx(exact, abs=4 * np.sqrt(exact * (1 - exact) / 50_000) + 1e-4)
+    assert mc > chi2_homogeneity(ref, live, min_expected=0.0).p_value * 0.5  # same ballpark
