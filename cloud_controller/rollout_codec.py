@@ -1,0 +1,97 @@
+"""Rollout state as plain JSON (one header + one row per device) and its counts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+from cloud_controller.rollout_types import (
+    DeviceProgress,
+    DevState,
+    Gates,
+    Phase,
+    RolloutSpec,
+    RolloutState,
+    Target,
+)
+
+
+def counts(state: RolloutState) -> dict[str, Any]:
+    """Per device-state counts, overall and per wave, plus rollback progress."""
+    total = Counter(d.state.value for d in state.devices.values())
+    waves: list[dict[str, int]] = []
+    for w in range(len(state.wave_sizes)):
+        c = Counter(d.state.value for d in state.devices.values() if d.wave == w)
+        waves.append({"size": state.wave_sizes[w], **c})
+    rb = Counter(d.rollback for d in state.devices.values() if d.rollback)
+    return {
+        "total": len(state.devices),
+        "states": dict(total),
+        "waves": waves,
+        "rollback_requested": rb.get("requested", 0) + rb.get("done", 0),
+        "rolled_back": rb.get("done", 0),
+    }
+
+
+def spec_to_dict(spec: RolloutSpec) -> dict[str, Any]:
+    return asdict(spec)
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> RolloutSpec:
+    d = dict(data)
+    t = d.pop("target", {}) or {}
+    g = d.pop("gates", {}) or {}
+    return RolloutSpec(
+        target=Target(**{k: tuple(v) for k, v in t.items()}),
+        gates=Gates(**g),
+        waves=tuple(float(w) for w in d.pop("waves", (5.0, 25.0, 100.0))),
+        approval_waves=tuple(int(w) for w in d.pop("approval_waves", ())),
+        **d,
+    )
+
+
+def device_to_dict(dev: DeviceProgress) -> dict[str, Any]:
+    return asdict(dev)
+
+
+def device_from_dict(data: Mapping[str, Any]) -> DeviceProgress:
+    d = dict(data)
+    d["state"] = DevState(d["state"])
+    return DeviceProgress(**d)
+
+
+def header_to_dict(state: RolloutState) -> dict[str, Any]:
+    """Rollout-level fields (devices are stored one row each)."""
+    return {
+        "wave_sizes": list(state.wave_sizes),
+        "phase": state.phase.value,
+        "paused": state.paused,
+        "wave": state.wave,
+        "wave_done_at": state.wave_done_at,
+        "approved": list(state.approved),
+        "dispatch_times": list(state.dispatch_times),
+        "reason": state.reason,
+        "created_at": state.created_at,
+        "finished_at": state.finished_at,
+    }
+
+
+def state_from_parts(
+    spec: RolloutSpec, header: Mapping[str, Any], devices: Iterable[DeviceProgress]
+) -> RolloutState:
+    return RolloutState(
+        spec=spec,
+        devices={d.device_id: d for d in devices},
+        wave_sizes=tuple(header["wave_sizes"]),
+        phase=Phase(header["phase"]),
+        paused=bool(header["paused"]),
+        wave=int(header["wave"]),
+        wave_done_at=header["wave_done_at"],
+        approved=tuple(header["approved"]),
+        dispatch_times=tuple(header["dispatch_times"]),
+        reason=header["reason"],
+        created_at=float(header["created_at"]),
+        finished_at=header["finished_at"],
+    )

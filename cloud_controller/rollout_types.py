@@ -1,0 +1,256 @@
+"""Rollout vocabulary: specs, device progress, rollout state, the engine's actions and events.
+
+Plain frozen dataclasses (no behaviour beyond derived fields); `cloud_controller.rollout_engine`
+decides, `cloud_controller.rollout_codec` stores them as JSON.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    AWAITING_APPROVAL = "awaiting_approval"
+    RUNNING = "running"
+    SOAKING = "soaking"
+    SUCCEEDED = "succeeded"
+    ABORTED = "aborted"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.ABORTED, Phase.CANCELLED})
+
+
+class DevState(StrEnum):
+    PENDING = "pending"  # in a wave, not dispatched yet
+    IN_PROGRESS = "in_progress"  # desired state published, waiting for the device
+    WAITING_RETRY = "waiting_retry"  # failed/timed out, will be dispatched again
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    INCOMPATIBLE = "incompatible"  # no package for any of its profiles: reported, not failed
+    SKIPPED = "skipped"  # never dispatched (rollout aborted/cancelled first)
+
+
+FINISHED = frozenset({DevState.SUCCEEDED, DevState.FAILED, DevState.TIMED_OUT})
+FAILURES = frozenset({DevState.FAILED, DevState.TIMED_OUT})
+MOVED = frozenset(
+    {
+        DevState.IN_PROGRESS,
+        DevState.WAITING_RETRY,
+        DevState.SUCCEEDED,
+        DevState.FAILED,
+        DevState.TIMED_OUT,
+    }
+)
+
+# Agent update states (the status message's "state").
+AGENT_SUCCESS = frozenset({"COMMITTED"})
+AGENT_FAILURE = frozenset({"FAILED", "ROLLED_BACK"})
+# Reasons worth another attempt (transient); anything else is final for this release.
+RETRYABLE_REASONS = frozenset(
+    {
+        "timeout",
+        "download_failed",
+        "network_error",
+        "digest_mismatch",
+        "size_mismatch",
+        "io_error",
+        "internal_error",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    device_ids: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.device_ids or self.groups or self.tags)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the engine needs to know about a device when a rollout is planned."""
+
+    device_id: str
+    profiles: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    previous_version: str | None = None
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Health gates checked during soak; `None` disables a gate."""
+
+    max_p95_ratio: float | None = None
+    max_error_rate: float | None = None
+    max_drift: float | None = None
+
+
+@dataclass(frozen=True)
+class Health:
+    """Figures for the new version on the moved devices (the drift role computes them)."""
+
+    p95_ratio: float | None = None
+    error_rate: float | None = None
+    drift: float | None = None
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    rollout_id: str
+    model: str
+    version: str
+    target: Target = field(default_factory=Target)
+    waves: tuple[float, ...] = (5.0, 25.0, 100.0)  # cumulative percentages
+    device_timeout_s: float = 600.0
+    max_retries: int = 0
+    retry_backoff_s: float = 30.0  # doubled per attempt
+    success_threshold_pct: float = 100.0  # of a wave's devices, to pass it
+    abort_failure_pct: float = 20.0  # abort when failures > this % ...
+    abort_min_finished: int = 1  # ... once at least this many devices finished
+    approval_waves: tuple[int, ...] = ()  # wave indexes that wait for approval first
+    rate_per_min: int | None = None
+    soak_s: float = 0.0
+    gates: Gates = field(default_factory=Gates)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    device_id: str
+    wave: int  # -1 when incompatible
+    profile: str | None
+    previous_version: str | None
+    state: DevState = DevState.PENDING
+    attempts: int = 0
+    started_at: float | None = None
+    deadline: float | None = None
+    retry_at: float | None = None
+    finished_at: float | None = None
+    agent_state: str | None = None
+    reason_code: str | None = None
+    reason: str | None = None
+    rollback: str | None = None  # None | "requested" | "done"
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    spec: RolloutSpec
+    devices: Mapping[str, DeviceProgress]
+    wave_sizes: tuple[int, ...]
+    phase: Phase = Phase.RUNNING
+    paused: bool = False
+    wave: int = 0
+    wave_done_at: float | None = None
+    approved: tuple[int, ...] = ()
+    dispatch_times: tuple[float, ...] = ()
+    reason: str | None = None
+    created_at: float = 0.0
+    finished_at: float | None = None
+    # Devices per (wave, state), derived from `devices`: kept up to date by `_put` so that a
+    # status report is decided without a pass over every device. None = compute it.
+    tally: Mapping[tuple[int, DevState], int] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.tally is None:
+            object.__setattr__(self, "tally", tally_of(self.devices))
+
+
+def tally_of(devices: Mapping[str, DeviceProgress]) -> dict[tuple[int, DevState], int]:
+    return dict(Counter((d.wave, d.state) for d in devices.values()))
+
+
+# --- actions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Set this release as the device's desired version (new seq, so also a retry)."""
+
+    device_id: str
+    profile: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Revert:
+    """Set the previous version as desired again (allow_downgrade); None = remove the model."""
+
+    device_id: str
+    profile: str | None
+    previous_version: str | None
+
+
+@dataclass(frozen=True)
+class Log:
+    message: str
+
+
+Action = Dispatch | Revert | Log
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: RolloutState
+    actions: tuple[Action, ...]
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tick:
+    health: Health | None = None
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    device_id: str
+    version: str
+    state: str
+    reason_code: str | None = None
+    reason: str | None = None
+    rollout_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Approve:
+    wave: int | None = None  # None = the wave that waits now
+
+
+@dataclass(frozen=True)
+class Pause:
+    pass
+
+
+@dataclass(frozen=True)
+class Resume:
+    pass
+
+
+@dataclass(frozen=True)
+class Cancel:
+    rollback: bool = False
+
+
+@dataclass(frozen=True)
+class Abort:
+    reason: str = "aborted by operator"
+
+
+Event = Tick | StatusReport | Approve | Pause | Resume | Cancel | Abort
+
+
+class SpecError(ValueError):
+    """A rollout spec that cannot run; the message names the field."""
