@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_controller import auth, devices, registry, rollouts
+from cloud_controller import auth, devices, registry, rollout_views, rollouts
 from cloud_controller import rollout_engine as E
 from cloud_controller.db import iso, transaction
 from cloud_controller.deps import Principal, audit_detail, controller, need, session
@@ -252,12 +252,12 @@ def create_rollout(body: dict[str, Any], request: Request, who: Operator) -> dic
     except rollouts.RolloutError as e:
         raise _rollout_error(e) from e
     audit_detail(request, rollout=state.spec.rollout_id, seed=state.spec.seed)
-    return rollouts.summary(state)
+    return rollout_views.summary(state)
 
 
 @router.get("/rollouts")
 def list_rollouts(db: Db, who: Reader) -> list[dict[str, Any]]:
-    return rollouts.list_rollouts(db)
+    return rollout_views.list_rollouts(db)
 
 
 @router.get("/rollouts/{rollout_id}")
@@ -265,7 +265,7 @@ def show_rollout(rollout_id: str, request: Request, db: Db, who: Reader) -> dict
     state = controller(request).rollouts.get_state(rollout_id)
     if state is None:
         raise fail(404, "not_found", f"no rollout {rollout_id}")
-    return rollouts.detail(db, state)
+    return rollout_views.detail(db, state)
 
 
 class ControlRequest(BaseModel):
@@ -296,4 +296,4 @@ def control_rollout(
         state = controller(request).rollouts.control(rollout_id, events[action])
     except rollouts.RolloutError as e:
         raise _rollout_error(e) from e
-    return rollouts.summary(state)
+    return rollout_views.summary(state)

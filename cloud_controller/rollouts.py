@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_controller import desired, devices, registry
 from cloud_controller import rollout_engine as E
-from cloud_controller.db import iso, transaction
+from cloud_controller.db import transaction
 from cloud_controller.models import DesiredState, Package, Rollout, RolloutDevice, RolloutEvent
 
 log = logging.getLogger(__name__)
@@ -500,53 +500,3 @@ class RolloutService:
         if self.publish is None or not rows:
             return
         desired.publish_rows(list(rows), self.publish)
-
-
-def summary(state: E.RolloutState) -> dict[str, Any]:
-    return {
-        "id": state.spec.rollout_id,
-        "model": state.spec.model,
-        "version": state.spec.version,
-        "phase": state.phase.value,
-        "paused": state.paused,
-        "wave": state.wave,
-        "waves": list(state.spec.waves),
-        "wave_sizes": list(state.wave_sizes),
-        "reason": state.reason,
-        "counts": E.counts(state),
-        "created_at": state.created_at,
-        "finished_at": state.finished_at,
-        "spec": E.spec_to_dict(state.spec),
-    }
-
-
-def detail(session: Session, state: E.RolloutState) -> dict[str, Any]:
-    out = summary(state)
-    out["devices"] = [
-        E.device_to_dict(d) for d in sorted(state.devices.values(), key=lambda d: d.device_id)
-    ]
-    events = session.scalars(
-        select(RolloutEvent)
-        .where(RolloutEvent.rollout_id == state.spec.rollout_id)
-        .order_by(RolloutEvent.id)
-    )
-    out["events"] = [{"at": e.at, "message": e.message} for e in events]
-    return out
-
-
-def list_rollouts(session: Session) -> list[dict[str, Any]]:
-    rows = session.scalars(select(Rollout).order_by(Rollout.created_at.desc()))
-    return [
-        {
-            "id": r.id,
-            "model": r.model,
-            "version": r.version,
-            "phase": r.phase,
-            "wave": r.state.get("wave"),
-            "counts": r.state.get("counts"),
-            "reason": r.state.get("reason"),
-            "created_at": iso(r.created_at),
-            "created_by": r.created_by,
-        }
-        for r in rows
-    ]
