@@ -196,6 +196,10 @@ class MqttLink:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         self._client = client
+        from agent.mqtt.agent_port import unfinished_updates
+
+        # An update the agent resumed after a restart is not submitted again by a retry.
+        self._in_flight_updates.update(unfinished_updates(self.agent))
         self.agent.add_listener(self._on_event)
         self._worker = threading.Thread(target=self._run, name="mqtt-link", daemon=True)
         self._worker.start()

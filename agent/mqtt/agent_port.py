@@ -50,6 +50,24 @@ def installed_versions(inventory: Any) -> dict[str, str]:
     return out
 
 
+def unfinished_updates(agent: Any) -> dict[str, str]:
+    """model -> version of updates the agent still runs (e.g. resumed after a restart)."""
+    from agent.states import TERMINAL, State
+
+    out: dict[str, str] = {}
+    updates = getattr(agent, "updates", None)
+    if updates is None:
+        return out
+    for view in updates(50):
+        try:
+            done = State(str(view.get("state"))) in TERMINAL
+        except ValueError:
+            continue
+        if not done and view.get("model") and view.get("version"):
+            out[str(view["model"])] = str(view["version"])
+    return out
+
+
 def event_status(event: Any) -> dict[str, Any]:
     """A status report body from an `UpdateEvent`: model, version, state, reason, figures."""
     raw = _plain(event)

@@ -32,15 +32,20 @@ def all_serving(fleet: Fleet) -> dict[str, str | None]:
     return {d: serving(fleet, d) for d in fleet.spec.device_ids()}
 
 
-def dropped(fleet: Fleet, reason: str) -> float:
-    """The controller's count of MQTT messages dropped for ``reason`` (Prometheus text)."""
+def metric(fleet: Fleet, name: str, label: str) -> float:
+    """A sample of the controller's Prometheus ``/metrics`` (0 when absent)."""
     assert fleet.api is not None
     with urllib.request.urlopen(fleet.api.base + "/metrics", timeout=10) as r:
         text = r.read().decode()
     for line in text.splitlines():
-        if line.startswith("edgefleet_mqtt_dropped") and f'reason="{reason}"' in line:
+        if line.startswith(name) and label in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def dropped(fleet: Fleet, reason: str) -> float:
+    """The controller's count of MQTT messages dropped for ``reason``."""
+    return metric(fleet, "edgefleet_mqtt_dropped", f'reason="{reason}"')
 
 
 def states(detail: dict[str, Any]) -> dict[str, str]:
@@ -230,3 +235,14 @@ def test_device_offline_during_rollout_catches_up_from_retained_state(fleet: Fle
     assert done["counts"]["states"] == {"succeeded": len(ids)}
     fleet.wait_online()
     assert set(all_serving(fleet).values()) == {"1.4.0"}
+
+
+def test_agents_telemetry_reaches_the_controller(fleet: Fleet) -> None:
+    """The link drains each agent's telemetry outbox to the controller (interval 5 s)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if metric(fleet, "edgefleet_mqtt_messages", 'kind="telemetry"') > 0:
+            break
+        time.sleep(0.5)
+    assert metric(fleet, "edgefleet_mqtt_messages", 'kind="telemetry"') > 0
+    assert dropped(fleet, "telemetry_not_json") == 0

@@ -239,3 +239,29 @@ def test_status_survives_broker_outage_and_agent_restart(
     finally:
         dev.close()
         proxy.close()
+
+
+def test_telemetry_outbox_drains_in_batches_until_acknowledged(
+    tmp_path: Path, broker: Any, observer: Observer, fleet_keys: Keys
+) -> None:
+    from agent.telemetry.outbox import Outbox
+
+    dev = Device(tmp_path, broker.url, fleet_keys)
+    box = Outbox(tmp_path / "telemetry.sqlite")
+    ids = [box.append({"kind": "system", "n": i}) for i in range(250)]
+    dev.link = MqttLink(dev.agent, dev.config, telemetry=box, telemetry_batch=100)
+    try:
+        dev.start_link()
+
+        def received() -> list[dict[str, Any]]:
+            return [r for m in observer.of(dev.id, "telemetry") for r in m["records"]]
+
+        assert observer.wait(lambda: len(received()) >= len(ids), 30)
+        batches = observer.of(dev.id, "telemetry")
+        assert all(m["device_id"] == dev.id and len(m["records"]) <= 100 for m in batches)
+        assert sorted(r["id"] for r in received()) == ids
+        assert [r["n"] for r in received()] == list(range(250))
+        assert wait_until(lambda: box.stats().pending == 0, 10)
+    finally:
+        dev.close()
+        box.close()
