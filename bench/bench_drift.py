@@ -193,12 +193,37 @@ def _sketch_rows(kind: str, n: int) -> list[tuple[str, float, str]]:
             win.flush()
 
     buf = _per_call_us(buffered, n)
+    full = _observer_us(ref, feeds, results, n)
     nf = len(ref["features"])
     return [
         (f"{kind} ({nf} features): inference, batch 1 (baseline)", infer, "1.00x"),
         (f"{kind}: sketch update per request", direct, f"{direct / infer:.2f}x"),
-        (f"{kind}: buffered (agent path)", buf, f"{buf / infer:.2f}x"),
+        (f"{kind}: buffered sketch (agent path)", buf, f"{buf / infer:.2f}x"),
+        (f"{kind}: whole observer (counts, latency, sketch)", full, f"{full / infer:.2f}x"),
     ]
+
+
+class _Served:
+    """What TelemetryService asks of an agent: the serving model's reference."""
+
+    def __init__(self, ref: dict[str, Any]) -> None:
+        self.ref = ref
+
+    def reference(self, model: str) -> dict[str, Any]:
+        return self.ref
+
+
+def _observer_us(ref: dict[str, Any], feeds: list[Any], results: list[Any], n: int) -> float:
+    from agent.telemetry.service import TelemetryService, TelemetrySettings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = TelemetrySettings(outbox_path=Path(tmp) / "o.sqlite", system=False)
+        svc = TelemetryService(_Served(ref), settings)
+        us = _per_call_us(
+            lambda i: svc.observe("m", "1", feeds[i], results[i % 200], 1e-4, True), n
+        )
+        svc.stop(final_tick=False)
+    return us
 
 
 def bench_sketch(quick: bool) -> list[tuple[str, float, str]]:

@@ -19,6 +19,8 @@ import numpy as np
 
 from edgefleet.drift.reference import ReferenceError, feature_values
 
+LOOP_ROWS = 32  # from this batch size on, per-feature searchsorted beats the broadcast
+
 
 class SketchError(ValueError):
     """Sketches that cannot be combined or decoded; the message names why."""
@@ -34,6 +36,7 @@ class _Group:
     edges: np.ndarray  # (d, kmax), padded with +inf
     offsets: np.ndarray  # (d,) start of each feature's slots in the flat counts
     nbins: np.ndarray  # (d,)
+    edge_list: list[np.ndarray]  # unpadded edges per feature
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Sketch:
                     edges=edges,
                     offsets=np.asarray([s for _, _, s in items], dtype=np.int64),
                     nbins=np.asarray([len(e) + 1 for _, e, _ in items], dtype=np.int64),
+                    edge_list=[e for _, e, _ in items],
                 )
             )
 
@@ -137,7 +141,12 @@ class Sketch:
                 a = a.reshape(1)
             vals = self._group_values(g, a)
             batch = max(batch, vals.shape[0])
-            bins = (vals[:, :, None] >= g.edges[None, :, :]).sum(axis=2)
+            if vals.shape[0] >= LOOP_ROWS:  # big batches: one searchsorted per feature
+                bins = np.empty(vals.shape, dtype=np.int64)
+                for j in range(vals.shape[1]):
+                    bins[:, j] = np.searchsorted(g.edge_list[j], vals[:, j], side="right")
+            else:  # small batches: one broadcast comparison for all features
+                bins = (vals[:, :, None] >= g.edges[None, :, :]).sum(axis=2)
             bins = np.where(np.isnan(vals), g.nbins[None, :], bins)
             pieces.append((bins + g.offsets[None, :]).ravel())
         for c in self._cats:
