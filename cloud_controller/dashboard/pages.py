@@ -172,11 +172,9 @@ def fleet(request: Request, s: Session = Depends(session)) -> Response:
 def rollouts(request: Request, s: Session = Depends(session)) -> Response:
     if (denied := _viewer(request)) is not None:
         return denied
-    from cloud_controller.rollouts import detail
+    from cloud_controller.rollout_views import detail, list_rollouts
 
     svc = controller(request).rollouts
-    from cloud_controller.rollouts import list_rollouts
-
     parts = []
     live = False
     for r in list_rollouts(s)[:50]:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -144,6 +145,16 @@ def test_slower_release_aborts_on_the_p95_gate_and_rolls_back(
                 },
             ).json()
         assert h["p95_ratio"] > 2.0
+        page = httpx.get(
+            f"{run.url}/dashboard/rollouts", params={"token": run.tokens["viewer"]}, timeout=30
+        )
+        assert page.status_code == 200
+        assert 'class="badge aborted"' in page.text and "p95 latency ratio" in page.text
+        assert "wave 1: 50 %" in page.text and "2/2" in page.text
+        fleet = httpx.get(
+            f"{run.url}/dashboard/", params={"token": run.tokens["viewer"]}, timeout=30
+        ).text
+        assert "4 devices, 4 online" in fleet and "iris 1.0.0" in fleet
     finally:
         for d in devs:
             d.stop()
