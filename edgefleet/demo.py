@@ -456,12 +456,12 @@ class Fleet:
         ensure_token(cfg.admin_token_path)
         return path
 
-    def start_agent(self, device_id: str) -> None:
+    def start_agent(self, device_id: str, env: Mapping[str, str] | None = None) -> None:
         path = self.agent_dir(device_id) / "agent.toml"
         if not path.exists():
             path = self.write_agent_config(device_id)
         argv = [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(path)]
-        self.children.spawn(f"agent-{device_id}", argv)
+        self.children.spawn(f"agent-{device_id}", argv, env)
 
     def stop_agent(self, device_id: str, *, kill: bool = False) -> None:
         self.children.stop(f"agent-{device_id}", kill=kill)

@@ -237,6 +237,30 @@ def test_device_offline_during_rollout_catches_up_from_retained_state(fleet: Fle
     assert set(all_serving(fleet).values()) == {"1.4.0"}
 
 
+def test_agent_killed_mid_update_resumes_and_the_rollout_completes(fleet: Fleet) -> None:
+    ids = fleet.spec.device_ids()
+    victim = ids[2]
+    fleet.stop_agent(victim)
+    # The agent's test hook holds the update in VALIDATING until the marker file goes.
+    fleet.start_agent(victim, env={"EDGEFLEET_AGENT_PAUSE_AT": "VALIDATING"})
+    fleet.wait_online([victim])
+    rid = create(fleet, "1.5.0", waves=[100.0], device_timeout_s=120.0, max_retries=0)
+    marker = fleet.agent_dir(victim) / "data" / "paused-VALIDATING"
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the update never reached VALIDATING"
+    fleet.stop_agent(victim, kill=True)  # power cut in the middle of the update
+    marker.unlink()
+    fleet.start_agent(victim)
+    done = fleet.wait_rollout(rid, timeout=120)
+    assert done["phase"] == "succeeded", done
+    assert done["counts"]["states"] == {"succeeded": len(ids)}
+    assert {d["device_id"]: d["attempts"] for d in done["devices"]} == dict.fromkeys(ids, 1)
+    fleet.wait_online()
+    assert set(all_serving(fleet).values()) == {"1.5.0"}
+
+
 def test_agents_telemetry_reaches_the_controller(fleet: Fleet) -> None:
     """The link drains each agent's telemetry outbox to the controller (interval 5 s)."""
     deadline = time.monotonic() + 30
