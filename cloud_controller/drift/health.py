@@ -14,6 +14,8 @@ devices of the same kind (same first profile, the moved devices' own history inc
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -163,7 +165,45 @@ def wave_health(
     }
 
 
-rollout_health = wave_health  # the name cloud_controller.rollouts looks up
+HEALTH_TTL_S = 2.0
+_cache: dict[tuple[Any, ...], tuple[float, dict[str, Any]]] = {}
+_cache_lock = threading.Lock()
+
+
+def rollout_health(
+    session: Session,
+    model: str,
+    version: str,
+    previous_version: str | None,
+    device_ids: Sequence[str],
+    since: datetime | None,
+) -> dict[str, Any]:
+    """``wave_health`` for the rollout ticker (called every tick).
+
+    Complete figures are reused for ``HEALTH_TTL_S``; incomplete ones are not cached, so a
+    gate sees the new version's first telemetry on the next tick.
+    """
+    key = (
+        id(session.get_bind()),
+        model,
+        version,
+        previous_version,
+        tuple(sorted(device_ids)),
+        since,
+    )
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None and now - hit[0] < HEALTH_TTL_S:
+            return hit[1]
+    result = wave_health(session, model, version, previous_version, device_ids, since)
+    if result["p95_ratio"] is None or result["error_rate"] is None:
+        return result  # figures still arriving: ask again next tick
+    with _cache_lock:
+        for k in [k for k, (t, _) in _cache.items() if now - t >= HEALTH_TTL_S]:
+            del _cache[k]
+        _cache[key] = (now, result)
+    return result
 
 
 def compare_versions(

@@ -91,7 +91,10 @@ def test_slower_release_shows_in_the_p95_ratio_and_breaks_the_gate(
     gates = E.Gates(max_p95_ratio=1.5, max_error_rate=0.05, max_drift=0.2)
     health = E.Health(h["p95_ratio"], h["error_rate"], h["drift"])
     assert (E.gate_violation(gates, health) or "").startswith("p95 latency ratio")
-    assert rollout_health is wave_health
+    with factory() as s:  # the ticker's entry point: same figures, reused within its TTL
+        again = rollout_health(s, "iris", "2.0.0", "1.0.0", ["x0", "x1"], since)
+        assert again["p95_ratio"] == h["p95_ratio"]
+        assert rollout_health(s, "iris", "2.0.0", "1.0.0", ["x1", "x0"], since) is again
 
 
 def test_equal_release_passes_and_missing_figures_do_not_violate(
