@@ -10,6 +10,7 @@ after the surrounding transaction commits, from a background thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,7 +26,7 @@ from cloud_controller.drift.analysis import (
     parse_time,
     utc,
 )
-from cloud_controller.drift.models import SketchAggregate, TelemetryRecord
+from cloud_controller.drift.models import DriftEvent, SketchAggregate, TelemetryRecord
 from edgefleet.drift.sketch import SketchError, merge_dicts
 
 KINDS = ("system", "agent", "inference", "sketch", "sample")
@@ -268,8 +269,24 @@ def _merge_sketches(
             session.expire(row)
     session.flush()
     new_events = evaluate_due(session, now, models=settings)
-    if any(e.webhook_state == "pending" for e in new_events):
+    if any(e.webhook_state == "pending" for e in new_events) or _retry_due(session):
         _deliver_after_commit(session)
+
+
+RETRY_EVERY_S = 30.0
+_last_retry = [0.0]
+
+
+def _retry_due(session: Session) -> bool:
+    """At most every RETRY_EVERY_S: are webhooks still pending (a receiver that was down)?"""
+    mono = time.monotonic()
+    if mono - _last_retry[0] < RETRY_EVERY_S:
+        return False
+    _last_retry[0] = mono
+    found = session.scalars(
+        select(DriftEvent.id).where(DriftEvent.webhook_state == "pending").limit(1)
+    ).first()
+    return found is not None
 
 
 def _deliver_after_commit(session: Session) -> None:

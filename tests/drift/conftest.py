@@ -105,14 +105,20 @@ def inference_record(
 class Hook:
     """A real loopback HTTP server recording webhook calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_first: int = 0) -> None:
         calls: list[tuple[dict[str, str], bytes]] = []
         self.calls = calls
         self.received = threading.Event()
+        self.fail_left = fail_first
 
         class H(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if hook.fail_left > 0:  # a receiver that is not ready yet
+                    hook.fail_left -= 1
+                    self.send_response(503)
+                    self.end_headers()
+                    return
                 calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 self.send_response(204)
                 self.end_headers()

@@ -171,6 +171,46 @@ def test_closed_drifted_bucket_raises_one_event_and_a_signed_webhook(
         assert _count(s, DriftEvent) == 1
 
 
+def test_failed_webhooks_are_retried_later_with_the_error_kept(
+    factory: sessionmaker[Session],
+) -> None:
+    from cloud_controller.drift import ingest as ingest_mod
+    from cloud_controller.drift.webhook import deliver_pending
+
+    hook = Hook(fail_first=1)
+    try:
+        ref, x, y = iris()
+        with transaction(factory) as s:
+            analysis.register_reference(s, "iris", "1.0.0", ref)
+            analysis.put_settings(
+                s, "iris", webhook_url=hook.url, webhook_secret="k", scopes=["fleet"]
+            )
+            msg = {"records": [sketch_record(_shifted(x), y, at=T0)]}
+            ingest_batch(s, [("d1", msg)], now=T0 + timedelta(minutes=30))  # bucket still open
+            evs = analysis.evaluate_due(s, T0 + timedelta(hours=2))
+            assert len(evs) == 1 and evs[0].webhook_state == "pending"
+        assert deliver_pending(factory) == 0  # 503: kept pending with the reason
+        with factory() as s:
+            ev = s.scalars(select(DriftEvent)).one()
+            assert (ev.webhook_state, ev.webhook_attempts) == ("pending", 1)
+            assert ev.webhook_error is not None and "HTTP 503" in ev.webhook_error
+        ingest_mod._last_retry[0] = 0.0  # the retry interval has passed
+        later = T0 + timedelta(hours=2, minutes=1)
+        with transaction(factory) as s:  # any later sketch batch retries pending webhooks
+            ingest_batch(s, [("d2", {"records": [sketch_record(x, y, at=later)]})], now=later)
+        assert hook.received.wait(timeout=15)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with factory() as s:
+                ev = s.scalars(select(DriftEvent)).one()
+                if ev.webhook_state == "delivered":
+                    break
+            time.sleep(0.05)
+        assert (ev.webhook_state, ev.webhook_attempts, ev.webhook_error) == ("delivered", 2, None)
+    finally:
+        hook.close()
+
+
 def test_undrifted_buckets_are_judged_ok_without_events(factory: sessionmaker[Session]) -> None:
     ref, x, y = iris()
     rng = np.random.default_rng(1)
