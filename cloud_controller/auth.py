@@ -154,7 +154,7 @@ def mosquitto_acl(controller_user: str = CONTROLLER_MQTT_USER) -> str:
             f"pattern read {dev}/desired",
             f"pattern write {dev}/status",
             f"pattern write {dev}/telemetry",
-            f"pattern readwrite {dev}/presence",
+            f"pattern write {dev}/presence",
             "",
         ]
     )
