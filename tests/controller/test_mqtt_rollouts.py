@@ -294,3 +294,42 @@ def test_cli_watch_shows_live_progress_until_the_end(fleet_ctl: Running, broker:
     finally:
         for d in devs:
             d.stop()
+
+
+def test_broker_restart_loses_retained_states_and_the_controller_restores_them(
+    tmp_path: Path, packager_key: KeyPair, packages: dict[str, Path]
+) -> None:
+    from tests.support.services import mosquitto
+
+    with mosquitto(tmp_path / "mq") as own:  # persistence off: a restart forgets everything
+        run = start_controller(
+            tmp_path / "ctl", trusted=[packager_key.public_path], broker_url=own.url
+        )
+        devs: list[SimDevice] = []
+        try:
+            bridge = run.controller.bridge
+            assert bridge is not None and bridge.wait_connected()
+            with run.client() as admin:
+                for p in packages.values():
+                    assert upload(admin, p).status_code == 201
+            first = start_devices(run, own, ["br-1"])
+            devs += first
+            # br-2 is known (presence) but offline when the rollout starts
+            devs += start_devices(run, own, ["br-2"])
+            devs[1].stop()
+            r = rollout(run, version="2.0.0", target={"device_ids": ["br-1", "br-2"]},
+                        waves=[100], device_timeout_s=120)  # fmt: skip
+            wait_for(lambda: devs[0].version == "2.0.0", what="online device updated")
+            own.stop()
+            wait_for(lambda: not bridge.stats.connected, what="bridge sees the outage")
+            own.start()
+            wait_for(bridge.wait_connected, timeout=30, what="bridge reconnects")
+            back = SimDevice("br-2", own.host, own.port, run.controller.signer.key.public_key())
+            devs.append(back.start())
+            done = wait_for(lambda: finished(run, str(r["id"])), timeout=30, what="rollout end")
+            assert done["counts"]["states"] == {"succeeded": 2}  # type: ignore[index]
+            assert back.version == "2.0.0" and not back.rejected
+        finally:
+            for d in devs:
+                d.stop()
+            run.stop()
