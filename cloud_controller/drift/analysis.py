@@ -24,6 +24,14 @@ from edgefleet.drift.sketch import SketchError, merge_dicts
 SCOPES = ("device", "group", "release", "fleet")
 DEFAULT_SCOPES = ("fleet", "release", "group")
 GRACE_S = 60.0
+FLUSH_KEY = "edgefleet.drift.flush"  # session.info: merges sketches the ingest deferred
+
+
+def flush_deferred(session: Session) -> None:
+    """Sketches ingested in this session but not merged yet are merged before reading."""
+    fn = session.info.get(FLUSH_KEY)
+    if fn is not None:
+        fn(session)
 
 
 def utc(dt: datetime | None) -> datetime | None:
@@ -69,7 +77,19 @@ class ModelDriftSettings:
         }
 
 
+_SETTINGS_KEY = "edgefleet.drift.settings"
+
+
 def get_settings(session: Session, model: str) -> ModelDriftSettings:
+    """A model's settings (memoised per session; ``put_settings`` refreshes the memo)."""
+    memo = session.info.setdefault(_SETTINGS_KEY, {})
+    if model in memo:
+        return memo[model]
+    memo[model] = _load_settings(session, model)
+    return memo[model]
+
+
+def _load_settings(session: Session, model: str) -> ModelDriftSettings:
     row = session.get(DriftSettings, model)
     if row is None:
         return ModelDriftSettings(model)
@@ -117,6 +137,7 @@ def put_settings(
     row.webhook_secret = webhook_secret if webhook_secret is not None else cur.webhook_secret
     row.updated_at = datetime.now(UTC)
     session.flush()
+    session.info.get(_SETTINGS_KEY, {}).pop(model, None)
     return get_settings(session, model)
 
 
@@ -211,6 +232,7 @@ def evaluate_due(
     models: Iterable[str] | None = None,
 ) -> list[DriftEvent]:
     """Judge every closed, not yet judged bucket; store events for drifted ones."""
+    flush_deferred(session)
     now = now or datetime.now(UTC)
     if model is not None:
         names = [model]
@@ -307,6 +329,7 @@ def merged(
     reference_id: str | None = None,
 ) -> tuple[str | None, dict[str, Any] | None, list[str]]:
     """(reference id, merged sketch, versions) of a scope's buckets overlapping ``since``..now."""
+    flush_deferred(session)
     rid = reference_id or latest_reference_id(session, model)
     if rid is None:
         return None, None, []
@@ -334,6 +357,7 @@ def history(
     session: Session, model: str, *, scope: str = "fleet", key: str = "*", limit: int = 48
 ) -> list[dict[str, Any]]:
     """Per bucket: n, status and headline statistics (judging open buckets on the fly)."""
+    flush_deferred(session)
     s = get_settings(session, model)
     rows = list(
         session.scalars(

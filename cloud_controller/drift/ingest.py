@@ -9,6 +9,7 @@ after the surrounding transaction commits, from a background thread.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,7 @@ from sqlalchemy import bindparam, event, insert, select, update
 from sqlalchemy.orm import Session
 
 from cloud_controller.drift.analysis import (
+    FLUSH_KEY,
     ModelDriftSettings,
     bucket_start,
     evaluate_due,
@@ -29,7 +31,10 @@ from cloud_controller.drift.analysis import (
 from cloud_controller.drift.models import DriftEvent, SketchAggregate, TelemetryRecord
 from edgefleet.drift.sketch import SketchError, merge_dicts
 
+log = logging.getLogger("edgefleet.controller.drift")
 KINDS = ("system", "agent", "inference", "sketch", "sample")
+PENDING_KEY = "edgefleet.drift.pending_sketches"
+DELIVER_KEY = "edgefleet.drift.deliver_webhooks"
 MAX_RECORDS_PER_MESSAGE = 10_000
 CLOCK_SKEW = timedelta(minutes=5)
 
@@ -58,8 +63,13 @@ def _records(payload: Any) -> list[dict[str, Any]]:
 
 
 def ingest_telemetry(session: Session, device_id: str, payload: Mapping[str, Any]) -> int:
-    """Store one telemetry message; returns how many of its records were new."""
-    return ingest_batch(session, [(device_id, payload)])
+    """Store one telemetry message; returns how many of its records were new.
+
+    The records are written at once; their sketches are merged into the aggregates when the
+    surrounding transaction commits (once per transaction, however many messages it holds),
+    or earlier when drift is read in the same session.
+    """
+    return ingest_batch(session, [(device_id, payload)], defer=True)
 
 
 def ingest_batch(
@@ -67,6 +77,7 @@ def ingest_batch(
     messages: Iterable[tuple[str, Mapping[str, Any]]],
     *,
     now: datetime | None = None,
+    defer: bool = False,
 ) -> int:
     """Store many messages in the caller's transaction; returns the count of new records."""
     now = now or datetime.now(UTC)
@@ -82,9 +93,40 @@ def ingest_batch(
     if not fresh:
         return 0
     sketches = [(dev, rec) for (dev, _), rec in fresh.items() if rec["kind"] == "sketch"]
-    if sketches:
+    if sketches and defer:
+        session.info.setdefault(PENDING_KEY, []).append((sketches, now))
+        session.info[FLUSH_KEY] = flush_pending
+        if not event.contains(session, "before_commit", _before_commit):
+            event.listen(session, "before_commit", _before_commit)
+            event.listen(session, "after_rollback", _after_rollback)
+    elif sketches:
         _merge_sketches(session, sketches, now)
     return len(fresh)
+
+
+def flush_pending(session: Session) -> None:
+    """Merge the sketches deferred by ``ingest_telemetry`` in this session."""
+    pending = session.info.pop(PENDING_KEY, None)
+    if not pending:
+        return
+    sketches = [item for batch, _ in pending for item in batch]
+    _merge_sketches(session, sketches, max(now for _, now in pending))
+
+
+def _before_commit(session: Session) -> None:
+    if session.in_nested_transaction() or not session.info.get(PENDING_KEY):
+        return  # a savepoint: wait for the real commit
+    try:
+        with session.begin_nested():
+            flush_pending(session)
+    except Exception:  # the windows themselves are stored; only their merge is lost
+        log.exception("merging deferred drift sketches failed")
+
+
+def _after_rollback(session: Session) -> None:
+    if not session.in_nested_transaction():  # the whole transaction, not a savepoint
+        session.info.pop(PENDING_KEY, None)
+        session.info.pop(DELIVER_KEY, None)
 
 
 def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
@@ -199,23 +241,33 @@ def _merge_sketches(
             prev2 = pending.get(k)
             merged_sk = sk if prev2 is None else merge_dicts(prev2[0], sk)
             pending[k] = (merged_sk, (prev2[1] if prev2 else set()) | {version} - {"?"})
-    existing: dict[tuple[str, str, str, str, datetime], SketchAggregate] = {}
+    # the stored aggregates of exactly these keys, as plain rows (no ORM identity map)
+    agg = SketchAggregate.__table__.c
+    existing: dict[tuple[str, str, str, str, datetime], Any] = {}
     for model in {k[0] for k in pending}:
-        buckets = sorted({k[4] for k in pending if k[0] == model})
-        rids = sorted({k[1] for k in pending if k[0] == model})
-        rows = session.scalars(
-            select(SketchAggregate)
+        mine = [k for k in pending if k[0] == model]
+        rows = session.execute(
+            select(
+                agg.id,
+                agg.reference_id,
+                agg.scope,
+                agg.scope_key,
+                agg.bucket_start,
+                agg.sketch,
+                agg.versions,
+            )
             .where(
-                SketchAggregate.model == model,
-                SketchAggregate.reference_id.in_(rids),
-                SketchAggregate.bucket_start.in_(buckets),
+                agg.model == model,
+                agg.reference_id.in_(sorted({k[1] for k in mine})),
+                agg.scope_key.in_(sorted({k[3] for k in mine})),
+                agg.bucket_start.in_(sorted({k[4] for k in mine})),
             )
             .with_for_update()
         )
         for found in rows:
             start = utc(found.bucket_start)
             assert start is not None
-            existing[(found.model, found.reference_id, found.scope, found.scope_key, start)] = found
+            existing[(model, found.reference_id, found.scope, found.scope_key, start)] = found
     fresh_rows: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
     for (model, rid, scope, key, bucket), (sk, versions) in pending.items():
@@ -265,8 +317,10 @@ def _merge_sketches(
             ),
             updates,
         )
-        for row in existing.values():
-            session.expire(row)
+        # ORM copies loaded elsewhere in this session must not hide the new values
+        for obj in list(session.identity_map.values()):
+            if isinstance(obj, SketchAggregate):
+                session.expire(obj)
     session.flush()
     new_events = evaluate_due(session, now, models=settings)
     if any(e.webhook_state == "pending" for e in new_events) or _retry_due(session):
@@ -290,17 +344,21 @@ def _retry_due(session: Session) -> bool:
 
 
 def _deliver_after_commit(session: Session) -> None:
-    bind = session.get_bind()
+    """Send pending webhooks from a thread once the outermost transaction has committed."""
+    session.info[DELIVER_KEY] = True
+    if not event.contains(session, "after_commit", _after_commit_deliver):
+        event.listen(session, "after_commit", _after_commit_deliver)
 
-    def _after_commit(_s: Session) -> None:
-        from sqlalchemy.orm import sessionmaker
 
-        from cloud_controller.drift.webhook import deliver_pending
+def _after_commit_deliver(session: Session) -> None:
+    # after_commit fires for savepoints too: only the real commit makes the events visible
+    if session.in_nested_transaction() or not session.info.pop(DELIVER_KEY, False):
+        return
+    from sqlalchemy.orm import sessionmaker
 
-        factory = sessionmaker(bind, expire_on_commit=False)
-        threading.Thread(
-            target=deliver_pending, args=(factory,), name="drift-webhook", daemon=True
-        ).start()
+    from cloud_controller.drift.webhook import deliver_pending
 
-    if not event.contains(session, "after_commit", _after_commit):
-        event.listen(session, "after_commit", _after_commit, once=True)
+    factory = sessionmaker(session.get_bind(), expire_on_commit=False)
+    threading.Thread(
+        target=deliver_pending, args=(factory,), name="drift-webhook", daemon=True
+    ).start()
