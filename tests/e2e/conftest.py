@@ -13,7 +13,7 @@ import pytest
 from edgefleet.demo import Fleet, FleetSpec
 from tests.support.services import require
 
-GOOD_VERSIONS = ("1.0.0", "1.2.0", "1.3.0", "1.4.0", "1.5.0")
+GOOD_VERSIONS = ("1.0.0", "1.2.0", "1.3.0", "1.4.0", "1.5.0", "1.6.0")
 BAD_VERSIONS = ("1.1.0",)
 
 

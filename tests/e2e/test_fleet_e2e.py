@@ -261,6 +261,46 @@ def test_agent_killed_mid_update_resumes_and_the_rollout_completes(fleet: Fleet)
     assert set(all_serving(fleet).values()) == {"1.5.0"}
 
 
+def test_controller_killed_mid_wave_still_finishes_the_rollout(fleet: Fleet) -> None:
+    """Reports sent while the controller is down wait in its persistent broker session; were
+    one lost, the device timeout and a retry (a new desired seq, answered with where the device
+    stands) would still finish the rollout."""
+    ids = fleet.spec.device_ids()
+    victim = ids[1]
+    fleet.stop_agent(victim)
+    fleet.start_agent(victim, env={"EDGEFLEET_AGENT_PAUSE_AT": "VALIDATING"})
+    fleet.wait_online([victim])
+    try:
+        rid = create(
+            fleet,
+            "1.6.0",
+            waves=[100.0],
+            device_timeout_s=30.0,
+            max_retries=2,
+            retry_backoff_s=1.0,
+        )
+        marker = fleet.agent_dir(victim) / "data" / "paused-VALIDATING"
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the update never reached VALIDATING"
+        fleet.stop_controller(kill=True)
+        marker.unlink()  # the device finishes while the controller is away
+        deadline = time.monotonic() + 60
+        while serving(fleet, victim) != "1.6.0" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert serving(fleet, victim) == "1.6.0"
+        fleet.start_controller()
+        done = fleet.wait_rollout(rid, timeout=120)
+        assert done["phase"] == "succeeded", done
+        assert done["counts"]["states"] == {"succeeded": len(ids)}
+    finally:
+        fleet.stop_agent(victim)
+        fleet.start_agent(victim)
+    fleet.wait_online()
+    assert set(all_serving(fleet).values()) == {"1.6.0"}
+
+
 def test_agents_telemetry_reaches_the_controller(fleet: Fleet) -> None:
     """The link drains each agent's telemetry outbox to the controller (interval 5 s)."""
     deadline = time.monotonic() + 30
