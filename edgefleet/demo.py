@@ -574,7 +574,13 @@ class Fleet:
             if not self.children.alive("controller"):
                 raise FleetError("controller exited:\n" + self.children.log_tail("controller"))
             time.sleep(0.3)
-        raise FleetError(f"rollout {rollout_id} not finished after {timeout:.0f}s: {last}")
+        devices = [
+            (d["device_id"], d["state"], d.get("rollback"), d.get("reason_code"), d.get("reason"))
+            for d in self.rollout(rollout_id).get("devices", [])
+        ]
+        raise FleetError(
+            f"rollout {rollout_id} not finished after {timeout:.0f}s: {last}; devices {devices}"
+        )
 
 
 def _version_key(version: str) -> Any:
