@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -244,11 +244,51 @@ def _rollout_error(e: rollouts.RolloutError) -> HTTPException:
     return fail(e.status, e.code, e.message)
 
 
+class TargetModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device_ids: list[str] = []
+    groups: list[str] = []
+    tags: list[str] = []
+
+
+class GatesModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_p95_ratio: float | None = Field(
+        default=None, description="p95 latency new/previous version"
+    )
+    max_error_rate: float | None = Field(default=None, description="errors per request")
+    max_drift: float | None = Field(default=None, description="drift score of the moved devices")
+
+
+class RolloutRequest(BaseModel):
+    """A staged rollout of one release (see docs/controller.md for the rules)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    version: str
+    target: TargetModel
+    waves: list[float] = Field([5.0, 25.0, 100.0], description="cumulative %, last = 100")
+    device_timeout_s: float = 600.0
+    max_retries: int = 0
+    retry_backoff_s: float = Field(30.0, description="first retry delay; doubles each time")
+    success_threshold_pct: float = Field(100.0, description="% of a wave that must succeed")
+    abort_failure_pct: float = Field(20.0, description="abort when failures exceed this % ...")
+    abort_min_finished: int = Field(1, description="... once this many devices finished")
+    approval_waves: list[int] = Field([], description="0-based waves that wait for approval")
+    rate_per_min: int | None = Field(default=None, description="dispatches per minute")
+    soak_s: float = Field(0.0, description="health-gated wait after each wave")
+    gates: GatesModel = Field(default_factory=GatesModel)
+    seed: int | None = Field(default=None, description="wave membership seed; random when absent")
+
+
 @router.post("/rollouts", status_code=201)
-def create_rollout(body: dict[str, Any], request: Request, who: Operator) -> dict[str, Any]:
-    """Body: `RolloutSpec` fields (model, version, target{device_ids,groups,tags}, waves, ...)."""
+def create_rollout(body: RolloutRequest, request: Request, who: Operator) -> dict[str, Any]:
+    """Start a rollout; devices whose profiles have no package are reported as incompatible."""
+    spec = body.model_dump(exclude_none=False)
+    if spec.get("seed") is None:
+        spec.pop("seed")
     try:
-        state = controller(request).rollouts.create(body, who.actor)
+        state = controller(request).rollouts.create(spec, who.actor)
     except rollouts.RolloutError as e:
         raise _rollout_error(e) from e
     audit_detail(request, rollout=state.spec.rollout_id, seed=state.spec.seed)
