@@ -115,6 +115,10 @@ def mosquitto(
         "log_type error",
         "log_type warning",
     ]
+    if os.geteuid() == 0:
+        # Mosquitto started as root drops to user "mosquitto", which cannot read our 0600
+        # password/ACL files under the test's temporary directory.
+        lines.append("user root")
     if passwords:
         pwfile = workdir / "passwd"
         pwfile.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()))
