@@ -779,8 +779,10 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: every child process was stopped[/yellow]")
             raise typer.Exit(130) from None
-        except FleetError as e:
-            console.print(f"[red]demo failed:[/red] {e}")
+        except Exception as e:  # every child is already stopped; say why in one line
+            from rich.markup import escape
+
+            console.print(f"[red]demo failed:[/red] {type(e).__name__}: {escape(str(e))}")
             raise typer.Exit(1) from None
         if as_json:
             sys.stdout.write(json.dumps(summary, indent=2) + "\n")
