@@ -359,11 +359,13 @@ class SizeResult:
     controller_msgs_per_s: float
 
 
-def run_size(n: int, flood_per_device: int, root: Path, timeout: float) -> SizeResult:
+def run_size(
+    n: int, flood_per_device: int, root: Path, timeout: float, broker: str = "mosquitto"
+) -> SizeResult:
     from edgefleet.demo import Fleet, FleetSpec, rollout_body
     from edgefleet.keys import load_private_key, load_public_key
 
-    fleet = Fleet(FleetSpec(root, devices=0, broker="mosquitto"))
+    fleet = Fleet(FleetSpec(root, devices=0, broker=broker))
     sim: SimFleet | None = None
     counter: StatusCounter | None = None
     try:
@@ -460,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, nargs="*", help="fleet sizes (default 100 1000)")
     parser.add_argument("--flood", type=int, default=0, help="status messages per device")
     parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto")
     args = parser.parse_args(argv)
     sizes = args.devices or ([100] if args.quick else [100, 1000])
     console = Console(width=120)
@@ -468,8 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         flood = args.flood or max(10, 20_000 // n)
         with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
             console.print(f"fleet of {n} simulated devices …")
-            results.append(run_size(n, flood, Path(tmp), args.timeout))
-    table = Table(title="fleet: three-wave rollout (5/25/100 %) and status throughput")
+            results.append(run_size(n, flood, Path(tmp), args.timeout, args.broker))
+    table = Table(
+        title=f"fleet: three-wave rollout (5/25/100 %) and status throughput ({args.broker})"
+    )
     for col in (
         "devices",
         "connect s",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from agent.mqtt.reconcile import DesiredStateError, parse_targets, plan
@@ -65,3 +67,17 @@ def test_plan_in_flight_other_version_still_installs() -> None:
     targets = parse_targets(_desired(m=_spec("1.0.0", allow_downgrade=True)))
     (action,) = plan(targets, {"m": "2.0.0"}, {"m": "3.0.0"})
     assert action.kind == "install"
+
+
+def test_link_state_round_trips_and_survives_a_corrupt_file(tmp_path: Path) -> None:
+    from agent.mqtt.state import LinkState
+
+    path = tmp_path / "mqtt" / "link.json"
+    assert LinkState.load(path).last_seq is None
+    state = LinkState(last_seq=7, rollouts={f"m@1.0.{i}": str(i) for i in range(100)})
+    state.save(path)
+    back = LinkState.load(path)
+    assert back.last_seq == 7
+    assert len(back.rollouts) == 64 and back.rollouts["m@1.0.99"] == "99"  # newest kept
+    path.write_text("{not json")
+    assert LinkState.load(path).last_seq is None
