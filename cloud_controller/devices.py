@@ -29,6 +29,9 @@ def get_or_create(session: Session, device_id: str) -> Device:
             recent_status_seqs=[],
         )
         session.add(dev)
+        # Flush now so the row is in the identity map: callers (the MQTT bridge) run whole
+        # batches with autoflush off, and a second lookup would otherwise insert it again.
+        session.flush()
     return dev
 
 

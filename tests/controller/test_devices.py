@@ -44,3 +44,20 @@ def test_presence_and_offline_will(tmp_path: Path) -> None:
     infos = devices.device_infos(f(), "iris")
     assert infos[0].previous_version == "1.0.0" and infos[0].profiles == ("cpu-arm64",)
     engine.dispose()
+
+
+def test_new_device_seen_twice_in_one_batch_is_one_row(tmp_path: Path) -> None:
+    """The MQTT bridge handles a batch in one transaction with autoflush off: a brand-new
+    device's presence and status in the same batch must not insert it twice (the commit
+    would fail and lose messages the broker already acknowledged)."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'd.db'}")
+    db.upgrade(engine)
+    f = db.session_factory(engine)
+    with db.transaction(f) as s, s.no_autoflush:
+        devices.apply_presence(s, "gw-new", {"online": True, "agent_version": "0.1.0"})
+        assert devices.get_or_create(s, "gw-new") is devices.get_or_create(s, "gw-new")
+        devices.apply_presence(s, "gw-new", {"online": True, "agent_version": "0.1.1"})
+    with f() as s:
+        rows = devices.list_devices(s)
+        assert [d.id for d in rows] == ["gw-new"]
+        assert rows[0].agent_version == "0.1.1"
