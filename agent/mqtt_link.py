@@ -148,6 +148,7 @@ class MqttLink:
         self.ignored: dict[str, int] = {}  # reason code -> count of desired states ignored
         self.last_connect_error: str | None = None
         self.connected = threading.Event()
+        self._connected_since = 0.0  # monotonic; set by paho's thread on every connect
         self._jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
         # PUBACKed mids, from paho's thread to the worker. paho calls on_publish holding its own
         # message mutex, which publish() needs too: the callback must never wait on a lock the
@@ -248,6 +249,7 @@ class MqttLink:
             return
         self.last_connect_error = None
         client.subscribe(self.topic("desired"), qos=1)
+        self._connected_since = time.monotonic()
         self.connected.set()
         self._jobs.put(("connected", None))
 
@@ -297,7 +299,6 @@ class MqttLink:
                     self._flush()
                     return
                 if kind == "connected":
-                    self._restart_resend_clock()
                     self._publish_presence()
                 elif kind == "desired":
                     self._handle_desired(arg)
@@ -459,17 +460,16 @@ class MqttLink:
         )
 
     # -- outboxes -> broker -----------------------------------------------------------------
-    def _restart_resend_clock(self) -> None:
-        """After a reconnect paho re-sends what it holds; give those a fresh deadline."""
-        now = time.monotonic()
-        for mid, (box, ids, _) in list(self._inflight.items()):
-            self._inflight[mid] = (box, ids, now)
-
     def _forget_stale(self) -> None:
         """Reports without a PUBACK for ``resend_after_s`` while connected are handed out again
         (some brokers drop a QoS 1 flow under load); the controller drops duplicates by seq."""
-        now = time.monotonic()
-        stale = [m for m, (_, _, t) in self._inflight.items() if now - t > self.resend_after_s]
+        now, since = time.monotonic(), self._connected_since
+        # Only time spent connected counts: paho itself re-sends what it held across a reconnect.
+        stale = [
+            m
+            for m, (_, _, t) in self._inflight.items()
+            if now - max(t, since) > self.resend_after_s
+        ]
         for mid in stale:
             box, ids, _ = self._inflight.pop(mid)
             self._handed.difference_update((id(box), i) for i in ids)
