@@ -43,9 +43,13 @@ def die_with_parent() -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
 
+    # Resolved here, in the parent: between fork and exec the child only makes the call (no
+    # dlopen, whose loader lock another thread of the parent may have held at fork time).
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    sigterm = int(signal.SIGTERM)
+
     def _set() -> None:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl(1, sigterm)  # PR_SET_PDEATHSIG
 
     return _set
 
