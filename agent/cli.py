@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
 import shutil
 import signal
 import sys
@@ -64,6 +65,12 @@ def init(
     mqtt_url: str | None = typer.Option(
         None, "--mqtt-url", help="Fleet broker, mqtt[s]://host:port."
     ),
+    download_token_env: str | None = typer.Option(
+        None,
+        "--download-token-env",
+        help="Environment variable holding this device's package-download token "
+        "(from `edgefleet devices register`); kept in agent.toml, mode 0600.",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing agent.toml."),
 ) -> None:
     """Write DIR/agent.toml and the data directory; copies the keys into DIR/keys."""
@@ -98,8 +105,14 @@ def init(
         "mqtt": {"url": mqtt_url},
         "telemetry": {"enabled": True, "interval_s": 10.0},
     }
+    if download_token_env:
+        token = os.environ.get(download_token_env)
+        if not token:
+            raise _fail(f"environment variable {download_token_env} (the download token) is empty")
+        values["download_token"] = token
     directory.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(dump_config(values))
+    cfg_path.chmod(0o600)  # it may hold the device's download token and MQTT password
     cfg = load_config(cfg_path, env={})
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_token(cfg.admin_token_path)

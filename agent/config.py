@@ -113,6 +113,9 @@ class AgentConfig:
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = its default
     allow_spinning: bool = False  # ORT worker threads spin between runs: CPU burnt on a gateway
     download_timeout_s: float = 30.0
+    # The device's package-download token from the controller (`devices register`). Sent as a
+    # Bearer header only for packages named by the controller's signed desired state.
+    download_token: str = ""
     download_retries: int = 5
     swap: SwapConfig = field(default_factory=SwapConfig)
     probation: ProbationConfig = field(default_factory=ProbationConfig)

@@ -80,8 +80,12 @@ def fetch(
     timeout_s: float = 30.0,
     retries: int = 5,
     on_progress: Callable[[int], None] | None = None,
+    token: str | None = None,
 ) -> Downloaded:
-    """Download `source` to `dest` (via `dest`.part, kept across restarts for Range resume)."""
+    """Download `source` to `dest` (via `dest`.part, kept across restarts for Range resume).
+
+    ``token`` is sent as ``Authorization: Bearer`` on HTTP(S) requests (the controller's
+    per-device download token)."""
     if size is not None and size > max_bytes:
         raise DownloadError("too_large", f"declared size {size} exceeds the limit {max_bytes}")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +96,9 @@ def fetch(
         return Downloaded(dest, _finish(part, dest, h, n, sha256, size), n, n, 0)
     if not is_url(source):
         return _copy_local(local_path(source), part, dest, sha256, size, max_bytes)
-    return _http(source, part, dest, sha256, size, max_bytes, timeout_s, retries, on_progress)
+    return _http(
+        source, part, dest, sha256, size, max_bytes, timeout_s, retries, on_progress, token
+    )
 
 
 def _copy_local(
@@ -126,6 +132,7 @@ def _http(
     timeout_s: float,
     retries: int,
     on_progress: Callable[[int], None] | None,
+    token: str | None = None,
 ) -> Downloaded:
     import httpx
 
@@ -139,6 +146,8 @@ def _http(
             if size is not None and n == size:
                 break
             headers = {"Accept-Encoding": "identity"}
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
             if n:
                 headers["Range"] = f"bytes={n}-"
             try:

@@ -37,6 +37,7 @@ class UpdateRecord:
     size: int | None = None
     rollout_id: str | None = None
     allow_downgrade: bool = False
+    controller_source: bool = False
     state: str = State.IDLE.value
     from_version: str | None = None  # the version serving when the update started
     profile: str | None = None

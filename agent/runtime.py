@@ -97,6 +97,7 @@ class Agent:
             size=req.size,
             rollout_id=req.rollout_id,
             allow_downgrade=req.allow_downgrade,
+            controller_source=req.controller_source,
         )
         self.journal.create(rec)
         self.updater.emit(rec, rec.last())

@@ -43,6 +43,9 @@ class UpdateRequest:
     size: int | None = None
     rollout_id: str | None = None
     allow_downgrade: bool = False
+    # The source comes from the controller's signed desired state: send the device's download
+    # token with it. Never set for operator-given sources, so the token cannot leak elsewhere.
+    controller_source: bool = False
 
 
 @dataclass
@@ -301,6 +304,7 @@ class Updater:
                 max_bytes=self.config.max_package_bytes,
                 timeout_s=self.config.download_timeout_s,
                 retries=self.config.download_retries,
+                token=self.config.download_token if rec.controller_source else None,
             )
         except DownloadError as e:
             raise StepFailed(e.code, e.message) from e

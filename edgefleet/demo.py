@@ -17,20 +17,17 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -151,76 +148,6 @@ class Api:
         return json.loads(payload) if payload else None
 
 
-# --- download relay -------------------------------------------------------------------------
-
-
-def agent_sends_download_token() -> bool:
-    """Whether this agent build authenticates package downloads with its device token."""
-    from agent.config import AgentConfig
-
-    return "download_token" in {f.name for f in dataclasses.fields(AgentConfig)}
-
-
-class DownloadRelay(ThreadingHTTPServer):
-    """Loopback relay for package downloads, used only while the agent cannot send its device
-    download token: it forwards ``GET /api/v1/packages/ID/download`` (Range included) to the
-    controller with a read-only token. Nothing else passes."""
-
-    daemon_threads = True
-    _PATH = re.compile(r"^/api/v1/packages/\d+/download$")
-
-    def __init__(self, controller: str, token: str) -> None:
-        self.controller = controller
-        self.token = token
-        super().__init__(("127.0.0.1", 0), _RelayHandler)
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
-
-
-class _RelayHandler(BaseHTTPRequestHandler):
-    server: DownloadRelay
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        if not DownloadRelay._PATH.match(self.path):
-            self.send_error(404, "the relay only serves package downloads")
-            return
-        headers = {"Authorization": f"Bearer {self.server.token}"}
-        if self.headers.get("Range"):
-            headers["Range"] = self.headers["Range"]
-        req = urllib.request.Request(self.server.controller + self.path, headers=headers)
-        try:
-            upstream = urllib.request.urlopen(req, timeout=30)
-        except urllib.error.HTTPError as e:
-            upstream = e
-        except OSError as e:
-            self.send_error(502, f"controller unreachable: {e}")
-            return
-        with upstream:
-            self.send_response(upstream.status)
-            for h in (
-                "Content-Type",
-                "Content-Length",
-                "Content-Range",
-                "Accept-Ranges",
-                "X-Sha256",
-            ):
-                if upstream.headers.get(h):
-                    self.send_header(h, upstream.headers[h])
-            self.end_headers()
-            shutil.copyfileobj(upstream, self.wfile, 1 << 16)
-
-
 # --- the fleet ------------------------------------------------------------------------------
 
 
@@ -248,7 +175,6 @@ class Fleet:
     children: Children = field(init=False)
     api: Api | None = None
     broker: Any = None
-    relay: DownloadRelay | None = None
     controller_port: int = 0
     controller_mqtt_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     credentials: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -270,9 +196,6 @@ class Fleet:
 
     def close(self) -> None:
         self.children.close()
-        if self.relay is not None:
-            self.relay.close()
-            self.relay = None
         if self.broker is not None:
             self.broker.stop()
 
@@ -339,8 +262,8 @@ class Fleet:
     def db_url(self) -> str:
         return self.spec.db_url or f"sqlite:///{self.controller_dir / 'controller.db'}"
 
-    def _bootstrap_tokens(self) -> tuple[str, str]:
-        """An admin token for the harness and a viewer token for the download relay."""
+    def _bootstrap_token(self) -> str:
+        """An admin token for the harness, written straight into the fresh database."""
         from cloud_controller import auth, db
 
         engine = db.make_engine(self.db_url)
@@ -348,10 +271,9 @@ class Fleet:
             db.upgrade(engine)
             with db.transaction(db.session_factory(engine)) as s:
                 admin = auth.create_token(s, "admin", "demo-admin")
-                viewer = auth.create_token(s, "viewer", "download-relay")
         finally:
             engine.dispose()
-        return admin, viewer
+        return admin
 
     def start_controller(self) -> None:
         from cloud_controller.auth import CONTROLLER_MQTT_USER
@@ -360,10 +282,8 @@ class Fleet:
         first = self.api is None
         if first:
             self.controller_port = free_port()
-            admin, viewer = self._bootstrap_tokens()
+            admin = self._bootstrap_token()
             self.api = Api(f"http://127.0.0.1:{self.controller_port}", admin)
-            if not agent_sends_download_token():
-                self.relay = DownloadRelay(self.api.base, viewer)
         user = CONTROLLER_MQTT_USER if self.spec.secure else None
         argv = [
             sys.executable,
@@ -386,8 +306,6 @@ class Fleet:
             "--port",
             str(self.controller_port),
         ]
-        if self.relay is not None:
-            argv += ["--public-url", self.relay.url]
         env = {"EDGEFLEET_CONTROLLER_DATA_DIR": str(self.controller_dir)}
         self.children.spawn("controller", argv, env)
         self.wait_controller()
@@ -447,7 +365,7 @@ class Fleet:
             "mqtt": mqtt,
             "telemetry": {"enabled": True, "interval_s": self.spec.telemetry_interval_s},
         }
-        if agent_sends_download_token() and creds.get("download_token"):
+        if creds.get("download_token"):
             values["download_token"] = creds["download_token"]
         path = d / "agent.toml"
         path.write_text(dump_config(values))

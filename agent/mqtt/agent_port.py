@@ -30,6 +30,7 @@ def make_update_request(target: ModelTarget, *, desired_seq: int) -> Any:
         size=target.size,
         rollout_id=target.rollout_id,
         allow_downgrade=target.allow_downgrade,
+        controller_source=True,
     )
 
 

@@ -24,7 +24,9 @@ class Behaviour:
     cuts_left: int = 0  # how many requests are cut
     ranges: bool = True
     lie_length: int | None = None  # Content-Length to announce instead of the real one
+    token: str | None = None  # when set, answer 401 unless "Authorization: Bearer <token>"
     requests: list[str] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -38,6 +40,12 @@ class _Handler(BaseHTTPRequestHandler):
         b = self.server.behaviour
         rng = self.headers.get("Range")
         b.requests.append(rng or "")
+        b.authorizations.append(self.headers.get("Authorization"))
+        if b.token is not None and self.headers.get("Authorization") != f"Bearer {b.token}":
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         start = 0
         if rng and b.ranges:
             start = int(rng.split("=")[1].split("-")[0])
@@ -186,3 +194,26 @@ def test_agent_truncated_download_keeps_old_model(
     view = agent.wait_update(agent.submit_update(UpdateRequest("iris", "", url)), 60)
     assert view["state"] == "FAILED" and view["reason_code"] == "download_incomplete", view
     assert served_version(agent.http_port or 0, "iris", x_iris) == "1.0.0"
+
+
+def test_download_token_sent_only_for_controller_sources(
+    http_server: Callable[[Behaviour], str],
+    pkgs: dict[str, Path],
+    agent_factory: Callable[..., Agent],
+    v1_copy: Path,
+    x_iris: np.ndarray,
+) -> None:
+    """The device's download token goes with packages the controller's signed desired state
+    names, and never to a source an operator typed (it must not leak to another host)."""
+    data = pkgs["v2"].read_bytes()
+    b = Behaviour(data, token="device-secret")
+    url = http_server(b)
+    agent = agent_factory(v1_copy, download_token="device-secret", download_retries=0)
+    view = agent.wait_update(agent.submit_update(UpdateRequest("iris", "1.1.0", url)), 60)
+    assert view["state"] == "FAILED" and view["reason_code"] == "http_error", view
+    assert "401" in view["reason"] and b.authorizations == [None]
+    req = UpdateRequest("iris", "1.1.0", url, controller_source=True)
+    view = agent.wait_update(agent.submit_update(req), 60)
+    assert view["state"] == "COMMITTED", view
+    assert b.authorizations[1:] == ["Bearer device-secret"]
+    assert served_version(agent.http_port or 0, "iris", x_iris) == "1.1.0"
