@@ -111,6 +111,18 @@ def validate_desired(state: Any) -> dict[str, Any]:
             raise _bad(f"model {name!r}: {e}") from e
         if not isinstance(spec.get("url"), str) or not isinstance(spec.get("sha256"), str):
             raise _bad(f"model {name!r} needs url and sha256")
+    # Explicit removal only: a model merely absent from `models` is left alone (it may have been
+    # installed locally by an operator); one named here must stop serving and be uninstalled.
+    remove = state.get("remove", [])
+    if not isinstance(remove, list):
+        raise _bad("remove is not a list")
+    for name in remove:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise _bad(f"bad model name in remove: {name!r}")
+        if name in models:
+            raise _bad(f"model {name!r} is both desired and to be removed")
+    if len(set(remove)) != len(remove):
+        raise _bad("remove names a model twice")
     return state
 
 

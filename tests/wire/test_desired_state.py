@@ -10,7 +10,14 @@ import pytest
 from edgefleet.keys import KeyPair, load_private_key, load_public_key
 from edgefleet.wire.errors import RejectCode, RejectError, ReplayError
 from edgefleet.wire.manifest import format_time
-from edgefleet.wire.mqtt import parse_topic, sign_desired, subscription, topic, verify_desired
+from edgefleet.wire.mqtt import (
+    parse_topic,
+    sign_desired,
+    subscription,
+    topic,
+    validate_desired,
+    verify_desired,
+)
 
 
 def state(seq: int = 5, device: str = "gw-1", ttl: timedelta = timedelta(days=1)) -> dict:
@@ -111,3 +118,31 @@ def test_topics() -> None:
     for bad in ("", "a/b", "a+", "#"):
         with pytest.raises(ValueError):
             topic(bad, "status")
+
+
+def test_remove_list_signed_and_verified(keys: KeyPair) -> None:
+    s = state() | {"remove": ["fraud", "anomaly-v2"]}
+    raw = sign_desired(s, load_private_key(keys.private_path))
+    got = verify_desired(raw, [load_public_key(keys.public_path)], device_id="gw-1", last_seq=4)
+    assert got["remove"] == ["fraud", "anomaly-v2"]
+    # Absent means nothing to remove; a model merely missing from `models` is no removal.
+    assert "remove" not in validate_desired(state() | {"models": {}})
+
+
+@pytest.mark.parametrize(
+    "remove",
+    [
+        "fraud",  # not a list
+        [""],
+        ["../etc"],
+        [3],
+        ["iris"],  # both desired and to be removed
+        ["fraud", "fraud"],
+    ],
+)
+def test_remove_list_rejected(keys: KeyPair, remove: object) -> None:
+    with pytest.raises(RejectError) as e:
+        validate_desired(state() | {"remove": remove})
+    assert e.value.code is RejectCode.MANIFEST_INVALID
+    with pytest.raises(RejectError):
+        sign_desired(state() | {"remove": remove}, load_private_key(keys.private_path))
