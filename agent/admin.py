@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 MAX_BODY = 64 * 1024
 _UPDATE_RE = re.compile(r"^/admin/updates/([A-Za-z0-9T_-]+)$")
+_MODEL_RE = re.compile(r"^/admin/models/([A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
 
 
 def ensure_token(path: Path) -> str:
@@ -93,6 +94,19 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(404, {"error": f"no update {m.group(1)}"})
             return self._json(200, view)
         self._json(404, {"error": f"no such endpoint: GET {self.path}"})
+
+    def do_DELETE(self) -> None:
+        """``DELETE /admin/models/NAME``: uninstall a model (an update record; 202 + its id)."""
+        if not self._authorized():
+            return
+        m = _MODEL_RE.match(self.path)
+        if not m:
+            return self._json(404, {"error": f"no such endpoint: DELETE {self.path}"})
+        try:
+            uid = self.server.agent.remove_model(m.group(1))
+        except ValueError as e:
+            return self._json(400, {"error": str(e)})
+        self._json(202, {"id": uid})
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

@@ -25,7 +25,7 @@ agent_app = typer.Typer(
     help="The gateway agent: verify, install, validate, hot-swap and serve models."
 )
 
-TERMINAL = ("COMMITTED", "FAILED", "ROLLED_BACK")
+TERMINAL = ("COMMITTED", "FAILED", "ROLLED_BACK", "REMOVED")
 
 
 def register(app: typer.Typer) -> None:

@@ -38,6 +38,7 @@ class UpdateRecord:
     rollout_id: str | None = None
     allow_downgrade: bool = False
     controller_source: bool = False
+    action: str = "install"  # or "remove": IDLE -> REMOVING -> REMOVED (see agent.states)
     state: str = State.IDLE.value
     from_version: str | None = None  # the version serving when the update started
     profile: str | None = None
@@ -137,14 +138,26 @@ class Recovery(StrEnum):
     FAIL = "fail"  # before activation, too many resumes: FAILED, old model keeps serving
     ROLL_BACK = "roll_back"  # PROBATION interrupted: trust the previous version
     FINISH_ROLLBACK = "finish_rollback"
+    FINISH_REMOVAL = "finish_removal"  # REMOVING interrupted: delete what is left, REMOVED
 
 
 def decide_recovery(
-    state: State, resumes: int, max_resumes: int = 3, stopped_gracefully: bool = False
+    state: State,
+    resumes: int,
+    max_resumes: int = 3,
+    stopped_gracefully: bool = False,
+    removal: bool = False,
 ) -> Recovery:
-    """What a restarted agent does with an update found in `state` (pure)."""
+    """What a restarted agent does with an update found in `state` (pure).
+
+    A removal is never given up: still IDLE, it waits its turn again; in REMOVING it is finished.
+    """
     if is_terminal(state):
         return Recovery.NONE
+    if state is State.REMOVING:
+        return Recovery.FINISH_REMOVAL
+    if removal:
+        return Recovery.RESUME
     if state is State.ROLLING_BACK:
         return Recovery.FINISH_ROLLBACK
     if state is State.PROBATION:

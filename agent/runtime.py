@@ -104,6 +104,31 @@ class Agent:
         self._queue.put(rec.id)
         return rec.id
 
+    def remove_model(self, name: str, rollout_id: str | None = None) -> str:
+        """Persist a removal of `name` (IDLE) and queue it behind earlier updates; returns its id.
+
+        The worker journals REMOVING, unloads the model, deletes its pointers and versions, and
+        ends in REMOVED. A model not installed is removed all the same (a no-op that still
+        reports REMOVED), so the caller can always wait for REMOVED.
+        """
+        from edgefleet.wire.manifest import NAME_RE
+
+        if not NAME_RE.match(name):
+            raise ValueError(f"bad model name {name!r}")
+        lm = self.sessions.get(name)
+        rec = UpdateRecord(
+            id=new_update_id(),
+            model=name,
+            version=self.store.pointers(name).current or (lm.version if lm else ""),
+            source="",
+            rollout_id=rollout_id,
+            action="remove",
+        )
+        self.journal.create(rec)
+        self.updater.emit(rec, rec.last())
+        self._queue.put(rec.id)
+        return rec.id
+
     def update(self, update_id: str) -> dict[str, Any] | None:
         rec = self.journal.load(update_id)
         return _record_view(rec) if rec else None

@@ -1,4 +1,10 @@
-"""The update state machine: the one transition table, pure."""
+"""The update state machine: the one transition table, pure.
+
+A removal (`Agent.remove_model`) is an update record too, with its own short path through the same
+table: IDLE -> REMOVING -> REMOVED. REMOVING is journaled before anything is deleted, so a restart
+finishes it; REMOVED is terminal. The record's `action` ("install" or "remove") says which path the
+worker takes from IDLE.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,14 @@ class State(StrEnum):
     FAILED = "FAILED"
     ROLLING_BACK = "ROLLING_BACK"
     ROLLED_BACK = "ROLLED_BACK"
+    REMOVING = "REMOVING"
+    REMOVED = "REMOVED"
 
 
 S = State
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    S.IDLE: frozenset({S.DOWNLOADING, S.FAILED}),
+    S.IDLE: frozenset({S.DOWNLOADING, S.FAILED, S.REMOVING}),
     S.DOWNLOADING: frozenset({S.VERIFYING, S.FAILED}),
     S.VERIFYING: frozenset({S.INSTALLING, S.FAILED}),
     S.INSTALLING: frozenset({S.VALIDATING, S.FAILED}),
@@ -34,6 +42,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.COMMITTED: frozenset(),
     S.FAILED: frozenset(),
     S.ROLLED_BACK: frozenset(),
+    # Explicit uninstall: unload, delete pointers and versions; nothing to roll back to.
+    S.REMOVING: frozenset({S.REMOVED}),
+    S.REMOVED: frozenset(),
 }
 
 TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)

@@ -124,6 +124,15 @@ class ModelStore:
             raise ValueError(f"refusing to remove {name} {version}: it is current or previous")
         remove_tree(self.version_dir(name, version))
 
+    def remove_model(self, name: str) -> list[str]:
+        """Uninstall `name`: pointers and every version directory go (the model directory is
+        renamed away first, so a crash never leaves a half-deleted model a loader could see).
+        Returns the versions that were installed; [] when nothing was (idempotent)."""
+        versions = self.installed_versions(name)
+        remove_tree(self.model_dir(name))
+        clean_temp(self.root)
+        return versions
+
     def prune(self, name: str, keep: int = 2) -> list[str]:
         """Remove installed versions other than current and previous (keep >= 2 keeps both)."""
         ptr = self.pointers(name)

@@ -142,7 +142,10 @@ class Updater:
         resume: list[str] = []
         for rec in self.journal.unfinished():
             action = decide_recovery(
-                rec.current, rec.resumes, stopped_gracefully=rec.stopped_gracefully
+                rec.current,
+                rec.resumes,
+                stopped_gracefully=rec.stopped_gracefully,
+                removal=rec.action == "remove",
             )
             log.warning("recovering update %s in %s: %s", rec.id, rec.state, action)
             if action is Recovery.RESUME:
@@ -168,6 +171,8 @@ class Updater:
                 self._restore_pointers(rec)
                 self._discard_download(rec)
                 self._transition(rec, State.ROLLED_BACK)
+            elif action is Recovery.FINISH_REMOVAL:
+                self._finish_removal(rec)
             elif action is Recovery.FINISH_ROLLBACK:
                 self._restore_pointers(rec)
                 self._discard_download(rec)
@@ -255,6 +260,7 @@ class Updater:
             State.ACTIVATING: self._step_activate,
             State.PROBATION: self._step_probation,
             State.ROLLING_BACK: self._step_rolling_back,
+            State.REMOVING: self._step_removing,
         }
         for _ in range(32):  # bounded: the table has no cycles
             if is_terminal(rec.current) or self._stop.is_set():
@@ -275,7 +281,29 @@ class Updater:
     def _step_idle(self, rec: UpdateRecord, run: _Run) -> None:
         ptr = self.store.pointers(rec.model) if rec.model else Pointers()
         rec.from_version = ptr.current
+        if rec.action == "remove":
+            # Journaled before anything is unloaded or deleted: a restart finishes the removal.
+            rec.version = ptr.current or rec.version
+            self._transition(rec, State.REMOVING)
+            return
         self._transition(rec, State.DOWNLOADING)
+
+    def _step_removing(self, rec: UpdateRecord, run: _Run) -> None:
+        self._finish_removal(rec)
+
+    def _finish_removal(self, rec: UpdateRecord) -> None:
+        """Unload (requests in flight finish on the model they hold; new ones get 404), then
+        delete pointers and versions, then REMOVED. Idempotent: re-run after a crash."""
+        name = rec.model
+        old = self.sessions.install(None, name)
+        if old is not None:
+            self.metrics.set_serving(name, None, old.version)
+        removed = self.store.remove_model(name)
+        self._transition(
+            rec,
+            State.REMOVED,
+            figures={"versions_removed": removed, "was_serving": old.version if old else None},
+        )
 
     def _package_path(self, rec: UpdateRecord) -> Path:
         return self.data_dir / "downloads" / f"{rec.id}.efpkg"

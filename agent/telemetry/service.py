@@ -37,7 +37,7 @@ from edgefleet.drift.sketch import Sketch
 
 log = logging.getLogger("edgefleet.agent.telemetry")
 
-TERMINAL = ("COMMITTED", "FAILED", "ROLLED_BACK")
+TERMINAL = ("COMMITTED", "FAILED", "ROLLED_BACK", "REMOVED")
 
 
 @dataclass

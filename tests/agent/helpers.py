@@ -273,7 +273,9 @@ class AgentProcess:
     def wait_terminal(self, uid: str, timeout: float = 60.0) -> dict[str, Any]:
         def done() -> Any:
             v = self.admin("GET", f"/admin/updates/{uid}")
-            return v if v.get("state") in ("COMMITTED", "FAILED", "ROLLED_BACK") else None
+            return (
+                v if v.get("state") in ("COMMITTED", "FAILED", "ROLLED_BACK", "REMOVED") else None
+            )
 
         return dict(wait_for(done, timeout, 0.1, f"update {uid} terminal"))
 

@@ -40,7 +40,11 @@ def test_happy_path_and_failures_follow_the_table() -> None:
         check_transition(State.ACTIVATING, State.FAILED)  # the old model no longer serves alone
     with pytest.raises(TransitionError):
         check_transition(State.VALIDATING, State.PROBATION)
-    assert {State.COMMITTED, State.FAILED, State.ROLLED_BACK} == TERMINAL
+    check_transition(State.IDLE, State.REMOVING)
+    check_transition(State.REMOVING, State.REMOVED)
+    with pytest.raises(TransitionError):
+        check_transition(State.REMOVING, State.FAILED)  # a removal is finished, never abandoned
+    assert {State.COMMITTED, State.FAILED, State.ROLLED_BACK, State.REMOVED} == TERMINAL
     assert set(TRANSITIONS) == set(State)
 
 
@@ -64,6 +68,13 @@ def test_happy_path_and_failures_follow_the_table() -> None:
 def test_decide_recovery(state: str, resumes: int, action: Recovery) -> None:
     graceful = resumes < 0
     assert decide_recovery(State(state), abs(resumes), stopped_gracefully=graceful) is action
+
+
+def test_decide_recovery_of_a_removal() -> None:
+    assert decide_recovery(State.REMOVING, 0) is Recovery.FINISH_REMOVAL
+    assert decide_recovery(State.REMOVING, 9) is Recovery.FINISH_REMOVAL
+    assert decide_recovery(State.IDLE, 9, removal=True) is Recovery.RESUME  # never given up
+    assert decide_recovery(State.REMOVED, 0, removal=True) is Recovery.NONE
 
 
 def test_journal_persists_before_memory_and_refuses_bad_transitions(tmp_path: Path) -> None:
