@@ -29,12 +29,19 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from agent.mqtt.reconcile import DesiredStateError, ModelTarget, parse_targets, plan
+from agent.mqtt.reconcile import (
+    DesiredStateError,
+    ModelTarget,
+    parse_removals,
+    parse_targets,
+    plan,
+    plan_removals,
+)
 from agent.mqtt.state import LinkState
 
 log = logging.getLogger("edgefleet.agent.mqtt")
 
-TERMINAL_STATES = frozenset({"COMMITTED", "FAILED", "ROLLED_BACK"})
+TERMINAL_STATES = frozenset({"COMMITTED", "FAILED", "ROLLED_BACK", "REMOVED"})
 
 
 class AgentLike(Protocol):
@@ -43,6 +50,8 @@ class AgentLike(Protocol):
     def add_listener(self, callback: Callable[[Any], None]) -> Any: ...
 
     def inventory(self) -> Any: ...
+
+    def remove_model(self, name: str, rollout_id: str | None = None) -> Any: ...
 
 
 class RecordOutbox(Protocol):
@@ -343,6 +352,7 @@ class MqttLink:
         seq = int(desired["seq"])
         try:
             targets = parse_targets(desired)
+            removals = parse_removals(desired)
         except DesiredStateError as e:
             self.state.last_seq = seq
             self.state.save(self.state_path)
@@ -362,15 +372,47 @@ class MqttLink:
         self.state.last_seq = seq
         for t in targets:
             self.state.rollouts[f"{t.name}@{t.version}"] = t.rollout_id
+        desired_names = {t.name for t in targets}
+        self.state.removed = [n for n in self.state.removed if n not in desired_names]
         self.state.save(self.state_path)
         installed = self._installed_versions()
-        for action in plan(targets, installed, dict(self._in_flight_updates)):
+        in_flight = dict(self._in_flight_updates)
+        for action in plan(targets, installed, in_flight):
             if action.kind == "report":
                 self._report_target(
                     action.target, "COMMITTED", action.reason, seq, code="already", already=True
                 )
             else:
                 self._install(action.target, seq, action.reason)
+        for name in plan_removals(removals, installed, in_flight, self.state.removed):
+            self._remove(name, installed.get(name) or in_flight.get(name), seq)
+
+    def _remove(self, name: str, version: str | None, seq: int) -> None:
+        """Queue an explicit removal; its REMOVED event is reported like any other status, with
+        the rollout that installed the model when the link knows it."""
+        log.info("desired seq %d: remove %s %s", seq, name, version or "(not installed)")
+        rollout_id = self.state.rollouts.get(f"{name}@{version}") if version else None
+        try:
+            self.agent.remove_model(name, rollout_id=rollout_id)
+        except Exception as e:
+            self._report(
+                {
+                    "kind": "update",
+                    "model": name,
+                    "version": version or "",
+                    "rollout_id": rollout_id,
+                    "state": "FAILED",
+                    "reason_code": "remove_refused",
+                    "reason": f"{type(e).__name__}: {e}",
+                    "desired_seq": seq,
+                }
+            )
+            return
+        # Journaled by the agent now (it finishes after a restart): confirmed on this side.
+        if name not in self.state.removed:
+            self.state.removed.append(name)
+            self.state.removed = self.state.removed[-64:]
+            self.state.save(self.state_path)
 
     def _install(self, target: ModelTarget, seq: int, why: str) -> None:
         from agent.mqtt.agent_port import make_update_request

@@ -64,6 +64,8 @@ def unfinished_updates(agent: Any) -> dict[str, str]:
             done = State(str(view.get("state"))) in TERMINAL
         except ValueError:
             continue
+        if view.get("action", "install") != "install":
+            continue  # a removal in flight installs nothing
         if not done and view.get("model") and view.get("version"):
             out[str(view["model"])] = str(view["version"])
     return out

@@ -4,11 +4,14 @@ Desired state is a state, not a command: each model converges to its desired ver
 already at that version is reported as such (so a rollout counts it); one already being updated
 to that version is left alone; anything else is installed (a rollback when the controller set
 ``allow_downgrade``).
+
+Removal is explicit only: a model named in the desired state's ``remove`` list is uninstalled; a
+model merely absent from ``models`` is left alone (an operator may have installed it locally).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -90,3 +93,34 @@ def plan(
         )
         actions.append(Action("install", t, why))
     return actions
+
+
+def parse_removals(desired: Mapping[str, Any]) -> list[str]:
+    """The names in the desired state's ``remove`` list (absent: none), sorted."""
+    remove = desired.get("remove", [])
+    if not isinstance(remove, list) or not all(isinstance(n, str) and n for n in remove):
+        raise DesiredStateError("desired state 'remove' is not a list of model names")
+    models = desired.get("models", {})
+    both = sorted(set(remove) & set(models if isinstance(models, Mapping) else ()))
+    if both:
+        raise DesiredStateError(f"desired state both installs and removes {both}")
+    return sorted(set(remove))
+
+
+def plan_removals(
+    remove: list[str],
+    installed: Mapping[str, str],
+    in_flight: Mapping[str, str],
+    confirmed: Collection[str],
+) -> list[str]:
+    """Names to hand to ``agent.remove_model``, in order.
+
+    A name is removed when the device has it installed or an update of it in flight (the
+    removal queues behind that update), or when this device has not yet confirmed its removal:
+    a device that never got the model still answers REMOVED once, so a controller waiting for
+    the confirmation is not left waiting. ``confirmed`` holds the names already reported removed
+    (and not desired since).
+    """
+    return [
+        name for name in remove if name in installed or name in in_flight or name not in confirmed
+    ]

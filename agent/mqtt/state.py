@@ -18,6 +18,9 @@ class LinkState:
     # "name@version" -> rollout id, so that events of an update resumed after a restart
     # still name the rollout they belong to.
     rollouts: dict[str, str | None] = field(default_factory=dict)
+    # Models whose removal this device has done and reported (REMOVED) and that no desired
+    # state has asked for since: a `remove` list naming them again needs no new report.
+    removed: list[str] = field(default_factory=list)
 
     @staticmethod
     def load(path: Path) -> LinkState:
@@ -33,6 +36,7 @@ class LinkState:
         return LinkState(
             last_seq=int(seq) if isinstance(seq, int) else None,
             rollouts={str(k): v for k, v in dict(raw.get("rollouts", {})).items()},
+            removed=[str(n) for n in raw.get("removed", []) if isinstance(n, str)],
         )
 
     def save(self, path: Path) -> None:
@@ -42,5 +46,5 @@ class LinkState:
             self.rollouts = dict(list(self.rollouts.items())[-64:])
         atomic_write_json(
             path,
-            {"last_seq": self.last_seq, "rollouts": self.rollouts},
+            {"last_seq": self.last_seq, "rollouts": self.rollouts, "removed": self.removed},
         )

@@ -268,3 +268,48 @@ def test_telemetry_outbox_drains_in_batches_until_acknowledged(
     finally:
         dev.close()
         box.close()
+
+
+def test_explicit_remove_list_uninstalls_implicit_absence_does_not(
+    device: Device, observer: Observer, iris_packages: dict[str, Pkg], fleet_keys: Keys
+) -> None:
+    device.start_link()
+    desired = topic(device.id, "desired")
+    p1 = iris_packages["1.0.0"]
+    observer.publish(
+        desired,
+        signed(
+            desired_state(device.id, 1, {"iris": model_entry(p1, "1.0.0")}), fleet_keys.controller
+        ),
+    )
+    assert observer.wait(lambda: committed(observer, device.id, "1.0.0"), 60)
+
+    def removed(name: str) -> list[dict[str, Any]]:
+        return [
+            s
+            for s in observer.of(device.id, "status")
+            if s.get("model") == name and s.get("state") == "REMOVED"
+        ]
+
+    # iris merely missing from `models`: left alone. `ghost` was never here: REMOVED once.
+    observer.publish(
+        desired,
+        signed(desired_state(device.id, 2, {}) | {"remove": ["ghost"]}, fleet_keys.controller),
+    )
+    assert observer.wait(lambda: bool(removed("ghost")), 30), observer.of(device.id, "status")
+    assert device.agent.inventory()["models"]["iris"]["version"] == "1.0.0"
+
+    observer.publish(
+        desired,
+        signed(
+            desired_state(device.id, 3, {}) | {"remove": ["ghost", "iris"]}, fleet_keys.controller
+        ),
+    )
+    assert observer.wait(lambda: bool(removed("iris")), 30), observer.of(device.id, "status")
+    (r,) = removed("iris")
+    assert r["version"] == "1.0.0" and r["rollout_id"] == "r1" and r["desired_seq"] == 3, r
+    assert len(removed("ghost")) == 1  # already confirmed: not removed or reported again
+    assert "iris" not in device.agent.inventory()["models"]
+    assert observer.wait(
+        lambda: "iris" not in observer.of(device.id, "presence")[-1].get("installed", {"iris": 1})
+    )

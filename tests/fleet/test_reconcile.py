@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.mqtt.reconcile import DesiredStateError, parse_targets, plan
+from agent.mqtt.reconcile import (
+    DesiredStateError,
+    parse_removals,
+    parse_targets,
+    plan,
+    plan_removals,
+)
 
 
 def _desired(**models: dict[str, object]) -> dict[str, object]:
@@ -81,3 +87,35 @@ def test_link_state_round_trips_and_survives_a_corrupt_file(tmp_path: Path) -> N
     assert len(back.rollouts) == 64 and back.rollouts["m@1.0.99"] == "99"  # newest kept
     path.write_text("{not json")
     assert LinkState.load(path).last_seq is None
+
+
+def test_parse_removals_absent_means_none() -> None:
+    assert parse_removals(_desired(a=_spec("1.0.0"))) == []
+    assert parse_removals({"models": {}, "remove": ["b", "a", "b"]}) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "desired, reason",
+    [
+        ({"models": {}, "remove": "a"}, "not a list"),
+        ({"models": {}, "remove": [1]}, "not a list"),
+        ({"models": {"a": _spec("1.0.0")}, "remove": ["a"]}, "both installs and removes"),
+    ],
+)
+def test_parse_removals_names_what_is_wrong(desired: dict[str, object], reason: str) -> None:
+    with pytest.raises(DesiredStateError, match=reason):
+        parse_removals(desired)
+
+
+def test_plan_removals_explicit_only_and_once() -> None:
+    installed = {"fraud": "1.0.0", "local": "0.1.0"}
+    # `local` is absent from the desired state but not named in `remove`: left alone.
+    assert plan_removals(["fraud"], installed, {}, confirmed=[]) == ["fraud"]
+    # An update of the model in flight: the removal queues behind it.
+    assert plan_removals(["iris"], {}, {"iris": "2.0.0"}, confirmed=["iris"]) == ["iris"]
+    # Never installed here and not confirmed yet: removed once (a no-op reporting REMOVED)...
+    assert plan_removals(["iris"], {}, {}, confirmed=[]) == ["iris"]
+    # ...and not again once confirmed, while it is neither installed nor in flight.
+    assert plan_removals(["iris"], {}, {}, confirmed=["iris"]) == []
+    assert plan_removals(["iris"], {"iris": "2.0.0"}, {}, confirmed=["iris"]) == ["iris"]
+    assert plan_removals([], installed, {}, confirmed=[]) == []
