@@ -23,7 +23,12 @@ class Signer:
 
 
 def _issue(
-    session: Session, signer: Signer, device_id: str, models: dict[str, Any], now: datetime
+    session: Session,
+    signer: Signer,
+    device_id: str,
+    models: dict[str, Any],
+    now: datetime,
+    remove: list[str] | None = None,
 ) -> DesiredState:
     from edgefleet.wire.manifest import format_time
     from edgefleet.wire.mqtt import sign_desired
@@ -38,11 +43,15 @@ def _issue(
         "expires_at": format_time(expires),
         "models": models,
     }
+    remove = sorted(set(remove or ()) - set(models))
+    if remove:  # absent when empty: a device without removal support sees no change
+        state["remove"] = remove
     envelope = sign_desired(state, signer.key)
     if row is None:
         row = DesiredState(device_id=device_id)
         session.add(row)
     row.seq, row.models, row.issued_at, row.expires_at = seq, models, now, expires
+    row.remove = remove or None
     row.envelope, row.published = envelope, False
     session.flush()
     return row
@@ -55,15 +64,28 @@ def set_model(
     model: str,
     entry: dict[str, Any] | None,
     now: datetime | None = None,
+    *,
+    uninstall: bool = False,
 ) -> DesiredState:
-    """Set (or with `entry=None` remove) one model of a device's desired state; seq + 1."""
+    """Set one model of a device's desired state; seq + 1.
+
+    `entry=None` drops the model from `models` (the device leaves it alone); with
+    `uninstall=True` it also goes into the explicit `remove` list, which asks the device to
+    unload and delete it. Setting an entry takes the model off `remove` again.
+    """
     row = session.get(DesiredState, device_id)
     models = dict(row.models) if row is not None else {}
+    remove = set(row.remove or ()) if row is not None else set()
     if entry is None:
         models.pop(model, None)
+        if uninstall:
+            remove.add(model)
     else:
         models[model] = entry
-    return _issue(session, signer, device_id, models, now or datetime.now(UTC))
+        remove.discard(model)
+    return _issue(
+        session, signer, device_id, models, now or datetime.now(UTC), remove=sorted(remove)
+    )
 
 
 def refresh_expiring(session: Session, signer: Signer, now: datetime) -> list[DesiredState]:
@@ -71,7 +93,10 @@ def refresh_expiring(session: Session, signer: Signer, now: datetime) -> list[De
     retained state when it comes back."""
     limit = now + signer.ttl / 2
     rows = list(session.scalars(select(DesiredState).where(DesiredState.expires_at < limit)))
-    return [_issue(session, signer, r.device_id, dict(r.models), now) for r in rows]
+    return [
+        _issue(session, signer, r.device_id, dict(r.models), now, remove=list(r.remove or ()))
+        for r in rows
+    ]
 
 
 def publish_rows(rows: list[DesiredState], publish: Publish) -> None:

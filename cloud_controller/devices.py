@@ -109,7 +109,11 @@ def to_dict(dev: Device, desired: DesiredState | None = None) -> dict[str, Any]:
         "last_status": dev.last_status,
     }
     if desired is not None:
-        out["desired"] = {"seq": desired.seq, "models": desired.models}
+        out["desired"] = {
+            "seq": desired.seq,
+            "models": desired.models,
+            "remove": desired.remove or [],
+        }
     return out
 
 

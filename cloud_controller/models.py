@@ -72,6 +72,8 @@ class DesiredState(Base):
     device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     models: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Models the device must uninstall (an aborted first install); None/[]: nothing.
+    remove: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     envelope: Mapped[bytes] = mapped_column(LargeBinary)

@@ -271,6 +271,8 @@ class MqttBridge:
                 "state": state,
             }
             dev.installed = installed
+        elif state == "REMOVED" and model in (dev.installed or {}):
+            dev.installed = {k: v for k, v in dev.installed.items() if k != model}
         rid = msg.get("rollout_id")
         return model, E.StatusReport(
             device_id,
@@ -279,6 +281,7 @@ class MqttBridge:
             reason_code=msg.get("reason_code") if isinstance(msg.get("reason_code"), str) else None,
             reason=msg.get("reason") if isinstance(msg.get("reason"), str) else None,
             rollout_id=rid if isinstance(rid, str) else None,
+            model=model,
         )
 
     def _telemetry(self, session: Session, messages: list[tuple[str, dict[str, Any]]]) -> None:

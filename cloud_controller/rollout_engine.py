@@ -283,8 +283,17 @@ def _on_status(
     spec = state.spec
     # After an abort/cancel-with-rollback: confirmation that the device is back.
     if dev.rollback == "requested":
+        if ev.model is not None and ev.model != spec.model:
+            return state
         back = ev.version == dev.previous_version and ev.state in AGENT_SUCCESS
         self_rolled = ev.version == spec.version and ev.state == "ROLLED_BACK"
+        # A first install is undone by an explicit removal (the model was in `remove`).
+        removed = dev.previous_version is None and ev.state == "REMOVED"
+        if removed:
+            actions.append(
+                Log(f"{dev.device_id}: {spec.model} removed (it had no previous version)")
+            )
+            return _put(state, replace(dev, rollback="done"))
         if back or self_rolled:
             actions.append(Log(f"{dev.device_id}: back on {dev.previous_version}"))
             return _put(state, replace(dev, rollback="done"))

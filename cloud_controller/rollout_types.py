@@ -222,6 +222,7 @@ class StatusReport:
     reason_code: str | None = None
     reason: str | None = None
     rollout_id: str | None = None
+    model: str | None = None  # None: the rollout's model (the shell routes reports by model)
 
 
 @dataclass(frozen=True)

@@ -475,8 +475,10 @@ class RolloutService:
         when: datetime,
     ) -> DesiredState:
         if action.previous_version is None:
+            # A first install: the device must uninstall the model (explicit `remove`); its
+            # REMOVED status confirms the revert.
             return desired.set_model(
-                session, self._signer, action.device_id, spec.model, None, when
+                session, self._signer, action.device_id, spec.model, None, when, uninstall=True
             )
         pkg = package(action.previous_version, action.profile or "")
         if pkg is None:

@@ -463,3 +463,41 @@ def test_plain_cancel_follows_devices_still_at_work_without_retrying() -> None:
     assert d.state.devices[b].state == DevState.SUCCEEDED
     assert d.state.devices[c].state == DevState.FAILED  # no retry after the end
     assert not dispatched(d.actions) and d.state.phase == Phase.CANCELLED
+
+
+def test_first_install_abort_is_confirmed_by_removed() -> None:
+    """No previous version: the revert asks the device to remove the model, and a REMOVED
+    status for the rollout's model (not a COMMITTED of a version that never was) confirms it."""
+    s = spec(waves=(100.0,))
+    st = E.plan(s, fleet(4, prev=None), ["cpu-x86_64"], T0).state
+    live = ids_in(st, DevState.IN_PROGRESS)
+    st = report(st, live[:2], "COMMITTED", T0 + 1)  # two committed the new version
+    st = report(st, live[2:3], "VALIDATING", T0 + 1)  # one still at work
+    st = report(st, live[3:], "FAILED", T0 + 1, reason_code="sample_mismatch")  # never activated
+    d = E.handle(st, Abort("operator"), T0 + 2)
+    assert sorted(reverted(d.actions)) == live
+    assert all(a.previous_version is None for a in d.actions if isinstance(a, Revert))
+    st = d.state
+    assert E.counts(st)["rollback_requested"] == 4 and E.counts(st)["rolled_back"] == 1
+    # Progress of the new version, or a removal of some other model, confirms nothing.
+    st = E.handle(st, StatusReport(live[2], "2.0.0", "COMMITTED"), T0 + 3).state
+    st = E.handle(st, StatusReport(live[0], "", "REMOVED", model="other"), T0 + 3).state
+    assert E.counts(st)["rolled_back"] == 1
+    for i, dev in enumerate(live[:3]):
+        # the version removed is whatever the device had (the new one, or none at all)
+        st = E.handle(
+            st, StatusReport(dev, "2.0.0" if i else "", "REMOVED", model="iris"), T0 + 4
+        ).state
+    assert E.counts(st)["rolled_back"] == 4
+    assert all(dev.rollback == "done" for dev in st.devices.values())
+
+
+def test_removed_does_not_confirm_a_device_with_a_previous_version() -> None:
+    st = E.plan(spec(waves=(100.0,)), fleet(2, prev="1.0.0"), ["cpu-x86_64"], T0).state
+    dev = ids_in(st, DevState.IN_PROGRESS)[0]
+    st = report(st, [dev], "COMMITTED", T0 + 1)
+    st = E.handle(st, Abort(), T0 + 2).state
+    st = E.handle(st, StatusReport(dev, "2.0.0", "REMOVED", model="iris"), T0 + 3).state
+    assert st.devices[dev].rollback == "requested"  # it must come back on 1.0.0, not vanish
+    st = E.handle(st, StatusReport(dev, "1.0.0", "COMMITTED", model="iris"), T0 + 4).state
+    assert st.devices[dev].rollback == "done"

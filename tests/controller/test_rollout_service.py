@@ -204,7 +204,57 @@ def test_abort_without_a_package_of_the_previous_version_is_reported(
     assert any(m.startswith("warning: 1 devices run 0.9.0") for m in msgs)
     assert any("old: cannot revert to 0.9.0" in m for m in msgs)
     assert old is not None and "iris" not in old.models  # never an entry the agent must refuse
+    assert not old.remove  # installed outside the registry: never uninstalled by an abort
     assert d0 is not None and d0.models["iris"]["version"] == "1.0.0"
+
+
+def test_abort_of_a_first_install_asks_for_removal_and_a_new_rollout_drops_it(
+    store: sessionmaker[Session],
+) -> None:
+    with db.transaction(store) as s:
+        devices.apply_presence(s, "new", {"online": True, "profiles": ["cpu-x86_64"]})
+    clock = Clock()
+    svc, sent = service(store, clock)
+    pub = svc._signer.key.public_key()
+    st = svc.create({**SPEC, "target": {"device_ids": ["new", "d0"]}, "waves": [100]}, "t")
+    rid = st.spec.rollout_id
+    assert st.devices["new"].previous_version is None
+    svc.on_status([("iris", E.StatusReport("new", "2.0.0", "COMMITTED", rollout_id=rid))])
+    after = svc.control(rid, E.Abort("operator"))
+    assert E.counts(after)["rollback_requested"] == 2 and E.counts(after)["rolled_back"] == 0
+    (raw,) = [p for t, p in sent if t.endswith("/new/desired")][-1:]
+    got = verify_desired(raw, [pub], device_id="new", last_seq=None)
+    assert got["models"] == {} and got["remove"] == ["iris"]
+    d0 = verify_desired(
+        [p for t, p in sent if t.endswith("/d0/desired")][-1], [pub], device_id="d0", last_seq=None
+    )
+    assert "remove" not in d0 and d0["models"]["iris"]["version"] == "1.0.0"
+    # Re-signing (expiry refresh) keeps the removal.
+    with db.transaction(store) as s:
+        for r in s.query(DesiredState):
+            r.expires_at = datetime.now(UTC) + timedelta(minutes=10)
+    svc._last_refresh = 0.0
+    svc.tick()
+    resigned = verify_desired(
+        [p for t, p in sent if t.endswith("/new/desired")][-1], [pub], device_id="new",
+        last_seq=got["seq"],
+    )  # fmt: skip
+    assert resigned["remove"] == ["iris"]
+    # The device's REMOVED confirms its rollback; the rollout stays open for d0 only.
+    svc.on_status([("iris", E.StatusReport("new", "2.0.0", "REMOVED", model="iris"))])
+    svc.on_status([("iris", E.StatusReport("d0", "1.0.0", "COMMITTED", model="iris"))])
+    done = svc.get_state(rid)
+    assert done is not None and E.counts(done)["rolled_back"] == 2
+    # A later rollout of the model to that device takes it off `remove` again.
+    svc.create({**SPEC, "target": {"device_ids": ["new"]}, "waves": [100]}, "t")
+    again = verify_desired(
+        [p for t, p in sent if t.endswith("/new/desired")][-1], [pub], device_id="new",
+        last_seq=resigned["seq"],
+    )  # fmt: skip
+    assert "remove" not in again and again["models"]["iris"]["version"] == "2.0.0"
+    with store() as s:
+        row = s.get(DesiredState, "new")
+        assert row is not None and not row.remove
 
 
 @pytest.fixture
