@@ -1,4 +1,4 @@
-"""Crash-safe file writes: write a temp file, fsync, rename over the target, fsync the directory."""
+"""Crash-safe file operations of the agent; the atomic writes themselves are `edgefleet.wire.atomic`'s."""
 
 from __future__ import annotations
 
@@ -9,34 +9,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from edgefleet.wire.atomic import atomic_write_bytes, fsync_dir
+from edgefleet.wire.atomic import atomic_write_json as _atomic_write_json
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` so that a reader sees either the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "clean_temp",
+    "fsync_dir",
+    "read_json",
+    "remove_tree",
+]
 
 
 def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode(), mode)
+    _atomic_write_json(path, obj, mode, indent=1)
 
 
 def read_json(path: Path) -> Any:

@@ -57,8 +57,10 @@ def _settings(data_dir: Path | None = None, db: str | None = None, **overrides: 
     return replace(s, **updates)
 
 
-def _api(url: str | None, token: str | None, method: str, path: str, **kw: Any) -> Any:
-    """Call the API; exit 1 with the server's reason code on an error."""
+def api_call(url: str | None, token: str | None, method: str, path: str, **kw: Any) -> Any:
+    """Call the controller's API (used by every CLI group that talks to it).
+
+    Exits 1 with the server's reason code when it refuses, 2 when it cannot be reached."""
     import httpx
 
     base = (url or "http://127.0.0.1:8400").rstrip("/")
@@ -205,7 +207,7 @@ def controller_audit(
     as_json: bool = JSON_OPT,
 ) -> None:
     """The audit log (admin): who changed what, when, with which outcome."""
-    rows = _api(url, token, "GET", "/api/v1/audit", params={"limit": limit})
+    rows = api_call(url, token, "GET", "/api/v1/audit", params={"limit": limit})
     if as_json:
         _print_json(rows)
         return
@@ -230,7 +232,7 @@ def packages_upload(
     results = []
     for f in files:
         with open(f, "rb") as fh:
-            r = _api(
+            r = api_call(
                 url,
                 token,
                 "POST",
@@ -254,7 +256,7 @@ def packages_list(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Packages by model, version and profile."""
-    rows = _api(url, token, "GET", "/api/v1/packages", params={"name": name} if name else None)
+    rows = api_call(url, token, "GET", "/api/v1/packages", params={"name": name} if name else None)
     if as_json:
         _print_json(rows)
         return
@@ -280,7 +282,7 @@ def devices_list(
 ) -> None:
     """Devices with their agent, profiles, installed models and last seen time."""
     params = {k: v for k, v in (("group", group), ("tag", tag)) if v}
-    rows = _api(url, token, "GET", "/api/v1/devices", params=params)
+    rows = api_call(url, token, "GET", "/api/v1/devices", params=params)
     if as_json:
         _print_json(rows)
         return
@@ -300,7 +302,7 @@ def devices_list(
 @devices_app.command("show")
 def devices_show(device_id: str, url: str = URL_OPT, token: str = TOKEN_OPT) -> None:
     """One device, with its desired state."""
-    _print_json(_api(url, token, "GET", f"/api/v1/devices/{device_id}"))
+    _print_json(api_call(url, token, "GET", f"/api/v1/devices/{device_id}"))
 
 
 @devices_app.command("register")
@@ -313,7 +315,7 @@ def devices_register(
 ) -> None:
     """Register a device: prints its MQTT and download credentials once (JSON)."""
     body = {"device_id": device_id, "groups": group, "tags": tag}
-    _print_json(_api(url, token, "POST", "/api/v1/devices", json=body))
+    _print_json(api_call(url, token, "POST", "/api/v1/devices", json=body))
 
 
 # --- rollouts --------------------------------------------------------------------------------
@@ -346,11 +348,11 @@ def _progress_table(r: dict[str, Any]) -> Table:
 
 def _watch(url: str | None, token: str | None, rollout_id: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    r = _api(url, token, "GET", f"/api/v1/rollouts/{rollout_id}")
+    r = api_call(url, token, "GET", f"/api/v1/rollouts/{rollout_id}")
     with Live(_progress_table(r), console=console, refresh_per_second=4) as live:
         while r["phase"] not in TERMINAL and time.monotonic() < deadline:
             time.sleep(0.5)
-            r = _api(url, token, "GET", f"/api/v1/rollouts/{rollout_id}")
+            r = api_call(url, token, "GET", f"/api/v1/rollouts/{rollout_id}")
             live.update(_progress_table(r))
     return dict(r)
 
@@ -413,7 +415,7 @@ def rollout_create(
     }
     if seed is not None:
         body["seed"] = seed
-    r = _api(url, token, "POST", "/api/v1/rollouts", json=body)
+    r = api_call(url, token, "POST", "/api/v1/rollouts", json=body)
     if watch:
         r = _watch(url, token, r["id"], watch_timeout)
     if as_json:
@@ -427,7 +429,7 @@ def rollout_create(
 @rollout_app.command("list")
 def rollout_list(url: str = URL_OPT, token: str = TOKEN_OPT, as_json: bool = JSON_OPT) -> None:
     """Rollouts, newest first."""
-    rows = _api(url, token, "GET", "/api/v1/rollouts")
+    rows = api_call(url, token, "GET", "/api/v1/rollouts")
     if as_json:
         _print_json(rows)
         return
@@ -455,7 +457,7 @@ def rollout_show(
     if watch:
         r = _watch(url, token, rollout_id, watch_timeout)
     else:
-        r = _api(url, token, "GET", f"/api/v1/rollouts/{rollout_id}")
+        r = api_call(url, token, "GET", f"/api/v1/rollouts/{rollout_id}")
     if as_json:
         _print_json(r)
         return
@@ -466,7 +468,7 @@ def rollout_show(
 
 
 def _control(action: str, rollout_id: str, url: str | None, token: str | None, **body: Any) -> None:
-    r = _api(url, token, "POST", f"/api/v1/rollouts/{rollout_id}/{action}", json=body)
+    r = api_call(url, token, "POST", f"/api/v1/rollouts/{rollout_id}/{action}", json=body)
     console.print(_progress_table(r))
 
 

@@ -23,29 +23,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(drift_app, name="drift")
 
 
-def _get(url: str | None, token: str | None, path: str, params: dict[str, Any]) -> Any:
-    import httpx
-
-    base = (url or "http://127.0.0.1:8400").rstrip("/")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        r = httpx.get(base + path, params=params, headers=headers, timeout=60)
-    except httpx.HTTPError as e:
-        err.print(f"[red]cannot reach {base}: {e}[/red]")
-        raise typer.Exit(2) from e
-    if r.status_code >= 400:
-        try:
-            detail = r.json().get("detail")
-        except ValueError:
-            detail = r.text
-        if isinstance(detail, dict):
-            err.print(f"[red]{r.status_code} {detail.get('code')}: {detail.get('message')}[/red]")
-        else:
-            err.print(f"[red]{r.status_code}: {detail}[/red]")
-        raise typer.Exit(1)
-    return r.json()
-
-
 def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -63,7 +40,9 @@ def show(
     params: dict[str, Any] = {"hours": hours}
     if device:
         params["device"] = device
-    doc = _get(url, token, f"/api/v1/drift/{model}", params)
+    from cloud_controller.cli import api_call
+
+    doc = api_call(url, token, "GET", f"/api/v1/drift/{model}", params=params)
     if as_json:
         typer.echo(json.dumps(doc, indent=2, sort_keys=True))
         raise typer.Exit(DRIFT_EXIT if doc.get("status") == "drift" else 0)

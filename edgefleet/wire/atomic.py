@@ -20,6 +20,7 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that a reader sees the old or the new file, never a part."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -34,5 +35,5 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n", mode)
+def atomic_write_json(path: Path, obj: Any, mode: int = 0o644, indent: int = 2) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=indent, sort_keys=True).encode() + b"\n", mode)
