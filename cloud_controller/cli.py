@@ -187,9 +187,15 @@ def mosquitto_config(
         path = out / name
         path.write_text(text)
         path.chmod(0o600)
+    (out / "data").mkdir(exist_ok=True)
     (out / "mosquitto.conf").write_text(
         f"listener {port}\nallow_anonymous false\n"
         f"password_file {out.resolve() / 'passwd'}\nacl_file {out.resolve() / 'acl'}\n"
+        "# The controller keeps a persistent session (fixed client id): persisting it, and\n"
+        "# queueing deeply for it, is what keeps device reports that arrive while the\n"
+        "# controller (or this broker) restarts from being acknowledged and then dropped.\n"
+        f"persistence true\npersistence_location {out.resolve() / 'data'}/\n"
+        "autosave_interval 10\nmax_queued_messages 1000000\nmax_inflight_messages 100\n"
     )
     console.print(f"wrote {out}/passwd ({passwd.count(chr(10))} users), acl, mosquitto.conf")
     if generated:

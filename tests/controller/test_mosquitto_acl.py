@@ -7,7 +7,7 @@ import os
 import queue
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ CTL_PW = "controller-secret-pw"
 
 
 @pytest.fixture
-def secured(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def secured(tmp_path: Path) -> Iterator[tuple[int, dict[str, str], Callable[[], None]]]:
     require(shutil.which("mosquitto") is not None, "mosquitto is not installed")
     url = f"sqlite:///{tmp_path / 'c.db'}"
     engine = dbm.make_engine(url)
@@ -54,23 +54,37 @@ def secured(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         conf += "user root\n"
     (out / "mosquitto.conf").write_text(conf)
     log = open(out / "log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        ["mosquitto", "-c", str(out / "mosquitto.conf")], stdout=log, stderr=log
-    )
-    try:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        procs.append(
+            subprocess.Popen(
+                ["mosquitto", "-c", str(out / "mosquitto.conf")], stdout=log, stderr=log
+            )
+        )
         wait_port(port)
-        yield port, creds
+
+    def restart() -> None:
+        procs[-1].terminate()  # an orderly stop: Mosquitto saves its persistence file
+        procs[-1].wait(timeout=10)
+        start()
+
+    try:
+        start()
+        yield port, creds, restart
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        procs[-1].terminate()
+        procs[-1].wait(timeout=10)
         log.close()
 
 
 class Conn:
-    def __init__(self, port: int, user: str, pw: str) -> None:
+    def __init__(self, port: int, user: str, pw: str, clean: bool = True) -> None:
         self.msgs: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.connected: queue.Queue[Any] = queue.Queue()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-t")
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-t", clean_session=clean
+        )
         self.c.username_pw_set(user, pw)
         self.c.on_connect = lambda *a: self.connected.put(a[3])
         self.c.on_message = lambda _c, _u, m: self.msgs.put((m.topic, bytes(m.payload)))
@@ -97,8 +111,10 @@ class Conn:
         self.c.loop_stop()
 
 
-def test_acl_confines_each_device_to_its_own_topics(secured: tuple[int, dict[str, str]]) -> None:
-    port, creds = secured
+def test_acl_confines_each_device_to_its_own_topics(
+    secured: tuple[int, dict[str, str], Callable[[], None]],
+) -> None:
+    port, creds, _ = secured
     ctl = Conn(port, auth.CONTROLLER_MQTT_USER, CTL_PW)
     gw1 = Conn(port, "gw-1", creds["gw-1"])
     gw2 = Conn(port, "gw-2", creds["gw-2"])
@@ -142,3 +158,26 @@ def test_acl_confines_each_device_to_its_own_topics(secured: tuple[int, dict[str
     finally:
         for c in (ctl, gw1, gw2, wrong):
             c.close()
+
+
+def test_reports_sent_while_the_controller_is_away_survive_a_broker_restart(
+    secured: tuple[int, dict[str, str], Callable[[], None]],
+) -> None:
+    """The generated config persists the controller's session: a device's QoS 1 report that
+    the broker acknowledged while the controller was disconnected is still delivered to it
+    after the broker itself restarted."""
+    port, creds, restart = secured
+    ctl = Conn(port, auth.CONTROLLER_MQTT_USER, CTL_PW, clean=False)
+    ctl.sub("edgefleet/v1/devices/+/status")
+    ctl.drain(0.3)
+    ctl.close()  # the controller goes away; its session stays on the broker
+    gw1 = Conn(port, "gw-1", creds["gw-1"])
+    gw1.pub(topic("gw-1", "status"), {"seq": 7, "state": "COMMITTED"})  # PUBACKed by the broker
+    gw1.close()
+    restart()
+    ctl = Conn(port, auth.CONTROLLER_MQTT_USER, CTL_PW, clean=False)
+    try:
+        t, payload = ctl.msgs.get(timeout=10)
+        assert t == topic("gw-1", "status") and json.loads(payload)["seq"] == 7
+    finally:
+        ctl.close()
