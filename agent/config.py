@@ -86,11 +86,17 @@ class MqttConfig:
 
 @dataclass
 class TelemetryConfig:
-    """Used by agent.telemetry (drift role)."""
+    """``[telemetry]``: read by ``agent.telemetry.service.TelemetrySettings.from_config``."""
 
     enabled: bool = True
     interval_s: float = 10.0
     outbox_max_bytes: int = 16 * 1024 * 1024
+    system: bool = True  # CPU, memory, disk, temperature records
+    sample_inputs: bool = False  # raw inputs leave the device only when this is on
+    sample_rate: float = 0.01  # fraction of requests sampled when it is
+    sample_max_per_window: int = 10
+    flush_rows: int = 1024  # sketch counting is batched off the request path ...
+    flush_bytes: int = 8 * 1024 * 1024  # ... and flushed at this many rows or bytes
 
 
 @dataclass

@@ -156,3 +156,22 @@ def test_service_thread_ticks_and_stop_flushes(
     assert sum(r["requests"] for r in recs if r["kind"] == "inference") == 1
     assert sum(1 for r in recs if r["kind"] == "agent") >= 1
     box.close()
+
+
+def test_agent_toml_reaches_the_telemetry_settings(tmp_path: Path) -> None:
+    """Every setting the service reads can be set in agent.toml's [telemetry] table (and raw
+    input sampling stays off unless it is)."""
+    from agent.config import load_config
+    from agent.telemetry.service import TelemetrySettings
+
+    p = tmp_path / "agent.toml"
+    p.write_text('device_id = "gw"\ndata_dir = "data"\n')
+    assert TelemetrySettings.from_config(load_config(p, env={})).sample_inputs is False
+    p.write_text(
+        'device_id = "gw"\ndata_dir = "data"\n[telemetry]\ninterval_s = 2.0\nsystem = false\n'
+        "sample_inputs = true\nsample_rate = 0.5\nsample_max_per_window = 3\nflush_rows = 64\n"
+    )
+    s = TelemetrySettings.from_config(load_config(p, env={}))
+    assert (s.interval_s, s.system, s.sample_inputs, s.sample_rate) == (2.0, False, True, 0.5)
+    assert (s.sample_max_per_window, s.flush_rows) == (3, 64)
+    assert s.data_dir == tmp_path / "data"
