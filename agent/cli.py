@@ -133,6 +133,11 @@ def run(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = _load(config, http_port)
+    # Handlers first: a stop that arrives while starting (the HTTP port is already open) must
+    # still shut down in order rather than kill the process mid-start.
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
     agent = Agent(cfg)
     agent.start()
     extras: list[Any] = []
@@ -169,9 +174,6 @@ def run(
         f"agent {cfg.device_id}: inference http://{cfg.http_host}:{agent.http_port}/v2,"
         f" admin 127.0.0.1:{agent.admin_port}, models {list(agent.inventory()['models'])}"
     )
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
     while not done.wait(1.0):
         pass
     for x in reversed(extras):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -24,11 +24,11 @@ def test_reference_verifier_accepts_our_signature(
         good_package, VerifyPolicy(trusted), extract_to=tmp_path / "model"
     ).extracted_to
     assert out is not None
-    exe = shutil.which("model_signing")
-    assert exe, "model_signing CLI is installed with the test extra"
+    # The reference CLI, run by this interpreter: the venv's bin need not be on PATH.
+    exe = [sys.executable, "-m", "model_signing"]
     r = subprocess.run(
         [
-            exe,
+            *exe,
             "verify",
             "key",
             "--public_key",
@@ -46,7 +46,7 @@ def test_reference_verifier_accepts_our_signature(
     (out / "samples.npz").write_bytes(b"tampered")
     r = subprocess.run(
         [
-            exe,
+            *exe,
             "verify",
             "key",
             "--public_key",
