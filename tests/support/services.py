@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from cloud_controller.broker import free_port
+
 POSTGRES_URL = os.environ.get(
     "EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )
@@ -35,12 +37,6 @@ def require(condition: bool, reason: str) -> None:
     if in_ci():
         pytest.fail(f"required service missing in CI: {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
@@ -106,33 +102,11 @@ def mosquitto(
     workdir = workdir / f"mosquitto-{uuid.uuid4().hex[:8]}"
     workdir.mkdir(parents=True)
     port = free_port()
-    lines = [
-        f"listener {port} 127.0.0.1",
-        "persistence false",
-        "max_queued_messages 100000",
-        "max_inflight_messages 100",
-        f"log_dest file {workdir / 'broker.log'}",
-        "log_type error",
-        "log_type warning",
-    ]
-    if os.geteuid() == 0:
-        # Mosquitto started as root drops to user "mosquitto", which cannot read our 0600
-        # password/ACL files under the test's temporary directory.
-        lines.append("user root")
-    if passwords:
-        pwfile = workdir / "passwd"
-        pwfile.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()))
-        subprocess.run(["mosquitto_passwd", "-U", str(pwfile)], check=True)
-        pwfile.chmod(0o600)
-        lines += ["allow_anonymous false", f"password_file {pwfile}"]
-    else:
-        lines.append("allow_anonymous true")
-    if acl is not None:
-        aclfile = workdir / "acl"
-        aclfile.write_text(acl)
-        aclfile.chmod(0o600)
-        lines.append(f"acl_file {aclfile}")
-    (workdir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+    # The same config writer the product's embedded broker uses (hashed passwords, ACL,
+    # `user root` when run as root so Mosquitto can read the 0600 files).
+    from cloud_controller.broker import mosquitto_config
+
+    mosquitto_config(workdir, "127.0.0.1", port, passwords=passwords, acl=acl)
     broker = Mosquitto("127.0.0.1", port, workdir, _spawn(workdir))
     try:
         wait_port(port)

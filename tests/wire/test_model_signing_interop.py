@@ -17,6 +17,18 @@ model_signing = pytest.importorskip(
 )
 
 
+def reference_verify(keys: KeyPair, model_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`model_signing verify key` on an extracted package, run by this interpreter (the venv's
+    bin need not be on PATH)."""
+    return subprocess.run(
+        [sys.executable, "-m", "model_signing", "verify", "key", "--public_key",
+         str(keys.public_path), "--signature", str(model_dir / "model.sig"), str(model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
 def test_reference_verifier_accepts_our_signature(
     good_package: Path, keys: KeyPair, trusted: list, tmp_path: Path
 ) -> None:
@@ -24,41 +36,11 @@ def test_reference_verifier_accepts_our_signature(
         good_package, VerifyPolicy(trusted), extract_to=tmp_path / "model"
     ).extracted_to
     assert out is not None
-    # The reference CLI, run by this interpreter: the venv's bin need not be on PATH.
-    exe = [sys.executable, "-m", "model_signing"]
-    r = subprocess.run(
-        [
-            *exe,
-            "verify",
-            "key",
-            "--public_key",
-            str(keys.public_path),
-            "--signature",
-            str(out / "model.sig"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = reference_verify(keys, out)
     assert r.returncode == 0, r.stdout + r.stderr
     # ... and it notices tampering, so the check above is meaningful
     (out / "samples.npz").write_bytes(b"tampered")
-    r = subprocess.run(
-        [
-            *exe,
-            "verify",
-            "key",
-            "--public_key",
-            str(keys.public_path),
-            "--signature",
-            str(out / "model.sig"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = reference_verify(keys, out)
     assert r.returncode != 0
 
 
