@@ -12,11 +12,12 @@ import json
 import os
 import re
 import secrets
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.fsio import atomic_write_bytes, atomic_write_json
+from agent.server import QuietServer
 
 if TYPE_CHECKING:
     from agent.runtime import Agent
@@ -35,7 +36,7 @@ def ensure_token(path: Path) -> str:
     return token
 
 
-class AdminServer(ThreadingHTTPServer):
+class AdminServer(QuietServer):
     daemon_threads = True
     allow_reuse_address = True
 

@@ -7,7 +7,9 @@ path lean and the agent's memory small; ONNX Runtime releases the GIL while it r
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +23,24 @@ MAX_BODY = 512 * 1024 * 1024
 _MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 
 
-class InferenceServer(ThreadingHTTPServer):
+log = logging.getLogger("edgefleet.agent.server")
+
+
+class QuietServer(ThreadingHTTPServer):
+    """A threading HTTP server that does not print a traceback when a client goes away.
+
+    Clients at the edge drop connections all the time; socketserver's default prints each one
+    to stderr. A reset or broken pipe is ignored; any other error is logged once, with its stack.
+    """
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, ConnectionError | TimeoutError):
+            return
+        log.error("error serving %s", client_address, exc_info=err)
+
+
+class InferenceServer(QuietServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128

@@ -3,6 +3,7 @@ several models, observers, inventory, probation rollback."""
 
 from __future__ import annotations
 
+import http.server
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from agent import oip
 from agent.config import ProbationConfig
@@ -177,3 +179,33 @@ def test_orderly_stop_in_probation_resumes_it(
     c = OipClient(agent.http_port or 0)
     assert c.infer("iris", {"X": x_iris})[1]["model_version"] == "1.1.0"
     c.close()
+
+
+def test_client_disconnects_are_not_printed_but_other_errors_are_logged(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Edge clients drop connections constantly: no traceback on stderr for that, while a real
+    serving error still reaches the log with its stack."""
+    from agent.server import QuietServer
+
+    srv = QuietServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    try:
+        for err in (
+            ConnectionResetError(104, "reset"),
+            BrokenPipeError(32, "pipe"),
+            TimeoutError(),
+        ):
+            try:
+                raise err
+            except OSError:
+                srv.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == "" and not caplog.records
+        try:
+            raise ValueError("bad state")
+        except ValueError:
+            srv.handle_error(None, ("127.0.0.1", 2))
+        assert capsys.readouterr().err == ""
+        logged = [r.exc_info[1] for r in caplog.records if r.exc_info]
+        assert len(logged) == 1 and isinstance(logged[0], ValueError)
+    finally:
+        srv.server_close()
