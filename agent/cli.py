@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -142,30 +141,23 @@ def run(
     agent.start()
     extras: list[Any] = []
     telemetry = None
-    # The fleet link and telemetry are written by other components; a failure there must not
-    # stop the gateway from serving, so each is started on its own and reported.
-    if cfg.telemetry.enabled and importlib.util.find_spec("agent.telemetry") is not None:
+    # Telemetry and the fleet link are extras: a failure there is reported and the gateway
+    # goes on serving.
+    if cfg.telemetry.enabled:
+        from agent.telemetry import TelemetryService
+
         try:
-            service_cls = getattr(
-                importlib.import_module("agent.telemetry"), "TelemetryService", None
-            )
-            if service_cls is not None:
-                telemetry = service_cls(agent, cfg)
-                telemetry.start()
-                extras.append(telemetry)
+            telemetry = TelemetryService(agent, cfg)
+            telemetry.start()
+            extras.append(telemetry)
         except Exception as e:
             console.print(f"[yellow]telemetry not started:[/yellow] {type(e).__name__}: {e}")
             telemetry = None
-    if cfg.mqtt.url and importlib.util.find_spec("agent.mqtt_link") is not None:
-        try:
-            from agent import mqtt_link
+    if cfg.mqtt.url:
+        from agent.mqtt_link import MqttLink
 
-            outbox = getattr(telemetry, "outbox", None)
-            link = (
-                mqtt_link.MqttLink(agent, cfg, telemetry=outbox)
-                if outbox is not None
-                else mqtt_link.MqttLink(agent, cfg)
-            )
+        try:
+            link = MqttLink(agent, cfg, telemetry=telemetry.outbox if telemetry else None)
             link.start()
             extras.append(link)
         except Exception as e:

@@ -142,19 +142,13 @@ class _Metrics:
             yield c
 
 
-def _optional_routers(app: FastAPI) -> None:
-    """The drift role's API and dashboard, when they are installed."""
-    import importlib
+def _drift_and_dashboard_routers(app: FastAPI) -> None:
+    """The drift API and the dashboard pages."""
+    from cloud_controller.dashboard import router as dashboard_router
+    from cloud_controller.drift.api import router as drift_router
 
-    for module in ("cloud_controller.drift.api", "cloud_controller.dashboard"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            log.info("%s not included: %s", module, e)
-            continue
-        router = getattr(mod, "router", None)
-        if router is not None:
-            app.include_router(router)
+    app.include_router(drift_router)
+    app.include_router(dashboard_router)
 
 
 def create_app(settings: Settings, controller: Controller | None = None) -> FastAPI:
@@ -220,5 +214,5 @@ def create_app(settings: Settings, controller: Controller | None = None) -> Fast
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)
-    _optional_routers(app)
+    _drift_and_dashboard_routers(app)
     return app

@@ -68,18 +68,6 @@ class BrokerAddress:
         )
 
 
-def _telemetry_ingest() -> tuple[Any, Any]:
-    """`ingest_telemetry` and `ingest_batch` of `cloud_controller.drift.ingest` (the drift
-    role's), when installed; (None, None) otherwise."""
-    import importlib
-
-    try:
-        mod = importlib.import_module("cloud_controller.drift.ingest")
-    except ImportError:
-        return None, None
-    return getattr(mod, "ingest_telemetry", None), getattr(mod, "ingest_batch", None)
-
-
 class MqttBridge:
     def __init__(
         self,
@@ -99,7 +87,6 @@ class MqttBridge:
         self._queue: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self._ingest, self._ingest_batch = _telemetry_ingest()
         # A fixed client id with a persistent session: the broker keeps the QoS 1 status
         # messages devices send while the controller restarts, so no count is lost.
         self._client = mqtt.Client(
@@ -285,22 +272,20 @@ class MqttBridge:
         )
 
     def _telemetry(self, session: Session, messages: list[tuple[str, dict[str, Any]]]) -> None:
-        """Hand telemetry to the drift role's ingest: the batch at once, and message by message
-        (each in its own savepoint) only when the batch is refused, to isolate the bad one."""
-        if self._ingest is None:
-            self.stats.drop("telemetry_no_ingest")
+        """Hand telemetry to the drift ingest: the batch at once, and message by message (each
+        in its own savepoint) only when the batch is refused, to isolate the bad one."""
+        from cloud_controller.drift.ingest import ingest_batch, ingest_telemetry
+
+        try:
+            with session.begin_nested():
+                ingest_batch(session, messages)
             return
-        if self._ingest_batch is not None:
-            try:
-                with session.begin_nested():
-                    self._ingest_batch(session, messages)
-                return
-            except Exception:
-                log.warning("telemetry batch refused; ingesting message by message")
+        except Exception:
+            log.warning("telemetry batch refused; ingesting message by message")
         for device_id, msg in messages:
             try:
                 with session.begin_nested():
-                    self._ingest(session, device_id, msg)
+                    ingest_telemetry(session, device_id, msg)
             except Exception as e:
                 log.warning("telemetry from %s refused: %s", device_id, e)
                 self.stats.drop("telemetry_refused")

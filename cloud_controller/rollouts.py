@@ -85,16 +85,9 @@ def spec_from_request(body: dict[str, Any], rollout_id: str | None = None) -> E.
 
 
 def default_health(session: Session, state: E.RolloutState) -> E.Health | None:
-    """Health figures from the drift role's `cloud_controller.drift.health`, when it exists."""
-    import importlib
+    """Health figures for the soak gates, from `cloud_controller.drift.health`."""
+    from cloud_controller.drift.health import rollout_health as fn
 
-    try:
-        drift_health = importlib.import_module("cloud_controller.drift.health")
-    except ImportError:
-        return None
-    fn = getattr(drift_health, "rollout_health", None)
-    if fn is None:
-        return None
     moved = [d.device_id for d in state.devices.values() if d.state in E.MOVED]
     prevs = Counter(d.previous_version for d in state.devices.values() if d.previous_version)
     prev = [v for v, _ in prevs.most_common(1)]
