@@ -28,9 +28,10 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> sessionmaker[Session]:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 's.db'}")
+def seeded_store(url: str) -> sessionmaker[Session]:
+    """A migrated database holding iris 1.0.0 and 2.0.0 for cpu-x86_64 and four online devices
+    d0..d3 that run 1.0.0."""
+    engine = db.make_engine(url)
     db.upgrade(engine)
     factory = db.session_factory(engine)
     now = datetime.now(UTC)
@@ -45,15 +46,15 @@ def store(tmp_path: Path) -> sessionmaker[Session]:
             )  # fmt: skip
         for i in range(4):
             devices.apply_presence(
-                s,
-                f"d{i}",
-                {
-                    "online": True,
-                    "profiles": ["cpu-x86_64"],
-                    "installed": {"iris": {"version": "1.0.0"}},
-                },
-            )
+                s, f"d{i}", {"online": True, "profiles": ["cpu-x86_64"],
+                             "installed": {"iris": {"version": "1.0.0"}}},
+            )  # fmt: skip
     return factory
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> sessionmaker[Session]:
+    return seeded_store(f"sqlite:///{tmp_path / 's.db'}")
 
 
 def service(
@@ -260,25 +261,7 @@ def test_abort_of_a_first_install_asks_for_removal_and_a_new_rollout_drops_it(
 @pytest.fixture
 def shared_store(db_url: str) -> sessionmaker[Session]:
     """The `store` contents on the parametrized database (SQLite file, PostgreSQL schema)."""
-    engine = db.make_engine(db_url)
-    db.upgrade(engine)
-    factory = db.session_factory(engine)
-    now = datetime.now(UTC)
-    with db.transaction(factory) as s:
-        for v in ("1.0.0", "2.0.0"):
-            s.add(
-                Package(
-                    name="iris", version=v, profile="cpu-x86_64", filename=f"{v}.efpkg",
-                    sha256=v[0] * 64, size=10, key_id="k", manifest={}, uploaded_at=now,
-                    uploaded_by="t",
-                )
-            )  # fmt: skip
-        for i in range(4):
-            devices.apply_presence(
-                s, f"d{i}", {"online": True, "profiles": ["cpu-x86_64"],
-                             "installed": {"iris": {"version": "1.0.0"}}},
-            )  # fmt: skip
-    return factory
+    return seeded_store(db_url)
 
 
 def test_two_replicas_on_one_database_keep_exact_counts(
