@@ -16,11 +16,11 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.fsio import atomic_write_bytes, atomic_write_json
-from agent.server import QuietServer
+from edgefleet.agent.fsio import atomic_write_bytes, atomic_write_json
+from edgefleet.agent.server import QuietServer
 
 if TYPE_CHECKING:
-    from agent.runtime import Agent
+    from edgefleet.agent.runtime import Agent
 
 MAX_BODY = 64 * 1024
 _UPDATE_RE = re.compile(r"^/admin/updates/([A-Za-z0-9T_-]+)$")
@@ -116,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path != "/admin/updates":
             return self._json(404, {"error": f"no such endpoint: POST {self.path}"})
-        from agent.runtime import UpdateRequest
+        from edgefleet.agent.runtime import UpdateRequest
 
         try:
             d = json.loads(body)

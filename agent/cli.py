@@ -38,7 +38,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _load(config: Path, http_port: int | None = None) -> Any:
-    from agent.config import ConfigError, load_config
+    from edgefleet.agent.config import ConfigError, load_config
 
     try:
         cfg = load_config(config)
@@ -73,8 +73,8 @@ def init(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing agent.toml."),
 ) -> None:
     """Write DIR/agent.toml and the data directory; copies the keys into DIR/keys."""
-    from agent.admin import ensure_token
-    from agent.config import dump_config, load_config
+    from edgefleet.agent.admin import ensure_token
+    from edgefleet.agent.config import dump_config, load_config
 
     directory = directory.resolve()
     cfg_path = directory / "agent.toml"
@@ -126,7 +126,7 @@ def run(
     """Run the agent until SIGTERM/SIGINT: serve, take updates, and link to the fleet if set up."""
     import logging
 
-    from agent.runtime import Agent
+    from edgefleet.agent.runtime import Agent
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -144,7 +144,7 @@ def run(
     # Telemetry and the fleet link are extras: a failure there is reported and the gateway
     # goes on serving.
     if cfg.telemetry.enabled:
-        from agent.telemetry import TelemetryService
+        from edgefleet.agent.telemetry import TelemetryService
 
         try:
             telemetry = TelemetryService(agent, cfg)
@@ -154,7 +154,7 @@ def run(
             console.print(f"[yellow]telemetry not started:[/yellow] {type(e).__name__}: {e}")
             telemetry = None
     if cfg.mqtt.url:
-        from agent.mqtt_link import MqttLink
+        from edgefleet.agent.mqtt_link import MqttLink
 
         try:
             link = MqttLink(agent, cfg, telemetry=telemetry.outbox if telemetry else None)

@@ -10,8 +10,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from agent.fsio import atomic_write_json, clean_temp, read_json
-from agent.states import State, check_transition, is_terminal
+from edgefleet.agent.fsio import atomic_write_json, clean_temp, read_json
+from edgefleet.agent.states import State, check_transition, is_terminal
 
 
 def now_iso() -> str:

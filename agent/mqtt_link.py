@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from agent.mqtt.reconcile import (
+from edgefleet.agent.mqtt.reconcile import (
     DesiredStateError,
     ModelTarget,
     parse_removals,
@@ -37,7 +37,7 @@ from agent.mqtt.reconcile import (
     plan,
     plan_removals,
 )
-from agent.mqtt.state import LinkState
+from edgefleet.agent.mqtt.state import LinkState
 
 log = logging.getLogger("edgefleet.agent.mqtt")
 
@@ -146,7 +146,7 @@ class MqttLink:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "link.json"
         self.state = LinkState.load(self.state_path)
-        from agent.telemetry.outbox import Outbox
+        from edgefleet.agent.telemetry.outbox import Outbox
 
         self.outbox: RecordOutbox = Outbox(self.dir / "status-outbox.sqlite", max_bytes=8 * 2**20)
         self.telemetry = telemetry
@@ -206,7 +206,7 @@ class MqttLink:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         self._client = client
-        from agent.mqtt.agent_port import unfinished_updates
+        from edgefleet.agent.mqtt.agent_port import unfinished_updates
 
         # An update the agent resumed after a restart is not submitted again by a retry.
         self._in_flight_updates.update(unfinished_updates(self.agent))
@@ -415,7 +415,7 @@ class MqttLink:
             self.state.save(self.state_path)
 
     def _install(self, target: ModelTarget, seq: int, why: str) -> None:
-        from agent.mqtt.agent_port import make_update_request
+        from edgefleet.agent.mqtt.agent_port import make_update_request
 
         log.info("desired seq %d: %s", seq, why)
         try:
@@ -430,7 +430,7 @@ class MqttLink:
             self._report_target(target, "FAILED", message, seq, code=code)
 
     def _installed_versions(self) -> dict[str, str]:
-        from agent.mqtt.agent_port import installed_versions
+        from edgefleet.agent.mqtt.agent_port import installed_versions
 
         return installed_versions(self.agent.inventory())
 
@@ -460,7 +460,7 @@ class MqttLink:
         )
 
     def _handle_event(self, event: Any) -> None:
-        from agent.mqtt.agent_port import event_status
+        from edgefleet.agent.mqtt.agent_port import event_status
 
         status = event_status(event)
         name, version = status.get("model"), status.get("version")
@@ -483,7 +483,7 @@ class MqttLink:
 
     # -- presence ---------------------------------------------------------------------------
     def presence(self) -> dict[str, Any]:
-        from agent.mqtt.agent_port import presence_fields
+        from edgefleet.agent.mqtt.agent_port import presence_fields
 
         body: dict[str, Any] = {
             "device_id": self.device_id,

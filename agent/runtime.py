@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig, default_profiles
-from agent.journal import Journal, UpdateRecord, new_update_id
-from agent.metrics import Metrics
-from agent.sessions import SessionManager
-from agent.states import State, is_terminal
-from agent.store import ModelStore
-from agent.updater import (
+from edgefleet.agent.config import AgentConfig, default_profiles
+from edgefleet.agent.journal import Journal, UpdateRecord, new_update_id
+from edgefleet.agent.metrics import Metrics
+from edgefleet.agent.sessions import SessionManager
+from edgefleet.agent.states import State, is_terminal
+from edgefleet.agent.store import ModelStore
+from edgefleet.agent.updater import (
     InferenceObserver,
     UpdateEvent,
     UpdateListener,
@@ -189,7 +189,7 @@ class Agent:
         resume = self.updater.recover()
         self.updater.load_current_models()
         if serve_http:
-            from agent.server import InferenceServer
+            from edgefleet.agent.server import InferenceServer
 
             self._http = InferenceServer(
                 (self.config.http_host, self.config.http_port),
@@ -201,7 +201,7 @@ class Agent:
             )
             self._spawn(self._http.serve_forever, "agent-http")
         if serve_admin:
-            from agent.admin import AdminServer
+            from edgefleet.agent.admin import AdminServer
 
             self._admin = AdminServer(self)
             self._spawn(self._admin.serve_forever, "agent-admin")

@@ -15,9 +15,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from agent import oip
-from agent.metrics import Metrics
-from agent.sessions import BadInput, ModelError, ModelNotFound, ServerBusy, SessionManager
+from edgefleet.agent import oip
+from edgefleet.agent.metrics import Metrics
+from edgefleet.agent.sessions import BadInput, ModelError, ModelNotFound, ServerBusy, SessionManager
 
 MAX_BODY = 512 * 1024 * 1024
 _MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import ProbationConfig, SwapConfig
+from edgefleet.agent.config import ProbationConfig, SwapConfig
 
 _ONNX_TO_NP = {
     "tensor(float)": np.float32,

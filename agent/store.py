@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.fsio import atomic_write_json, clean_temp, read_json, remove_tree
+from edgefleet.agent.fsio import atomic_write_json, clean_temp, read_json, remove_tree
 
 INSTALL_RECORD = ".install.json"
 _CHUNK = 1 << 20

@@ -20,13 +20,20 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import AgentConfig
-from agent.journal import Journal, Recovery, Transition, UpdateRecord, decide_recovery
-from agent.metrics import Metrics
-from agent.sessions import LoadedModel, SessionManager, judge_probation, plan_swap
-from agent.states import BEFORE_ACTIVATION, State, is_terminal
-from agent.store import IntegrityError, ModelStore, Pointers
-from agent.validation import Figures, benchmark, judge, load_samples, run_samples, sample_agreement
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.journal import Journal, Recovery, Transition, UpdateRecord, decide_recovery
+from edgefleet.agent.metrics import Metrics
+from edgefleet.agent.sessions import LoadedModel, SessionManager, judge_probation, plan_swap
+from edgefleet.agent.states import BEFORE_ACTIVATION, State, is_terminal
+from edgefleet.agent.store import IntegrityError, ModelStore, Pointers
+from edgefleet.agent.validation import (
+    Figures,
+    benchmark,
+    judge,
+    load_samples,
+    run_samples,
+    sample_agreement,
+)
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -318,7 +325,7 @@ class Updater:
         )
 
     def _step_download(self, rec: UpdateRecord, run: _Run) -> None:
-        from agent.download import DownloadError, fetch
+        from edgefleet.agent.download import DownloadError, fetch
 
         if self._installed_rollback(rec):
             self._transition(rec, State.VERIFYING, figures={"download": "skipped, installed"})
@@ -466,7 +473,7 @@ class Updater:
             )
 
     def _step_install(self, rec: UpdateRecord, run: _Run) -> None:
-        from agent.fsio import remove_tree
+        from edgefleet.agent.fsio import remove_tree
 
         name, version = rec.model, rec.version
         if self.store.is_installed(name, version):
@@ -679,7 +686,7 @@ class Updater:
                 self.store.remove_version(rec.model, rec.version)
 
     def _discard_download(self, rec: UpdateRecord) -> None:
-        from agent.download import discard
+        from edgefleet.agent.download import discard
 
         discard(self._package_path(rec))
 

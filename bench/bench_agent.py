@@ -128,7 +128,7 @@ def _free_port() -> int:
 
 class _AgentProc:
     def __init__(self, work: Path, trusted: Path, swap_mode: str = "auto") -> None:
-        from agent.config import dump_config
+        from edgefleet.agent.config import dump_config
 
         self.data = work / "data"
         self.port = _free_port()
@@ -219,7 +219,7 @@ def _raw_latency(onnx_bytes: bytes, x: np.ndarray, n: int) -> list[float]:
 def _oip_latency(
     port: int, model: str, x: np.ndarray, n: int, binary: bool
 ) -> tuple[list[float], int]:
-    from agent import oip
+    from edgefleet.agent import oip
 
     body, headers = oip.encode_request({"X": x}, binary=binary, binary_outputs=binary)
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -247,7 +247,7 @@ def _load(
     out: list[tuple[float, float, bool]],
     max_s: float,
 ) -> None:
-    from agent import oip
+    from edgefleet.agent import oip
 
     body, headers = oip.encode_request({"X": x})
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

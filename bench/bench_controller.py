@@ -29,8 +29,8 @@ STATES = ("DOWNLOADING", "VALIDATING", "PROBATION", "COMMITTED")
 
 
 def _setup_db(root: Path, n: int) -> Any:
-    from cloud_controller import db, devices
-    from cloud_controller.models import Package
+    from edgefleet.cloud_controller import db, devices
+    from edgefleet.cloud_controller.models import Package
 
     engine = db.make_engine(f"sqlite:///{root / 'c.db'}")
     db.upgrade(engine)
@@ -57,9 +57,9 @@ def absorb(n: int, broker_url: str, host: str, port: int, batch: int) -> dict[st
     """Seconds for the controller to take in 4*n status messages and finish the rollout."""
     import paho.mqtt.client as mqtt
 
-    from cloud_controller.desired import Signer
-    from cloud_controller.mqtt_bridge import MqttBridge
-    from cloud_controller.rollouts import RolloutService
+    from edgefleet.cloud_controller.desired import Signer
+    from edgefleet.cloud_controller.mqtt_bridge import MqttBridge
+    from edgefleet.cloud_controller.rollouts import RolloutService
     from edgefleet.wire.mqtt import topic
 
     root = Path(tempfile.mkdtemp(prefix="bench-ctl-"))
@@ -126,7 +126,7 @@ def absorb(n: int, broker_url: str, host: str, port: int, batch: int) -> dict[st
 
 
 def engine_speed(n: int) -> dict[str, float]:
-    from cloud_controller import rollout_engine as E
+    from edgefleet.cloud_controller import rollout_engine as E
 
     devs = [E.DeviceInfo(f"d{i}", ("cpu-x86_64",), ("all",)) for i in range(n)]
     spec = E.RolloutSpec("r", "iris", "2.0.0", E.Target(groups=("all",)), waves=(100.0,))
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker", default="mosquitto", choices=["mosquitto", "amqtt"])
     args = ap.parse_args(argv)
     n = args.devices or (200 if args.quick else 1000)
-    from cloud_controller.broker import embedded_broker
+    from edgefleet.devbroker import embedded_broker
 
     kind = args.broker if shutil.which("mosquitto") or args.broker == "amqtt" else "amqtt"
     work = Path(tempfile.mkdtemp(prefix="bench-broker-"))

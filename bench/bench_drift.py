@@ -94,9 +94,9 @@ def _messages(n: int, devices: int, start_id: int) -> list[tuple[str, dict[str, 
 
 def bench_ingest(quick: bool) -> list[tuple[str, float, float, str]]:
     """(path, messages per wall second, per CPU second of this process, ratio) rows."""
-    from cloud_controller import db
-    from cloud_controller.drift.analysis import register_reference
-    from cloud_controller.drift.ingest import ingest_batch, ingest_telemetry
+    from edgefleet.cloud_controller import db
+    from edgefleet.cloud_controller.drift.analysis import register_reference
+    from edgefleet.cloud_controller.drift.ingest import ingest_batch, ingest_telemetry
 
     n = 2000 if quick else 10_000
     rows: list[tuple[str, float, float, str]] = []
@@ -188,7 +188,7 @@ def _per_call_us(fn: Any, n: int) -> float:
 
 
 def _sketch_rows(kind: str, n: int) -> list[tuple[str, float, str]]:
-    from agent.telemetry.collector import SketchWindow
+    from edgefleet.agent.telemetry.collector import SketchWindow
     from edgefleet.drift.sketch import Sketch
 
     sess, x, ref = _model(kind)
@@ -226,7 +226,7 @@ class _Served:
 
 
 def _observer_us(ref: dict[str, Any], feeds: list[Any], results: list[Any], n: int) -> float:
-    from agent.telemetry.service import TelemetryService, TelemetrySettings
+    from edgefleet.agent.telemetry.service import TelemetryService, TelemetrySettings
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = TelemetrySettings(outbox_path=Path(tmp) / "o.sqlite", system=False)

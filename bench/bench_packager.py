@@ -91,8 +91,8 @@ def build_mobilenet(out_dir: Path, *, epochs: int, seed: int = 0) -> dict[str, A
     from torch import nn
     from torch.nn import functional as F
 
-    from packager.examples import N_CALIBRATION, digits_split
-    from packager.npzio import save_npz
+    from edgefleet.packager.examples import N_CALIBRATION, digits_split
+    from edgefleet.packager.npzio import save_npz
 
     torch.manual_seed(seed)
     split = digits_split()
@@ -164,11 +164,11 @@ def dynamic_conv_probe(
     m: dict[str, Any], work: Path, src: dict[str, Any], runs: int, seconds: float
 ) -> dict[str, Any]:
     """Dynamic INT8 with Conv included (ConvInteger): why the profiles keep dynamic off Conv."""
-    from packager.benchmark import measure
-    from packager.evaluate import compare, run_all, session
-    from packager.npzio import load_npz
-    from packager.quantize import build_candidate, model_size, preprocess
-    from packager.recipe import parse_recipe
+    from edgefleet.packager.benchmark import measure
+    from edgefleet.packager.evaluate import compare, run_all, session
+    from edgefleet.packager.npzio import load_npz
+    from edgefleet.packager.quantize import build_candidate, model_size, preprocess
+    from edgefleet.packager.recipe import parse_recipe
 
     work.mkdir(parents=True, exist_ok=True)
     recipe = parse_recipe(
@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from edgefleet.keys import generate_keypair
-    from packager.examples import build_examples
-    from packager.pipeline import package_model
-    from packager.profiles import load_profiles
+    from edgefleet.packager.examples import build_examples
+    from edgefleet.packager.pipeline import package_model
+    from edgefleet.packager.profiles import load_profiles
 
     console = Console(width=max(Console().width, 150))
     profiles = args.profile or list(load_profiles())

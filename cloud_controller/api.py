@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_controller import auth, devices, registry, rollout_views, rollouts
-from cloud_controller import rollout_engine as E
-from cloud_controller.db import iso, transaction
-from cloud_controller.deps import Principal, audit_detail, controller, need, session
-from cloud_controller.models import AuditEntry, DesiredState, Device, Package
+from edgefleet.cloud_controller import auth, devices, registry, rollout_views, rollouts
+from edgefleet.cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller.db import iso, transaction
+from edgefleet.cloud_controller.deps import Principal, audit_detail, controller, need, session
+from edgefleet.cloud_controller.models import AuditEntry, DesiredState, Device, Package
 
 router = APIRouter(prefix="/api/v1")
 Db = Annotated[Session, Depends(session)]

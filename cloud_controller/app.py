@@ -16,12 +16,12 @@ from fastapi import FastAPI, Request, Response
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud_controller import db
-from cloud_controller.desired import Signer
-from cloud_controller.models import AuditEntry, Device, Rollout
-from cloud_controller.mqtt_bridge import MqttBridge
-from cloud_controller.rollouts import RolloutService
-from cloud_controller.settings import Settings
+from edgefleet.cloud_controller import db
+from edgefleet.cloud_controller.desired import Signer
+from edgefleet.cloud_controller.models import AuditEntry, Device, Rollout
+from edgefleet.cloud_controller.mqtt_bridge import MqttBridge
+from edgefleet.cloud_controller.rollouts import RolloutService
+from edgefleet.cloud_controller.settings import Settings
 
 log = logging.getLogger(__name__)
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -144,8 +144,8 @@ class _Metrics:
 
 def _drift_and_dashboard_routers(app: FastAPI) -> None:
     """The drift API and the dashboard pages."""
-    from cloud_controller.dashboard import router as dashboard_router
-    from cloud_controller.drift.api import router as drift_router
+    from edgefleet.cloud_controller.dashboard import router as dashboard_router
+    from edgefleet.cloud_controller.drift.api import router as drift_router
 
     app.include_router(drift_router)
     app.include_router(dashboard_router)
@@ -155,7 +155,7 @@ def create_app(settings: Settings, controller: Controller | None = None) -> Fast
     """The FastAPI app; it builds (or takes) a `Controller` and runs it for its lifetime."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-    from cloud_controller.api import router
+    from edgefleet.cloud_controller.api import router
 
     ctl = controller or Controller.build(settings)
 

@@ -17,7 +17,7 @@ from enum import StrEnum
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_controller.models import ApiToken, Device
+from edgefleet.cloud_controller.models import ApiToken, Device
 
 CONTROLLER_MQTT_USER = "edgefleet-controller"
 TOPIC_ROOT = "edgefleet/v1"

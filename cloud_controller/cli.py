@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
 def _settings(data_dir: Path | None = None, db: str | None = None, **overrides: Any) -> Any:
     from dataclasses import replace
 
-    from cloud_controller.settings import Settings
+    from edgefleet.cloud_controller.settings import Settings
 
     s = Settings().with_env()
     updates = {k: v for k, v in overrides.items() if v is not None}
@@ -113,7 +113,7 @@ def serve(
     """Run the controller (API, MQTT bridge, rollout engine) until interrupted."""
     import uvicorn
 
-    from cloud_controller.app import create_app
+    from edgefleet.cloud_controller.app import create_app
 
     s = _settings(
         data_dir,
@@ -140,8 +140,8 @@ def token_create(
     data_dir: Path = typer.Option(None, "--data-dir"),
 ) -> None:
     """Create an API token directly in the database (prints it once)."""
-    from cloud_controller import auth
-    from cloud_controller import db as dbm
+    from edgefleet.cloud_controller import auth
+    from edgefleet.cloud_controller import db as dbm
 
     if role not in [r.value for r in auth.Role]:
         err.print(f"[red]invalid_role: {role!r}; use one of {[r.value for r in auth.Role]}[/red]")
@@ -171,8 +171,8 @@ def mosquitto_config(
     """Write Mosquitto password + ACL files: each device reads/writes only its own topics."""
     import secrets
 
-    from cloud_controller import auth
-    from cloud_controller import db as dbm
+    from edgefleet.cloud_controller import auth
+    from edgefleet.cloud_controller import db as dbm
 
     s = _settings(data_dir, db)
     engine = dbm.make_engine(s.database_url)

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from fastapi import HTTPException, Request
 from sqlalchemy.orm import Session
 
-from cloud_controller.auth import Perm, allowed, device_for_download_token, lookup_token
+from edgefleet.cloud_controller.auth import Perm, allowed, device_for_download_token, lookup_token
 
 if TYPE_CHECKING:
-    from cloud_controller.app import Controller
+    from edgefleet.cloud_controller.app import Controller
 
 
 @dataclass(frozen=True)

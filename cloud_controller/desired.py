@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_controller.models import DesiredState
+from edgefleet.cloud_controller.models import DesiredState
 
 Publish = Callable[[str, bytes], None]  # (topic, payload): retained, QoS 1
 

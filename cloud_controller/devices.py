@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_controller.db import iso
-from cloud_controller.models import DesiredState, Device
-from cloud_controller.rollout_engine import DeviceInfo
+from edgefleet.cloud_controller.db import iso
+from edgefleet.cloud_controller.models import DesiredState, Device
+from edgefleet.cloud_controller.rollout_engine import DeviceInfo
 
 
 def get_or_create(session: Session, device_id: str) -> Device:

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from cloud_controller.db import Base
+from edgefleet.cloud_controller.db import Base
 
 
 class ApiToken(Base):

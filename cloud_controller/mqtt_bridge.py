@@ -22,11 +22,11 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud_controller import devices
-from cloud_controller import rollout_engine as E
-from cloud_controller.db import transaction
-from cloud_controller.models import DesiredState, Device
-from cloud_controller.rollouts import RolloutService
+from edgefleet.cloud_controller import devices
+from edgefleet.cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller.db import transaction
+from edgefleet.cloud_controller.models import DesiredState, Device
+from edgefleet.cloud_controller.rollouts import RolloutService
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -274,7 +274,7 @@ class MqttBridge:
     def _telemetry(self, session: Session, messages: list[tuple[str, dict[str, Any]]]) -> None:
         """Hand telemetry to the drift ingest: the batch at once, and message by message (each
         in its own savepoint) only when the batch is refused, to isolate the bad one."""
-        from cloud_controller.drift.ingest import ingest_batch, ingest_telemetry
+        from edgefleet.cloud_controller.drift.ingest import ingest_batch, ingest_telemetry
 
         try:
             with session.begin_nested():

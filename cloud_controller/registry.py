@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_controller.db import iso
-from cloud_controller.models import Package
+from edgefleet.cloud_controller.db import iso
+from edgefleet.cloud_controller.models import Package
 
 
 class UploadRejected(Exception):

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
-from cloud_controller.rollout_types import (
+from edgefleet.cloud_controller.rollout_types import (
     DeviceProgress,
     DevState,
     Gates,

@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from cloud_controller.rollout_codec import (
+from edgefleet.cloud_controller.rollout_codec import (
     counts,
     device_from_dict,
     device_to_dict,
@@ -22,7 +22,7 @@ from cloud_controller.rollout_codec import (
     spec_to_dict,
     state_from_parts,
 )
-from cloud_controller.rollout_types import (
+from edgefleet.cloud_controller.rollout_types import (
     AGENT_FAILURE,
     AGENT_SUCCESS,
     FAILURES,

@@ -7,9 +7,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_controller import rollout_engine as E
-from cloud_controller.db import iso
-from cloud_controller.models import Rollout, RolloutEvent
+from edgefleet.cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller.db import iso
+from edgefleet.cloud_controller.models import Rollout, RolloutEvent
 
 
 def summary(state: E.RolloutState) -> dict[str, Any]:

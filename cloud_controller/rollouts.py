@@ -20,10 +20,16 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud_controller import desired, devices, registry
-from cloud_controller import rollout_engine as E
-from cloud_controller.db import transaction
-from cloud_controller.models import DesiredState, Package, Rollout, RolloutDevice, RolloutEvent
+from edgefleet.cloud_controller import desired, devices, registry
+from edgefleet.cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller.db import transaction
+from edgefleet.cloud_controller.models import (
+    DesiredState,
+    Package,
+    Rollout,
+    RolloutDevice,
+    RolloutEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +92,7 @@ def spec_from_request(body: dict[str, Any], rollout_id: str | None = None) -> E.
 
 def default_health(session: Session, state: E.RolloutState) -> E.Health | None:
     """Health figures for the soak gates, from `cloud_controller.drift.health`."""
-    from cloud_controller.drift.health import rollout_health as fn
+    from edgefleet.cloud_controller.drift.health import rollout_health as fn
 
     moved = [d.device_id for d in state.devices.values() if d.state in E.MOVED]
     prevs = Counter(d.previous_version for d in state.devices.values() if d.previous_version)

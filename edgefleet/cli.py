@@ -35,11 +35,11 @@ def _root(
 
 
 def _register_components() -> None:
-    from agent import cli as agent_cli
-    from cloud_controller import cli as controller_cli
-    from cloud_controller.drift import cli as drift_cli
     from edgefleet import core_cli, demo
-    from packager import cli as packager_cli
+    from edgefleet.agent import cli as agent_cli
+    from edgefleet.cloud_controller import cli as controller_cli
+    from edgefleet.cloud_controller.drift import cli as drift_cli
+    from edgefleet.packager import cli as packager_cli
 
     core_cli.register(app)
     packager_cli.register(app)

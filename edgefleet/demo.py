@@ -48,7 +48,7 @@ class FleetError(RuntimeError):
 
 
 def _die_with_parent() -> Callable[[], None] | None:
-    from cloud_controller.broker import die_with_parent
+    from edgefleet.devbroker import die_with_parent
 
     return die_with_parent()
 
@@ -227,7 +227,7 @@ class Fleet:
     # -- broker -----------------------------------------------------------------------------
     def broker_url(self, user: str | None = None, password: str | None = None) -> str:
         if self.broker is None:
-            from cloud_controller.broker import embedded_broker
+            from edgefleet.devbroker import embedded_broker
 
             self.broker = embedded_broker(self.spec.broker, self.root / "broker")  # type: ignore[arg-type]
         cred = f"{user}:{password}@" if user and password else ""
@@ -243,7 +243,7 @@ class Fleet:
     def mosquitto_files(self) -> tuple[str, str]:
         """The controller's generator: hashed password file (controller + every registered
         device) and the ACL that gives each device its own topics only."""
-        from cloud_controller import auth, db
+        from edgefleet.cloud_controller import auth, db
 
         engine = db.make_engine(self.db_url)
         try:
@@ -264,7 +264,7 @@ class Fleet:
 
     def _bootstrap_token(self) -> str:
         """An admin token for the harness, written straight into the fresh database."""
-        from cloud_controller import auth, db
+        from edgefleet.cloud_controller import auth, db
 
         engine = db.make_engine(self.db_url)
         try:
@@ -276,8 +276,8 @@ class Fleet:
         return admin
 
     def start_controller(self) -> None:
-        from cloud_controller.auth import CONTROLLER_MQTT_USER
-        from cloud_controller.broker import free_port
+        from edgefleet.cloud_controller.auth import CONTROLLER_MQTT_USER
+        from edgefleet.devbroker import free_port
 
         first = self.api is None
         if first:
@@ -341,9 +341,9 @@ class Fleet:
         return self.root / "agents" / device_id
 
     def write_agent_config(self, device_id: str) -> Path:
-        from agent.admin import ensure_token
-        from agent.config import dump_config, load_config
-        from cloud_controller.broker import free_port
+        from edgefleet.agent.admin import ensure_token
+        from edgefleet.agent.config import dump_config, load_config
+        from edgefleet.devbroker import free_port
 
         d = self.agent_dir(device_id)
         d.mkdir(parents=True, exist_ok=True)
@@ -424,9 +424,9 @@ class Fleet:
         A ``bad`` version asks for a p95 below a microsecond on the device: every gateway's own
         benchmark refuses it in VALIDATING, while the old version keeps serving.
         """
-        from packager.examples import build_examples
-        from packager.pipeline import package_model
-        from packager.profiles import get_profile
+        from edgefleet.packager.examples import build_examples
+        from edgefleet.packager.pipeline import package_model
+        from edgefleet.packager.profiles import get_profile
 
         out = self.root / "packages"
         example = build_examples(self.root / "examples")["digits-mlp"]

@@ -32,7 +32,7 @@ def example_models(
     as_json: bool = typer.Option(False, "--json", help="Print the paths as JSON."),
 ) -> None:
     """Build the example models (digits MLP, digits CNN) with calibration/validation data, offline."""
-    from packager.examples import build_examples
+    from edgefleet.packager.examples import build_examples
 
     built = build_examples(out)
     if as_json:
@@ -52,7 +52,7 @@ def profiles_list(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List the hardware profiles."""
-    from packager.profiles import ProfileError, load_profiles
+    from edgefleet.packager.profiles import ProfileError, load_profiles
 
     try:
         profiles = load_profiles(directory)
@@ -84,7 +84,7 @@ def profiles_show(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show one hardware profile in full."""
-    from packager.profiles import ProfileError, get_profile
+    from edgefleet.packager.profiles import ProfileError, get_profile
 
     try:
         profile = get_profile(profile_id, directory)
@@ -178,8 +178,8 @@ def package(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from packager.pipeline import PackagingError, package_model
-    from packager.profiles import ProfileError, load_profiles
+    from edgefleet.packager.pipeline import PackagingError, package_model
+    from edgefleet.packager.profiles import ProfileError, load_profiles
 
     if bool(profile) == all_profiles:
         _err("give --profile ID (repeatable) or --all-profiles, not both or neither")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from packager.npzio import save_npz
+from edgefleet.packager.npzio import save_npz
 
 SEED = 0
 N_VALIDATION = 450
@@ -101,7 +101,7 @@ def build_mlp(out_dir: Path, split: DigitsSplit) -> ExampleModel:
 
 def build_cnn(out_dir: Path, split: DigitsSplit) -> ExampleModel:
     """Small conv net (2 Conv + Gemm) trained in numpy on the 8x8 digit images."""
-    from packager.convnet import to_onnx, train
+    from edgefleet.packager.convnet import to_onnx, train
 
     x_train = split.x_train.reshape(-1, 1, 8, 8)
     x_val = split.x_val.reshape(-1, 1, 8, 8)

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from packager.examples import file_sha256
+from edgefleet.packager.examples import file_sha256
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -29,7 +29,7 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 def model_sha256(model: Path) -> str:
     """sha256 of the model file, folding in its external data files when there are any."""
-    from packager.quantize import external_files
+    from edgefleet.packager.quantize import external_files
 
     digest = file_sha256(model)
     files = external_files(model)

@@ -19,13 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from packager.benchmark import Latency, host_info, measure
-from packager.evaluate import Metrics, compare, io_spec, run_all, session
-from packager.npzio import load_npz, save_npz
-from packager.profiles import Profile, get_profile
-from packager.quantize import BuildError, build_candidate, model_size, preprocess, save_model
-from packager.recipe import Recipe
-from packager.search import CandidateResult, GateMiss, check_gate, choose, closest_miss
+from edgefleet.packager.benchmark import Latency, host_info, measure
+from edgefleet.packager.evaluate import Metrics, compare, io_spec, run_all, session
+from edgefleet.packager.npzio import load_npz, save_npz
+from edgefleet.packager.profiles import Profile, get_profile
+from edgefleet.packager.quantize import (
+    BuildError,
+    build_candidate,
+    model_size,
+    preprocess,
+    save_model,
+)
+from edgefleet.packager.recipe import Recipe
+from edgefleet.packager.search import CandidateResult, GateMiss, check_gate, choose, closest_miss
 
 CPU = "CPUExecutionProvider"
 N_SAMPLES = 32
@@ -282,10 +288,10 @@ def package_model(
     import onnxruntime as ort
 
     from edgefleet.keys import load_private_key
+    from edgefleet.packager.lineage import lineage
     from edgefleet.wire.manifest import FORMAT, format_time, now_utc
     from edgefleet.wire.package import build_package
     from edgefleet.wire.semver import InvalidVersion, parse_version
-    from packager.lineage import lineage
 
     model, out_dir = Path(model), Path(out_dir)
     try:

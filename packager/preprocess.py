@@ -3,7 +3,7 @@
 ONNX Runtime's symbolic shape inference saves ``sym_shape_infer_temp.onnx`` into the current
 directory whenever it gives up (it does on every skl2onnx graph); running it in a child keeps
 the caller's directory clean and concurrent packagers from overwriting each other's file.
-Run as ``python -m packager.preprocess SOURCE OUT [--external]``; prints a JSON result line.
+Run as ``python -m edgefleet.packager.preprocess SOURCE OUT [--external]``; prints a JSON result line.
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def run(source: Path, out: Path, *, external: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) not in (2, 3) or (len(args) == 3 and args[2] != "--external"):
-        print("usage: python -m packager.preprocess SOURCE OUT [--external]", file=sys.stderr)
+        print(
+            "usage: python -m edgefleet.packager.preprocess SOURCE OUT [--external]",
+            file=sys.stderr,
+        )
         return 2
     result = run(Path(args[0]).resolve(), Path(args[1]).resolve(), external=len(args) == 3)
     print(json.dumps(result))

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from packager.recipe import Recipe, RecipeError, parse_recipe
+from edgefleet.packager.recipe import Recipe, RecipeError, parse_recipe
 
 
 class ProfileError(ValueError):

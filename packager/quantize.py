@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from packager.recipe import Recipe
+from edgefleet.packager.recipe import Recipe
 
 
 class BuildError(RuntimeError):
@@ -84,7 +84,7 @@ def preprocess(
     import sys
 
     source, out = Path(source).resolve(), Path(out).resolve()
-    cmd = [sys.executable, "-m", "packager.preprocess", str(source), str(out)]
+    cmd = [sys.executable, "-m", "edgefleet.packager.preprocess", str(source), str(out)]
     if external:
         cmd.append("--external")
     try:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from packager.evaluate import Metrics
-from packager.profiles import AccuracyGate
+from edgefleet.packager.evaluate import Metrics
+from edgefleet.packager.profiles import AccuracyGate
 
 
 @dataclass(frozen=True)

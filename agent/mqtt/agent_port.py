@@ -8,18 +8,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agent.mqtt.reconcile import ModelTarget
+from edgefleet.agent.mqtt.reconcile import ModelTarget
 
 
 def _plain(value: Any) -> Any:
-    from agent.mqtt_link import jsonable
+    from edgefleet.agent.mqtt_link import jsonable
 
     return jsonable(value)
 
 
 def make_update_request(target: ModelTarget, *, desired_seq: int) -> Any:
     """An `agent.runtime.UpdateRequest` for ``target`` (a rollback when allow_downgrade)."""
-    from agent.runtime import UpdateRequest
+    from edgefleet.agent.runtime import UpdateRequest
 
     del desired_seq  # the link keeps it; the runtime does not need it
     return UpdateRequest(
@@ -53,7 +53,7 @@ def installed_versions(inventory: Any) -> dict[str, str]:
 
 def unfinished_updates(agent: Any) -> dict[str, str]:
     """model -> version of updates the agent still runs (e.g. resumed after a restart)."""
-    from agent.states import TERMINAL, State
+    from edgefleet.agent.states import TERMINAL, State
 
     out: dict[str, str] = {}
     updates = getattr(agent, "updates", None)
@@ -111,7 +111,7 @@ def presence_fields(agent: Any, config: Any) -> dict[str, Any]:
         fields["execution_providers"] = []
     profiles = list(getattr(config, "profiles", []) or [])
     if not profiles:
-        from agent.config import default_profiles
+        from edgefleet.agent.config import default_profiles
 
         profiles = default_profiles(fields["execution_providers"])
     fields["profiles"] = profiles

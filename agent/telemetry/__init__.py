@@ -3,7 +3,7 @@
 An :class:`Outbox` deliberately has no ``__len__``: ``if outbox:`` stays true when it is empty.
 """
 
-from agent.telemetry.outbox import Outbox, OutboxError, OutboxStats
-from agent.telemetry.service import TelemetryService, TelemetrySettings
+from edgefleet.agent.telemetry.outbox import Outbox, OutboxError, OutboxStats
+from edgefleet.agent.telemetry.service import TelemetryService, TelemetrySettings
 
 __all__ = ["Outbox", "OutboxError", "OutboxStats", "TelemetryService", "TelemetrySettings"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.telemetry.collector import (
+from edgefleet.agent.telemetry.collector import (
     InferenceWindow,
     SketchWindow,
     models_of,
@@ -32,7 +32,7 @@ from agent.telemetry.collector import (
     sample_record,
     system_record,
 )
-from agent.telemetry.outbox import Outbox
+from edgefleet.agent.telemetry.outbox import Outbox
 from edgefleet.drift.sketch import Sketch
 
 log = logging.getLogger("edgefleet.agent.telemetry")

@@ -1,5 +1,5 @@
 """The controller's dashboard pages (fleet, rollouts, drift), included by the app factory."""
 
-from cloud_controller.dashboard.pages import router
+from edgefleet.cloud_controller.dashboard.pages import router
 
 __all__ = ["router"]

@@ -15,9 +15,9 @@ from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cloud_controller.auth import Perm, allowed, lookup_token
-from cloud_controller.dashboard import svg
-from cloud_controller.deps import controller, session
+from edgefleet.cloud_controller.auth import Perm, allowed, lookup_token
+from edgefleet.cloud_controller.dashboard import svg
+from edgefleet.cloud_controller.deps import controller, session
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
 COOKIE = "edgefleet_token"
@@ -100,8 +100,8 @@ def _ago(dt: datetime | None) -> str:
 
 
 def fleet_rows(s: Session) -> list[dict[str, Any]]:
-    from cloud_controller.devices import list_devices
-    from cloud_controller.drift.models import TelemetryRecord
+    from edgefleet.cloud_controller.devices import list_devices
+    from edgefleet.cloud_controller.drift.models import TelemetryRecord
 
     since = datetime.now(UTC) - timedelta(hours=1)
     errs: dict[str, tuple[int, int]] = {}
@@ -172,7 +172,7 @@ def fleet(request: Request, s: Session = Depends(session)) -> Response:
 def rollouts(request: Request, s: Session = Depends(session)) -> Response:
     if (denied := _viewer(request)) is not None:
         return denied
-    from cloud_controller.rollout_views import detail, list_rollouts
+    from edgefleet.cloud_controller.rollout_views import detail, list_rollouts
 
     svc = controller(request).rollouts
     parts = []
@@ -215,7 +215,7 @@ def rollouts(request: Request, s: Session = Depends(session)) -> Response:
 def drift_index(request: Request, s: Session = Depends(session)) -> Response:
     if (denied := _viewer(request)) is not None:
         return denied
-    from cloud_controller.drift.models import SketchAggregate
+    from edgefleet.cloud_controller.drift.models import SketchAggregate
 
     models = sorted(set(s.scalars(select(SketchAggregate.model).distinct())))
     items = "".join(
@@ -235,8 +235,8 @@ def drift_page(
 ) -> Response:
     if (denied := _viewer(request)) is not None:
         return denied
-    from cloud_controller.drift import analysis
-    from cloud_controller.drift.api import drift_view
+    from edgefleet.cloud_controller.drift import analysis
+    from edgefleet.cloud_controller.drift.api import drift_view
 
     view = drift_view(s, model, device=device, hours=hours)
     hist = analysis.history(s, model, scope="device" if device else "fleet", key=device or "*")

@@ -16,7 +16,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_controller.drift.models import DriftEvent, DriftReference, DriftSettings, SketchAggregate
+from edgefleet.cloud_controller.drift.models import (
+    DriftEvent,
+    DriftReference,
+    DriftSettings,
+    SketchAggregate,
+)
 from edgefleet.drift.decision import DriftConfig, DriftDecision, decide
 from edgefleet.drift.reference import ReferenceError, validate_reference
 from edgefleet.drift.sketch import SketchError, merge_dicts
@@ -167,7 +172,7 @@ def get_reference(session: Session, model: str, reference_id: str) -> dict[str, 
     if row is not None:
         return dict(row.reference)
     try:
-        from cloud_controller.models import Package
+        from edgefleet.cloud_controller.models import Package
     except ImportError:  # pragma: no cover - the registry is part of the controller
         return None
     for pkg in session.scalars(select(Package).where(Package.name == model)):

@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from sqlalchemy.orm import Session
 
-from cloud_controller.auth import Perm
-from cloud_controller.deps import Principal, need, session
-from cloud_controller.drift import analysis, health
+from edgefleet.cloud_controller.auth import Perm
+from edgefleet.cloud_controller.deps import Principal, need, session
+from edgefleet.cloud_controller.drift import analysis, health
 from edgefleet.drift.reference import ReferenceError
 
 router = APIRouter(prefix="/api/v1/drift", tags=["drift"])
@@ -206,7 +206,7 @@ def post_evaluate(
     if pending:
         from sqlalchemy.orm import sessionmaker
 
-        from cloud_controller.drift.webhook import deliver_pending
+        from edgefleet.cloud_controller.drift.webhook import deliver_pending
 
         deliver_pending(sessionmaker(s.get_bind(), expire_on_commit=False))
     return {"events": [analysis.event_dict(e) for e in evs]}

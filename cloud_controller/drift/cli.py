@@ -40,7 +40,7 @@ def show(
     params: dict[str, Any] = {"hours": hours}
     if device:
         params["device"] = device
-    from cloud_controller.cli import api_call
+    from edgefleet.cloud_controller.cli import api_call
 
     doc = api_call(url, token, "GET", f"/api/v1/drift/{model}", params=params)
     if as_json:

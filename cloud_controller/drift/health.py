@@ -24,8 +24,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_controller.drift.analysis import get_reference, get_settings, summarize
-from cloud_controller.drift.models import TelemetryRecord
+from edgefleet.cloud_controller.drift.analysis import get_reference, get_settings, summarize
+from edgefleet.cloud_controller.drift.models import TelemetryRecord
 from edgefleet.drift import latency as lat
 from edgefleet.drift.decision import decide
 from edgefleet.drift.sketch import SketchError, merge_dicts
@@ -49,7 +49,7 @@ class VersionFigures:
 
 
 def _device_kinds(session: Session, device_ids: Sequence[str]) -> dict[str, str]:
-    from cloud_controller.models import Device
+    from edgefleet.cloud_controller.models import Device
 
     out: dict[str, str] = {}
     if not device_ids:
@@ -61,7 +61,7 @@ def _device_kinds(session: Session, device_ids: Sequence[str]) -> dict[str, str]
 
 
 def _devices_of_kinds(session: Session, kinds: set[str]) -> list[str]:
-    from cloud_controller.models import Device
+    from edgefleet.cloud_controller.models import Device
 
     out = []
     for dev in session.scalars(select(Device)):

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import bindparam, event, insert, select, update
 from sqlalchemy.orm import Session
 
-from cloud_controller.drift.analysis import (
+from edgefleet.cloud_controller.drift.analysis import (
     FLUSH_KEY,
     ModelDriftSettings,
     bucket_start,
@@ -28,7 +28,7 @@ from cloud_controller.drift.analysis import (
     parse_time,
     utc,
 )
-from cloud_controller.drift.models import DriftEvent, SketchAggregate, TelemetryRecord
+from edgefleet.cloud_controller.drift.models import DriftEvent, SketchAggregate, TelemetryRecord
 from edgefleet.drift.sketch import SketchError, merge_dicts
 
 log = logging.getLogger("edgefleet.controller.drift")
@@ -202,7 +202,7 @@ def _int(v: Any) -> int | None:
 
 def _device_groups(session: Session, device_ids: Iterable[str]) -> dict[str, list[str]]:
     try:
-        from cloud_controller.models import Device
+        from edgefleet.cloud_controller.models import Device
     except ImportError:  # pragma: no cover
         return {}
     ids = list(set(device_ids))
@@ -356,7 +356,7 @@ def _after_commit_deliver(session: Session) -> None:
         return
     from sqlalchemy.orm import sessionmaker
 
-    from cloud_controller.drift.webhook import deliver_pending
+    from edgefleet.cloud_controller.drift.webhook import deliver_pending
 
     factory = sessionmaker(session.get_bind(), expire_on_commit=False)
     threading.Thread(

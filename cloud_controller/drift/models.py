@@ -19,7 +19,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from cloud_controller.db import Base
+from edgefleet.cloud_controller.db import Base
 
 
 class TelemetryRecord(Base):

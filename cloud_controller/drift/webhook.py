@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud_controller.drift.analysis import event_dict, get_settings
-from cloud_controller.drift.models import DriftEvent
+from edgefleet.cloud_controller.drift.analysis import event_dict, get_settings
+from edgefleet.cloud_controller.drift.models import DriftEvent
 
 log = logging.getLogger("edgefleet.controller.drift")
 HEADER = "X-Edgefleet-Signature"

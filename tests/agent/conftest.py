@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.config import AgentConfig, ProbationConfig, SwapConfig, ValidationConfig
-from agent.runtime import Agent, UpdateRequest
+from edgefleet.agent.config import AgentConfig, ProbationConfig, SwapConfig, ValidationConfig
+from edgefleet.agent.runtime import Agent, UpdateRequest
 from edgefleet.keys import KeyPair, generate_keypair
 from tests.agent.helpers import lookup_package
 from tests.support.packages import make_package, model_inputs

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from agent import oip
-from agent.config import dump_config
+from edgefleet.agent import oip
+from edgefleet.agent.config import dump_config
 from edgefleet.keys import KeyPair, load_private_key
 from edgefleet.wire.package import build_package
 from tests.support.services import free_port, wait_port

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import oip
+from edgefleet.agent import oip
 
 
 def main() -> None:

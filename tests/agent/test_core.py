@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import oip
-from agent.config import ConfigError, ProbationConfig, load_config
-from agent.journal import Journal, Recovery, UpdateRecord, decide_recovery
-from agent.sessions import judge_probation, plan_swap
-from agent.states import TERMINAL, TRANSITIONS, State, TransitionError, check_transition
-from agent.store import ModelStore, Pointers
-from agent.validation import Figures, judge, sample_agreement
+from edgefleet.agent import oip
+from edgefleet.agent.config import ConfigError, ProbationConfig, load_config
+from edgefleet.agent.journal import Journal, Recovery, UpdateRecord, decide_recovery
+from edgefleet.agent.sessions import judge_probation, plan_swap
+from edgefleet.agent.states import TERMINAL, TRANSITIONS, State, TransitionError, check_transition
+from edgefleet.agent.store import ModelStore, Pointers
+from edgefleet.agent.validation import Figures, judge, sample_agreement
 
 HAPPY = [
     "IDLE",

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from agent.store import ModelStore
+from edgefleet.agent.store import ModelStore
 from edgefleet.keys import KeyPair
 from tests.agent.helpers import AgentProcess, OipClient, served_version, wait_for, write_config
 

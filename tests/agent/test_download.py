@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.download import DownloadError, fetch
-from agent.runtime import Agent, UpdateRequest
+from edgefleet.agent.download import DownloadError, fetch
+from edgefleet.agent.runtime import Agent, UpdateRequest
 from tests.agent.helpers import served_version
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import SwapConfig
-from agent.runtime import Agent, UpdateRequest
+from edgefleet.agent.config import SwapConfig
+from edgefleet.agent.runtime import Agent, UpdateRequest
 from tests.agent.helpers import REPO, wait_for
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.runtime import Agent, UpdateRequest
+from edgefleet.agent.runtime import Agent, UpdateRequest
 from edgefleet.keys import KeyPair
 from tests.agent.helpers import (
     file_info,
@@ -155,7 +155,7 @@ def test_wrong_name_rejected(
 def test_memory_insufficient_rejected(
     pkgs: dict[str, Path], agent_factory: Callable[..., Agent], v1_copy: Path, x_iris: np.ndarray
 ) -> None:
-    from agent.config import SwapConfig
+    from edgefleet.agent.config import SwapConfig
 
     agent = agent_factory(v1_copy, swap=SwapConfig(memory_budget_mb=1.0))  # + 32 MB headroom
     _assert_rejected(agent, _update(agent, pkgs["v2"]), "memory_insufficient", x_iris)

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime import Agent, UpdateEvent, UpdateRequest
-from agent.store import ModelStore
+from edgefleet.agent.runtime import Agent, UpdateEvent, UpdateRequest
+from edgefleet.agent.store import ModelStore
 from edgefleet.keys import KeyPair
 from tests.agent.helpers import AgentProcess, OipClient, served_version, wait_for, write_config
 

@@ -13,9 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent import oip
-from agent.config import ProbationConfig
-from agent.runtime import Agent, UpdateRequest
+from edgefleet.agent import oip
+from edgefleet.agent.config import ProbationConfig
+from edgefleet.agent.runtime import Agent, UpdateRequest
 from tests.agent.helpers import OipClient, wait_for
 
 
@@ -186,7 +186,7 @@ def test_client_disconnects_are_not_printed_but_other_errors_are_logged(
 ) -> None:
     """Edge clients drop connections constantly: no traceback on stderr for that, while a real
     serving error still reaches the log with its stack."""
-    from agent.server import QuietServer
+    from edgefleet.agent.server import QuietServer
 
     srv = QuietServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     try:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import SwapConfig
-from agent.sessions import LoadedModel, ModelNotFound, ServerBusy, SessionManager
-from agent.store import ModelStore
+from edgefleet.agent.config import SwapConfig
+from edgefleet.agent.sessions import LoadedModel, ModelNotFound, ServerBusy, SessionManager
+from edgefleet.agent.store import ModelStore
 
 
 def _load(data: Path, version: str = "1.0.0") -> LoadedModel:

@@ -53,10 +53,10 @@ def start_controller(
     """Build the controller app and serve it with uvicorn in a thread on a free port."""
     import uvicorn
 
-    from cloud_controller import auth
-    from cloud_controller.app import Controller, create_app
-    from cloud_controller.db import transaction
-    from cloud_controller.settings import Settings
+    from edgefleet.cloud_controller import auth
+    from edgefleet.cloud_controller.app import Controller, create_app
+    from edgefleet.cloud_controller.db import transaction
+    from edgefleet.cloud_controller.settings import Settings
 
     port = free_port()
     settings = Settings(

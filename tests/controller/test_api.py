@@ -6,10 +6,10 @@ from pathlib import Path
 
 import httpx
 
-from cloud_controller import devices
-from cloud_controller import rollout_engine as E
-from cloud_controller.db import transaction
-from cloud_controller.models import DesiredState
+from edgefleet.cloud_controller import devices
+from edgefleet.cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller.db import transaction
+from edgefleet.cloud_controller.models import DesiredState
 from edgefleet.keys import KeyPair, generate_keypair
 from tests.controller.conftest import Running
 
@@ -72,7 +72,7 @@ def test_tokens_roles_and_audit(controller: Running, packages: dict[str, Path]) 
     # nothing stored in clear
     from sqlalchemy import select
 
-    from cloud_controller.models import ApiToken, Device
+    from edgefleet.cloud_controller.models import ApiToken, Device
 
     with controller.controller.factory() as s:
         hashes = set(s.scalars(select(ApiToken.token_hash)))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cloud_controller import rollout_engine as E
 from edgefleet.cli import app
+from edgefleet.cloud_controller import rollout_engine as E
 from tests.controller.conftest import Running
 from tests.controller.test_api import presence
 
@@ -27,7 +27,7 @@ def test_token_create_writes_a_working_token(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     token = res.output.strip().splitlines()[-1]
     assert token.startswith("eft_")
-    from cloud_controller import auth, db
+    from edgefleet.cloud_controller import auth, db
 
     engine = db.make_engine(url)
     with db.session_factory(engine)() as s:

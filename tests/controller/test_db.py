@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from cloud_controller import db
-from cloud_controller.settings import Settings
+from edgefleet.cloud_controller import db
+from edgefleet.cloud_controller.settings import Settings
 
 
 def _schema_diff(url: str) -> list[object]:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    import cloud_controller.models  # noqa: F401  (registers the tables)
+    import edgefleet.cloud_controller.models  # noqa: F401  (registers the tables)
 
     engine = db.make_engine(url)
     db.upgrade(engine)

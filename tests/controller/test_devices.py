@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cloud_controller import db, devices
-from cloud_controller.devices import accept_seq
+from edgefleet.cloud_controller import db, devices
+from edgefleet.cloud_controller.devices import accept_seq
 
 
 def test_accept_seq_drops_repeats_but_takes_late_reports() -> None:

@@ -15,9 +15,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from typer.testing import CliRunner
 
-from cloud_controller import auth
-from cloud_controller import db as dbm
 from edgefleet.cli import app
+from edgefleet.cloud_controller import auth
+from edgefleet.cloud_controller import db as dbm
 from edgefleet.wire.mqtt import topic
 from tests.support.services import free_port, require, wait_port
 

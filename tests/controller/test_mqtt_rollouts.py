@@ -10,7 +10,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud_controller.models import DesiredState, Device
+from edgefleet.cloud_controller.models import DesiredState, Device
 from edgefleet.keys import KeyPair
 from edgefleet.wire.mqtt import topic
 from tests.controller.conftest import Running, start_controller, wait_for
@@ -243,7 +243,7 @@ def test_offline_device_times_out_and_counts_as_failure(
 def test_telemetry_reaches_the_drift_ingest_once(fleet_ctl: Running, broker: Mosquitto) -> None:
     from sqlalchemy import func, select
 
-    from cloud_controller.drift.models import TelemetryRecord
+    from edgefleet.cloud_controller.drift.models import TelemetryRecord
 
     bridge = fleet_ctl.controller.bridge
     assert bridge is not None

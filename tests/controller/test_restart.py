@@ -10,8 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cloud_controller import rollout_engine as E
-from cloud_controller.models import DesiredState
+from edgefleet.cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller.models import DesiredState
 from edgefleet.keys import KeyPair
 from tests.controller.conftest import start_controller, wait_for
 from tests.controller.simdevice import SimDevice

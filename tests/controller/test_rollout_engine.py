@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from cloud_controller import rollout_engine as E
-from cloud_controller.rollout_engine import (
+from edgefleet.cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller.rollout_engine import (
     Abort,
     Approve,
     Cancel,

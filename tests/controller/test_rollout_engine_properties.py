@@ -7,7 +7,7 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller import rollout_engine as E
 
 AGENT_STATES = ["DOWNLOADING", "VALIDATING", "COMMITTED", "FAILED", "ROLLED_BACK"]
 REASONS = [None, "download_failed", "validation_error", "signature_invalid"]

@@ -10,11 +10,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud_controller import db, devices
-from cloud_controller import rollout_engine as E
-from cloud_controller.desired import Signer
-from cloud_controller.models import DesiredState, Package
-from cloud_controller.rollouts import RolloutService, default_health
+from edgefleet.cloud_controller import db, devices
+from edgefleet.cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller.desired import Signer
+from edgefleet.cloud_controller.models import DesiredState, Package
+from edgefleet.cloud_controller.rollouts import RolloutService, default_health
 from edgefleet.wire.mqtt import verify_desired
 
 T0 = 1_900_000_000.0
@@ -195,7 +195,7 @@ def test_abort_without_a_package_of_the_previous_version_is_reported(
     with store() as s:
         from sqlalchemy import select
 
-        from cloud_controller.models import RolloutEvent
+        from edgefleet.cloud_controller.models import RolloutEvent
 
         msgs = [
             e.message for e in s.scalars(select(RolloutEvent).where(RolloutEvent.rollout_id == rid))
@@ -299,7 +299,7 @@ def test_two_replicas_on_one_database_keep_exact_counts(
     with shared_store() as s:
         from sqlalchemy import select
 
-        from cloud_controller.models import Rollout
+        from edgefleet.cloud_controller.models import Rollout
 
         row = s.get(Rollout, rid)
         seqs = {r.device_id: r.seq for r in s.scalars(select(DesiredState))}

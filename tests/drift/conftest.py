@@ -22,7 +22,7 @@ from edgefleet.drift.sketch import Sketch
 
 
 def migrated_factory(url: str) -> sessionmaker[Session]:
-    from cloud_controller import db
+    from edgefleet.cloud_controller import db
 
     engine = db.make_engine(url)
     db.upgrade(engine)
@@ -156,10 +156,10 @@ class Served:
 
         import uvicorn
 
-        from cloud_controller import auth
-        from cloud_controller.app import Controller, create_app
-        from cloud_controller.db import transaction
-        from cloud_controller.settings import Settings
+        from edgefleet.cloud_controller import auth
+        from edgefleet.cloud_controller.app import Controller, create_app
+        from edgefleet.cloud_controller.db import transaction
+        from edgefleet.cloud_controller.settings import Settings
         from tests.support.services import free_port
 
         port = free_port()

@@ -15,11 +15,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cloud_controller import devices
-from cloud_controller.dashboard import svg
-from cloud_controller.db import transaction
-from cloud_controller.drift import analysis
-from cloud_controller.drift.ingest import ingest_batch
+from edgefleet.cloud_controller import devices
+from edgefleet.cloud_controller.dashboard import svg
+from edgefleet.cloud_controller.db import transaction
+from edgefleet.cloud_controller.drift import analysis
+from edgefleet.cloud_controller.drift.ingest import ingest_batch
 from tests.drift.conftest import Served, inference_record, iris, sketch_record
 from tests.drift.png import count_colour, read_png
 from tests.support.services import require
@@ -104,7 +104,7 @@ def test_api_settings_need_operate_and_are_validated(served: Served) -> None:
 
 
 def test_cli_drift_show_json_and_table(served: Served) -> None:
-    from cloud_controller.drift.cli import register
+    from edgefleet.cloud_controller.drift.cli import register
 
     app = typer.Typer()
     register(app)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.telemetry.collector import InferenceWindow, SketchWindow, models_of
+from edgefleet.agent.telemetry.collector import InferenceWindow, SketchWindow, models_of
 from edgefleet.drift import latency as lat
 from edgefleet.drift.reference import build_reference
 from edgefleet.drift.sketch import Sketch

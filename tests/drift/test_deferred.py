@@ -8,10 +8,10 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud_controller.db import transaction
-from cloud_controller.drift import analysis
-from cloud_controller.drift.ingest import PENDING_KEY, ingest_telemetry
-from cloud_controller.drift.models import DriftEvent, SketchAggregate
+from edgefleet.cloud_controller.db import transaction
+from edgefleet.cloud_controller.drift import analysis
+from edgefleet.cloud_controller.drift.ingest import PENDING_KEY, ingest_telemetry
+from edgefleet.cloud_controller.drift.models import DriftEvent, SketchAggregate
 from tests.drift.conftest import Hook, iris, sketch_record
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)

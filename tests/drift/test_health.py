@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud_controller import devices
-from cloud_controller import rollout_engine as E
-from cloud_controller.db import transaction
-from cloud_controller.drift import analysis
-from cloud_controller.drift.health import compare_versions, rollout_health, wave_health
-from cloud_controller.drift.ingest import ingest_batch
+from edgefleet.cloud_controller import devices
+from edgefleet.cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller.db import transaction
+from edgefleet.cloud_controller.drift import analysis
+from edgefleet.cloud_controller.drift.health import compare_versions, rollout_health, wave_health
+from edgefleet.cloud_controller.drift.ingest import ingest_batch
 from tests.drift.conftest import inference_record, iris, sketch_record
 
 T0 = datetime(2026, 2, 1, 8, 0, tzinfo=UTC)

@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud_controller import devices
-from cloud_controller.db import transaction
-from cloud_controller.drift import analysis
-from cloud_controller.drift.ingest import TelemetryError, ingest_batch, ingest_telemetry
-from cloud_controller.drift.models import DriftEvent, SketchAggregate, TelemetryRecord
-from cloud_controller.drift.webhook import HEADER, verify_signature
+from edgefleet.cloud_controller import devices
+from edgefleet.cloud_controller.db import transaction
+from edgefleet.cloud_controller.drift import analysis
+from edgefleet.cloud_controller.drift.ingest import TelemetryError, ingest_batch, ingest_telemetry
+from edgefleet.cloud_controller.drift.models import DriftEvent, SketchAggregate, TelemetryRecord
+from edgefleet.cloud_controller.drift.webhook import HEADER, verify_signature
 from tests.drift.conftest import Hook, inference_record, iris, migrated_factory, sketch_record
 
 T0 = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
@@ -174,8 +174,8 @@ def test_closed_drifted_bucket_raises_one_event_and_a_signed_webhook(
 def test_failed_webhooks_are_retried_later_with_the_error_kept(
     factory: sessionmaker[Session],
 ) -> None:
-    from cloud_controller.drift import ingest as ingest_mod
-    from cloud_controller.drift.webhook import deliver_pending
+    from edgefleet.cloud_controller.drift import ingest as ingest_mod
+    from edgefleet.cloud_controller.drift.webhook import deliver_pending
 
     hook = Hook(fail_first=1)
     try:

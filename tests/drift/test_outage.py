@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from agent.config import AgentConfig, MqttConfig, ProbationConfig
-from agent.mqtt_link import MqttLink, wait_until
-from agent.runtime import Agent, UpdateRequest
-from agent.telemetry.outbox import Outbox
-from agent.telemetry.service import TelemetryService, TelemetrySettings
-from cloud_controller.drift.models import TelemetryRecord
+from edgefleet.agent.config import AgentConfig, MqttConfig, ProbationConfig
+from edgefleet.agent.mqtt_link import MqttLink, wait_until
+from edgefleet.agent.runtime import Agent, UpdateRequest
+from edgefleet.agent.telemetry.outbox import Outbox
+from edgefleet.agent.telemetry.service import TelemetryService, TelemetrySettings
+from edgefleet.cloud_controller.drift.models import TelemetryRecord
 from edgefleet.keys import generate_keypair, public_pem
 from tests.controller.conftest import start_controller
 from tests.fleet.proxy import CuttableProxy
@@ -130,8 +130,8 @@ def test_every_record_arrives_once_after_a_broker_outage(tmp_path: Path) -> None
             assert agent.wait_update(uid, timeout=60)["state"] == "COMMITTED"
             # the device is known to the controller before it connects (as after registration):
             # the bridge's first batch of a brand-new device is not what this test is about
-            from cloud_controller import devices
-            from cloud_controller.db import transaction
+            from edgefleet.cloud_controller import devices
+            from edgefleet.cloud_controller.db import transaction
 
             with transaction(run.controller.factory) as s:
                 devices.get_or_create(s, cfg.device_id)

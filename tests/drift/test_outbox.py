@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.telemetry.outbox import Outbox, OutboxError
+from edgefleet.agent.telemetry.outbox import Outbox, OutboxError
 
 
 def test_append_pending_ack_and_ids_increase_across_reopen(tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_concurrent_appenders_and_drainer_lose_nothing(tmp_path: Path) -> None:
 _WRITER = textwrap.dedent(
     """
     import sys
-    from agent.telemetry.outbox import Outbox
+    from edgefleet.agent.telemetry.outbox import Outbox
     ob = Outbox(sys.argv[1])
     for i in range(1_000_000):
         rid = ob.append({"kind": "system", "i": i})

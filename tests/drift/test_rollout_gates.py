@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from cloud_controller.models import DesiredState
+from edgefleet.cloud_controller.models import DesiredState
 from edgefleet.drift.latency import histogram
 from edgefleet.keys import KeyPair, generate_keypair
 from edgefleet.wire.mqtt import topic
@@ -86,7 +86,7 @@ def test_slower_release_aborts_on_the_p95_gate_and_rolls_back(
     key = run.controller.signer.key.public_key()
     devs = [TelemetryDevice(d, broker.host, broker.port, key).start() for d in ids]
     try:
-        from cloud_controller.models import Device
+        from edgefleet.cloud_controller.models import Device
 
         def known() -> bool:
             with run.controller.factory() as s:
@@ -97,7 +97,7 @@ def test_slower_release_aborts_on_the_p95_gate_and_rolls_back(
             d.telemetry()
 
         def baseline() -> bool:
-            from cloud_controller.drift.health import figures
+            from edgefleet.cloud_controller.drift.health import figures
 
             with run.controller.factory() as s:
                 return figures(s, "iris", "1.0.0", ids, None).requests == 1200

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, ProbationConfig
-from agent.runtime import Agent, UpdateRequest
-from agent.telemetry.outbox import Outbox
-from agent.telemetry.service import TelemetryService, TelemetrySettings
+from edgefleet.agent.config import AgentConfig, ProbationConfig
+from edgefleet.agent.runtime import Agent, UpdateRequest
+from edgefleet.agent.telemetry.outbox import Outbox
+from edgefleet.agent.telemetry.service import TelemetryService, TelemetrySettings
 from edgefleet.drift.decision import DriftConfig, decide
 from edgefleet.drift.latency import quantile
 from edgefleet.drift.reference import build_reference
@@ -161,8 +161,8 @@ def test_service_thread_ticks_and_stop_flushes(
 def test_agent_toml_reaches_the_telemetry_settings(tmp_path: Path) -> None:
     """Every setting the service reads can be set in agent.toml's [telemetry] table (and raw
     input sampling stays off unless it is)."""
-    from agent.config import load_config
-    from agent.telemetry.service import TelemetrySettings
+    from edgefleet.agent.config import load_config
+    from edgefleet.agent.telemetry.service import TelemetrySettings
 
     p = tmp_path / "agent.toml"
     p.write_text('device_id = "gw"\ndata_dir = "data"\n')

@@ -8,7 +8,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud_controller.broker import BrokerError, embedded_broker
+from edgefleet.devbroker import BrokerError, embedded_broker
 from tests.support.services import require
 
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, MqttConfig, ProbationConfig, ValidationConfig
-from agent.mqtt_link import MqttLink, wait_until
-from agent.runtime import Agent, UpdateRequest
+from edgefleet.agent.config import AgentConfig, MqttConfig, ProbationConfig, ValidationConfig
+from edgefleet.agent.mqtt_link import MqttLink, wait_until
+from edgefleet.agent.runtime import Agent, UpdateRequest
 from edgefleet.wire.mqtt import topic
 from tests.fleet.conftest import Keys, Observer, Pkg, desired_state, model_entry, signed
 from tests.fleet.proxy import CuttableProxy
@@ -247,7 +247,7 @@ def test_status_survives_broker_outage_and_agent_restart(
 def test_telemetry_outbox_drains_in_batches_until_acknowledged(
     tmp_path: Path, broker: Any, observer: Observer, fleet_keys: Keys
 ) -> None:
-    from agent.telemetry.outbox import Outbox
+    from edgefleet.agent.telemetry.outbox import Outbox
 
     dev = Device(tmp_path, broker.url, fleet_keys)
     box = Outbox(tmp_path / "telemetry.sqlite")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.mqtt.reconcile import (
+from edgefleet.agent.mqtt.reconcile import (
     DesiredStateError,
     parse_removals,
     parse_targets,
@@ -76,7 +76,7 @@ def test_plan_in_flight_other_version_still_installs() -> None:
 
 
 def test_link_state_round_trips_and_survives_a_corrupt_file(tmp_path: Path) -> None:
-    from agent.mqtt.state import LinkState
+    from edgefleet.agent.mqtt.state import LinkState
 
     path = tmp_path / "mqtt" / "link.json"
     assert LinkState.load(path).last_seq is None

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from edgefleet.keys import KeyPair, generate_keypair
-from packager.examples import ExampleModel, build_examples
-from packager.pipeline import PackageReport, package_model
-from packager.profiles import load_profiles
+from edgefleet.packager.examples import ExampleModel, build_examples
+from edgefleet.packager.pipeline import PackageReport, package_model
+from edgefleet.packager.profiles import load_profiles
 
 FAST_BENCH = {"bench_runs": 20, "bench_seconds": 0.2}
 

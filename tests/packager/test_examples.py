@@ -11,8 +11,8 @@ import onnxruntime as ort
 from typer.testing import CliRunner
 
 from edgefleet.cli import app
-from packager.examples import ExampleModel, file_sha256
-from packager.npzio import load_npz
+from edgefleet.packager.examples import ExampleModel, file_sha256
+from edgefleet.packager.npzio import load_npz
 
 
 def test_examples_are_trained_models_with_data(examples: dict[str, ExampleModel]) -> None:

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from edgefleet.cli import app
 from edgefleet.keys import KeyPair, load_public_key
+from edgefleet.packager.examples import ExampleModel, file_sha256
+from edgefleet.packager.npzio import load_npz
+from edgefleet.packager.pipeline import PackageReport
+from edgefleet.packager.profiles import load_profiles
 from edgefleet.wire.package import VerifyPolicy, read_manifest, verify_package
-from packager.examples import ExampleModel, file_sha256
-from packager.npzio import load_npz
-from packager.pipeline import PackageReport
-from packager.profiles import load_profiles
 
 STRICT = """
 id = "cpu-strict"
@@ -173,8 +173,8 @@ def test_memory_gate_steers_the_search(
     examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
 ) -> None:
     """A device budget the dynamic model (Conv left FP32) does not fit leaves the static one."""
-    from packager.pipeline import package_model
-    from packager.profiles import load_profile_file
+    from edgefleet.packager.pipeline import package_model
+    from edgefleet.packager.profiles import load_profile_file
 
     text = STRICT.replace("max_abs_error = 1e-9", "").replace(
         "max_memory_mb = 100", "max_memory_mb = 0.02"

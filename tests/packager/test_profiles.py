@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgefleet.cli import app
-from packager.profiles import ProfileError, get_profile, load_profile_file, load_profiles
+from edgefleet.packager.profiles import ProfileError, get_profile, load_profile_file, load_profiles
 
 REQUIRED = {
     "cpu-x86_64",

@@ -9,12 +9,12 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from packager.examples import ExampleModel
-from packager.npzio import load_npz
-from packager.profiles import load_profiles
-from packager.quantize import build_candidate as build
-from packager.quantize import non_power_of_two_scales, pow2_ceil, preprocess
-from packager.recipe import Recipe, parse_recipe
+from edgefleet.packager.examples import ExampleModel
+from edgefleet.packager.npzio import load_npz
+from edgefleet.packager.profiles import load_profiles
+from edgefleet.packager.quantize import build_candidate as build
+from edgefleet.packager.quantize import non_power_of_two_scales, pow2_ceil, preprocess
+from edgefleet.packager.recipe import Recipe, parse_recipe
 
 RECIPES: dict[str, Recipe] = {}
 for _p in load_profiles().values():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from packager.evaluate import Metrics, compare
-from packager.profiles import AccuracyGate
-from packager.search import CandidateResult, check_gate, choose, closest_miss
+from edgefleet.packager.evaluate import Metrics, compare
+from edgefleet.packager.profiles import AccuracyGate
+from edgefleet.packager.search import CandidateResult, check_gate, choose, closest_miss
 
 GATE = AccuracyGate(min_agreement=0.98, max_accuracy_drop=0.01)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_controller.broker import free_port
+from edgefleet.devbroker import free_port
 
 POSTGRES_URL = os.environ.get(
     "EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
@@ -104,7 +104,7 @@ def mosquitto(
     port = free_port()
     # The same config writer the product's embedded broker uses (hashed passwords, ACL,
     # `user root` when run as root so Mosquitto can read the 0600 files).
-    from cloud_controller.broker import mosquitto_config
+    from edgefleet.devbroker import mosquitto_config
 
     mosquitto_config(workdir, "127.0.0.1", port, passwords=passwords, acl=acl)
     broker = Mosquitto("127.0.0.1", port, workdir, _spawn(workdir))

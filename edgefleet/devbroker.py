@@ -4,7 +4,7 @@ Either broker runs as a child process on a free loopback port. The child dies wi
 (``PR_SET_PDEATHSIG`` on Linux) and `EmbeddedBroker.stop()` terminates, then kills, it, so no
 broker outlives the demo, whatever way it exits.
 
-Run the amqtt child directly with ``python -m cloud_controller.broker --port P``.
+Run the amqtt child directly with ``python -m edgefleet.devbroker --port P``.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class EmbeddedBroker:
             return [
                 sys.executable,
                 "-m",
-                "cloud_controller.broker",
+                "edgefleet.devbroker",
                 "--host",
                 self.host,
                 "--port",
