@@ -8,25 +8,9 @@ worker takes from IDLE.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from edgefleet.wire.states import UpdateState
 
-
-class State(StrEnum):
-    IDLE = "IDLE"
-    DOWNLOADING = "DOWNLOADING"
-    VERIFYING = "VERIFYING"
-    INSTALLING = "INSTALLING"
-    VALIDATING = "VALIDATING"
-    ACTIVATING = "ACTIVATING"
-    PROBATION = "PROBATION"
-    COMMITTED = "COMMITTED"
-    FAILED = "FAILED"
-    ROLLING_BACK = "ROLLING_BACK"
-    ROLLED_BACK = "ROLLED_BACK"
-    REMOVING = "REMOVING"
-    REMOVED = "REMOVED"
-
-
+State = UpdateState
 S = State
 
 TRANSITIONS: dict[State, frozenset[State]] = {

@@ -18,7 +18,7 @@ from edgefleet.cloud_controller.models import Package
 
 
 class UploadRejected(Exception):
-    """An upload the registry refuses; `code` is a RejectCode value or a registry reason."""
+    """An upload the registry refuses; `code` is a ReasonCode value or a registry reason."""
 
     def __init__(self, code: str, message: str, status: int = 422) -> None:
         super().__init__(f"{code}: {message}")

@@ -10,7 +10,8 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from edgefleet.wire.errors import RejectCode, RejectError
+from edgefleet.wire.errors import RejectError
+from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import InvalidVersion, parse_version
 
 FORMAT = "edgefleet.package/v1"
@@ -42,7 +43,7 @@ def parse_time(value: str) -> datetime:
 
 
 def _bad(field: str, why: str) -> RejectError:
-    return RejectError(RejectCode.MANIFEST_INVALID, f"manifest field {field!r} {why}")
+    return RejectError(ReasonCode.MANIFEST_INVALID, f"manifest field {field!r} {why}")
 
 
 def _req(obj: dict[str, Any], field: str, kind: type | tuple[type, ...], path: str = "") -> Any:
@@ -72,7 +73,7 @@ def _tensor_specs(specs: Any, field: str) -> None:
 def validate_manifest(m: Any) -> dict[str, Any]:
     """Check the manifest's structure; return it unchanged or raise ``MANIFEST_INVALID``."""
     if not isinstance(m, dict):
-        raise RejectError(RejectCode.MANIFEST_INVALID, "manifest is not a JSON object")
+        raise RejectError(ReasonCode.MANIFEST_INVALID, "manifest is not a JSON object")
     if m.get("format") != FORMAT:
         raise _bad("format", f"is {m.get('format')!r}, expected {FORMAT!r}")
     if not NAME_RE.match(_req(m, "name", str)):

@@ -30,8 +30,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.keys import key_id
-from edgefleet.wire.errors import RejectCode, RejectError, ReplayError
+from edgefleet.wire.errors import RejectError, ReplayError
 from edgefleet.wire.manifest import NAME_RE, now_utc, parse_time
+from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import InvalidVersion, parse_version
 
 TOPIC_PREFIX = "edgefleet/v1"
@@ -81,7 +82,7 @@ def sign_desired(state: dict[str, Any], private_key: ec.EllipticCurvePrivateKey)
 
 
 def _bad(msg: str) -> RejectError:
-    return RejectError(RejectCode.MANIFEST_INVALID, f"desired state: {msg}")
+    return RejectError(ReasonCode.MANIFEST_INVALID, f"desired state: {msg}")
 
 
 def validate_desired(state: Any) -> dict[str, Any]:
@@ -143,19 +144,19 @@ def verify_desired(
         env = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RejectError(
-            RejectCode.SIGNATURE_INVALID, "desired state is not a JSON envelope"
+            ReasonCode.SIGNATURE_INVALID, "desired state is not a JSON envelope"
         ) from e
     if not isinstance(env, dict) or not isinstance(env.get("sig"), str) or "payload" not in env:
-        raise RejectError(RejectCode.SIGNATURE_MISSING, "desired state is not signed")
+        raise RejectError(ReasonCode.SIGNATURE_MISSING, "desired state is not signed")
     if env.get("alg") != DESIRED_ALG:
         raise RejectError(
-            RejectCode.SIGNATURE_INVALID, f"unsupported signature algorithm {env.get('alg')!r}"
+            ReasonCode.SIGNATURE_INVALID, f"unsupported signature algorithm {env.get('alg')!r}"
         )
     by_id = {key_id(k): k for k in trusted}
     key = by_id.get(str(env.get("key_id")))
     if key is None:
         raise RejectError(
-            RejectCode.UNTRUSTED_KEY, f"desired state signed by unknown key {env.get('key_id')}"
+            ReasonCode.UNTRUSTED_KEY, f"desired state signed by unknown key {env.get('key_id')}"
         )
     try:
         payload = base64.b64decode(env["payload"], validate=True)
@@ -163,7 +164,7 @@ def verify_desired(
         key.verify(sig, _signed_bytes(payload), ec.ECDSA(hashes.SHA256()))
     except (binascii.Error, ValueError, TypeError, InvalidSignature) as e:
         raise RejectError(
-            RejectCode.SIGNATURE_INVALID, "desired state signature does not verify"
+            ReasonCode.SIGNATURE_INVALID, "desired state signature does not verify"
         ) from e
     try:
         state = validate_desired(json.loads(payload))
@@ -171,13 +172,13 @@ def verify_desired(
         raise _bad("payload is not JSON") from e
     if state["device_id"] != device_id:
         raise RejectError(
-            RejectCode.DEVICE_MISMATCH,
+            ReasonCode.DEVICE_MISMATCH,
             f"desired state is for {state['device_id']!r}, not {device_id!r}",
         )
     if last_seq is not None and state["seq"] <= last_seq:
         raise ReplayError(f"sequence {state['seq']} is not newer than {last_seq}")
     if parse_time(state["expires_at"]) <= (now or now_utc()):
-        raise RejectError(RejectCode.EXPIRED, f"desired state expired at {state['expires_at']}")
+        raise RejectError(ReasonCode.EXPIRED, f"desired state expired at {state['expires_at']}")
     return state
 
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.wire import signing
 from edgefleet.wire.atomic import fsync_dir
-from edgefleet.wire.errors import RejectCode, RejectError
+from edgefleet.wire.errors import RejectError
 from edgefleet.wire.manifest import (
     MANIFEST_FILE,
     format_time,
@@ -38,10 +38,11 @@ from edgefleet.wire.manifest import (
     parse_time,
     validate_manifest,
 )
+from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import parse_version
 
 __all__ = [
-    "RejectCode",
+    "ReasonCode",
     "RejectError",
     "VerifiedPackage",
     "VerifyPolicy",
@@ -172,7 +173,7 @@ def _open_tar(path: Path) -> tarfile.TarFile:
         return tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise RejectError(
-            RejectCode.NOT_A_PACKAGE, f"{path.name} is not an uncompressed tar: {e}"
+            ReasonCode.NOT_A_PACKAGE, f"{path.name} is not an uncompressed tar: {e}"
         ) from e
 
 
@@ -182,7 +183,7 @@ def _members(tar: tarfile.TarFile, max_member_bytes: int) -> dict[str, tarfile.T
     try:
         infos = tar.getmembers()
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise RejectError(RejectCode.NOT_A_PACKAGE, f"truncated or corrupt archive: {e}") from e
+        raise RejectError(ReasonCode.NOT_A_PACKAGE, f"truncated or corrupt archive: {e}") from e
     for ti in infos:
         name = ti.name
         parts = name.split("/")
@@ -196,23 +197,23 @@ def _members(tar: tarfile.TarFile, max_member_bytes: int) -> dict[str, tarfile.T
             or (len(name) > 1 and name[1] == ":")
         ):
             raise RejectError(
-                RejectCode.UNSAFE_PATH, f"member path {name!r} is absolute or escapes the package"
+                ReasonCode.UNSAFE_PATH, f"member path {name!r} is absolute or escapes the package"
             )
         if ti.issym() or ti.islnk():
             raise RejectError(
-                RejectCode.LINK_MEMBER, f"member {name!r} is a link to {ti.linkname!r}"
+                ReasonCode.LINK_MEMBER, f"member {name!r} is a link to {ti.linkname!r}"
             )
         if not ti.isfile():
-            raise RejectError(RejectCode.UNSAFE_PATH, f"member {name!r} is not a regular file")
+            raise RejectError(ReasonCode.UNSAFE_PATH, f"member {name!r} is not a regular file")
         if len(parts) != 1:
             raise RejectError(
-                RejectCode.UNSAFE_PATH, f"member {name!r} is not at the package's top level"
+                ReasonCode.UNSAFE_PATH, f"member {name!r} is not at the package's top level"
             )
         if name in out:
-            raise RejectError(RejectCode.DUPLICATE_MEMBER, f"member {name!r} appears twice")
+            raise RejectError(ReasonCode.DUPLICATE_MEMBER, f"member {name!r} appears twice")
         if ti.size > max_member_bytes:
             raise RejectError(
-                RejectCode.TOO_LARGE,
+                ReasonCode.TOO_LARGE,
                 f"member {name!r} is {ti.size} bytes, over the {max_member_bytes} limit",
             )
         out[name] = ti
@@ -222,13 +223,13 @@ def _members(tar: tarfile.TarFile, max_member_bytes: int) -> dict[str, tarfile.T
 def _read_small(tar: tarfile.TarFile, ti: tarfile.TarInfo, limit: int) -> bytes:
     if ti.size > limit:
         raise RejectError(
-            RejectCode.TOO_LARGE, f"{ti.name} is {ti.size} bytes, over the {limit} limit"
+            ReasonCode.TOO_LARGE, f"{ti.name} is {ti.size} bytes, over the {limit} limit"
         )
     f = tar.extractfile(ti)
     assert f is not None
     data = f.read()
     if len(data) != ti.size:
-        raise RejectError(RejectCode.NOT_A_PACKAGE, f"{ti.name} is truncated")
+        raise RejectError(ReasonCode.NOT_A_PACKAGE, f"{ti.name} is truncated")
     return data
 
 
@@ -237,13 +238,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
     with _open_tar(Path(path)) as tar:
         members = _members(tar, 16 * GiB)
         if MANIFEST_FILE not in members:
-            raise RejectError(RejectCode.MEMBER_MISSING, "package has no manifest.json")
+            raise RejectError(ReasonCode.MEMBER_MISSING, "package has no manifest.json")
         try:
             data = json.loads(_read_small(tar, members[MANIFEST_FILE], MAX_MANIFEST_BYTES))
         except json.JSONDecodeError as e:
-            raise RejectError(RejectCode.MANIFEST_INVALID, f"manifest.json is not JSON: {e}") from e
+            raise RejectError(ReasonCode.MANIFEST_INVALID, f"manifest.json is not JSON: {e}") from e
         if not isinstance(data, dict):
-            raise RejectError(RejectCode.MANIFEST_INVALID, "manifest.json is not an object")
+            raise RejectError(ReasonCode.MANIFEST_INVALID, "manifest.json is not an object")
         return data
 
 
@@ -255,21 +256,21 @@ def check_manifest_policy(manifest: dict[str, Any], policy: VerifyPolicy) -> tup
     name, version = manifest["name"], manifest["version"]
     if policy.expected_name is not None and name != policy.expected_name:
         raise RejectError(
-            RejectCode.NAME_MISMATCH, f"package is {name!r}, expected {policy.expected_name!r}"
+            ReasonCode.NAME_MISMATCH, f"package is {name!r}, expected {policy.expected_name!r}"
         )
     now = policy.now or now_utc()
     created = parse_time(manifest["created"])
     if created > now + CLOCK_SKEW:
         raise RejectError(
-            RejectCode.NOT_YET_VALID, f"package created {manifest['created']}, in the future"
+            ReasonCode.NOT_YET_VALID, f"package created {manifest['created']}, in the future"
         )
     if manifest.get("expires") and parse_time(manifest["expires"]) <= now:
-        raise RejectError(RejectCode.EXPIRED, f"package expired at {manifest['expires']}")
+        raise RejectError(ReasonCode.EXPIRED, f"package expired at {manifest['expires']}")
     if policy.agent_version is not None and parse_version(
         manifest["min_agent_version"]
     ) > parse_version(policy.agent_version):
         raise RejectError(
-            RejectCode.AGENT_TOO_OLD,
+            ReasonCode.AGENT_TOO_OLD,
             f"package needs agent >= {manifest['min_agent_version']}, this agent is {policy.agent_version}",
         )
     if (
@@ -278,13 +279,13 @@ def check_manifest_policy(manifest: dict[str, Any], policy: VerifyPolicy) -> tup
         and parse_version(version) <= parse_version(policy.installed_version)
     ):
         raise RejectError(
-            RejectCode.VERSION_NOT_NEWER,
+            ReasonCode.VERSION_NOT_NEWER,
             f"version {version} is not newer than the installed {policy.installed_version}"
             " (and no rollback to it was asked for)",
         )
     if policy.profiles is not None and manifest["profile"] not in policy.profiles:
         raise RejectError(
-            RejectCode.PROFILE_INCOMPATIBLE,
+            ReasonCode.PROFILE_INCOMPATIBLE,
             f"package is for profile {manifest['profile']!r}; this device accepts {list(policy.profiles)}",
         )
     wanted = [ep["name"] for ep in manifest["execution_providers"]]
@@ -295,12 +296,12 @@ def check_manifest_policy(manifest: dict[str, Any], policy: VerifyPolicy) -> tup
     accelerators = [p for p in wanted if p != CPU_PROVIDER]
     if not accelerators or any(p in have for p in accelerators):
         if not usable:
-            raise RejectError(RejectCode.PROVIDER_MISSING, f"none of {wanted} is available here")
+            raise RejectError(ReasonCode.PROVIDER_MISSING, f"none of {wanted} is available here")
         return usable, False
     if manifest["cpu_fallback"] and CPU_PROVIDER in have:
         return [CPU_PROVIDER], True
     raise RejectError(
-        RejectCode.PROVIDER_MISSING,
+        ReasonCode.PROVIDER_MISSING,
         f"package needs {accelerators}, this device has {sorted(have)}; the profile does not allow CPU fallback",
     )
 
@@ -310,7 +311,7 @@ def _copy_hashing(src: IO[bytes], dst: IO[bytes] | None, size: int) -> str:
     while left > 0:
         chunk = src.read(min(_CHUNK, left))
         if not chunk:
-            raise RejectError(RejectCode.NOT_A_PACKAGE, "member data is truncated")
+            raise RejectError(ReasonCode.NOT_A_PACKAGE, "member data is truncated")
         h.update(chunk)
         if dst is not None:
             dst.write(chunk)
@@ -330,16 +331,16 @@ def verify_package(
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise RejectError(RejectCode.NOT_A_PACKAGE, f"cannot read {path}: {e.strerror}") from e
+        raise RejectError(ReasonCode.NOT_A_PACKAGE, f"cannot read {path}: {e.strerror}") from e
     if size > policy.max_package_bytes:
         raise RejectError(
-            RejectCode.TOO_LARGE,
+            ReasonCode.TOO_LARGE,
             f"package is {size} bytes, over the {policy.max_package_bytes} limit",
         )
     with _open_tar(path) as tar:
         members = _members(tar, policy.max_member_bytes)
         if SIGNATURE_FILE not in members:
-            raise RejectError(RejectCode.SIGNATURE_MISSING, f"package has no {SIGNATURE_FILE}")
+            raise RejectError(ReasonCode.SIGNATURE_MISSING, f"package has no {SIGNATURE_FILE}")
         signed = signing.verify(
             _read_small(tar, members[SIGNATURE_FILE], signing.MAX_BUNDLE_BYTES),
             policy.trusted_keys,
@@ -348,40 +349,40 @@ def verify_package(
         for name in members:
             if name != SIGNATURE_FILE and name not in signed.digests:
                 raise RejectError(
-                    RejectCode.MEMBER_UNPINNED, f"member {name!r} is not pinned by the signature"
+                    ReasonCode.MEMBER_UNPINNED, f"member {name!r} is not pinned by the signature"
                 )
         for name in signed.digests:
             if name not in members:
                 raise RejectError(
-                    RejectCode.MEMBER_MISSING, f"signed member {name!r} is not in the package"
+                    ReasonCode.MEMBER_MISSING, f"signed member {name!r} is not in the package"
                 )
         if MANIFEST_FILE not in members:
-            raise RejectError(RejectCode.MEMBER_MISSING, "package has no manifest.json")
+            raise RejectError(ReasonCode.MEMBER_MISSING, "package has no manifest.json")
         manifest_bytes = _read_small(tar, members[MANIFEST_FILE], MAX_MANIFEST_BYTES)
         if hashlib.sha256(manifest_bytes).hexdigest() != signed.digests[MANIFEST_FILE]:
             raise RejectError(
-                RejectCode.DIGEST_MISMATCH, "manifest.json does not match its signed digest"
+                ReasonCode.DIGEST_MISMATCH, "manifest.json does not match its signed digest"
             )
         try:
             manifest = validate_manifest(json.loads(manifest_bytes))
         except json.JSONDecodeError as e:
-            raise RejectError(RejectCode.MANIFEST_INVALID, f"manifest.json is not JSON: {e}") from e
+            raise RejectError(ReasonCode.MANIFEST_INVALID, f"manifest.json is not JSON: {e}") from e
         listed = set(manifest["members"])
         payload = set(members) - {SIGNATURE_FILE, MANIFEST_FILE}
         if listed != payload:
             raise RejectError(
-                RejectCode.MANIFEST_INVALID,
+                ReasonCode.MANIFEST_INVALID,
                 f"manifest lists members {sorted(listed)} but the package holds {sorted(payload)}",
             )
         for name in payload:
             info = manifest["members"][name]
             if info["sha256"] != signed.digests[name]:
                 raise RejectError(
-                    RejectCode.DIGEST_MISMATCH, f"manifest and signature disagree on {name!r}"
+                    ReasonCode.DIGEST_MISMATCH, f"manifest and signature disagree on {name!r}"
                 )
             if info["size"] != members[name].size:
                 raise RejectError(
-                    RejectCode.SIZE_MISMATCH,
+                    ReasonCode.SIZE_MISMATCH,
                     f"{name!r} is {members[name].size} bytes, the manifest says {info['size']}",
                 )
         providers, fallback = check_manifest_policy(manifest, policy)
@@ -394,7 +395,7 @@ def verify_package(
                 assert src is not None
                 if _copy_hashing(src, None, members[name].size) != signed.digests[name]:
                     raise RejectError(
-                        RejectCode.DIGEST_MISMATCH, f"{name!r} does not match its signed digest"
+                        ReasonCode.DIGEST_MISMATCH, f"{name!r} does not match its signed digest"
                     )
             return result
         result.extracted_to = _extract(
@@ -426,7 +427,7 @@ def _extract(
                 os.fsync(dst.fileno())
             if got != digests[name]:
                 raise RejectError(
-                    RejectCode.DIGEST_MISMATCH, f"{name!r} does not match its signed digest"
+                    ReasonCode.DIGEST_MISMATCH, f"{name!r} does not match its signed digest"
                 )
         for name, data in ((MANIFEST_FILE, manifest_bytes), (SIGNATURE_FILE, None)):
             raw = (

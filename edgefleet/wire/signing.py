@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.keys import key_id
-from edgefleet.wire.errors import RejectCode, RejectError
+from edgefleet.wire.errors import RejectError
+from edgefleet.wire.reasons import ReasonCode
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -106,7 +107,7 @@ def sign(
 
 
 def _invalid(msg: str) -> RejectError:
-    return RejectError(RejectCode.SIGNATURE_INVALID, msg)
+    return RejectError(ReasonCode.SIGNATURE_INVALID, msg)
 
 
 def _b64(value: Any, what: str) -> bytes:
@@ -125,7 +126,7 @@ def verify(
 ) -> SignedContent:
     """Check a bundle against trusted keys; return what it signs or raise :class:`RejectError`."""
     if len(bundle_bytes) > MAX_BUNDLE_BYTES:
-        raise RejectError(RejectCode.TOO_LARGE, f"signature bundle over {MAX_BUNDLE_BYTES} bytes")
+        raise RejectError(ReasonCode.TOO_LARGE, f"signature bundle over {MAX_BUNDLE_BYTES} bytes")
     try:
         bundle = json.loads(bundle_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -149,13 +150,13 @@ def verify(
     if isinstance(material, dict) and isinstance(material.get("publicKey"), dict):
         hint = material["publicKey"].get("hint") or None
     if hint is not None and hint in revoked_key_ids:
-        raise RejectError(RejectCode.REVOKED_KEY, f"signed with revoked key {hint}")
+        raise RejectError(ReasonCode.REVOKED_KEY, f"signed with revoked key {hint}")
     candidates = [(hint, by_id[hint])] if hint in by_id else []
     if hint is None:
         candidates = list(by_id.items())
     if not candidates:
         raise RejectError(
-            RejectCode.UNTRUSTED_KEY,
+            ReasonCode.UNTRUSTED_KEY,
             f"signed with key {hint} which is not among the {len(by_id)} trusted key(s)",
         )
     message = pae(PAYLOAD_TYPE, payload)
@@ -170,7 +171,7 @@ def verify(
     if signer is None:
         raise _invalid("the signature does not verify with the trusted key")
     if signer in revoked_key_ids:
-        raise RejectError(RejectCode.REVOKED_KEY, f"signed with revoked key {signer}")
+        raise RejectError(ReasonCode.REVOKED_KEY, f"signed with revoked key {signer}")
     return SignedContent(signer, *_parse_statement(payload))
 
 

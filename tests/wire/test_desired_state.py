@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from edgefleet.keys import KeyPair, load_private_key, load_public_key
-from edgefleet.wire.errors import RejectCode, RejectError, ReplayError
+from edgefleet.wire.errors import RejectError, ReplayError
 from edgefleet.wire.manifest import format_time
 from edgefleet.wire.mqtt import (
     parse_topic,
@@ -18,6 +18,7 @@ from edgefleet.wire.mqtt import (
     validate_desired,
     verify_desired,
 )
+from edgefleet.wire.reasons import ReasonCode
 
 
 def state(seq: int = 5, device: str = "gw-1", ttl: timedelta = timedelta(days=1)) -> dict:
@@ -50,16 +51,16 @@ def test_roundtrip(keys: KeyPair) -> None:
 @pytest.mark.parametrize(
     ("mutate", "code"),
     [
-        (lambda env: env.pop("sig"), RejectCode.SIGNATURE_MISSING),
+        (lambda env: env.pop("sig"), ReasonCode.SIGNATURE_MISSING),
         (
             lambda env: env.update(payload=env["payload"][:-8] + "AAAAAAA="),
-            RejectCode.SIGNATURE_INVALID,
+            ReasonCode.SIGNATURE_INVALID,
         ),
-        (lambda env: env.update(key_id="ab" * 32), RejectCode.UNTRUSTED_KEY),
-        (lambda env: env.update(alg="none"), RejectCode.SIGNATURE_INVALID),
+        (lambda env: env.update(key_id="ab" * 32), ReasonCode.UNTRUSTED_KEY),
+        (lambda env: env.update(alg="none"), ReasonCode.SIGNATURE_INVALID),
     ],
 )
-def test_tampered_envelopes(keys: KeyPair, mutate, code: RejectCode) -> None:  # type: ignore[no-untyped-def]
+def test_tampered_envelopes(keys: KeyPair, mutate, code: ReasonCode) -> None:  # type: ignore[no-untyped-def]
     env = json.loads(sign_desired(state(), load_private_key(keys.private_path)))
     mutate(env)
     with pytest.raises(RejectError) as ei:
@@ -80,7 +81,7 @@ def test_unsigned_plain_json_rejected(keys: KeyPair) -> None:
             device_id="gw-1",
             last_seq=None,
         )
-    assert ei.value.code == RejectCode.SIGNATURE_MISSING
+    assert ei.value.code == ReasonCode.SIGNATURE_MISSING
 
 
 def test_other_key_other_device_replay_expired(keys: KeyPair, other_keys: KeyPair) -> None:
@@ -92,12 +93,12 @@ def test_other_key_other_device_replay_expired(keys: KeyPair, other_keys: KeyPai
             device_id="gw-1",
             last_seq=None,
         )
-    assert ei.value.code == RejectCode.UNTRUSTED_KEY
+    assert ei.value.code == ReasonCode.UNTRUSTED_KEY
     with pytest.raises(RejectError) as ei:
         verify_desired(
             sign_desired(state(device="gw-2"), priv), [pub], device_id="gw-1", last_seq=None
         )
-    assert ei.value.code == RejectCode.DEVICE_MISMATCH
+    assert ei.value.code == ReasonCode.DEVICE_MISMATCH
     with pytest.raises(ReplayError):
         verify_desired(sign_desired(state(seq=5), priv), [pub], device_id="gw-1", last_seq=5)
     with pytest.raises(RejectError) as ei:
@@ -107,7 +108,7 @@ def test_other_key_other_device_replay_expired(keys: KeyPair, other_keys: KeyPai
             device_id="gw-1",
             last_seq=None,
         )
-    assert ei.value.code == RejectCode.EXPIRED
+    assert ei.value.code == ReasonCode.EXPIRED
 
 
 def test_topics() -> None:
@@ -143,6 +144,6 @@ def test_remove_list_signed_and_verified(keys: KeyPair) -> None:
 def test_remove_list_rejected(keys: KeyPair, remove: object) -> None:
     with pytest.raises(RejectError) as e:
         validate_desired(state() | {"remove": remove})
-    assert e.value.code is RejectCode.MANIFEST_INVALID
+    assert e.value.code is ReasonCode.MANIFEST_INVALID
     with pytest.raises(RejectError):
         sign_desired(state() | {"remove": remove}, load_private_key(keys.private_path))

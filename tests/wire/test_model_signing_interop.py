@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from edgefleet.keys import KeyPair, load_public_key
-from edgefleet.wire.package import RejectCode, RejectError, VerifyPolicy, verify_package
+from edgefleet.wire.package import RejectError, VerifyPolicy, verify_package
+from edgefleet.wire.reasons import ReasonCode
 
 model_signing = pytest.importorskip(
     "model_signing", reason="model-signing is a test dependency: pip install -e .[test]"
@@ -64,7 +65,7 @@ def test_we_accept_a_reference_signature(
     assert set(v.member_digests) == {"manifest.json", "model.onnx", "samples.npz"}
     with pytest.raises(RejectError) as ei:
         verify_package(pkg, VerifyPolicy([]))
-    assert ei.value.code == RejectCode.UNTRUSTED_KEY
+    assert ei.value.code == ReasonCode.UNTRUSTED_KEY
 
 
 def test_key_ids_match_reference_hint(good_package: Path, keys: KeyPair) -> None:

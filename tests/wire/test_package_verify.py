@@ -12,14 +12,15 @@ import pytest
 
 from edgefleet.keys import KeyPair, load_public_key
 from edgefleet.wire.manifest import format_time
-from edgefleet.wire.package import RejectCode, RejectError, VerifyPolicy, verify_package
+from edgefleet.wire.package import RejectError, VerifyPolicy, verify_package
+from edgefleet.wire.reasons import ReasonCode
 from tests.support.packages import make_package
 from tests.wire.tamper import edit_manifest, read_members, resign, rewrite, write_members
 
 CPU = ["CPUExecutionProvider"]
 
 
-def reject(pkg: Path, policy: VerifyPolicy, code: RejectCode, tmp_path: Path) -> RejectError:
+def reject(pkg: Path, policy: VerifyPolicy, code: ReasonCode, tmp_path: Path) -> RejectError:
     target = tmp_path / "install"
     with pytest.raises(RejectError) as ei:
         verify_package(pkg, policy, extract_to=target)
@@ -55,7 +56,7 @@ def test_tampered_member(good_package: Path, trusted: list, tmp_path: Path) -> N
         ]
 
     bad = rewrite(good_package, tmp_path / "bad.efpkg", flip)
-    err = reject(bad, VerifyPolicy(trusted), RejectCode.DIGEST_MISMATCH, tmp_path)
+    err = reject(bad, VerifyPolicy(trusted), ReasonCode.DIGEST_MISMATCH, tmp_path)
     assert "model.onnx" in err.message
 
 
@@ -65,7 +66,7 @@ def test_tampered_manifest(good_package: Path, trusted: list, tmp_path: Path) ->
         tmp_path / "bad.efpkg",
         lambda ms: edit_manifest(ms, lambda m: m.update(version="9.9.9")),
     )
-    err = reject(bad, VerifyPolicy(trusted), RejectCode.DIGEST_MISMATCH, tmp_path)
+    err = reject(bad, VerifyPolicy(trusted), ReasonCode.DIGEST_MISMATCH, tmp_path)
     assert "manifest" in err.message
 
 
@@ -73,7 +74,7 @@ def test_unknown_key(good_package: Path, other_keys: KeyPair, tmp_path: Path) ->
     reject(
         good_package,
         VerifyPolicy([load_public_key(other_keys.public_path)]),
-        RejectCode.UNTRUSTED_KEY,
+        ReasonCode.UNTRUSTED_KEY,
         tmp_path,
     )
 
@@ -82,7 +83,7 @@ def test_revoked_key(good_package: Path, keys: KeyPair, trusted: list, tmp_path:
     err = reject(
         good_package,
         VerifyPolicy(trusted, revoked_key_ids={keys.key_id}),
-        RejectCode.REVOKED_KEY,
+        ReasonCode.REVOKED_KEY,
         tmp_path,
     )
     assert keys.key_id in err.message
@@ -102,7 +103,7 @@ def test_forged_signature(good_package: Path, trusted: list, tmp_path: Path) -> 
     reject(
         rewrite(good_package, tmp_path / "bad.efpkg", forge),
         VerifyPolicy(trusted),
-        RejectCode.SIGNATURE_INVALID,
+        ReasonCode.SIGNATURE_INVALID,
         tmp_path,
     )
 
@@ -111,7 +112,7 @@ def test_missing_signature(good_package: Path, trusted: list, tmp_path: Path) ->
     bad = rewrite(
         good_package, tmp_path / "bad.efpkg", lambda ms: [m for m in ms if m[0].name != "model.sig"]
     )
-    reject(bad, VerifyPolicy(trusted), RejectCode.SIGNATURE_MISSING, tmp_path)
+    reject(bad, VerifyPolicy(trusted), ReasonCode.SIGNATURE_MISSING, tmp_path)
 
 
 def test_unpinned_member(good_package: Path, trusted: list, tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ def test_unpinned_member(good_package: Path, trusted: list, tmp_path: Path) -> N
         tmp_path / "bad.efpkg",
         lambda ms: [*ms, (tarfile.TarInfo("extra.so"), b"\x7fELF")],
     )
-    err = reject(bad, VerifyPolicy(trusted), RejectCode.MEMBER_UNPINNED, tmp_path)
+    err = reject(bad, VerifyPolicy(trusted), ReasonCode.MEMBER_UNPINNED, tmp_path)
     assert "extra.so" in err.message
 
 
@@ -130,7 +131,7 @@ def test_missing_member(good_package: Path, trusted: list, tmp_path: Path) -> No
         tmp_path / "bad.efpkg",
         lambda ms: [m for m in ms if m[0].name != "samples.npz"],
     )
-    reject(bad, VerifyPolicy(trusted), RejectCode.MEMBER_MISSING, tmp_path)
+    reject(bad, VerifyPolicy(trusted), ReasonCode.MEMBER_MISSING, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +141,7 @@ def test_unsafe_paths(good_package: Path, trusted: list, tmp_path: Path, name: s
     bad = rewrite(
         good_package, tmp_path / "bad.efpkg", lambda ms: [*ms, (tarfile.TarInfo(name), b"x")]
     )
-    reject(bad, VerifyPolicy(trusted), RejectCode.UNSAFE_PATH, tmp_path)
+    reject(bad, VerifyPolicy(trusted), ReasonCode.UNSAFE_PATH, tmp_path)
 
 
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
@@ -148,7 +149,7 @@ def test_link_members(good_package: Path, trusted: list, tmp_path: Path, kind: b
     link = tarfile.TarInfo("evil")
     link.type, link.linkname = kind, "/etc/passwd"
     bad = rewrite(good_package, tmp_path / "bad.efpkg", lambda ms: [*ms, (link, None)])
-    reject(bad, VerifyPolicy(trusted), RejectCode.LINK_MEMBER, tmp_path)
+    reject(bad, VerifyPolicy(trusted), ReasonCode.LINK_MEMBER, tmp_path)
 
 
 def test_duplicate_member(good_package: Path, trusted: list, tmp_path: Path) -> None:
@@ -158,7 +159,7 @@ def test_duplicate_member(good_package: Path, trusted: list, tmp_path: Path) -> 
     reject(
         rewrite(good_package, tmp_path / "bad.efpkg", dup),
         VerifyPolicy(trusted),
-        RejectCode.DUPLICATE_MEMBER,
+        ReasonCode.DUPLICATE_MEMBER,
         tmp_path,
     )
 
@@ -168,11 +169,11 @@ def test_oversize_package_and_member(good_package: Path, trusted: list, tmp_path
     reject(
         good_package,
         VerifyPolicy(trusted, max_package_bytes=size - 1),
-        RejectCode.TOO_LARGE,
+        ReasonCode.TOO_LARGE,
         tmp_path,
     )
     reject(
-        good_package, VerifyPolicy(trusted, max_member_bytes=100), RejectCode.TOO_LARGE, tmp_path
+        good_package, VerifyPolicy(trusted, max_member_bytes=100), ReasonCode.TOO_LARGE, tmp_path
     )
 
 
@@ -180,10 +181,10 @@ def test_truncated_and_garbage(good_package: Path, trusted: list, tmp_path: Path
     data = good_package.read_bytes()
     trunc = tmp_path / "trunc.efpkg"
     trunc.write_bytes(data[: len(data) // 2])
-    reject(trunc, VerifyPolicy(trusted), RejectCode.NOT_A_PACKAGE, tmp_path)
+    reject(trunc, VerifyPolicy(trusted), ReasonCode.NOT_A_PACKAGE, tmp_path)
     junk = tmp_path / "junk.efpkg"
     junk.write_bytes(os.urandom(4096))
-    reject(junk, VerifyPolicy(trusted), RejectCode.NOT_A_PACKAGE, tmp_path)
+    reject(junk, VerifyPolicy(trusted), ReasonCode.NOT_A_PACKAGE, tmp_path)
 
 
 def test_signed_but_invalid_manifest(
@@ -194,7 +195,7 @@ def test_signed_but_invalid_manifest(
         tmp_path / "bad.efpkg",
         lambda ms: resign(edit_manifest(ms, lambda m: m.update(version="one")), keys),
     )
-    err = reject(bad, VerifyPolicy(trusted), RejectCode.MANIFEST_INVALID, tmp_path)
+    err = reject(bad, VerifyPolicy(trusted), ReasonCode.MANIFEST_INVALID, tmp_path)
     assert "version" in err.message
 
 
@@ -207,29 +208,29 @@ def test_signed_manifest_lying_about_size(
     bad = rewrite(
         good_package, tmp_path / "bad.efpkg", lambda ms: resign(edit_manifest(ms, lie), keys)
     )
-    reject(bad, VerifyPolicy(trusted), RejectCode.SIZE_MISMATCH, tmp_path)
+    reject(bad, VerifyPolicy(trusted), ReasonCode.SIZE_MISMATCH, tmp_path)
 
 
 def test_expired_and_not_yet_valid(keys: KeyPair, trusted: list, tmp_path: Path) -> None:
     past = format_time(datetime.now(UTC) - timedelta(days=1))
     old = make_package(tmp_path / "a", name="iris", version="1.0.0", key=keys, expires=past)
-    reject(old, VerifyPolicy(trusted), RejectCode.EXPIRED, tmp_path)
+    reject(old, VerifyPolicy(trusted), ReasonCode.EXPIRED, tmp_path)
     future = format_time(datetime.now(UTC) + timedelta(days=1))
     early = make_package(tmp_path / "b", name="iris", version="1.0.0", key=keys, created=future)
-    reject(early, VerifyPolicy(trusted), RejectCode.NOT_YET_VALID, tmp_path)
+    reject(early, VerifyPolicy(trusted), ReasonCode.NOT_YET_VALID, tmp_path)
 
 
 def test_versions(good_package: Path, trusted: list, tmp_path: Path) -> None:
     reject(
         good_package,
         VerifyPolicy(trusted, installed_version="1.2.0"),
-        RejectCode.VERSION_NOT_NEWER,
+        ReasonCode.VERSION_NOT_NEWER,
         tmp_path,
     )
     reject(
         good_package,
         VerifyPolicy(trusted, installed_version="1.10.0"),
-        RejectCode.VERSION_NOT_NEWER,
+        ReasonCode.VERSION_NOT_NEWER,
         tmp_path,
     )
     verify_package(good_package, VerifyPolicy(trusted, installed_version="1.2.0-rc.1"))
@@ -240,7 +241,7 @@ def test_versions(good_package: Path, trusted: list, tmp_path: Path) -> None:
     reject(
         good_package,
         VerifyPolicy(trusted, installed_version="2.0.0", allow_version="1.1.0"),
-        RejectCode.VERSION_NOT_NEWER,
+        ReasonCode.VERSION_NOT_NEWER,
         tmp_path,
     )
 
@@ -249,19 +250,19 @@ def test_name_profile_agent(good_package: Path, trusted: list, tmp_path: Path) -
     reject(
         good_package,
         VerifyPolicy(trusted, expected_name="digits"),
-        RejectCode.NAME_MISMATCH,
+        ReasonCode.NAME_MISMATCH,
         tmp_path,
     )
     reject(
         good_package,
         VerifyPolicy(trusted, profiles=["cpu-arm64"]),
-        RejectCode.PROFILE_INCOMPATIBLE,
+        ReasonCode.PROFILE_INCOMPATIBLE,
         tmp_path,
     )
     reject(
         good_package,
         VerifyPolicy(trusted, agent_version="0.0.9"),
-        RejectCode.AGENT_TOO_OLD,
+        ReasonCode.AGENT_TOO_OLD,
         tmp_path,
     )
 
@@ -283,7 +284,7 @@ def test_missing_provider_and_cpu_fallback(keys: KeyPair, trusted: list, tmp_pat
     err = reject(
         strict,
         VerifyPolicy(trusted, available_providers=CPU),
-        RejectCode.PROVIDER_MISSING,
+        ReasonCode.PROVIDER_MISSING,
         tmp_path,
     )
     assert "CUDAExecutionProvider" in err.message

@@ -1,0 +1,105 @@
+"""Every reason code an agent can put in a status report, each classified once.
+
+A code is *transient* when the same release may succeed on the same device if it is tried
+again later (a dropped link, a truncated download, an interrupted swap): the controller retries
+it with backoff. Every other code is *final* for that release on that device: the package, its
+signature or the device's facts will not change by waiting.
+
+Package and desired-state refusals (`edgefleet.wire.errors.RejectError`) use the same enum, so a
+code means one thing wherever it is read.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ReasonCode(StrEnum):
+    # --- package and desired-state verification (RejectError) ---------------------------
+    TOO_LARGE = "too_large"
+    NOT_A_PACKAGE = "not_a_package"
+    SIGNATURE_MISSING = "signature_missing"
+    SIGNATURE_INVALID = "signature_invalid"
+    UNTRUSTED_KEY = "untrusted_key"
+    REVOKED_KEY = "revoked_key"
+    MEMBER_UNPINNED = "member_unpinned"
+    MEMBER_MISSING = "member_missing"
+    DIGEST_MISMATCH = "digest_mismatch"
+    SIZE_MISMATCH = "size_mismatch"
+    UNSAFE_PATH = "unsafe_path"
+    LINK_MEMBER = "link_member"
+    DUPLICATE_MEMBER = "duplicate_member"
+    MANIFEST_INVALID = "manifest_invalid"
+    NAME_MISMATCH = "name_mismatch"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    VERSION_NOT_NEWER = "version_not_newer"
+    PROFILE_INCOMPATIBLE = "profile_incompatible"
+    PROVIDER_MISSING = "provider_missing"
+    AGENT_TOO_OLD = "agent_too_old"
+    DEVICE_MISMATCH = "device_mismatch"
+    REPLAYED = "replayed"
+    MALFORMED = "malformed"  # a desired state that is not even a signed envelope
+    # --- download ----------------------------------------------------------------------
+    SOURCE_MISSING = "source_missing"
+    HTTP_ERROR = "http_error"
+    DOWNLOAD_INCOMPLETE = "download_incomplete"
+    DOWNLOAD_FAILED = "download_failed"
+    # --- device facts ------------------------------------------------------------------
+    DISK_FULL = "disk_full"
+    MEMORY_INSUFFICIENT = "memory_insufficient"
+    # --- install, validate, activate -----------------------------------------------------
+    INTEGRITY = "integrity"  # installed files no longer match their signed digests
+    LOAD_FAILED = "load_failed"
+    VALIDATION_ERROR = "validation_error"
+    SAMPLE_MISMATCH = "sample_mismatch"
+    LATENCY_GATE = "latency_gate"
+    MEMORY_GATE = "memory_gate"
+    ACTIVATION_FAILED = "activation_failed"
+    # --- probation ---------------------------------------------------------------------
+    PROBATION_ERROR_RATE = "probation_error_rate"
+    PROBATION_LATENCY = "probation_latency"
+    # --- the agent itself --------------------------------------------------------------
+    SUBMIT_REFUSED = "submit_refused"
+    REMOVE_REFUSED = "remove_refused"
+    INTERNAL_ERROR = "internal_error"
+    # --- informational: carried by a successful report, never a failure ------------------
+    CPU_FALLBACK = "cpu_fallback"
+    ALREADY_INSTALLED = "already"
+
+
+#: Worth another attempt of the same release on the same device, after a backoff.
+TRANSIENT = frozenset(
+    {
+        ReasonCode.HTTP_ERROR,
+        ReasonCode.DOWNLOAD_INCOMPLETE,
+        ReasonCode.DOWNLOAD_FAILED,
+        # A download that arrived short or altered in transit: the next one may not be.
+        ReasonCode.DIGEST_MISMATCH,
+        ReasonCode.SIZE_MISMATCH,
+        ReasonCode.DISK_FULL,
+        ReasonCode.MEMORY_INSUFFICIENT,
+        ReasonCode.ACTIVATION_FAILED,
+        ReasonCode.INTERNAL_ERROR,
+    }
+)
+#: Never a failure: the report that carries it is a success with a remark.
+INFORMATIONAL = frozenset({ReasonCode.CPU_FALLBACK, ReasonCode.ALREADY_INSTALLED})
+#: Final for this release on this device: retrying cannot help.
+FINAL = frozenset(ReasonCode) - TRANSIENT - INFORMATIONAL
+
+
+def parse_reason(text: object) -> ReasonCode | None:
+    """The code named by ``text``, or None when it names none."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return ReasonCode(text)
+    except ValueError:
+        return None
+
+
+def is_transient(code: object) -> bool:
+    """True for a code worth retrying; an unknown code is final (never retried blindly)."""
+    parsed = parse_reason(code)
+    return parsed is not None and parsed in TRANSIENT
