@@ -1,12 +1,10 @@
-"""ECDSA P-256 signing keys: generation, loading, key ids.
+"""ECDSA P-256 signing keys: generation and loading (files, passphrases).
 
-The key id is the sha256 (hex) of the public key's SubjectPublicKeyInfo PEM: the same value that
-OpenSSF model_signing records as the public-key hint of its bundles, so both tools name a key alike.
+How a key is named (its key id) is a wire format: `edgefleet.wire.keyid`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.wire.atomic import atomic_write_bytes
+from edgefleet.wire.keyid import key_id, public_pem
+
+__all__ = [
+    "KeyError_",
+    "KeyPair",
+    "generate_keypair",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "passphrase_from_env",
+    "public_pem",
+]
 
 
 class KeyError_(ValueError):
@@ -26,17 +36,6 @@ class KeyPair:
     key_id: str
     private_path: Path
     public_path: Path
-
-
-def public_pem(public_key: ec.EllipticCurvePublicKey) -> bytes:
-    return public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
-    """sha256 hex of the SubjectPublicKeyInfo PEM."""
-    return hashlib.sha256(public_pem(public_key)).hexdigest()
 
 
 def generate_keypair(

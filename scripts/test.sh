@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install edgefleet with its test extra into .venv and run lint, types and the whole test suite.
+# Install edgefleet with its test extra into .venv and run lint, types, the import layers and the
+# whole test suite.
 # The README's second command. Safe to re-run; CI (.ci/run) calls it in a clean clone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +27,5 @@ python3 -m venv .venv
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
 .venv/bin/mypy
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

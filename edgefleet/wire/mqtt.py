@@ -29,8 +29,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgefleet.keys import key_id
 from edgefleet.wire.errors import RejectError, ReplayError
+from edgefleet.wire.keyid import key_id
 from edgefleet.wire.manifest import NAME_RE, now_utc, parse_time
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import InvalidVersion, parse_version

@@ -22,8 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgefleet.keys import key_id
 from edgefleet.wire.errors import RejectError
+from edgefleet.wire.keyid import key_id
 from edgefleet.wire.reasons import ReasonCode
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
