@@ -14,13 +14,12 @@ import re
 import secrets
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgefleet.agent.fsio import atomic_write_bytes, atomic_write_json
+from edgefleet.agent.ports import AdminPort
 from edgefleet.agent.server import QuietServer
-
-if TYPE_CHECKING:
-    from edgefleet.agent.runtime import Agent
+from edgefleet.agent.updater import UpdateRequest
 
 MAX_BODY = 64 * 1024
 _UPDATE_RE = re.compile(r"^/admin/updates/([A-Za-z0-9T_-]+)$")
@@ -40,7 +39,7 @@ class AdminServer(QuietServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AdminPort) -> None:
         cfg = agent.config
         if cfg.admin_host not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError(f"admin_host {cfg.admin_host!r} is not a loopback address")
@@ -116,8 +115,6 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path != "/admin/updates":
             return self._json(404, {"error": f"no such endpoint: POST {self.path}"})
-        from edgefleet.agent.runtime import UpdateRequest
-
         try:
             d = json.loads(body)
             if not isinstance(d, dict) or not isinstance(d.get("source"), str):

@@ -19,12 +19,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgefleet.wire.states import TERMINAL_STATES as TERMINAL
+
 console = Console()
 agent_app = typer.Typer(
     help="The gateway agent: verify, install, validate, hot-swap and serve models."
 )
-
-TERMINAL = ("COMMITTED", "FAILED", "ROLLED_BACK", "REMOVED")
 
 
 def register(app: typer.Typer) -> None:
@@ -154,7 +154,7 @@ def run(
             console.print(f"[yellow]telemetry not started:[/yellow] {type(e).__name__}: {e}")
             telemetry = None
     if cfg.mqtt.url:
-        from edgefleet.agent.mqtt_link import MqttLink
+        from edgefleet.agent.mqtt.link import MqttLink
 
         try:
             link = MqttLink(agent, cfg, telemetry=telemetry.outbox if telemetry else None)

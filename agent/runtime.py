@@ -14,11 +14,21 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import cast
 
+from edgefleet.agent.admin import AdminServer
 from edgefleet.agent.config import AgentConfig, default_profiles
 from edgefleet.agent.journal import Journal, UpdateRecord, new_update_id
 from edgefleet.agent.metrics import Metrics
+from edgefleet.agent.ports import (
+    AdminPort,
+    AgentPort,
+    Inventory,
+    ModelEntry,
+    ObservedAgent,
+    UpdateView,
+)
+from edgefleet.agent.server import InferenceServer
 from edgefleet.agent.sessions import SessionManager
 from edgefleet.agent.states import State, is_terminal
 from edgefleet.agent.store import ModelStore
@@ -30,11 +40,15 @@ from edgefleet.agent.updater import (
     UpdateRequest,
     agent_version,
 )
+from edgefleet.wire.message import JsonObject
 
 __all__ = ["Agent", "UpdateEvent", "UpdateRequest", "agent_version"]
 
 
-class Agent:
+class Agent(AgentPort, ObservedAgent, AdminPort):
+    """One gateway's agent; the Protocols it subclasses are what the MQTT link, telemetry
+    and the admin endpoint may use of it (`agent.ports`)."""
+
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.data_dir = Path(config.data_dir)
@@ -48,8 +62,8 @@ class Agent:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self._http: Any = None
-        self._admin: Any = None
+        self._http: InferenceServer | None = None
+        self._admin: AdminServer | None = None
         self._threads: list[threading.Thread] = []
         self._providers: list[str] | None = None
         self.updater = Updater(
@@ -129,15 +143,26 @@ class Agent:
         self._queue.put(rec.id)
         return rec.id
 
-    def update(self, update_id: str) -> dict[str, Any] | None:
+    def update(self, update_id: str) -> UpdateView | None:
         rec = self.journal.load(update_id)
         return _record_view(rec) if rec else None
 
-    def updates(self, limit: int = 20) -> list[dict[str, Any]]:
+    def updates(self, limit: int = 20) -> list[UpdateView]:
         return [_record_view(r) for r in self.journal.all()[-limit:]]
 
-    def inventory(self) -> dict[str, Any]:
-        models: dict[str, Any] = {}
+    def unfinished_installs(self) -> dict[str, str]:
+        """model -> version of installs the worker has not finished (e.g. resumed after a
+        restart); a removal in flight installs nothing."""
+        return {
+            r.model: r.version
+            for r in self.journal.all()
+            if r.action == "install" and r.model and r.version and not is_terminal(r.current)
+        }
+
+    def inventory(self) -> Inventory:
+        """The one reading of what this device runs: the MQTT presence, telemetry and the
+        admin status all take it from here."""
+        models: dict[str, ModelEntry] = {}
         latest: dict[str, UpdateRecord] = {}
         for r in self.journal.all():
             if r.model:
@@ -148,12 +173,16 @@ class Agent:
             if ptr.current is None and lm is None:
                 continue
             last = latest.get(name)
+            version = lm.version if lm else ptr.current
+            assert version is not None  # skipped above when neither serves nor is installed
             models[name] = {
-                "version": lm.version if lm else ptr.current,
+                "version": version,
                 "previous": ptr.previous,
                 "state": last.state if last else ("SERVING" if lm else "INSTALLED"),
                 "serving": lm is not None,
-                "profile": lm.manifest.get("profile") if lm else None,
+                "profile": str(lm.manifest["profile"])
+                if lm and lm.manifest.get("profile")
+                else None,
                 "providers": lm.providers if lm else [],
             }
         return {
@@ -165,12 +194,12 @@ class Agent:
             "models": models,
         }
 
-    def reference(self, model: str) -> dict[str, Any] | None:
+    def reference(self, model: str) -> JsonObject | None:
         lm = self.sessions.get(model)
         ref = lm.manifest.get("drift_reference") if lm else None
         return ref if isinstance(ref, dict) else None
 
-    def manifest(self, model: str) -> dict[str, Any] | None:
+    def manifest(self, model: str) -> JsonObject | None:
         lm = self.sessions.get(model)
         return lm.manifest if lm else None
 
@@ -189,8 +218,6 @@ class Agent:
         resume = self.updater.recover()
         self.updater.load_current_models()
         if serve_http:
-            from edgefleet.agent.server import InferenceServer
-
             self._http = InferenceServer(
                 (self.config.http_host, self.config.http_port),
                 self.sessions,
@@ -201,8 +228,6 @@ class Agent:
             )
             self._spawn(self._http.serve_forever, "agent-http")
         if serve_admin:
-            from edgefleet.agent.admin import AdminServer
-
             self._admin = AdminServer(self)
             self._spawn(self._admin.serve_forever, "agent-admin")
         self._worker = self._spawn(lambda: self.updater.work(self._queue), "agent-updates")
@@ -225,33 +250,33 @@ class Agent:
         self._threads.clear()
         self.ready.clear()
 
-    def wait_update(self, update_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    def wait_update(self, update_id: str, timeout: float = 60.0) -> UpdateView:
         """Block until the update is terminal (bounded); returns its view."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             view = self.update(update_id)
-            if view and is_terminal(State(view["state"])):
+            state = view.get("state") if view else None
+            if view and state and is_terminal(State(state)):
                 return view
             time.sleep(0.02)
         raise TimeoutError(f"update {update_id} did not finish within {timeout}s")
 
-    def _spawn(self, fn: Callable[[], Any], name: str) -> threading.Thread:
+    def _spawn(self, fn: Callable[[], object], name: str) -> threading.Thread:
         t = threading.Thread(target=fn, name=name, daemon=True)
         t.start()
         self._threads.append(t)
         return t
 
 
-def _record_view(rec: UpdateRecord) -> dict[str, Any]:
+def _record_view(rec: UpdateRecord) -> UpdateView:
+    """The record as JSON plus its last reason (the most recent transition that gave one)."""
     d = rec.to_dict()
-    last = rec.history[-1] if rec.history else None
-    d["reason_code"] = last.reason_code if last else None
     d["reason"] = next((t.reason for t in reversed(rec.history) if t.reason), None)
     d["reason_code"] = next((t.reason_code for t in reversed(rec.history) if t.reason_code), None)
-    return d
+    return cast(UpdateView, d)
 
 
-def _hardware() -> dict[str, Any]:
+def _hardware() -> JsonObject:
     import psutil
 
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,6 +12,8 @@ from sqlalchemy.orm import Session
 from edgefleet.cloud_controller.db import iso
 from edgefleet.cloud_controller.models import DesiredState, Device
 from edgefleet.cloud_controller.rollout_engine import DeviceInfo
+from edgefleet.wire.presence import InstalledModel, Presence
+from edgefleet.wire.presence import parse as parse_presence
 
 
 def get_or_create(session: Session, device_id: str) -> Device:
@@ -54,29 +57,43 @@ def accept_seq(
     return True, top, kept
 
 
-def _str_list(value: Any) -> list[str]:
-    return [str(v) for v in value] if isinstance(value, list) else []
-
-
 def apply_presence(
-    session: Session, device_id: str, msg: dict[str, Any], now: datetime | None = None
+    session: Session,
+    device_id: str,
+    msg: Presence | Mapping[str, object],
+    now: datetime | None = None,
 ) -> Device:
-    """Update the inventory from a presence message (an offline will carries only `online`)."""
+    """Update the inventory from a presence message (an offline will carries only `online`).
+
+    A raw message is parsed first (`edgefleet.wire.presence.parse`: a wrong type raises its
+    `MessageError`); a field the message does not carry leaves the inventory as it was.
+    """
+    p = msg if isinstance(msg, Presence) else parse_presence(msg, device_id)
     dev = get_or_create(session, device_id)
-    dev.online = bool(msg.get("online", False))
+    dev.online = p.online
     dev.last_seen = now or datetime.now(UTC)
-    if dev.online:
-        if "agent_version" in msg:
-            dev.agent_version = str(msg["agent_version"])[:64]
-        if "execution_providers" in msg:
-            dev.execution_providers = _str_list(msg["execution_providers"])
-        if "profiles" in msg:
-            dev.profiles = _str_list(msg["profiles"])
-        if isinstance(msg.get("hardware"), dict):
-            dev.hardware = msg["hardware"]
-        if isinstance(msg.get("installed"), dict):
-            dev.installed = msg["installed"]
+    if p.online:
+        if p.agent_version is not None:
+            dev.agent_version = p.agent_version[:64]
+        if p.execution_providers is not None:
+            dev.execution_providers = p.execution_providers
+        if p.profiles is not None:
+            dev.profiles = p.profiles
+        if p.hardware is not None:
+            dev.hardware = p.hardware
+        if p.models is not None:
+            # The inventory the API shows and `device_infos` reads: name -> {"version", ...}.
+            dev.installed = {n: _installed_entry(m) for n, m in p.models.items()}
     return dev
+
+
+def _installed_entry(m: InstalledModel) -> dict[str, str | None]:
+    entry: dict[str, str | None] = {"version": m.version}
+    if m.previous is not None:
+        entry["previous"] = m.previous
+    if m.state is not None:
+        entry["state"] = m.state
+    return entry
 
 
 def set_labels(

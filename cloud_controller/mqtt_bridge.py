@@ -27,9 +27,21 @@ from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import transaction
 from edgefleet.cloud_controller.models import DesiredState, Device
 from edgefleet.cloud_controller.rollouts import RolloutService
+from edgefleet.wire.message import MessageError
+from edgefleet.wire.presence import parse as parse_presence
+from edgefleet.wire.states import UpdateState
+from edgefleet.wire.status import StatusReport
+from edgefleet.wire.status import parse as parse_status
+from edgefleet.wire.telemetry import TelemetryEnvelope
+from edgefleet.wire.telemetry import parse as parse_telemetry
 
 log = logging.getLogger(__name__)
 BATCH = 500
+# Refusals counted under the names they had before the wire parsers (dashboards read them).
+_DROP_NAMES = {
+    "status_bad_seq": "status_no_seq",
+    "telemetry_bad_records": "telemetry_refused",
+}
 
 
 @dataclass
@@ -187,7 +199,7 @@ class MqttBridge:
         if any(kind == "republish" for _, kind, _ in batch):
             self._republish_all()
         reports: list[tuple[str, E.StatusReport]] = []
-        telemetry: list[tuple[str, dict[str, Any]]] = []
+        telemetry: list[tuple[str, TelemetryEnvelope]] = []
         now = datetime.now(UTC)
         with transaction(self._factory) as session, session.no_autoflush:
             ids = sorted({d for d, kind, _ in batch if kind != "republish"})
@@ -208,15 +220,19 @@ class MqttBridge:
                 if msg.get("device_id", device_id) != device_id:
                     self.stats.drop(f"{kind}_device_mismatch")
                     continue
-                if kind == "presence":
-                    devices.apply_presence(session, device_id, msg, now)
-                elif kind == "status":
-                    rep = self._status(session, device_id, msg, now)
-                    if rep is not None:
-                        reports.append(rep)
-                elif kind == "telemetry":
-                    devices.get_or_create(session, device_id).last_seen = now
-                    telemetry.append((device_id, msg))
+                try:
+                    if kind == "presence":
+                        devices.apply_presence(session, device_id, parse_presence(msg), now)
+                    elif kind == "status":
+                        rep = self._status(session, parse_status(msg, device_id), msg, now)
+                        if rep is not None:
+                            reports.append(rep)
+                    elif kind == "telemetry":
+                        envelope = parse_telemetry(msg, device_id)
+                        devices.get_or_create(session, device_id).last_seen = now
+                        telemetry.append((device_id, envelope))
+                except MessageError as e:
+                    self.stats.drop(_DROP_NAMES.get(e.reason, e.reason))
             if telemetry:
                 self._telemetry(session, telemetry)
         del loaded
@@ -224,28 +240,25 @@ class MqttBridge:
             self._rollouts.on_status(reports)
 
     def _status(
-        self, session: Session, device_id: str, msg: dict[str, Any], now: datetime
+        self, session: Session, report: StatusReport, raw: dict[str, Any], now: datetime
     ) -> tuple[str, E.StatusReport] | None:
-        seq = msg.get("seq")
-        if not isinstance(seq, int) or isinstance(seq, bool):
-            self.stats.drop("status_no_seq")
-            return None
-        dev = devices.get_or_create(session, device_id)
+        """Record a parsed report on its device; the rollout event for an update report."""
+        assert report.seq is not None  # parse() requires it
+        dev = devices.get_or_create(session, report.device_id)
         fresh, top, recent = devices.accept_seq(
-            dev.last_status_seq, list(dev.recent_status_seqs or []), seq
+            dev.last_status_seq, list(dev.recent_status_seqs or []), report.seq
         )
         if not fresh:
             self.stats.drop("status_duplicate")
             return None
-        if top == seq:  # the newest report is the device's last status (a late one is not)
-            dev.last_status = msg
+        if top == report.seq:  # the newest report is the device's last status (a late one is not)
+            dev.last_status = raw
         dev.last_status_seq, dev.recent_status_seqs = top, recent
         dev.last_seen = now
-        model, version, state = msg.get("model"), msg.get("version"), msg.get("state")
-        if not (isinstance(model, str) and isinstance(version, str) and isinstance(state, str)):
-            self.stats.drop("status_incomplete")
-            return None
-        if state == "COMMITTED":
+        model, version, state = report.model, report.version, report.state
+        if model is None or version is None or state is None:
+            return None  # a refused desired state: on record, no rollout moves on it
+        if state == UpdateState.COMMITTED:
             installed = dict(dev.installed)
             prev = (
                 installed.get(model, {}).get("version")
@@ -255,23 +268,23 @@ class MqttBridge:
             installed[model] = {
                 "version": version,
                 "previous": prev if prev != version else None,
-                "state": state,
+                "state": state.value,
             }
             dev.installed = installed
-        elif state == "REMOVED" and model in (dev.installed or {}):
+        elif state == UpdateState.REMOVED and model in (dev.installed or {}):
             dev.installed = {k: v for k, v in dev.installed.items() if k != model}
-        rid = msg.get("rollout_id")
+        code = report.reason_code
         return model, E.StatusReport(
-            device_id,
+            report.device_id,
             version,
-            state,
-            reason_code=msg.get("reason_code") if isinstance(msg.get("reason_code"), str) else None,
-            reason=msg.get("reason") if isinstance(msg.get("reason"), str) else None,
-            rollout_id=rid if isinstance(rid, str) else None,
+            state.value,
+            reason_code=str(code) if code is not None else None,
+            reason=report.reason,
+            rollout_id=report.rollout_id,
             model=model,
         )
 
-    def _telemetry(self, session: Session, messages: list[tuple[str, dict[str, Any]]]) -> None:
+    def _telemetry(self, session: Session, messages: list[tuple[str, TelemetryEnvelope]]) -> None:
         """Hand telemetry to the drift ingest: the batch at once, and message by message (each
         in its own savepoint) only when the batch is refused, to isolate the bad one."""
         from edgefleet.cloud_controller.drift.ingest import ingest_batch, ingest_telemetry

@@ -23,12 +23,9 @@ from edgefleet.cloud_controller.rollout_codec import (
     state_from_parts,
 )
 from edgefleet.cloud_controller.rollout_types import (
-    AGENT_FAILURE,
-    AGENT_SUCCESS,
     FAILURES,
     FINISHED,
     MOVED,
-    RETRYABLE_REASONS,
     TERMINAL_PHASES,
     Abort,
     Action,
@@ -55,14 +52,13 @@ from edgefleet.cloud_controller.rollout_types import (
     Tick,
     tally_of,
 )
+from edgefleet.wire.reasons import ReasonCode, is_transient
+from edgefleet.wire.states import FAILURE_STATES, SUCCESS_STATES, UpdateState
 
 __all__ = [
-    "AGENT_FAILURE",
-    "AGENT_SUCCESS",
     "FAILURES",
     "FINISHED",
     "MOVED",
-    "RETRYABLE_REASONS",
     "TERMINAL_PHASES",
     "Abort",
     "Action",
@@ -189,7 +185,7 @@ def plan(
                 None,
                 d.previous_version,
                 DevState.INCOMPATIBLE,
-                reason_code="profile_incompatible",
+                reason_code=ReasonCode.PROFILE_INCOMPATIBLE,
                 reason=f"no package for profiles {list(d.profiles)}",
             )
         else:
@@ -285,10 +281,10 @@ def _on_status(
     if dev.rollback == "requested":
         if ev.model is not None and ev.model != spec.model:
             return state
-        back = ev.version == dev.previous_version and ev.state in AGENT_SUCCESS
-        self_rolled = ev.version == spec.version and ev.state == "ROLLED_BACK"
+        back = ev.version == dev.previous_version and ev.state in SUCCESS_STATES
+        self_rolled = ev.version == spec.version and ev.state == UpdateState.ROLLED_BACK
         # A first install is undone by an explicit removal (the model was in `remove`).
-        removed = dev.previous_version is None and ev.state == "REMOVED"
+        removed = dev.previous_version is None and ev.state == UpdateState.REMOVED
         if removed:
             actions.append(
                 Log(f"{dev.device_id}: {spec.model} removed (it had no previous version)")
@@ -305,7 +301,7 @@ def _on_status(
     if state.phase in TERMINAL_PHASES and dev.state != DevState.IN_PROGRESS:
         return state  # after a plain cancel only the devices still at work are followed
     dev = replace(dev, agent_state=ev.state)
-    if ev.state in AGENT_SUCCESS:
+    if ev.state in SUCCESS_STATES:
         actions.append(Log(f"{dev.device_id}: succeeded (attempt {dev.attempts})"))
         return _put(
             state,
@@ -318,7 +314,7 @@ def _on_status(
                 reason=None,
             ),
         )
-    if ev.state in AGENT_FAILURE and dev.state == DevState.IN_PROGRESS:
+    if ev.state in FAILURE_STATES and dev.state == DevState.IN_PROGRESS:
         code = ev.reason_code or ev.state.lower()
         ended = state.phase in TERMINAL_PHASES  # no retry once the rollout is over
         spec_ = replace(spec, max_retries=0) if ended else spec
@@ -335,7 +331,7 @@ def _fail(
     now: float,
     actions: list[Action],
 ) -> DeviceProgress:
-    retryable = final == DevState.TIMED_OUT or code in RETRYABLE_REASONS
+    retryable = final == DevState.TIMED_OUT or is_transient(code)
     if retryable and dev.attempts <= spec.max_retries:
         delay = spec.retry_backoff_s * (2 ** (dev.attempts - 1))
         actions.append(Log(f"{dev.device_id}: {code}, retry in {delay:g}s"))
@@ -461,7 +457,7 @@ def _advance(
         for dev in sc.expired:
             why = f"no result within {spec.device_timeout_s:g}s"
             devices[dev.device_id] = _fail(
-                spec, dev, DevState.TIMED_OUT, "timeout", why, now, actions
+                spec, dev, DevState.TIMED_OUT, ReasonCode.TIMEOUT, why, now, actions
             )
         state = replace(state, devices=devices, tally=None)
         sc = _scan(state, now)
@@ -582,7 +578,7 @@ def _finish(
                 )
             # A device that failed before activating, or rolled itself back, still runs the
             # previous version: its desired state is set back, and nothing is left to confirm.
-            back = dev.state == DevState.FAILED and dev.agent_state in AGENT_FAILURE
+            back = dev.state == DevState.FAILED and dev.agent_state in FAILURE_STATES
             new = replace(new, rollback="done" if back else "requested")
             actions.append(Revert(dev.device_id, dev.profile, dev.previous_version))
             reverted += 1

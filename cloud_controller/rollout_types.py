@@ -47,22 +47,6 @@ MOVED = frozenset(
     }
 )
 
-# Agent update states (the status message's "state").
-AGENT_SUCCESS = frozenset({"COMMITTED"})
-AGENT_FAILURE = frozenset({"FAILED", "ROLLED_BACK"})
-# Reasons worth another attempt (transient); anything else is final for this release.
-RETRYABLE_REASONS = frozenset(
-    {
-        "timeout",
-        "download_failed",
-        "network_error",
-        "digest_mismatch",
-        "size_mismatch",
-        "io_error",
-        "internal_error",
-    }
-)
-
 
 @dataclass(frozen=True)
 class Target:

@@ -1,1 +1,3 @@
-"""The agent's MQTT side: reconciliation decisions, durable outbox, link state."""
+"""The agent's MQTT side: the link (`link`), signed desired state (`desired`, planned by the pure
+`reconcile`), outbox-to-broker delivery (`delivery`), reports built from agent facts
+(`reports`) and the link's persisted state (`state`)."""

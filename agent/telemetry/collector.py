@@ -176,30 +176,6 @@ def system_record(data_dir: Path | None) -> dict[str, Any]:
     return rec
 
 
-def models_of(inventory: Any) -> dict[str, str]:
-    """{model: serving version} from the agent's inventory (dict or object, tolerant)."""
-    inv = inventory.to_dict() if hasattr(inventory, "to_dict") else inventory
-    if not isinstance(inv, Mapping):
-        return {}
-    models = inv.get("models", inv)
-    out: dict[str, str] = {}
-    if isinstance(models, Mapping):
-        for name, info in models.items():
-            if isinstance(info, Mapping):
-                v = info.get("version") or info.get("current") or info.get("serving")
-                if v:
-                    out[str(name)] = str(v)
-            elif isinstance(info, str):
-                out[str(name)] = info
-    elif isinstance(models, list):
-        for m in models:
-            if isinstance(m, Mapping) and m.get("name"):
-                v = m.get("version") or m.get("current") or m.get("serving")
-                if v:
-                    out[str(m["name"])] = str(v)
-    return out
-
-
 def sample_record(
     model: str, version: str, inputs: Mapping[str, np.ndarray], rng: random.Random, rate: float
 ) -> dict[str, Any] | None:

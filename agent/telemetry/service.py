@@ -11,33 +11,33 @@ device unless ``sample_inputs`` is on.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.ports import ObservedAgent, ReferenceSource, serving_versions
 from edgefleet.agent.telemetry.collector import (
     InferenceWindow,
     SketchWindow,
-    models_of,
     now_iso,
     sample_record,
     system_record,
 )
 from edgefleet.agent.telemetry.outbox import Outbox
+from edgefleet.agent.updater import UpdateEvent
 from edgefleet.drift.sketch import Sketch
+from edgefleet.wire.message import JsonObject
+from edgefleet.wire.states import TERMINAL_STATES, parse_state
 
 log = logging.getLogger("edgefleet.agent.telemetry")
-
-TERMINAL = ("COMMITTED", "FAILED", "ROLLED_BACK", "REMOVED")
 
 
 @dataclass
@@ -57,12 +57,11 @@ class TelemetrySettings:
     data_dir: Path | None = None
 
     @classmethod
-    def from_config(cls, config: Any) -> TelemetrySettings:
+    def from_config(cls, config: AgentConfig | TelemetrySettings) -> TelemetrySettings:
         if isinstance(config, TelemetrySettings):
             return config
-        tel = getattr(config, "telemetry", config)
-        data_dir = getattr(config, "data_dir", None)
-        kwargs: dict[str, Any] = {"data_dir": Path(data_dir) if data_dir else None}
+        tel = config.telemetry
+        kwargs: dict[str, Any] = {"data_dir": Path(config.data_dir)}
         for name in cls.__dataclass_fields__:
             if name != "data_dir" and hasattr(tel, name):
                 kwargs[name] = getattr(tel, name)
@@ -72,7 +71,15 @@ class TelemetrySettings:
 class TelemetryService:
     """``start()`` / ``stop()``; ``tick()`` closes the current windows into outbox records."""
 
-    def __init__(self, agent: Any, config: Any, *, outbox: Outbox | None = None) -> None:
+    def __init__(
+        self,
+        agent: ReferenceSource,
+        config: AgentConfig | TelemetrySettings,
+        *,
+        outbox: Outbox | None = None,
+    ) -> None:
+        """``agent`` gives the drift references; when it is a whole agent (`ObservedAgent`)
+        its inferences, update events and inventory are observed too."""
         self.agent = agent
         self.settings = TelemetrySettings.from_config(config)
         s = self.settings
@@ -87,20 +94,17 @@ class TelemetryService:
         self._lock = threading.Lock()
         self._inference: dict[tuple[str, str], InferenceWindow] = {}
         self._sketches: dict[tuple[str, str], SketchWindow] = {}
-        self._references: dict[tuple[str, str], Mapping[str, Any] | None] = {}
+        self._references: dict[tuple[str, str], JsonObject | None] = {}
         self._samples: list[dict[str, Any]] = []
         self._updates: Counter[str] = Counter()
         self._last_updates: list[dict[str, Any]] = []
         self._rng = random.Random()
         self._stop = threading.Event()  # set: stopped (the observer ignores requests)
         self._thread: threading.Thread | None = None
-        self._ref_takes_version = _accepts_two_args(getattr(agent, "reference", None))
-        add = getattr(agent, "add_inference_observer", None)
-        if callable(add):
-            add(self.observe)
-        listen = getattr(agent, "add_listener", None)
-        if callable(listen):
-            listen(self.on_update_event)
+        self._observed = agent if isinstance(agent, ObservedAgent) else None
+        if self._observed is not None:
+            self._observed.add_inference_observer(self.observe)
+            self._observed.add_listener(self.on_update_event)
 
     # -- hot path ----------------------------------------------------------------------------
     def observe(
@@ -146,38 +150,35 @@ class TelemetryService:
             if flush is not None:
                 flush.flush()
 
-    def _reference(self, model: str, version: str) -> Mapping[str, Any] | None:
+    def _reference(self, model: str, version: str) -> JsonObject | None:
+        """The serving model's reference (asked once per version; the agent serves one)."""
         key = (model, version)
         if key in self._references:
             return self._references[key]
-        getter: Callable[..., Any] | None = getattr(self.agent, "reference", None)
-        ref: Any = None
-        if getter is not None:
-            try:
-                ref = getter(model, version) if self._ref_takes_version else getter(model)
-            except Exception as e:  # a model without a reference is still served
-                log.info("no drift reference for %s %s: %s", model, version, e)
-                ref = None
-        if ref is not None and not (isinstance(ref, Mapping) and ref.get("features")):
+        ref: JsonObject | None
+        try:
+            ref = self.agent.reference(model)
+        except Exception as e:  # a model without a reference is still served
+            log.info("no drift reference for %s %s: %s", model, version, e)
+            ref = None
+        if ref is not None and not ref.get("features"):
             ref = None
         self._references[key] = ref
         return ref
 
-    def on_update_event(self, event: Any) -> None:
+    def on_update_event(self, event: UpdateEvent) -> None:
         """Agent update listener: counts finished updates by outcome."""
-        get = event.get if isinstance(event, Mapping) else lambda k, d=None: getattr(event, k, d)
-        state = get("state")
-        state = getattr(state, "value", state)
-        if str(state) not in TERMINAL:
+        state = parse_state(event.state)
+        if state is None or state not in TERMINAL_STATES:
             return
         with self._lock:
-            self._updates[str(state)] += 1
+            self._updates[state.value] += 1
             self._last_updates.append(
                 {
-                    "model": get("model"),
-                    "version": get("version"),
-                    "outcome": str(state),
-                    "reason": _jsonable(get("reason")),
+                    "model": event.model,
+                    "version": event.version,
+                    "outcome": state.value,
+                    "reason": event.reason,
                 }
             )
             del self._last_updates[:-20]
@@ -208,10 +209,9 @@ class TelemetryService:
         self, end: str, updates: dict[str, int], last_updates: list[dict[str, Any]]
     ) -> dict[str, Any]:
         models: dict[str, str] = {}
-        inv = getattr(self.agent, "inventory", None)
-        if callable(inv):
+        if self._observed is not None:
             try:
-                models = models_of(inv())
+                models = serving_versions(self._observed.inventory())
             except Exception as e:
                 log.warning("inventory failed: %s", e)
         return {
@@ -259,22 +259,3 @@ class TelemetryService:
             self.tick()
         if self._owns_outbox:
             self.outbox.close()
-
-
-def _accepts_two_args(fn: Any) -> bool:
-    if not callable(fn):
-        return False
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
-
-
-def _jsonable(v: Any) -> Any:
-    if v is None or isinstance(v, str | int | float | bool):
-        return v
-    if hasattr(v, "to_dict"):
-        return v.to_dict()
-    return str(v)

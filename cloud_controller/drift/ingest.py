@@ -30,6 +30,9 @@ from edgefleet.cloud_controller.drift.analysis import (
 )
 from edgefleet.cloud_controller.drift.models import DriftEvent, SketchAggregate, TelemetryRecord
 from edgefleet.drift.sketch import SketchError, merge_dicts
+from edgefleet.wire.message import MessageError
+from edgefleet.wire.telemetry import TelemetryEnvelope
+from edgefleet.wire.telemetry import parse as parse_envelope
 
 log = logging.getLogger("edgefleet.controller.drift")
 KINDS = ("system", "agent", "inference", "sketch", "sample")
@@ -43,18 +46,22 @@ class TelemetryError(ValueError):
     """A telemetry message that cannot be ingested; the message names why."""
 
 
-def _records(payload: Any) -> list[dict[str, Any]]:
-    if not isinstance(payload, Mapping):
+def _records(payload: TelemetryEnvelope | Mapping[str, object]) -> list[dict[str, Any]]:
+    """The storable records of one envelope: an integer ``id`` and a known ``kind``."""
+    if isinstance(payload, TelemetryEnvelope):
+        envelope = payload
+    elif isinstance(payload, Mapping):
+        try:
+            envelope = parse_envelope(payload)
+        except MessageError as e:
+            raise TelemetryError(str(e)) from e
+    else:
         raise TelemetryError("telemetry payload is not a JSON object")
-    recs = payload.get("records")
-    if not isinstance(recs, list):
-        raise TelemetryError("telemetry payload has no records list")
+    recs = envelope.records
     if len(recs) > MAX_RECORDS_PER_MESSAGE:
         raise TelemetryError(f"{len(recs)} records in one message, limit {MAX_RECORDS_PER_MESSAGE}")
     good = []
     for r in recs:
-        if not isinstance(r, dict):
-            continue
         rid = r.get("id")
         if not isinstance(rid, int) or isinstance(rid, bool) or r.get("kind") not in KINDS:
             continue
@@ -62,7 +69,9 @@ def _records(payload: Any) -> list[dict[str, Any]]:
     return good
 
 
-def ingest_telemetry(session: Session, device_id: str, payload: Mapping[str, Any]) -> int:
+def ingest_telemetry(
+    session: Session, device_id: str, payload: TelemetryEnvelope | Mapping[str, object]
+) -> int:
     """Store one telemetry message; returns how many of its records were new.
 
     The records are written at once; their sketches are merged into the aggregates when the
@@ -74,7 +83,7 @@ def ingest_telemetry(session: Session, device_id: str, payload: Mapping[str, Any
 
 def ingest_batch(
     session: Session,
-    messages: Iterable[tuple[str, Mapping[str, Any]]],
+    messages: Iterable[tuple[str, TelemetryEnvelope | Mapping[str, object]]],
     *,
     now: datetime | None = None,
     defer: bool = False,

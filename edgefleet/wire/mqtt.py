@@ -6,9 +6,10 @@ Per device ``DEV``, under ``edgefleet/v1/devices/DEV/``:
 topic      direction               QoS, retain    payload
 ========== ======================= ============== ==============================================
 desired    controller -> device    1, retained    :func:`sign_desired` envelope
-status     device -> controller    1              update state changes (:func:`status_message`)
-telemetry  device -> controller    1              ``{"device_id", "records": [...]}``, ids increase
-presence   device -> controller    1, retained    inventory; last will ``{"online": false}``
+status     device -> controller    1              `edgefleet.wire.status.StatusReport`
+telemetry  device -> controller    1              `edgefleet.wire.telemetry.TelemetryEnvelope`
+presence   device -> controller    1, retained    `edgefleet.wire.presence.Presence`; last will
+                                                  :func:`offline_will` (``"online": false``)
 ========== ======================= ============== ==============================================
 
 The desired state is a *state*: a device that was offline catches up from the retained message.
@@ -32,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgefleet.wire.errors import RejectError, ReplayError
 from edgefleet.wire.keyid import key_id
 from edgefleet.wire.manifest import NAME_RE, now_utc, parse_time
+from edgefleet.wire.message import encode
+from edgefleet.wire.presence import offline
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import InvalidVersion, parse_version
 
@@ -184,4 +187,4 @@ def verify_desired(
 
 def offline_will(device_id: str) -> bytes:
     """The presence last will: retained, so the controller sees a device that dropped."""
-    return json.dumps({"device_id": device_id, "online": False}).encode()
+    return encode(offline(device_id).to_dict())

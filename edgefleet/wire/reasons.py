@@ -31,6 +31,7 @@ class ReasonCode(StrEnum):
     DUPLICATE_MEMBER = "duplicate_member"
     MANIFEST_INVALID = "manifest_invalid"
     NAME_MISMATCH = "name_mismatch"
+    VERSION_MISMATCH = "version_mismatch"  # the package holds another version than asked for
     EXPIRED = "expired"
     NOT_YET_VALID = "not_yet_valid"
     VERSION_NOT_NEWER = "version_not_newer"
@@ -63,6 +64,10 @@ class ReasonCode(StrEnum):
     SUBMIT_REFUSED = "submit_refused"
     REMOVE_REFUSED = "remove_refused"
     INTERNAL_ERROR = "internal_error"
+    RESUME_LIMIT = "resume_limit"  # the agent was interrupted in this update too many times
+    INTERRUPTED_PROBATION = "interrupted_probation"  # restarted in probation: rolled back
+    # --- the controller's own, for a device that did not answer in time ------------------
+    TIMEOUT = "timeout"
     # --- informational: carried by a successful report, never a failure ------------------
     CPU_FALLBACK = "cpu_fallback"
     ALREADY_INSTALLED = "already"
@@ -81,6 +86,9 @@ TRANSIENT = frozenset(
         ReasonCode.MEMORY_INSUFFICIENT,
         ReasonCode.ACTIVATION_FAILED,
         ReasonCode.INTERNAL_ERROR,
+        # A restart (power cut, deploy) during probation says nothing about the release.
+        ReasonCode.INTERRUPTED_PROBATION,
+        ReasonCode.TIMEOUT,
     }
 )
 #: Never a failure: the report that carries it is a success with a remark.

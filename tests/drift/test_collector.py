@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgefleet.agent.telemetry.collector import InferenceWindow, SketchWindow, models_of
+from edgefleet.agent.ports import Inventory, serving_versions
+from edgefleet.agent.telemetry.collector import InferenceWindow, SketchWindow
 from edgefleet.drift import latency as lat
 from edgefleet.drift.reference import build_reference
 from edgefleet.drift.sketch import Sketch
@@ -53,8 +54,18 @@ def test_sketch_window_buffers_image_bytes_and_counts_in_one_pass() -> None:
     assert rec["sketch"]["n"] == 3 and win.pending_bytes == 0 and win.pending == []
 
 
-def test_models_of_reads_agent_inventory_shapes() -> None:
-    inv = {"models": {"iris": {"version": "1.0.0", "previous": None}, "x": {"version": None}}}
-    assert models_of(inv) == {"iris": "1.0.0"}
-    assert models_of({"models": [{"name": "a", "version": "2"}]}) == {"a": "2"}
-    assert models_of(None) == {}
+def test_serving_versions_reads_the_agent_inventory() -> None:
+    entry = {"previous": None, "state": "COMMITTED", "serving": True, "profile": None}
+    inv: Inventory = {
+        "device_id": "d",
+        "agent_version": "0.1.0",
+        "execution_providers": [],
+        "hardware": {},
+        "profiles": [],
+        "models": {
+            "iris": {**entry, "version": "1.0.0", "providers": []},  # type: ignore[typeddict-item]
+            "x": {**entry, "version": "2.1.0", "providers": []},  # type: ignore[typeddict-item]
+        },
+    }
+    assert serving_versions(inv) == {"iris": "1.0.0", "x": "2.1.0"}
+    assert serving_versions({**inv, "models": {}}) == {}

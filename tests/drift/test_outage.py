@@ -19,13 +19,14 @@ import pytest
 from sqlalchemy import func, select
 
 from edgefleet.agent.config import AgentConfig, MqttConfig, ProbationConfig
-from edgefleet.agent.mqtt_link import MqttLink, wait_until
+from edgefleet.agent.mqtt.link import MqttLink
 from edgefleet.agent.runtime import Agent, UpdateRequest
 from edgefleet.agent.telemetry.outbox import Outbox
 from edgefleet.agent.telemetry.service import TelemetryService, TelemetrySettings
 from edgefleet.cloud_controller.drift.models import TelemetryRecord
 from edgefleet.keys import generate_keypair, public_pem
 from tests.controller.conftest import start_controller
+from tests.fleet.conftest import wait_until
 from tests.fleet.proxy import CuttableProxy
 from tests.support.packages import make_package, model_inputs
 from tests.support.services import mosquitto

@@ -165,3 +165,13 @@ def observer(broker: Any) -> Iterator[Observer]:
 
 def signed(state: dict[str, Any], key: KeyPair) -> bytes:
     return sign_desired(state, load_private_key(key.private_path))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` seconds pass (bounded in time and count)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from edgefleet.agent.config import AgentConfig, MqttConfig, ProbationConfig, ValidationConfig
-from edgefleet.agent.mqtt_link import MqttLink, wait_until
+from edgefleet.agent.mqtt.link import MqttLink
 from edgefleet.agent.runtime import Agent, UpdateRequest
 from edgefleet.wire.mqtt import topic
-from tests.fleet.conftest import Keys, Observer, Pkg, desired_state, model_entry, signed
+from tests.fleet.conftest import Keys, Observer, Pkg, desired_state, model_entry, signed, wait_until
 from tests.fleet.proxy import CuttableProxy
 
 FULL_PATH = [

@@ -1,0 +1,226 @@
+"""Acting on a signed desired state: verify it, persist its seq, then install and remove.
+
+`DesiredStateHandler.handle(raw)` verifies the envelope (controller key, this device, newer
+seq), records the seq before acting (a crash afterwards never acts twice on one state), asks the
+pure planner (`agent.mqtt.reconcile`) what to do against the inventory and the installs in
+flight, and hands each action to the agent. Every refusal and every action that cannot start is
+reported through the ``report`` callback; the update events that follow are the link's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgefleet.agent.mqtt.reconcile import (
+    DesiredStateError,
+    ModelTarget,
+    parse_removals,
+    parse_targets,
+    plan,
+    plan_removals,
+)
+from edgefleet.agent.mqtt.reports import now_iso
+from edgefleet.agent.mqtt.state import LinkState
+from edgefleet.agent.ports import AgentPort, serving_versions
+from edgefleet.agent.updater import UpdateRequest
+from edgefleet.wire.errors import RejectError, ReplayError
+from edgefleet.wire.mqtt import verify_desired
+from edgefleet.wire.reasons import ReasonCode
+from edgefleet.wire.states import UpdateState
+from edgefleet.wire.status import StatusReport
+
+log = logging.getLogger("edgefleet.agent.mqtt")
+
+Report = Callable[[StatusReport], None]
+
+
+def make_update_request(target: ModelTarget) -> UpdateRequest:
+    """The agent's request for ``target`` (a rollback when the controller allows a downgrade)."""
+    return UpdateRequest(
+        model=target.name,
+        version=target.version,
+        source=target.url,
+        sha256=target.sha256,
+        size=target.size,
+        rollout_id=target.rollout_id,
+        allow_downgrade=target.allow_downgrade,
+        controller_source=True,
+    )
+
+
+class DesiredStateHandler:
+    """One per link; called from the link's worker thread only."""
+
+    def __init__(
+        self,
+        agent: AgentPort,
+        device_id: str,
+        trusted: list[ec.EllipticCurvePublicKey],
+        state_path: Path,
+        report: Report,
+    ) -> None:
+        self.agent = agent
+        self.device_id = device_id
+        self.trusted = trusted
+        self.state_path = state_path
+        self.state = LinkState.load(state_path)
+        self.report = report
+        self.ignored: dict[str, int] = {}  # reason code -> count of desired states ignored
+        # model -> version being installed; an update the agent resumed after a restart is not
+        # submitted again by a retry of the same desired state.
+        self.in_flight: dict[str, str] = dict(agent.unfinished_installs())
+
+    def _ignore(self, code: str, message: str) -> None:
+        self.ignored[code] = self.ignored.get(code, 0) + 1
+        log.warning("desired state ignored (%s): %s", code, message)
+
+    def _rejected(self, code: ReasonCode, reason: str, seq: int | None = None) -> None:
+        self.report(
+            StatusReport(
+                device_id=self.device_id,
+                at=now_iso(),
+                kind="desired_rejected",
+                state=None,
+                reason_code=code,
+                reason=reason,
+                desired_seq=seq,
+            )
+        )
+
+    def _update_report(
+        self,
+        model: str,
+        version: str,
+        state: UpdateState,
+        reason: str,
+        seq: int,
+        *,
+        code: ReasonCode | str | None,
+        rollout_id: str | None,
+        already: bool = False,
+    ) -> None:
+        self.report(
+            StatusReport(
+                device_id=self.device_id,
+                at=now_iso(),
+                kind="update",
+                state=state,
+                model=model,
+                version=version,
+                reason_code=code,
+                reason=reason,
+                rollout_id=rollout_id,
+                desired_seq=seq,
+                already_installed=already,
+            )
+        )
+
+    def handle(self, raw: bytes) -> None:
+        if not raw:
+            return  # retained message cleared by the controller
+        try:
+            desired = verify_desired(
+                raw, self.trusted, device_id=self.device_id, last_seq=self.state.last_seq
+            )
+        except ReplayError as e:
+            self.ignored[e.code.value] = self.ignored.get(e.code.value, 0) + 1
+            return
+        except RejectError as e:
+            self._ignore(e.code.value, e.message)
+            self._rejected(e.code, e.message)
+            return
+        except ValueError as e:
+            self._ignore(ReasonCode.MALFORMED.value, str(e))
+            return
+        seq = int(desired["seq"])
+        try:
+            targets = parse_targets(desired)
+            removals = parse_removals(desired)
+        except DesiredStateError as e:
+            self.state.last_seq = seq
+            self.state.save(self.state_path)
+            self._ignore(ReasonCode.MANIFEST_INVALID.value, str(e))
+            self._rejected(ReasonCode.MANIFEST_INVALID, str(e), seq)
+            return
+        # Persist the seq before acting: a crash after this never acts twice on one state;
+        # the agent's own state machine resumes an update it had accepted.
+        self.state.last_seq = seq
+        for t in targets:
+            self.state.rollouts[f"{t.name}@{t.version}"] = t.rollout_id
+        desired_names = {t.name for t in targets}
+        self.state.removed = [n for n in self.state.removed if n not in desired_names]
+        self.state.save(self.state_path)
+        installed = serving_versions(self.agent.inventory())
+        in_flight = dict(self.in_flight)
+        for action in plan(targets, installed, in_flight):
+            t = action.target
+            if action.kind == "report":
+                self._update_report(
+                    t.name,
+                    t.version,
+                    UpdateState.COMMITTED,
+                    action.reason,
+                    seq,
+                    code=ReasonCode.ALREADY_INSTALLED,
+                    rollout_id=t.rollout_id,
+                    already=True,
+                )
+            else:
+                self._install(t, seq, action.reason)
+        for name in plan_removals(removals, installed, in_flight, self.state.removed):
+            self._remove(name, installed.get(name) or in_flight.get(name), seq)
+
+    def _install(self, target: ModelTarget, seq: int, why: str) -> None:
+        log.info("desired seq %d: %s", seq, why)
+        try:
+            self.in_flight[target.name] = target.version
+            self.agent.submit_update(make_update_request(target))
+        except Exception as e:  # refused before it was journaled: say so, do not crash
+            self.in_flight.pop(target.name, None)
+            if isinstance(e, RejectError):
+                code: ReasonCode | str = e.code
+                message = e.message
+            else:
+                code, message = ReasonCode.SUBMIT_REFUSED, f"{type(e).__name__}: {e}"
+            self._update_report(
+                target.name,
+                target.version,
+                UpdateState.FAILED,
+                message,
+                seq,
+                code=code,
+                rollout_id=target.rollout_id,
+            )
+
+    def _remove(self, name: str, version: str | None, seq: int) -> None:
+        """Queue an explicit removal; its REMOVED event is reported like any other status, with
+        the rollout that installed the model when the link knows it."""
+        log.info("desired seq %d: remove %s %s", seq, name, version or "(not installed)")
+        rollout_id = self.state.rollouts.get(f"{name}@{version}") if version else None
+        try:
+            self.agent.remove_model(name, rollout_id=rollout_id)
+        except Exception as e:
+            self._update_report(
+                name,
+                version or "",
+                UpdateState.FAILED,
+                f"{type(e).__name__}: {e}",
+                seq,
+                code=ReasonCode.REMOVE_REFUSED,
+                rollout_id=rollout_id,
+            )
+            return
+        # Journaled by the agent now (it finishes after a restart): confirmed on this side.
+        if name not in self.state.removed:
+            self.state.removed.append(name)
+            self.state.removed = self.state.removed[-64:]
+            self.state.save(self.state_path)
+
+    def finished(self, model: str, version: str) -> None:
+        """An update reached a terminal state: it is no longer in flight."""
+        if self.in_flight.get(model) == version:
+            self.in_flight.pop(model, None)

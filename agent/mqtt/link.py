@@ -1,0 +1,280 @@
+"""`MqttLink(agent, config)`: the agent's connection to the fleet broker (MQTT 3.1.1).
+
+It connects with the device id as client id and a retained last will (offline presence),
+publishes the presence retained on every connect and after every finished update, subscribes to
+its signed desired state (handled by `agent.mqtt.desired`), turns every update event into a
+status report queued in an on-disk outbox, and delivers reports and telemetry batches
+(`agent.mqtt.delivery`) until the broker acknowledges them.
+
+Threads: paho's network thread only queues work; one worker thread does everything else, so
+the link's state changes in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode as MqttReasonCode
+
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.mqtt.delivery import Delivery, RecordOutbox
+from edgefleet.agent.mqtt.desired import DesiredStateHandler
+from edgefleet.agent.mqtt.reports import now_iso, presence_of, status_from_event
+from edgefleet.agent.ports import AgentPort
+from edgefleet.agent.telemetry.outbox import Outbox
+from edgefleet.agent.updater import UpdateEvent
+from edgefleet.keys import load_public_key
+from edgefleet.wire.message import encode
+from edgefleet.wire.mqtt import Kind, offline_will, topic
+from edgefleet.wire.states import TERMINAL_STATES
+from edgefleet.wire.status import StatusReport
+
+log = logging.getLogger("edgefleet.agent.mqtt")
+
+Job = (
+    tuple[Literal["connected", "acked", "stop", "tick"], None]
+    | tuple[Literal["desired"], bytes]
+    | tuple[Literal["event"], UpdateEvent]
+)
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    """``mqtt://host:port`` / ``mqtts://host:port`` -> (host, port, tls)."""
+    u = urlparse(url)
+    if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"broker url {url!r}: scheme must be mqtt:// or mqtts://")
+    tls = u.scheme in ("mqtts", "ssl")
+    return u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), tls
+
+
+class MqttLink:
+    """Connects one agent to the fleet broker; `start()` returns at once, `stop()` is clean."""
+
+    def __init__(
+        self,
+        agent: AgentPort,
+        config: AgentConfig,
+        *,
+        telemetry: RecordOutbox | None = None,
+        telemetry_batch: int = 100,
+        tick_s: float = 0.5,
+        resend_after_s: float = 15.0,
+    ) -> None:
+        self.agent = agent
+        self.config = config
+        self.device_id = config.device_id
+        if not config.mqtt.url:
+            raise ValueError("mqtt.url is not set: the agent has no broker to connect to")
+        self.host, self.port, tls = parse_broker_url(config.mqtt.url)
+        self.tls = tls or config.mqtt.tls
+        trusted = [load_public_key(Path(p)) for p in config.controller_keys]
+        if not trusted:
+            raise ValueError("controller_keys is empty: no desired state could ever verify")
+        self.dir = Path(config.data_dir) / "mqtt"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(self.dir / "status-outbox.sqlite", max_bytes=8 * 2**20)
+        self.desired = DesiredStateHandler(
+            agent, self.device_id, trusted, self.dir / "link.json", self._report
+        )
+        self.delivery = Delivery(
+            self.device_id,
+            self.outbox,
+            telemetry,
+            telemetry_batch=telemetry_batch,
+            resend_after_s=resend_after_s,
+        )
+        self.tick_s = tick_s
+        self.last_connect_error: str | None = None
+        self.connected = threading.Event()
+        self._connected_since = 0.0  # monotonic; set by paho's thread on every connect
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+        self._stopping = False
+
+    @property
+    def ignored(self) -> dict[str, int]:
+        """reason code -> count of desired states ignored."""
+        return self.desired.ignored
+
+    @property
+    def resent(self) -> int:
+        return self.delivery.resent
+
+    def topic(self, kind: Kind) -> str:
+        return topic(self.device_id, kind)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        mqtt_cfg = self.config.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=mqtt_cfg.client_id or self.device_id,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+        )
+        if mqtt_cfg.username:
+            client.username_pw_set(mqtt_cfg.username, mqtt_cfg.password)
+        if self.tls:
+            ca = mqtt_cfg.ca_file
+            client.tls_set(ca_certs=str(ca) if ca else None)
+        client.will_set(self.topic("presence"), offline_will(self.device_id), qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_inflight_messages_set(50)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self._client = client
+        self.agent.add_listener(self._on_event)
+        self._worker = threading.Thread(target=self._run, name="mqtt-link", daemon=True)
+        self._worker.start()
+        client.connect_async(self.host, self.port, keepalive=int(mqtt_cfg.keepalive_s))
+        client.loop_start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Say offline (retained), flush what the broker can still take, disconnect."""
+        client = self._client
+        if client is None:
+            return
+        self._stopping = True
+        self._jobs.put(("stop", None))
+        if self._worker is not None:
+            self._worker.join(timeout)
+        if self.connected.is_set():
+            try:
+                info = client.publish(
+                    self.topic("presence"), offline_will(self.device_id), qos=1, retain=True
+                )
+                info.wait_for_publish(timeout=min(timeout, 2.0))
+            except (RuntimeError, ValueError) as e:
+                log.warning("offline presence not sent: %s", e)
+        client.disconnect()
+        client.loop_stop()
+        self._client = None
+        self.outbox.close()
+
+    def backlog(self) -> int:
+        """Status reports on disk that the broker has not acknowledged yet."""
+        return self.delivery.backlog()
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        return self.connected.wait(timeout)
+
+    # -- paho callbacks (network thread): queue work, nothing else ---------------------------
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: MqttReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self.last_connect_error = str(reason)
+            log.warning("broker refused connection: %s", reason)
+            return
+        self.last_connect_error = None
+        client.subscribe(self.topic("desired"), qos=1)
+        self._connected_since = time.monotonic()
+        self.connected.set()
+        self._jobs.put(("connected", None))
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason: MqttReasonCode,
+        props: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        if not self._stopping:
+            log.info("disconnected from broker: %s (reconnecting with backoff)", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.topic("desired"):
+            self._jobs.put(("desired", bytes(message.payload)))
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason: MqttReasonCode,
+        props: Properties,
+    ) -> None:
+        self.delivery.on_puback(mid)
+        self._jobs.put(("acked", None))
+
+    def _on_event(self, event: UpdateEvent) -> None:
+        """Agent listener: may be called from any agent thread."""
+        self._jobs.put(("event", event))
+
+    # -- worker -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job: Job
+            try:
+                job = self._jobs.get(timeout=self.tick_s)
+            except queue.Empty:
+                job = ("tick", None)
+            try:
+                self.delivery.drain_acks()
+                if job[0] == "stop":
+                    self._flush()
+                    return
+                if job[0] == "connected":
+                    self._publish_presence()
+                elif job[0] == "desired":
+                    self.desired.handle(job[1])
+                elif job[0] == "event":
+                    self._handle_event(job[1])
+                self._flush()
+            except Exception:  # the link must outlive any single bad message
+                log.exception("mqtt link: %s job failed", job[0])
+
+    def _handle_event(self, event: UpdateEvent) -> None:
+        state = self.desired.state
+        report = status_from_event(
+            event,
+            self.device_id,
+            rollout_id=state.rollouts.get(f"{event.model}@{event.version}"),
+            desired_seq=state.last_seq,
+        )
+        if report is None:
+            log.warning("update %s: state %r not reported", event.update_id, event.state)
+            return
+        self._report(report)
+        if report.state in TERMINAL_STATES:
+            self.desired.finished(event.model, event.version)
+            self._publish_presence()
+
+    def _report(self, report: StatusReport) -> None:
+        """Durably queue a status report; it leaves the outbox on PUBACK, with its outbox id
+        (increasing, survives restarts) as ``id`` and ``seq``."""
+        self.outbox.append(report.to_dict())
+
+    def _publish_presence(self) -> None:
+        if self._client is None or not self.connected.is_set():
+            return
+        presence = presence_of(self.agent.inventory(), at=now_iso())
+        self._client.publish(self.topic("presence"), encode(presence.to_dict()), qos=1, retain=True)
+
+    def _publish(self, kind: Kind, payload: bytes) -> int:
+        assert self._client is not None
+        return self._client.publish(self.topic(kind), payload, qos=1).mid
+
+    def _flush(self) -> None:
+        if self._client is None or not self.connected.is_set():
+            return
+        self.delivery.flush(self._publish, self._connected_since)

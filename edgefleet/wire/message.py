@@ -1,0 +1,123 @@
+"""What every device message parser shares: the JSON value types and one refusal.
+
+A message that crosses a process is parsed field by field; a field of the wrong type is refused
+with a :class:`MessageError` that names the message and the field, so the receiver can count the
+reason (``status_bad_state``) rather than guess it from a traceback. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TypeAlias, cast
+
+JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
+JsonObject: TypeAlias = dict[str, JsonValue]
+
+
+class MessageError(ValueError):
+    """A message refused by its parser; ``message`` and ``field`` say which part is wrong."""
+
+    def __init__(self, message: str, field: str, problem: str) -> None:
+        super().__init__(f"{message} {field}: {problem}")
+        self.message = message
+        self.field = field
+        self.problem = problem
+
+    @property
+    def reason(self) -> str:
+        """A short counter name: ``<message>_bad_<field>``."""
+        return f"{self.message}_bad_{self.field}"
+
+
+def decode_object(message: str, raw: bytes | str | Mapping[str, object]) -> Mapping[str, object]:
+    """The JSON object in ``raw`` (bytes, text, or an already decoded mapping)."""
+    if isinstance(raw, Mapping):
+        return raw
+    try:
+        value: object = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MessageError(message, "payload", "not JSON") from e
+    if not isinstance(value, dict):
+        raise MessageError(message, "payload", "not a JSON object")
+    return value
+
+
+def encode(obj: Mapping[str, JsonValue]) -> bytes:
+    """Compact JSON bytes, as published."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class Fields:
+    """Typed reads of one decoded message's fields; each refusal names the field."""
+
+    def __init__(self, message: str, obj: Mapping[str, object]) -> None:
+        self.message = message
+        self.obj = obj
+
+    def bad(self, field: str, problem: str) -> MessageError:
+        return MessageError(self.message, field, problem)
+
+    def string(self, field: str) -> str:
+        value = self.obj.get(field)
+        if not isinstance(value, str):
+            raise self.bad(field, "missing or not a string")
+        return value
+
+    def opt_string(self, field: str) -> str | None:
+        value = self.obj.get(field)
+        if value is not None and not isinstance(value, str):
+            raise self.bad(field, "not a string")
+        return value
+
+    def integer(self, field: str) -> int:
+        value = self.obj.get(field)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.bad(field, "missing or not an integer")
+        return value
+
+    def opt_integer(self, field: str) -> int | None:
+        value = self.obj.get(field)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.bad(field, "not an integer")
+        return value
+
+    def boolean(self, field: str, default: bool) -> bool:
+        value = self.obj.get(field, default)
+        if not isinstance(value, bool):
+            raise self.bad(field, "not a boolean")
+        return value
+
+    def timestamp(self, field: str) -> str | float | None:
+        """An ISO 8601 string from an agent, or epoch seconds from a simulator."""
+        value = self.obj.get(field)
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise self.bad(field, "not a time (ISO 8601 text or epoch seconds)")
+
+    def string_list(self, field: str) -> list[str] | None:
+        """None when absent; a list of strings when present."""
+        if field not in self.obj:
+            return None
+        value = self.obj[field]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.bad(field, "not a list of strings")
+        return [str(v) for v in value]
+
+    def json_object(self, field: str) -> JsonObject | None:
+        """None when absent or null; a JSON object when present."""
+        value = self.obj.get(field)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.bad(field, "not an object")
+        return _json_object(value)
+
+
+def _json_object(value: dict[object, object]) -> JsonObject:
+    # Decoded JSON: keys are strings and values JSON values by construction.
+    return cast(JsonObject, {str(k): v for k, v in value.items()})

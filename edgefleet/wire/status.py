@@ -1,0 +1,136 @@
+"""Status reports, device -> controller on ``.../status``: how an update (or a refused desired
+state) went.
+
+The agent builds a :class:`StatusReport` and queues ``to_dict()`` in its outbox; the outbox id
+becomes the report's ``seq`` when it is published (:func:`with_seq`), so that the controller drops
+the duplicates at-least-once delivery brings. The controller reads it back with :func:`parse`.
+
+Wire fields: ``device_id, at, seq, id, kind, model, version, state, reason_code, reason,
+rollout_id, update_id, from_version, desired_seq, already_installed, figures``. Simulators may
+send ``benchmark`` instead of ``figures``, omit ``kind`` (an update) and give ``at`` in epoch
+seconds; all of that is still read. A refused desired state has kind ``desired_rejected``, state
+``REJECTED`` and no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from edgefleet.wire.message import Fields, JsonObject, JsonValue, decode_object
+from edgefleet.wire.reasons import ReasonCode, is_transient, parse_reason
+from edgefleet.wire.states import UpdateState, parse_state
+
+StatusKind = Literal["update", "desired_rejected"]
+#: The ``state`` of a ``desired_rejected`` report: no update ran.
+REJECTED = "REJECTED"
+_KINDS: tuple[StatusKind, ...] = ("update", "desired_rejected")
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """One status report. ``state`` is None exactly for a ``desired_rejected`` report.
+
+    ``reason_code`` is a :class:`ReasonCode` when the code is known here; a code from a newer
+    agent stays its raw string (and counts as final: see :attr:`transient`).
+    """
+
+    device_id: str
+    at: str | float | None
+    kind: StatusKind
+    state: UpdateState | None
+    model: str | None = None
+    version: str | None = None
+    reason_code: ReasonCode | str | None = None
+    reason: str | None = None
+    rollout_id: str | None = None
+    update_id: str | None = None
+    from_version: str | None = None
+    desired_seq: int | None = None
+    already_installed: bool = False
+    figures: JsonObject | None = None
+    seq: int | None = None  # set by the outbox when published; required when parsed
+
+    @property
+    def transient(self) -> bool:
+        """The reason is worth retrying the same release for (unknown codes are final)."""
+        return is_transient(self.reason_code)
+
+    def to_dict(self) -> JsonObject:
+        out: JsonObject = {
+            "device_id": self.device_id,
+            "at": self.at,
+            "kind": self.kind,
+            "state": self.state.value if self.state is not None else REJECTED,
+            "reason_code": str(self.reason_code) if self.reason_code is not None else None,
+            "reason": self.reason,
+            "rollout_id": self.rollout_id,
+        }
+        optional: dict[str, JsonValue] = {
+            "model": self.model,
+            "version": self.version,
+            "update_id": self.update_id,
+            "from_version": self.from_version,
+            "desired_seq": self.desired_seq,
+            "figures": self.figures or None,
+            "seq": self.seq,
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        if self.already_installed:
+            out["already_installed"] = True
+        return out
+
+
+def with_seq(record: Mapping[str, JsonValue], seq: int) -> JsonObject:
+    """A queued report as published: its outbox id is its ``seq``."""
+    return {**record, "seq": seq}
+
+
+def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None) -> StatusReport:
+    """A status report from its JSON; refuses (MessageError naming the field) a wrong type, a
+    missing ``seq``, an unknown state, or an update without model and version.
+
+    ``device_id`` is the one in the topic: a message without one gets it, one that names
+    another device is refused.
+    """
+    f = Fields("status", decode_object("status", raw))
+    dev = f.opt_string("device_id")
+    if dev is None:
+        if device_id is None:
+            raise f.bad("device_id", "missing or not a string")
+        dev = device_id
+    elif device_id is not None and dev != device_id:
+        raise f.bad("device_id", f"{dev!r} on the topic of {device_id!r}")
+    kind = f.obj.get("kind", "update")
+    if kind not in _KINDS:
+        raise f.bad("kind", f"unknown kind {kind!r}")
+    seq = f.integer("seq")
+    raw_state = f.obj.get("state")
+    state = parse_state(raw_state)
+    if kind == "update" and state is None:
+        raise f.bad("state", f"not an update state: {raw_state!r}")
+    if kind == "desired_rejected" and raw_state not in (REJECTED, None):
+        raise f.bad("state", f"a rejected desired state reports {REJECTED}, not {raw_state!r}")
+    model, version = f.opt_string("model"), f.opt_string("version")
+    if kind == "update":
+        model, version = f.string("model"), f.string("version")
+    code = f.opt_string("reason_code")
+    figures = f.json_object("figures")
+    return StatusReport(
+        device_id=dev,
+        at=f.timestamp("at"),
+        kind="update" if kind == "update" else "desired_rejected",
+        state=state if kind == "update" else None,
+        model=model,
+        version=version,
+        reason_code=(parse_reason(code) or code) if code is not None else None,
+        reason=f.opt_string("reason"),
+        rollout_id=f.opt_string("rollout_id"),
+        update_id=f.opt_string("update_id"),
+        from_version=f.opt_string("from_version"),
+        desired_seq=f.opt_integer("desired_seq"),
+        already_installed=f.boolean("already_installed", False),
+        figures=figures if figures is not None else f.json_object("benchmark"),
+        seq=seq,
+    )
