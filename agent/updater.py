@@ -33,6 +33,7 @@ from edgefleet.agent.validation import (
     load_samples,
     run_samples,
     sample_agreement,
+    sample_tolerances,
 )
 
 log = logging.getLogger("edgefleet.agent")
@@ -530,12 +531,8 @@ class Updater:
             n = len(next(iter(got.values())))
             exp = {k: v[:n] for k, v in expected.items()}
             gates = manifest.get("gates") or {}
-            fig.agreement, fig.max_abs_error, fig.samples = sample_agreement(
-                exp,
-                got,
-                float(gates.get("sample_atol") or 1e-4),
-                float(gates.get("sample_rtol") or 1e-3),
-            )
+            atol, rtol = sample_tolerances(gates)
+            fig.agreement, fig.max_abs_error, fig.samples = sample_agreement(exp, got, atol, rtol)
             vc = self.config.validation
             fig.p50_ms, fig.p95_ms, fig.runs = benchmark(
                 lm.session, inputs, vc.bench_runs, vc.bench_warmup, vc.bench_max_seconds

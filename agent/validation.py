@@ -1,14 +1,17 @@
 """VALIDATING: the package's samples against the recorded outputs, then an on-device benchmark,
-both judged against the manifest's gates. `compare_outputs` and `judge` are pure."""
+both judged against the manifest's gates. `sample_tolerances`, `sample_agreement` and `judge` are
+pure."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+#: Sample tolerances used when the manifest's gates do not set them (a set 0.0 stays 0.0).
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 DEFAULT_MIN_AGREEMENT = 1.0
@@ -37,6 +40,24 @@ class Figures:
 class GateFailure:
     code: str  # sample_mismatch | latency_gate | memory_gate
     reason: str
+
+
+def sample_tolerances(gates: Mapping[str, object]) -> tuple[float, float]:
+    """(atol, rtol) for the samples: the manifest's gates, the defaults only where a gate is unset.
+
+    A gate of 0.0 is a real value (every shipped CPU profile asks for ``sample_rtol = 0.0``), not
+    an absent one.
+    """
+    return _gate(gates, "sample_atol", DEFAULT_ATOL), _gate(gates, "sample_rtol", DEFAULT_RTOL)
+
+
+def _gate(gates: Mapping[str, object], key: str, default: float) -> float:
+    value = gates.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"gate {key} is {value!r}, not a number")
+    return float(value)
 
 
 def sample_agreement(

@@ -15,7 +15,14 @@ from edgefleet.agent.journal import Journal, Recovery, UpdateRecord, decide_reco
 from edgefleet.agent.sessions import judge_probation, plan_swap
 from edgefleet.agent.states import TERMINAL, TRANSITIONS, State, TransitionError, check_transition
 from edgefleet.agent.store import ModelStore, Pointers
-from edgefleet.agent.validation import Figures, judge, sample_agreement
+from edgefleet.agent.validation import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    Figures,
+    judge,
+    sample_agreement,
+    sample_tolerances,
+)
 
 HAPPY = [
     "IDLE",
@@ -194,6 +201,19 @@ def test_validation_gates() -> None:
     assert judge(f, {}).code == "sample_mismatch"  # type: ignore[union-attr]
     assert judge(f, {"min_sample_agreement": 0.5, "max_p95_ms": 2.0}).code == "latency_gate"  # type: ignore[union-attr]
     assert judge(f, {"min_sample_agreement": 0.5, "max_memory_mb": 5}).code == "memory_gate"  # type: ignore[union-attr]
+
+
+def test_a_zero_sample_tolerance_stays_zero() -> None:
+    # Every shipped CPU profile sets sample_rtol = 0.0; it used to become 1e-3 on the device.
+    assert sample_tolerances({"sample_atol": 0.05, "sample_rtol": 0.0}) == (0.05, 0.0)
+    assert sample_tolerances({"sample_atol": 0, "sample_rtol": 0}) == (0.0, 0.0)
+    assert sample_tolerances({}) == (DEFAULT_ATOL, DEFAULT_RTOL)
+    assert sample_tolerances({"sample_atol": None}) == (DEFAULT_ATOL, DEFAULT_RTOL)
+    exp = {"y": np.array([[100.0]])}
+    got = {"y": np.array([[100.05]])}  # within rtol 1e-3 of 100, outside atol 0.01
+    atol, rtol = sample_tolerances({"sample_atol": 0.01, "sample_rtol": 0.0})
+    assert sample_agreement(exp, got, atol, rtol)[0] == 0.0
+    assert sample_agreement(exp, got, atol, DEFAULT_RTOL)[0] == 1.0
 
 
 def test_probation_and_swap_decisions() -> None:
