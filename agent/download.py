@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from edgefleet.wire.reasons import ReasonCode
+
 _CHUNK = 1 << 16
 
 
 class DownloadError(RuntimeError):
     """The download was refused or could not complete; `code` names why."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ReasonCode, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -60,10 +62,12 @@ def _finish(
     digest = h.hexdigest()
     if exp_size is not None and size != exp_size:
         part.unlink(missing_ok=True)
-        raise DownloadError("size_mismatch", f"got {size} bytes, expected {exp_size}")
+        raise DownloadError(ReasonCode.SIZE_MISMATCH, f"got {size} bytes, expected {exp_size}")
     if sha256 is not None and digest != sha256.lower():
         part.unlink(missing_ok=True)
-        raise DownloadError("digest_mismatch", f"sha256 {digest} differs from expected {sha256}")
+        raise DownloadError(
+            ReasonCode.DIGEST_MISMATCH, f"sha256 {digest} differs from expected {sha256}"
+        )
     with open(part, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(part, dest)
@@ -87,7 +91,9 @@ def fetch(
     ``token`` is sent as ``Authorization: Bearer`` on HTTP(S) requests (the controller's
     per-device download token)."""
     if size is not None and size > max_bytes:
-        raise DownloadError("too_large", f"declared size {size} exceeds the limit {max_bytes}")
+        raise DownloadError(
+            ReasonCode.TOO_LARGE, f"declared size {size} exceeds the limit {max_bytes}"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     if dest.exists():  # completed before a restart: check it again
@@ -105,10 +111,10 @@ def _copy_local(
     src: Path, part: Path, dest: Path, sha256: str | None, size: int | None, max_bytes: int
 ) -> Downloaded:
     if not src.is_file():
-        raise DownloadError("source_missing", f"{src} is not a file")
+        raise DownloadError(ReasonCode.SOURCE_MISSING, f"{src} is not a file")
     if src.stat().st_size > max_bytes:
         raise DownloadError(
-            "too_large", f"{src.stat().st_size} bytes exceeds the limit {max_bytes}"
+            ReasonCode.TOO_LARGE, f"{src.stat().st_size} bytes exceeds the limit {max_bytes}"
         )
     h = hashlib.sha256()
     n = 0
@@ -116,7 +122,7 @@ def _copy_local(
         while chunk := fi.read(1 << 20):
             n += len(chunk)
             if n > max_bytes:
-                raise DownloadError("too_large", f"more than {max_bytes} bytes")
+                raise DownloadError(ReasonCode.TOO_LARGE, f"more than {max_bytes} bytes")
             h.update(chunk)
             fo.write(chunk)
     return Downloaded(dest, _finish(part, dest, h, n, sha256, size), n, 0, 1)
@@ -159,16 +165,18 @@ def _http(
                         part.unlink(missing_ok=True)
                     elif r.status_code not in (200, 206):
                         raise DownloadError(
-                            "http_error", f"GET {url} answered HTTP {r.status_code}"
+                            ReasonCode.HTTP_ERROR, f"GET {url} answered HTTP {r.status_code}"
                         )
                     total = _total_size(r.headers, n)
                     if total is not None and total > max_bytes:
                         raise DownloadError(
-                            "too_large", f"server announces {total} bytes, limit {max_bytes}"
+                            ReasonCode.TOO_LARGE,
+                            f"server announces {total} bytes, limit {max_bytes}",
                         )
                     if total is not None and size is not None and total != size:
                         raise DownloadError(
-                            "size_mismatch", f"server announces {total} bytes, expected {size}"
+                            ReasonCode.SIZE_MISMATCH,
+                            f"server announces {total} bytes, expected {size}",
                         )
                     with open(part, "ab") as f:
                         for chunk in r.iter_raw():
@@ -176,7 +184,9 @@ def _http(
                             if n > max_bytes:
                                 f.close()
                                 part.unlink(missing_ok=True)
-                                raise DownloadError("too_large", f"more than {max_bytes} bytes")
+                                raise DownloadError(
+                                    ReasonCode.TOO_LARGE, f"more than {max_bytes} bytes"
+                                )
                             h.update(chunk)
                             f.write(chunk)
                             if on_progress is not None:
@@ -190,7 +200,7 @@ def _http(
                 time.sleep(min(0.2 * 2**attempt, 5.0))
         else:
             raise DownloadError(
-                "download_incomplete", f"{url}: {last_error} after {attempts} attempts"
+                ReasonCode.DOWNLOAD_INCOMPLETE, f"{url}: {last_error} after {attempts} attempts"
             )
     return Downloaded(dest, _finish(part, dest, h, n, sha256, size), n, resumed_from, attempts)
 

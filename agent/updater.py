@@ -35,6 +35,10 @@ from edgefleet.agent.validation import (
     sample_agreement,
     sample_tolerances,
 )
+from edgefleet.wire.errors import RejectError
+from edgefleet.wire.package import VerifiedPackage, VerifyPolicy, read_name, verify_package
+from edgefleet.wire.reasons import ReasonCode
+from edgefleet.wire.trust import check_installed
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -80,7 +84,11 @@ InferenceObserver = Callable[
 
 
 class StepFailed(Exception):
-    def __init__(self, code: str, reason: str, figures: dict[str, Any] | None = None) -> None:
+    """A step's refusal: the update leaves by its state's failure route with this code."""
+
+    def __init__(
+        self, code: ReasonCode, reason: str, figures: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
@@ -166,14 +174,14 @@ class Updater:
                 self._transition(
                     rec,
                     State.FAILED,
-                    "resume_limit",
+                    ReasonCode.RESUME_LIMIT,
                     f"interrupted {rec.resumes} times in {rec.state}",
                 )
             elif action is Recovery.ROLL_BACK:
                 self._transition(
                     rec,
                     State.ROLLING_BACK,
-                    "interrupted_probation",
+                    ReasonCode.INTERRUPTED_PROBATION,
                     f"the agent restarted while {rec.version} was in {rec.state}",
                 )
                 self._restore_pointers(rec)
@@ -252,10 +260,10 @@ class Updater:
                 if rec.current in BEFORE_ACTIVATION:
                     self._cleanup_failed(rec)
                     self._transition(
-                        rec, State.FAILED, "internal_error", f"{type(e).__name__}: {e}"
+                        rec, State.FAILED, ReasonCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}"
                     )
                 elif rec.current in (State.ACTIVATING, State.PROBATION):
-                    self._roll_back(rec, "internal_error", f"{type(e).__name__}: {e}")
+                    self._roll_back(rec, ReasonCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
 
     def _run(self, rec: UpdateRecord) -> None:
         run = _Run()
@@ -345,7 +353,7 @@ class Updater:
         except DownloadError as e:
             raise StepFailed(e.code, e.message) from e
         except OSError as e:
-            raise StepFailed("download_failed", f"{type(e).__name__}: {e}") from e
+            raise StepFailed(ReasonCode.DOWNLOAD_FAILED, f"{type(e).__name__}: {e}") from e
         run.package = got.path
         self._transition(
             rec,
@@ -353,9 +361,8 @@ class Updater:
             figures={"bytes": got.size, "sha256": got.sha256, "resumed_from": got.resumed_from},
         )
 
-    def _policy(self, rec: UpdateRecord) -> Any:
+    def _policy(self, rec: UpdateRecord) -> VerifyPolicy:
         from edgefleet.keys import load_public_key
-        from edgefleet.wire.package import VerifyPolicy
 
         keys = []
         for p in self.config.trusted_keys:
@@ -377,51 +384,53 @@ class Updater:
             agent_version=agent_version(),
         )
 
-    def _verify(self, rec: UpdateRecord, extract_to: Path | None = None) -> Any:
-        from edgefleet.wire.package import RejectError, verify_package
-
+    def _verify(self, rec: UpdateRecord, extract_to: Path | None = None) -> VerifiedPackage:
         try:
             return verify_package(self._package_path(rec), self._policy(rec), extract_to=extract_to)
         except RejectError as e:
-            raise StepFailed(e.code.value, e.message) from e
+            raise StepFailed(e.code, e.message) from e
 
     def _verify_installed(self, rec: UpdateRecord) -> None:
-        """Re-check an installed version: files against the install record, key, manifest policy."""
-        from edgefleet.wire.package import RejectError, check_manifest_policy
-
+        """Re-check an installed version: its files against the install record, then trust's
+        `check_installed` (its key still trusted and not revoked, the manifest policy)."""
         try:
             inst = self.store.check_integrity(rec.model, rec.version)
         except IntegrityError as e:
-            raise StepFailed("digest_mismatch", str(e)) from e
-        if inst.get("key_id") in set(self.config.revoked_key_ids):
-            raise StepFailed(
-                "revoked_key", f"{rec.model} {rec.version} was signed by a revoked key"
-            )
+            raise StepFailed(ReasonCode.DIGEST_MISMATCH, str(e)) from e
+        policy = self._policy(rec)
+        manifest = self.store.manifest(rec.model, rec.version)
         try:
-            check_manifest_policy(self.store.manifest(rec.model, rec.version), self._policy(rec))
+            verdict = check_installed(
+                manifest,
+                inst.get("key_id"),
+                inst["member_digests"],
+                policy.trust_store(),
+                policy.device_facts(),
+                policy.clock(),
+            )
         except RejectError as e:
-            raise StepFailed(e.code.value, e.message) from e
-        rec.profile = self.store.manifest(rec.model, rec.version).get("profile")
+            raise StepFailed(e.code, e.message) from e
+        rec.profile = manifest.get("profile")
         self._transition(
-            rec, State.INSTALLING, figures={"key_id": inst.get("key_id"), "installed": True}
+            rec, State.INSTALLING, figures={"key_id": verdict.key_id, "installed": True}
         )
 
     def _step_verify(self, rec: UpdateRecord, run: _Run) -> None:
         if self._installed_rollback(rec):
             return self._verify_installed(rec)
         if not rec.model:  # model name unknown until now: read it unverified, then verify by it
-            from edgefleet.wire.package import RejectError, read_manifest
-
             try:
-                rec.model = str(read_manifest(self._package_path(rec))["name"])
-            except (RejectError, KeyError) as e:
-                raise StepFailed("manifest_invalid", f"cannot read the package's name: {e}") from e
+                rec.model = read_name(self._package_path(rec))
+            except RejectError as e:
+                raise StepFailed(
+                    ReasonCode.MANIFEST_INVALID, f"cannot read the package's name: {e}"
+                ) from e
             rec.from_version = self.store.pointers(rec.model).current
         vp = self._verify(rec)
         m = vp.manifest
         if rec.version and m["version"] != rec.version:
             raise StepFailed(
-                "version_mismatch",
+                ReasonCode.VERSION_MISMATCH,
                 f"package holds version {m['version']}, the update asked for {rec.version}",
             )
         rec.version = m["version"]
@@ -436,7 +445,7 @@ class Updater:
                 "providers": vp.providers,
                 "cpu_fallback_used": vp.cpu_fallback_used,
             },
-            reason_code="cpu_fallback" if vp.cpu_fallback_used else None,
+            reason_code=ReasonCode.CPU_FALLBACK if vp.cpu_fallback_used else None,
             reason=(
                 f"{[ep['name'] for ep in m['execution_providers']]} missing here; the profile allows CPU fallback"
                 if vp.cpu_fallback_used
@@ -453,7 +462,7 @@ class Updater:
             free = shutil.disk_usage(self.data_dir).free
             if need + self.config.disk_headroom_bytes > free:
                 raise StepFailed(
-                    "disk_full",
+                    ReasonCode.DISK_FULL,
                     f"installing needs {need} bytes + {self.config.disk_headroom_bytes} headroom, {free} free",
                 )
         # ONNX Runtime needs about twice the weights while it loads them (file + arena).
@@ -468,7 +477,7 @@ class Updater:
             avail_mb = min(avail_mb, float(self.config.swap.memory_budget_mb))
         if want_mb + self.config.memory_headroom_mb > avail_mb:
             raise StepFailed(
-                "memory_insufficient",
+                ReasonCode.MEMORY_INSUFFICIENT,
                 f"the model may use {want_mb:.0f} MB + {self.config.memory_headroom_mb:.0f} MB headroom,"
                 f" {avail_mb:.0f} MB available",
             )
@@ -485,7 +494,7 @@ class Updater:
                     self.store.pointers(name).current,
                     self.store.pointers(name).previous,
                 ):
-                    raise StepFailed("integrity", str(e)) from e
+                    raise StepFailed(ReasonCode.INTEGRITY, str(e)) from e
                 remove_tree(self.store.version_dir(name, version))
                 inst = None
         else:
@@ -523,7 +532,9 @@ class Updater:
                 name, version, vdir, manifest, inst["providers"], self._session_options()
             )
         except Exception as e:
-            raise StepFailed("load_failed", f"ONNX Runtime cannot load the model: {e}") from e
+            raise StepFailed(
+                ReasonCode.LOAD_FAILED, f"ONNX Runtime cannot load the model: {e}"
+            ) from e
         fig = Figures(providers=lm.providers, cpu_fallback_used=bool(inst.get("cpu_fallback_used")))
         try:
             inputs, expected = load_samples(vdir / "samples.npz")
@@ -539,10 +550,12 @@ class Updater:
             )
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise StepFailed(
-                "validation_error", f"cannot run the samples: {type(e).__name__}: {e}"
+                ReasonCode.VALIDATION_ERROR, f"cannot run the samples: {type(e).__name__}: {e}"
             ) from e
         except Exception as e:  # onnxruntime raises its own exception types
-            raise StepFailed("validation_error", f"the model failed on its samples: {e}") from e
+            raise StepFailed(
+                ReasonCode.VALIDATION_ERROR, f"the model failed on its samples: {e}"
+            ) from e
         fig.memory_growth_mb = max(0.0, (proc.memory_info().rss - rss0) / 2**20)
         failure = judge(fig, gates)
         if failure is not None:
@@ -593,7 +606,7 @@ class Updater:
                 run.staged = staged = None
                 lm = self.sessions.swap_unload_first(name, lambda: self._load(name, version))
         except Exception as e:
-            raise StepFailed("activation_failed", f"{type(e).__name__}: {e}") from e
+            raise StepFailed(ReasonCode.ACTIVATION_FAILED, f"{type(e).__name__}: {e}") from e
         self.metrics.set_serving(name, version, rec.from_version)
         run.staged = None
         self._transition(
@@ -609,7 +622,10 @@ class Updater:
         verdict = None
         while time.monotonic() < deadline and not self._stop.is_set():
             if lm is None or lm.version != rec.version:
-                verdict = ("replaced", "the version under probation is no longer serving")
+                verdict = (
+                    ReasonCode.PROBATION_REPLACED,
+                    "the version under probation is no longer serving",
+                )
                 break
             n, err, lat = lm.stats.snapshot()
             verdict = judge_probation(n, err, lat, lm.baseline_p95_ms, cfg)

@@ -40,6 +40,7 @@ class ReasonCode(StrEnum):
     DEVICE_MISMATCH = "device_mismatch"
     REPLAYED = "replayed"
     MALFORMED = "malformed"  # a desired state that is not even a signed envelope
+    VERSION_MISMATCH = "version_mismatch"  # the package holds another version than asked for
     # --- download ----------------------------------------------------------------------
     SOURCE_MISSING = "source_missing"
     HTTP_ERROR = "http_error"
@@ -59,10 +60,13 @@ class ReasonCode(StrEnum):
     # --- probation ---------------------------------------------------------------------
     PROBATION_ERROR_RATE = "probation_error_rate"
     PROBATION_LATENCY = "probation_latency"
+    PROBATION_REPLACED = "replaced"  # the version under probation stopped serving
+    INTERRUPTED_PROBATION = "interrupted_probation"  # the agent restarted during probation
     # --- the agent itself --------------------------------------------------------------
     SUBMIT_REFUSED = "submit_refused"
     REMOVE_REFUSED = "remove_refused"
     INTERNAL_ERROR = "internal_error"
+    RESUME_LIMIT = "resume_limit"  # interrupted too often in one state: given up
     # --- informational: carried by a successful report, never a failure ------------------
     CPU_FALLBACK = "cpu_fallback"
     ALREADY_INSTALLED = "already"
