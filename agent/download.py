@@ -1,5 +1,6 @@
 """Fetch a package to disk: HTTP(S) streamed with httpx (sha256 on the way, Range resume after an
-interruption, size limit), or a local path / file:// URL copied the same way."""
+interruption, size limit), or a local path / file:// URL copied the same way. `HttpFetcher` is the
+`agent.update.fetcher.Fetcher` the agent hands its update worker."""
 
 from __future__ import annotations
 
@@ -11,18 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from edgefleet.agent.update.fetcher import FetchError
 from edgefleet.wire.reasons import ReasonCode
 
 _CHUNK = 1 << 16
 
 
-class DownloadError(RuntimeError):
-    """The download was refused or could not complete; `code` names why."""
-
-    def __init__(self, code: ReasonCode, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+#: The fetcher contract's error (`agent.update.fetcher.FetchError`), by its historical name.
+DownloadError = FetchError
 
 
 @dataclass(frozen=True)
@@ -219,3 +216,37 @@ def _total_size(headers: object, offset: int) -> int | None:
 def discard(dest: Path) -> None:
     dest.unlink(missing_ok=True)
     dest.with_name(dest.name + ".part").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class HttpFetcher:
+    """`fetch` and `discard` as the update worker's `Fetcher`, with the configured patience."""
+
+    timeout_s: float = 30.0
+    retries: int = 5
+
+    def fetch(
+        self,
+        source: str,
+        dest: Path,
+        *,
+        sha256: str | None,
+        size: int | None,
+        max_bytes: int,
+        token: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Downloaded:
+        return fetch(
+            source,
+            dest,
+            sha256=sha256,
+            size=size,
+            max_bytes=max_bytes,
+            timeout_s=self.timeout_s,
+            retries=self.retries,
+            on_progress=on_progress,
+            token=token,
+        )
+
+    def discard(self, dest: Path) -> None:
+        discard(dest)

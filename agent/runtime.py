@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.config import AgentConfig, default_profiles
+from edgefleet.agent.download import HttpFetcher
 from edgefleet.agent.journal import Journal, UpdateRecord, new_update_id
 from edgefleet.agent.metrics import Metrics
 from edgefleet.agent.sessions import SessionManager
 from edgefleet.agent.states import State, is_terminal
 from edgefleet.agent.store import ModelStore
-from edgefleet.agent.updater import (
+from edgefleet.agent.update import (
     InferenceObserver,
     UpdateEvent,
     UpdateListener,
@@ -62,6 +63,7 @@ class Agent:
             lambda: self.execution_providers,
             lambda: self.profiles,
             self._stop,
+            HttpFetcher(config.download_timeout_s, config.download_retries),
         )
 
     # ------------------------------------------------------------------ public surface

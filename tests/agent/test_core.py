@@ -13,7 +13,17 @@ from edgefleet.agent import oip
 from edgefleet.agent.config import ConfigError, ProbationConfig, load_config
 from edgefleet.agent.journal import Journal, Recovery, UpdateRecord, decide_recovery
 from edgefleet.agent.sessions import judge_probation, plan_swap
-from edgefleet.agent.states import TERMINAL, TRANSITIONS, State, TransitionError, check_transition
+from edgefleet.agent.states import (
+    BEFORE_ACTIVATION,
+    ROUTES,
+    TERMINAL,
+    TRANSITIONS,
+    OnRestart,
+    State,
+    TransitionError,
+    check_transition,
+    failure_route,
+)
 from edgefleet.agent.store import ModelStore, Pointers
 from edgefleet.agent.validation import (
     DEFAULT_ATOL,
@@ -75,6 +85,41 @@ def test_happy_path_and_failures_follow_the_table() -> None:
 def test_decide_recovery(state: str, resumes: int, action: Recovery) -> None:
     graceful = resumes < 0
     assert decide_recovery(State(state), abs(resumes), stopped_gracefully=graceful) is action
+
+
+def test_walk_the_table_every_failure_route_and_restart() -> None:
+    """Every state reachable, each failure route an edge of the table ending in a terminal
+    state, and crash recovery giving up exactly along that route."""
+    seen, todo = {State.IDLE}, [State.IDLE]
+    while todo:
+        for nxt in TRANSITIONS[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert seen == set(State)
+    give_up = {State.FAILED: Recovery.FAIL, State.ROLLING_BACK: Recovery.ROLL_BACK}
+    for state, route in ROUTES.items():
+        fail = failure_route(state)
+        if state in TERMINAL:
+            assert fail is None and route.restart is OnRestart.NOTHING
+            assert decide_recovery(state, 0) is Recovery.NONE
+            continue
+        if fail is None:  # only finishing is left to do: a restart finishes it
+            assert route.restart in (OnRestart.FINISH_ROLLBACK, OnRestart.FINISH_REMOVAL)
+            assert decide_recovery(state, 99) is Recovery(route.restart.value)
+            continue
+        check_transition(state, fail)
+        end = fail
+        while end not in TERMINAL:  # a failure always ends: FAILED, or ROLLING_BACK -> ROLLED_BACK
+            (end,) = TRANSITIONS[end]
+        assert end in (State.FAILED, State.ROLLED_BACK)
+        # FAILED only while the old model still serves alone; from ACTIVATING on, a rollback.
+        assert (fail is State.FAILED) == (state in BEFORE_ACTIVATION)
+        assert decide_recovery(state, 99) is give_up[fail]
+        first = decide_recovery(state, 0)
+        assert first is (Recovery.RESUME if route.restart is OnRestart.RESUME else give_up[fail])
+    assert failure_route(State.ACTIVATING) is State.ROLLING_BACK
+    assert failure_route(State.VALIDATING) is State.FAILED
 
 
 def test_decide_recovery_of_a_removal() -> None:
