@@ -272,3 +272,24 @@ def test_probation_and_swap_decisions() -> None:
     assert plan_swap("auto", 1000, 100, 50) == "overlap"
     assert plan_swap("auto", 120, 100, 50) == "unload_first"
     assert plan_swap("overlap", 0, 100, 50) == "overlap"
+
+
+def test_device_resources_are_judged_purely() -> None:
+    from edgefleet.agent.update.checks import Resources, check_resources
+    from edgefleet.agent.update.events import StepFailed
+
+    mb = 2**20
+    m = {
+        "members": {"model.onnx": {"size": 10 * mb}, "samples.npz": {"size": mb}},
+        "model": {"file": "model.onnx"},
+    }
+    check_resources(
+        m, Resources(free_disk=12 * mb, available_mb=21.0, disk_headroom=0, memory_headroom_mb=1)
+    )
+    for have, code in [
+        (Resources(free_disk=11 * mb, available_mb=99, disk_headroom=1, memory_headroom_mb=0), "disk_full"),
+        (Resources(free_disk=None, available_mb=20.5, disk_headroom=0, memory_headroom_mb=1), "memory_insufficient"),
+    ]:  # fmt: skip
+        with pytest.raises(StepFailed) as ei:
+            check_resources(m, have)
+        assert ei.value.code == code
