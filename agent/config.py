@@ -17,16 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ENV_PREFIX = "EDGEFLEET_AGENT_"
+from edgefleet.hardware_profiles import device_profiles
 
-_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
-_PROVIDER_PROFILES = {
-    "CUDAExecutionProvider": "gpu-cuda",
-    "TensorrtExecutionProvider": "gpu-tensorrt",
-    "QNNExecutionProvider": "npu-qnn",
-    "OpenVINOExecutionProvider": "npu-openvino",
-    "VitisAIExecutionProvider": "fpga-vitisai",
-}
+ENV_PREFIX = "EDGEFLEET_AGENT_"
 
 
 class ConfigError(ValueError):
@@ -34,10 +27,9 @@ class ConfigError(ValueError):
 
 
 def default_profiles(providers: list[str] | None = None) -> list[str]:
-    """Profiles this machine can run: its CPU profile plus one per accelerator provider."""
-    arch = _ARCH.get(platform.machine().lower(), platform.machine().lower())
-    profiles = [_PROVIDER_PROFILES[p] for p in providers or [] if p in _PROVIDER_PROFILES]
-    return [*profiles, f"cpu-{arch}"]
+    """Profiles this machine can run: one per accelerator provider, then its CPU profile, as the
+    shipped profile files (`edgefleet.hardware_profiles`) map them."""
+    return device_profiles(providers or [], platform.machine())
 
 
 @dataclass

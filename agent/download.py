@@ -1,5 +1,6 @@
 """Fetch a package to disk: HTTP(S) streamed with httpx (sha256 on the way, Range resume after an
-interruption, size limit), or a local path / file:// URL copied the same way."""
+interruption, size limit), or a local path / file:// URL copied the same way. `HttpFetcher` is the
+`agent.update.fetcher.Fetcher` the agent hands its update worker."""
 
 from __future__ import annotations
 
@@ -11,16 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from edgefleet.agent.update.fetcher import FetchError
+from edgefleet.wire.reasons import ReasonCode
+
 _CHUNK = 1 << 16
 
 
-class DownloadError(RuntimeError):
-    """The download was refused or could not complete; `code` names why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+#: The fetcher contract's error (`agent.update.fetcher.FetchError`), by its historical name.
+DownloadError = FetchError
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,12 @@ def _finish(
     digest = h.hexdigest()
     if exp_size is not None and size != exp_size:
         part.unlink(missing_ok=True)
-        raise DownloadError("size_mismatch", f"got {size} bytes, expected {exp_size}")
+        raise DownloadError(ReasonCode.SIZE_MISMATCH, f"got {size} bytes, expected {exp_size}")
     if sha256 is not None and digest != sha256.lower():
         part.unlink(missing_ok=True)
-        raise DownloadError("digest_mismatch", f"sha256 {digest} differs from expected {sha256}")
+        raise DownloadError(
+            ReasonCode.DIGEST_MISMATCH, f"sha256 {digest} differs from expected {sha256}"
+        )
     with open(part, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(part, dest)
@@ -87,7 +88,9 @@ def fetch(
     ``token`` is sent as ``Authorization: Bearer`` on HTTP(S) requests (the controller's
     per-device download token)."""
     if size is not None and size > max_bytes:
-        raise DownloadError("too_large", f"declared size {size} exceeds the limit {max_bytes}")
+        raise DownloadError(
+            ReasonCode.TOO_LARGE, f"declared size {size} exceeds the limit {max_bytes}"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     if dest.exists():  # completed before a restart: check it again
@@ -105,10 +108,10 @@ def _copy_local(
     src: Path, part: Path, dest: Path, sha256: str | None, size: int | None, max_bytes: int
 ) -> Downloaded:
     if not src.is_file():
-        raise DownloadError("source_missing", f"{src} is not a file")
+        raise DownloadError(ReasonCode.SOURCE_MISSING, f"{src} is not a file")
     if src.stat().st_size > max_bytes:
         raise DownloadError(
-            "too_large", f"{src.stat().st_size} bytes exceeds the limit {max_bytes}"
+            ReasonCode.TOO_LARGE, f"{src.stat().st_size} bytes exceeds the limit {max_bytes}"
         )
     h = hashlib.sha256()
     n = 0
@@ -116,7 +119,7 @@ def _copy_local(
         while chunk := fi.read(1 << 20):
             n += len(chunk)
             if n > max_bytes:
-                raise DownloadError("too_large", f"more than {max_bytes} bytes")
+                raise DownloadError(ReasonCode.TOO_LARGE, f"more than {max_bytes} bytes")
             h.update(chunk)
             fo.write(chunk)
     return Downloaded(dest, _finish(part, dest, h, n, sha256, size), n, 0, 1)
@@ -159,16 +162,18 @@ def _http(
                         part.unlink(missing_ok=True)
                     elif r.status_code not in (200, 206):
                         raise DownloadError(
-                            "http_error", f"GET {url} answered HTTP {r.status_code}"
+                            ReasonCode.HTTP_ERROR, f"GET {url} answered HTTP {r.status_code}"
                         )
                     total = _total_size(r.headers, n)
                     if total is not None and total > max_bytes:
                         raise DownloadError(
-                            "too_large", f"server announces {total} bytes, limit {max_bytes}"
+                            ReasonCode.TOO_LARGE,
+                            f"server announces {total} bytes, limit {max_bytes}",
                         )
                     if total is not None and size is not None and total != size:
                         raise DownloadError(
-                            "size_mismatch", f"server announces {total} bytes, expected {size}"
+                            ReasonCode.SIZE_MISMATCH,
+                            f"server announces {total} bytes, expected {size}",
                         )
                     with open(part, "ab") as f:
                         for chunk in r.iter_raw():
@@ -176,7 +181,9 @@ def _http(
                             if n > max_bytes:
                                 f.close()
                                 part.unlink(missing_ok=True)
-                                raise DownloadError("too_large", f"more than {max_bytes} bytes")
+                                raise DownloadError(
+                                    ReasonCode.TOO_LARGE, f"more than {max_bytes} bytes"
+                                )
                             h.update(chunk)
                             f.write(chunk)
                             if on_progress is not None:
@@ -190,7 +197,7 @@ def _http(
                 time.sleep(min(0.2 * 2**attempt, 5.0))
         else:
             raise DownloadError(
-                "download_incomplete", f"{url}: {last_error} after {attempts} attempts"
+                ReasonCode.DOWNLOAD_INCOMPLETE, f"{url}: {last_error} after {attempts} attempts"
             )
     return Downloaded(dest, _finish(part, dest, h, n, sha256, size), n, resumed_from, attempts)
 
@@ -209,3 +216,37 @@ def _total_size(headers: object, offset: int) -> int | None:
 def discard(dest: Path) -> None:
     dest.unlink(missing_ok=True)
     dest.with_name(dest.name + ".part").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class HttpFetcher:
+    """`fetch` and `discard` as the update worker's `Fetcher`, with the configured patience."""
+
+    timeout_s: float = 30.0
+    retries: int = 5
+
+    def fetch(
+        self,
+        source: str,
+        dest: Path,
+        *,
+        sha256: str | None,
+        size: int | None,
+        max_bytes: int,
+        token: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Downloaded:
+        return fetch(
+            source,
+            dest,
+            sha256=sha256,
+            size=size,
+            max_bytes=max_bytes,
+            timeout_s=self.timeout_s,
+            retries=self.retries,
+            on_progress=on_progress,
+            token=token,
+        )
+
+    def discard(self, dest: Path) -> None:
+        discard(dest)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.fsio import atomic_write_json, clean_temp, read_json
-from edgefleet.agent.states import State, check_transition, is_terminal
+from edgefleet.agent.states import ROUTES, OnRestart, State, check_transition, is_terminal
 
 
 def now_iso() -> str:
@@ -135,10 +135,14 @@ class Journal:
 class Recovery(StrEnum):
     NONE = "none"  # terminal: nothing to do
     RESUME = "resume"  # re-run the recorded state's step (each step is idempotent)
-    FAIL = "fail"  # before activation, too many resumes: FAILED, old model keeps serving
-    ROLL_BACK = "roll_back"  # PROBATION interrupted: trust the previous version
+    FAIL = "fail"  # give up along a FAILED failure route: the old model keeps serving
+    ROLL_BACK = "roll_back"  # give up along a ROLLING_BACK route: trust the previous version
     FINISH_ROLLBACK = "finish_rollback"
     FINISH_REMOVAL = "finish_removal"  # REMOVING interrupted: delete what is left, REMOVED
+
+
+#: Giving up on an update: where its state's failure route leads, as a recovery.
+_GIVE_UP = {State.FAILED: Recovery.FAIL, State.ROLLING_BACK: Recovery.ROLL_BACK}
 
 
 def decide_recovery(
@@ -148,24 +152,23 @@ def decide_recovery(
     stopped_gracefully: bool = False,
     removal: bool = False,
 ) -> Recovery:
-    """What a restarted agent does with an update found in `state` (pure).
+    """What a restarted agent does with an update found in `state` (pure), as the state's route
+    in `agent.states.ROUTES` says: resume it (at most `max_resumes` times), finish it, or give
+    up along its failure route.
 
     A removal is never given up: still IDLE, it waits its turn again; in REMOVING it is finished.
     """
-    if is_terminal(state):
+    route = ROUTES[state]
+    if route.restart is OnRestart.NOTHING:
         return Recovery.NONE
-    if state is State.REMOVING:
+    if route.restart is OnRestart.FINISH_REMOVAL:
         return Recovery.FINISH_REMOVAL
     if removal:
         return Recovery.RESUME
-    if state is State.ROLLING_BACK:
+    if route.restart is OnRestart.FINISH_ROLLBACK:
         return Recovery.FINISH_ROLLBACK
-    if state is State.PROBATION:
-        # A crash while the new version serves is a reason to distrust it; an orderly stop
-        # (e.g. a restart to change the config) only restarts the probation window.
-        if stopped_gracefully and resumes < max_resumes:
-            return Recovery.RESUME
-        return Recovery.ROLL_BACK
-    if resumes >= max_resumes:
-        return Recovery.ROLL_BACK if state is State.ACTIVATING else Recovery.FAIL
-    return Recovery.RESUME
+    resumable = route.restart is OnRestart.RESUME or stopped_gracefully
+    if resumable and resumes < max_resumes:
+        return Recovery.RESUME
+    assert route.failure is not None, f"{state} resumes but has no failure route"
+    return _GIVE_UP[route.failure]

@@ -18,6 +18,7 @@ from typing import cast
 
 from edgefleet.agent.admin import AdminServer
 from edgefleet.agent.config import AgentConfig, default_profiles
+from edgefleet.agent.download import HttpFetcher
 from edgefleet.agent.journal import Journal, UpdateRecord, new_update_id
 from edgefleet.agent.metrics import Metrics
 from edgefleet.agent.ports import (
@@ -32,7 +33,7 @@ from edgefleet.agent.server import InferenceServer
 from edgefleet.agent.sessions import SessionManager
 from edgefleet.agent.states import State, is_terminal
 from edgefleet.agent.store import ModelStore
-from edgefleet.agent.updater import (
+from edgefleet.agent.update import (
     InferenceObserver,
     UpdateEvent,
     UpdateListener,
@@ -76,6 +77,7 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
             lambda: self.execution_providers,
             lambda: self.profiles,
             self._stop,
+            HttpFetcher(config.download_timeout_s, config.download_retries),
         )
 
     # ------------------------------------------------------------------ public surface

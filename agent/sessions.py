@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.agent.config import ProbationConfig, SwapConfig
+from edgefleet.wire.reasons import ReasonCode
 
 _ONNX_TO_NP = {
     "tensor(float)": np.float32,
@@ -338,14 +339,14 @@ def judge_probation(
     latencies_ms: list[float],
     baseline_p95_ms: float | None,
     cfg: ProbationConfig,
-) -> tuple[str, str] | None:
+) -> tuple[ReasonCode, str] | None:
     """(reason code, reason) when probation is breached, else None (pure)."""
     if requests < max(cfg.min_requests, 1):
         return None
     rate = errors / requests
     if rate > cfg.max_error_rate:
         return (
-            "probation_error_rate",
+            ReasonCode.PROBATION_ERROR_RATE,
             f"{errors} of {requests} requests failed ({rate:.1%} > {cfg.max_error_rate:.1%})",
         )
     if baseline_p95_ms is not None and len(latencies_ms) >= max(cfg.min_requests, 1):
@@ -353,7 +354,7 @@ def judge_probation(
         limit = cfg.latency_factor * baseline_p95_ms + cfg.latency_slack_ms
         if p95 > limit:
             return (
-                "probation_latency",
+                ReasonCode.PROBATION_LATENCY,
                 f"serving p95 {p95:.2f} ms > {limit:.2f} ms"
                 f" ({cfg.latency_factor}x validation p95 {baseline_p95_ms:.2f} ms"
                 f" + {cfg.latency_slack_ms} ms)",

@@ -1,14 +1,19 @@
 """VALIDATING: the package's samples against the recorded outputs, then an on-device benchmark,
-both judged against the manifest's gates. `compare_outputs` and `judge` are pure."""
+both judged against the manifest's gates. `sample_tolerances`, `sample_agreement` and `judge` are
+pure."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from edgefleet.wire.reasons import ReasonCode
+
+#: Sample tolerances used when the manifest's gates do not set them (a set 0.0 stays 0.0).
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 DEFAULT_MIN_AGREEMENT = 1.0
@@ -35,8 +40,26 @@ class Figures:
 
 @dataclass(frozen=True)
 class GateFailure:
-    code: str  # sample_mismatch | latency_gate | memory_gate
+    code: ReasonCode  # SAMPLE_MISMATCH | LATENCY_GATE | MEMORY_GATE
     reason: str
+
+
+def sample_tolerances(gates: Mapping[str, object]) -> tuple[float, float]:
+    """(atol, rtol) for the samples: the manifest's gates, the defaults only where a gate is unset.
+
+    A gate of 0.0 is a real value (every shipped CPU profile asks for ``sample_rtol = 0.0``), not
+    an absent one.
+    """
+    return _gate(gates, "sample_atol", DEFAULT_ATOL), _gate(gates, "sample_rtol", DEFAULT_RTOL)
+
+
+def _gate(gates: Mapping[str, object], key: str, default: float) -> float:
+    value = gates.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"gate {key} is {value!r}, not a number")
+    return float(value)
 
 
 def sample_agreement(
@@ -74,21 +97,21 @@ def judge(figures: Figures, gates: dict[str, Any]) -> GateFailure | None:
     min_agree = DEFAULT_MIN_AGREEMENT if min_agree is None else float(min_agree)
     if figures.agreement < min_agree:
         return GateFailure(
-            "sample_mismatch",
+            ReasonCode.SAMPLE_MISMATCH,
             f"{figures.agreement:.1%} of {figures.samples} samples agree with the recorded outputs"
             f" (max abs error {figures.max_abs_error:.3g}), the gate needs {min_agree:.1%}",
         )
     max_p95 = gates.get("max_p95_ms")
     if max_p95 is not None and figures.p95_ms > float(max_p95):
         return GateFailure(
-            "latency_gate",
+            ReasonCode.LATENCY_GATE,
             f"p95 latency {figures.p95_ms:.3f} ms on this device exceeds the gate {float(max_p95)} ms"
             f" (p50 {figures.p50_ms:.3f} ms over {figures.runs} runs)",
         )
     max_mem = gates.get("max_memory_mb")
     if max_mem is not None and figures.memory_growth_mb > float(max_mem):
         return GateFailure(
-            "memory_gate",
+            ReasonCode.MEMORY_GATE,
             f"memory growth {figures.memory_growth_mb:.1f} MB exceeds the gate {float(max_mem)} MB",
         )
     return None

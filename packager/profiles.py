@@ -8,12 +8,17 @@ an acceptable fallback there.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from edgefleet.hardware_profiles import (
+    ProfileFileError,
+    profile_facts,
+    profile_files,
+    profiles_dir,
+    read_profile_file,
+)
 from edgefleet.packager.recipe import Recipe, RecipeError, parse_recipe
 
 
@@ -90,11 +95,6 @@ class Profile:
         }
 
 
-def profiles_dir() -> Path:
-    """The directory of the profiles shipped with the ``hardware_profiles`` package."""
-    return Path(str(resources.files("hardware_profiles")))
-
-
 def _num(
     table: dict[str, Any], key: str, where: str, *, lo: float, hi: float | None = None
 ) -> float:
@@ -115,9 +115,14 @@ def _table(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 
 
 def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -> Profile:
-    """Validate one profile document; every error names the file and the field."""
+    """Validate one profile document; every error names the file and the field.
+
+    The id, provider names and architecture are checked by the core loader
+    (`edgefleet.hardware_profiles.profile_facts`), the one reading the agent uses too.
+    """
     known = {
         "id",
+        "arch",
         "description",
         "execution_providers",
         "cpu_fallback",
@@ -129,22 +134,15 @@ def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ProfileError(f"{where}: unknown key(s) {unknown}")
-    pid = raw.get("id")
-    if not isinstance(pid, str) or not pid:
-        raise ProfileError(f"{where}: 'id' must be a non-empty string")
+    try:
+        facts = profile_facts(raw, where)
+    except ProfileFileError as exc:
+        raise ProfileError(str(exc)) from exc
+    pid = facts.id
     if source is not None and source.stem != pid:
         raise ProfileError(f"{where}: id {pid!r} does not match the file name {source.name!r}")
-    eps_raw = raw.get("execution_providers")
-    if not isinstance(eps_raw, list) or not eps_raw:
-        raise ProfileError(f"{where}: 'execution_providers' must be a non-empty array of tables")
     eps = []
-    for i, ep in enumerate(eps_raw):
-        if not isinstance(ep, dict) or not isinstance(ep.get("name"), str):
-            raise ProfileError(f"{where}: execution_providers[{i}] needs a 'name'")
-        if not ep["name"].endswith("ExecutionProvider"):
-            raise ProfileError(
-                f"{where}: execution_providers[{i}] name {ep['name']!r} is not an EP"
-            )
+    for i, ep in enumerate(raw["execution_providers"]):
         options = ep.get("options", {})
         if not isinstance(options, dict):
             raise ProfileError(f"{where}: execution_providers[{i}].options must be a table")
@@ -206,18 +204,16 @@ def load_profile_file(path: Path) -> Profile:
     """Parse and validate one ``.toml`` file."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ProfileError(f"{path}: no such profile file") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: not valid TOML: {exc}") from exc
+        raw = read_profile_file(path)
+    except ProfileFileError as exc:
+        raise ProfileError(str(exc)) from exc
     return parse_profile(raw, path.name, source=path)
 
 
 def load_profiles(directory: Path | None = None) -> dict[str, Profile]:
     """Every profile in ``directory`` (default: the shipped ones), by id, sorted."""
     directory = Path(directory) if directory is not None else profiles_dir()
-    found = {p.id: p for p in (load_profile_file(f) for f in sorted(directory.glob("*.toml")))}
+    found = {p.id: p for p in (load_profile_file(f) for f in profile_files(directory))}
     if not found:
         raise ProfileError(f"{directory}: no *.toml profiles")
     return dict(sorted(found.items()))

@@ -5,9 +5,10 @@ Signing v1.0 bundle over every other member), the model and ``samples.npz``.
 
 Verification order: size limits -> signature by a trusted, unrevoked key, every member pinned and
 every pin present -> manifest fields (schema, name, validity window, version, agent version,
-profile, execution providers) -> every member's sha256 while extracting. Extraction writes into a
-temporary directory beside the target, fsyncs, and renames it into place only when everything
-matched, so a half-written or unverified model is never visible.
+profile, execution providers) -> every member's sha256 while extracting. Each of those decisions
+is taken by `edgefleet.wire.trust` (pure); this module reads and writes the tar. Extraction writes
+into a temporary directory beside the target, fsyncs, and renames it into place only when
+everything matched, so a half-written or unverified model is never visible.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import tarfile
 import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgefleet.wire import signing
+from edgefleet.wire import signing, trust
 from edgefleet.wire.atomic import fsync_dir
 from edgefleet.wire.errors import RejectError
 from edgefleet.wire.manifest import (
@@ -39,7 +40,7 @@ from edgefleet.wire.manifest import (
     validate_manifest,
 )
 from edgefleet.wire.reasons import ReasonCode
-from edgefleet.wire.semver import parse_version
+from edgefleet.wire.trust import Manifest, MemberInfo, MemberKind
 
 __all__ = [
     "ReasonCode",
@@ -48,6 +49,7 @@ __all__ = [
     "VerifyPolicy",
     "build_package",
     "read_manifest",
+    "read_name",
     "sha256_file",
     "verify_package",
 ]
@@ -55,14 +57,13 @@ __all__ = [
 SIGNATURE_FILE = signing.SIGNATURE_FILE
 GiB = 1024**3
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-CLOCK_SKEW = timedelta(minutes=5)
-CPU_PROVIDER = "CPUExecutionProvider"
 _CHUNK = 1024 * 1024
 
 
 @dataclass
 class VerifyPolicy:
-    """What the verifying side trusts and knows about itself."""
+    """What the verifying side trusts and knows about itself (flat, for callers; `judge()` splits
+    it into the trust store, device facts, limits and clock that `edgefleet.wire.trust` takes)."""
 
     trusted_keys: Sequence[ec.EllipticCurvePublicKey]
     revoked_key_ids: Collection[str] = ()
@@ -76,11 +77,35 @@ class VerifyPolicy:
     available_providers: Sequence[str] | None = None  # None = do not check providers
     agent_version: str | None = None
 
+    def judge(self) -> trust.PackageTrust:
+        return trust.PackageTrust(
+            self.trust_store(),
+            self.device_facts(),
+            trust.Limits(self.max_package_bytes, self.max_member_bytes),
+            self.clock(),
+        )
+
+    def trust_store(self) -> trust.TrustStore:
+        return trust.TrustStore(self.trusted_keys, self.revoked_key_ids)
+
+    def clock(self) -> datetime:
+        return self.now or now_utc()
+
+    def device_facts(self) -> trust.DeviceFacts:
+        return trust.DeviceFacts(
+            expected_name=self.expected_name,
+            installed_version=self.installed_version,
+            allow_version=self.allow_version,
+            profiles=self.profiles,
+            available_providers=self.available_providers,
+            agent_version=self.agent_version,
+        )
+
 
 @dataclass
 class VerifiedPackage:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     key_id: str
     member_digests: dict[str, str]
     extracted_to: Path | None = None
@@ -177,54 +202,28 @@ def _open_tar(path: Path) -> tarfile.TarFile:
         ) from e
 
 
-def _members(tar: tarfile.TarFile, max_member_bytes: int) -> dict[str, tarfile.TarInfo]:
-    """The archive's members by name, after the structural checks (paths, links, sizes)."""
-    out: dict[str, tarfile.TarInfo] = {}
+def _kind(ti: tarfile.TarInfo) -> MemberKind:
+    if ti.issym():
+        return MemberKind.SYMLINK
+    if ti.islnk():
+        return MemberKind.HARDLINK
+    return MemberKind.FILE if ti.isfile() else MemberKind.OTHER
+
+
+def _headers(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """Every tar header; trust judges them as `MemberInfo`s (`_info`)."""
     try:
-        infos = tar.getmembers()
+        return tar.getmembers()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise RejectError(ReasonCode.NOT_A_PACKAGE, f"truncated or corrupt archive: {e}") from e
-    for ti in infos:
-        name = ti.name
-        parts = name.split("/")
-        if (
-            not name
-            or name.startswith(("/", "\\"))
-            or "\\" in name
-            or ".." in parts
-            or any(p in ("", ".") for p in parts)
-            or "\x00" in name
-            or (len(name) > 1 and name[1] == ":")
-        ):
-            raise RejectError(
-                ReasonCode.UNSAFE_PATH, f"member path {name!r} is absolute or escapes the package"
-            )
-        if ti.issym() or ti.islnk():
-            raise RejectError(
-                ReasonCode.LINK_MEMBER, f"member {name!r} is a link to {ti.linkname!r}"
-            )
-        if not ti.isfile():
-            raise RejectError(ReasonCode.UNSAFE_PATH, f"member {name!r} is not a regular file")
-        if len(parts) != 1:
-            raise RejectError(
-                ReasonCode.UNSAFE_PATH, f"member {name!r} is not at the package's top level"
-            )
-        if name in out:
-            raise RejectError(ReasonCode.DUPLICATE_MEMBER, f"member {name!r} appears twice")
-        if ti.size > max_member_bytes:
-            raise RejectError(
-                ReasonCode.TOO_LARGE,
-                f"member {name!r} is {ti.size} bytes, over the {max_member_bytes} limit",
-            )
-        out[name] = ti
-    return out
+
+
+def _info(ti: tarfile.TarInfo) -> MemberInfo:
+    return MemberInfo(ti.name, ti.size, _kind(ti), ti.linkname)
 
 
 def _read_small(tar: tarfile.TarFile, ti: tarfile.TarInfo, limit: int) -> bytes:
-    if ti.size > limit:
-        raise RejectError(
-            ReasonCode.TOO_LARGE, f"{ti.name} is {ti.size} bytes, over the {limit} limit"
-        )
+    trust.check_read_size(ti.name, ti.size, limit)
     f = tar.extractfile(ti)
     assert f is not None
     data = f.read()
@@ -233,77 +232,27 @@ def _read_small(tar: tarfile.TarFile, ti: tarfile.TarInfo, limit: int) -> bytes:
     return data
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest as written, without verifying anything (for ``inspect``)."""
-    with _open_tar(Path(path)) as tar:
-        members = _members(tar, 16 * GiB)
-        if MANIFEST_FILE not in members:
+def _manifest_bytes(path: Path) -> bytes:
+    with _open_tar(path) as tar:
+        headers = _headers(tar)
+        trust.check_members(map(_info, headers), 16 * GiB)
+        found = [ti for ti in headers if ti.name == MANIFEST_FILE]
+        if not found:
             raise RejectError(ReasonCode.MEMBER_MISSING, "package has no manifest.json")
-        try:
-            data = json.loads(_read_small(tar, members[MANIFEST_FILE], MAX_MANIFEST_BYTES))
-        except json.JSONDecodeError as e:
-            raise RejectError(ReasonCode.MANIFEST_INVALID, f"manifest.json is not JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise RejectError(ReasonCode.MANIFEST_INVALID, "manifest.json is not an object")
-        return data
+        return _read_small(tar, found[0], MAX_MANIFEST_BYTES)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest as written, without verifying anything (for ``inspect``)."""
+    return trust.parse_manifest_json(_manifest_bytes(Path(path)))
+
+
+def read_name(path: Path) -> str:
+    """The model name the package claims, unverified: verify the package by it afterwards."""
+    return trust.unverified_name(_manifest_bytes(Path(path)))
 
 
 # --------------------------------------------------------------------------- verifying
-
-
-def check_manifest_policy(manifest: dict[str, Any], policy: VerifyPolicy) -> tuple[list[str], bool]:
-    """The manifest-level decisions (pure). Returns (providers to use in order, cpu fallback used)."""
-    name, version = manifest["name"], manifest["version"]
-    if policy.expected_name is not None and name != policy.expected_name:
-        raise RejectError(
-            ReasonCode.NAME_MISMATCH, f"package is {name!r}, expected {policy.expected_name!r}"
-        )
-    now = policy.now or now_utc()
-    created = parse_time(manifest["created"])
-    if created > now + CLOCK_SKEW:
-        raise RejectError(
-            ReasonCode.NOT_YET_VALID, f"package created {manifest['created']}, in the future"
-        )
-    if manifest.get("expires") and parse_time(manifest["expires"]) <= now:
-        raise RejectError(ReasonCode.EXPIRED, f"package expired at {manifest['expires']}")
-    if policy.agent_version is not None and parse_version(
-        manifest["min_agent_version"]
-    ) > parse_version(policy.agent_version):
-        raise RejectError(
-            ReasonCode.AGENT_TOO_OLD,
-            f"package needs agent >= {manifest['min_agent_version']}, this agent is {policy.agent_version}",
-        )
-    if (
-        policy.installed_version is not None
-        and version != policy.allow_version
-        and parse_version(version) <= parse_version(policy.installed_version)
-    ):
-        raise RejectError(
-            ReasonCode.VERSION_NOT_NEWER,
-            f"version {version} is not newer than the installed {policy.installed_version}"
-            " (and no rollback to it was asked for)",
-        )
-    if policy.profiles is not None and manifest["profile"] not in policy.profiles:
-        raise RejectError(
-            ReasonCode.PROFILE_INCOMPATIBLE,
-            f"package is for profile {manifest['profile']!r}; this device accepts {list(policy.profiles)}",
-        )
-    wanted = [ep["name"] for ep in manifest["execution_providers"]]
-    if policy.available_providers is None:
-        return wanted, False
-    have = set(policy.available_providers)
-    usable = [p for p in wanted if p in have]
-    accelerators = [p for p in wanted if p != CPU_PROVIDER]
-    if not accelerators or any(p in have for p in accelerators):
-        if not usable:
-            raise RejectError(ReasonCode.PROVIDER_MISSING, f"none of {wanted} is available here")
-        return usable, False
-    if manifest["cpu_fallback"] and CPU_PROVIDER in have:
-        return [CPU_PROVIDER], True
-    raise RejectError(
-        ReasonCode.PROVIDER_MISSING,
-        f"package needs {accelerators}, this device has {sorted(have)}; the profile does not allow CPU fallback",
-    )
 
 
 def _copy_hashing(src: IO[bytes], dst: IO[bytes] | None, size: int) -> str:
@@ -325,89 +274,46 @@ def verify_package(
     """Verify ``path`` against ``policy``; with ``extract_to``, also install its members there.
 
     Raises :class:`RejectError` naming the first reason for refusal. ``extract_to`` must not exist;
-    it appears only once every member has been written, hashed and fsynced.
+    it appears only once every member has been written, hashed and fsynced. Every decision is
+    `edgefleet.wire.trust`'s; this function only reads the tar and feeds it the bytes.
     """
     path = Path(path)
+    judge = policy.judge()
     try:
         size = path.stat().st_size
     except OSError as e:
         raise RejectError(ReasonCode.NOT_A_PACKAGE, f"cannot read {path}: {e.strerror}") from e
-    if size > policy.max_package_bytes:
-        raise RejectError(
-            ReasonCode.TOO_LARGE,
-            f"package is {size} bytes, over the {policy.max_package_bytes} limit",
-        )
+    judge.check_size(size)
     with _open_tar(path) as tar:
-        members = _members(tar, policy.max_member_bytes)
-        if SIGNATURE_FILE not in members:
-            raise RejectError(ReasonCode.SIGNATURE_MISSING, f"package has no {SIGNATURE_FILE}")
-        signed = signing.verify(
-            _read_small(tar, members[SIGNATURE_FILE], signing.MAX_BUNDLE_BYTES),
-            policy.trusted_keys,
-            policy.revoked_key_ids,
-        )
-        for name in members:
-            if name != SIGNATURE_FILE and name not in signed.digests:
-                raise RejectError(
-                    ReasonCode.MEMBER_UNPINNED, f"member {name!r} is not pinned by the signature"
-                )
-        for name in signed.digests:
-            if name not in members:
-                raise RejectError(
-                    ReasonCode.MEMBER_MISSING, f"signed member {name!r} is not in the package"
-                )
-        if MANIFEST_FILE not in members:
-            raise RejectError(ReasonCode.MEMBER_MISSING, "package has no manifest.json")
-        manifest_bytes = _read_small(tar, members[MANIFEST_FILE], MAX_MANIFEST_BYTES)
-        if hashlib.sha256(manifest_bytes).hexdigest() != signed.digests[MANIFEST_FILE]:
-            raise RejectError(
-                ReasonCode.DIGEST_MISMATCH, "manifest.json does not match its signed digest"
-            )
-        try:
-            manifest = validate_manifest(json.loads(manifest_bytes))
-        except json.JSONDecodeError as e:
-            raise RejectError(ReasonCode.MANIFEST_INVALID, f"manifest.json is not JSON: {e}") from e
-        listed = set(manifest["members"])
-        payload = set(members) - {SIGNATURE_FILE, MANIFEST_FILE}
-        if listed != payload:
-            raise RejectError(
-                ReasonCode.MANIFEST_INVALID,
-                f"manifest lists members {sorted(listed)} but the package holds {sorted(payload)}",
-            )
-        for name in payload:
-            info = manifest["members"][name]
-            if info["sha256"] != signed.digests[name]:
-                raise RejectError(
-                    ReasonCode.DIGEST_MISMATCH, f"manifest and signature disagree on {name!r}"
-                )
-            if info["size"] != members[name].size:
-                raise RejectError(
-                    ReasonCode.SIZE_MISMATCH,
-                    f"{name!r} is {members[name].size} bytes, the manifest says {info['size']}",
-                )
-        providers, fallback = check_manifest_policy(manifest, policy)
+        listed = _headers(tar)
+        judge.check_members(map(_info, listed))
+        headers = {ti.name: ti for ti in listed}
+        judge.check_signature(_read_small(tar, headers[SIGNATURE_FILE], signing.MAX_BUNDLE_BYTES))
+        manifest_bytes = _read_small(tar, headers[MANIFEST_FILE], MAX_MANIFEST_BYTES)
+        verdict = judge.check_manifest(manifest_bytes)
         result = VerifiedPackage(
-            path, manifest, signed.key_id, dict(signed.digests), None, fallback, providers
+            path,
+            verdict.manifest,
+            verdict.key_id,
+            dict(verdict.digests),
+            None,
+            verdict.cpu_fallback,
+            verdict.providers,
         )
         if extract_to is None:
-            for name in sorted(payload):
-                src = tar.extractfile(members[name])
+            for name in verdict.payload:
+                src = tar.extractfile(headers[name])
                 assert src is not None
-                if _copy_hashing(src, None, members[name].size) != signed.digests[name]:
-                    raise RejectError(
-                        ReasonCode.DIGEST_MISMATCH, f"{name!r} does not match its signed digest"
-                    )
+                verdict.check_digest(name, _copy_hashing(src, None, headers[name].size))
             return result
-        result.extracted_to = _extract(
-            tar, members, signed.digests, manifest_bytes, Path(extract_to)
-        )
+        result.extracted_to = _extract(tar, headers, verdict, manifest_bytes, Path(extract_to))
         return result
 
 
 def _extract(
     tar: tarfile.TarFile,
-    members: Mapping[str, tarfile.TarInfo],
-    digests: Mapping[str, str],
+    headers: Mapping[str, tarfile.TarInfo],
+    verdict: trust.Verdict,
     manifest_bytes: bytes,
     target: Path,
 ) -> Path:
@@ -416,25 +322,17 @@ def _extract(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
-        for name, ti in members.items():
-            if name in (SIGNATURE_FILE, MANIFEST_FILE):
-                continue
+        for name in verdict.payload:
+            ti = headers[name]
             src = tar.extractfile(ti)
             assert src is not None
             with open(tmp / name, "xb") as dst:
                 got = _copy_hashing(src, dst, ti.size)
                 dst.flush()
                 os.fsync(dst.fileno())
-            if got != digests[name]:
-                raise RejectError(
-                    ReasonCode.DIGEST_MISMATCH, f"{name!r} does not match its signed digest"
-                )
-        for name, data in ((MANIFEST_FILE, manifest_bytes), (SIGNATURE_FILE, None)):
-            raw = (
-                data
-                if data is not None
-                else _read_small(tar, members[name], signing.MAX_BUNDLE_BYTES)
-            )
+            verdict.check_digest(name, got)
+        bundle = _read_small(tar, headers[SIGNATURE_FILE], signing.MAX_BUNDLE_BYTES)
+        for name, raw in ((MANIFEST_FILE, manifest_bytes), (SIGNATURE_FILE, bundle)):
             with open(tmp / name, "xb") as dst:
                 dst.write(raw)
                 dst.flush()

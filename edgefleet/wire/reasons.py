@@ -60,12 +60,13 @@ class ReasonCode(StrEnum):
     # --- probation ---------------------------------------------------------------------
     PROBATION_ERROR_RATE = "probation_error_rate"
     PROBATION_LATENCY = "probation_latency"
+    PROBATION_REPLACED = "replaced"  # the version under probation stopped serving
+    INTERRUPTED_PROBATION = "interrupted_probation"  # the agent restarted during probation
     # --- the agent itself --------------------------------------------------------------
     SUBMIT_REFUSED = "submit_refused"
     REMOVE_REFUSED = "remove_refused"
     INTERNAL_ERROR = "internal_error"
     RESUME_LIMIT = "resume_limit"  # the agent was interrupted in this update too many times
-    INTERRUPTED_PROBATION = "interrupted_probation"  # restarted in probation: rolled back
     # --- the controller's own, for a device that did not answer in time ------------------
     TIMEOUT = "timeout"
     # --- informational: carried by a successful report, never a failure ------------------

@@ -61,11 +61,3 @@ def parse_version(text: str) -> Version:
     return Version(
         int(major), int(minor), int(patch), tuple(pre.split(".")) if pre else (), build or ""
     )
-
-
-def is_valid(text: str) -> bool:
-    try:
-        parse_version(text)
-    except InvalidVersion:
-        return False
-    return True

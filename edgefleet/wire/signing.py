@@ -14,7 +14,7 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,11 @@ class SignedContent:
     key_id: str
     model_name: str
     digests: dict[str, str]  # resource name -> sha256 hex
+
+
+def key_ids(keys: Iterable[ec.EllipticCurvePublicKey]) -> set[str]:
+    """The ids of ``keys``, as a bundle names its signer."""
+    return {key_id(k) for k in keys}
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:

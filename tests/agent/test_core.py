@@ -13,9 +13,26 @@ from edgefleet.agent import oip
 from edgefleet.agent.config import ConfigError, ProbationConfig, load_config
 from edgefleet.agent.journal import Journal, Recovery, UpdateRecord, decide_recovery
 from edgefleet.agent.sessions import judge_probation, plan_swap
-from edgefleet.agent.states import TERMINAL, TRANSITIONS, State, TransitionError, check_transition
+from edgefleet.agent.states import (
+    BEFORE_ACTIVATION,
+    ROUTES,
+    TERMINAL,
+    TRANSITIONS,
+    OnRestart,
+    State,
+    TransitionError,
+    check_transition,
+    failure_route,
+)
 from edgefleet.agent.store import ModelStore, Pointers
-from edgefleet.agent.validation import Figures, judge, sample_agreement
+from edgefleet.agent.validation import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    Figures,
+    judge,
+    sample_agreement,
+    sample_tolerances,
+)
 
 HAPPY = [
     "IDLE",
@@ -68,6 +85,41 @@ def test_happy_path_and_failures_follow_the_table() -> None:
 def test_decide_recovery(state: str, resumes: int, action: Recovery) -> None:
     graceful = resumes < 0
     assert decide_recovery(State(state), abs(resumes), stopped_gracefully=graceful) is action
+
+
+def test_walk_the_table_every_failure_route_and_restart() -> None:
+    """Every state reachable, each failure route an edge of the table ending in a terminal
+    state, and crash recovery giving up exactly along that route."""
+    seen, todo = {State.IDLE}, [State.IDLE]
+    while todo:
+        for nxt in TRANSITIONS[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert seen == set(State)
+    give_up = {State.FAILED: Recovery.FAIL, State.ROLLING_BACK: Recovery.ROLL_BACK}
+    for state, route in ROUTES.items():
+        fail = failure_route(state)
+        if state in TERMINAL:
+            assert fail is None and route.restart is OnRestart.NOTHING
+            assert decide_recovery(state, 0) is Recovery.NONE
+            continue
+        if fail is None:  # only finishing is left to do: a restart finishes it
+            assert route.restart in (OnRestart.FINISH_ROLLBACK, OnRestart.FINISH_REMOVAL)
+            assert decide_recovery(state, 99) is Recovery(route.restart.value)
+            continue
+        check_transition(state, fail)
+        end = fail
+        while end not in TERMINAL:  # a failure always ends: FAILED, or ROLLING_BACK -> ROLLED_BACK
+            (end,) = TRANSITIONS[end]
+        assert end in (State.FAILED, State.ROLLED_BACK)
+        # FAILED only while the old model still serves alone; from ACTIVATING on, a rollback.
+        assert (fail is State.FAILED) == (state in BEFORE_ACTIVATION)
+        assert decide_recovery(state, 99) is give_up[fail]
+        first = decide_recovery(state, 0)
+        assert first is (Recovery.RESUME if route.restart is OnRestart.RESUME else give_up[fail])
+    assert failure_route(State.ACTIVATING) is State.ROLLING_BACK
+    assert failure_route(State.VALIDATING) is State.FAILED
 
 
 def test_decide_recovery_of_a_removal() -> None:
@@ -196,6 +248,19 @@ def test_validation_gates() -> None:
     assert judge(f, {"min_sample_agreement": 0.5, "max_memory_mb": 5}).code == "memory_gate"  # type: ignore[union-attr]
 
 
+def test_a_zero_sample_tolerance_stays_zero() -> None:
+    # Every shipped CPU profile sets sample_rtol = 0.0; it used to become 1e-3 on the device.
+    assert sample_tolerances({"sample_atol": 0.05, "sample_rtol": 0.0}) == (0.05, 0.0)
+    assert sample_tolerances({"sample_atol": 0, "sample_rtol": 0}) == (0.0, 0.0)
+    assert sample_tolerances({}) == (DEFAULT_ATOL, DEFAULT_RTOL)
+    assert sample_tolerances({"sample_atol": None}) == (DEFAULT_ATOL, DEFAULT_RTOL)
+    exp = {"y": np.array([[100.0]])}
+    got = {"y": np.array([[100.05]])}  # within rtol 1e-3 of 100, outside atol 0.01
+    atol, rtol = sample_tolerances({"sample_atol": 0.01, "sample_rtol": 0.0})
+    assert sample_agreement(exp, got, atol, rtol)[0] == 0.0
+    assert sample_agreement(exp, got, atol, DEFAULT_RTOL)[0] == 1.0
+
+
 def test_probation_and_swap_decisions() -> None:
     cfg = ProbationConfig(
         min_requests=10, max_error_rate=0.1, latency_factor=2.0, latency_slack_ms=1.0
@@ -207,3 +272,24 @@ def test_probation_and_swap_decisions() -> None:
     assert plan_swap("auto", 1000, 100, 50) == "overlap"
     assert plan_swap("auto", 120, 100, 50) == "unload_first"
     assert plan_swap("overlap", 0, 100, 50) == "overlap"
+
+
+def test_device_resources_are_judged_purely() -> None:
+    from edgefleet.agent.update.checks import Resources, check_resources
+    from edgefleet.agent.update.events import StepFailed
+
+    mb = 2**20
+    m = {
+        "members": {"model.onnx": {"size": 10 * mb}, "samples.npz": {"size": mb}},
+        "model": {"file": "model.onnx"},
+    }
+    check_resources(
+        m, Resources(free_disk=12 * mb, available_mb=21.0, disk_headroom=0, memory_headroom_mb=1)
+    )
+    for have, code in [
+        (Resources(free_disk=11 * mb, available_mb=99, disk_headroom=1, memory_headroom_mb=0), "disk_full"),
+        (Resources(free_disk=None, available_mb=20.5, disk_headroom=0, memory_headroom_mb=1), "memory_insufficient"),
+    ]:  # fmt: skip
+        with pytest.raises(StepFailed) as ei:
+            check_resources(m, have)
+        assert ei.value.code == code

@@ -217,3 +217,19 @@ def test_download_token_sent_only_for_controller_sources(
     assert view["state"] == "COMMITTED", view
     assert b.authorizations[1:] == ["Bearer device-secret"]
     assert served_version(agent.http_port or 0, "iris", x_iris) == "1.1.0"
+
+
+def test_http_fetcher_is_the_updaters_fetcher(tmp_path: Path) -> None:
+    from edgefleet.agent.download import HttpFetcher
+    from edgefleet.agent.update import Fetcher
+
+    src = tmp_path / "pkg.bin"
+    src.write_bytes(b"x" * 100)
+    fetcher: Fetcher = HttpFetcher(timeout_s=1.0, retries=0)  # mypy checks the Protocol
+    got = fetcher.fetch(str(src), tmp_path / "d" / "p.efpkg", sha256=None, size=100, max_bytes=1000)
+    assert (got.size, got.path.read_bytes()) == (100, b"x" * 100)
+    with pytest.raises(DownloadError) as ei:
+        fetcher.fetch(str(src), tmp_path / "e" / "p.efpkg", sha256=None, size=None, max_bytes=10)
+    assert ei.value.code == "too_large"
+    fetcher.discard(got.path)
+    assert not got.path.exists()

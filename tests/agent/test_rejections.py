@@ -227,3 +227,23 @@ def test_disk_full_rejected(
 ) -> None:
     agent = agent_factory(v1_copy, disk_headroom_bytes=2**60)  # more than any disk has free
     _assert_rejected(agent, _update(agent, pkgs["v2"]), "disk_full", x_iris)
+
+
+def test_rollback_to_installed_version_whose_key_is_no_longer_trusted(
+    pkgs: dict[str, Path],
+    keys: dict[str, KeyPair],
+    agent_factory: Callable[..., Agent],
+    v1_copy: Path,
+    x_iris: np.ndarray,
+) -> None:
+    agent = agent_factory(v1_copy)
+    assert _update(agent, pkgs["v2"])["state"] == "COMMITTED"
+    agent.stop()
+    # The key that signed 1.0.0 and 1.1.0 leaves the trust store (not revoked: just gone).
+    agent = agent_factory(v1_copy, trusted_keys=[keys["second"].public_path])
+    assert agent.store.is_installed("iris", "1.0.0")
+    view = _update(agent, pkgs["v1"], version="1.0.0", allow_downgrade=True)
+    assert view["state"] == "FAILED", view
+    assert view["reason_code"] == "untrusted_key", view
+    assert served_version(agent.http_port or 0, "iris", x_iris) == "1.1.0"
+    assert agent.store.pointers("iris").current == "1.1.0"

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgefleet.cli import app
+from edgefleet.hardware_profiles import device_profiles, load_profile_facts
 from edgefleet.packager.profiles import ProfileError, get_profile, load_profile_file, load_profiles
 
 REQUIRED = {
@@ -122,3 +123,27 @@ def test_profiles_cli_list_and_show() -> None:
     missing = runner.invoke(app, ["profiles", "show", "nope"])
     assert missing.exit_code == 2
     assert "unknown profile 'nope'" in missing.stderr
+
+
+def test_the_profile_files_are_the_one_provider_mapping(tmp_path: Path) -> None:
+    """The agent's accepted profiles come from the same TOMLs the packager parses."""
+    facts = load_profile_facts()
+    packaged = load_profiles()
+    assert set(facts) == set(packaged)
+    for pid, f in facts.items():
+        assert list(f.providers) == packaged[pid].provider_names
+    assert facts["cpu-x86_64"].arch == "x86_64" and facts["cpu-arm64"].arch == "arm64"
+    accelerators = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert device_profiles(accelerators, "AMD64") == ["gpu-tensorrt", "gpu-cuda", "cpu-x86_64"]
+    assert device_profiles(["QNNExecutionProvider", "Nope"], "aarch64") == ["npu-qnn", "cpu-arm64"]
+    assert device_profiles([], "riscv64") == ["cpu-riscv64"]
+    # A profile added as a file is picked up by the agent's mapping with no code change.
+    (tmp_path / "npu-x.toml").write_text(
+        GOOD.format(id="npu-x").replace("CPUExecutionProvider", "XExecutionProvider")
+    )
+    (tmp_path / "cpu-riscv.toml").write_text('arch = "riscv64"\n' + GOOD.format(id="cpu-riscv"))
+    assert device_profiles(["XExecutionProvider"], "riscv64", tmp_path) == ["npu-x", "cpu-riscv"]
+    assert load_profiles(tmp_path)["cpu-riscv"].provider_names == ["CPUExecutionProvider"]
+    (tmp_path / "cpu-riscv.toml").write_text("arch = 3\n" + GOOD.format(id="cpu-riscv"))
+    with pytest.raises(ProfileError, match="'arch' must be"):
+        load_profile_file(tmp_path / "cpu-riscv.toml")

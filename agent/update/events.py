@@ -1,0 +1,66 @@
+"""What goes in and out of the update worker: requests, events, and a step's refusal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from edgefleet.wire.reasons import ReasonCode
+
+
+@dataclass
+class UpdateRequest:
+    model: str  # "" = take it from the package
+    version: str  # "" = take it from the package
+    source: str  # http(s) URL, file:// URL or local path
+    sha256: str | None = None
+    size: int | None = None
+    rollout_id: str | None = None
+    allow_downgrade: bool = False
+    # The source comes from the controller's signed desired state: send the device's download
+    # token with it. Never set for operator-given sources, so the token cannot leak elsewhere.
+    controller_source: bool = False
+
+
+@dataclass
+class UpdateEvent:
+    update_id: str
+    model: str
+    version: str
+    rollout_id: str | None
+    state: str
+    reason_code: str | None
+    reason: str | None
+    figures: dict[str, Any] | None
+    timestamp: str
+    from_version: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+UpdateListener = Callable[[UpdateEvent], None]
+InferenceObserver = Callable[
+    [str, str, dict[str, np.ndarray], dict[str, np.ndarray], float, bool], None
+]
+
+
+class StepFailed(Exception):
+    """A step's refusal: the update leaves by its state's failure route with this code."""
+
+    def __init__(
+        self, code: ReasonCode, reason: str, figures: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+        self.figures = figures
+
+
+def agent_version() -> str:
+    from edgefleet import __version__
+
+    return __version__

@@ -1,0 +1,136 @@
+"""The versions an update moves between: loading them into sessions, the current/previous
+pointers, putting the previous version back, and removing what a failed update left."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from edgefleet.agent.journal import UpdateRecord
+from edgefleet.agent.sessions import LoadedModel
+from edgefleet.agent.states import State, failure_route
+from edgefleet.agent.store import IntegrityError, Pointers
+from edgefleet.agent.update.context import UpdateContext
+from edgefleet.wire.reasons import ReasonCode
+
+log = logging.getLogger("edgefleet.agent")
+
+LOAD_ERRORS = (IntegrityError, OSError, RuntimeError, ValueError)
+
+
+def session_options(ctx: UpdateContext) -> Any:  # onnxruntime.SessionOptions (untyped library)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if ctx.config.intra_op_threads > 0:
+        so.intra_op_num_threads = ctx.config.intra_op_threads
+    spin = "1" if ctx.config.allow_spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return so
+
+
+def load(ctx: UpdateContext, name: str, version: str) -> LoadedModel:
+    """Load an installed version after re-hashing its files against the install record."""
+    rec = ctx.store.check_integrity(name, version)
+    lm = LoadedModel(
+        name,
+        version,
+        ctx.store.version_dir(name, version),
+        ctx.store.manifest(name, version),
+        rec["providers"],
+        session_options(ctx),
+    )
+    v = rec.get("validation") or {}
+    lm.baseline_p95_ms = v.get("p95_ms")
+    lm.memory_mb = float(v.get("memory_growth_mb") or 0.0)
+    return lm
+
+
+def load_current_models(ctx: UpdateContext) -> None:
+    """Serve each model's current version, or its previous one when the current cannot load."""
+    for name in ctx.store.names():
+        ptr = ctx.store.pointers(name)
+        for version in (ptr.current, ptr.previous):
+            if version is None:
+                continue
+            try:
+                lm = load(ctx, name, version)
+            except LOAD_ERRORS as e:
+                log.error("cannot serve %s %s: %s", name, version, e)
+                continue
+            if version != ptr.current:
+                ctx.store.set_pointers(name, Pointers(version, None))
+            ctx.sessions.install(lm, name)
+            ctx.metrics.set_serving(name, version, None)
+            break
+
+
+def fail(
+    ctx: UpdateContext,
+    rec: UpdateRecord,
+    code: ReasonCode,
+    reason: str,
+    figures: dict[str, Any] | None = None,
+) -> None:
+    """Leave the record's state by its failure route (`agent.states.ROUTES`)."""
+    target = failure_route(rec.current)
+    if target is State.FAILED:
+        cleanup_failed(ctx, rec)
+        ctx.transition(rec, State.FAILED, code, reason, figures)
+    elif target is State.ROLLING_BACK:
+        ctx.transition(rec, State.ROLLING_BACK, code, reason, figures)
+        restore_pointers(ctx, rec)
+        swap_to_previous(ctx, rec)
+        ctx.transition(rec, State.ROLLED_BACK, code, reason, figures)
+    else:  # nothing left but finishing: the next start finishes it
+        log.error("update %s cannot fail in %s (%s: %s)", rec.id, rec.state, code, reason)
+
+
+def restore_pointers(ctx: UpdateContext, rec: UpdateRecord) -> None:
+    if not rec.model or rec.from_version == rec.version:
+        return
+    ctx.store.set_pointers(rec.model, Pointers(rec.from_version, None))
+
+
+def swap_to_previous(ctx: UpdateContext, rec: UpdateRecord) -> None:
+    name = rec.model
+    ctx.discard_download(rec)
+    if rec.from_version is None:
+        ctx.sessions.install(None, name)
+        ctx.metrics.set_serving(name, None, rec.version)
+        return
+    current = ctx.sessions.get(name)
+    if current is not None and current.version == rec.from_version:
+        return
+    try:
+        lm = load(ctx, name, rec.from_version)
+    except LOAD_ERRORS as e:
+        log.error("rollback of %s cannot load %s: %s", name, rec.from_version, e)
+        return
+    ctx.sessions.install(lm, name)
+    ctx.metrics.set_serving(name, rec.from_version, rec.version)
+
+
+def cleanup_failed(ctx: UpdateContext, rec: UpdateRecord) -> None:
+    """Drop the download and a version installed by this update that nothing points to."""
+    ctx.discard_download(rec)
+    if rec.model and rec.version and ctx.store.is_installed(rec.model, rec.version):
+        ptr = ctx.store.pointers(rec.model)
+        if rec.version not in (ptr.current, ptr.previous):
+            ctx.store.remove_version(rec.model, rec.version)
+
+
+def finish_removal(ctx: UpdateContext, rec: UpdateRecord) -> None:
+    """Unload (requests in flight finish on the model they hold; new ones get 404), then
+    delete pointers and versions, then REMOVED. Idempotent: re-run after a crash."""
+    name = rec.model
+    old = ctx.sessions.install(None, name)
+    if old is not None:
+        ctx.metrics.set_serving(name, None, old.version)
+    removed = ctx.store.remove_model(name)
+    ctx.transition(
+        rec,
+        State.REMOVED,
+        figures={"versions_removed": removed, "was_serving": old.version if old else None},
+    )
