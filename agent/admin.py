@@ -19,7 +19,7 @@ from typing import Any
 from edgefleet.agent.fsio import atomic_write_bytes, atomic_write_json
 from edgefleet.agent.ports import AdminPort
 from edgefleet.agent.server import QuietServer
-from edgefleet.agent.updater import UpdateRequest
+from edgefleet.agent.update.events import UpdateRequest
 
 MAX_BODY = 64 * 1024
 _UPDATE_RE = re.compile(r"^/admin/updates/([A-Za-z0-9T_-]+)$")

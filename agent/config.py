@@ -65,7 +65,7 @@ class ValidationConfig:
 
 @dataclass
 class MqttConfig:
-    """Used by agent.mqtt_link (fleet role)."""
+    """The fleet link (`agent.mqtt.link`): broker, credentials, TLS."""
 
     url: str | None = None
     username: str | None = None

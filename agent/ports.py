@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Protocol, TypedDict, runtime_checkable
 
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.updater import InferenceObserver, UpdateListener, UpdateRequest
+from edgefleet.agent.update.events import InferenceObserver, UpdateListener, UpdateRequest
 from edgefleet.wire.message import JsonObject
 
 

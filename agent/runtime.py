@@ -1,6 +1,6 @@
 """`Agent`: the public surface other components use (MQTT link, telemetry, CLI, tests).
 
-Threads: the inference server, the admin server, and one update worker (`agent.updater`) that
+Threads: the inference server, the admin server, and one update worker (`agent.update`) that
 runs updates one at a time through the persisted state machine. `start()` recovers from the
 journal and loads the current models before it serves; `stop()` ends all threads.
 """

@@ -26,7 +26,7 @@ from edgefleet.agent.mqtt.reconcile import (
 from edgefleet.agent.mqtt.reports import now_iso
 from edgefleet.agent.mqtt.state import LinkState
 from edgefleet.agent.ports import AgentPort, serving_versions
-from edgefleet.agent.updater import UpdateRequest
+from edgefleet.agent.update.events import UpdateRequest
 from edgefleet.wire.errors import RejectError, ReplayError
 from edgefleet.wire.mqtt import verify_desired
 from edgefleet.wire.reasons import ReasonCode

@@ -31,7 +31,7 @@ from edgefleet.agent.mqtt.desired import DesiredStateHandler
 from edgefleet.agent.mqtt.reports import now_iso, presence_of, status_from_event
 from edgefleet.agent.ports import AgentPort
 from edgefleet.agent.telemetry.outbox import Outbox
-from edgefleet.agent.updater import UpdateEvent
+from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.keys import load_public_key
 from edgefleet.wire.message import encode
 from edgefleet.wire.mqtt import Kind, offline_will, topic

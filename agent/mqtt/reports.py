@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from edgefleet.agent.ports import Inventory
-from edgefleet.agent.updater import UpdateEvent
+from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.wire.presence import InstalledModel, Presence
 from edgefleet.wire.reasons import parse_reason
 from edgefleet.wire.states import parse_state

@@ -32,7 +32,7 @@ from edgefleet.agent.telemetry.collector import (
     system_record,
 )
 from edgefleet.agent.telemetry.outbox import Outbox
-from edgefleet.agent.updater import UpdateEvent
+from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.drift.sketch import Sketch
 from edgefleet.wire.message import JsonObject
 from edgefleet.wire.states import TERMINAL_STATES, parse_state
