@@ -35,10 +35,11 @@ def _root(
 
 
 def _register_components() -> None:
-    from edgefleet import core_cli, demo
+    from edgefleet import core_cli
     from edgefleet.agent import cli as agent_cli
     from edgefleet.cloud_controller import cli as controller_cli
     from edgefleet.cloud_controller.drift import cli as drift_cli
+    from edgefleet.demo import command as demo_cli
     from edgefleet.packager import cli as packager_cli
 
     core_cli.register(app)
@@ -46,7 +47,7 @@ def _register_components() -> None:
     agent_cli.register(app)
     controller_cli.register(app)
     drift_cli.register(app)
-    demo.register(app)
+    demo_cli.register(app)
 
 
 _register_components()

@@ -19,9 +19,9 @@ from edgefleet.cloud_controller.cli.client import (
     err,
     print_json,
 )
+from edgefleet.cloud_controller.rollout_types import TERMINAL_PHASES
 
 rollout_app = typer.Typer(help="Staged rollouts.", no_args_is_help=True)
-TERMINAL = ("succeeded", "aborted", "cancelled")
 
 
 def _progress_table(r: dict[str, Any]) -> Table:
@@ -33,7 +33,7 @@ def _progress_table(r: dict[str, Any]) -> Table:
     for col in ("wave", "size", "pending", "in progress", "retry", "ok", "failed", "timed out"):
         t.add_column(col, justify="right")
     for i, w in enumerate(c["waves"]):
-        mark = "▶ " if i == r["wave"] and r["phase"] not in TERMINAL else ""
+        mark = "▶ " if i == r["wave"] and r["phase"] not in TERMINAL_PHASES else ""
         t.add_row(
             f"{mark}{i + 1} ({r['waves'][i]:g} %)", str(w["size"]), str(w.get("pending", 0)),
             str(w.get("in_progress", 0)), str(w.get("waiting_retry", 0)),
@@ -53,7 +53,7 @@ def _watch(url: str | None, token: str | None, rollout_id: str, timeout: float) 
     deadline = time.monotonic() + timeout
     r = api_call(url, token, "GET", f"/api/v1/rollouts/{rollout_id}")
     with Live(_progress_table(r), console=console, refresh_per_second=4) as live:
-        while r["phase"] not in TERMINAL and time.monotonic() < deadline:
+        while r["phase"] not in TERMINAL_PHASES and time.monotonic() < deadline:
             time.sleep(0.5)
             r = api_call(url, token, "GET", f"/api/v1/rollouts/{rollout_id}")
             live.update(_progress_table(r))
