@@ -29,11 +29,9 @@ def run_demo(
     broker: str,
     workdir: Path | None,
     console: Console,
-    *,
-    keep: bool = False,
 ) -> dict[str, Any]:
-    """The whole demo; returns the JSON summary. The fleet is closed on every exit path, and a
-    temporary work directory removed unless ``keep``."""
+    """The whole demo; returns the JSON summary. The fleet is closed on every exit path, and
+    the work directory removed unless the caller named one."""
     started = time.monotonic()
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
 
@@ -80,7 +78,7 @@ def run_demo(
             return summary
     finally:
         fleet.close()
-        if workdir is None and not keep:
+        if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
 
 
