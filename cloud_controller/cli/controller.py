@@ -1,5 +1,6 @@
-"""`edgefleet controller`: serve, `token create` and `mosquitto-config` work on the database
-directly (SQLAlchemy and uvicorn are imported inside them); `audit` reads the API."""
+"""`edgefleet controller`: `serve` runs the controller; `token create` and `mosquitto-config`
+work on its database directly (uvicorn and SQLAlchemy are imported inside them); `audit` reads
+the API."""
 
 from __future__ import annotations
 
