@@ -362,7 +362,9 @@ class SizeResult:
 def run_size(
     n: int, flood_per_device: int, root: Path, timeout: float, broker: str = "mosquitto"
 ) -> SizeResult:
-    from edgefleet.demo import Fleet, FleetSpec, rollout_body
+    from edgefleet.demo.fleet import Fleet
+    from edgefleet.demo.rollouts import rollout_body
+    from edgefleet.demo.spec import FleetSpec
     from edgefleet.keys import load_private_key, load_public_key
 
     fleet = Fleet(FleetSpec(root, devices=0, broker=broker))

@@ -1,6 +1,6 @@
 """FastAPI dependencies shared by every router (the drift role's routers included).
 
-`app.state.controller` is the running `cloud_controller.app.Controller`; `session` yields a
+`app.state.controller` is the running `cloud_controller.controller.Controller`; `session` yields a
 SQLAlchemy session on its database; `need(Perm.X)` authenticates the bearer token and checks
 its role, returning the `Principal`.
 """
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from edgefleet.cloud_controller.auth import Perm, allowed, device_for_download_token, lookup_token
 
 if TYPE_CHECKING:
-    from edgefleet.cloud_controller.app import Controller
+    from edgefleet.cloud_controller.controller import Controller
 
 
 @dataclass(frozen=True)

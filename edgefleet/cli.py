@@ -1,8 +1,9 @@
-"""The one `edgefleet` command line.
+"""The one `edgefleet` command line (top floor: it registers every component's commands).
 
-Each component owns a `cli.py` with a ``register(app)`` function. Those modules import only
-typer, rich and the standard library at module level, so that `edgefleet verify` on a gateway
-never loads the quantization stack or a web server.
+The core commands (`core_cli`), each component's `cli` and the demo's `command` have a
+``register(app)`` function. Those modules import only typer, rich and the standard library at
+module level, so that `edgefleet verify` on a gateway never loads the quantization stack or a
+web server (tests/e2e/test_root_cli.py checks it).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ def _root(
 
 
 def _register_components() -> None:
-    from edgefleet import core_cli, demo
+    """Add the core commands, every component's commands and the demo to `app`."""
+    from edgefleet import core_cli
     from edgefleet.agent import cli as agent_cli
     from edgefleet.cloud_controller import cli as controller_cli
     from edgefleet.cloud_controller.drift import cli as drift_cli
+    from edgefleet.demo import command as demo_cli
     from edgefleet.packager import cli as packager_cli
 
     core_cli.register(app)
@@ -46,7 +49,7 @@ def _register_components() -> None:
     agent_cli.register(app)
     controller_cli.register(app)
     drift_cli.register(app)
-    demo.register(app)
+    demo_cli.register(app)
 
 
 _register_components()

@@ -1,4 +1,8 @@
-"""Core commands: ``keys generate``, ``verify``, ``inspect`` (no quantization stack, no web server)."""
+"""Core commands: ``keys generate``, ``verify``, ``inspect`` (no quantization stack, no web server).
+
+Top floor: only `edgefleet.cli` registers it. It needs nothing but core (`edgefleet.keys`,
+`edgefleet.wire`), imported inside the commands, which is what a gateway can afford.
+"""
 
 from __future__ import annotations
 

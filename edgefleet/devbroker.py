@@ -1,8 +1,9 @@
 """Embedded MQTT broker for the demo and tests: amqtt (pure Python) or Mosquitto when asked.
 
 Either broker runs as a child process on a free loopback port. The child dies with its parent
-(``PR_SET_PDEATHSIG`` on Linux) and `EmbeddedBroker.stop()` terminates, then kills, it, so no
-broker outlives the demo, whatever way it exits.
+(``PR_SET_PDEATHSIG`` on Linux, `edgefleet.harness.die_with_parent`) and `EmbeddedBroker.stop()`
+terminates, then kills, it, so no broker outlives the demo, whatever way it exits. The tests'
+Mosquitto (`tests.support.services`) is this broker too.
 
 Run the amqtt child directly with ``python -m edgefleet.devbroker --port P``.
 """
@@ -10,77 +11,24 @@ Run the amqtt child directly with ``python -m edgefleet.devbroker --port P``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from edgefleet.harness import HarnessError, die_with_parent, free_port, terminate, wait_listening
 
 BrokerKind = Literal["amqtt", "mosquitto"]
 BROKER_KINDS: tuple[BrokerKind, ...] = ("amqtt", "mosquitto")
 
 
-class BrokerError(RuntimeError):
+class BrokerError(HarnessError):
     """The broker could not be started; the message says why."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes a child get SIGTERM when its parent dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-
-    # Resolved here, in the parent: between fork and exec the child only makes the call (no
-    # dlopen, whose loader lock another thread of the parent may have held at fork time).
-    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    sigterm = int(signal.SIGTERM)
-
-    def _set() -> None:
-        prctl(1, sigterm)  # PR_SET_PDEATHSIG
-
-    return _set
-
-
-def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, wait, then SIGKILL: the process is gone when this returns."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=timeout)
-
-
-def wait_listening(
-    host: str, port: int, process: subprocess.Popen[bytes], timeout: float, log: Path
-) -> None:
-    """Return once ``host:port`` accepts connections; raise if the process died or time ran out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise BrokerError(f"broker exited with {process.returncode} before listening: {tail}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise BrokerError(f"broker not listening on {host}:{port} after {timeout:.0f}s")
 
 
 def mosquitto_config(
@@ -174,7 +122,17 @@ class EmbeddedBroker:
                 preexec_fn=die_with_parent(),
             )
         try:
-            wait_listening(self.host, self.port, self.process, self.startup_timeout, self.log_path)
+            wait_listening(
+                self.host,
+                self.port,
+                self.process,
+                timeout=self.startup_timeout,
+                log=self.log_path,
+                name="broker",
+            )
+        except HarnessError as e:
+            self.stop()
+            raise BrokerError(str(e)) from e
         except BaseException:
             self.stop()
             raise

@@ -39,10 +39,6 @@ class Recipe:
     op_block_list: tuple[str, ...] = ()
     extra_options: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def is_quantized(self) -> bool:
-        return self.method in ("dynamic", "static", "qnn")
-
     def to_dict(self) -> dict[str, Any]:
         """The recipe as recorded in the manifest (only fields that matter for its method)."""
         d = asdict(self)

@@ -9,11 +9,10 @@ import json
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+from edgefleet.cloud_controller.cli.client import JSON_OPT, TOKEN_OPT, URL_OPT, api_call, console
+
 DRIFT_EXIT = 3
 drift_app = typer.Typer(help="Data drift and field health of models.", no_args_is_help=True)
 
@@ -32,16 +31,14 @@ def show(
     model: str = typer.Argument(..., help="Model name."),
     device: str | None = typer.Option(None, "--device", help="One device instead of the fleet."),
     hours: float = typer.Option(24.0, "--hours", help="Window: the last N hours."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    url: str | None = typer.Option(None, "--url", envvar="EDGEFLEET_URL", help="Controller URL."),
-    token: str | None = typer.Option(None, "--token", envvar="EDGEFLEET_TOKEN", help="API token."),
+    as_json: bool = JSON_OPT,
+    url: str | None = URL_OPT,
+    token: str | None = TOKEN_OPT,
 ) -> None:
     """Drift per feature and output of MODEL: PSI, JS distance, KS, adjusted p-value."""
     params: dict[str, Any] = {"hours": hours}
     if device:
         params["device"] = device
-    from edgefleet.cloud_controller.cli import api_call
-
     doc = api_call(url, token, "GET", f"/api/v1/drift/{model}", params=params)
     if as_json:
         typer.echo(json.dumps(doc, indent=2, sort_keys=True))

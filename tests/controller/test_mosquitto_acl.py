@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from edgefleet.cli import app
 from edgefleet.cloud_controller import auth
 from edgefleet.cloud_controller import db as dbm
+from edgefleet.harness import terminate
 from edgefleet.wire.mqtt import topic
 from tests.support.services import free_port, require, wait_port
 
@@ -65,16 +66,14 @@ def secured(tmp_path: Path) -> Iterator[tuple[int, dict[str, str], Callable[[], 
         wait_port(port)
 
     def restart() -> None:
-        procs[-1].terminate()  # an orderly stop: Mosquitto saves its persistence file
-        procs[-1].wait(timeout=10)
+        terminate(procs[-1])  # an orderly stop (SIGTERM): Mosquitto saves its persistence file
         start()
 
     try:
         start()
         yield port, creds, restart
     finally:
-        procs[-1].terminate()
-        procs[-1].wait(timeout=10)
+        terminate(procs[-1])
         log.close()
 
 

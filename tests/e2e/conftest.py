@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.demo import Fleet, FleetSpec
+from edgefleet.demo.fleet import Fleet
+from edgefleet.demo.spec import FleetSpec
 from tests.support.services import require
 
 GOOD_VERSIONS = ("1.0.0", "1.2.0", "1.3.0", "1.4.0", "1.5.0", "1.6.0")

@@ -14,7 +14,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgefleet.demo import MODEL_NAME, Fleet, rollout_body
+from edgefleet.demo.fleet import Fleet
+from edgefleet.demo.rollouts import rollout_body
+from edgefleet.demo.spec import MODEL_NAME
 from edgefleet.wire.mqtt import topic
 
 

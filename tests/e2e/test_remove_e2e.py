@@ -7,7 +7,9 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from edgefleet.demo import MODEL_NAME, Fleet, rollout_body
+from edgefleet.demo.fleet import Fleet
+from edgefleet.demo.rollouts import rollout_body
+from edgefleet.demo.spec import MODEL_NAME
 from edgefleet.keys import KeyPair, key_id, load_public_key
 from tests.support.packages import make_package
 

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from edgefleet.devbroker import free_port
+from edgefleet.devbroker import EmbeddedBroker, embedded_broker
+from edgefleet.harness import free_port, wait_listening
+
+__all__ = ["POSTGRES_URL", "Mosquitto", "free_port", "mosquitto", "require", "wait_port"]
 
 POSTGRES_URL = os.environ.get(
     "EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
@@ -40,49 +39,13 @@ def require(condition: bool, reason: str) -> None:
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+    """Return once something listens on ``host:port``; `TimeoutError` otherwise."""
+    wait_listening(host, port, timeout=timeout)
 
 
-@dataclass
-class Mosquitto:
-    host: str
-    port: int
-    workdir: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def start(self) -> None:
-        """(Re)start on the same port with the same config, e.g. after `stop()` in an outage test."""
-        if self.process.poll() is None:
-            return
-        self.process = _spawn(self.workdir)
-        wait_port(self.port)
-
-
-def _spawn(workdir: Path) -> subprocess.Popen[bytes]:
-    log = open(workdir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the process
-    return subprocess.Popen(
-        ["mosquitto", "-c", str(workdir / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT
-    )
+# The product's embedded broker: the same Mosquitto config writer (hashed passwords, ACL, `user
+# root` when run as root so Mosquitto can read the 0600 files), start/stop/restart on one port.
+Mosquitto = EmbeddedBroker
 
 
 @contextmanager
@@ -97,22 +60,13 @@ def mosquitto(
     ``passwords`` (user -> password) turns anonymous access off; ``acl`` is the text of a
     Mosquitto ACL file (e.g. ``pattern readwrite edgefleet/v1/devices/%u/#``).
     """
-    exe = shutil.which("mosquitto")
-    require(exe is not None, "mosquitto is not installed (apt-get install mosquitto)")
+    require(
+        shutil.which("mosquitto") is not None,
+        "mosquitto is not installed (apt-get install mosquitto)",
+    )
     workdir = workdir / f"mosquitto-{uuid.uuid4().hex[:8]}"
-    workdir.mkdir(parents=True)
-    port = free_port()
-    # The same config writer the product's embedded broker uses (hashed passwords, ACL,
-    # `user root` when run as root so Mosquitto can read the 0600 files).
-    from edgefleet.devbroker import mosquitto_config
-
-    mosquitto_config(workdir, "127.0.0.1", port, passwords=passwords, acl=acl)
-    broker = Mosquitto("127.0.0.1", port, workdir, _spawn(workdir))
-    try:
-        wait_port(port)
+    with embedded_broker("mosquitto", workdir, passwords=passwords, acl=acl) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 def postgres_available(url: str = POSTGRES_URL) -> bool:

@@ -1,0 +1,173 @@
+"""`edgefleet controller`: `serve` runs the controller; `token create` and `mosquitto-config`
+work on its database directly (uvicorn and SQLAlchemy are imported inside them); `audit` reads
+the API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.table import Table
+
+from edgefleet.cloud_controller.cli.client import (
+    JSON_OPT,
+    TOKEN_OPT,
+    URL_OPT,
+    api_call,
+    console,
+    err,
+    print_json,
+)
+
+if TYPE_CHECKING:
+    from edgefleet.cloud_controller.settings import Settings
+
+controller_app = typer.Typer(help="Run and administer the cloud controller.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+controller_app.add_typer(token_app, name="token")
+
+
+def _settings(data_dir: Path | None = None, db: str | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, then these command-line values where given."""
+    from dataclasses import replace
+
+    from edgefleet.cloud_controller.settings import Settings
+
+    s = Settings().with_env()
+    updates = {k: v for k, v in overrides.items() if v is not None}
+    if data_dir is not None:
+        updates["data_dir"] = data_dir
+    if db is not None:
+        updates["db_url"] = db
+    return replace(s, **updates)
+
+
+@controller_app.command("serve")
+def serve(
+    db: str = typer.Option(None, "--db", help="Database URL (sqlite:///… or postgresql://…)."),
+    broker: str = typer.Option(
+        None, "--broker", help="MQTT broker URL (mqtt://user:pw@host:port)."
+    ),
+    packages: Path = typer.Option(None, "--packages", help="Packages directory."),
+    host: str = typer.Option(None, "--host"),
+    port: int = typer.Option(None, "--port"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Default home of db, keys, packages."),
+    trusted_key: list[Path] = typer.Option(
+        [], "--trusted-key", help="Packager public key to accept uploads from (repeatable)."
+    ),
+    public_url: str = typer.Option(None, "--public-url", help="Base URL devices download from."),
+) -> None:
+    """Run the controller (API, MQTT bridge, rollout engine) until interrupted."""
+    import uvicorn
+
+    from edgefleet.cloud_controller.app import create_app
+
+    s = _settings(
+        data_dir,
+        db,
+        broker_url=broker,
+        packages_dir=packages,
+        host=host,
+        port=port,
+        public_url=public_url,
+        trusted_keys=tuple(trusted_key) or None,
+    )
+    app = create_app(s)
+    console.print(
+        f"controller on http://{s.host}:{s.port} db={s.database_url} broker={s.broker_url or '-'}"
+    )
+    uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
+
+
+@token_app.command("create")
+def token_create(
+    role: str = typer.Option(..., "--role", help="admin, publisher, operator or viewer."),
+    name: str = typer.Option("cli", "--name"),
+    db: str = typer.Option(None, "--db", help="Database URL."),
+    data_dir: Path = typer.Option(None, "--data-dir"),
+) -> None:
+    """Create an API token directly in the database (prints it once)."""
+    from edgefleet.cloud_controller import auth
+    from edgefleet.cloud_controller import db as dbm
+
+    if role not in [r.value for r in auth.Role]:
+        err.print(f"[red]invalid_role: {role!r}; use one of {[r.value for r in auth.Role]}[/red]")
+        raise typer.Exit(2)
+    s = _settings(data_dir, db)
+    engine = dbm.make_engine(s.database_url)
+    dbm.upgrade(engine)
+    with dbm.transaction(dbm.session_factory(engine)) as session:
+        token = auth.create_token(session, role, name)
+    engine.dispose()
+    typer.echo(token)
+
+
+@controller_app.command("mosquitto-config")
+def mosquitto_config(
+    out: Path = typer.Option(..., "--out", help="Directory for passwd, acl and mosquitto.conf."),
+    controller_password: str = typer.Option(
+        None,
+        "--controller-password",
+        envvar="EDGEFLEET_CONTROLLER_MQTT_PASSWORD",
+        help="Password of the controller's MQTT user (generated when absent).",
+    ),
+    port: int = typer.Option(1883, "--port"),
+    db: str = typer.Option(None, "--db"),
+    data_dir: Path = typer.Option(None, "--data-dir"),
+) -> None:
+    """Write Mosquitto password + ACL files: each device reads/writes only its own topics."""
+    import secrets
+
+    from edgefleet.cloud_controller import auth
+    from edgefleet.cloud_controller import db as dbm
+
+    s = _settings(data_dir, db)
+    engine = dbm.make_engine(s.database_url)
+    dbm.upgrade(engine)
+    generated = controller_password is None
+    password = controller_password or secrets.token_urlsafe(24)
+    with dbm.session_factory(engine)() as session:
+        passwd = auth.mosquitto_passwords(session, password)
+    engine.dispose()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("passwd", passwd), ("acl", auth.mosquitto_acl())):
+        path = out / name
+        path.write_text(text)
+        path.chmod(0o600)
+    (out / "data").mkdir(exist_ok=True)
+    (out / "mosquitto.conf").write_text(
+        f"listener {port}\nallow_anonymous false\n"
+        f"password_file {out.resolve() / 'passwd'}\nacl_file {out.resolve() / 'acl'}\n"
+        "# The controller keeps a persistent session (fixed client id): persisting it, and\n"
+        "# queueing deeply for it, is what keeps device reports that arrive while the\n"
+        "# controller (or this broker) restarts from being acknowledged and then dropped.\n"
+        f"persistence true\npersistence_location {out.resolve() / 'data'}/\n"
+        "autosave_interval 10\nmax_queued_messages 1000000\nmax_inflight_messages 100\n"
+    )
+    console.print(f"wrote {out}/passwd ({passwd.count(chr(10))} users), acl, mosquitto.conf")
+    if generated:
+        console.print(
+            f"controller MQTT user {auth.CONTROLLER_MQTT_USER} password: {password}\n"
+            f"serve with --broker mqtt://{auth.CONTROLLER_MQTT_USER}:{password}@HOST:{port}"
+        )
+
+
+@controller_app.command("audit")
+def controller_audit(
+    limit: int = typer.Option(50, "--limit"),
+    url: str = URL_OPT,
+    token: str = TOKEN_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """The audit log (admin): who changed what, when, with which outcome."""
+    rows = api_call(url, token, "GET", "/api/v1/audit", params={"limit": limit})
+    if as_json:
+        print_json(rows)
+        return
+    t = Table("when", "who", "what", "status", "detail")
+    for r in rows:
+        t.add_row(r["at"][:19], r["actor"], r["action"], str(r["outcome"]),
+                  json.dumps(r["detail"])[:60])  # fmt: skip
+    console.print(t)

@@ -1,0 +1,98 @@
+"""The running controller: database, signing and trusted keys, rollout service, MQTT bridge and
+the rollout ticker thread. `app.create_app` serves one; the routers reach it through `deps`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from edgefleet.cloud_controller import db
+from edgefleet.cloud_controller.desired import Signer
+from edgefleet.cloud_controller.mqtt_bridge import MqttBridge
+from edgefleet.cloud_controller.rollouts import RolloutService
+from edgefleet.cloud_controller.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_signing_key(settings: Settings) -> ec.EllipticCurvePrivateKey:
+    """The controller's desired-state key; created on first start (`controller.key`/`.pub`)."""
+    from edgefleet.keys import generate_keypair, load_private_key
+
+    path = settings.signing_key_path
+    if not path.exists():
+        generate_keypair(path.parent, path.stem, settings.signing_key_passphrase)
+        log.warning("created controller signing key %s", path)
+    return load_private_key(path, settings.signing_key_passphrase)
+
+
+def load_trusted_keys(settings: Settings) -> list[ec.EllipticCurvePublicKey]:
+    """Packager public keys: `settings.trusted_keys` plus `<data dir>/trusted/*.pub`."""
+    from edgefleet.keys import load_public_key
+
+    paths = list(settings.trusted_keys)
+    trusted_dir = settings.data_dir / "trusted"
+    if trusted_dir.is_dir():
+        paths += sorted(trusted_dir.glob("*.pub"))
+    return [load_public_key(Path(p)) for p in paths]
+
+
+@dataclass
+class Controller:
+    """One controller's running parts; `build` makes them from settings, `start`/`stop` run
+    the MQTT bridge and the ticker that advances rollouts every ``settings.tick_s``."""
+
+    settings: Settings
+    engine: Engine
+    factory: sessionmaker[Session]
+    signer: Signer
+    trusted_keys: list[ec.EllipticCurvePublicKey]
+    rollouts: RolloutService
+    bridge: MqttBridge | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _ticker: threading.Thread | None = None
+
+    @classmethod
+    def build(cls, settings: Settings) -> Controller:
+        engine = db.make_engine(settings.database_url)
+        db.upgrade(engine)
+        factory = db.session_factory(engine)
+        signer = Signer(load_signing_key(settings), timedelta(seconds=settings.desired_ttl_s))
+        settings.package_dir.mkdir(parents=True, exist_ok=True)
+        service = RolloutService(factory, signer, settings.base_url)
+        ctl = cls(settings, engine, factory, signer, load_trusted_keys(settings), service)
+        if settings.broker_url:
+            ctl.bridge = MqttBridge(
+                settings.broker_url, factory, service, client_id=settings.mqtt_client_id
+            )
+            service.publish = ctl.bridge.publish
+        return ctl
+
+    def start(self) -> None:
+        if self.bridge is not None:
+            self.bridge.start()
+        self._stop.clear()
+        self._ticker = threading.Thread(target=self._tick_loop, name="rollout-ticker", daemon=True)
+        self._ticker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(10)
+        if self.bridge is not None:
+            self.bridge.stop()
+        self.engine.dispose()
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.settings.tick_s):
+            try:
+                self.rollouts.tick()
+            except Exception:
+                log.exception("rollout tick failed")

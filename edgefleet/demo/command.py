@@ -1,0 +1,54 @@
+"""`edgefleet demo`: the command line around `scenario.run_demo`.
+
+Ctrl-C and SIGTERM stop every child process and exit 130; any failure exits 1 with its reason
+in one line; an unexpected rollout outcome exits 1. ``--json`` prints the summary on stdout and
+the progress on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from edgefleet.demo.scenario import run_demo
+
+
+def demo(
+    devices: int = typer.Option(5, "--devices", min=1, max=50, help="Agent processes."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print each rollout's final state and per-device outcomes."
+    ),
+    broker: str = typer.Option("amqtt", "--broker", help="amqtt (embedded) or mosquitto."),
+    workdir: Path | None = typer.Option(
+        None, "--workdir", help="Keep everything here (default: a temp dir, removed)."
+    ),
+) -> None:
+    """Run a whole fleet on this machine: a good rollout, then a bad one that rolls back."""
+    if broker not in ("amqtt", "mosquitto"):
+        raise typer.BadParameter("choose amqtt or mosquitto", param_hint="--broker")
+    console = Console(stderr=as_json)
+    try:
+        summary = run_demo(devices, broker, workdir, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every child process was stopped[/yellow]")
+        raise typer.Exit(130) from None
+    except Exception as e:  # every child is already stopped; say why in one line
+        from rich.markup import escape
+
+        console.print(f"[red]demo failed:[/red] {type(e).__name__}: {escape(str(e))}")
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    ok = [r["phase"] for r in summary["rollouts"]] == ["succeeded", "aborted"]
+    if not ok:
+        console.print("[red]unexpected rollout outcome[/red]")
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `edgefleet demo` to the root app."""
+    app.command("demo")(demo)
