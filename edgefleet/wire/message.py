@@ -58,6 +58,18 @@ class Fields:
     def bad(self, field: str, problem: str) -> MessageError:
         return MessageError(self.message, field, problem)
 
+    def device_id(self, on_topic: str | None) -> str:
+        """The message's ``device_id``, checked against the topic's: a message without one gets
+        the topic's, one that names another device is refused."""
+        dev = self.opt_string("device_id")
+        if dev is None:
+            if on_topic is None:
+                raise self.bad("device_id", "missing or not a string")
+            return on_topic
+        if on_topic is not None and dev != on_topic:
+            raise self.bad("device_id", f"{dev!r} on the topic of {on_topic!r}")
+        return dev
+
     def string(self, field: str) -> str:
         value = self.obj.get(field)
         if not isinstance(value, str):

@@ -89,13 +89,7 @@ def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None)
     or else from ``models``.
     """
     f = Fields("presence", decode_object("presence", raw))
-    dev = f.opt_string("device_id")
-    if dev is None:
-        if device_id is None:
-            raise f.bad("device_id", "missing or not a string")
-        dev = device_id
-    elif device_id is not None and dev != device_id:
-        raise f.bad("device_id", f"{dev!r} on the topic of {device_id!r}")
+    dev = f.device_id(device_id)
     models = _models(f, "installed")
     return Presence(
         device_id=dev,

@@ -95,13 +95,7 @@ def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None)
     another device is refused.
     """
     f = Fields("status", decode_object("status", raw))
-    dev = f.opt_string("device_id")
-    if dev is None:
-        if device_id is None:
-            raise f.bad("device_id", "missing or not a string")
-        dev = device_id
-    elif device_id is not None and dev != device_id:
-        raise f.bad("device_id", f"{dev!r} on the topic of {device_id!r}")
+    dev = f.device_id(device_id)
     kind = f.obj.get("kind", "update")
     if kind not in _KINDS:
         raise f.bad("kind", f"unknown kind {kind!r}")

@@ -33,6 +33,7 @@ from edgefleet.agent.validation import (
     sample_agreement,
     sample_tolerances,
 )
+from edgefleet.wire.states import TERMINAL_STATES
 
 HAPPY = [
     "IDLE",
@@ -120,6 +121,8 @@ def test_walk_the_table_every_failure_route_and_restart() -> None:
         assert first is (Recovery.RESUME if route.restart is OnRestart.RESUME else give_up[fail])
     assert failure_route(State.ACTIVATING) is State.ROLLING_BACK
     assert failure_route(State.VALIDATING) is State.FAILED
+    # What the controller reads as "over" is exactly what the agent's table ends in.
+    assert TERMINAL == TERMINAL_STATES
 
 
 def test_decide_recovery_of_a_removal() -> None:
