@@ -6,6 +6,8 @@ FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# edgefleet/agent, /packager, /cloud_controller and /hardware_profiles link to the folders below:
+# the image installs the one import name `edgefleet`.
 COPY edgefleet ./edgefleet
 COPY packager ./packager
 COPY agent ./agent
