@@ -15,7 +15,7 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
 class Base(DeclarativeBase):
-    """Declarative base of every controller table (the drift role's tables included)."""
+    """Declarative base of every controller table (the drift tables included)."""
 
 
 def iso(t: datetime) -> str:

@@ -1,4 +1,4 @@
-"""FastAPI dependencies shared by every router (the drift role's routers included).
+"""FastAPI dependencies shared by every router (the drift and dashboard routers included).
 
 `app.state.controller` is the running `cloud_controller.controller.Controller`; `session` yields a
 SQLAlchemy session on its database; `need(Perm.X)` authenticates the bearer token and checks

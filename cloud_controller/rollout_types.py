@@ -81,7 +81,7 @@ class Gates:
 
 @dataclass(frozen=True)
 class Health:
-    """Figures for the new version on the moved devices (the drift role computes them)."""
+    """Figures for the new version on the moved devices (the drift analysis computes them)."""
 
     p95_ratio: float | None = None
     error_rate: float | None = None

@@ -116,7 +116,7 @@ def test_default_health_reads_the_drift_figures(store: sessionmaker[Session]) ->
     st = svc.create({**SPEC, "waves": [100]}, "t")
     with store() as s:
         h = default_health(s, st)
-    # the drift role's figures are read; no telemetry yet: unknown, which trips no gate
+    # the drift analysis's figures are read; no telemetry yet: unknown, which trips no gate
     assert h == E.Health(None, None, None)
     assert E.gate_violation(E.Gates(1.0, 0.0, 0.0), h) is None
 

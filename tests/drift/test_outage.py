@@ -4,8 +4,8 @@ record reaches the controller exactly once (real agent, Mosquitto, MQTT link, co
 The broker is stopped for a minute (EDGEFLEET_TEST_OUTAGE_S). When it is back, the agent's
 connection (through a cuttable proxy) is restored only once the controller's bridge is
 subscribed again: a device that reconnects first has its QoS 1 telemetry acknowledged by a
-broker with no subscriber yet, and those records are lost. That gap belongs to the bridge's
-clean MQTT session (see docs/drift.md, "Delivery"); this test checks everything else.
+broker with no subscriber yet, and those records are lost unless the broker keeps the controller's
+session (see docs/drift.md, "Delivery"); this test checks everything else.
 """
 
 from __future__ import annotations
