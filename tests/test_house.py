@@ -45,17 +45,16 @@ def _checkout_copy(dest: Path) -> Path:
     return dest
 
 
+def _pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True, capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
     src = _checkout_copy(work / "src")
     out = work / "dist"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(out), str(src)],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(src))
     (path,) = out.glob("edgefleet-*.whl")
     return path
 
@@ -78,12 +77,7 @@ def test_wheel_installs_one_top_level_name(wheel: Path) -> None:
 
 def test_installed_wheel_imports_without_the_checkout(wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
-         "--target", str(target), str(wheel)],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    _pip("install", "--no-deps", "--no-compile", "--target", str(target), str(wheel))
     probe = (
         "import importlib, importlib.util, sys\n"
         "import edgefleet.agent.runtime, edgefleet.cloud_controller.app, edgefleet.packager.pipeline\n"
