@@ -7,13 +7,14 @@ import random
 import shutil
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pytest
 
+from edgefleet.agent.server import QuietServer
 from edgefleet.agent.store import ModelStore
 from edgefleet.keys import KeyPair
 from tests.agent.helpers import AgentProcess, OipClient, served_version, wait_for, write_config
@@ -187,7 +188,7 @@ def test_kill_mid_download_resumes_with_range(
 ) -> None:
     _SlowHandler.data = pkgs["v2"].read_bytes()
     _SlowHandler.ranges = []
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    srv = QuietServer(("127.0.0.1", 0), _SlowHandler)  # the killed agent hangs up: no error
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/iris-1.1.0.efpkg"
