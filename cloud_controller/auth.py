@@ -84,8 +84,8 @@ def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = 1
     """Mosquitto 2 password-file hash (`$7$`: PBKDF2-HMAC-SHA512), so no plaintext is kept."""
     salt = salt or secrets.token_bytes(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return f"$7${iterations}${b64(salt)}${b64(digest)}"
+    salt_b64, digest_b64 = (base64.b64encode(b).decode() for b in (salt, digest))
+    return f"$7${iterations}${salt_b64}${digest_b64}"
 
 
 @dataclass(frozen=True)

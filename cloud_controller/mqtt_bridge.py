@@ -90,6 +90,7 @@ class MqttBridge:
         batch_size: int = BATCH,
     ) -> None:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
         self.batch_size = batch_size
         self.address = BrokerAddress.parse(broker_url)
@@ -102,7 +103,7 @@ class MqttBridge:
         # A fixed client id with a persistent session: the broker keeps the QoS 1 status
         # messages devices send while the controller restarts, so no count is lost.
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id or f"edgefleet-controller-{uuid.uuid4().hex[:8]}",
             clean_session=client_id is None,
         )

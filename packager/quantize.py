@@ -52,7 +52,7 @@ def make_reader(model: Path, data: Mapping[str, np.ndarray], batch: int = 16) ->
     n = len(data[names[0]])
     del sess
 
-    class _Reader(CalibrationDataReader):
+    class _Reader(CalibrationDataReader):  # type: ignore[misc]  # ONNX Runtime ships no types
         def __init__(self) -> None:
             self._it: Iterator[dict[str, np.ndarray]] = self._batches()
 

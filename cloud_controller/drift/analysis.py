@@ -87,7 +87,7 @@ _SETTINGS_KEY = "edgefleet.drift.settings"
 
 def get_settings(session: Session, model: str) -> ModelDriftSettings:
     """A model's settings (memoised per session; ``put_settings`` refreshes the memo)."""
-    memo = session.info.setdefault(_SETTINGS_KEY, {})
+    memo: dict[str, ModelDriftSettings] = session.info.setdefault(_SETTINGS_KEY, {})
     if model in memo:
         return memo[model]
     memo[model] = _load_settings(session, model)

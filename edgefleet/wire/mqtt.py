@@ -24,7 +24,7 @@ import binascii
 import json
 from collections.abc import Collection
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -63,7 +63,7 @@ def parse_topic(name: str) -> tuple[str, Kind] | None:
     parts = name.split("/")
     if len(parts) != 5 or "/".join(parts[:3]) != f"{TOPIC_PREFIX}/devices" or parts[4] not in KINDS:
         return None
-    return parts[3], cast(Kind, parts[4])
+    return parts[3], parts[4]
 
 
 def _signed_bytes(payload: bytes) -> bytes:
