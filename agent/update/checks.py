@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edgefleet.agent.update.events import StepFailed
 from edgefleet.wire.reasons import ReasonCode
-from edgefleet.wire.trust import Manifest
+
+if TYPE_CHECKING:
+    from edgefleet.wire.trust import Manifest
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 Each does the work of the state the record is in, then journals the next state; each is
 idempotent, so a restarted agent re-runs the recorded state's step. Every trust decision is
 `edgefleet.wire.trust`'s (through `verify_package` or `check_installed`).
+
+The verification stack (tar reading, signatures, and with them cryptography's native code, about
+8 MB resident) is imported by the step that needs it, not with the agent: an agent that has
+nothing to update stays that much smaller.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgefleet.agent.fsio import remove_tree
 from edgefleet.agent.journal import UpdateRecord
@@ -21,9 +26,11 @@ from edgefleet.agent.update.context import UpdateContext
 from edgefleet.agent.update.events import StepFailed, agent_version
 from edgefleet.agent.update.fetcher import FetchError
 from edgefleet.wire.errors import RejectError
-from edgefleet.wire.package import VerifiedPackage, VerifyPolicy, read_name, verify_package
 from edgefleet.wire.reasons import ReasonCode
-from edgefleet.wire.trust import Manifest, check_installed
+
+if TYPE_CHECKING:
+    from edgefleet.wire.package import VerifiedPackage, VerifyPolicy
+    from edgefleet.wire.trust import Manifest
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -76,6 +83,7 @@ def step_download(ctx: UpdateContext, rec: UpdateRecord) -> None:
 def policy(ctx: UpdateContext, rec: UpdateRecord) -> VerifyPolicy:
     """The trust store (read now: keys may change between updates) and this device's facts."""
     from edgefleet.keys import load_public_key
+    from edgefleet.wire.package import VerifyPolicy
 
     keys = []
     for p in ctx.config.trusted_keys:
@@ -101,6 +109,8 @@ def policy(ctx: UpdateContext, rec: UpdateRecord) -> VerifyPolicy:
 def verify(
     ctx: UpdateContext, rec: UpdateRecord, extract_to: Path | None = None
 ) -> VerifiedPackage:
+    from edgefleet.wire.package import verify_package
+
     try:
         return verify_package(ctx.package_path(rec), policy(ctx, rec), extract_to=extract_to)
     except RejectError as e:
@@ -110,6 +120,8 @@ def verify(
 def verify_installed(ctx: UpdateContext, rec: UpdateRecord) -> None:
     """Re-check an installed version: its files against the install record, then trust's
     `check_installed` (its key still trusted and not revoked, the manifest policy)."""
+    from edgefleet.wire.trust import check_installed
+
     try:
         inst = ctx.store.check_integrity(rec.model, rec.version)
     except IntegrityError as e:
@@ -135,6 +147,8 @@ def step_verify(ctx: UpdateContext, rec: UpdateRecord) -> None:
     if installed_rollback(ctx, rec):
         return verify_installed(ctx, rec)
     if not rec.model:  # model name unknown until now: read it unverified, then verify by it
+        from edgefleet.wire.package import read_name
+
         try:
             rec.model = read_name(ctx.package_path(rec))
         except RejectError as e:
