@@ -14,7 +14,6 @@ import re
 import secrets
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 
 from edgefleet.agent.fsio import atomic_write_bytes, atomic_write_json
 from edgefleet.agent.ports import AdminPort
@@ -60,10 +59,11 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: AdminServer
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         return
 
-    def _json(self, status: int, obj: Any) -> None:
+    def _json(self, status: int, obj: object) -> None:
+        """``obj``: JSON values and the TypedDict views of `agent.ports`; others as str()."""
         body = json.dumps(obj, default=str).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

@@ -15,9 +15,14 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 from edgefleet.hardware_profiles import device_profiles
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    _D = TypeVar("_D", bound=DataclassInstance)
 
 ENV_PREFIX = "EDGEFLEET_AGENT_"
 
@@ -131,7 +136,8 @@ class AgentConfig:
         return self.data_dir / "admin.json"
 
 
-def _coerce(value: Any, tp: Any, name: str, base: Path) -> Any:
+def _coerce(value: object, tp: object, name: str, base: Path) -> object:
+    """``value`` (a TOML value, or an environment string) as the field's type hint ``tp``."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -156,19 +162,23 @@ def _coerce(value: Any, tp: Any, name: str, base: Path) -> Any:
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name}: expected a boolean, got {value!r}")
-    if tp in (int, float, str):
+    if tp is str:
+        return str(value)
+    if tp is int or tp is float:
         try:
-            return tp(value)
+            if not isinstance(value, str | int | float):  # int() and float() refuse these too
+                raise TypeError(f"{type(value).__name__} is not a number")
+            return int(value) if tp is int else float(value)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from e
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{name}: expected a table")
         return _build(tp, value, name + ".", base)
     return value
 
 
-def _build(cls: Any, raw: Mapping[str, Any], prefix: str, base: Path) -> Any:
+def _build(cls: type[_D], raw: Mapping[str, object], prefix: str, base: Path) -> _D:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - known
@@ -181,8 +191,8 @@ def _build(cls: Any, raw: Mapping[str, Any], prefix: str, base: Path) -> Any:
         raise ConfigError(f"{prefix or 'config'}: {e}") from e
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _env_overrides(env: Mapping[str, str]) -> dict[str, str | dict[str, str]]:
+    out: dict[str, str | dict[str, str]] = {}
     tables = {
         f.name
         for f in dataclasses.fields(AgentConfig)
@@ -194,7 +204,9 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         name = key[len(ENV_PREFIX) :].lower()
         table = next((t for t in tables if name.startswith(t + "_")), None)
         if table is not None:
-            out.setdefault(table, {})[name[len(table) + 1 :]] = value
+            sub = out.setdefault(table, {})
+            if isinstance(sub, dict):  # a str: EDGEFLEET_AGENT_<TABLE> itself, refused later
+                sub[name[len(table) + 1 :]] = value
         elif name in {f.name for f in dataclasses.fields(AgentConfig)}:
             out[name] = value
     return out
@@ -203,7 +215,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig:
     """Read the TOML file (optional) and apply environment overrides."""
     env = os.environ if env is None else env
-    raw: dict[str, Any] = {}
+    raw: dict[str, object] = {}
     base = Path.cwd()
     if path is not None:
         path = Path(path).resolve()
@@ -214,14 +226,16 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
         base = path.parent
     for key, value in _env_overrides(env).items():
         if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
+            table = raw.setdefault(key, {})
+            if isinstance(table, dict):  # not a table in the file: _build refuses it
+                table.update(value)
         else:
             raw[key] = value
     for required in ("device_id", "data_dir"):
         if not raw.get(required):
             raise ConfigError(f"{required} is required")
     raw.pop("config_path", None)
-    cfg: AgentConfig = _build(AgentConfig, raw, "", base)
+    cfg = _build(AgentConfig, raw, "", base)
     cfg.config_path = path
     if cfg.swap.mode not in ("auto", "overlap", "unload_first"):
         raise ConfigError(
@@ -230,7 +244,7 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
     return cfg
 
 
-def _toml_value(v: Any) -> str:
+def _toml_value(v: object) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
@@ -241,10 +255,10 @@ def _toml_value(v: Any) -> str:
     return f'"{s}"'
 
 
-def dump_config(values: Mapping[str, Any]) -> str:
+def dump_config(values: Mapping[str, object]) -> str:
     """Write a flat-plus-tables mapping as TOML (enough for `agent init`)."""
     lines: list[str] = []
-    tables: list[tuple[str, Mapping[str, Any]]] = []
+    tables: list[tuple[str, Mapping[str, object]]] = []
     for k, v in values.items():
         if isinstance(v, Mapping):
             tables.append((k, v))

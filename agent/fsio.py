@@ -7,10 +7,10 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
 
 from edgefleet.wire.atomic import atomic_write_bytes, fsync_dir
 from edgefleet.wire.atomic import atomic_write_json as _atomic_write_json
+from edgefleet.wire.message import JsonObject, JsonValue
 
 __all__ = [
     "atomic_write_bytes",
@@ -18,16 +18,27 @@ __all__ = [
     "clean_temp",
     "fsync_dir",
     "read_json",
+    "read_json_object",
     "remove_tree",
 ]
 
 
-def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
+def atomic_write_json(path: Path, obj: object, mode: int = 0o644) -> None:
+    """``obj`` is anything ``json.dumps`` takes (dataclass dicts, TypedDicts, JSON values)."""
     _atomic_write_json(path, obj, mode, indent=1)
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+def read_json(path: Path) -> JsonValue:
+    value: JsonValue = json.loads(path.read_text())
+    return value
+
+
+def read_json_object(path: Path) -> JsonObject:
+    """The JSON object in ``path``; ValueError when the file holds another JSON value."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
 
 
 def remove_tree(path: Path) -> None:

@@ -4,14 +4,16 @@ takes effect. `decide_recovery` (pure) says what a restarted agent does with a r
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Required, TypedDict, cast
 
-from edgefleet.agent.fsio import atomic_write_json, clean_temp, read_json
+from edgefleet.agent.fsio import atomic_write_json, clean_temp, read_json_object
 from edgefleet.agent.states import ROUTES, OnRestart, State, check_transition, is_terminal
+from edgefleet.wire.message import JsonObject
 
 
 def now_iso() -> str:
@@ -24,7 +26,37 @@ class Transition:
     at: str
     reason_code: str | None = None
     reason: str | None = None
-    figures: dict[str, Any] | None = None
+    figures: JsonObject | None = None
+
+
+class TransitionDict(TypedDict, total=False):
+    """A `Transition` as the journal file holds it (`asdict`)."""
+
+    state: Required[str]
+    at: Required[str]
+    reason_code: str | None
+    reason: str | None
+    figures: JsonObject | None
+
+
+class _RecordFields(TypedDict, total=False):
+    """An `UpdateRecord`'s fields other than ``history``, as the journal file holds them."""
+
+    id: Required[str]
+    model: Required[str]
+    version: Required[str]
+    source: Required[str]
+    sha256: str | None
+    size: int | None
+    rollout_id: str | None
+    allow_downgrade: bool
+    controller_source: bool
+    action: str
+    state: str
+    from_version: str | None
+    profile: str | None
+    resumes: int
+    stopped_gracefully: bool
 
 
 @dataclass
@@ -53,13 +85,16 @@ class UpdateRecord:
     def last(self) -> Transition:
         return self.history[-1]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UpdateRecord:
-        hist = [Transition(**t) for t in d.get("history", [])]
-        return cls(**{**d, "history": hist})
+    def from_dict(cls, d: Mapping[str, object]) -> UpdateRecord:
+        """The record `to_dict` wrote. The journal's own files, so the shapes are cast, not
+        checked: a foreign key or a missing field still fails here with TypeError."""
+        hist = [Transition(**t) for t in cast("list[TransitionDict]", d.get("history", []))]
+        fields = cast(_RecordFields, {k: v for k, v in d.items() if k != "history"})
+        return cls(**fields, history=hist)
 
 
 def new_update_id() -> str:
@@ -91,14 +126,14 @@ class Journal:
         target: State,
         reason_code: str | None = None,
         reason: str | None = None,
-        figures: dict[str, Any] | None = None,
+        figures: JsonObject | None = None,
     ) -> Transition:
         """Persist `target` (atomically, fsynced) and only then update the in-memory record."""
         check_transition(rec.current, target)
         t = Transition(target.value, now_iso(), reason_code, reason, figures)
         data = rec.to_dict()
         data["state"] = target.value
-        data["history"] = [*data["history"], asdict(t)]
+        data["history"] = [*(asdict(h) for h in rec.history), asdict(t)]
         atomic_write_json(self.path(rec.id), data)
         rec.state = target.value
         rec.history.append(t)
@@ -108,13 +143,13 @@ class Journal:
         p = self.path(update_id)
         if not p.exists():
             return None
-        return UpdateRecord.from_dict(read_json(p))
+        return UpdateRecord.from_dict(read_json_object(p))
 
     def all(self) -> list[UpdateRecord]:
         recs = []
         for p in sorted(self.dir.glob("*.json")):
             try:
-                recs.append(UpdateRecord.from_dict(read_json(p)))
+                recs.append(UpdateRecord.from_dict(read_json_object(p)))
             except (ValueError, TypeError, KeyError):
                 continue  # unreadable records are never half-written (atomic); skip foreign files
         recs.sort(key=lambda r: (r.history[0].at if r.history else "", r.id))

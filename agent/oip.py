@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol, cast
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+from edgefleet.wire.message import JsonObject, JsonValue
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-_TO_NP: dict[str, Any] = {
+_TO_NP: dict[str, type[np.generic]] = {
     "BOOL": np.bool_,
     "UINT8": np.uint8,
     "UINT16": np.uint16,
@@ -84,11 +88,23 @@ def _decode_bytes(raw: bytes, count: int) -> np.ndarray:
     return out
 
 
-def _tensor(spec: dict[str, Any], raw: bytes | memoryview | None) -> np.ndarray:
+class Headers(Protocol):
+    """Response headers as a client has them: a dict, or http.client's HTTPMessage."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+
+def _tensor(spec: Mapping[str, object], raw: bytes | memoryview | None) -> np.ndarray:
     name = spec.get("name")
     dt = spec.get("datatype")
     shape = spec.get("shape")
-    if not isinstance(name, str) or dt not in _TO_NP or not isinstance(shape, list):
+    # (dt is checked against the table before its type: an unhashable one raises as it did)
+    if (
+        not isinstance(name, str)
+        or dt not in _TO_NP
+        or not isinstance(dt, str)
+        or not isinstance(shape, list)
+    ):
         raise ProtocolError(f"input {name!r} needs name, a known datatype and shape")
     try:
         shape_t = tuple(int(d) for d in shape)
@@ -106,9 +122,12 @@ def _tensor(spec: dict[str, Any], raw: bytes | memoryview | None) -> np.ndarray:
                 f"input {name!r}: {len(raw)} bytes do not make {dt} {list(shape_t)}"
             )
         return np.frombuffer(raw, dtype=np_dt).reshape(shape_t)
-    data = spec.get("data")
-    if data is None:
+    value = spec.get("data")
+    if value is None:
         raise ProtocolError(f"input {name!r} has no data")
+    # JSON data: nested lists of scalars as far as numpy is concerned; whatever does not fit
+    # the datatype and shape is refused below (TypeError, ValueError).
+    data = cast(ArrayLike, value)
     try:
         if dt == "BYTES":
             arr = np.asarray(
@@ -186,11 +205,11 @@ def encode_response(
     outputs: dict[str, np.ndarray],
 ) -> tuple[bytes, dict[str, str]]:
     """(body, headers) of an inference response; binary outputs go after the JSON header."""
-    out_specs = []
+    out_specs: list[JsonValue] = []
     blobs: list[bytes] = []
     for name, arr in outputs.items():
         dt = datatype_of(arr)
-        spec: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
+        spec: JsonObject = {"name": name, "datatype": dt, "shape": [*arr.shape]}
         if name in req.binary_outputs or (req.outputs is None and req.binary_default):
             blob = (
                 _bytes_payload(arr)
@@ -206,7 +225,7 @@ def encode_response(
         else:
             spec["data"] = arr.ravel().tolist()
         out_specs.append(spec)
-    resp: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": out_specs}
+    resp: JsonObject = {"model_name": model, "model_version": version, "outputs": out_specs}
     if req.id is not None:
         resp["id"] = req.id
     header = json.dumps(resp, separators=(",", ":")).encode()
@@ -222,13 +241,13 @@ def encode_request(
     inputs: dict[str, np.ndarray], *, binary: bool = False, binary_outputs: bool = False
 ) -> tuple[bytes, dict[str, str]]:
     """A client-side request body (used by tests, the bench and `agent install` smoke checks)."""
-    specs: list[dict[str, Any]] = []
+    specs: list[JsonValue] = []
     blobs: list[bytes] = []
     for name, arr in inputs.items():
-        spec: dict[str, Any] = {
+        spec: JsonObject = {
             "name": name,
             "datatype": datatype_of(arr),
-            "shape": list(arr.shape),
+            "shape": [*arr.shape],
         }
         if binary:
             blob = np.ascontiguousarray(arr).tobytes()
@@ -237,7 +256,7 @@ def encode_request(
         else:
             spec["data"] = arr.ravel().tolist()
         specs.append(spec)
-    req: dict[str, Any] = {"inputs": specs}
+    req: JsonObject = {"inputs": specs}
     if binary_outputs:
         req["parameters"] = {"binary_data_output": True}
     header = json.dumps(req, separators=(",", ":")).encode()
@@ -249,7 +268,7 @@ def encode_request(
     }
 
 
-def decode_response(body: bytes, headers: Any) -> dict[str, np.ndarray]:
+def decode_response(body: bytes, headers: Headers) -> dict[str, np.ndarray]:
     """Client side: the outputs of a JSON or binary response as arrays."""
     hl = headers.get(HEADER_LENGTH)
     n = int(hl) if hl is not None else len(body)

@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from edgefleet.agent import oip
 from edgefleet.agent.metrics import Metrics
 from edgefleet.agent.sessions import BadInput, ModelError, ModelNotFound, ServerBusy, SessionManager
+from edgefleet.wire.message import JsonValue
 
 MAX_BODY = 512 * 1024 * 1024
 _MODEL_RE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
@@ -33,7 +34,9 @@ class QuietServer(ThreadingHTTPServer):
     to stderr. A reset or broken pipe is ignored; any other error is logged once, with its stack.
     """
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
+    def handle_error(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:
         err = sys.exc_info()[1]
         if isinstance(err, ConnectionError | TimeoutError):
             return
@@ -68,7 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # small responses must not wait for the client's delayed ACK
     server: InferenceServer
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         return
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
@@ -84,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
             buf.append(body)
         self.flush_headers()
 
-    def _json(self, status: int, obj: Any) -> None:
+    def _json(self, status: int, obj: JsonValue) -> None:
         self._send(status, json.dumps(obj, separators=(",", ":")).encode())
 
     def _error(self, status: int, message: str) -> None:

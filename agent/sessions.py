@@ -11,18 +11,20 @@ import gc
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
+from edgefleet.agent import manifest_parts
 from edgefleet.agent.config import ProbationConfig, SwapConfig
+from edgefleet.wire.message import JsonObject
 from edgefleet.wire.reasons import ReasonCode
 
-_ONNX_TO_NP = {
+_ONNX_TO_NP: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
     "tensor(float16)": np.float16,
@@ -37,6 +39,36 @@ _ONNX_TO_NP = {
     "tensor(bool)": np.bool_,
     "tensor(string)": np.object_,
 }
+
+
+class NodeArg(Protocol):
+    """An `onnxruntime.NodeArg`: one input or output of a session (a dimension may be a name)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def shape(self) -> Sequence[int | str | None] | None: ...
+
+
+class OrtSession(Protocol):
+    """What the agent uses of an `onnxruntime.InferenceSession` (ORT ships no type information,
+    so this is what mypy checks our calls against)."""
+
+    def get_inputs(self) -> Sequence[NodeArg]: ...
+
+    def get_outputs(self) -> Sequence[NodeArg]: ...
+
+    def get_providers(self) -> Sequence[str]: ...
+
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray], /
+    ) -> list[object]:
+        """One value per output: an array, or a list of maps for a sequence output."""
+        ...
 
 
 class ModelNotFound(LookupError):
@@ -58,7 +90,7 @@ class ModelError(RuntimeError):
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: Any  # numpy dtype class
+    dtype: type[np.generic]  # numpy scalar type (np.object_ for strings)
     shape: tuple[int | None, ...]
     onnx_type: str
 
@@ -93,9 +125,9 @@ class LoadedModel:
         name: str,
         version: str,
         model_dir: Path,
-        manifest: dict[str, Any],
+        manifest: JsonObject,
         providers: list[str],
-        session_options: Any = None,
+        session_options: object = None,  # an onnxruntime.SessionOptions, passed through
     ) -> None:
         import onnxruntime as ort
 
@@ -103,12 +135,12 @@ class LoadedModel:
         self.version = version
         self.model_dir = model_dir
         self.manifest = manifest
-        opts = {
-            ep["name"]: ep.get("options") or {} for ep in manifest.get("execution_providers", [])
-        }
-        provs: list[Any] = [(p, opts[p]) if opts.get(p) else p for p in providers]
-        model_file = model_dir / manifest.get("model", {}).get("file", "model.onnx")
-        self.session = ort.InferenceSession(
+        opts = manifest_parts.provider_options(manifest)
+        provs: list[str | tuple[str, JsonObject]] = [
+            (p, opts[p]) if opts.get(p) else p for p in providers
+        ]
+        model_file = model_dir / manifest_parts.model_file(manifest)
+        self.session: OrtSession = ort.InferenceSession(
             str(model_file), sess_options=session_options, providers=provs
         )
         self.providers = list(self.session.get_providers())
@@ -123,7 +155,7 @@ class LoadedModel:
         self.loaded_at = time.time()
 
     @staticmethod
-    def _spec(node: Any) -> TensorSpec:
+    def _spec(node: NodeArg) -> TensorSpec:
         shape = tuple(d if isinstance(d, int) else None for d in (node.shape or []))
         return TensorSpec(node.name, _ONNX_TO_NP.get(node.type, np.float32), shape, node.type)
 
@@ -148,10 +180,9 @@ class LoadedModel:
             ):
                 raise BadInput(f"input {name!r} has shape {list(arr.shape)}, expected {spec.shape}")
 
-    def run(self, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[Any]:
+    def run(self, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[object]:
         try:
-            result: list[Any] = self.session.run(outputs or self.output_names, feed)
-            return result
+            return self.session.run(outputs or self.output_names, feed)
         except Exception as e:
             raise ModelError(f"{self.name} {self.version} failed: {e}") from e
 

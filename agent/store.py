@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Required, TypedDict, cast
 
-from edgefleet.agent.fsio import atomic_write_json, clean_temp, read_json, remove_tree
+from edgefleet.agent.fsio import atomic_write_json, clean_temp, read_json_object, remove_tree
+from edgefleet.wire.message import JsonObject
 
 INSTALL_RECORD = ".install.json"
 _CHUNK = 1 << 20
@@ -16,6 +17,18 @@ _CHUNK = 1 << 20
 
 class IntegrityError(RuntimeError):
     """An installed version's files do not match what was verified at install time."""
+
+
+class InstallRecord(TypedDict, total=False):
+    """VERSION/.install.json: what INSTALLING verified, and what VALIDATING measured."""
+
+    member_digests: Required[dict[str, str]]  # member path -> sha256 verified at install
+    key_id: str
+    providers: list[str]
+    cpu_fallback_used: bool
+    installed_at: float
+    update_id: str
+    validation: JsonObject  # `validation.Figures.to_dict()`, added by VALIDATING
 
 
 @dataclass(frozen=True)
@@ -52,8 +65,11 @@ class ModelStore:
         p = self.model_dir(name) / "pointers.json"
         if not p.exists():
             return Pointers()
-        d = read_json(p)
-        return Pointers(d.get("current"), d.get("previous"))
+        d = read_json_object(p)
+        cur, prev = d.get("current"), d.get("previous")
+        return Pointers(
+            cur if isinstance(cur, str) else None, prev if isinstance(prev, str) else None
+        )
 
     def set_pointers(self, name: str, ptr: Pointers) -> None:
         self.model_dir(name).mkdir(parents=True, exist_ok=True)
@@ -75,19 +91,21 @@ class ModelStore:
             if p.is_dir() and not p.name.startswith(".") and (p / INSTALL_RECORD).exists()
         )
 
-    def record_install(self, name: str, version: str, record: dict[str, Any]) -> None:
+    def record_install(self, name: str, version: str, record: InstallRecord) -> None:
         """Mark a verified, extracted version as installed (written last, atomically)."""
         atomic_write_json(self.version_dir(name, version) / INSTALL_RECORD, record)
 
-    def install_record(self, name: str, version: str) -> dict[str, Any]:
-        rec: dict[str, Any] = read_json(self.version_dir(name, version) / INSTALL_RECORD)
-        return rec
+    def install_record(self, name: str, version: str) -> InstallRecord:
+        rec = read_json_object(self.version_dir(name, version) / INSTALL_RECORD)
+        # The agent's own file, written only by `record_install` (atomically): its shape is
+        # InstallRecord's.
+        return cast(InstallRecord, rec)
 
-    def manifest(self, name: str, version: str) -> dict[str, Any]:
-        m: dict[str, Any] = read_json(self.version_dir(name, version) / "manifest.json")
-        return m
+    def manifest(self, name: str, version: str) -> JsonObject:
+        """The installed manifest.json (verified and validated at install by the wire rules)."""
+        return read_json_object(self.version_dir(name, version) / "manifest.json")
 
-    def check_integrity(self, name: str, version: str) -> dict[str, Any]:
+    def check_integrity(self, name: str, version: str) -> InstallRecord:
         """Re-hash every member against the digests verified at install; return the record."""
         vdir = self.version_dir(name, version)
         try:

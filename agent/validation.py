@@ -7,10 +7,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO
 
 import numpy as np
 
+from edgefleet.agent.sessions import OrtSession
+from edgefleet.wire.message import JsonObject
 from edgefleet.wire.reasons import ReasonCode
 
 #: Sample tolerances used when the manifest's gates do not set them (a set 0.0 stays 0.0).
@@ -34,8 +37,19 @@ class Figures:
     providers: list[str] = field(default_factory=list)
     cpu_fallback_used: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+    def to_dict(self) -> JsonObject:
+        """The figures as JSON, floats rounded to 4 places (journal, events, install record)."""
+        return {
+            "samples": self.samples,
+            "agreement": round(self.agreement, 4),
+            "max_abs_error": round(self.max_abs_error, 4),
+            "p50_ms": round(self.p50_ms, 4),
+            "p95_ms": round(self.p95_ms, 4),
+            "runs": self.runs,
+            "memory_growth_mb": round(self.memory_growth_mb, 4),
+            "providers": [*self.providers],
+            "cpu_fallback_used": self.cpu_fallback_used,
+        }
 
 
 @dataclass(frozen=True)
@@ -54,9 +68,15 @@ def sample_tolerances(gates: Mapping[str, object]) -> tuple[float, float]:
 
 
 def _gate(gates: Mapping[str, object], key: str, default: float) -> float:
+    value = _opt_gate(gates, key)
+    return default if value is None else value
+
+
+def _opt_gate(gates: Mapping[str, object], key: str) -> float | None:
+    """The gate as a float, None when unset; ValueError when it is not a number."""
     value = gates.get(key)
     if value is None:
-        return default
+        return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"gate {key} is {value!r}, not a number")
     return float(value)
@@ -91,33 +111,35 @@ def sample_agreement(
     return float(ok.mean()), max_err, n
 
 
-def judge(figures: Figures, gates: dict[str, Any]) -> GateFailure | None:
-    """The first gate the figures fail, or None (pure)."""
-    min_agree = gates.get("min_sample_agreement")
-    min_agree = DEFAULT_MIN_AGREEMENT if min_agree is None else float(min_agree)
+def judge(figures: Figures, gates: Mapping[str, object]) -> GateFailure | None:
+    """The first gate the figures fail, or None (pure). The gates are numbers or null
+    (`edgefleet.wire.manifest` checked them at install)."""
+    min_agree = _gate(gates, "min_sample_agreement", DEFAULT_MIN_AGREEMENT)
     if figures.agreement < min_agree:
         return GateFailure(
             ReasonCode.SAMPLE_MISMATCH,
             f"{figures.agreement:.1%} of {figures.samples} samples agree with the recorded outputs"
             f" (max abs error {figures.max_abs_error:.3g}), the gate needs {min_agree:.1%}",
         )
-    max_p95 = gates.get("max_p95_ms")
-    if max_p95 is not None and figures.p95_ms > float(max_p95):
+    max_p95 = _opt_gate(gates, "max_p95_ms")
+    if max_p95 is not None and figures.p95_ms > max_p95:
         return GateFailure(
             ReasonCode.LATENCY_GATE,
-            f"p95 latency {figures.p95_ms:.3f} ms on this device exceeds the gate {float(max_p95)} ms"
+            f"p95 latency {figures.p95_ms:.3f} ms on this device exceeds the gate {max_p95} ms"
             f" (p50 {figures.p50_ms:.3f} ms over {figures.runs} runs)",
         )
-    max_mem = gates.get("max_memory_mb")
-    if max_mem is not None and figures.memory_growth_mb > float(max_mem):
+    max_mem = _opt_gate(gates, "max_memory_mb")
+    if max_mem is not None and figures.memory_growth_mb > max_mem:
         return GateFailure(
             ReasonCode.MEMORY_GATE,
-            f"memory growth {figures.memory_growth_mb:.1f} MB exceeds the gate {float(max_mem)} MB",
+            f"memory growth {figures.memory_growth_mb:.1f} MB exceeds the gate {max_mem} MB",
         )
     return None
 
 
-def load_samples(path: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def load_samples(
+    path: str | Path | IO[bytes],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(inputs, expected outputs) from samples.npz (`input:NAME`, `output:NAME`)."""
     with np.load(path, allow_pickle=False) as z:
         inputs = {k[6:]: z[k] for k in z.files if k.startswith("input:")}
@@ -125,14 +147,14 @@ def load_samples(path: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
     return inputs, outputs
 
 
-def _batch_size(session: Any, n: int) -> int:
+def _batch_size(session: OrtSession, n: int) -> int:
     dims = [i.shape[0] if i.shape else None for i in session.get_inputs()]
     fixed = [d for d in dims if isinstance(d, int) and d > 0]
     return fixed[0] if fixed else min(n, MAX_CHUNK)
 
 
 def run_samples(
-    session: Any, inputs: dict[str, np.ndarray], output_names: list[str]
+    session: OrtSession, inputs: dict[str, np.ndarray], output_names: list[str]
 ) -> dict[str, np.ndarray]:
     """Outputs for the samples, batched as the model allows (whole batches only)."""
     n = min(len(v) for v in inputs.values())
@@ -149,7 +171,7 @@ def run_samples(
 
 
 def benchmark(
-    session: Any, inputs: dict[str, np.ndarray], runs: int, warmup: int, max_seconds: float
+    session: OrtSession, inputs: dict[str, np.ndarray], runs: int, warmup: int, max_seconds: float
 ) -> tuple[float, float, int]:
     """(p50 ms, p95 ms, runs done) of single-batch inference, bounded in count and time."""
     bs = _batch_size(session, 1)

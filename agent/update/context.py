@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.journal import Journal, Transition, UpdateRecord
@@ -19,6 +18,7 @@ from edgefleet.agent.states import State, is_terminal
 from edgefleet.agent.store import ModelStore
 from edgefleet.agent.update.events import UpdateEvent, UpdateListener
 from edgefleet.agent.update.fetcher import Fetcher
+from edgefleet.wire.message import JsonObject
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -61,7 +61,7 @@ class UpdateContext:
         target: State,
         reason_code: str | None = None,
         reason: str | None = None,
-        figures: dict[str, Any] | None = None,
+        figures: JsonObject | None = None,
     ) -> None:
         """Journal ``target`` (the table checks it), count it, tell the listeners."""
         with self._lock:

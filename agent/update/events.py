@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
+from edgefleet.wire.message import JsonObject
 from edgefleet.wire.reasons import ReasonCode
 
 
@@ -34,11 +34,11 @@ class UpdateEvent:
     state: str
     reason_code: str | None
     reason: str | None
-    figures: dict[str, Any] | None
+    figures: JsonObject | None
     timestamp: str
     from_version: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return asdict(self)
 
 
@@ -51,9 +51,7 @@ InferenceObserver = Callable[
 class StepFailed(Exception):
     """A step's refusal: the update leaves by its state's failure route with this code."""
 
-    def __init__(
-        self, code: ReasonCode, reason: str, figures: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, code: ReasonCode, reason: str, figures: JsonObject | None = None) -> None:
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason

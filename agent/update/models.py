@@ -4,13 +4,14 @@ pointers, putting the previous version back, and removing what a failed update l
 from __future__ import annotations
 
 import logging
-from typing import Any
 
+from edgefleet.agent import manifest_parts
 from edgefleet.agent.journal import UpdateRecord
 from edgefleet.agent.sessions import LoadedModel
 from edgefleet.agent.states import State, failure_route
 from edgefleet.agent.store import IntegrityError, Pointers
 from edgefleet.agent.update.context import UpdateContext
+from edgefleet.wire.message import JsonObject
 from edgefleet.wire.reasons import ReasonCode
 
 log = logging.getLogger("edgefleet.agent")
@@ -18,7 +19,8 @@ log = logging.getLogger("edgefleet.agent")
 LOAD_ERRORS = (IntegrityError, OSError, RuntimeError, ValueError)
 
 
-def session_options(ctx: UpdateContext) -> Any:  # onnxruntime.SessionOptions (untyped library)
+def session_options(ctx: UpdateContext) -> object:
+    """An onnxruntime.SessionOptions: only handed to `LoadedModel`, so `object` here."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -42,8 +44,8 @@ def load(ctx: UpdateContext, name: str, version: str) -> LoadedModel:
         session_options(ctx),
     )
     v = rec.get("validation") or {}
-    lm.baseline_p95_ms = v.get("p95_ms")
-    lm.memory_mb = float(v.get("memory_growth_mb") or 0.0)
+    lm.baseline_p95_ms = manifest_parts.number(v, "p95_ms")
+    lm.memory_mb = float(manifest_parts.number(v, "memory_growth_mb") or 0.0)
     return lm
 
 
@@ -71,7 +73,7 @@ def fail(
     rec: UpdateRecord,
     code: ReasonCode,
     reason: str,
-    figures: dict[str, Any] | None = None,
+    figures: JsonObject | None = None,
 ) -> None:
     """Leave the record's state by its failure route (`agent.states.ROUTES`)."""
     target = failure_route(rec.current)
@@ -132,5 +134,5 @@ def finish_removal(ctx: UpdateContext, rec: UpdateRecord) -> None:
     ctx.transition(
         rec,
         State.REMOVED,
-        figures={"versions_removed": removed, "was_serving": old.version if old else None},
+        figures={"versions_removed": [*removed], "was_serving": old.version if old else None},
     )

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgefleet.agent import manifest_parts
 from edgefleet.agent.fsio import remove_tree
 from edgefleet.agent.journal import UpdateRecord
 from edgefleet.agent.states import State
@@ -139,7 +140,7 @@ def verify_installed(ctx: UpdateContext, rec: UpdateRecord) -> None:
         )
     except RejectError as e:
         raise StepFailed(e.code, e.message) from e
-    rec.profile = manifest.get("profile")
+    rec.profile = manifest_parts.profile(manifest)
     ctx.transition(rec, State.INSTALLING, figures={"key_id": verdict.key_id, "installed": True})
 
 
@@ -171,7 +172,7 @@ def step_verify(ctx: UpdateContext, rec: UpdateRecord) -> None:
         State.INSTALLING,
         figures={
             "key_id": vp.key_id,
-            "providers": vp.providers,
+            "providers": [*vp.providers],
             "cpu_fallback_used": vp.cpu_fallback_used,
         },
         reason_code=ReasonCode.CPU_FALLBACK if vp.cpu_fallback_used else None,

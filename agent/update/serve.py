@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgefleet.agent import manifest_parts
 from edgefleet.agent.journal import UpdateRecord
 from edgefleet.agent.sessions import LoadedModel, judge_probation, plan_swap
 from edgefleet.agent.states import State
@@ -27,6 +28,7 @@ from edgefleet.agent.validation import (
     sample_agreement,
     sample_tolerances,
 )
+from edgefleet.wire.message import JsonObject
 from edgefleet.wire.reasons import ReasonCode
 
 
@@ -53,7 +55,7 @@ def step_validate(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
     except Exception as e:
         raise StepFailed(ReasonCode.LOAD_FAILED, f"ONNX Runtime cannot load the model: {e}") from e
     fig = Figures(providers=lm.providers, cpu_fallback_used=bool(inst.get("cpu_fallback_used")))
-    gates = manifest.get("gates") or {}
+    gates = manifest_parts.gates(manifest)
     try:
         inputs, expected = load_samples(vdir / "samples.npz")
         got = run_samples(lm.session, inputs, list(expected))
@@ -94,7 +96,7 @@ def step_activate(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
         new_mb = staged.memory_mb
     else:
         validation = ctx.store.install_record(name, version).get("validation") or {}
-        new_mb = float(validation.get("memory_growth_mb") or 0)
+        new_mb = float(manifest_parts.number(validation, "memory_growth_mb") or 0)
     current = ctx.sessions.get(name)
     swap = ctx.config.swap
     if swap.memory_budget_mb is not None:
@@ -148,7 +150,7 @@ def step_probation(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
         ctx.journal.save(rec)
         return
     n, err, lat = lm.stats.snapshot() if lm else (0, 0, [])
-    figures = {
+    figures: JsonObject = {
         "requests": n,
         "errors": err,
         "p95_ms": round(float(np.percentile(lat, 95)), 4) if lat else None,
