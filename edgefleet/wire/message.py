@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TypeAlias, cast
+from enum import StrEnum
+from typing import TypeAlias, TypeVar, cast
 
 JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
 JsonObject: TypeAlias = dict[str, JsonValue]
+E = TypeVar("E", bound=StrEnum)
+
+
+def member_named(enum: type[E], text: object) -> E | None:
+    """The member of ``enum`` whose value is ``text``, or None when it names none."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return enum(text)
+    except ValueError:
+        return None
 
 
 class MessageError(ValueError):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from edgefleet.wire.message import member_named
+
 
 class ReasonCode(StrEnum):
     # --- package and desired-state verification (RejectError) ---------------------------
@@ -100,12 +102,7 @@ FINAL = frozenset(ReasonCode) - TRANSIENT - INFORMATIONAL
 
 def parse_reason(text: object) -> ReasonCode | None:
     """The code named by ``text``, or None when it names none."""
-    if not isinstance(text, str):
-        return None
-    try:
-        return ReasonCode(text)
-    except ValueError:
-        return None
+    return member_named(ReasonCode, text)
 
 
 def is_transient(code: object) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from edgefleet.wire.message import member_named
+
 
 class UpdateState(StrEnum):
     IDLE = "IDLE"
@@ -39,9 +41,4 @@ FAILURE_STATES = frozenset({UpdateState.FAILED, UpdateState.ROLLED_BACK})
 
 def parse_state(text: object) -> UpdateState | None:
     """The state named by ``text``, or None when it names none."""
-    if not isinstance(text, str):
-        return None
-    try:
-        return UpdateState(text)
-    except ValueError:
-        return None
+    return member_named(UpdateState, text)
