@@ -180,3 +180,35 @@ def test_core_needs_only_the_core_dependencies(
     core = _imports([_dist_name(r) for r in project["dependencies"]])  # type: ignore[attr-defined]
     for package in ("edgefleet.wire", "edgefleet.drift", "edgefleet.keys"):
         assert _third_party_imports(graph, package) <= core, package
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """No import cycle between modules (the agent's admin/runtime, the MQTT link and its port,
+    the controller's app/deps had one each): every strongly connected component is one module."""
+    graph = grimp.build_graph("edgefleet", exclude_type_checking_imports=True)
+    edges = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = [stack.pop()]
+            while component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph.modules):
+        if module not in index:
+            visit(module)
+    assert cycles == []
