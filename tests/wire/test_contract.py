@@ -111,10 +111,10 @@ def test_the_agent_source_yields_the_codes_of_each_layer() -> None:
     # One from each place the agent decides a failure: the scan must reach them all.
     for expected in (
         "download_incomplete",  # download.py
-        "disk_full",  # updater.py
+        "disk_full",  # update/checks.py
         "latency_gate",  # validation.py
         "probation_latency",  # sessions.py
-        "resume_limit",  # updater.py recovery
+        "resume_limit",  # update/worker.py recovery
         "remove_refused",  # the MQTT link
     ):
         assert expected in codes, expected
