@@ -38,9 +38,14 @@ from edgefleet.wire.telemetry import parse as parse_telemetry
 log = logging.getLogger(__name__)
 BATCH = 500
 # Refusals counted under the names they had before the wire parsers (dashboards read them).
+# Each parser checks the message's device id against its topic's.
 _DROP_NAMES = {
     "status_bad_seq": "status_no_seq",
     "telemetry_bad_records": "telemetry_refused",
+    **{
+        f"{kind}_bad_device_id": f"{kind}_device_mismatch"
+        for kind in ("status", "presence", "telemetry")
+    },
 }
 
 
@@ -218,12 +223,10 @@ class MqttBridge:
                 if not isinstance(msg, dict):
                     self.stats.drop(f"{kind}_not_object")
                     continue
-                if msg.get("device_id", device_id) != device_id:
-                    self.stats.drop(f"{kind}_device_mismatch")
-                    continue
                 try:
                     if kind == "presence":
-                        devices.apply_presence(session, device_id, parse_presence(msg), now)
+                        presence = parse_presence(msg, device_id)
+                        devices.apply_presence(session, device_id, presence, now)
                     elif kind == "status":
                         rep = self._status(session, parse_status(msg, device_id), msg, now)
                         if rep is not None:

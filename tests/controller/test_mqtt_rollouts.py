@@ -256,6 +256,7 @@ def test_telemetry_reaches_the_drift_ingest_once(fleet_ctl: Running, broker: Mos
         {"device_id": "tel-1", "records": [{**rec, "id": 1}, {**rec, "id": 2}]},
         {"device_id": "tel-1", "records": [{**rec, "id": 2}, {**rec, "id": 3}]},  # 2 repeated
         {"device_id": "tel-1", "records": "not a list"},
+        {"device_id": "tel-2", "records": [{**rec, "id": 9}]},  # another device's, on tel-1's topic
     ]
     for m in msgs:
         c.publish(topic("tel-1", "telemetry"), json.dumps(m), qos=1).wait_for_publish(10)
@@ -267,12 +268,14 @@ def test_telemetry_reaches_the_drift_ingest_once(fleet_ctl: Running, broker: Mos
             q = select(func.count()).select_from(TelemetryRecord)
             return int(s.scalar(q.where(TelemetryRecord.device_id == "tel-1")) or 0)
 
-    wait_for(lambda: bridge.stats.received["telemetry"] >= 3 and bridge.idle(), what="telemetry")
+    wait_for(lambda: bridge.stats.received["telemetry"] >= 4 and bridge.idle(), what="telemetry")
     assert stored() == 3
     assert bridge.stats.dropped.get("telemetry_refused") == 1
+    assert bridge.stats.dropped.get("telemetry_device_mismatch") == 1
     with fleet_ctl.controller.factory() as s:
         dev = s.get(Device, "tel-1")
         assert dev is not None and dev.last_seen is not None
+        assert s.get(Device, "tel-2") is None
 
 
 def test_cli_watch_shows_live_progress_until_the_end(fleet_ctl: Running, broker: Mosquitto) -> None:
