@@ -13,11 +13,7 @@ from typing import Required, TypedDict, cast
 
 from edgefleet.agent.fsio import atomic_write_json, clean_temp, read_json_object
 from edgefleet.agent.states import ROUTES, OnRestart, State, check_transition, is_terminal
-from edgefleet.wire.message import JsonObject
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+from edgefleet.wire.message import JsonObject, now_iso
 
 
 @dataclass

@@ -23,11 +23,11 @@ from edgefleet.agent.mqtt.reconcile import (
     plan,
     plan_removals,
 )
-from edgefleet.agent.mqtt.reports import now_iso
 from edgefleet.agent.mqtt.state import LinkState
 from edgefleet.agent.ports import AgentPort, serving_versions
 from edgefleet.agent.update.events import UpdateRequest
 from edgefleet.wire.errors import RejectError, ReplayError
+from edgefleet.wire.message import now_iso
 from edgefleet.wire.mqtt import verify_desired
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.states import UpdateState

@@ -28,12 +28,12 @@ from paho.mqtt.reasoncodes import ReasonCode as MqttReasonCode
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.mqtt.delivery import Delivery, RecordOutbox
 from edgefleet.agent.mqtt.desired import DesiredStateHandler
-from edgefleet.agent.mqtt.reports import now_iso, presence_of, status_from_event
+from edgefleet.agent.mqtt.reports import presence_of, status_from_event
 from edgefleet.agent.ports import AgentPort
 from edgefleet.agent.telemetry.outbox import Outbox
 from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.keys import load_public_key
-from edgefleet.wire.message import encode
+from edgefleet.wire.message import encode, now_iso
 from edgefleet.wire.mqtt import Kind, offline_will, topic
 from edgefleet.wire.states import TERMINAL_STATES
 from edgefleet.wire.status import StatusReport

@@ -6,18 +6,13 @@ inventory (`presence_of`); the message types and their JSON are `edgefleet.wire`
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from edgefleet.agent.ports import Inventory
 from edgefleet.agent.update.events import UpdateEvent
+from edgefleet.wire.message import now_iso
 from edgefleet.wire.presence import InstalledModel, Presence
-from edgefleet.wire.reasons import parse_reason
+from edgefleet.wire.reasons import reason_of
 from edgefleet.wire.states import parse_state
 from edgefleet.wire.status import StatusReport
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def status_from_event(
@@ -39,7 +34,7 @@ def status_from_event(
         state=state,
         model=event.model,
         version=event.version,
-        reason_code=(parse_reason(code) or code) if code else None,
+        reason_code=reason_of(code) if code else None,
         reason=event.reason,
         rollout_id=event.rollout_id if event.rollout_id is not None else rollout_id,
         update_id=event.update_id,

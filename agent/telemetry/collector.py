@@ -19,7 +19,6 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,9 @@ import numpy as np
 
 from edgefleet.drift import latency as lat
 from edgefleet.drift.sketch import Sketch
+from edgefleet.wire.message import now_iso
 
 RESERVOIR = 4096
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass

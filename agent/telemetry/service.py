@@ -27,14 +27,13 @@ from edgefleet.agent.ports import ObservedAgent, ReferenceSource, serving_versio
 from edgefleet.agent.telemetry.collector import (
     InferenceWindow,
     SketchWindow,
-    now_iso,
     sample_record,
     system_record,
 )
 from edgefleet.agent.telemetry.outbox import Outbox
 from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.drift.sketch import Sketch
-from edgefleet.wire.message import JsonObject
+from edgefleet.wire.message import JsonObject, now_iso
 from edgefleet.wire.states import TERMINAL_STATES, parse_state
 
 log = logging.getLogger("edgefleet.agent.telemetry")

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TypeAlias, TypeVar, cast
 
 JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
 JsonObject: TypeAlias = dict[str, JsonValue]
 E = TypeVar("E", bound=StrEnum)
+
+
+def now_iso() -> str:
+    """Now, as every message's ``at`` and every journal entry writes it: RFC 3339, UTC, ms."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def member_named(enum: type[E], text: object) -> E | None:

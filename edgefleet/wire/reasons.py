@@ -105,6 +105,11 @@ def parse_reason(text: object) -> ReasonCode | None:
     return member_named(ReasonCode, text)
 
 
+def reason_of(text: str) -> ReasonCode | str:
+    """The code named by ``text``; a code unknown here (from a newer agent) stays its text."""
+    return parse_reason(text) or text
+
+
 def is_transient(code: object) -> bool:
     """True for a code worth retrying; an unknown code is final (never retried blindly)."""
     parsed = parse_reason(code)

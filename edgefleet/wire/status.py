@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgefleet.wire.message import Fields, JsonObject, JsonValue, decode_object
-from edgefleet.wire.reasons import ReasonCode, is_transient, parse_reason
+from edgefleet.wire.reasons import ReasonCode, is_transient, reason_of
 from edgefleet.wire.states import UpdateState, parse_state
 
 StatusKind = Literal["update", "desired_rejected"]
@@ -118,7 +118,7 @@ def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None)
         state=state if kind == "update" else None,
         model=model,
         version=version,
-        reason_code=(parse_reason(code) or code) if code is not None else None,
+        reason_code=reason_of(code) if code is not None else None,
         reason=f.opt_string("reason"),
         rollout_id=f.opt_string("rollout_id"),
         update_id=f.opt_string("update_id"),
