@@ -29,6 +29,7 @@ from edgefleet.cloud_controller.drift.analysis import (
     utc,
 )
 from edgefleet.cloud_controller.drift.models import DriftEvent, SketchAggregate, TelemetryRecord
+from edgefleet.cloud_controller.models import Device
 from edgefleet.drift.sketch import SketchError, merge_dicts
 from edgefleet.wire.message import MessageError
 from edgefleet.wire.telemetry import TelemetryEnvelope
@@ -210,10 +211,6 @@ def _int(v: Any) -> int | None:
 
 
 def _device_groups(session: Session, device_ids: Iterable[str]) -> dict[str, list[str]]:
-    try:
-        from edgefleet.cloud_controller.models import Device
-    except ImportError:  # pragma: no cover
-        return {}
     ids = list(set(device_ids))
     out: dict[str, list[str]] = {}
     for dev in session.scalars(select(Device).where(Device.id.in_(ids))):
