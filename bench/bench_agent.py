@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.harness import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -118,20 +120,12 @@ def _package(
 # --------------------------------------------------------------------------- agent process
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _AgentProc:
     def __init__(self, work: Path, trusted: Path, swap_mode: str = "auto") -> None:
         from edgefleet.agent.config import dump_config
 
         self.data = work / "data"
-        self.port = _free_port()
+        self.port = free_port()
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
         cfg.write_text(
