@@ -166,6 +166,28 @@ def _build(
     calibration: Mapping[str, np.ndarray],
     external: bool,
 ) -> Path:
+    if recipe.backend != "ort":
+        from edgefleet.packager.backends import BackendUnavailable, get
+
+        try:
+            backend = get(recipe.backend)
+            path, _done = backend.build(
+                recipe,
+                source=source,
+                prepared=prepared,
+                out=out,
+                calibration=calibration,
+                external=external,
+            )
+        except BackendUnavailable as exc:
+            raise BuildError(str(exc)) from exc
+        except BuildError:
+            raise
+        except Exception as exc:
+            raise BuildError(
+                f"{recipe.backend} backend failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return path
     try:
         if recipe.method == "fp32":
             return _copy_model(source, out, external)

@@ -38,13 +38,16 @@ class Recipe:
     keep_io_types: bool = True
     op_block_list: tuple[str, ...] = ()
     extra_options: dict[str, Any] = field(default_factory=dict)
+    #: Which toolkit applies the recipe: ``ort`` (ONNX Runtime) or a vendor backend
+    #: (:mod:`edgefleet.packager.backends`), which falls back to ``ort`` when its extra is absent.
+    backend: str = "ort"
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as recorded in the manifest (only fields that matter for its method)."""
         d = asdict(self)
         d["op_types"] = list(self.op_types) if self.op_types is not None else None
         d["op_block_list"] = list(self.op_block_list)
-        keep = {"id", "method"}
+        keep = {"id", "method"} | ({"backend"} if self.backend != "ort" else set())
         if self.method == "dynamic":
             keep |= {"weight_type", "per_channel", "reduce_range", "op_types", "extra_options"}
         elif self.method == "qnn":
@@ -119,6 +122,8 @@ def parse_recipe(raw: dict[str, Any], where: str) -> Recipe:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise RecipeError(f"{where}: '{name}' must be a list of op type names")
             kwargs[name] = tuple(value)
+    if "backend" in kwargs and (not isinstance(kwargs["backend"], str) or not kwargs["backend"]):
+        raise RecipeError(f"{where}: 'backend' must be a backend name such as 'ort' or 'nncf'")
     if "extra_options" in kwargs and not isinstance(kwargs["extra_options"], dict):
         raise RecipeError(f"{where}: 'extra_options' must be a table")
     recipe = Recipe(**kwargs)
