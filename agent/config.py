@@ -237,6 +237,12 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
     raw.pop("config_path", None)
     cfg = _build(AgentConfig, raw, "", base)
     cfg.config_path = path
+    from edgefleet.wire import ids
+
+    try:  # it becomes the broker user, topic level and log label: one grammar (wire.ids)
+        ids.device_id(cfg.device_id)
+    except ids.IdentifierError as e:
+        raise ConfigError(f"device_id: {e}") from e
     if cfg.swap.mode not in ("auto", "overlap", "unload_first"):
         raise ConfigError(
             f"swap.mode: expected auto, overlap or unload_first, got {cfg.swap.mode!r}"

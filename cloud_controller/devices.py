@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from edgefleet.cloud_controller.db import iso
 from edgefleet.cloud_controller.models import DesiredState, Device
 from edgefleet.cloud_controller.rollout_engine import DeviceInfo
+from edgefleet.wire import ids
 from edgefleet.wire.presence import InstalledModel, Presence
 from edgefleet.wire.presence import parse as parse_presence
 
@@ -19,6 +20,7 @@ from edgefleet.wire.presence import parse as parse_presence
 def get_or_create(session: Session, device_id: str) -> Device:
     dev = session.get(Device, device_id)
     if dev is None:
+        ids.device_id(device_id)  # a device first seen on a topic: the same grammar
         dev = Device(
             id=device_id,
             registered=False,
@@ -102,11 +104,13 @@ def set_labels(
     groups: list[str] | None = None,
     tags: list[str] | None = None,
 ) -> Device:
+    groups = ids.labels(ids.GROUP, groups) if groups is not None else None
+    tags = ids.labels(ids.TAG, tags) if tags is not None else None
     dev = get_or_create(session, device_id)
     if groups is not None:
-        dev.groups = sorted(set(groups))
+        dev.groups = groups
     if tags is not None:
-        dev.tags = sorted(set(tags))
+        dev.tags = tags
     return dev
 
 
