@@ -243,6 +243,12 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
         ids.device_id(cfg.device_id)
     except ids.IdentifierError as e:
         raise ConfigError(f"device_id: {e}") from e
+    from edgefleet.wire.keyid import canonical_key_ids
+
+    try:  # one canonical key-id form: a revocation that names no key is an error, not a no-op
+        cfg.revoked_key_ids = sorted(canonical_key_ids(cfg.revoked_key_ids))
+    except ids.IdentifierError as e:
+        raise ConfigError(f"revoked_key_ids: {e}") from e
     if cfg.swap.mode not in ("auto", "overlap", "unload_first"):
         raise ConfigError(
             f"swap.mode: expected auto, overlap or unload_first, got {cfg.swap.mode!r}"

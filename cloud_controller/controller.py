@@ -70,7 +70,15 @@ class Controller:
         ctl = cls(settings, engine, factory, signer, load_trusted_keys(settings), service)
         if settings.broker_url:
             ctl.bridge = MqttBridge(
-                settings.broker_url, factory, service, client_id=settings.mqtt_client_id
+                settings.broker_url,
+                factory,
+                service,
+                client_id=settings.mqtt_client_id,
+                max_bytes={
+                    "presence": settings.max_presence_bytes,
+                    "status": settings.max_status_bytes,
+                    "telemetry": settings.max_telemetry_bytes,
+                },
             )
             service.publish = ctl.bridge.publish
         return ctl
