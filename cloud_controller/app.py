@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
@@ -39,8 +39,13 @@ _UPLOADS = re.compile(r"/api/v1/packages/?")
 _REFERENCES = re.compile(r"/api/v1/drift/[^/]+/references/?")
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive` while a body streams past its limit; FastAPI lets an
+    HTTPException through its body parsing, so the client gets the 413 itself."""
+
+    def __init__(self, limit: int) -> None:
+        self.message = f"body over the {limit} byte limit"
+        super().__init__(413, detail={"code": "too_large", "message": self.message})
 
 
 def body_limit(settings: Settings, method: str, path: str) -> int:
@@ -95,11 +100,17 @@ class Guard:
             return
         method, path = scope["method"], scope["path"]
         audited = method in MUTATING or bool(_AUDITED_READS.fullmatch(path))
-        status = {"code": 0}
+        status = {"code": 0, "audited": 0}
+
+        async def audit(outcome: int) -> None:
+            if audited and not status["audited"]:
+                status["audited"] = 1
+                await run_in_threadpool(self._audit, scope, method, path, outcome)
 
         async def send_(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = int(message["status"])
+                await audit(status["code"])  # on record before the client hears the outcome
             await send(message)
 
         try:
@@ -111,16 +122,12 @@ class Guard:
                 receive = self._capped(receive, body_limit(self.ctl.settings, method, path))
             try:
                 await self.app(scope, receive, send_)
-            except _BodyTooLarge:
-                if status["code"] == 0:
-                    limit = body_limit(self.ctl.settings, method, path)
-                    await _send_json(send_, 413, "too_large", f"body over the {limit} byte limit")
-        except BaseException:
-            status["code"] = status["code"] or 500
-            raise
+            except _BodyTooLarge as e:
+                if status["code"] != 0:
+                    raise
+                await _send_json(send_, 413, "too_large", e.message)
         finally:
-            if audited:
-                await run_in_threadpool(self._audit, scope, method, path, status["code"] or 500)
+            await audit(status["code"] or 500)  # an unhandled error: the 500 that follows
 
     async def _refuse_early(self, scope: Scope) -> tuple[int, str, str] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -151,7 +158,7 @@ class Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(limit)
             return message
 
         return receive_
