@@ -79,11 +79,26 @@ class Controller:
                     "status": settings.max_status_bytes,
                     "telemetry": settings.max_telemetry_bytes,
                 },
+                signer=signer,
             )
             service.publish = ctl.bridge.publish
         return ctl
 
+    def resync_stale(self) -> int:
+        """Issue again, above the device's own seq, every desired state a device reported
+        holding a newer seq for (they are published on the bridge's connect); how many."""
+        from datetime import UTC, datetime
+
+        from edgefleet.cloud_controller import devices
+
+        with db.transaction(self.factory) as s:
+            rows = devices.resync(s, self.signer, datetime.now(UTC))
+        if rows:
+            log.warning("continued the desired-state sequence of %d device(s)", len(rows))
+        return len(rows)
+
     def start(self) -> None:
+        self.resync_stale()
         if self.bridge is not None:
             self.bridge.start()
         self._stop.clear()

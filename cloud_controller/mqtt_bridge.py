@@ -24,12 +24,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from edgefleet.cloud_controller import devices
 from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import transaction
+from edgefleet.cloud_controller.desired import Signer
 from edgefleet.cloud_controller.models import DesiredState, Device
 from edgefleet.cloud_controller.rollouts import RolloutService
 from edgefleet.wire import ids
 from edgefleet.wire.message import MessageError, loads_bounded
 from edgefleet.wire.presence import Presence
 from edgefleet.wire.presence import parse as parse_presence
+from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.states import UpdateState
 from edgefleet.wire.status import StatusReport
 from edgefleet.wire.status import parse as parse_status
@@ -64,6 +66,17 @@ class Decoded:
 MAX_MESSAGE_BYTES = {"presence": 64 * 1024, "status": 64 * 1024, "telemetry": 1024**2}
 
 
+def _held_seq(msg: Presence | StatusReport | TelemetryEnvelope) -> int | None:
+    """The desired seq a message says its device holds (wire.presence, wire.status)."""
+    if isinstance(msg, Presence):
+        return msg.desired_seq
+    if isinstance(msg, StatusReport) and (
+        msg.kind == "update" or msg.reason_code == ReasonCode.REPLAYED
+    ):
+        return msg.desired_seq
+    return None
+
+
 @dataclass
 class BridgeStats:
     received: dict[str, int] = field(
@@ -72,6 +85,7 @@ class BridgeStats:
     dropped: dict[str, int] = field(default_factory=dict)
     published: int = 0
     connected: bool = False
+    stale_sequence: int = 0  # reports of a device holding a newer desired seq than ours
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -109,12 +123,14 @@ class MqttBridge:
         client_id: str | None = None,
         batch_size: int = BATCH,
         max_bytes: dict[str, int] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.batch_size = batch_size
         self.max_bytes = {**MAX_MESSAGE_BYTES, **(max_bytes or {})}
+        self._signer = signer  # to continue a device's sequence above what it holds
         self.address = BrokerAddress.parse(broker_url)
         self._factory = factory
         self._rollouts = rollouts
@@ -266,8 +282,9 @@ class MqttBridge:
         if not decoded:
             return
         now = datetime.now(UTC)
+        stale: set[str] = set()
         try:
-            reports, drops = self._apply(decoded, now)
+            reports, drops = self._apply(decoded, now, stale)
         except Exception:
             # The batch's transaction failed (a row the database refuses): retry message by
             # message, each in its own transaction, so one bad message costs only itself.
@@ -275,7 +292,7 @@ class MqttBridge:
             reports, drops = [], []
             for d in decoded:
                 try:
-                    r, dr = self._apply([d], now)
+                    r, dr = self._apply([d], now, stale)
                 except Exception as e:
                     log.warning("%s from %s refused by the database: %s", d.kind, d.device_id, e)
                     drops.append(f"{d.kind}_db_refused")
@@ -284,11 +301,35 @@ class MqttBridge:
                 drops += dr
         for reason in drops:
             self.stats.drop(reason)
+        if stale:
+            self._resync(stale, now)
         if reports:
             self._rollouts.on_status(reports)
 
+    def _resync(self, device_ids: set[str], now: datetime) -> None:
+        """Devices that hold a higher desired seq than the controller (its database went
+        backwards): issue their desired state again above it, and publish."""
+        self.stats.stale_sequence += len(device_ids)
+        log.warning(
+            "devices hold newer desired states than this controller: %s", sorted(device_ids)
+        )
+        if self._signer is None:
+            return
+        try:
+            with transaction(self._factory) as session:
+                rows = devices.resync(session, self._signer, now, device_ids)
+                for row in rows:
+                    session.expunge(row)
+        except Exception:
+            log.exception("resync of %s failed", sorted(device_ids))
+            return
+        from edgefleet.wire.mqtt import topic
+
+        for row in rows:
+            self.publish(topic(row.device_id, "desired"), row.envelope)
+
     def _apply(
-        self, decoded: list[Decoded], now: datetime
+        self, decoded: list[Decoded], now: datetime, stale: set[str]
     ) -> tuple[list[tuple[str, E.StatusReport]], list[str]]:
         """Apply parsed messages in one transaction: (rollout reports, drop reasons), both
         valid only once it committed."""
@@ -300,6 +341,9 @@ class MqttBridge:
             # One query; held here so that get_or_create finds them in the identity map.
             loaded = list(session.scalars(select(Device).where(Device.id.in_(ids_))))
             for d in decoded:
+                held = _held_seq(d.parsed)
+                if held is not None and devices.note_device_seq(session, d.device_id, held, now):
+                    stale.add(d.device_id)
                 if isinstance(d.parsed, Presence):
                     devices.apply_presence(session, d.device_id, d.parsed, now)
                 elif isinstance(d.parsed, StatusReport):

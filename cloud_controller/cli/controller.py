@@ -167,6 +167,56 @@ def token_revoke(
     )
 
 
+@controller_app.command("resync")
+def resync(
+    floor: int = typer.Option(
+        0,
+        "--floor",
+        min=0,
+        max=2**62,
+        help="Continue every device's desired-state sequence above this number too (after a "
+        "restore: a number above any seq issued before; devices that report a higher seq "
+        "are continued above theirs automatically).",
+    ),
+    db: str = typer.Option(None, "--db", help="Database URL."),
+    data_dir: Path = typer.Option(None, "--data-dir"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """After a database restore: show the devices that hold a newer desired state than the
+    controller, and issue their desired states again above it (published when the controller
+    next connects to the broker; a running controller does this by itself)."""
+    from datetime import UTC, datetime
+
+    from edgefleet.cloud_controller import db as dbm
+    from edgefleet.cloud_controller import devices
+    from edgefleet.cloud_controller.controller import load_signing_key
+    from edgefleet.cloud_controller.desired import Signer
+
+    s = _settings(data_dir, db)
+    engine = dbm.make_engine(s.database_url)
+    dbm.upgrade(engine)
+    from datetime import timedelta
+
+    signer = Signer(load_signing_key(s), timedelta(seconds=s.desired_ttl_s))
+    now = datetime.now(UTC)
+    with dbm.transaction(dbm.session_factory(engine)) as session:
+        if floor:
+            devices.raise_floor(session, floor, now)
+        stale = devices.stale_sequences(session)
+        rows = devices.resync(session, signer, now)
+        stale_out = {d: {"device_seq": f, "controller_seq": c} for d, (f, c) in stale.items()}
+        reissued = {r.device_id: r.seq for r in rows}
+    engine.dispose()
+    if as_json:
+        print_json({"stale": stale_out, "reissued": reissued})
+        return
+    t = Table("device", "device holds", "controller had", "reissued as")
+    for d, v in stale_out.items():
+        t.add_row(d, str(v["device_seq"]), str(v["controller_seq"]), str(reissued.get(d, "-")))
+    console.print(t)
+    console.print(f"{len(rows)} desired state(s) issued again")
+
+
 @controller_app.command("mosquitto-config")
 def mosquitto_config(
     out: Path = typer.Option(..., "--out", help="Directory for passwd, acl and mosquitto.conf."),

@@ -6,9 +6,10 @@ its last will is :func:`offline` (only ``online: false``: the controller keeps t
 had). The controller reads both with :func:`parse`.
 
 Wire fields: ``device_id, online, at, agent_version, execution_providers, profiles, hardware,
-models`` (name -> ``{version, previous, state}``) and ``installed`` (name -> ``{version}``, what
-the controller's inventory keeps). Every field but ``online`` may be absent: absent means
-"unchanged", not "empty".
+models`` (name -> ``{version, previous, state}``), ``installed`` (name -> ``{version}``, what
+the controller's inventory keeps) and ``desired_seq`` (the highest desired-state seq the device
+has accepted: a controller whose own sequence is lower, after a database restore, continues
+above it). Every field but ``online`` may be absent: absent means "unchanged", not "empty".
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Presence:
     profiles: list[str] | None = None
     hardware: JsonObject | None = None
     models: dict[str, InstalledModel] | None = None
+    desired_seq: int | None = None
 
     def to_dict(self) -> JsonObject:
         out: JsonObject = {"device_id": self.device_id, "online": self.online}
@@ -50,6 +52,7 @@ class Presence:
             else None,
             "profiles": list(self.profiles) if self.profiles is not None else None,
             "hardware": self.hardware,
+            "desired_seq": self.desired_seq,
         }
         out.update({k: v for k, v in fields.items() if v is not None})
         if self.models is not None:
@@ -100,4 +103,12 @@ def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None)
         profiles=f.string_list("profiles"),
         hardware=f.json_object("hardware"),
         models=models if models is not None else _models(f, "models"),
+        desired_seq=_seq(f),
     )
+
+
+def _seq(f: Fields) -> int | None:
+    seq = f.opt_integer("desired_seq")
+    if seq is not None and seq < 0:
+        raise f.bad("desired_seq", "negative")
+    return seq

@@ -10,6 +10,11 @@ rollout_id, update_id, from_version, desired_seq, already_installed, figures``. 
 send ``benchmark`` instead of ``figures``, omit ``kind`` (an update) and give ``at`` in epoch
 seconds; all of that is still read. A refused desired state has kind ``desired_rejected``, state
 ``REJECTED`` and no model.
+
+``desired_seq`` is the highest desired-state seq the device has accepted: on an update report the
+state it is acting on, on a ``desired_rejected`` report with reason ``replayed`` (a state whose
+seq is not above the device's) the seq the device already holds, so that a controller whose
+sequence went backwards (a database restore) learns where to continue.
 """
 
 from __future__ import annotations
