@@ -6,17 +6,14 @@ and log lines. Each has a strict grammar of printable ASCII, checked at every en
 controller's API and CLI, the package manifest, the desired-state builder, the agent's config) and
 again where a file is generated; a value outside it is refused, never escaped or trimmed.
 
-=============  ==============================================  =======================
-identifier     grammar (whole string, ASCII only)              length
-=============  ==============================================  =======================
-device id      ``[A-Za-z0-9][A-Za-z0-9._-]*``                  1-128
-group, tag     ``[A-Za-z0-9][A-Za-z0-9._-]*``                  1-64
-model name     ``[A-Za-z0-9][A-Za-z0-9._-]*``                  1-128
-profile        ``[a-z0-9][a-z0-9_-]*``                         1-64
-version        semantic version 2.0.0, ASCII digits            1-128
-key id         ``[0-9a-f]{64}`` (sha256 hex of the public key)  64
-token name     ``[A-Za-z0-9][A-Za-z0-9._-]*``                  1-128
-=============  ==============================================  =======================
+The grammars (docs/limits.md, "Identifiers", is their documentation):
+
+- device id: ``[A-Za-z0-9][A-Za-z0-9._-]*``, 1-128 characters;
+- group and tag names: the same, 1-64;
+- model name and API token name: the same, 1-128;
+- hardware profile id: ``[a-z0-9][a-z0-9_-]*``, 1-64;
+- version: semantic version 2.0.0 in ASCII digits, without leading zeros, up to 128;
+- key id: ``[0-9a-f]{64}`` (the sha256 of the public key PEM).
 
 No identifier may contain a space, a control character (newline, NUL), ``:`` (the password
 file's separator), ``/ + #`` (MQTT topic syntax) or a non-ASCII character (Unicode digits such as

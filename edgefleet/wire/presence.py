@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from edgefleet.wire import ids
 from edgefleet.wire.message import Fields, JsonObject, JsonValue, MessageError, decode_object
 
 
@@ -76,12 +77,27 @@ def _models(f: Fields, field: str) -> dict[str, InstalledModel] | None:
             raise f.bad(field, f"entry {name!r} is not an object")
         e = Fields(f"{f.message} {field}[{name!r}]", entry)
         try:
-            out[name] = InstalledModel(
-                e.string("version"), e.opt_string("previous"), e.opt_string("state")
+            out[ids.model_name(name)] = InstalledModel(
+                ids.version(e.string("version")),
+                _opt_version(e.opt_string("previous")),
+                e.opt_string("state"),
             )
-        except MessageError as err:
+        except (MessageError, ids.IdentifierError) as err:
             raise f.bad(field, str(err)) from err
     return out
+
+
+def _opt_version(text: str | None) -> str | None:
+    return None if text is None else ids.version(text)
+
+
+def _profiles(f: Fields) -> list[str] | None:
+    profiles = f.string_list("profiles")
+    if profiles is not None:
+        for p in profiles:
+            if not ids.is_valid(ids.PROFILE, p):
+                raise f.bad("profiles", f"{p!r} is not a profile id ({ids.PROFILE.spelled})")
+    return profiles
 
 
 def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None) -> Presence:
@@ -100,7 +116,7 @@ def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None)
         at=f.timestamp("at"),
         agent_version=f.opt_string("agent_version"),
         execution_providers=f.string_list("execution_providers"),
-        profiles=f.string_list("profiles"),
+        profiles=_profiles(f),
         hardware=f.json_object("hardware"),
         models=models if models is not None else _models(f, "models"),
         desired_seq=_seq(f),
