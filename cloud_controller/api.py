@@ -275,7 +275,10 @@ def label_device(
     with transaction(controller(request).factory) as s:
         if s.get(Device, device_id) is None:
             raise fail(404, "not_found", f"no device {device_id}")
-        dev = devices.set_labels(s, device_id, body.groups, body.tags)
+        try:
+            dev = devices.set_labels(s, device_id, body.groups, body.tags)
+        except ids.IdentifierError as e:
+            raise fail(422, e.code, str(e)) from e
         out = devices.to_dict(dev)
     audit_detail(request, groups=body.groups, tags=body.tags)
     return out
