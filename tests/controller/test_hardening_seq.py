@@ -166,3 +166,30 @@ def test_a_restored_database_continues_above_what_devices_hold(
     )
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["reissued"] == {DEV: 101}
+
+
+def test_a_restore_is_noticed_at_startup_even_before_any_device_reports(
+    tmp_path: Path, packager_key: KeyPair, db_url: str
+) -> None:
+    """The controller keeps its highest issued seq outside the database (`<data dir>/
+    desired_seq_high`): restarted on a restored database, it continues every device above it."""
+    global DEV
+    DEV = f"gw-r-{uuid.uuid4().hex[:8]}"
+    data = tmp_path / "ctl"
+    run = start_controller(data, trusted=[packager_key.public_path], db_url=db_url)
+    try:
+        for v in ("1.0.0", "1.1.0", "1.2.0"):
+            issue(run, v)
+    finally:
+        run.stop()
+    assert (data / "desired_seq_high").read_text().strip() == "3"
+    restore(run, 1)
+    run = start_controller(data, trusted=[packager_key.public_path], db_url=db_url)
+    try:
+        assert seq_of(run) == 4  # issued again above what the device may hold
+        assert issue(run, "1.3.0") == 5
+        with run.controller.factory() as s:
+            row = s.get(DesiredState, DEV)
+            assert row is not None and row.models["iris"]["version"] == "1.3.0"
+    finally:
+        run.stop()
