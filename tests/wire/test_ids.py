@@ -131,3 +131,24 @@ def test_verify_honours_a_revocation_however_the_id_is_spelled(
     assert out["ok"] is False and out["code"] == "revoked_key"
     if spelling == "short":
         assert "short form" in out["message"]
+
+
+def test_the_agent_config_takes_only_a_valid_device_id_and_canonical_key_ids(
+    tmp_path: Path, keys: KeyPair
+) -> None:
+    from edgefleet.agent.config import ConfigError, load_config
+
+    def load(device_id: str, revoked: list[str]) -> object:
+        path = tmp_path / "agent.toml"
+        path.write_text(
+            f"device_id = {json.dumps(device_id)}\ndata_dir = {json.dumps(str(tmp_path / 'd'))}\n"
+            f"revoked_key_ids = {json.dumps(revoked)}\n"
+        )
+        return load_config(path, env={})
+
+    cfg = load("gw-1", [keys.key_id.upper()])
+    assert cfg.revoked_key_ids == [keys.key_id]  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="device_id"):
+        load("gw-1\nedgefleet-controller", [])
+    with pytest.raises(ConfigError, match="short form"):
+        load("gw-1", [keys.key_id[:16]])
