@@ -10,10 +10,12 @@ import time
 from dataclasses import dataclass
 
 from edgefleet.agent import manifest_parts
+from edgefleet.agent.config import ProbationConfig
 from edgefleet.agent.journal import UpdateRecord
 from edgefleet.agent.sessions import (
     LatencyReference,
     LoadedModel,
+    Window,
     judge_probation,
     p95,
     plan_swap,
@@ -182,6 +184,19 @@ def latency_reference(
     return LatencyReference(value, cfg.first_install_factor, cfg.first_install_slack_ms, source)
 
 
+def early_commit(
+    requests: int, windows: list[Window], reference: LatencyReference | None, cfg: ProbationConfig
+) -> bool:
+    """``commit_after_requests`` healthy requests end probation early, once the latency (when
+    there is a reference) has been judged in a window and the last judged window is within it."""
+    if cfg.commit_after_requests is None or requests < cfg.commit_after_requests:
+        return False
+    if reference is None:
+        return True
+    judged = [w for w in windows if w.p95_ms is not None]
+    return bool(judged) and not judged[-1].breach
+
+
 def step_probation(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
     cfg = ctx.config.probation
     lm = ctx.sessions.get(rec.model)
@@ -202,7 +217,7 @@ def step_probation(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
         n, err, served = lm.stats.snapshot()
         windows = probation_windows(served, start, time.monotonic(), reference, cfg)
         verdict = judge_probation(n, err, windows, reference, cfg)
-        if verdict or (cfg.commit_after_requests is not None and n >= cfg.commit_after_requests):
+        if verdict or early_commit(n, windows, reference, cfg):
             break
         time.sleep(min(0.05, cfg.seconds))
     if ctx.stop.is_set():  # an orderly stop: the next start restarts the window

@@ -162,3 +162,124 @@ def test_large_valid_requests_during_probation_do_not_roll_back_a_good_release(
         agent.stop()
     record = ModelStore(agent.data_dir).serving_record("iris")
     assert record is not None and record[0] == "1.1.0"
+
+
+def _mlp_package(out: Path, key: KeyPair, version: str, width: int, layers: int) -> Path:
+    """A model X[N,4] -> Y[N,4] that does ``layers`` matmuls of ``width`` per sample: same I/O
+    for a fast and a truly slower release."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgefleet.keys import load_private_key
+    from edgefleet.wire.package import build_package
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, width)).astype(np.float32) / 4, "w_in"),
+        numpy_helper.from_array(
+            rng.standard_normal((width, width)).astype(np.float32) / width, "w"
+        ),
+        numpy_helper.from_array(rng.standard_normal((width, 4)).astype(np.float32), "w_out"),
+    ]
+    nodes = [helper.make_node("MatMul", ["X", "w_in"], ["h0"])]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{layers}", "w_out"], ["Y"]))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.standard_normal((8, 4)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        onnx.save(model, t / "model.onnx")
+        sess = ort.InferenceSession(str(t / "model.onnx"), providers=["CPUExecutionProvider"])
+        np.savez(t / "samples.npz", **{"input:X": x, "output:Y": sess.run(None, {"X": x})[0]})
+        manifest = {
+            "format": "edgefleet.package/v1",
+            "name": "mlp",
+            "version": version,
+            "profile": "cpu-x86_64",
+            "min_agent_version": "0.1.0",
+            "model": {"file": "model.onnx", "external_data": []},
+            "io": {
+                "inputs": [{"name": "X", "dtype": "float32", "shape": [None, 4]}],
+                "outputs": [{"name": "Y", "dtype": "float32", "shape": [None, 4]}],
+            },
+            "execution_providers": [{"name": "CPUExecutionProvider", "options": {}}],
+            "cpu_fallback": True,
+            "gates": {"max_p95_ms": 1000.0, "max_memory_mb": 512.0, "sample_rtol": 1e-3},
+        }
+        return build_package(
+            out,
+            manifest,
+            {"model.onnx": t / "model.onnx", "samples.npz": t / "samples.npz"},
+            load_private_key(key.private_path),
+        )
+
+
+def test_a_truly_slower_release_is_rolled_back(tmp_path: Path, keys: dict[str, KeyPair]) -> None:
+    """The gate still bites: 2.0.0 does ~100x the work per sample of 1.0.0, sustained over the
+    probation; it is rolled back against what 1.0.0 served with on this device."""
+    fast = _mlp_package(tmp_path / "fast", keys["trusted"], "1.0.0", width=8, layers=1)
+    slow = _mlp_package(tmp_path / "slow", keys["trusted"], "2.0.0", width=1024, layers=8)
+    cfg = write_config(
+        tmp_path / "cfg",
+        tmp_path / "data",
+        [keys["trusted"].public_path],
+        probation={
+            "seconds": 4.0,
+            "min_requests": 5,
+            "window_s": 1.0,
+            "sustained_windows": 2,
+            "commit_after_requests": 40,
+        },
+    )
+    agent = AgentProcess(cfg)
+    x = np.ones((1, 4), np.float32)
+    c = OipClient(agent.port)
+    try:
+        uid = agent.submit(fast)
+        wait_for(lambda: c.infer("mlp", {"X": x})[0] == 200, 60, 0.05, "1.0.0 serving")
+        for _ in range(60):
+            c.infer("mlp", {"X": x})
+        assert agent.wait_terminal(uid)["state"] == "COMMITTED"
+        uid = agent.submit(slow)
+        wait_for(
+            lambda: c.infer("mlp", {"X": x})[1].get("model_version") == "2.0.0", 60, 0.05, "2.0.0"
+        )
+
+        def rolled_back() -> bool:
+            c.infer("mlp", {"X": x})
+            view = agent.admin("GET", f"/admin/updates/{uid}")
+            return view["state"] == "ROLLED_BACK"
+
+        wait_for(rolled_back, 30, 0.01, "2.0.0 rolled back")
+        view = agent.admin("GET", f"/admin/updates/{uid}")
+        assert view["reason_code"] == "probation_latency", view
+        assert "1.0.0 serving here" in view["reason"]
+        assert c.infer("mlp", {"X": x})[1]["model_version"] == "1.0.0"
+    finally:
+        c.close()
+        agent.stop()
+
+
+def test_the_rollout_ratio_travels_in_the_desired_state() -> None:
+    from edgefleet.agent.mqtt.reconcile import DesiredStateError, parse_targets
+
+    spec = {"version": "1.0.0", "url": "http://x/p", "sha256": "ab"}
+    (t,) = parse_targets({"models": {"m": {**spec, "max_p95_ratio": 1.3}}})
+    assert t.max_p95_ratio == 1.3
+    (t,) = parse_targets({"models": {"m": spec}})
+    assert t.max_p95_ratio is None  # absent: the agent config's
+    for bad in (0, -1.0, "1.3", True, float("inf")):
+        with pytest.raises(DesiredStateError, match="max_p95_ratio"):
+            parse_targets({"models": {"m": {**spec, "max_p95_ratio": bad}}})
