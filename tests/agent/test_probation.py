@@ -227,10 +227,10 @@ def _mlp_package(out: Path, key: KeyPair, version: str, width: int, layers: int)
 
 
 def test_a_truly_slower_release_is_rolled_back(tmp_path: Path, keys: dict[str, KeyPair]) -> None:
-    """The gate still bites: 2.0.0 does ~100x the work per sample of 1.0.0, sustained over the
+    """The gate still bites: 2.0.0 does ~1000x the work per sample of 1.0.0, sustained over the
     probation; it is rolled back against what 1.0.0 served with on this device."""
     fast = _mlp_package(tmp_path / "fast", keys["trusted"], "1.0.0", width=8, layers=1)
-    slow = _mlp_package(tmp_path / "slow", keys["trusted"], "2.0.0", width=1024, layers=8)
+    slow = _mlp_package(tmp_path / "slow", keys["trusted"], "2.0.0", width=1024, layers=40)
     cfg = write_config(
         tmp_path / "cfg",
         tmp_path / "data",
@@ -262,8 +262,11 @@ def test_a_truly_slower_release_is_rolled_back(tmp_path: Path, keys: dict[str, K
             view = agent.admin("GET", f"/admin/updates/{uid}")
             return view["state"] == "ROLLED_BACK"
 
-        wait_for(rolled_back, 30, 0.01, "2.0.0 rolled back")
-        view = agent.admin("GET", f"/admin/updates/{uid}")
+        try:
+            wait_for(rolled_back, 30, 0.01, "2.0.0 rolled back")
+        finally:
+            view = agent.admin("GET", f"/admin/updates/{uid}")
+            print(view["history"][-1])
         assert view["reason_code"] == "probation_latency", view
         assert "1.0.0 serving here" in view["reason"]
         assert c.infer("mlp", {"X": x})[1]["model_version"] == "1.0.0"
