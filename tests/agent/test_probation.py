@@ -286,3 +286,20 @@ def test_the_rollout_ratio_travels_in_the_desired_state() -> None:
     for bad in (0, -1.0, "1.3", True, float("inf")):
         with pytest.raises(DesiredStateError, match="max_p95_ratio"):
             parse_targets({"models": {"m": {**spec, "max_p95_ratio": bad}}})
+
+
+def test_the_desired_state_format_checks_the_ratio() -> None:
+    from edgefleet.wire.errors import RejectError
+    from edgefleet.wire.mqtt import validate_desired
+
+    state = {
+        "device_id": "gw",
+        "seq": 1,
+        "issued_at": "2026-01-01T00:00:00Z",
+        "expires_at": "2026-01-02T00:00:00Z",
+        "models": {"m": {"version": "1.0.0", "url": "u", "sha256": "ab", "max_p95_ratio": 1.3}},
+    }
+    validate_desired(state)
+    state["models"]["m"]["max_p95_ratio"] = float("nan")  # type: ignore[index]
+    with pytest.raises(RejectError, match="max_p95_ratio"):
+        validate_desired(state)
