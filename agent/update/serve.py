@@ -204,8 +204,11 @@ def step_probation(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
         # Back on a version this device committed: not held to probation again.
         return commit(ctx, rec, lm, {"probation": "skipped: a rollback to a committed version"})
     reference = latency_reference(ctx, rec, lm)
-    start = time.monotonic()
-    deadline = start + cfg.seconds
+    deadline = time.monotonic() + cfg.seconds
+    # The windows start with the first request this version served: it serves from the swap in
+    # ACTIVATING on, a moment before this step begins.
+    served0 = lm.stats.snapshot()[2] if lm is not None else []
+    start = min([time.monotonic(), *(s.at for s in served0[:1])])
     verdict = None
     while time.monotonic() < deadline and not ctx.stop.is_set():
         if lm is None or lm.version != rec.version:

@@ -187,3 +187,40 @@ def test_run_starts_fleet_link_and_telemetry(
     out = (tmp_path / "run.log").read_text()
     assert "not started" not in out, out
     assert proc.returncode == 0
+
+
+def test_install_names_structural_rejections_by_their_own_code(
+    tmp_path: Path, keys: dict[str, KeyPair], pkgs: dict[str, Path]
+) -> None:
+    """`agent install` of a package whose structure is wrong says what is wrong (the name is
+    read before verification; that read used to report every refusal as manifest_invalid)."""
+    from tests.agent.helpers import (
+        AgentProcess,
+        file_info,
+        link_info,
+        tar_members,
+        with_extra_member,
+        write_config,
+        write_tar,
+    )
+
+    cfg = write_config(tmp_path / "cfg", tmp_path / "data", [keys["trusted"].public_path])
+    v1 = pkgs["v1"]
+    dup = tar_members(v1)
+    cases = {
+        "link_member": with_extra_member(
+            v1, tmp_path / "l.efpkg", link_info("x", "/etc/passwd"), None
+        ),
+        "unsafe_path": with_extra_member(v1, tmp_path / "u.efpkg", file_info("../evil"), b"x"),
+        "duplicate_member": write_tar(tmp_path / "d.efpkg", [*dup, dup[0]]),
+        "not_a_package": tmp_path / "n.efpkg",
+    }
+    cases["not_a_package"].write_bytes(b"this is not a tar archive\n" * 200)
+    agent = AgentProcess(cfg)
+    try:
+        for code, pkg in cases.items():
+            r = _cli("install", str(pkg), "--config", str(cfg))
+            assert r.returncode == 2, r.stdout
+            assert f"FAILED: {code}" in r.stdout and "manifest_invalid" not in r.stdout, r.stdout
+    finally:
+        agent.stop()

@@ -202,3 +202,39 @@ def test_revocation_reaches_installed_models(
         assert OipClient(agent.port).infer("iris", {"X": x_iris})[0] == 404
     finally:
         agent.stop()
+
+
+def test_rollback_to_a_pruned_committed_version(
+    tmp_path: Path,
+    v1_data: Path,
+    keys: dict[str, KeyPair],
+    pkgs: dict[str, Path],
+    x_iris: np.ndarray,
+) -> None:
+    """1.0.0 was committed here, then pruned (1.1.0 and 1.2.0 came after). A rollback whose
+    package is gone ends ROLLBACK_FAILED; with the package it is downloaded, verified and lands
+    without probation (60 s here for a forward update)."""
+    trusted = [keys["trusted"].public_path, keys["second"].public_path]
+    cfg, data = _config(
+        tmp_path,
+        v1_data,
+        trusted,
+        probation={"seconds": 60.0, "min_requests": 1, "commit_after_requests": 3},
+    )
+    agent = AgentProcess(cfg)
+    try:
+        _commit(agent, pkgs["v2"], x_iris, requests=3)
+        _commit(agent, pkgs["second_key"], x_iris, requests=3, version="1.2.0")
+        assert ModelStore(data).installed_versions("iris") == ["1.1.0", "1.2.0"]
+        gone = tmp_path / "gone" / "iris-1.0.0.efpkg"
+        uid = agent.submit(gone, model="iris", version="1.0.0", allow_downgrade=True)
+        view = agent.wait_terminal(uid)
+        assert view["state"] == "ROLLBACK_FAILED", view
+        assert view["history"][-1]["figures"]["cause"] == "source_missing"
+        assert served_version(agent.port, "iris", x_iris) == "1.2.0"
+        uid = agent.submit(pkgs["v1"], model="iris", version="1.0.0", allow_downgrade=True)
+        view = agent.wait_terminal(uid, timeout=30)
+        assert view["state"] == "COMMITTED" and view["rollback"] is True, view
+        assert served_version(agent.port, "iris", x_iris) == "1.0.0"
+    finally:
+        agent.stop()
