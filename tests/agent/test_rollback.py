@@ -195,9 +195,10 @@ def test_revocation_reaches_installed_models(
     assert "stops serving" in (tmp_path / "cfg" / "agent.log").read_text()
     shutil.copyfile(keys["trusted"].public_path, key_file)
     cfg = write_config(
-        tmp_path / "cfg", data, [key_file], revoked_key_ids=[kid], http_port=agent.port
+        tmp_path / "cfg", data, [key_file], revoked_key_ids=[kid[:16].upper()], http_port=agent.port
     )
-    agent = AgentProcess(cfg)  # revoked at start: refused before it serves
+    # revoked at start (named as `edgefleet verify` prints it, in upper case): never serves
+    agent = AgentProcess(cfg)
     try:
         assert OipClient(agent.port).infer("iris", {"X": x_iris})[0] == 404
     finally:
