@@ -173,6 +173,50 @@ def test_interrupted_installs_leave_no_partial_directories(
         agent.stop()
 
 
+def test_kill_mid_extraction_leaves_no_partial_directory(
+    tmp_path: Path, keys: dict[str, KeyPair]
+) -> None:
+    """kill -9 while INSTALLING extracts a 32 MB model (its `.partial` directory exists); the
+    restarted agent removes it, finishes the install and serves."""
+    import os
+    import signal
+
+    from tests.agent.helpers import lookup_package
+
+    pkg = lookup_package(
+        tmp_path / "pkg",
+        name="lookup",
+        version="1.0.0",
+        key=keys["trusted"],
+        table=[float(i % 10) for i in range(8_000_000)],
+    )
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "cfg", data, [keys["trusted"].public_path])
+    agent = AgentProcess(cfg, pause_at="INSTALLING")
+    model_dir = data / "models" / "lookup"
+
+    def partial() -> list[Path]:
+        return [p for p in model_dir.glob(".*.partial")] if model_dir.is_dir() else []
+
+    try:
+        uid = agent.submit(pkg)
+        wait_for(lambda: (data / "paused-INSTALLING").exists(), 60, what="pause in INSTALLING")
+        (data / "paused-INSTALLING").unlink()  # go on: extraction starts now
+        wait_for(partial, 30, 0.002, "extraction under way")
+        os.kill(agent.proc.pid, signal.SIGKILL)
+    finally:
+        agent.kill()
+    assert partial()  # what the kill left
+    agent = AgentProcess(cfg)
+    try:
+        assert not partial()
+        assert agent.wait_terminal(uid)["state"] == "COMMITTED"
+        assert served_version(agent.port, "lookup", np.array([3.0], np.float32)) == "1.0.0"
+        assert not partial()
+    finally:
+        agent.stop()
+
+
 def test_revocation_reaches_installed_models(
     tmp_path: Path, v1_data: Path, keys: dict[str, KeyPair], x_iris: np.ndarray
 ) -> None:
