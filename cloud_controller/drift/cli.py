@@ -26,6 +26,25 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _out_of_range(f: dict[str, Any]) -> str:
+    """'below/above/nan+inf of checked' where the range was counted, '-' otherwise."""
+    if f.get("p_range") is None:
+        return "-"
+    bad = int(f.get("nan", 0)) + int(f.get("inf", 0))
+    return f"{f.get('below', 0)}↓ {f.get('above', 0)}↑ {bad} nan/inf of {f.get('range_checked')}"
+
+
+def _detects(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    parts = []
+    if d.get("min_shift_std") is not None:
+        parts.append(f"shift ≥ {d['min_shift_std']:.2g} std")
+    if d.get("min_out_of_range") is not None:
+        parts.append(f"≥ {d['min_out_of_range']:.1%} out of range")
+    return ", ".join(parts) or (d.get("note") or "-")
+
+
 @drift_app.command("show")
 def show(
     model: str = typer.Argument(..., help="Model name."),
@@ -52,7 +71,18 @@ def show(
     )
     feats = doc.get("features", [])
     if feats:
-        t = Table("feature", "role", "n", "PSI", "JS", "KS", "p (adj.)", "drift")
+        t = Table(
+            "feature",
+            "role",
+            "n",
+            "PSI",
+            "JS",
+            "KS",
+            "out of range",
+            "p (adj.)",
+            "drift",
+            "detects (80 % power)",
+        )
         for f in sorted(feats, key=lambda f: f["p_adjusted"]):
             t.add_row(
                 f["name"],
@@ -61,10 +91,19 @@ def show(
                 _fmt(f["psi"]),
                 _fmt(f["js"]),
                 _fmt(f["ks"]),
+                _out_of_range(f),
                 _fmt(f["p_adjusted"], ".2g"),
                 "[red]yes[/red]" if f["drifted"] else "no",
+                _detects(f.get("detectability")),
             )
         console.print(t)
+        n = doc.get("n", 0)
+        console.print(
+            f"detects: the smallest mean shift (reference std) and share of values outside the "
+            f"reference range seen with 80 % power in a window of {n}"
+        )
+    for w in doc.get("reference_warnings") or []:
+        console.print(f"[yellow]reference:[/yellow] {w}")
     evs = doc.get("events", [])
     if evs:
         console.print(f"{len(evs)} recent drift event(s); latest: {evs[0]['reason']}")

@@ -11,6 +11,21 @@ flags get an exact permutation p-value (Monte Carlo, hypergeometric given the ma
 the chi-square tail is too light at the corrected thresholds. ``min_effect`` (a Jensen–Shannon distance) can additionally ignore
 significant-but-tiny shifts in very large fleet-wide windows. PSI, JS and KS are reported as
 evidence next to the test.
+
+The range test. Where the reference records a numeric feature's observed range and the sketch
+counted the live values against it (``range``), a second, exact test asks whether the reference
+range holds: under the null (reference and window exchangeable) the number of live values
+strictly above the reference maximum has P(K >= k) = C(m, k) / C(n + m, k) (n finite reference
+values, m finite live ones; :func:`edgefleet.drift.stats.exceedance_p`), the same below the
+minimum, and the live share of NaN/inf values against the reference's is Fisher's one-sided exact
+(hypergeometric) test. ``p_range`` is 3 x the smallest of the three (Bonferroni), and the
+feature's p-value is 2 x min(binned p, range p), so the two tests together keep the feature's
+false-alarm rate at its level and the correction across features is unchanged. That tolerance is
+what a finite reference allows: a reference of n values has each side exceeded by a new value
+with probability 1/(n + 1), so a 100-row window beyond a 221-row reference's maximum is not
+surprising until about 5 values are (p ~ 0.003). Features without a range (references built
+before it was recorded, categorical features) and sketches without range counts (older agents)
+are judged by the binned test alone, exactly as before.
 """
 
 from __future__ import annotations
@@ -21,12 +36,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from edgefleet.drift.reference import has_range
 from edgefleet.drift.stats import (
     benjamini_hochberg,
     binned_ks,
     bonferroni,
     chi2_homogeneity,
     chi2_permutation_p,
+    exceedance_p,
+    hypergeom_sf,
     js_distance,
     pool_bins,
     psi,
@@ -85,6 +103,14 @@ class FeatureDrift:
     p_value: float
     p_adjusted: float = 1.0
     drifted: bool = False
+    p_binned: float | None = None  # the binned test's p (p_value combines it with p_range)
+    p_range: float | None = None  # None: no range recorded or counted for this feature
+    range_checked: int = 0  # live values checked against the reference range
+    below: int = 0  # finite live values below the reference minimum
+    above: int = 0  # ... above its maximum
+    nan: int = 0
+    inf: int = 0
+    out_of_range: float = 0.0  # (below + above + nan + inf) / range_checked
 
 
 @dataclass
@@ -121,13 +147,42 @@ def _with_missing(counts: Sequence[int], missing: int) -> np.ndarray:
     return np.append(np.asarray(counts, dtype=np.float64), float(missing))
 
 
+def range_p(spec: Mapping[str, Any], row: Sequence[int]) -> tuple[float, int, int]:
+    """(p of the range test, finite reference values, finite live values) for one feature."""
+    checked, below, above, nan, inf = (int(x) for x in row)
+    ref_inf = int(spec.get("inf", 0))
+    ref_missing = int(spec.get("missing", 0))
+    n_fin = int(sum(int(c) for c in spec["counts"])) - ref_inf
+    m_fin = checked - nan - inf
+    p_lo = exceedance_p(below, m_fin, n_fin)
+    p_hi = exceedance_p(above, m_fin, n_fin)
+    n_ref = n_fin + ref_inf + ref_missing
+    bad = nan + inf
+    p_nf = hypergeom_sf(bad, n_ref + checked, ref_inf + ref_missing + bad, checked)
+    return min(1.0, 3.0 * min(p_lo, p_hi, p_nf)), n_fin, m_fin
+
+
+def _combine(f: FeatureDrift) -> None:
+    """The feature's p-value from its binned p and, where there is one, its range p."""
+    assert f.p_binned is not None
+    if f.p_range is None:
+        f.p_value = f.p_binned
+    else:
+        f.p_value = min(1.0, 2.0 * min(f.p_binned, f.p_range))
+
+
 def compare_feature(
     spec: Mapping[str, Any],
     live_counts: Sequence[int],
     live_missing: int = 0,
     min_expected: float = 5.0,
+    live_range: Sequence[int] | None = None,
 ) -> FeatureDrift:
-    """Statistics of one feature: reference spec (from the reference) vs live counts."""
+    """Statistics of one feature: reference spec (from the reference) vs live counts.
+
+    ``live_range`` is the sketch's ``[checked, below, above, nan, inf]`` for the feature; with
+    it (and a recorded range in ``spec``) the feature is judged by the range test too.
+    """
     ref = _with_missing(spec["counts"], int(spec.get("missing", 0)))
     live = _with_missing(live_counts, live_missing)
     if len(ref) != len(live):
@@ -137,7 +192,7 @@ def compare_feature(
     test = chi2_homogeneity(ref, live, min_expected)
     p_value = test.p_value
     numeric = spec.get("kind") == "numeric"
-    return FeatureDrift(
+    out = FeatureDrift(
         name=str(spec["name"]),
         role=str(spec.get("role", "input")),
         kind=str(spec.get("kind")),
@@ -148,7 +203,15 @@ def compare_feature(
         chi2=test.statistic,
         df=test.df,
         p_value=p_value,
+        p_binned=p_value,
     )
+    if live_range is not None and has_range(spec) and int(live_range[0]) > 0:
+        checked, below, above, nan, inf = (int(x) for x in live_range)
+        out.p_range, _, _ = range_p(spec, live_range)
+        out.range_checked, out.below, out.above, out.nan, out.inf = checked, below, above, nan, inf
+        out.out_of_range = (below + above + nan + inf) / checked
+        _combine(out)
+    return out
 
 
 EXACT_BELOW = 20.0  # pooled tables with a smaller expected cell get the permutation p-value
@@ -167,7 +230,8 @@ def _adjust(feats: list[FeatureDrift], cfg: DriftConfig) -> None:
     adjusted = benjamini_hochberg(p) if cfg.correction == "bh" else bonferroni(p)
     for f, adj in zip(feats, adjusted, strict=True):
         f.p_adjusted = float(adj)
-        f.drifted = bool(adj <= cfg.alpha and f.js >= cfg.min_effect)
+        effect = max(f.js, f.out_of_range)  # min_effect applies to either kind of change
+        f.drifted = bool(adj <= cfg.alpha and effect >= cfg.min_effect)
 
 
 def decide(
@@ -192,13 +256,17 @@ def decide(
     wanted = set(cfg.features) if cfg.features is not None else None
     counts = sketch.get("counts", {})
     missing = sketch.get("missing", {})
+    ranges = sketch.get("range") or {}
     feats: list[FeatureDrift] = []
     for spec in reference["features"]:
         name = spec["name"]
         if (wanted is not None and name not in wanted) or name not in counts:
             continue
+        row = ranges.get(name) if isinstance(ranges, Mapping) else None
         feats.append(
-            compare_feature(spec, counts[name], int(missing.get(name, 0)), cfg.min_expected)
+            compare_feature(
+                spec, counts[name], int(missing.get(name, 0)), cfg.min_expected, live_range=row
+            )
         )
     if not feats:
         return DriftDecision(
@@ -219,7 +287,10 @@ def decide(
         live = _with_missing(counts[f.name], int(missing.get(f.name, 0)))
         if _small(ref, live, cfg.min_expected):
             seed = int(live.sum() * 1_000_003 + ref.sum()) % 2**32
-            f.p_value = max(f.p_value, chi2_permutation_p(ref, live, cfg.min_expected, seed=seed))
+            assert f.p_binned is not None
+            perm = chi2_permutation_p(ref, live, cfg.min_expected, seed=seed)
+            f.p_binned = max(f.p_binned, perm)
+            _combine(f)
             refined = True
     if refined:
         _adjust(feats, cfg)
@@ -231,6 +302,11 @@ def decide(
             f"{cfg.correction}); strongest {worst.name}: p={worst.p_adjusted:.2g}, "
             f"PSI={worst.psi:.3f}, JS={worst.js:.3f}"
         )
+        if worst.p_range is not None and worst.p_range <= (worst.p_binned or 1.0):
+            reason += (
+                f"; outside the reference range: {worst.below} below, {worst.above} above, "
+                f"{worst.nan} NaN, {worst.inf} inf of {worst.range_checked}"
+            )
         return DriftDecision("drift", reason, n, n_ref, cfg.alpha, feats)
     return DriftDecision(
         "ok",
