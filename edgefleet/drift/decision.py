@@ -17,10 +17,11 @@ counted the live values against it (``range``), a second, exact test asks whethe
 range holds: under the null (reference and window exchangeable) the number of live values
 strictly above the reference maximum has P(K >= k) = C(m, k) / C(n + m, k) (n finite reference
 values, m finite live ones; :func:`edgefleet.drift.stats.exceedance_p`), the same below the
-minimum, and the live share of NaN/inf values against the reference's is Fisher's one-sided exact
-(hypergeometric) test. ``p_range`` is 3 x the smallest of the three (Bonferroni), and the
-feature's p-value is 2 x min(binned p, range p), so the two tests together keep the feature's
-false-alarm rate at its level and the correction across features is unchanged. That tolerance is
+minimum (NaN/inf count as above it when the reference has none; see :func:`range_p`).
+``p_range`` is 2 x the smaller side (Bonferroni), and the feature's p-value is
+2 x min(binned p, range p) (the range p alone for a constant feature, whose binned test cannot
+reject), so the two tests together keep the feature's false-alarm rate at its level and the
+correction across features is unchanged. That tolerance is
 what a finite reference allows: a reference of n values has each side exceeded by a new value
 with probability 1/(n + 1), so a 100-row window beyond a 221-row reference's maximum is not
 surprising until about 5 values are (p ~ 0.003). Features without a range (references built
@@ -44,7 +45,6 @@ from edgefleet.drift.stats import (
     chi2_homogeneity,
     chi2_permutation_p,
     exceedance_p,
-    hypergeom_sf,
     js_distance,
     pool_bins,
     psi,
@@ -147,26 +147,36 @@ def _with_missing(counts: Sequence[int], missing: int) -> np.ndarray:
     return np.append(np.asarray(counts, dtype=np.float64), float(missing))
 
 
-def range_p(spec: Mapping[str, Any], row: Sequence[int]) -> tuple[float, int, int]:
-    """(p of the range test, finite reference values, finite live values) for one feature."""
+def range_p(spec: Mapping[str, Any], row: Sequence[int]) -> float:
+    """p-value of the range test for one feature: live ``[checked, below, above, nan, inf]``.
+
+    Exact under exchangeability (:func:`edgefleet.drift.stats.exceedance_p`), two-sided by
+    Bonferroni. When the reference has no NaN/inf, a live NaN or inf counts as above the
+    maximum (any fixed map of the values keeps them exchangeable); when it has some, the test
+    is on the finite values alone (still exchangeable given which values are finite) and
+    NaN/inf are left to the binned test's missing slot and outer bins.
+    """
     checked, below, above, nan, inf = (int(x) for x in row)
-    ref_inf = int(spec.get("inf", 0))
-    ref_missing = int(spec.get("missing", 0))
-    n_fin = int(sum(int(c) for c in spec["counts"])) - ref_inf
-    m_fin = checked - nan - inf
-    p_lo = exceedance_p(below, m_fin, n_fin)
-    p_hi = exceedance_p(above, m_fin, n_fin)
-    n_ref = n_fin + ref_inf + ref_missing
-    bad = nan + inf
-    p_nf = hypergeom_sf(bad, n_ref + checked, ref_inf + ref_missing + bad, checked)
-    return min(1.0, 3.0 * min(p_lo, p_hi, p_nf)), n_fin, m_fin
+    ref_finite = int(sum(int(c) for c in spec["counts"])) - int(spec.get("inf", 0))
+    ref_nonfinite = int(spec.get("inf", 0)) + int(spec.get("missing", 0))
+    if ref_nonfinite == 0:
+        m, n, high = checked, ref_finite, above + nan + inf
+    else:
+        m, n, high = checked - nan - inf, ref_finite, above
+    return min(1.0, 2.0 * min(exceedance_p(below, m, n), exceedance_p(high, m, n)))
 
 
-def _combine(f: FeatureDrift) -> None:
-    """The feature's p-value from its binned p and, where there is one, its range p."""
+def _combine(f: FeatureDrift, binned_blind: bool) -> None:
+    """The feature's p-value from its binned p and, where there is one, its range p.
+
+    Bonferroni over the two tests; a feature whose reference has a single bin (constant) has a
+    binned test that cannot reject, so the range test gets the whole level there.
+    """
     assert f.p_binned is not None
     if f.p_range is None:
         f.p_value = f.p_binned
+    elif binned_blind:
+        f.p_value = f.p_range
     else:
         f.p_value = min(1.0, 2.0 * min(f.p_binned, f.p_range))
 
@@ -207,11 +217,16 @@ def compare_feature(
     )
     if live_range is not None and has_range(spec) and int(live_range[0]) > 0:
         checked, below, above, nan, inf = (int(x) for x in live_range)
-        out.p_range, _, _ = range_p(spec, live_range)
+        out.p_range = range_p(spec, live_range)
         out.range_checked, out.below, out.above, out.nan, out.inf = checked, below, above, nan, inf
         out.out_of_range = (below + above + nan + inf) / checked
-        _combine(out)
+        _combine(out, binned_blind(spec))
     return out
+
+
+def binned_blind(spec: Mapping[str, Any]) -> bool:
+    """A numeric feature with one bin (constant in the reference): its binned test never rejects."""
+    return spec.get("kind") == "numeric" and not spec.get("edges")
 
 
 EXACT_BELOW = 20.0  # pooled tables with a smaller expected cell get the permutation p-value
@@ -290,7 +305,7 @@ def decide(
             assert f.p_binned is not None
             perm = chi2_permutation_p(ref, live, cfg.min_expected, seed=seed)
             f.p_binned = max(f.p_binned, perm)
-            _combine(f)
+            _combine(f, binned_blind(spec))
             refined = True
     if refined:
         _adjust(feats, cfg)

@@ -123,13 +123,13 @@ def min_out_of_range(spec: Mapping[str, Any], n: int, level: float) -> float | N
     if not has_range(spec):
         return None
     n_fin = int(sum(int(c) for c in spec["counts"])) - int(spec.get("inf", 0))
-    # the critical count: 3 x exceedance (two sides and non-finite values) <= level
+    # the critical count: 2 x exceedance (two sides) <= level
     lo, hi = 1, n
-    if 3.0 * exceedance_p(n, n, n_fin) > level:
+    if 2.0 * exceedance_p(n, n, n_fin) > level:
         return None
     while lo < hi:
         mid = (lo + hi) // 2
-        if 3.0 * exceedance_p(mid, n, n_fin) <= level:
+        if 2.0 * exceedance_p(mid, n, n_fin) <= level:
             hi = mid
         else:
             lo = mid + 1
@@ -146,18 +146,16 @@ def min_out_of_range(spec: Mapping[str, Any], n: int, level: float) -> float | N
     return fhi
 
 
-def _levels(reference: Mapping[str, Any], alpha: float) -> tuple[float, float]:
-    """(level per feature for the binned test, for the range test) as the decision spends it."""
-    feats = reference.get("features", [])
-    per_feature = alpha / max(len(feats), 1)
-    return per_feature / 2.0, per_feature / 2.0
+def _level(reference: Mapping[str, Any], alpha: float) -> float:
+    """The level per feature as the decision spends it (Bonferroni over the features)."""
+    return alpha / max(len(reference.get("features", [])), 1)
 
 
 def detectability(
     reference: Mapping[str, Any], n: int, alpha: float = 0.01
 ) -> dict[str, Detectability]:
     """Per feature: what the reference can detect in a window of ``n`` live values."""
-    level_binned, level_range = _levels(reference, alpha)
+    level = _level(reference, alpha)
     out: dict[str, Detectability] = {}
     n = max(int(n), 1)
     for spec in reference.get("features", []):
@@ -173,12 +171,13 @@ def detectability(
             )
             out[name] = Detectability(name, kind, n, None, None, note)
             continue
-        oor = min_out_of_range(spec, n, level_range)
-        if spec.get("constant"):
+        if not spec.get("edges"):  # one bin: the range test has the feature's whole level
+            oor = min_out_of_range(spec, n, level)
             note = f"constant ({spec['min']:g}) in the reference: only a change of value is seen"
             out[name] = Detectability(name, kind, n, None, oor, note)
             continue
-        shift = min_shift_std(spec, n, level_binned)
+        oor = min_out_of_range(spec, n, level / 2.0)
+        shift = min_shift_std(spec, n, level / 2.0)
         note = "" if shift is not None else f"no shift up to {MAX_SHIFT_STD:g} std is detected"
         out[name] = Detectability(name, kind, n, shift, oor, note)
     return out
@@ -186,7 +185,7 @@ def detectability(
 
 def reference_warnings(reference: Mapping[str, Any], alpha: float = 0.01) -> list[str]:
     """Features this reference is too small to watch by their distribution, one line each."""
-    level_binned, _ = _levels(reference, alpha)
+    level = _level(reference, alpha)
     samples = int(reference.get("samples", 0))
     warnings: list[str] = []
     for spec in reference.get("features", []):
@@ -203,7 +202,7 @@ def reference_warnings(reference: Mapping[str, Any], alpha: float = 0.01) -> lis
                 "that are watched (the range test), not its distribution"
             )
             continue
-        shift = min_shift_std(spec, UNLIMITED_WINDOW, level_binned)
+        shift = min_shift_std(spec, UNLIMITED_WINDOW, level / 2.0)
         if shift is None or shift > WATCH_LIMIT_STD:
             seen = "no shift up to 10 std" if shift is None else f"only shifts of {shift:.2g} std"
             warnings.append(

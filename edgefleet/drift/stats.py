@@ -241,29 +241,6 @@ def exceedance_p(k: int, m: int, n: int) -> float:
     return min(1.0, math.exp(_log_comb(m, k) - _log_comb(n + m, k)))
 
 
-def hypergeom_sf(k: int, population: int, successes: int, draws: int) -> float:
-    """P(X >= k) for X ~ Hypergeometric(population, successes, draws), summed exactly."""
-    support_lo = max(0, draws - (population - successes))
-    hi = min(successes, draws)
-    if k <= support_lo:
-        return 1.0
-    if k > hi:
-        return 0.0
-    lo = k
-    x = np.arange(lo, hi + 1, dtype=np.float64)
-    lg = np.vectorize(math.lgamma)
-    logp = (
-        lg(successes + 1.0)
-        - lg(x + 1)
-        - lg(successes - x + 1)
-        + lg(population - successes + 1.0)
-        - lg(draws - x + 1)
-        - lg(population - successes - draws + x + 1)
-        - _log_comb(population, draws)
-    )
-    return float(min(1.0, np.exp(logp).sum()))
-
-
 def binom_sf(k: int, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p)."""
     if k <= 0:
