@@ -329,9 +329,9 @@ def _photo_patches() -> np.ndarray | None:
 def _digit_patches() -> np.ndarray:
     from sklearn.datasets import load_digits
 
-    img = load_digits().images  # (1797, 8, 8)
+    img = np.asarray(load_digits().images, dtype=np.float64)  # (1797, 8, 8)
     a = img.reshape(-1, 4, 2, 4, 2).transpose(0, 1, 3, 2, 4)
-    return a.reshape(-1, 4).astype(np.float64)
+    return np.ascontiguousarray(a.reshape(-1, 4))
 
 
 def real_datasets(patches: str = "auto") -> list[RealData]:
