@@ -27,22 +27,20 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def _out_of_range(f: dict[str, Any]) -> str:
-    """'below/above/nan+inf of checked' where the range was counted, '-' otherwise."""
+    """'outside/checked' where the range was counted, '-' otherwise."""
     if f.get("p_range") is None:
         return "-"
-    bad = int(f.get("nan", 0)) + int(f.get("inf", 0))
-    return f"{f.get('below', 0)}↓ {f.get('above', 0)}↑ {bad} nan/inf of {f.get('range_checked')}"
+    bad = sum(int(f.get(k, 0)) for k in ("below", "above", "nan", "inf"))
+    return f"{bad}/{f.get('range_checked')}"
 
 
 def _detects(d: dict[str, Any] | None) -> str:
     if not d:
         return "-"
-    parts = []
-    if d.get("min_shift_std") is not None:
-        parts.append(f"shift ≥ {d['min_shift_std']:.2g} std")
-    if d.get("min_out_of_range") is not None:
-        parts.append(f"≥ {d['min_out_of_range']:.1%} out of range")
-    return ", ".join(parts) or (d.get("note") or "-")
+    shift, share = d.get("min_shift_std"), d.get("min_out_of_range")
+    if shift is None and share is None:
+        return "-"
+    return f"{'-' if shift is None else format(shift, '.2g') + 'σ'} {_fmt(share, '.1%')}"
 
 
 @drift_app.command("show")
@@ -78,10 +76,10 @@ def show(
             "PSI",
             "JS",
             "KS",
-            "out of range",
+            "outside",
             "p (adj.)",
             "drift",
-            "detects (80 % power)",
+            "detects",
         )
         for f in sorted(feats, key=lambda f: f["p_adjusted"]):
             t.add_row(
@@ -99,8 +97,9 @@ def show(
         console.print(t)
         n = doc.get("n", 0)
         console.print(
-            f"detects: the smallest mean shift (reference std) and share of values outside the "
-            f"reference range seen with 80 % power in a window of {n}"
+            "outside: live values outside the reference range (below, above, NaN, inf) of those "
+            f"checked; detects: the smallest mean shift (σ: reference std) and share of values "
+            f"out of range seen with 80 % power in a window of {n}"
         )
     for w in doc.get("reference_warnings") or []:
         console.print(f"[yellow]reference:[/yellow] {w}")
