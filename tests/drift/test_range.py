@@ -69,6 +69,8 @@ def test_a_constant_feature_that_changes_is_drift() -> None:
     assert "500 above" in dec.reason
     assert decide(ref, _binned_only(live)).status == "ok"  # what the bins alone see
     assert decide(ref, _window(ref, np.zeros((500, 1)))).status == "ok"
+    # the rollout gates' drift score: one bin means JS 0, so the out-of-range share counts
+    assert analysis.summarize(dec)["drift_score"] == 1.0
 
 
 def test_five_percent_far_outside_the_range_is_drift() -> None:
