@@ -19,8 +19,8 @@ strictly above the reference maximum has P(K >= k) = C(m, k) / C(n + m, k) (n fi
 values, m finite live ones; :func:`edgefleet.drift.stats.exceedance_p`), the same below the
 minimum (NaN/inf count as above it when the reference has none; see :func:`range_p`).
 ``p_range`` is 2 x the smaller side (Bonferroni), and the feature's p-value is
-2 x min(binned p, range p) (the range p alone for a constant feature, whose binned test cannot
-reject), so the two tests together keep the feature's false-alarm rate at its level and the
+min(binned p / 0.75, range p / 0.25) (weighted Bonferroni; the range p alone for a constant
+feature, whose binned test cannot reject), so the two tests together keep the feature's false-alarm rate at its level and the
 correction across features is unchanged. That tolerance is
 what a finite reference allows: a reference of n values has each side exceeded by a new value
 with probability 1/(n + 1), so a 100-row window beyond a 221-row reference's maximum is not
@@ -166,10 +166,16 @@ def range_p(spec: Mapping[str, Any], row: Sequence[int]) -> float:
     return min(1.0, 2.0 * min(exceedance_p(below, m, n), exceedance_p(high, m, n)))
 
 
+RANGE_SHARE = 0.25  # of a feature's level, for the range test (the binned test keeps 0.75)
+
+
 def _combine(f: FeatureDrift, binned_blind: bool) -> None:
     """The feature's p-value from its binned p and, where there is one, its range p.
 
-    Bonferroni over the two tests; a feature whose reference has a single bin (constant) has a
+    Weighted Bonferroni over the two tests (reject when p_binned <= 0.75 level or
+    p_range <= 0.25 level): the range test's evidence is all-or-nothing (out-of-range counts
+    far beyond the tolerance give tiny p-values), so a small share costs it little while the
+    binned test keeps most of its power for shifts inside the range. A feature whose reference has a single bin (constant) has a
     binned test that cannot reject, so the range test gets the whole level there.
     """
     assert f.p_binned is not None
@@ -178,7 +184,7 @@ def _combine(f: FeatureDrift, binned_blind: bool) -> None:
     elif binned_blind:
         f.p_value = f.p_range
     else:
-        f.p_value = min(1.0, 2.0 * min(f.p_binned, f.p_range))
+        f.p_value = min(1.0, f.p_binned / (1.0 - RANGE_SHARE), f.p_range / RANGE_SHARE)
 
 
 def compare_feature(

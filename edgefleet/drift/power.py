@@ -2,8 +2,8 @@
 
 Two figures per numeric feature (``detectability``), both for one feature changing while the
 others hold, at the level the decision uses (``alpha`` split over the features, Bonferroni, which
-is what Benjamini–Hochberg reduces to with one changed feature, and halved again where the range
-test shares the feature's level):
+is what Benjamini–Hochberg reduces to with one changed feature, then split between the binned
+test (3/4) and the range test (1/4) as the decision splits it):
 
 - ``min_shift_std``: the smallest shift of the feature's mean, in reference standard deviations
   (either direction, the worse of the two), that the binned chi-square test detects with 80 %
@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.drift.decision import RANGE_SHARE
 from edgefleet.drift.reference import has_range
 from edgefleet.drift.stats import binom_sf, chi2_isf, exceedance_p, ncx2_sf
 
@@ -176,8 +177,8 @@ def detectability(
             note = f"constant ({spec['min']:g}) in the reference: only a change of value is seen"
             out[name] = Detectability(name, kind, n, None, oor, note)
             continue
-        oor = min_out_of_range(spec, n, level / 2.0)
-        shift = min_shift_std(spec, n, level / 2.0)
+        oor = min_out_of_range(spec, n, level * RANGE_SHARE)
+        shift = min_shift_std(spec, n, level * (1.0 - RANGE_SHARE))
         note = "" if shift is not None else f"no shift up to {MAX_SHIFT_STD:g} std is detected"
         out[name] = Detectability(name, kind, n, shift, oor, note)
     return out
@@ -202,7 +203,7 @@ def reference_warnings(reference: Mapping[str, Any], alpha: float = 0.01) -> lis
                 "that are watched (the range test), not its distribution"
             )
             continue
-        shift = min_shift_std(spec, UNLIMITED_WINDOW, level / 2.0)
+        shift = min_shift_std(spec, UNLIMITED_WINDOW, level * (1.0 - RANGE_SHARE))
         if shift is None or shift > WATCH_LIMIT_STD:
             seen = "no shift up to 10 std" if shift is None else f"only shifts of {shift:.2g} std"
             warnings.append(
