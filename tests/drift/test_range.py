@@ -352,3 +352,28 @@ def test_reference_warnings_name_features_too_thin_to_watch() -> None:
     tiny = reference_warnings(build_reference({"x": rng.normal(size=(12, 3))}, {}))
     assert len(tiny) == 3 and all("too few to watch" in w for w in tiny)
     assert reference_warnings(_old(build_reference({"x": x}, {}))) == []
+
+
+def test_packager_stores_and_logs_the_reference_warnings(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from edgefleet.packager.pipeline import _drift_reference
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)[:300]
+    clf = LogisticRegression(max_iter=200).fit(x, y[:300])
+    onx = to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}}, target_opset=17)
+    model = tmp_path / "digits.onnx"
+    model.write_bytes(onx.SerializeToString())
+    src = SimpleNamespace(model=model, calibration={"X": x})
+    with caplog.at_level("WARNING", logger="edgefleet.packager.pipeline"):
+        ref = _drift_reference(src, {"threads": 1})  # type: ignore[arg-type]
+    assert ref["warnings"] and ref["warnings"][0].startswith("X[0]: constant (0)")
+    assert len(caplog.records) == len(ref["warnings"])
+    validate_reference(ref)
