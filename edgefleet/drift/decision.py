@@ -304,6 +304,10 @@ def decide(
         if not f.drifted:
             continue
         spec = by_name[f.name]
+        if binned_blind(spec) or (
+            f.p_range is not None and f.p_range / RANGE_SHARE <= f.p_value
+        ):  # the range test decides: a larger binned p cannot change the feature's p
+            continue
         ref = _with_missing(spec["counts"], int(spec.get("missing", 0)))
         live = _with_missing(counts[f.name], int(missing.get(f.name, 0)))
         if _small(ref, live, cfg.min_expected):

@@ -7,6 +7,9 @@
 - ``chi2_homogeneity``: the two-sample chi-square test of the 2 x K table (reference, live),
   which accounts for the reference being a finite sample too; adjacent bins are pooled until every
   expected cell count is >= ``min_expected`` so the chi-square approximation holds.
+- ``exceedance_p``: the exact tail of the number of live values beyond the reference's maximum
+  (or minimum) under exchangeability, for the range test; ``binom_sf``, ``chi2_isf`` and
+  ``ncx2_sf`` serve the power figures of :mod:`edgefleet.drift.power`.
 """
 
 from __future__ import annotations
