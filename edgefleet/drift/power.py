@@ -180,6 +180,9 @@ def detectability(
         oor = min_out_of_range(spec, n, level * RANGE_SHARE)
         shift = min_shift_std(spec, n, level * (1.0 - RANGE_SHARE))
         note = "" if shift is not None else f"no shift up to {MAX_SHIFT_STD:g} std is detected"
+        if spec.get("low_cardinality"):
+            few = f"{spec.get('distinct')} distinct values: the shift figure treats them as spread"
+            note = f"{note}; {few}" if note else few
         out[name] = Detectability(name, kind, n, shift, oor, note)
     return out
 

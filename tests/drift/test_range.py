@@ -329,6 +329,8 @@ def test_detectability_shrinks_with_the_window_and_names_what_it_cannot_see() ->
     assert l0.min_shift_std < s0.min_shift_std < 1.5
     assert s0.min_out_of_range is not None and l0.min_out_of_range is not None
     assert large["x[2]"].min_shift_std is None and "constant (4)" in large["x[2]"].note
+    coarse = build_reference({"x": rng.integers(0, 5, size=(2000, 1)).astype(float)}, {})
+    assert "5 distinct values" in detectability(coarse, 100)["x"].note
     old = detectability(_old(ref), 100)["x[0]"]
     assert old.min_shift_std is None and "predates" in old.note
 
