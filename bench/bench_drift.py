@@ -21,6 +21,7 @@ import argparse
 import itertools
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -361,7 +362,7 @@ def real_datasets(patches: str = "auto") -> list[RealData]:
 
 def null_windows(
     data: RealData, n: int, windows: int, rng: np.random.Generator
-) -> Any:  # Iterator[tuple[np.ndarray, np.ndarray]]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(reference rows, live window) pairs under the null; windows never reuse a row."""
     done = 0
     while done < windows:
