@@ -81,6 +81,7 @@ class ServingLimits:
     max_elements: int = 1 << 24  # elements of one input tensor
     max_json_depth: int = 32  # nesting of the request's JSON
     max_connections: int = 64  # connections served at once (one thread each)
+    evict_after_s: float = 1.0  # when full, one waiting this long for its request is closed
     header_timeout_s: float = 10.0  # request line and headers, from the first wait
     idle_timeout_s: float = 15.0  # a keep-alive connection waiting for its next request
     body_timeout_s: float = 10.0  # reading a body: this plus its size at min_body_rate

@@ -13,6 +13,7 @@ is an HTTP answer naming its reason, never a dropped connection.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -121,20 +122,26 @@ class InferenceServer(QuietServer):
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
         self._budget_lock = threading.Lock()
         self._inflight_bytes = 0
+        self._conn_lock = threading.Lock()
+        self._waiting: dict[_Handler, float] = {}
         self.refused_connections = 0
+        self.evicted_connections = 0
 
     # -- connections: at most max_connections served at once -------------------------------
     def process_request(
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
     ) -> None:
-        if not self._slots.acquire(blocking=False):
+        # Full: make room by closing the connection that has waited longest for a request (an
+        # idle keep-alive one, or one trickling its headers), as long as it has waited longer
+        # than a client sending a request at once ever does; else refuse at once.
+        if not self._slots.acquire(blocking=False) and not (
+            self._evict_one() and self._slots.acquire(timeout=1.0)
+        ):
             self.refused_connections += 1
             assert isinstance(request, socket.socket)
-            try:  # a non-blocking answer: the accept loop never waits on a client
+            with contextlib.suppress(OSError):  # non-blocking: the accept loop never waits
                 request.setblocking(False)
                 request.send(_BUSY)
-            except OSError:
-                pass
             self.shutdown_request(request)
             return
         try:
@@ -150,6 +157,29 @@ class InferenceServer(QuietServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def track(self, handler: _Handler, waiting_since: float | None) -> None:
+        """A connection waits for its next request since ``waiting_since`` (None: it is being
+        served, or has ended)."""
+        with self._conn_lock:
+            if waiting_since is None:
+                self._waiting.pop(handler, None)
+            else:
+                self._waiting[handler] = waiting_since
+
+    def _evict_one(self) -> bool:
+        now = time.monotonic()
+        with self._conn_lock:
+            if not self._waiting:
+                return False
+            handler, since = min(self._waiting.items(), key=lambda kv: kv[1])
+            if now - since < self.limits.evict_after_s:
+                return False
+            del self._waiting[handler]
+        self.evicted_connections += 1
+        with contextlib.suppress(OSError):
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        return True
 
     # -- request bodies: reserved against one budget before they are read -------------------
     def reserve(self, n: int) -> bool:
@@ -199,15 +229,26 @@ class _Handler(BaseHTTPRequestHandler):
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, 64 * 1024)
 
+    def finish(self) -> None:
+        self.server.track(self, None)
+        super().finish()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()  # reads the headers
+        self.server.track(self, None)  # the request line and headers are in: being served
+        return ok
+
     def handle_one_request(self) -> None:
         lim = self.server.limits
         # The first request of a connection is due at once; a keep-alive one may idle first.
         # Either way the whole request line and headers must arrive within the deadline.
         first = not hasattr(self, "_served")
         self._served = True
-        self._reader.deadline = time.monotonic() + (
+        now = time.monotonic()
+        self._reader.deadline = now + (
             lim.header_timeout_s if first else lim.idle_timeout_s + lim.header_timeout_s
         )
+        self.server.track(self, now)
         try:
             super().handle_one_request()
         except TimeoutError:
