@@ -184,6 +184,125 @@ def unverified_name(data: bytes) -> str:
     return name
 
 
+# --------------------------------------------------------------------------- external data
+
+#: How the ONNX messages that can hold a tensor nest (field number -> message kind); every
+#: other field is skipped by its wire type. ModelProto: graph, training_info, functions;
+#: TrainingInfoProto: initialization, algorithm; GraphProto: node, initializer,
+#: sparse_initializer; FunctionProto: node; NodeProto: attribute; AttributeProto: t, g,
+#: tensors, graphs, sparse_tensor, sparse_tensors; SparseTensorProto: values, indices;
+#: TensorProto: external_data (StringStringEntryProto: key 1, value 2).
+_ONNX_FIELDS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {13: "entry"},
+}
+MAX_ONNX_NESTING = 64
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Malformed("bad varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _entry(buf: memoryview, pos: int, end: int) -> tuple[str | None, str | None]:
+    key = value = None
+    while pos < end:
+        tag, pos = _varint(buf, pos, end)
+        if tag & 7 != 2:
+            raise _Malformed("external_data entry field is not a string")
+        n, pos = _varint(buf, pos, end)
+        if pos + n > end:
+            raise _Malformed("string runs past its message")
+        text = bytes(buf[pos : pos + n]).decode("utf-8", "replace")
+        if tag >> 3 == 1:
+            key = text
+        elif tag >> 3 == 2:
+            value = text
+        pos += n
+    return key, value
+
+
+def external_data_locations(model: memoryview | bytes, what: str = "model") -> list[str]:
+    """Every ``location`` an ONNX model's tensors name for their external data, anywhere in it
+    (initializers, node attributes, subgraphs, functions, training graphs), read from the
+    protobuf wire format without a protobuf library and without recursion. Refuses a model
+    whose bytes are not a well-formed protobuf or nest deeper than `MAX_ONNX_NESTING`."""
+    buf = memoryview(model)
+    out: list[str] = []
+    stack: list[tuple[str, int, int, int]] = [("model", 0, len(buf), 1)]
+    try:
+        while stack:
+            kind, pos, end, depth = stack.pop()
+            fields = _ONNX_FIELDS[kind]
+            while pos < end:
+                tag, pos = _varint(buf, pos, end)
+                number, wire = tag >> 3, tag & 7
+                if wire == 0:
+                    _, pos = _varint(buf, pos, end)
+                elif wire == 1:
+                    pos += 8
+                elif wire == 5:
+                    pos += 4
+                elif wire == 2:
+                    n, pos = _varint(buf, pos, end)
+                    if pos + n > end:
+                        raise _Malformed("field runs past its message")
+                    sub = fields.get(number)
+                    if sub == "entry":
+                        key, value = _entry(buf, pos, pos + n)
+                        if key == "location":
+                            out.append(value or "")
+                    elif sub is not None:
+                        if depth >= MAX_ONNX_NESTING:
+                            raise _Malformed(f"nests deeper than {MAX_ONNX_NESTING} messages")
+                        stack.append((sub, pos, pos + n, depth + 1))
+                    pos += n
+                else:
+                    raise _Malformed(f"wire type {wire}")
+                if pos > end:
+                    raise _Malformed("field runs past its message")
+    except _Malformed as e:
+        raise RejectError(
+            ReasonCode.NOT_A_PACKAGE, f"{what} is not a well-formed ONNX model: {e}"
+        ) from e
+    return out
+
+
+def check_external_data(locations: Iterable[str], payload: Collection[str], model: str) -> None:
+    """Every external-data location must be a file of this package: a top-level member other
+    than the model itself (members are regular files, never links: `check_members`). Whatever
+    the runtime would do with ``../`` or an absolute path, it is never asked to."""
+    for loc in locations:
+        if _unsafe(loc) or "/" in loc:
+            raise RejectError(
+                ReasonCode.UNSAFE_PATH,
+                f"{model} takes external data from {loc!r}, outside the package",
+            )
+        if loc not in payload or loc == model:
+            raise RejectError(
+                ReasonCode.UNSAFE_PATH,
+                f"{model} takes external data from {loc!r}, which is not a file of the package",
+            )
+
+
 # --------------------------------------------------------------------------- policy
 
 
