@@ -165,12 +165,54 @@ def check_read_size(name: str, size: int, limit: int) -> None:
         raise RejectError(ReasonCode.TOO_LARGE, f"{name} is {size} bytes, over the {limit} limit")
 
 
-def parse_manifest_json(data: bytes) -> Manifest:
-    """Manifest bytes as a JSON object, unverified (for ``inspect`` and reading a name)."""
+#: JSON nesting a manifest or a signature bundle may have (a manifest needs 5 levels).
+MAX_JSON_DEPTH = 32
+
+
+def json_depth_ok(value: object, limit: int) -> bool:
+    """True when ``value`` nests at most ``limit`` containers deep (iterative: no recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            if d > limit:
+                return False
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def load_json(data: bytes, what: str, code: ReasonCode, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON from bytes that came from outside: not JSON, or nested deeper than ``max_depth``
+    (which would exhaust the recursion of any code walking it), is refused with ``code``."""
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RejectError(ReasonCode.MANIFEST_INVALID, f"manifest.json is not JSON: {e}") from e
+        raise RejectError(code, f"{what} is not JSON: {e}") from e
+    except RecursionError as e:
+        raise RejectError(code, f"{what} nests deeper than {max_depth} levels") from e
+    if not json_depth_ok(doc, max_depth):
+        raise RejectError(code, f"{what} nests deeper than {max_depth} levels")
+    return doc
+
+
+def check_bundle_shape(bundle: bytes) -> None:
+    """What `signing.verify` assumes of a bundle's JSON before it looks keys up: bounded
+    nesting, and a key hint that is a string when present (a list or an object is refused
+    here as an invalid signature, never a crash)."""
+    doc = load_json(bundle, "signature bundle", ReasonCode.SIGNATURE_INVALID)
+    material = doc.get("verificationMaterial") if isinstance(doc, dict) else None
+    public_key = material.get("publicKey") if isinstance(material, dict) else None
+    hint = public_key.get("hint") if isinstance(public_key, dict) else None
+    if hint is not None and not isinstance(hint, str):
+        raise RejectError(
+            ReasonCode.SIGNATURE_INVALID,
+            f"the bundle's key hint is a {type(hint).__name__}, not a key id",
+        )
+
+
+def parse_manifest_json(data: bytes) -> Manifest:
+    """Manifest bytes as a JSON object, unverified (for ``inspect`` and reading a name)."""
+    doc = load_json(data, "manifest.json", ReasonCode.MANIFEST_INVALID)
     if not isinstance(doc, dict):
         raise RejectError(ReasonCode.MANIFEST_INVALID, "manifest.json is not an object")
     return doc
@@ -436,6 +478,8 @@ class PackageTrust:
     def check_signature(self, bundle: bytes) -> signing.SignedContent:
         """The bundle verifies, pins every member, and every pin is a member."""
         members = self._need(self.members, "check_members")
+        if len(bundle) <= signing.MAX_BUNDLE_BYTES:  # larger: signing.verify says too_large
+            check_bundle_shape(bundle)
         signed = signing.verify(bundle, self.trust.trusted_keys, self.trust.revoked_key_ids)
         for name in members:
             if name != SIGNATURE_FILE and name not in signed.digests:

@@ -299,3 +299,41 @@ def test_installed_version_is_checked_again_before_loading(
     with pytest.raises(RejectError) as e:
         check_installed_external_data(vdir, manifest)
     assert e.value.code == ReasonCode.UNSAFE_PATH
+
+
+def test_agent_refuses_crafted_json_with_its_reason(
+    tmp_path: Path,
+    pkgs: dict[str, Path],
+    keys: dict[str, KeyPair],
+    agent_factory: Callable[..., Agent],
+    v1_copy: Path,
+    x_iris: np.ndarray,
+) -> None:
+    """A key hint given as a list, a manifest nested 100,000 deep: the agent names the reason
+    (it answered internal_error)."""
+    from tests.wire.tamper import resign, rewrite
+
+    def hint_list(members: list[Any]) -> list[Any]:
+        out = []
+        for ti, d in members:
+            if ti.name == "model.sig":
+                b = json.loads(d)
+                b["verificationMaterial"]["publicKey"]["hint"] = ["a"]
+                d = json.dumps(b).encode()
+            out.append((ti, d))
+        return out
+
+    def deep(members: list[Any]) -> list[Any]:
+        out = []
+        for ti, d in members:
+            if ti.name == "manifest.json":
+                d = d.rstrip()[:-1] + b',"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+            out.append((ti, d))
+        return resign(out, keys["trusted"])
+
+    agent = agent_factory(v1_copy)
+    for edit, code in ((hint_list, "signature_invalid"), (deep, "manifest_invalid")):
+        pkg = rewrite(pkgs["v2"], tmp_path / f"{code}.efpkg", edit)
+        view = agent.wait_update(agent.submit_update(UpdateRequest("iris", "", str(pkg))), 60)
+        assert view["state"] == "FAILED" and view["reason_code"] == code, view
+    assert served_version(agent.http_port or 0, "iris", x_iris) == "1.0.0"
