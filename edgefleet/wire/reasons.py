@@ -78,6 +78,15 @@ class ReasonCode(StrEnum):
     # attacks): the download is abandoned, the release itself is not judged ---------------
     ENDLESS_DATA = "endless_data"  # the server sent more bytes than the signed size
     SLOW_RETRIEVAL = "slow_retrieval"  # below the minimum rate, or past the total deadline
+    # --- the device's anti-replay state (reported as desired_rejected, never a release's
+    # failure) --------------------------------------------------------------------------
+    # A signed desired state whose seq is below the highest this device acted on: a replay,
+    # or the controller's sequence went backwards (a database restore). `figures` carries
+    # ``last_seq`` so the controller can re-issue its state above it.
+    SEQ_REGRESSED = "seq_regressed"
+    # The device's record of the highest seq was missing or corrupt at start; `figures` says
+    # what was recovered. Anti-rollback then rests on the installed versions themselves.
+    LINK_STATE_LOST = "link_state_lost"
 
 
 #: Worth another attempt of the same release on the same device, after a backoff.
