@@ -14,6 +14,7 @@ is an HTTP answer naming its reason, never a dropped connection.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -79,13 +80,66 @@ class _DeadlineReader(io.RawIOBase):
         return self.sock.recv_into(buf)
 
 
+class AnsweringHandler(BaseHTTPRequestHandler):
+    """A request handler that answers every request: an exception escaping a ``do_*`` method
+    becomes a JSON error (507 ``disk_full`` when the disk is full, else 500 naming the error)
+    rather than a dropped connection and a traceback. `QuietServer` mixes it into any handler.
+    """
+
+    _responded = False
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._responded = True
+        super().send_response(code, message)
+
+    def handle_one_request(self) -> None:
+        self._responded = False
+        try:
+            super().handle_one_request()
+        except (TimeoutError, ConnectionError):
+            self.close_connection = True
+        except Exception as e:
+            self.close_connection = True
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            log.error(
+                "%s %s failed: %s: %s",
+                self.command,
+                self.path.split("?", 1)[0][:200],
+                type(e).__name__,
+                e,
+            )
+            if self._responded:
+                return  # part of a response is out: closing is the only honest answer left
+            status = 507 if full else 500
+            reason = {"error": f"{type(e).__name__}: {e}"}
+            if full:
+                reason["reason_code"] = "disk_full"
+            body = json.dumps(reason).encode()
+            with contextlib.suppress(OSError):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+
+
 class QuietServer(ThreadingHTTPServer):
-    """A threading HTTP server that does not print a traceback when a client goes away.
+    """A threading HTTP server that answers every request and does not print a traceback when a
+    client goes away.
 
     Clients at the edge drop connections all the time; socketserver's default prints each one
     to stderr. A reset, a broken pipe or a timeout is ignored; any other error is logged once,
-    with its stack.
+    with its stack. The handler is given `AnsweringHandler`'s behaviour when it lacks it.
     """
+
+    def __init__(
+        self, server_address: tuple[str, int], handler: type[BaseHTTPRequestHandler]
+    ) -> None:
+        if not issubclass(handler, AnsweringHandler):
+            handler = type(handler.__name__, (AnsweringHandler, handler), {})
+        super().__init__(server_address, handler)
 
     def handle_error(
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
@@ -218,7 +272,7 @@ def request_bound(lm: LoadedModel, limits: oip.ServingLimits) -> int:
     return min(limits.max_request_bytes, fixed + 64 * 1024)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(AnsweringHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # small responses must not wait for the client's delayed ACK
     server: InferenceServer

@@ -292,3 +292,50 @@ def test_slowloris_holds_no_more_than_the_connection_limit(
     finally:
         for s in socks:
             s.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 32 MB tmpfs of its own, to fill up (needs the right to mount; skipped without it)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_answered_not_dropped(
+    small_disk: Path,
+    tmp_path: Path,
+    v1_data: Path,
+    keys: dict[str, KeyPair],
+    x_iris: np.ndarray,
+) -> None:
+    """The admin update call on a full disk answers 507 disk_full (it dropped the connection);
+    the model keeps serving, and once there is room again updates are taken."""
+    data = small_disk / "data"
+    shutil.copytree(v1_data, data)
+    cfg = write_config(tmp_path / "cfg", data, [keys["trusted"].public_path])
+    agent = AgentProcess(cfg)
+    try:
+        filler = small_disk / "filler"
+        with open(filler, "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * MB)
+        reply = agent.admin("POST", "/admin/updates", {"source": str(tmp_path / "none.efpkg")})
+        assert reply.get("reason_code") == "disk_full" and "No space" in reply["error"], reply
+        assert served_version(agent.port, "iris", x_iris) == "1.0.0"
+        filler.unlink()
+        uid = agent.submit(tmp_path / "none.efpkg")
+        assert agent.wait_terminal(uid)["reason_code"] == "source_missing"
+    finally:
+        agent.stop()
+    assert b"Traceback" not in (tmp_path / "cfg" / "agent.log").read_bytes()
