@@ -247,10 +247,14 @@ class InferenceServer(QuietServer):
         with self._budget_lock:
             self._inflight_bytes -= n
 
+    def serves(self, name: str) -> bool:
+        """A model of that name is served (or between two versions in a swap)."""
+        return self.sessions.get(name) is not None or name in self.sessions.names()
+
     def model_label(self, name: str) -> str:
         """``name`` when it is a model served here, else one fixed label: names in URLs are
         the client's, and each label value is a time series kept for good."""
-        return name if self.sessions.get(name) is not None else UNKNOWN_MODEL
+        return name if self.serves(name) else UNKNOWN_MODEL
 
 
 def model_inputs(lm: LoadedModel) -> dict[str, oip.InputSpec]:
@@ -498,17 +502,21 @@ class _Handler(AnsweringHandler):
         reserved = 0
         try:
             lm = srv.sessions.get(name)
-            if lm is None or (version is not None and version != lm.version):
+            # (in the gap of an unload-first swap the name is served but no model is loaded:
+            # the request waits for it in `infer`, checked against the limits alone until then)
+            if (lm is None and not srv.serves(name)) or (
+                lm is not None and version is not None and version != lm.version
+            ):
                 self.close_connection = True  # the body is not read
                 raise ModelNotFound(
                     f"model {name!r}"
                     + (f" version {version!r}" if version else "")
                     + " is not served here"
                 )
-            specs = model_inputs(lm)
+            specs = model_inputs(lm) if lm is not None else None
             if hl is not None and (not hl.strip().isdigit() or len(hl.strip()) > 15):
                 raise RequestRefused(400, f"{oip.HEADER_LENGTH} is not a number")
-            limit = request_bound(lm, lim)
+            limit = request_bound(lm, lim) if lm is not None else lim.max_request_bytes
             if self._chunked():
                 body, reserved = self._read_chunked(limit)
             else:
