@@ -281,6 +281,7 @@ class _Handler(AnsweringHandler):
     disable_nagle_algorithm = True  # small responses must not wait for the client's delayed ACK
     server: InferenceServer
     _reader: _DeadlineReader
+    _unread_body = False
 
     def setup(self) -> None:
         super().setup()
@@ -307,12 +308,34 @@ class _Handler(AnsweringHandler):
             lim.header_timeout_s if first else lim.idle_timeout_s + lim.header_timeout_s
         )
         self.server.track(self, now)
+        self._unread_body = False
         try:
             super().handle_one_request()
+            if self._unread_body and self.close_connection:
+                self._linger()
         except TimeoutError:
             self.close_connection = True
         except OSError:
             self.close_connection = True
+
+    def _linger(self) -> None:
+        """After answering a request whose body was not read (refused, unknown model), let
+        the client finish sending for a moment, discarding what comes, so that it reads the
+        answer instead of a reset: a bounded time and a fixed buffer, nothing kept."""
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 2.0
+        buf = bytearray(64 * 1024)
+        left = 256 * 1024 * 1024
+        while left > 0:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                return
+            self.connection.settimeout(wait)
+            n = self.connection.recv_into(buf)
+            if not n:
+                return
+            left -= n
 
     def log_message(self, format: str, *args: object) -> None:
         return
@@ -417,6 +440,7 @@ class _Handler(AnsweringHandler):
     do_HEAD = do_GET
 
     def do_POST(self) -> None:
+        self._unread_body = True
         path = self.path.split("?", 1)[0]
         m = _MODEL_RE.match(path)
         if not m or m.group(3) != "/infer":
@@ -527,6 +551,7 @@ class _Handler(AnsweringHandler):
                 body = bytearray()
                 self._body_deadline(length)
                 self._read_into(body, length)
+            self._unread_body = False
             req = oip.parse_request(
                 body, int(hl) if hl is not None else None, model_inputs=specs, limits=lim
             )
