@@ -128,7 +128,7 @@ def loads_bounded(data: bytes | memoryview, max_depth: int, what: str) -> object
     `ProtocolError`, never a RecursionError."""
     try:
         value: object = json.loads(bytes(data))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an int of 5000 digits
         raise ProtocolError(f"{what} is not JSON: {e}") from e
     except RecursionError as e:
         raise ProtocolError(f"{what} nests deeper than {max_depth} levels") from e

@@ -186,7 +186,7 @@ def load_json(data: bytes, what: str, code: ReasonCode, max_depth: int = MAX_JSO
     (which would exhaust the recursion of any code walking it), is refused with ``code``."""
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of 5000 digits
         raise RejectError(code, f"{what} is not JSON: {e}") from e
     except RecursionError as e:
         raise RejectError(code, f"{what} nests deeper than {max_depth} levels") from e

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgefleet.agent import oip
 from edgefleet.keys import KeyPair
@@ -343,3 +345,54 @@ def test_full_disk_is_answered_not_dropped(
     finally:
         agent.stop()
     assert b"Traceback" not in (tmp_path / "cfg" / "agent.log").read_bytes()
+
+
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=4)
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_INPUT = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["X", "s", "q"]) | _SCALARS,
+        "datatype": st.sampled_from(["FP32", "BYTES", "BOOL", "UINT8", "INT64"]) | _SCALARS,
+        "shape": st.lists(st.integers(-1, 2**64) | _SCALARS, max_size=3) | _JSON,
+    },
+    optional={
+        "data": _JSON,
+        "parameters": st.fixed_dictionaries({"binary_data_size": st.integers(-1, 64) | _SCALARS})
+        | _JSON,
+    },
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {"inputs": st.lists(_INPUT, max_size=3) | _JSON},
+        optional={"outputs": _JSON, "parameters": _JSON, "id": _JSON},
+    ),
+    st.binary(max_size=40),
+    st.booleans(),
+)
+def test_request_parser_refuses_with_a_reason_and_nothing_else(
+    req: dict[str, Any], tail: bytes, binary: bool
+) -> None:
+    """Whatever the JSON, the parser returns a request or raises ProtocolError (a 400 with its
+    reason), with and without the model's inputs to check against."""
+    try:
+        head = json.dumps(req).encode()
+    except ValueError:
+        return
+    specs = {"X": oip.InputSpec("X", "FP32", (None, 4)), "s": oip.InputSpec("s", "BYTES", (None,))}
+    for model in (None, specs):
+        with contextlib.suppress(oip.ProtocolError):
+            if binary:
+                oip.parse_request(head + tail, len(head), model_inputs=model)
+            else:
+                oip.parse_request(head, None, model_inputs=model)
