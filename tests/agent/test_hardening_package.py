@@ -21,7 +21,7 @@ from edgefleet.keys import KeyPair, load_private_key, load_public_key
 from edgefleet.wire.errors import RejectError
 from edgefleet.wire.package import VerifyPolicy, build_package, verify_package
 from edgefleet.wire.reasons import ReasonCode
-from tests.agent.helpers import served_version
+from tests.agent.helpers import OipClient, served_version
 
 MB = 1024 * 1024
 
@@ -337,3 +337,31 @@ def test_agent_refuses_crafted_json_with_its_reason(
         view = agent.wait_update(agent.submit_update(UpdateRequest("iris", "", str(pkg))), 60)
         assert view["state"] == "FAILED" and view["reason_code"] == code, view
     assert served_version(agent.http_port or 0, "iris", x_iris) == "1.0.0"
+
+
+def test_agent_does_not_load_an_installed_model_whose_data_escapes(
+    tmp_path: Path,
+    v1_copy: Path,
+    agent_factory: Callable[..., Agent],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """iris 1.0.0 as an older verifier would have installed it (its digests recorded as they
+    are) with a model whose external data is the admin token: the agent does not load it."""
+    import hashlib
+
+    vdir = v1_copy / "models" / "iris" / "1.0.0"
+    _external_model(vdir / "model.onnx", "../../../admin.token")
+    rec_path = vdir / ".install.json"
+    rec = json.loads(rec_path.read_text())
+    rec["member_digests"]["model.onnx"] = hashlib.sha256(
+        (vdir / "model.onnx").read_bytes()
+    ).hexdigest()
+    rec_path.write_text(json.dumps(rec))
+    agent = agent_factory(v1_copy)
+    assert agent.sessions.get("iris") is None
+    c = OipClient(agent.http_port or 0)
+    status, body, _ = c.request("POST", "/v2/models/iris/infer", b"{}")
+    c.close()
+    assert status == 404 and b"SECRET" not in body
+    # refused by the agent's own check, before any runtime (whatever its version) opened it
+    assert "unsafe_path" in caplog.text and "outside the package" in caplog.text
