@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from edgefleet.agent.oip import ServingLimits
 from edgefleet.hardware_profiles import device_profiles
 
 if TYPE_CHECKING:
@@ -136,6 +137,9 @@ class AgentConfig:
     # Bearer header only for packages named by the controller's signed desired state.
     download_token: str = ""
     download_retries: int = 5
+    download_min_rate: int = 1024  # bytes/s averaged over download_rate_window_s, else abandoned
+    download_rate_window_s: float = 30.0
+    download_deadline_s: float = 3600.0  # one package download, every retry included
     # How often the update worker looks for a change of the trusted key files; on a change,
     # a serving model signed by a key no longer trusted stops serving. 0: only at start.
     trust_check_s: float = 5.0
@@ -144,6 +148,7 @@ class AgentConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    serving: ServingLimits = field(default_factory=ServingLimits)  # the inference API's limits
     config_path: Path | None = None
 
     @property

@@ -78,7 +78,13 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
             lambda: self.execution_providers,
             lambda: self.profiles,
             self._stop,
-            HttpFetcher(config.download_timeout_s, config.download_retries),
+            HttpFetcher(
+                config.download_timeout_s,
+                config.download_retries,
+                min_rate=config.download_min_rate,
+                rate_window_s=config.download_rate_window_s,
+                deadline_s=config.download_deadline_s,
+            ),
         )
 
     # ------------------------------------------------------------------ public surface
@@ -229,6 +235,7 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
                 server_name="edgefleet-agent",
                 server_version=agent_version(),
                 ready=self.ready,
+                limits=self.config.serving,
             )
             self._spawn(self._http.serve_forever, "agent-http")
         if serve_admin:

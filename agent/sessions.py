@@ -173,6 +173,7 @@ class LoadedModel:
             (p, opts[p]) if opts.get(p) else p for p in providers
         ]
         model_file = model_dir / manifest_parts.model_file(manifest)
+        _check_external_data(name, version, model_dir, manifest)
         self.session: OrtSession = ort.InferenceSession(
             str(model_file), sess_options=session_options, providers=provs
         )
@@ -218,6 +219,18 @@ class LoadedModel:
             return self.session.run(outputs or self.output_names, feed)
         except Exception as e:
             raise ModelError(f"{self.name} {self.version} failed: {e}") from e
+
+
+def _check_external_data(name: str, version: str, model_dir: Path, manifest: JsonObject) -> None:
+    """The model's external data must be files of its own package, checked before the runtime
+    opens it (a version installed before the verifier checked it): ValueError otherwise."""
+    from edgefleet.wire.errors import RejectError
+    from edgefleet.wire.package import check_installed_external_data
+
+    try:
+        check_installed_external_data(model_dir, manifest)
+    except RejectError as e:
+        raise ValueError(f"{name} {version}: {e.code.value}: {e.message}") from e
 
 
 @dataclass
