@@ -93,6 +93,11 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
         """`cb(UpdateEvent)` on every state transition (from the update worker thread)."""
         self._listeners.append(cb)
 
+    def remove_listener(self, cb: UpdateListener) -> None:
+        """Stop calling ``cb`` (a stopped fleet link must not keep receiving events)."""
+        with suppress(ValueError):
+            self._listeners.remove(cb)
+
     def add_inference_observer(self, cb: InferenceObserver) -> None:
         """`cb(model, version, inputs, outputs, latency_s, ok)` after each inference (request thread)."""
         self.sessions.observers.append(cb)

@@ -173,6 +173,7 @@ class MqttLink:
         if client is None:
             return
         self._stopping = True
+        self.agent.remove_listener(self._on_event)
         self._jobs.put(("stop", None))
         if self._worker is not None:
             self._worker.join(timeout)
