@@ -27,6 +27,9 @@ class UpdateState(StrEnum):
     ROLLED_BACK = "ROLLED_BACK"
     REMOVING = "REMOVING"
     REMOVED = "REMOVED"
+    # Final: putting the previous version back failed (its files are gone, a hash mismatch);
+    # the device may serve neither version. Loud on every view of the controller.
+    ROLLBACK_FAILED = "rollback_failed"
 
 
 #: An update in one of these states is over: nothing more happens to it.
