@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from edgefleet.cloud_controller import devices
+from edgefleet.cloud_controller import desired, devices
 from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import transaction
 from edgefleet.cloud_controller.models import DesiredState, Device
@@ -237,6 +237,9 @@ class MqttBridge:
                         telemetry.append((device_id, envelope))
                 except MessageError as e:
                     self.stats.drop(_DROP_NAMES.get(e.reason, e.reason))
+            # what a device reports installed may now match its desired state, or no longer
+            reported = {d for d, kind, _ in batch if kind in ("presence", "status")}
+            desired.note_sync_many(session, reported, now)
             if telemetry:
                 self._telemetry(session, telemetry)
         del loaded

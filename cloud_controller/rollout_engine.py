@@ -25,6 +25,7 @@ from edgefleet.cloud_controller.rollout_codec import (
 from edgefleet.cloud_controller.rollout_types import (
     ABORT_MIN_FLOOR,
     ABORT_MIN_PCT,
+    DEFAULT_RETRIES,
     FAILURES,
     FINISHED,
     MOVED,
@@ -61,6 +62,7 @@ from edgefleet.wire.states import FAILURE_STATES, SUCCESS_STATES, UpdateState
 __all__ = [
     "ABORT_MIN_FLOOR",
     "ABORT_MIN_PCT",
+    "DEFAULT_RETRIES",
     "FAILURES",
     "FINISHED",
     "MOVED",
