@@ -168,7 +168,7 @@ def sync_view(dev: Device, row: DesiredState | None) -> dict[str, Any]:
     """The "in sync" column: managed (has a desired state), in sync, since when not, and each
     model that differs (a version the device installed by hand is flagged `local`)."""
     if row is None:
-        return {"managed": False, "in_sync": True, "since": None, "models": []}
+        return {"managed": False, "in_sync": True, "since": None, "models": [], "text": "-"}
     diff: list[dict[str, Any]] = [dict(d) for d in sync_diff(row.models, row.remove, dev.installed)]
     last = dev.last_status if isinstance(dev.last_status, dict) else {}
     for d in diff:
@@ -178,12 +178,14 @@ def sync_view(dev: Device, row: DesiredState | None) -> dict[str, Any]:
             and last.get("version") == d["installed"]
         )
     since = dev.out_of_sync_since if diff else None
-    return {
+    view: dict[str, Any] = {
         "managed": True,
         "in_sync": not diff,
         "since": iso(since) if since is not None else None,
         "models": diff,
     }
+    view["text"] = sync_text(view)
+    return view
 
 
 def sync_text(view: Mapping[str, Any]) -> str:
