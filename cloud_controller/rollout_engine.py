@@ -376,6 +376,9 @@ def _on_status(
         code = ev.reason_code or ev.state.lower()
         ended = state.phase in TERMINAL_PHASES  # no retry once the rollout is over
         spec_ = replace(spec, max_retries=0) if ended else spec
+        if ended and dev.rollback is None:
+            # followed after a halt: it does not run the release, so it must not get it later
+            actions.append(Revert(dev.device_id, dev.profile, dev.previous_version))
         return _put(state, _fail(spec_, dev, DevState.FAILED, code, ev.reason, now, actions))
     return _put(state, dev)
 
