@@ -144,7 +144,8 @@ def test_bad_release_aborts_at_threshold_and_moved_devices_stay_on_previous(
 ) -> None:
     before = fleet.installed()
     assert set(before.values()) == {"1.0.0"}
-    rid = create(fleet, "1.1.0", waves=[40.0, 100.0], abort_failure_pct=30.0, abort_min_finished=2)
+    # 30 % of a minimum sample of 4: the second failure aborts, not the first
+    rid = create(fleet, "1.1.0", waves=[40.0, 100.0], abort_failure_pct=30.0, abort_min_finished=4)
     detail = fleet.wait_rollout(rid, timeout=120)
     assert detail["phase"] == "aborted", detail
     by_state = detail["counts"]["states"]
