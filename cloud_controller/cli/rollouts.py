@@ -76,6 +76,12 @@ def _devices_table(r: dict[str, Any], everyone: bool) -> Table | None:
     if not rows:
         return None
     t = Table("device", "wave", "state", "attempts", "agent state", "rollback", "reason")
+    # the loud ones first: failed rollbacks, then failures, then the rest
+    rank = {"failed": 0, "timed_out": 1, "waiting_retry": 2, "in_progress": 3}
+    rows.sort(key=lambda d: (d.get("rollback") != "failed", rank.get(d["state"], 4)))
+    if not everyone and len(rows) > 50:
+        t.caption = f"{len(rows) - 50} more: --devices or --json lists them all"
+        rows = rows[:50]
     for d in rows:
         rb = d.get("rollback") or "-"
         if rb == "failed":
