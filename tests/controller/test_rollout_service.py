@@ -471,3 +471,17 @@ def test_out_of_sync_since_follows_desired_and_reported(store: sessionmaker[Sess
         assert dev is not None
         text = desired.sync_text(desired.sync_view(dev, s.get(DesiredState, "d0")))
         assert text.startswith("no: iris 9.0.0≠2.0.0 (local install) since")
+
+
+@pytest.mark.parametrize(
+    "probation", [{"max_p95_ratio": -1.0}, {"max_p95_ratio": True}, "1.3", {"max_p95_ratio": "x"}]
+)
+def test_a_malformed_probation_object_is_refused_when_signed(probation: object) -> None:
+    from edgefleet.wire.errors import RejectError
+    from edgefleet.wire.mqtt import sign_desired
+
+    entry = {"version": "1.0.0", "url": "http://x/1", "sha256": "a" * 64, "probation": probation}
+    state = {"device_id": "d", "seq": 1, "issued_at": "2026-01-01T00:00:00Z",
+             "expires_at": "2026-01-02T00:00:00Z", "models": {"iris": entry}}  # fmt: skip
+    with pytest.raises(RejectError, match="probation"):
+        sign_desired(state, ec.generate_private_key(ec.SECP256R1()))
