@@ -173,7 +173,7 @@ def sync_view(dev: Device, row: DesiredState | None) -> dict[str, Any]:
     last = dev.last_status if isinstance(dev.last_status, dict) else {}
     for d in diff:
         d["local"] = bool(
-            last.get("local_install")
+            last.get("local")
             and last.get("model") == d["model"]
             and last.get("version") == d["installed"]
         )

@@ -366,7 +366,7 @@ def _on_status(
         )
     if ev.state == UpdateState.ROLLBACK_FAILED and dev.state == DevState.IN_PROGRESS:
         # The release failed and so did the device's own way back: final, and loud.
-        code = ev.reason_code or UpdateState.ROLLBACK_FAILED.value
+        code = ev.reason_code or "rollback_failed"
         final = replace(spec, max_retries=0)
         dev = _fail(final, dev, DevState.FAILED, code, ev.reason, now, actions)
         why = f"{code}: {ev.reason}" if ev.reason else str(code)

@@ -91,20 +91,6 @@ def spec_from_request(body: dict[str, Any], rollout_id: str | None = None) -> E.
     return spec
 
 
-def probation_of(gates: E.Gates) -> dict[str, float] | None:
-    """The rollout's thresholds for the agent's probation gate (the desired-state entry's
-    `probation` object), or None when the spec sets none."""
-    out = {
-        k: v
-        for k, v in (
-            ("max_p95_ratio", gates.max_p95_ratio),
-            ("max_error_rate", gates.max_error_rate),
-        )
-        if v is not None
-    }
-    return out or None
-
-
 def default_health(session: Session, state: E.RolloutState) -> E.Health | None:
     """Health figures for the soak gates, from `cloud_controller.drift.health`."""
     from edgefleet.cloud_controller.drift.health import rollout_health as fn
@@ -518,9 +504,9 @@ class RolloutService:
                     continue
                 entry = registry.desired_entry(pkg, self._base_url, rid, False)
                 entry["attempt"] = action.attempt
-                probation = probation_of(spec.gates)
-                if probation is not None:
-                    entry["probation"] = probation
+                if spec.gates.max_p95_ratio is not None:
+                    # the agent's probation gate judges the release by the rollout's ratio
+                    entry["max_p95_ratio"] = spec.gates.max_p95_ratio
                 rows.append(
                     desired.set_model(
                         session, self._signer, action.device_id, spec.model, entry, when

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Collection
 from datetime import datetime
 from typing import Any, Literal
@@ -115,19 +116,15 @@ def validate_desired(state: Any) -> dict[str, Any]:
             raise _bad(f"model {name!r}: {e}") from e
         if not isinstance(spec.get("url"), str) or not isinstance(spec.get("sha256"), str):
             raise _bad(f"model {name!r} needs url and sha256")
-        # Optional thresholds of the rollout for the agent's probation gate, e.g.
-        # {"max_p95_ratio": 1.3, "max_error_rate": 0.05}: positive numbers; keys an agent does
-        # not know are left to it.
-        probation = spec.get("probation")
-        if probation is not None:
-            if not isinstance(probation, dict):
-                raise _bad(f"model {name!r}: probation is not an object")
-            for key, value in probation.items():
-                number = isinstance(value, int | float) and not isinstance(value, bool)
-                if not isinstance(key, str) or not number or not value > 0:
-                    raise _bad(f"model {name!r}: probation {key!r} must be a positive number")
-        if not isinstance(spec.get("rollback", False), bool):
-            raise _bad(f"model {name!r}: rollback is not a boolean")
+        # Optional: the rollout's probation latency ratio for this model (agent docs, Probation).
+        ratio = spec.get("max_p95_ratio")
+        if ratio is not None and (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, int | float)
+            or not math.isfinite(ratio)
+            or ratio <= 0
+        ):
+            raise _bad(f"model {name!r}: max_p95_ratio must be a positive number")
     # Explicit removal only: a model merely absent from `models` is left alone (it may have been
     # installed locally by an operator); one named here must stop serving and be uninstalled.
     remove = state.get("remove", [])

@@ -3,7 +3,7 @@
 It verifies each desired state with the controller's public key, ignores replays, and answers
 with status messages: COMMITTED for versions it accepts, FAILED for versions in `fail_versions`,
 ROLLED_BACK (probation_latency: a noisy host) for versions in `noisy_versions`, and
-`rollback_failed` when asked to go back to a version in `unrestorable`.
+`ROLLBACK_FAILED` when asked to go back to a version in `unrestorable`.
 """
 
 from __future__ import annotations
@@ -159,14 +159,14 @@ class SimDevice:
         to the controller as a local install."""
         with self._lock:
             self.previous, self.version = self.version, version
-            self._status({"version": version}, "COMMITTED", local_install=True)
+            self._status({"version": version}, "COMMITTED", local=True)
             self._publish_presence()
 
     def _act(self, entry: dict[str, Any]) -> None:
         self.entries.append(entry)
         self._status(entry, "DOWNLOADING")
         if entry.get("rollback") and entry["version"] in self.unrestorable:
-            self._status(entry, "rollback_failed", "integrity")
+            self._status(entry, "ROLLBACK_FAILED", "integrity")
             return
         if self.flaky > 0:
             self.flaky -= 1

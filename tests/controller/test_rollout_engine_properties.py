@@ -15,7 +15,7 @@ AGENT_STATES = [
     "COMMITTED",
     "FAILED",
     "ROLLED_BACK",
-    "rollback_failed",
+    "ROLLBACK_FAILED",
 ]
 REASONS = [None, "download_failed", "validation_error", "signature_invalid"]
 

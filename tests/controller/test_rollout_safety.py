@@ -162,7 +162,7 @@ def test_a_rollback_that_fails_is_final_and_counted() -> None:
     st = d.state
     assert st.devices[a].rollback == "requested"
     st = E.handle(
-        st, StatusReport(a, "1.0.0", "rollback_failed", "integrity", "gone"), T0 + 4
+        st, StatusReport(a, "1.0.0", "ROLLBACK_FAILED", "integrity", "gone"), T0 + 4
     ).state
     st = E.handle(st, StatusReport(b, "1.0.0", "COMMITTED"), T0 + 4).state
     c2 = E.counts(st)
@@ -175,7 +175,7 @@ def test_a_rollback_that_fails_is_final_and_counted() -> None:
 def test_rollback_failed_on_the_way_forward_is_a_final_failure() -> None:
     st = E.plan(spec(), fleet(6), ["cpu"], T0).state
     a = live(st)[0]
-    st = E.handle(st, StatusReport(a, "1.0.1", "rollback_failed", "integrity"), T0 + 1).state
+    st = E.handle(st, StatusReport(a, "1.0.1", "ROLLBACK_FAILED", "integrity"), T0 + 1).state
     dev = st.devices[a]
     assert dev.state == DevState.FAILED and dev.rollback == "failed" and dev.attempts == 1
     assert E.counts(st)["rollback_failed"] == 1

@@ -394,14 +394,14 @@ def test_spec_thresholds_reach_the_desired_state_and_rollbacks_are_marked(
     body = {**SPEC, "waves": [100], "gates": {"max_p95_ratio": 1.3}, "on_abort": "rollback"}
     st = svc.create(body, "t")
     entry = _last_desired(svc, sent, "d0")["models"]["iris"]
-    assert entry["probation"] == {"max_p95_ratio": 1.3} and "rollback" not in entry
+    assert entry["max_p95_ratio"] == 1.3 and "rollback" not in entry
     svc.control(st.spec.rollout_id, E.Abort())
     back = _last_desired(svc, sent, "d0")["models"]["iris"]
-    assert back["version"] == "1.0.0" and back["rollback"] is True and "probation" not in back
-    # without gates no probation object is sent
+    assert back["version"] == "1.0.0" and back["rollback"] is True and "max_p95_ratio" not in back
+    # without the gate no ratio is sent (the agent's own configuration applies)
     svc2, sent2 = service(store, Clock())
     svc2.create({**SPEC, "version": "1.0.0", "waves": [100]}, "t")
-    assert "probation" not in _last_desired(svc2, sent2, "d0")["models"]["iris"]
+    assert "max_p95_ratio" not in _last_desired(svc2, sent2, "d0")["models"]["iris"]
 
 
 def test_ids_by_unique_prefix_and_approve_with_nothing_to_approve_is_refused(
@@ -464,7 +464,7 @@ def test_out_of_sync_since_follows_desired_and_reported(store: sessionmaker[Sess
         )
         dev = s.get(Device, "d0")
         assert dev is not None
-        dev.last_status = {"model": "iris", "version": "9.0.0", "local_install": True}
+        dev.last_status = {"model": "iris", "version": "9.0.0", "local": True}
         desired.note_sync_many(s, ["d0"], now)
     with store() as s:
         dev = s.get(Device, "d0")
@@ -473,15 +473,13 @@ def test_out_of_sync_since_follows_desired_and_reported(store: sessionmaker[Sess
         assert text.startswith("no: iris 9.0.0≠2.0.0 (local install) since")
 
 
-@pytest.mark.parametrize(
-    "probation", [{"max_p95_ratio": -1.0}, {"max_p95_ratio": True}, "1.3", {"max_p95_ratio": "x"}]
-)
-def test_a_malformed_probation_object_is_refused_when_signed(probation: object) -> None:
+@pytest.mark.parametrize("ratio", [-1.0, 0, True, "1.3", float("inf")])
+def test_a_malformed_probation_ratio_is_refused_when_signed(ratio: object) -> None:
     from edgefleet.wire.errors import RejectError
     from edgefleet.wire.mqtt import sign_desired
 
-    entry = {"version": "1.0.0", "url": "http://x/1", "sha256": "a" * 64, "probation": probation}
+    entry = {"version": "1.0.0", "url": "http://x/1", "sha256": "a" * 64, "max_p95_ratio": ratio}
     state = {"device_id": "d", "seq": 1, "issued_at": "2026-01-01T00:00:00Z",
              "expires_at": "2026-01-02T00:00:00Z", "models": {"iris": entry}}  # fmt: skip
-    with pytest.raises(RejectError, match="probation"):
+    with pytest.raises(RejectError, match="max_p95_ratio"):
         sign_desired(state, ec.generate_private_key(ec.SECP256R1()))
