@@ -166,17 +166,16 @@ def note_sync_many(session: Session, device_ids: Collection[str], now: datetime)
 
 def sync_view(dev: Device, row: DesiredState | None) -> dict[str, Any]:
     """The "in sync" column: managed (has a desired state), in sync, since when not, and each
-    model that differs (a version the device installed by hand is flagged `local`)."""
+    model that differs (a version the device installed by hand is flagged `local`; one whose
+    way back to the desired version failed, `rollback_failed`)."""
     if row is None:
         return {"managed": False, "in_sync": True, "since": None, "models": [], "text": "-"}
     diff: list[dict[str, Any]] = [dict(d) for d in sync_diff(row.models, row.remove, dev.installed)]
     last = dev.last_status if isinstance(dev.last_status, dict) else {}
     for d in diff:
-        d["local"] = bool(
-            last.get("local")
-            and last.get("model") == d["model"]
-            and last.get("version") == d["installed"]
-        )
+        same = last.get("model") == d["model"]
+        d["local"] = bool(last.get("local") and same and last.get("version") == d["installed"])
+        d["rollback_failed"] = bool(same and last.get("state") == "ROLLBACK_FAILED")
     since = dev.out_of_sync_since if diff else None
     view: dict[str, Any] = {
         "managed": True,
@@ -197,6 +196,7 @@ def sync_text(view: Mapping[str, Any]) -> str:
     parts = [
         f"{d['model']} {d['installed'] or 'none'}≠{d['desired'] or 'removed'}"
         + (" (local install)" if d.get("local") else "")
+        + (" (ROLLBACK FAILED)" if d.get("rollback_failed") else "")
         for d in view.get("models", [])
     ]
     since = view.get("since")

@@ -164,7 +164,9 @@ def fleet(request: Request, s: Session = Depends(session)) -> Response:
         rows = "<br>".join(
             escape(
                 f"{d['model']}: desired {d['desired'] or 'removed'}, installed "
-                f"{d['installed'] or 'none'}" + (" (local install)" if d.get("local") else "")
+                f"{d['installed'] or 'none'}"
+                + (" (local install)" if d.get("local") else "")
+                + (" (rollback failed)" if d.get("rollback_failed") else "")
             )
             for d in v["models"]
         )

@@ -473,14 +473,21 @@ def test_a_failed_rollback_is_loud_everywhere_and_the_device_shows_out_of_sync(
         assert sync["rbf-1"]["in_sync"] is True
         assert sync["rbf-2"]["in_sync"] is False and sync["rbf-2"]["since"]
         assert sync["rbf-2"]["models"] == [
-            {"model": "iris", "desired": "1.0.0", "installed": "2.0.0", "local": False}
+            {
+                "model": "iris",
+                "desired": "1.0.0",
+                "installed": "2.0.0",
+                "local": False,
+                "rollback_failed": True,
+            }
         ]
         code, out = cli(run, "devices", "list", "--out-of-sync")
-        assert "rbf-2" in out and "rbf-1" not in out and "iris 2.0.0≠1.0.0 since" in out
+        assert "rbf-2" in out and "rbf-1" not in out
+        assert "iris 2.0.0≠1.0.0 (ROLLBACK FAILED) since" in out
         # the dashboard: the fleet page says out of sync, the rollouts page says it failed
         fleet_page = dashboard(run, "")
         row = fleet_page.split("rbf-2")[1].split("</tr>")[0]
-        assert "out_of_sync" in row and "desired 1.0.0, installed 2.0.0" in row
+        assert "out_of_sync" in row and "desired 1.0.0, installed 2.0.0 (rollback failed)" in row
         assert "rollback_failed" in dashboard(run, "rollouts")
         # `agent install --force` by hand on the managed rbf-1: out of sync, flagged local
         devs[0].install_locally("9.9.9")

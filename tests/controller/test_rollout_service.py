@@ -444,7 +444,13 @@ def test_out_of_sync_since_follows_desired_and_reported(store: sessionmaker[Sess
         view = desired.sync_view(dev, row)
         assert not view["in_sync"] and view["since"]
         assert view["models"] == [
-            {"model": "iris", "desired": "2.0.0", "installed": "1.0.0", "local": False}
+            {
+                "model": "iris",
+                "desired": "2.0.0",
+                "installed": "1.0.0",
+                "local": False,
+                "rollback_failed": False,
+            }
         ]
         assert desired.sync_text(view).startswith("no: iris 1.0.0≠2.0.0 since ")
     now = datetime.now(UTC)
