@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import cast
 
@@ -114,6 +115,7 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
             rollout_id=req.rollout_id,
             allow_downgrade=req.allow_downgrade,
             controller_source=req.controller_source,
+            max_p95_ratio=req.max_p95_ratio,
         )
         self.journal.create(rec)
         self.updater.emit(rec, rec.last())
@@ -251,6 +253,21 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
             t.join(timeout=10)
         self._threads.clear()
         self.ready.clear()
+        self._save_serving_records()
+
+    def _save_serving_records(self) -> None:
+        """Keep what each committed version served with (the next update's probation
+        reference) across a restart."""
+        for name in self.sessions.names():
+            lm = self.sessions.get(name)
+            if lm is None or lm.version != self.store.pointers(name).current:
+                continue
+            if lm.version in self.store.committed_versions(name):
+                # A record is a help to the next probation, never a reason to fail a stop.
+                with suppress(OSError):
+                    self.store.add_serving_latencies(
+                        name, lm.version, lm.stats.drain(), self.config.probation.history_requests
+                    )
 
     def wait_update(self, update_id: str, timeout: float = 60.0) -> UpdateView:
         """Block until the update is terminal (bounded); returns its view."""

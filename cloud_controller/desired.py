@@ -32,11 +32,14 @@ def _issue(
     now: datetime,
     remove: list[str] | None = None,
 ) -> DesiredState:
+    from edgefleet.cloud_controller.devices import seq_floor
     from edgefleet.wire.manifest import format_time
     from edgefleet.wire.mqtt import sign_desired
 
     row = session.get(DesiredState, device_id)
-    seq = (row.seq if row is not None else 0) + 1
+    # Above the controller's last seq and above what the device reports holding: a database
+    # restored from a backup must not issue states the device drops as replays.
+    seq = max(row.seq if row is not None else 0, seq_floor(session, device_id)) + 1
     expires = now + signer.ttl
     state = {
         "device_id": device_id,

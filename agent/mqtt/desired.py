@@ -49,6 +49,7 @@ def make_update_request(target: ModelTarget) -> UpdateRequest:
         rollout_id=target.rollout_id,
         allow_downgrade=target.allow_downgrade,
         controller_source=True,
+        max_p95_ratio=target.max_p95_ratio,
     )
 
 

@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgefleet.wire import ids
 from edgefleet.wire.errors import RejectError, ReplayError
 from edgefleet.wire.keyid import key_id
 from edgefleet.wire.manifest import NAME_RE, now_utc, parse_time
@@ -96,6 +97,8 @@ def validate_desired(state: Any) -> dict[str, Any]:
     for f in ("device_id", "issued_at", "expires_at"):
         if not isinstance(state.get(f), str):
             raise _bad(f"{f} missing or not a string")
+    if not ids.is_valid(ids.DEVICE_ID, state["device_id"]):
+        raise _bad(f"device_id {state['device_id']!r} is outside the device id grammar")
     seq = state.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise _bad("seq missing or not a non-negative integer")
@@ -110,6 +113,8 @@ def validate_desired(state: Any) -> dict[str, Any]:
     for name, spec in models.items():
         if not NAME_RE.match(name) or not isinstance(spec, dict):
             raise _bad(f"bad model entry {name!r}")
+        if spec.get("profile") is not None and not ids.is_valid(ids.PROFILE, spec["profile"]):
+            raise _bad(f"model {name!r}: profile {spec['profile']!r} is not a profile id")
         try:
             parse_version(str(spec.get("version")))
         except InvalidVersion as e:

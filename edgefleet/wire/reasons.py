@@ -69,6 +69,9 @@ class ReasonCode(StrEnum):
     REMOVE_REFUSED = "remove_refused"
     INTERNAL_ERROR = "internal_error"
     RESUME_LIMIT = "resume_limit"  # the agent was interrupted in this update too many times
+    # A rollback to a version committed on the device could not land (state ROLLBACK_FAILED;
+    # the figures' "cause" holds the underlying code). Final: an operator must act.
+    ROLLBACK_FAILED = "rollback_failed"
     # --- the controller's own, for a device that did not answer in time ------------------
     TIMEOUT = "timeout"
     # --- informational: carried by a successful report, never a failure ------------------

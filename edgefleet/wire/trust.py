@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.wire import signing
 from edgefleet.wire.errors import RejectError
+from edgefleet.wire.keyid import KeyIdError, canonical_key_ids
 from edgefleet.wire.manifest import MANIFEST_FILE, parse_time, validate_manifest
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import parse_version
@@ -67,6 +68,15 @@ class TrustStore:
 
     trusted_keys: Sequence[ec.EllipticCurvePublicKey]
     revoked_key_ids: Collection[str] = ()
+
+    def __post_init__(self) -> None:
+        # One canonical key-id form (wire.keyid): an id in upper case still revokes its key,
+        # and an entry that names no key (the 16-digit short form) refuses, never passes.
+        try:
+            revoked = canonical_key_ids(self.revoked_key_ids)
+        except KeyIdError as e:
+            raise RejectError(ReasonCode.REVOKED_KEY, f"revocation list refused: {e}") from e
+        object.__setattr__(self, "revoked_key_ids", revoked)
 
     def trusts(self, kid: str) -> bool:
         return kid not in self.revoked_key_ids and kid in signing.key_ids(self.trusted_keys)
