@@ -343,8 +343,17 @@ def test_a_rollback_that_cannot_land_is_final_and_loud(fleet: Fleet) -> None:
     shutil.rmtree(fleet.agent_dir(dev) / "data" / "models" / model / "1.0.0", ignore_errors=True)
     aside = fleet.root / "bt-aside"
     aside.mkdir(exist_ok=True)
-    moved = [p for p in (fleet.controller_dir / "packages" / model).iterdir() if "1.0.0" in p.name]
-    assert moved
+    digests = {
+        p["sha256"]
+        for p in fleet.api.call("GET", f"/api/v1/packages?name={model}")
+        if p["version"] == "1.0.0"
+    }
+    moved = [
+        p
+        for p in (fleet.controller_dir / "packages").rglob("*")
+        if p.is_file() and any(d in p.name for d in digests)
+    ]
+    assert digests and moved, digests
     for p in moved:
         shutil.move(p, aside / p.name)
     try:
