@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,25 +76,13 @@ def key_refusal(ctx: UpdateContext, name: str, version: str) -> RejectError | No
     store: TrustStore = pol.trust_store()
     if not isinstance(signer, str):
         return RejectError(ReasonCode.UNTRUSTED_KEY, f"{what} has no recorded signing key")
-    if _revoked(signer, store.revoked_key_ids):
+    if signer.strip().lower() in store.revoked_key_ids:  # canonical forms (wire.keyid)
         return RejectError(ReasonCode.REVOKED_KEY, f"{what} was signed by revoked key {signer}")
     if not store.trusts(signer):
         return RejectError(
             ReasonCode.UNTRUSTED_KEY, f"{what} was signed by key {signer}, no longer trusted"
         )
     return None
-
-
-def _revoked(signer: str, revoked: Collection[str]) -> bool:
-    """``signer`` is named in ``revoked`` (any case and spacing; the full id or a prefix of at
-    least 16 hex digits, as `edgefleet verify` prints it): for a model already serving, a
-    revocation errs on the side of stopping it."""
-    kid = signer.strip().lower()
-    for entry in revoked:
-        e = str(entry).strip().lower().replace(" ", "")
-        if e == kid or (len(e) >= 16 and kid.startswith(e)):
-            return True
-    return False
 
 
 def installed_rollback(ctx: UpdateContext, rec: UpdateRecord) -> bool:

@@ -271,6 +271,36 @@ def drift_index(request: Request, s: Session = Depends(session)) -> Response:
     return _with_cookie(request, _page("Drift", body))
 
 
+def _drift_range_line(f: dict[str, Any]) -> str:
+    """Out-of-range counts of a feature judged by the range test ('' where it is not)."""
+    if f.get("p_range") is None:
+        return ""
+    bad = int(f.get("nan", 0)) + int(f.get("inf", 0))
+    return (
+        f"<div class='range'>outside the reference range: {int(f.get('below', 0))} below, "
+        f"{int(f.get('above', 0))} above, {bad} NaN/inf of {int(f.get('range_checked', 0))}"
+        f"</div>"
+    )
+
+
+def _drift_detects_line(f: dict[str, Any]) -> str:
+    """What the reference can detect for this feature at the window's size."""
+    d = f.get("detectability")
+    if not d:
+        return ""
+    parts = []
+    if d.get("min_shift_std") is not None:
+        parts.append(f"a shift of {d['min_shift_std']:.2g} std")
+    if d.get("min_out_of_range") is not None:
+        parts.append(f"{d['min_out_of_range']:.1%} of values out of range")
+    text = " or ".join(parts) if parts else ""
+    note = f" ({d['note']})" if d.get("note") else ""
+    return (
+        f"<div class='detects'>detects with 80 % power at n={int(d.get('n', 0))}: "
+        f"{escape(text or '-')}{escape(note)}</div>"
+    )
+
+
 @router.get("/drift/{model}", response_class=HTMLResponse)
 def drift_page(
     request: Request,
@@ -313,7 +343,7 @@ def drift_page(
         cards.append(
             f"<div class='{cls}' data-feature='{escape(f['name'])}'>{chart}<div>"
             f"PSI {f['psi']:.3f} · JS {f['js']:.3f} · KS {ks} · p {f['p_adjusted']:.2g}"
-            f"</div></div>"
+            f"</div>{_drift_range_line(f)}{_drift_detects_line(f)}</div>"
         )
     evs = "".join(
         f"<tr><td>{escape(e['at'][:19])}</td><td>{escape(e['scope'])} {escape(e['scope_key'])}"
@@ -321,6 +351,9 @@ def drift_page(
         f"</td></tr>"
         for e in view.get("events", [])
     )
+    warns = "".join(f"<li>{escape(str(w))}</li>" for w in view.get("reference_warnings") or [])
+    if warns:
+        head += f"<div id='reference-warnings'><b>Reference limits</b><ul>{warns}</ul></div>"
     body = (
         head
         + f"<h2>Statistic over time</h2>{timeline}"

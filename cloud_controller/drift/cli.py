@@ -26,6 +26,23 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _out_of_range(f: dict[str, Any]) -> str:
+    """'outside/checked' where the range was counted, '-' otherwise."""
+    if f.get("p_range") is None:
+        return "-"
+    bad = sum(int(f.get(k, 0)) for k in ("below", "above", "nan", "inf"))
+    return f"{bad}/{f.get('range_checked')}"
+
+
+def _detects(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    shift, share = d.get("min_shift_std"), d.get("min_out_of_range")
+    if shift is None and share is None:
+        return "-"
+    return f"{'-' if shift is None else format(shift, '.2g') + 'σ'} {_fmt(share, '.1%')}"
+
+
 @drift_app.command("show")
 def show(
     model: str = typer.Argument(..., help="Model name."),
@@ -52,7 +69,18 @@ def show(
     )
     feats = doc.get("features", [])
     if feats:
-        t = Table("feature", "role", "n", "PSI", "JS", "KS", "p (adj.)", "drift")
+        t = Table(
+            "feature",
+            "role",
+            "n",
+            "PSI",
+            "JS",
+            "KS",
+            "outside",
+            "p (adj.)",
+            "drift",
+            "detects",
+        )
         for f in sorted(feats, key=lambda f: f["p_adjusted"]):
             t.add_row(
                 f["name"],
@@ -61,10 +89,20 @@ def show(
                 _fmt(f["psi"]),
                 _fmt(f["js"]),
                 _fmt(f["ks"]),
+                _out_of_range(f),
                 _fmt(f["p_adjusted"], ".2g"),
                 "[red]yes[/red]" if f["drifted"] else "no",
+                _detects(f.get("detectability")),
             )
         console.print(t)
+        n = doc.get("n", 0)
+        console.print(
+            "outside: live values outside the reference range (below, above, NaN, inf) of those "
+            f"checked; detects: the smallest mean shift (σ: reference std) and share of values "
+            f"out of range seen with 80 % power in a window of {n}"
+        )
+    for w in doc.get("reference_warnings") or []:
+        console.print(f"[yellow]reference:[/yellow] {w}")
     evs = doc.get("events", [])
     if evs:
         console.print(f"{len(evs)} recent drift event(s); latest: {evs[0]['reason']}")

@@ -239,9 +239,13 @@ def test_revocation_reaches_installed_models(
     assert "stops serving" in (tmp_path / "cfg" / "agent.log").read_text()
     shutil.copyfile(keys["trusted"].public_path, key_file)
     cfg = write_config(
-        tmp_path / "cfg", data, [key_file], revoked_key_ids=[kid[:16].upper()], http_port=agent.port
+        tmp_path / "cfg",
+        data,
+        [key_file],
+        revoked_key_ids=[f" {kid.upper()} "],
+        http_port=agent.port,
     )
-    # revoked at start (named as `edgefleet verify` prints it, in upper case): never serves
+    # revoked at start (spelled in upper case with blanks: one canonical form): never serves
     agent = AgentProcess(cfg)
     try:
         assert OipClient(agent.port).infer("iris", {"X": x_iris})[0] == 404
