@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi import Path as PathParam
@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgefleet.cloud_controller import auth, devices, registry, rollout_views, rollouts
+from edgefleet.cloud_controller import auth, desired, devices, registry, rollout_views, rollouts
 from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import iso, transaction
 from edgefleet.cloud_controller.deps import Principal, audit_detail, controller, need, session
@@ -221,6 +221,9 @@ class RegisterRequest(BaseModel):
     device_id: DeviceId
     groups: list[GroupName] = Field([], max_length=64)
     tags: list[TagName] = Field([], max_length=64)
+    rotate_credentials: bool = Field(
+        False, description="re-key a registered device (its old credentials stop working)"
+    )
 
 
 class LabelsRequest(BaseModel):
@@ -235,6 +238,13 @@ def register_device(body: RegisterRequest, request: Request, who: Operator) -> d
     ctl = controller(request)
     try:
         with transaction(ctl.factory) as s:
+            known = s.get(Device, body.device_id)
+            if known is not None and known.registered and not body.rotate_credentials:
+                raise fail(
+                    409,
+                    "device_exists",
+                    f"{body.device_id} is registered; rotate_credentials re-keys it",
+                )
             creds = auth.register_device(s, body.device_id, body.groups, body.tags)
     except ids.IdentifierError as e:
         raise fail(422, e.code, str(e)) from e
@@ -253,10 +263,11 @@ def list_devices(
     db: Db, who: Reader, group: str | None = None, tag: str | None = None
 ) -> list[dict[str, Any]]:
     out = []
+    wanted = {r.device_id: r for r in db.scalars(select(DesiredState))}
     for d in devices.list_devices(db):
         if (group and group not in d.groups) or (tag and tag not in d.tags):
             continue
-        out.append(devices.to_dict(d))
+        out.append({**devices.to_dict(d), "sync": desired.sync_view(d, wanted.get(d.id))})
     return out
 
 
@@ -265,7 +276,8 @@ def show_device(device_id: str, db: Db, who: Reader) -> dict[str, Any]:
     dev = db.get(Device, device_id)
     if dev is None:
         raise fail(404, "not_found", f"no device {device_id}")
-    return devices.to_dict(dev, db.get(DesiredState, device_id))
+    row = db.get(DesiredState, device_id)
+    return {**devices.to_dict(dev, row), "sync": desired.sync_view(dev, row)}
 
 
 @router.patch("/devices/{device_id}")
@@ -316,16 +328,27 @@ class RolloutRequest(BaseModel):
     target: TargetModel
     waves: list[float] = Field([5.0, 25.0, 100.0], description="cumulative %, last = 100")
     device_timeout_s: float = 600.0
-    max_retries: int = 0
+    max_retries: int = Field(
+        E.DEFAULT_RETRIES, description="attempts after the first, for transient failures"
+    )
     retry_backoff_s: float = Field(30.0, description="first retry delay; doubles each time")
     success_threshold_pct: float = Field(100.0, description="% of a wave that must succeed")
     abort_failure_pct: float = Field(20.0, description="abort when failures exceed this % ...")
-    abort_min_finished: int = Field(1, description="... once this many devices finished")
+    abort_min_finished: int | None = Field(
+        None,
+        description="... of max(finished, this many); default max(5, 2 % of planned devices)",
+    )
     approval_waves: list[int] = Field([], description="0-based waves that wait for approval")
     rate_per_min: int | None = Field(default=None, description="dispatches per minute")
     soak_s: float = Field(0.0, description="health-gated wait after each wave")
     gates: GatesModel = Field(default_factory=GatesModel)
     seed: int | None = Field(default=None, description="wave membership seed; random when absent")
+    on_abort: Literal["halt", "rollback"] = Field(
+        "halt", description="what an abort does to devices that took the release"
+    )
+    remove_first_installs: bool = Field(
+        False, description="let a rollback uninstall a first install (no previous version)"
+    )
 
 
 @router.post("/rollouts", status_code=201)
@@ -349,7 +372,11 @@ def list_rollouts(db: Db, who: Reader) -> list[dict[str, Any]]:
 
 @router.get("/rollouts/{rollout_id}")
 def show_rollout(rollout_id: str, request: Request, db: Db, who: Reader) -> dict[str, Any]:
-    state = controller(request).rollouts.get_state(rollout_id)
+    """One rollout, by id or a unique id prefix."""
+    try:
+        state = controller(request).rollouts.get_state(rollout_id)
+    except rollouts.RolloutError as e:
+        raise _rollout_error(e) from e
     if state is None:
         raise fail(404, "not_found", f"no rollout {rollout_id}")
     return rollout_views.detail(db, state)
@@ -359,6 +386,7 @@ class ControlRequest(BaseModel):
     wave: int | None = None  # approve: a wave index (0-based); default the waiting one
     rollback: bool = False  # cancel: also revert moved devices
     reason: str = "aborted by operator"  # abort
+    on_abort: Literal["halt", "rollback"] | None = None  # abort: None = the rollout's own
 
 
 @router.post("/rollouts/{rollout_id}/{action}")
@@ -375,7 +403,7 @@ def control_rollout(
         "pause": E.Pause(),
         "resume": E.Resume(),
         "cancel": E.Cancel(b.rollback),
-        "abort": E.Abort(f"{b.reason} ({who.actor})"),
+        "abort": E.Abort(f"{b.reason} ({who.actor})", b.on_abort),
     }
     if action not in events:
         raise fail(404, "unknown_action", f"{action!r}: use one of {sorted(events)}")

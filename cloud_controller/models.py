@@ -65,6 +65,10 @@ class Device(Base):
     last_status_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     recent_status_seqs: Mapped[list[int]] = mapped_column(JSON, default=list)
     last_status: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # When its installed models first differed from its desired state (None: in sync).
+    out_of_sync_since: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
 
 
 class DesiredState(Base):

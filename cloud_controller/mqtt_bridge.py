@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from edgefleet.cloud_controller import devices
+from edgefleet.cloud_controller import desired, devices
 from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import transaction
 from edgefleet.cloud_controller.desired import Signer
@@ -353,6 +353,9 @@ class MqttBridge:
                 else:
                     devices.get_or_create(session, d.device_id).last_seen = now
                     telemetry.append((d.device_id, d.parsed))
+            # what a device reports installed may now match its desired state, or no longer
+            reported = {d.device_id for d in decoded if not isinstance(d.parsed, TelemetryEnvelope)}
+            desired.note_sync_many(session, reported, now)
             if telemetry:
                 drops += self._telemetry(session, telemetry)
             session.flush()

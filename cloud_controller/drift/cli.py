@@ -1,6 +1,7 @@
 """`edgefleet drift show MODEL [--device D] [--json]` (calls the controller's API).
 
-Exit codes: 0 no drift (or not enough data), 3 drift, 1 the API refused, 2 unreachable.
+Exit codes (`cloud_controller.cli.client.Exit`): 0 no drift (or not enough data), 3 drift, 1 the
+API refused, 2 usage error, 4 unreachable.
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from edgefleet.cloud_controller.cli.client import JSON_OPT, TOKEN_OPT, URL_OPT, api_call, console
+from edgefleet.cloud_controller.cli.client import (
+    EXIT_CODES_HELP,
+    JSON_OPT,
+    TOKEN_OPT,
+    URL_OPT,
+    Exit,
+    api_call,
+    console,
+)
 
-DRIFT_EXIT = 3
-drift_app = typer.Typer(help="Data drift and field health of models.", no_args_is_help=True)
+DRIFT_EXIT = Exit.DRIFT
+drift_app = typer.Typer(
+    help="Data drift and field health of models.", no_args_is_help=True, epilog=EXIT_CODES_HELP
+)
 
 
 def register(app: typer.Typer) -> None:

@@ -265,7 +265,8 @@ def test_rollout_over_the_api_with_signed_desired_states(
         assert op.post(f"/api/v1/rollouts/{rid}/explode").status_code == 404
         listed = op.get("/api/v1/rollouts").json()
         assert listed[0]["id"] == rid and listed[0]["phase"] == "running"
-        r = op.post(f"/api/v1/rollouts/{rid}/abort", json={"reason": "test"}).json()
+        body = {"reason": "test", "on_abort": "rollback"}
+        r = op.post(f"/api/v1/rollouts/{rid}/abort", json=body).json()
         assert r["phase"] == "aborted" and r["counts"]["rollback_requested"] == 6
         r = op.post(f"/api/v1/rollouts/{rid}/pause")
         assert r.status_code == 409 and r.json()["detail"]["code"] == "finished"
