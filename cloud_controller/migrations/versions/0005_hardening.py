@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_hardening"
-down_revision = "0003_desired_remove"
+down_revision = "0004_rollout_safety"
 branch_labels = None
 depends_on = None
 
