@@ -69,15 +69,33 @@ def test_every_profile_packaged_verified_and_searched(
         m = verified.manifest
         assert m["profile"] == result.profile and m["version"] == "1.2.3"
         search = m["quantization"]["search"]
-        assert [s["candidate"] for s in search] == [
-            c.id for c in profiles[result.profile].candidates
-        ]
+        ids = [c.id for c in profiles[result.profile].candidates]
+        assert [s["candidate"] for s in search][: len(ids)] == ids  # + accuracy-aware variants
+        assert all(s["derived_from"] in ids for s in search[len(ids) :])
         chosen = [s for s in search if s["chosen"]]
         assert len(chosen) == 1 and chosen[0]["candidate"] == result.chosen
         assert m["quantization"]["recipe"]["id"] == result.chosen
         accepted = [s for s in search if s["accepted"]]
-        assert chosen[0]["p50_ms"] == min(s["p50_ms"] for s in accepted)
+        on_host = result.profile.startswith("cpu-")
+        if on_host:  # ranked by latency on the profile's own provider
+            assert m["quantization"]["ranked_by"] == "latency"
+            assert chosen[0]["p50_ms"] == min(s["p50_ms"] for s in accepted)
+        else:  # accelerators measured on the CPU provider: the cost model, marked off-target
+            assert m["quantization"]["ranked_by"] == "cost"
+            assert m["quantization"]["measured_off_target"] is True
+            assert m["benchmark"]["measured_off_target"] is True
+            assert all(not s["on_target_provider"] for s in search if s["measured_on"])
+            best = min((s["cost"]["fp32_compute_nodes"], s["size_bytes"]) for s in accepted)
+            assert (chosen[0]["cost"]["fp32_compute_nodes"], chosen[0]["size_bytes"]) == best
         assert all(s["reason"] for s in search)
+        for s in search:  # a vendor backend that is not installed falls back to ort, and says so
+            if s["recipe"].get("backend", "ort") != "ort" and s["backend"] == "ort":
+                assert "fell back to ort" in s["backend_note"]
+        fidelity = m["validation"]["fidelity"]
+        lo, hi = fidelity["agreement_ci95"]
+        assert lo <= m["validation"]["agreement"] <= hi
+        assert {"cosine_mean", "confident", "hard", "max_abs_error"} <= set(fidelity)
+        assert {g["gate"] for g in m["validation"]["gates"]} >= {"min_agreement"}
         gate = profiles[result.profile].accuracy_gate
         assert m["validation"]["agreement"] >= gate.min_agreement
         assert (
@@ -89,7 +107,6 @@ def test_every_profile_packaged_verified_and_searched(
         assert m["lineage"]["source_sha256"] == source_sha
         assert m["lineage"]["training_run"] == "run-42" and m["expires"] is not None
         assert m["drift_reference"]["features"]
-        on_host = result.profile.startswith("cpu-")
         assert m["quantization"]["provider_on_host"] is on_host
         if not on_host:
             assert "absent on the packaging host" in m["quantization"]["note"]
