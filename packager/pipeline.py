@@ -660,7 +660,7 @@ def _recover(
         and recipes[c.candidate].method in ("static", "qnn")
         and recipes[c.candidate].format == "QDQ"
         and recipes[c.candidate].backend == "ort"
-        and any(m.gate in ("min_agreement", "max_accuracy_drop") for m in c.misses)
+        and any(not v.passes for v in c.gates)  # not just too little data to tell
         and not any(m.gate == "max_memory_mb" for m in c.misses)
     ]
     if rank == "cost":

@@ -146,6 +146,7 @@ class GateVerdict:
     samples: int
     samples_needed: int | None = None
     test: str = ""
+    upper95: float | None = None  # a one-sided 95 % upper bound (accuracy drop)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +154,7 @@ class GateVerdict:
             "required": self.required,
             "measured": round(self.measured, 6),
             "ci95": [round(v, 6) for v in self.ci95] if self.ci95 else None,
+            "upper95": round(self.upper95, 6) if self.upper95 is not None else None,
             "verdict": self.verdict,
             "passes": self.passes,
             "samples": self.samples,
@@ -162,6 +164,8 @@ class GateVerdict:
 
     def describe(self) -> str:
         ci = f" (95% CI {self.ci95[0]:.4f}-{self.ci95[1]:.4f})" if self.ci95 else ""
+        if self.upper95 is not None:
+            ci = f" (95% upper bound {self.upper95:.4f})"
         text = f"{self.gate}: measured {self.measured:.4f}{ci}, required {self.required}"
         if self.verdict == "unresolved":
             need = (
@@ -205,12 +209,15 @@ def judge_accuracy_drop(m: Metrics, gate: AccuracyGate) -> GateVerdict | None:
     lost, gained = m.lost, m.gained
     p = mcnemar_exact(lost, gained)
     upper = drop_upper(lost, gained, n)
-    ci = (drop, upper)
     test = f"McNemar exact: {lost} lost, {gained} gained, one-sided p = {p:.3g}"
     if m.equivalent or upper <= g:
-        return GateVerdict("max_accuracy_drop", g, drop, ci, "pass", True, n, test=test)
+        return GateVerdict(
+            "max_accuracy_drop", g, drop, None, "pass", True, n, test=test, upper95=upper
+        )
     if drop > g and p < ALPHA:
-        return GateVerdict("max_accuracy_drop", g, drop, ci, "fail", False, n, test=test)
+        return GateVerdict(
+            "max_accuracy_drop", g, drop, None, "fail", False, n, test=test, upper95=upper
+        )
     lost_rate, gained_rate = lost / n, gained / n
 
     def resolves(size: int) -> bool:
@@ -221,7 +228,9 @@ def judge_accuracy_drop(m: Metrics, gate: AccuracyGate) -> GateVerdict | None:
 
     need = samples_needed(resolves, n + 1)
     passes = drop <= g or p >= ALPHA  # a drop the data cannot tell from chance does not fail
-    return GateVerdict("max_accuracy_drop", g, drop, ci, "unresolved", passes, n, need, test)
+    return GateVerdict(
+        "max_accuracy_drop", g, drop, None, "unresolved", passes, n, need, test, upper
+    )
 
 
 def judge(m: Metrics, gate: AccuracyGate) -> list[GateVerdict]:

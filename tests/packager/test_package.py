@@ -358,3 +358,62 @@ def test_encrypted_key_via_environment(
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     shutil.rmtree(tmp_path / "o")
+
+
+SMALL = """
+id = "cpu-small"
+cpu_fallback = true
+[[execution_providers]]
+name = "CPUExecutionProvider"
+[[quantization.candidates]]
+id = "static"
+method = "static"
+per_channel = true
+[accuracy_gate]
+min_agreement = 0.95
+max_accuracy_drop = 0.02
+[device_gates]
+max_p95_ms = 10
+max_memory_mb = 100
+sample_atol = 0.1
+sample_rtol = 0
+min_sample_agreement = 0.5
+"""
+
+
+def test_strict_refuses_a_gate_the_validation_set_cannot_resolve(
+    examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
+) -> None:
+    """30 samples cannot show 95 % agreement: a warning by default, a refusal under --strict."""
+    from edgefleet.packager.npzio import save_npz
+
+    ex = examples["digits-cnn"]
+    small = save_npz(
+        tmp_path / "small.npz", {k: v[:30] for k, v in load_npz(ex.validation).items()}
+    )
+    profile = tmp_path / "cpu-small.toml"
+    profile.write_text(SMALL)
+    args = [
+        "package", str(ex.model), "--name", "cnn", "--version", "1.0.0",
+        "--profile", str(profile), "--calibration", str(ex.calibration),
+        "--validation", str(small), "--key", str(signing_key.private_path),
+        "--bench-runs", "5", "--bench-seconds", "0.1",
+    ]  # fmt: skip
+    lenient = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a"), "--json"])
+    assert lenient.exit_code == 0, lenient.output
+    (p,) = json.loads(lenient.stdout)["profiles"]
+    assert p["status"] == "packaged"
+    assert any("30 samples cannot resolve" in w for w in p["warnings"])
+    (chosen,) = [c for c in p["candidates"] if c["chosen"]]
+    verdicts = {g["gate"]: g for g in chosen["gates"]}
+    assert verdicts["min_agreement"]["verdict"] == "unresolved"
+    assert verdicts["min_agreement"]["samples_needed"] > 30
+    strict = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--strict", "--json"])
+    assert strict.exit_code == 1, strict.output
+    (p,) = json.loads(strict.stdout)["profiles"]
+    assert p["status"] == "gate_failed" and "--strict" in p["failure"]["reason"]
+    assert p["failure"]["unresolved"][0]["samples_needed"] > 30
+    human = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c"), "--strict"])
+    assert human.exit_code == 1
+    assert "30 samples cannot resolve min_agreement; about" in human.stdout
+    assert not list((tmp_path / "b").glob("*.efpkg")) and not list((tmp_path / "c").glob("*.efpkg"))
