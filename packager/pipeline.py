@@ -669,10 +669,16 @@ def _recover(
     else:
         failed = [c for c in failed if fastest is None or (c.p50_ms or 0.0) < fastest]
     failed.sort(key=lambda c: min(m.margin for m in c.misses), reverse=True)
-    for cand in failed[:MAX_RECOVERIES]:
+    tried: set[int] = set()
+    for cand in failed:
         recipe = recipes[cand.candidate]
         b = built[cand.candidate]
         assert b.model is not None
+        if id(b) in tried:  # the same build under another name (e.g. a backend's fallback)
+            continue
+        if len(tried) >= MAX_RECOVERIES:
+            break
+        tried.add(id(b))
         found = _sensitive_nodes(profile, recipe, b, src, work, provider, bench, strict)
         cand.recovery = found["summary"]
         if not found["nodes"]:

@@ -20,6 +20,12 @@ from typing import Any
 import numpy as np
 
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
+#: Ops that move or select values without arithmetic: their quantized output shares the input's
+#: scale, so keeping one in FP32 removes no error (not worth a session each).
+_MOVES = {
+    "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "Gather",
+    "Slice", "Split", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Pad",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ def quantized_nodes(model: Any) -> list[Any]:
     producer = {o: n for n in model.graph.node for o in n.output}
     found = []
     for node in model.graph.node:
-        if node.op_type in _QDQ or not node.name:
+        if node.op_type in _QDQ or node.op_type in _MOVES or not node.name:
             continue
         sources = [producer.get(i) for i in node.input if i]
         if any(p is not None and p.op_type == "DequantizeLinear" for p in sources):
@@ -85,8 +91,32 @@ def float_except(quantized: Any, prepared: Any, names: Iterable[str]) -> Any:
                 q = producer.get(src)
                 if q is not None and q.op_type == "QuantizeLinear":
                     node.input[i] = q.input[0]
+        _float_graph_outputs(graph, node)
     _prune(model)
     return model
+
+
+def _float_graph_outputs(graph: Any, node: Any) -> None:
+    """A node kept in FP32 whose output reaches a graph output through Q -> DQ writes it directly.
+
+    (ONNX Runtime does not quantize the output of an excluded node that only the graph output
+    reads; without this, e.g. a Softmax kept in FP32 would still emit 8-bit probabilities.)
+    """
+    outputs = {o.name for o in graph.output}
+    for j, out in enumerate(node.output):
+        readers = [n for n in graph.node if out in n.input]
+        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+            continue
+        q = readers[0]
+        dqs = [n for n in graph.node if q.output[0] in n.input]
+        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
+            continue
+        final = dqs[0].output[0]
+        if final not in outputs or any(final in n.input for n in graph.node):
+            continue
+        node.output[j] = final
+        graph.node.remove(dqs[0])
+        graph.node.remove(q)
 
 
 def _dequantize(dq: Any, inits: Mapping[str, Any]) -> np.ndarray:

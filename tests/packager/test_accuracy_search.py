@@ -129,17 +129,16 @@ def test_quantize_all_but_one_node_and_rank_sensitivity(
     assert {n.op_type for n in nodes} >= {"Conv", "Gemm"}
     ref = _run(fmodel, cal)
     every = float_except(qmodel, fmodel, [n.name for n in nodes])
-    # every node in FP32: only the graph output's own Quantize/Dequantize pair is left
-    assert [
-        n.op_type for n in every.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-    ] == [
-        "QuantizeLinear",
-        "DequantizeLinear",
-    ]
-    step = 2.0**-7  # the output's power-of-two scale over [0, 1]
-    assert np.max(np.abs(_run(every, cal) - ref)) <= step + 1e-6  # (saturates at 127/128)
+    err_all = np.max(np.abs(_run(every, cal) - ref))
+    err_q = np.max(np.abs(_run(qmodel, cal) - ref))
+    assert err_all < err_q / 4
+    # the Softmax kept in FP32 writes the graph output itself (no 8-bit probabilities)
+    producers = {o: n.op_type for n in every.graph.node for o in n.output}
+    assert producers["probabilities"] == "Softmax"
     assert not any(n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")
                    for n in every.graph.node)  # fmt: skip
+    only_softmax = float_except(qmodel, fmodel, ["softmax"])
+    assert len(only_softmax.graph.node) == len(qmodel.graph.node) - 2
     base, ranked = rank(q, prepared, cal, {"probabilities": ref})
     assert base > 0 and len(ranked) == len(nodes)
     assert [r.error_removed for r in ranked] == sorted(
