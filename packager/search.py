@@ -295,11 +295,23 @@ def cost_key(r: CandidateResult) -> tuple[float, float]:
     return (float(c.get("fp32_compute_nodes", 0)), float(r.size_bytes or 0))
 
 
+#: Candidates within this fraction of the fastest p50 are a tie (timing noise on a shared host):
+#: the most faithful of them wins.
+LATENCY_TIE = 0.05
+
+
+def _fidelity_key(r: CandidateResult) -> tuple[float, float]:
+    m = r.metrics
+    if m is None:
+        return (0.0, 0.0)
+    return (m.agreement, m.cosine_mean if m.cosine_mean is not None else 0.0)
+
+
 def choose(results: Sequence[CandidateResult], *, rank: str = "latency") -> CandidateResult | None:
     """Mark the best accepted candidate as chosen and give every candidate its reason.
 
-    ``rank="latency"``: fastest p50 wins; ties go to the earlier candidate in the profile (the
-    profile's order of preference). ``rank="cost"``: :func:`cost_key` decides (the figures were
+    ``rank="latency"``: fastest p50 wins; candidates within :data:`LATENCY_TIE` of it are a tie,
+    won by the highest agreement, then output cosine, then the earlier candidate in the profile. ``rank="cost"``: :func:`cost_key` decides (the figures were
     not measured on the target, so latency would predict nothing), then profile order.
     """
     accepted = [r for r in results if r.accepted and r.p50_ms is not None]
@@ -308,7 +320,9 @@ def choose(results: Sequence[CandidateResult], *, rank: str = "latency") -> Cand
         if rank == "cost":
             best = min(accepted, key=cost_key)
         else:
-            best = min(accepted, key=lambda r: r.p50_ms or 0.0)
+            fastest = min(r.p50_ms or 0.0 for r in accepted)
+            close = [r for r in accepted if (r.p50_ms or 0.0) <= fastest * (1 + LATENCY_TIE)]
+            best = max(close, key=_fidelity_key)
     for r in results:
         if r.skipped is not None:
             r.reason = f"skipped: {r.skipped}"
@@ -325,7 +339,12 @@ def choose(results: Sequence[CandidateResult], *, rank: str = "latency") -> Cand
                     " latency not measured on the target)"
                 )
             else:
-                r.reason = f"fastest within gate (p50 {r.p50_ms:.4f} ms)"
+                r.reason = f"fastest within gate (p50 {r.p50_ms:.4f} ms"
+                r.reason += (
+                    f", most faithful of those within {LATENCY_TIE:.0%} of the fastest)"
+                    if best.p50_ms != min(a.p50_ms or 0.0 for a in accepted)
+                    else ")"
+                )
         elif best is not None:
             if rank == "cost":
                 r.reason = f"within gate but costlier {cost_key(r)} vs {cost_key(best)}"

@@ -132,3 +132,15 @@ def test_accelerators_are_ranked_by_the_cost_model_not_cpu_latency() -> None:
     assert "latency not measured on the target" in smaller.reason
     best = choose([_cand("a", 1.0, 3, 100), _cand("b", 5.0, 0, 120)], rank="latency")
     assert best is not None and best.candidate == "a"
+
+
+def test_latency_ties_go_to_the_most_faithful_candidate() -> None:
+    def cand(name: str, p50: float, agreement: float) -> CandidateResult:
+        m = Metrics(agreement, None, None, 0.1, 1000, "p", agreeing=round(agreement * 1000))
+        return CandidateResult(name, {"id": name}, metrics=m, p50_ms=p50, accepted=True)
+
+    per_tensor, per_channel = cand("per-tensor", 1.00, 0.985), cand("per-channel", 1.03, 0.999)
+    slow = cand("fp32", 2.0, 1.0)
+    assert choose([per_tensor, per_channel, slow]) is per_channel
+    assert "most faithful" in per_channel.reason
+    assert choose([cand("a", 1.0, 0.985), cand("b", 1.2, 0.999)]).candidate == "a"  # type: ignore[union-attr]

@@ -79,7 +79,11 @@ def test_every_profile_packaged_verified_and_searched(
         on_host = result.profile.startswith("cpu-")
         if on_host:  # ranked by latency on the profile's own provider
             assert m["quantization"]["ranked_by"] == "latency"
-            assert chosen[0]["p50_ms"] == min(s["p50_ms"] for s in accepted)
+            # the fastest, or the most faithful of those within 5 % of it (timing noise)
+            fastest = min(s["p50_ms"] for s in accepted)
+            assert chosen[0]["p50_ms"] <= fastest * 1.05
+            close = [s for s in accepted if s["p50_ms"] <= fastest * 1.05]
+            assert chosen[0]["agreement"] == max(s["agreement"] for s in close)
         else:  # accelerators measured on the CPU provider: the cost model, marked off-target
             assert m["quantization"]["ranked_by"] == "cost"
             assert m["quantization"]["measured_off_target"] is True
