@@ -146,3 +146,17 @@ def test_quantize_all_but_one_node_and_rank_sensitivity(
         (r.error_removed for r in ranked), reverse=True
     )
     assert ranked[0].error_removed > 0
+
+
+def test_histogram_calibration_is_bounded_by_memory(cnn: tuple[ExampleModel, Path]) -> None:
+    """The histogram calibrators keep every activation of every sample: cap the sample count."""
+    from edgefleet.packager.quantize import activation_bytes, histogram_subset
+
+    ex, prepared = cnn
+    cal = {"image": load_npz(ex.calibration)["image"][:64]}
+    per = activation_bytes(prepared, cal)
+    assert per > 64 * 4  # at least the input itself, as float32
+    roomy = histogram_subset(prepared, cal, budget=10 * 2**30)
+    assert len(roomy["image"]) == 64
+    tight = histogram_subset(prepared, cal, budget=int(per * 2 * 10 / 0.3))
+    assert 9 <= len(tight["image"]) <= 10
