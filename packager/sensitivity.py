@@ -1,8 +1,10 @@
 """Per-node quantization sensitivity of a QDQ model, for the accuracy-aware search.
 
 For each quantized compute node, the QDQ graph is edited so that this one node runs in FP32
-(its inputs bypass their Quantize/Dequantize pairs and its weights are the original FP32 ones)
-while every other node stays quantized: "quantize all but one". The node's sensitivity is how
+(its weights are the original FP32 ones; an activation input stays quantized when a quantized
+node produces it, as with ONNX Runtime's ``nodes_to_exclude``, and an output that only the graph
+output reads is no longer quantized) while every other node stays quantized: "quantize all but
+one". The node's sensitivity is how
 much that removes of the quantized model's output error (mean squared error against the FP32
 source, on a slice of the *calibration* data, so the validation data that judges the gate is
 not used to rank). The search then keeps the most sensitive nodes in FP32, fewest first.
@@ -66,31 +68,49 @@ def float_except(quantized: Any, prepared: Any, names: Iterable[str]) -> Any:
     keep = set(names)
     inits = {t.name: t for t in graph.initializer}
     originals = {t.name: t for t in prepared.graph.initializer}
+    float_nodes = {n.name: n for n in prepared.graph.node if n.name}
     producer = {o: n for n in graph.node for o in n.output}
+    float_producer = {o: n.name for n in prepared.graph.node for o in n.output}
+    graph_inputs = {i.name for i in graph.input}
+
+    def same_tensor(name: str | None) -> bool:
+        """``name`` holds the same values in both graphs (same producer, or a graph input)."""
+        if name is None:
+            return False
+        if name in graph_inputs:
+            return True
+        return name in producer and producer[name].name == float_producer.get(name)
+
     added: set[str] = set()
     for node in graph.node:
         if node.name not in keep:
             continue
+        fnode = float_nodes.get(node.name)
         for i, name in enumerate(node.input):
             dq = producer.get(name)
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
+            want = fnode.input[i] if fnode is not None and i < len(fnode.input) else None
             src = dq.input[0]
             if src in inits:  # a quantized initializer: use the FP32 original
                 base = src[: -len("_quantized")] if src.endswith("_quantized") else src
                 fname = f"{base}_fp32"
                 if fname not in added:
-                    if base in originals:
+                    if want in originals:
+                        value = numpy_helper.to_array(originals[want])
+                    elif base in originals:
                         value = numpy_helper.to_array(originals[base])
                     else:  # no original: dequantize the stored values
                         value = _dequantize(dq, inits)
                     graph.initializer.append(numpy_helper.from_array(value, fname))
                     added.add(fname)
                 node.input[i] = fname
-            else:
-                q = producer.get(src)
-                if q is not None and q.op_type == "QuantizeLinear":
-                    node.input[i] = q.input[0]
+            elif same_tensor(want) and (want in graph_inputs or producer[str(want)].name in keep):
+                # As ONNX Runtime's nodes_to_exclude does: a tensor between two FP32 nodes (or
+                # from the graph input) is not quantized; one from a quantized node stays
+                # quantized. When the quantizer folded an activation (a ReLU into the zero
+                # point, reusing its output name) the tensor differs and stays quantized too.
+                node.input[i] = want
         _float_graph_outputs(graph, node)
     _prune(model)
     return model

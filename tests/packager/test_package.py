@@ -421,3 +421,58 @@ def test_strict_refuses_a_gate_the_validation_set_cannot_resolve(
     assert human.exit_code == 1
     assert "30 samples cannot resolve min_agreement; about" in human.stdout
     assert not list((tmp_path / "b").glob("*.efpkg")) and not list((tmp_path / "c").glob("*.efpkg"))
+
+
+RECOVER = """
+id = "fpga-tight"
+cpu_fallback = false
+[[execution_providers]]
+name = "VitisAIExecutionProvider"
+[[quantization.candidates]]
+id = "pow2"
+method = "static"
+activation_type = "QInt8"
+activation_symmetric = true
+power_of_two = true
+[accuracy_gate]
+min_agreement = 0.999
+max_accuracy_drop = 0.05
+[device_gates]
+max_p95_ms = 10
+max_memory_mb = 100
+sample_atol = 0.1
+sample_rtol = 0
+min_sample_agreement = 0.5
+"""
+
+
+def test_accuracy_aware_search_keeps_the_fewest_sensitive_nodes_in_fp32(
+    examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
+) -> None:
+    """Power-of-two INT8 loses 1 of 450 images; keeping the most sensitive node in FP32 wins it."""
+    from edgefleet.packager.pipeline import package_model
+    from edgefleet.packager.profiles import load_profile_file
+
+    path = tmp_path / "fpga-tight.toml"
+    path.write_text(RECOVER)
+    ex = examples["digits-cnn"]
+    report = package_model(
+        ex.model, name="cnn", version="1.0.0", profiles=[load_profile_file(path)],
+        calibration=ex.calibration, validation=ex.validation, key=signing_key.private_path,
+        out_dir=tmp_path / "out", bench_runs=5, bench_seconds=0.1,
+    )  # fmt: skip
+    (result,) = report.profiles
+    assert result.ok, result.failure
+    first, derived = result.candidates
+    assert first.candidate == "pow2" and not first.accepted and first.recovery is not None
+    assert "gate passes with" in first.recovery["outcome"]
+    assert derived.derived_from == "pow2" and derived.chosen and derived.accepted
+    assert derived.candidate == f"pow2+fp32x{len(derived.fp32_nodes)}"
+    assert 1 <= len(derived.fp32_nodes) <= 2
+    assert all(n["why"].startswith("kept in FP32") for n in derived.fp32_nodes)
+    assert result.package is not None
+    m = read_manifest(result.package)
+    names = [n["node"] for n in m["quantization"]["fp32_nodes"]]
+    assert names == [n["node"] for n in derived.fp32_nodes]
+    assert m["quantization"]["recipe"]["nodes_to_exclude"] == names
+    assert m["validation"]["agreement"] >= 0.999
