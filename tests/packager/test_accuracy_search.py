@@ -138,8 +138,12 @@ def test_quantize_all_but_one_node_and_rank_sensitivity(
     assert not any(n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")
                    for n in every.graph.node)  # fmt: skip
     only_softmax = float_except(qmodel, fmodel, ["softmax"])
-    # its input pair (logits Q/DQ) and its output pair are gone
-    assert len(only_softmax.graph.node) == len(qmodel.graph.node) - 4
+    # as with nodes_to_exclude: its input from the quantized Gemm stays quantized, its output
+    # (read only by the graph output) is no longer quantized
+    assert len(only_softmax.graph.node) == len(qmodel.graph.node) - 2
+    assert {o: n.op_type for n in only_softmax.graph.node for o in n.output}[
+        "probabilities"
+    ] == "Softmax"
     base, ranked = rank(q, prepared, cal, {"probabilities": ref})
     assert base > 0 and len(ranked) == len(nodes)
     assert [r.error_removed for r in ranked] == sorted(
