@@ -106,32 +106,77 @@ def _render(report: Any, console: Console) -> None:
         "profile",
         "status",
         "recipe",
-        "agreement",
+        "backend",
+        "agreement (95% CI)",
+        "hard inputs",
+        "cosine",
         "accuracy",
         "p50 ms",
         "x FP32",
         "size x",
+        "measured on",
     ):
         table.add_column(col)
+    off = False
     for p in report.profiles:
+        where = p.validated_on.replace("ExecutionProvider", "")
+        if p.off_target:
+            off = True
+            where = (
+                f"[yellow]{where}* (not {p.target_provider.replace('ExecutionProvider', '')})[/]"
+            )
         if p.ok and p.metrics and p.latency and p.size_bytes:
-            acc = f"{p.metrics.accuracy:.4f}" if p.metrics.accuracy is not None else "-"
+            m = p.metrics
+            lo, hi = m.agreement_ci95
+            acc = f"{m.accuracy:.4f}" if m.accuracy is not None else "-"
+            hard = (
+                f"{m.hard.agreeing}/{m.hard.samples}"
+                if m.hard is not None and m.hard.samples
+                else "-"
+            )
+            cos = f"{m.cosine_mean:.4f}" if m.cosine_mean is not None else "-"
+            backend = p.backend or "ort"
+            if p.backend_note:
+                backend += " (fallback)"
+            speed = f"{src['p50_ms'] / p.latency.p50_ms:.2f}" + ("*" if p.off_target else "")
             table.add_row(
                 p.profile,
                 "[green]packaged[/]",
                 p.chosen or "",
-                f"{p.metrics.agreement:.4f}",
+                backend,
+                f"{m.agreement:.4f} ({lo:.3f}-{hi:.3f})",
+                hard,
+                cos,
                 acc,
-                f"{p.latency.p50_ms:.3f}",
-                f"{src['p50_ms'] / p.latency.p50_ms:.2f}",
+                f"{p.latency.p50_ms:.3f}" + ("*" if p.off_target else ""),
+                speed,
                 f"{p.size_bytes / src['size_bytes']:.2f}",
+                where,
             )
         else:
-            table.add_row(p.profile, f"[red]{p.status}[/]", "", "", "", "", "", "")
+            table.add_row(p.profile, f"[red]{p.status}[/]", *[""] * 9, where)
     console.print(table)
+    if off:
+        console.print(
+            "  * measured on the packaging host's provider, not the profile's own: these figures do"
+            " not predict the target; accelerator candidates are ranked by the cost model"
+            " (fewest FP32 compute nodes, then size), not by this latency.",
+            highlight=False,
+        )
     for p in report.profiles:
         if p.package:
             console.print(f"  {p.profile}: {p.package}", highlight=False)
+        if p.backend_note:
+            console.print(f"  {p.profile}: backend {p.backend_note}", highlight=False)
+        for c in p.candidates:
+            if c.fp32_nodes and c.chosen:
+                names = ", ".join(n["node"] for n in c.fp32_nodes)
+                console.print(
+                    f"  {p.profile}: {len(c.fp32_nodes)} node(s) kept in FP32 ({names})",
+                    highlight=False,
+                )
+        for w in p.warnings:
+            console.print(f"[yellow]  {p.profile}: {w}[/]", highlight=False)
         if p.failure:
             console.print(f"[red]  {p.profile}: {p.failure['reason']}[/]", highlight=False)
             closest = p.failure.get("closest_candidate")
@@ -139,6 +184,13 @@ def _render(report: Any, console: Console) -> None:
                 console.print(
                     f"    {closest}: gate {g['gate']} required {g['required']}, "
                     f"measured {g['measured']:.4f}, margin {g['margin']:+.4f}",
+                    highlight=False,
+                )
+            for u in p.failure.get("unresolved", []):
+                need = u.get("samples_needed")
+                console.print(
+                    f"    {closest}: {u['samples']} samples cannot resolve {u['gate']}"
+                    + (f"; about {need} would" if need else ""),
                     highlight=False,
                 )
             for cand, error in p.failure.get("errors", {}).items():
@@ -170,11 +222,17 @@ def package(
     external_data: bool = typer.Option(
         False, "--external-data", help="Store weights as external data even for small models."
     ),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Refuse a package whose gates the validation set is too small to resolve.",
+    ),
 ) -> None:
     """Quantize, validate, benchmark and sign MODEL for each hardware profile.
 
     Exit status: 0 when every profile was packaged, 1 when a profile failed its gate (it writes
-    no package), 2 for bad input.
+    no package; with --strict, also when the validation set cannot resolve a gate), 2 for bad
+    input.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -227,6 +285,7 @@ def package(
                 threads=threads,
                 force_external_data=external_data,
                 progress=on_progress,
+                strict=strict,
             )
     except (PackagingError, ProfileError) as exc:
         _err(str(exc))

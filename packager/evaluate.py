@@ -9,12 +9,45 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.packager.stats import wilson
+
 Outputs = dict[str, np.ndarray]
+
+#: An input is "hard" (low confidence) when the source model's top-1 probability is below this
+#: (softmax of the scores when they are not probabilities already).
+HARD_BELOW = 0.7
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Top-1 agreement on one part of the validation data, with its 95 % Wilson interval."""
+
+    samples: int
+    agreeing: int
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreeing / self.samples if self.samples else None
+
+    def to_dict(self) -> dict[str, Any]:
+        lo, hi = wilson(self.agreeing, self.samples)
+        return {
+            "samples": self.samples,
+            "agreeing": self.agreeing,
+            "agreement": self.agreement,
+            "agreement_ci95": [round(lo, 6), round(hi, 6)] if self.samples else None,
+        }
 
 
 @dataclass(frozen=True)
 class Metrics:
-    """How a candidate's outputs compare with the source model's on the validation data."""
+    """How a candidate's outputs compare with the source model's on the validation data.
+
+    Beyond top-1: ``cosine_mean``/``cosine_min`` compare each sample's output vector with the
+    source's, and ``confident``/``hard`` split top-1 agreement by the source model's own
+    confidence (:data:`HARD_BELOW`). ``lost``/``gained`` are the discordant pairs of the
+    accuracy comparison (source right and candidate wrong, and the reverse), for McNemar's test.
+    """
 
     agreement: float  # top-1 (classifiers) or element-wise closeness (other models)
     accuracy: float | None  # None without labels
@@ -22,9 +55,36 @@ class Metrics:
     max_abs_error: float  # over every float output
     samples: int
     score_output: str | None  # the output top-1 was taken from
+    agreeing: int | None = None
+    lost: int | None = None
+    gained: int | None = None
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    confident: Slice | None = None
+    hard: Slice | None = None
+    source_scale: float | None = None  # max |source output|, to judge max_abs_error
+
+    @property
+    def agreeing_count(self) -> int:
+        return self.agreeing if self.agreeing is not None else round(self.agreement * self.samples)
+
+    @property
+    def agreement_ci95(self) -> tuple[float, float]:
+        return wilson(self.agreeing_count, self.samples)
+
+    @property
+    def equivalent(self) -> bool:
+        """Numerically the source model (relative max-abs error under 1e-4): nothing to judge."""
+        scale = self.source_scale or 1.0
+        return self.agreement == 1.0 and self.max_abs_error <= 1e-4 * scale
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["confident"] = self.confident.to_dict() if self.confident else None
+        d["hard"] = self.hard.to_dict() if self.hard else None
+        lo, hi = self.agreement_ci95
+        d["agreement_ci95"] = [round(lo, 6), round(hi, 6)]
+        return d
 
 
 def score_output(outputs: Mapping[str, np.ndarray]) -> str | None:
@@ -35,39 +95,90 @@ def score_output(outputs: Mapping[str, np.ndarray]) -> str | None:
     return None
 
 
+def _probabilities(scores: np.ndarray) -> np.ndarray:
+    x = scores.astype(np.float64)
+    sums = x.sum(axis=1)
+    if np.all(x >= 0) and np.allclose(sums, 1.0, atol=1e-3):
+        return x
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+def _cosines(source: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], n: int) -> Any:
+    """Per-sample cosine similarity of all float outputs, flattened and concatenated."""
+    keys = [k for k, v in source.items() if np.issubdtype(v.dtype, np.floating)]
+    if not keys or n == 0:
+        return None
+    ref = np.concatenate([source[k].reshape(n, -1).astype(np.float64) for k in keys], axis=1)
+    got = np.concatenate([candidate[k].reshape(n, -1).astype(np.float64) for k in keys], axis=1)
+    num = np.sum(ref * got, axis=1)
+    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    same = np.all(ref == got, axis=1)
+    return np.where(same, 1.0, num / np.where(den == 0, 1.0, den))
+
+
 def compare(
     source: Mapping[str, np.ndarray],
     candidate: Mapping[str, np.ndarray],
     labels: np.ndarray | None = None,
 ) -> Metrics:
-    """Top-1 agreement, accuracy (with labels) and max abs error of ``candidate`` vs ``source``."""
+    """Top-1 agreement, accuracy (with labels), cosine and max abs error of ``candidate``."""
     missing = sorted(set(source) - set(candidate))
     if missing:
         raise ValueError(f"candidate lacks output(s) {missing}")
     name = score_output(source)
     n = len(next(iter(source.values())))
     max_err = 0.0
+    scale = 0.0
     for key, ref in source.items():
         if np.issubdtype(ref.dtype, np.floating):
             diff = np.abs(candidate[key].astype(np.float64) - ref.astype(np.float64))
             max_err = max(max_err, float(diff.max()) if diff.size else 0.0)
+            scale = max(scale, float(np.abs(ref).max()) if ref.size else 0.0)
     acc = src_acc = None
+    lost = gained = None
+    confident = hard = None
     if name is not None:
         top_src = source[name].argmax(axis=1)
         top_cand = candidate[name].argmax(axis=1)
-        agreement = float(np.mean(top_src == top_cand))
+        same = top_src == top_cand
+        agreement = float(np.mean(same))
+        agreeing = int(same.sum())
+        low = _probabilities(source[name]).max(axis=1) < HARD_BELOW
+        confident = Slice(int((~low).sum()), int(same[~low].sum()))
+        hard = Slice(int(low.sum()), int(same[low].sum()))
         if labels is not None:
             y = np.asarray(labels).reshape(-1)
             acc, src_acc = float(np.mean(top_cand == y)), float(np.mean(top_src == y))
+            lost = int(np.sum((top_src == y) & (top_cand != y)))
+            gained = int(np.sum((top_src != y) & (top_cand == y)))
     else:
         key = next(iter(source))
         ref, got = source[key].reshape(n, -1), candidate[key].reshape(n, -1)
         if np.issubdtype(ref.dtype, np.floating):
             tol = 0.01 * (float(np.abs(ref).max()) or 1.0)
-            agreement = float(np.mean(np.all(np.abs(got - ref) <= tol, axis=1)))
+            close = np.all(np.abs(got - ref) <= tol, axis=1)
         else:
-            agreement = float(np.mean(np.all(got == ref, axis=1)))
-    return Metrics(agreement, acc, src_acc, max_err, n, name)
+            close = np.all(got == ref, axis=1)
+        agreement = float(np.mean(close))
+        agreeing = int(close.sum())
+    cos = _cosines(source, candidate, n)
+    return Metrics(
+        agreement,
+        acc,
+        src_acc,
+        max_err,
+        n,
+        name,
+        agreeing=agreeing,
+        lost=lost,
+        gained=gained,
+        cosine_mean=float(np.mean(cos)) if cos is not None else None,
+        cosine_min=float(np.min(cos)) if cos is not None else None,
+        confident=confident,
+        hard=hard,
+        source_scale=scale,
+    )
 
 
 def session(

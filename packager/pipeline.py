@@ -1,9 +1,13 @@
 """``package_model``: one source model -> one signed, validated package per hardware profile.
 
-Per profile: build every candidate recipe, validate it against the source model, time it on the
-host, keep the fastest within the accuracy gate, then write samples, drift reference, lineage and
-the manifest, and sign the ``.efpkg`` with ``edgefleet.wire.package.build_package``. A profile
-whose gate no candidate meets writes no package; its result names the gate and the margin.
+Per profile: build every candidate recipe the target supports (vendor backends fall back to ONNX
+Runtime when their extra is absent), validate it against the source model, time it on the host;
+when a fast candidate misses its gate, keep its most sensitive nodes in FP32 until it passes
+(accuracy-aware search); keep the fastest within the gate (accelerators measured off-target: the
+cheapest by the cost model), then write samples, drift reference, lineage and the manifest, and
+sign the ``.efpkg`` with ``edgefleet.wire.package.build_package``. A profile whose gate no
+candidate meets writes no package; its result names the gate, the margin and, when the validation
+set is too small to tell, how many samples would.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from edgefleet.packager.benchmark import Latency, host_info, measure
 from edgefleet.packager.evaluate import Metrics, compare, io_spec, run_all, session
 from edgefleet.packager.npzio import load_npz, save_npz
-from edgefleet.packager.profiles import Profile, get_profile
+from edgefleet.packager.profiles import Profile, get_profile, resolve_target, unmet_requirements
 from edgefleet.packager.quantize import (
     BuildError,
     build_candidate,
@@ -31,10 +35,25 @@ from edgefleet.packager.quantize import (
     save_model,
 )
 from edgefleet.packager.recipe import Recipe
-from edgefleet.packager.search import CandidateResult, GateMiss, check_gate, choose, closest_miss
+from edgefleet.packager.search import (
+    HEAVY_OPS,
+    CandidateResult,
+    GateMiss,
+    check_gate,
+    choose,
+    closest_miss,
+    judge,
+)
 
 CPU = "CPUExecutionProvider"
 N_SAMPLES = 32
+#: Accuracy-aware search: calibration samples used to rank node sensitivity, the most nodes it
+#: may keep in FP32 (and at most this fraction of the quantized ones), and how many failed
+#: candidates per profile it tries to recover.
+SENSITIVITY_SAMPLES = 16
+MAX_FP32_NODES = 32
+MAX_FP32_FRACTION = 0.25
+MAX_RECOVERIES = 2
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf cannot serialise a model over 2 GiB
 Progress = Callable[[str, str, int, int], None]  # (profile id, message, done, total)
 
@@ -56,10 +75,21 @@ class ProfileResult:
     metrics: Metrics | None = None
     latency: Latency | None = None
     size_bytes: int | None = None
+    target_provider: str = CPU
+    rank: str = "latency"
+    target: dict[str, Any] = field(default_factory=dict)
+    backend: str | None = None
+    backend_note: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.status == "packaged"
+
+    @property
+    def off_target(self) -> bool:
+        """The figures were measured on another provider than the profile's own."""
+        return self.validated_on != self.target_provider
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +99,13 @@ class ProfileResult:
             "chosen": self.chosen,
             "validated_on": self.validated_on,
             "provider_on_host": self.provider_on_host,
+            "target_provider": self.target_provider,
+            "measured_off_target": self.off_target,
+            "ranked_by": self.rank,
+            "target": self.target,
+            "backend": self.backend,
+            "backend_note": self.backend_note,
+            "warnings": self.warnings,
             "validation": self.metrics.to_dict() if self.metrics else None,
             "benchmark": self.latency.to_dict() if self.latency else None,
             "size_bytes": self.size_bytes,
@@ -113,6 +150,7 @@ class _Source:
     outputs: dict[str, np.ndarray]
     latency: Latency
     size_bytes: int
+    cal_outputs: dict[str, np.ndarray] | None = None
 
 
 def _needs_external(model: Path, force: bool) -> bool:
@@ -194,13 +232,20 @@ class _Built:
     latency: Latency | None
     size: int | None
     error: str | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _new_dir(work: Path) -> Path:
+    out = work / "candidates" / f"{len(list((work / 'candidates').glob('*')))}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _build_and_measure(
     recipe: Recipe, src: _Source, work: Path, provider: str, bench: dict[str, Any]
 ) -> _Built:
-    out = work / "candidates" / f"{len(list((work / 'candidates').glob('*')))}" / "model.onnx"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _new_dir(work) / "model.onnx"
+    info: dict[str, Any] = {}
     try:
         build_candidate(
             recipe,
@@ -209,6 +254,7 @@ def _build_and_measure(
             out=out,
             calibration=src.calibration,
             external=src.external,
+            info=info,
         )
         sess = session(out, providers=[provider], threads=bench["threads"])
         metrics = compare(src.outputs, run_all(sess, src.inputs), src.labels)
@@ -217,7 +263,56 @@ def _build_and_measure(
         return _Built(None, None, None, None, str(exc))
     except Exception as exc:
         return _Built(None, None, None, None, f"model does not run: {type(exc).__name__}: {exc}")
-    return _Built(out, metrics, latency, model_size(out), None)
+    return _Built(out, metrics, latency, model_size(out), None, info)
+
+
+def fp32_compute_nodes(model: Path) -> int:
+    """Compute-heavy nodes (:data:`~edgefleet.packager.search.HEAVY_OPS`) left in FP32.
+
+    A node is low precision when an input comes from a DequantizeLinear (QDQ) or is FP16 (an
+    FP16 initializer, or a Cast to FP16); every other heavy node runs in FP32.
+    """
+    import onnx
+    from onnx import TensorProto
+
+    proto = onnx.load(str(model), load_external_data=False)
+    fp16_inits = {t.name for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT16}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+
+    def low(name: str) -> bool:
+        if name in fp16_inits:
+            return True
+        p = producer.get(name)
+        if p is None:
+            return False
+        if p.op_type == "DequantizeLinear":
+            return True
+        if p.op_type == "Cast":
+            to = next((a.i for a in p.attribute if a.name == "to"), None)
+            return to == TensorProto.FLOAT16
+        return False
+
+    return sum(
+        1
+        for n in proto.graph.node
+        if n.op_type in HEAVY_OPS and not any(low(i) for i in n.input if i)
+    )
+
+
+def resolve_backend(recipe: Recipe) -> tuple[Recipe, str | None]:
+    """The recipe to build and, when a vendor backend cannot run here, why ORT builds it instead."""
+    if recipe.backend == "ort":
+        return recipe, None
+    from dataclasses import replace
+
+    from edgefleet.packager.backends import BackendUnavailable, get
+
+    try:
+        get(recipe.backend)
+    except BackendUnavailable as exc:
+        note = f"{recipe.backend} unavailable ({exc}); fell back to ort"
+        return replace(recipe, backend="ort", backend_options={}), note
+    return recipe, None
 
 
 def _samples(src: _Source) -> dict[str, np.ndarray]:
@@ -289,8 +384,13 @@ def package_model(
     work_dir: Path | None = None,
     progress: Progress | None = None,
     now: datetime | None = None,
+    strict: bool = False,
 ) -> PackageReport:
-    """Package ``model`` for each profile; see the module docstring. Never raises on a gate miss."""
+    """Package ``model`` for each profile; see the module docstring. Never raises on a gate miss.
+
+    ``strict``: a gate the validation set is too small to resolve (see
+    :mod:`edgefleet.packager.search`) fails the candidate instead of passing on the estimate.
+    """
     import onnxruntime as ort
 
     from edgefleet.keys import load_private_key
@@ -361,6 +461,7 @@ def package_model(
                     write=lambda manifest, files: build_package(
                         out_dir, manifest, files, private_key, now=now
                     ),
+                    strict=strict,
                 )
             )
         source_info = {
@@ -390,52 +491,68 @@ def _package_profile(
     *,
     manifest_base: dict[str, Any],
     write: Callable[[dict[str, Any], dict[str, Path]], Path],
+    strict: bool = False,
 ) -> ProfileResult:
     primary = profile.provider_names[0]
     on_host = primary in available
     provider = primary if on_host else CPU
-    result = ProfileResult(profile.id, "error", validated_on=provider, provider_on_host=on_host)
+    rank = "cost" if profile.accelerator and not on_host else "latency"
+    target = resolve_target(profile.target or {}, shared["host"].get("cpu_flags", []))
+    result = ProfileResult(
+        profile.id,
+        "error",
+        validated_on=provider,
+        provider_on_host=on_host,
+        target_provider=primary,
+        rank=rank,
+        target={k: {"value": v, "how": how} for k, (v, how) in target.items()},
+    )
     total = len(profile.candidates) + 1
     built: dict[str, _Built] = {}
+    recipes: dict[str, Recipe] = {}
     for i, recipe in enumerate(profile.candidates):
         notify(profile.id, f"candidate {recipe.id}", i, total)
-        key = f"{provider}|{_recipe_key(recipe)}"
-        if key not in cache:
-            cache[key] = _build_and_measure(recipe, src, work, provider, bench)
-        b = built[recipe.id] = cache[key]
-        cr = CandidateResult(recipe.id, recipe.to_dict(), error=b.error)
-        if b.metrics is not None and b.latency is not None:
-            cr.metrics, cr.p50_ms, cr.p95_ms, cr.size_bytes = (
-                b.metrics,
-                b.latency.p50_ms,
-                b.latency.p95_ms,
-                b.size,
+        unmet = unmet_requirements(recipe.requires, target)
+        if unmet is not None:
+            result.candidates.append(
+                CandidateResult(recipe.id, recipe.to_dict(), skipped=unmet, measured_on=None)
             )
-            cr.misses = check_gate(
-                b.metrics,
-                profile.accuracy_gate,
-                model_bytes=b.size,
-                max_memory_mb=profile.device_gates.max_memory_mb,
-            )
-            cr.accepted = not cr.misses
+            continue
+        effective, note = resolve_backend(recipe)
+        recipes[recipe.id] = effective
+        cr = _evaluate(profile, effective, src, work, cache, built, provider, bench, strict, rank)
+        cr.recipe = recipe.to_dict()
+        cr.backend_note = note
         result.candidates.append(cr)
-    best = choose(result.candidates)
+    _recover(profile, result, recipes, src, work, cache, built, provider, bench, strict, rank)
+    best = choose(result.candidates, rank=rank)
     notify(profile.id, "writing package" if best else "no candidate within gate", total - 1, total)
     if best is None:
         result.status = "gate_failed"
         closest = closest_miss(result.candidates)
+        unresolved = [v.to_dict() for v in closest.unresolved] if closest else []
+        reason = (
+            "no candidate met its gates" if closest else "every candidate failed to build or run"
+        )
+        if strict and unresolved:
+            reason += " (--strict: the validation set is too small to resolve a gate)"
         result.failure = {
-            "reason": "no candidate met its gates"
-            if closest
-            else "every candidate failed to build or run",
+            "reason": reason,
             "closest_candidate": closest.candidate if closest else None,
             "gates": [m.to_dict() for m in closest.misses] if closest else [],
             "errors": {c.candidate: c.error for c in result.candidates if c.error},
+            "unresolved": unresolved,
         }
         notify(profile.id, "gate failed", total, total)
         return result
     b = built[best.candidate]
     assert b.model is not None and b.metrics is not None and b.latency is not None
+    result.backend, result.backend_note = best.backend, best.backend_note
+    result.warnings = [f"{best.candidate}: {v.describe()}" for v in best.unresolved]
+    if result.off_target:
+        result.warnings.append(
+            f"measured on {provider}, not the profile's {primary}: figures do not predict the target"
+        )
     gates, sample_miss = _device_gates(profile, src, b.model)
     if sample_miss is not None:
         best.chosen, best.accepted = False, False
@@ -446,6 +563,7 @@ def _package_profile(
             "closest_candidate": best.candidate,
             "gates": [sample_miss.to_dict()],
             "errors": {},
+            "unresolved": [],
         }
         return result
     stage = work / "stage" / profile.id
@@ -461,10 +579,183 @@ def _package_profile(
     manifest = _manifest(
         profile, src, best, result, shared, gates, final, ext_members, manifest_base, on_host
     )
+    manifest["quantization"]["build"] = b.info
     result.package = write(manifest, files)
     result.status, result.chosen = "packaged", best.candidate
     notify(profile.id, "packaged", total, total)
     return result
+
+
+def _evaluate(
+    profile: Profile,
+    recipe: Recipe,
+    src: _Source,
+    work: Path,
+    cache: dict[str, _Built],
+    built: dict[str, _Built],
+    provider: str,
+    bench: dict[str, Any],
+    strict: bool,
+    rank: str,
+) -> CandidateResult:
+    """Build (or reuse) one candidate and judge it against the profile's gates."""
+    key = f"{provider}|{_recipe_key(recipe)}"
+    if key not in cache:
+        cache[key] = _build_and_measure(recipe, src, work, provider, bench)
+    b = built[recipe.id] = cache[key]
+    cr = CandidateResult(
+        recipe.id,
+        recipe.to_dict(),
+        error=b.error,
+        backend=recipe.backend,
+        measured_on=provider,
+        on_target_provider=provider == profile.provider_names[0],
+    )
+    if b.metrics is not None and b.latency is not None:
+        cr.metrics, cr.p50_ms, cr.p95_ms, cr.size_bytes = (
+            b.metrics,
+            b.latency.p50_ms,
+            b.latency.p95_ms,
+            b.size,
+        )
+        cr.gates = judge(b.metrics, profile.accuracy_gate)
+        cr.misses = check_gate(
+            b.metrics,
+            profile.accuracy_gate,
+            model_bytes=b.size,
+            max_memory_mb=profile.device_gates.max_memory_mb,
+            strict=strict,
+        )
+        cr.accepted = not cr.misses
+        if rank == "cost" and b.model is not None:
+            cr.cost = {"fp32_compute_nodes": fp32_compute_nodes(b.model), "size_bytes": b.size}
+    return cr
+
+
+def _recover(
+    profile: Profile,
+    result: ProfileResult,
+    recipes: dict[str, Recipe],
+    src: _Source,
+    work: Path,
+    cache: dict[str, _Built],
+    built: dict[str, _Built],
+    provider: str,
+    bench: dict[str, Any],
+    strict: bool,
+    rank: str,
+) -> None:
+    """Accuracy-aware search: keep the fewest sensitive nodes of a failed candidate in FP32.
+
+    A candidate that missed its gate is worth recovering when it is QDQ (static or QNN) and,
+    ranked by latency, faster than every accepted one (ranked by cost: when none is accepted).
+    Nodes are ranked by :func:`edgefleet.packager.sensitivity.rank` on calibration data; the
+    top 1, 2, 3, 4, 6, 8, ... are kept in FP32 in the calibrated model until the validation gate
+    passes; the recipe with those ``nodes_to_exclude`` is then rebuilt and judged like any other.
+    """
+    from dataclasses import replace
+
+    accepted = [c for c in result.candidates if c.accepted and c.p50_ms is not None]
+    fastest = min((c.p50_ms or 0.0 for c in accepted), default=None)
+    failed = [
+        c
+        for c in result.candidates
+        if c.misses
+        and c.error is None
+        and c.candidate in recipes
+        and recipes[c.candidate].method in ("static", "qnn")
+        and recipes[c.candidate].format == "QDQ"
+        and recipes[c.candidate].backend == "ort"
+        and any(not v.passes for v in c.gates)  # not just too little data to tell
+        and not any(m.gate == "max_memory_mb" for m in c.misses)
+    ]
+    if rank == "cost":
+        if accepted:
+            return
+    else:
+        failed = [c for c in failed if fastest is None or (c.p50_ms or 0.0) < fastest]
+    failed.sort(key=lambda c: min(m.margin for m in c.misses), reverse=True)
+    tried: set[int] = set()
+    for cand in failed:
+        recipe = recipes[cand.candidate]
+        b = built[cand.candidate]
+        assert b.model is not None
+        if id(b) in tried:  # the same build under another name (e.g. a backend's fallback)
+            continue
+        if len(tried) >= MAX_RECOVERIES:
+            break
+        tried.add(id(b))
+        found = _sensitive_nodes(profile, recipe, b, src, work, provider, bench, strict)
+        cand.recovery = found["summary"]
+        if not found["nodes"]:
+            continue
+        names = tuple(n["node"] for n in found["nodes"])
+        derived = replace(recipe, id=f"{recipe.id}+fp32x{len(names)}", nodes_to_exclude=names)
+        cr = _evaluate(profile, derived, src, work, cache, built, provider, bench, strict, rank)
+        cr.derived_from = recipe.id
+        cr.fp32_nodes = found["nodes"]
+        cr.backend_note = cand.backend_note
+        result.candidates.append(cr)
+        if cr.accepted:
+            return
+
+
+def _sensitive_nodes(
+    profile: Profile,
+    recipe: Recipe,
+    b: _Built,
+    src: _Source,
+    work: Path,
+    provider: str,
+    bench: dict[str, Any],
+    strict: bool,
+) -> dict[str, Any]:
+    from edgefleet.packager.sensitivity import rank as rank_nodes
+    from edgefleet.packager.sensitivity import save_float_except
+
+    assert b.model is not None
+    floats = b.model.with_name("equalized.onnx")
+    originals = floats if floats.exists() else src.prepared
+    data = {k: v[:SENSITIVITY_SAMPLES] for k, v in src.calibration.items()}
+    if src.cal_outputs is None:
+        src.cal_outputs = run_all(session(src.model, threads=bench["threads"]), data)
+    try:
+        base, ranked = rank_nodes(
+            b.model, originals, data, src.cal_outputs, threads=bench["threads"]
+        )
+    except Exception as exc:
+        return {"nodes": [], "summary": {"outcome": f"sensitivity analysis failed: {exc}"}}
+    useful = [s for s in ranked if s.error_removed > 0]
+    limit = min(MAX_FP32_NODES, max(1, int(len(ranked) * MAX_FP32_FRACTION)), len(useful))
+    steps = sorted({k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if k <= limit} | {limit} - {0})
+    tried = []
+    scratch = _new_dir(work)
+    for k in steps:
+        names = [s.node for s in useful[:k]]
+        path = save_float_except(b.model, originals, names, scratch / f"fp32x{k}.onnx")
+        sess = session(path, providers=[provider], threads=bench["threads"])
+        metrics = compare(src.outputs, run_all(sess, src.inputs), src.labels)
+        misses = check_gate(metrics, profile.accuracy_gate, strict=strict)
+        tried.append({"fp32_nodes": k, "agreement": metrics.agreement, "passes": not misses})
+        if not misses:
+            why = "kept in FP32: quantizing it alone caused {:.1%} of the quantized output error"
+            nodes = [{**s.to_dict(), "why": why.format(s.error_removed)} for s in useful[:k]]
+            return {
+                "nodes": nodes,
+                "summary": {
+                    "outcome": f"gate passes with {k} of {len(ranked)} quantized nodes in FP32",
+                    "quantized_output_mse": base,
+                    "tried": tried,
+                },
+            }
+    return {
+        "nodes": [],
+        "summary": {
+            "outcome": f"gate still missed with {limit} of {len(ranked)} quantized nodes in FP32",
+            "quantized_output_mse": base,
+            "tried": tried,
+        },
+    }
 
 
 def _stage_model(model: Path, out: Path, *, external: bool) -> Path:
@@ -503,6 +794,9 @@ def _manifest(
         else f"{profile.provider_names[0]} is absent on the packaging host: built, validated and "
         f"benchmarked on {validated_on}"
     )
+    if result.rank == "cost":
+        note += "; chosen by the cost model (fewest FP32 compute nodes, then size), not latency"
+    fidelity = best.to_dict()["fidelity"]
     return {
         **base,
         "profile": profile.id,
@@ -522,6 +816,12 @@ def _manifest(
             "preprocessing": src.preprocessing,
             "validated_on": validated_on,
             "provider_on_host": on_host,
+            "measured_off_target": result.off_target,
+            "ranked_by": result.rank,
+            "target": result.target,
+            "backend": best.backend,
+            "backend_note": best.backend_note,
+            "fp32_nodes": best.fp32_nodes,
             "note": note,
         },
         "validation": {
@@ -533,10 +833,14 @@ def _manifest(
             "score_output": m.score_output,
             "accuracy_gate": profile.accuracy_gate.to_dict(),
             "provider": validated_on,
+            "measured_off_target": result.off_target,
+            "fidelity": fidelity,
+            "gates": [v.to_dict() for v in best.gates],
         },
         "benchmark": {
             "host": shared["host"],
             "provider": validated_on,
+            "measured_off_target": result.off_target,
             "p50_ms": best.p50_ms,
             "p95_ms": best.p95_ms,
             "runs": result.latency.runs if result.latency else None,

@@ -30,7 +30,7 @@ def run(source: Path, out: Path, *, external: bool) -> dict[str, Any]:
     }
     try:
         quant_pre_process(str(source), str(out), **kwargs)
-        return {"ok": True, "symbolic_shape_inference": True}
+        return {"ok": True, "symbolic_shape_inference": True, **upgrade_opset(out, external)}
     except Exception as first:
         info: dict[str, Any] = {
             "symbolic_shape_inference": False,
@@ -40,7 +40,58 @@ def run(source: Path, out: Path, *, external: bool) -> dict[str, Any]:
             quant_pre_process(str(source), str(out), skip_symbolic_shape=True, **kwargs)
         except Exception as second:
             return {**info, "ok": False, "reason": f"quant_pre_process failed: {str(second)[:200]}"}
-        return {**info, "ok": True}
+        return {**info, "ok": True, **upgrade_opset(out, external)}
+
+
+#: ONNX Runtime's per-channel QDQ writes DequantizeLinear with an ``axis`` attribute, which
+#: exists from opset 13 on; older models are converted first (the model stays unchanged when
+#: the converter cannot).
+MIN_OPSET = 13
+
+
+def upgrade_opset(path: Path, external: bool) -> dict[str, Any]:
+    """Convert the model at ``path`` to :data:`MIN_OPSET` when it is older and name every node;
+    returns what was done."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    info: dict[str, Any] = {}
+    converted = model
+    if opset is not None and opset < MIN_OPSET:
+        try:
+            converted = version_converter.convert_version(model, MIN_OPSET)
+            onnx.checker.check_model(converted)
+            info["opset_upgraded"] = [opset, MIN_OPSET]
+        except Exception as exc:
+            converted = model
+            info = {"opset": opset, "opset_upgrade_failed": str(exc)[:200]}
+    # Every node gets a name: the accuracy-aware search keeps nodes in FP32 by name.
+    taken = {n.name for n in converted.graph.node if n.name}
+    named = 0
+    for i, node in enumerate(converted.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            named += 1
+    if not info and not named:
+        return {}
+    if external:
+        onnx.save_model(
+            converted,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(converted, str(path))
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:

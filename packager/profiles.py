@@ -66,6 +66,45 @@ class DeviceGates:
     min_sample_agreement: float
 
 
+#: Target properties the packager can detect on the packaging host (``= "auto"`` in ``[target]``):
+#: the CPU flags that imply each. Detection describes the packaging host, which is also where
+#: candidates are validated; a fleet of other CPUs declares the property instead.
+AUTO_PROPERTIES = {
+    "vnni": frozenset({"avx512_vnni", "avx_vnni", "amx_int8"}),
+    "dotprod": frozenset({"asimddp", "i8mm"}),
+}
+
+
+def resolve_target(
+    target: dict[str, bool | str], host_flags: list[str]
+) -> dict[str, tuple[bool, str]]:
+    """Each declared target property's value and where it came from (declared or detected)."""
+    out: dict[str, tuple[bool, str]] = {}
+    for name, value in target.items():
+        if isinstance(value, bool):
+            out[name] = (value, f"declared {name} = {str(value).lower()}")
+        else:
+            found = sorted(AUTO_PROPERTIES.get(name, frozenset()) & set(host_flags))
+            out[name] = (
+                bool(found),
+                f"{name} = auto: detected {'from ' + ', '.join(found) if found else 'absent'}"
+                " on the packaging host",
+            )
+    return out
+
+
+def unmet_requirements(
+    requires: tuple[str, ...], target: dict[str, tuple[bool, str]]
+) -> str | None:
+    """Why a candidate's ``requires`` does not hold on ``target`` (None when it does)."""
+    for req in requires:
+        name, want = req.lstrip("!"), not req.startswith("!")
+        have, how = target.get(name, (False, f"{name} not declared"))
+        if have != want:
+            return f"needs {'a target with' if want else 'a target without'} {name} ({how})"
+    return None
+
+
 @dataclass(frozen=True)
 class Profile:
     id: str
@@ -77,10 +116,16 @@ class Profile:
     device_gates: DeviceGates
     min_agent_version: str
     source: Path | None = None
+    target: dict[str, bool | str] | None = None
 
     @property
     def provider_names(self) -> list[str]:
         return [p.name for p in self.execution_providers]
+
+    @property
+    def accelerator(self) -> bool:
+        """The profile's preferred provider is not ONNX Runtime's CPU provider."""
+        return self.provider_names[0] != "CPUExecutionProvider"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +137,7 @@ class Profile:
             "accuracy_gate": self.accuracy_gate.to_dict(),
             "device_gates": dict(vars(self.device_gates)),
             "min_agent_version": self.min_agent_version,
+            "target": dict(self.target or {}),
         }
 
 
@@ -130,6 +176,7 @@ def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -
         "accuracy_gate",
         "device_gates",
         "min_agent_version",
+        "target",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -164,6 +211,22 @@ def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -
     ids = [c.id for c in cands]
     if len(set(ids)) != len(ids):
         raise ProfileError(f"{where}: candidate ids must be unique, got {ids}")
+    target_raw = raw.get("target", {})
+    if not isinstance(target_raw, dict):
+        raise ProfileError(f"{where}: [target] must be a table")
+    for key, value in target_raw.items():
+        if not isinstance(value, bool) and value != "auto":
+            raise ProfileError(f'{where}: [target] {key} must be true, false or "auto"')
+        if value == "auto" and key not in AUTO_PROPERTIES:
+            raise ProfileError(
+                f"{where}: [target] {key} cannot be detected (auto works for {sorted(AUTO_PROPERTIES)})"
+            )
+    for c in cands:
+        undeclared = [r for r in c.requires if r.lstrip("!") not in target_raw]
+        if undeclared:
+            raise ProfileError(
+                f"{where}: candidate {c.id} requires {undeclared}, not declared in [target]"
+            )
     acc = _table(raw, "accuracy_gate", where)
     gate = AccuracyGate(
         min_agreement=_num(acc, "min_agreement", f"{where} [accuracy_gate]", lo=0, hi=1),
@@ -197,6 +260,7 @@ def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -
         device_gates=gates,
         min_agent_version=min_agent,
         source=source,
+        target=dict(target_raw),
     )
 
 

@@ -36,8 +36,20 @@ def _calibration_method(name: str) -> Any:
     return getattr(CalibrationMethod, name)
 
 
+def calibration_batch(n: int, preferred: int = 16) -> int:
+    """The largest batch <= ``preferred`` that divides ``n`` samples (1 when none does).
+
+    ONNX Runtime's histogram calibrators (Percentile, Entropy, Distribution) stack the per-batch
+    outputs of every tensor into one array and fail on a ragged last batch; equal batches avoid it.
+    """
+    return next((b for b in range(min(preferred, max(n, 1)), 0, -1) if n % b == 0), 1)
+
+
 def make_reader(model: Path, data: Mapping[str, np.ndarray], batch: int = 16) -> Any:
-    """A CalibrationDataReader over ``data`` (one array per model input, samples on axis 0)."""
+    """A CalibrationDataReader over ``data`` (one array per model input, samples on axis 0).
+
+    Batches all have the same size (:func:`calibration_batch`).
+    """
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -47,9 +59,9 @@ def make_reader(model: Path, data: Mapping[str, np.ndarray], batch: int = 16) ->
     if missing:
         raise BuildError(f"calibration data lacks model input(s) {missing}")
     fixed_one = any(isinstance(i.shape[0], int) and i.shape[0] == 1 for i in inputs if i.shape)
-    step = 1 if fixed_one else batch
     names = [i.name for i in inputs]
     n = len(data[names[0]])
+    step = 1 if fixed_one else calibration_batch(n, batch)
     del sess
 
     class _Reader(CalibrationDataReader):  # type: ignore[misc]  # ONNX Runtime ships no types
@@ -133,8 +145,13 @@ def build_candidate(
     out: Path,
     calibration: Mapping[str, np.ndarray],
     external: bool,
+    info: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the model ``recipe`` produces to ``out``; raises :class:`BuildError`."""
+    """Write the model ``recipe`` produces to ``out``; raises :class:`BuildError`.
+
+    ``info`` (when given) receives what was done beyond the recipe itself: a vendor backend's
+    report, or the equalization / bias correction applied (for the manifest).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     # ORT's calibrators print progress to stdout (it would corrupt `--json`) and log warnings;
     # onnxconverter-common warns about every clamped FP16 value.
@@ -144,7 +161,7 @@ def build_candidate(
         _quiet_root_logger(),
     ):
         warnings.simplefilter("ignore")
-        return _build(recipe, source, prepared, out, calibration, external)
+        return _build(recipe, source, prepared, out, calibration, external, info)
 
 
 @contextlib.contextmanager
@@ -165,13 +182,14 @@ def _build(
     out: Path,
     calibration: Mapping[str, np.ndarray],
     external: bool,
+    info: dict[str, Any] | None = None,
 ) -> Path:
     if recipe.backend != "ort":
         from edgefleet.packager.backends import BackendUnavailable, get
 
         try:
             backend = get(recipe.backend)
-            path, _done = backend.build(
+            path, done = backend.build(
                 recipe,
                 source=source,
                 prepared=prepared,
@@ -187,10 +205,16 @@ def _build(
             raise BuildError(
                 f"{recipe.backend} backend failed: {type(exc).__name__}: {exc}"
             ) from exc
+        if info is not None:
+            info.update(done)
         return path
     try:
         if recipe.method == "fp32":
             return _copy_model(source, out, external)
+        if recipe.method == "optimized":
+            return _optimized(source, out, external)
+        if recipe.method in ("static", "qnn") and (recipe.equalize or recipe.bias_correction):
+            prepared = _equalized(recipe, prepared, out, calibration, info)
         if recipe.method == "fp16":
             return _fp16(recipe, source, out, external)
         if recipe.method == "dynamic":
@@ -206,6 +230,55 @@ def _build(
             f"{recipe.method} quantization failed: {type(exc).__name__}: {exc}"
         ) from exc
     raise BuildError(f"unknown method {recipe.method!r}")
+
+
+def _equalized(
+    recipe: Recipe,
+    prepared: Path,
+    out: Path,
+    calibration: Mapping[str, np.ndarray],
+    info: dict[str, Any] | None,
+) -> Path:
+    from edgefleet.packager.equalize import apply
+
+    target = out.with_name("equalized.onnx")
+    done = apply(
+        prepared,
+        target,
+        calibration=calibration,
+        equalize_layers=recipe.equalize,
+        correct_bias=recipe.bias_correction,
+        weight_type=recipe.weight_type,
+        per_channel=recipe.per_channel,
+        weight_symmetric=recipe.weight_symmetric or recipe.weight_type in ("QInt8", "QInt16"),
+        power_of_two=recipe.power_of_two,
+    )
+    if info is not None:
+        info.update(done)
+    return target
+
+
+def _optimized(source: Path, out: Path, external: bool) -> Path:
+    """FP32 with ONNX Runtime's extended graph optimizations applied once and saved.
+
+    Extended (not "all"): the layout optimizations of the highest level are specific to the
+    machine that applies them and must not be saved for another.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(out)
+    opts.log_severity_level = 3
+    if external:
+        opts.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", out.name + ".data"
+        )
+        opts.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+        )
+    ort.InferenceSession(str(source), sess_options=opts, providers=["CPUExecutionProvider"])
+    return out
 
 
 def _copy_model(source: Path, out: Path, external: bool) -> Path:
@@ -299,6 +372,8 @@ def _static(
 ) -> Path:
     from onnxruntime.quantization import QuantFormat, quantize_static
 
+    if recipe.calibrate_method in HISTOGRAM_METHODS and overrides is None:
+        calibration = histogram_subset(prepared, calibration)
     opts = _static_options(recipe)
     if overrides:
         opts["TensorQuantOverrides"] = overrides
@@ -310,6 +385,7 @@ def _static(
         op_types_to_quantize=list(recipe.op_types) if recipe.op_types else None,
         per_channel=recipe.per_channel,
         reduce_range=recipe.reduce_range,
+        nodes_to_exclude=list(recipe.nodes_to_exclude) or None,
         activation_type=_quant_type(recipe.activation_type),
         weight_type=_quant_type(recipe.weight_type),
         calibrate_method=_calibration_method(recipe.calibrate_method),
@@ -321,6 +397,65 @@ def _static(
         _static(recipe, prepared, out, calibration, external, overrides)
         snap_activation_scales(out, external=external)
     return out
+
+
+#: ONNX Runtime's histogram calibrators keep every intermediate tensor of every calibration
+#: sample in memory (then stack them): a ResNet-50 on 66 images needs ~9 GB.
+HISTOGRAM_METHODS = ("Percentile", "Entropy", "Distribution")
+#: Share of the host's available memory the histogram calibration may use.
+HISTOGRAM_MEMORY_SHARE = 0.3
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available on this host (None where the OS does not say)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def activation_bytes(prepared: Path, sample: Mapping[str, np.ndarray]) -> int:
+    """Bytes of every intermediate tensor of ``prepared`` for one sample (what a calibrator keeps)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(prepared))
+    have = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out not in have:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(out))
+                have.add(out)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(
+        model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
+    )
+    feed = {i.name: np.ascontiguousarray(sample[i.name][:1]) for i in sess.get_inputs()}
+    return sum(np.asarray(o).nbytes for o in sess.run(None, feed))
+
+
+def histogram_subset(
+    prepared: Path, calibration: Mapping[str, np.ndarray], budget: int | None = None
+) -> Mapping[str, np.ndarray]:
+    """The first calibration samples whose activations (kept twice: collected, then stacked)
+    fit :data:`HISTOGRAM_MEMORY_SHARE` of available memory; all of them when they fit."""
+    n = len(next(iter(calibration.values())))
+    budget = budget if budget is not None else available_memory()
+    if budget is None or n <= 1:
+        return calibration
+    try:
+        per = activation_bytes(prepared, calibration)
+    except Exception:
+        return calibration
+    fit = int(budget * HISTOGRAM_MEMORY_SHARE // max(1, 2 * per))
+    if fit >= n:
+        return calibration
+    keep = max(1, fit)
+    return {k: v[:keep] for k, v in calibration.items()}
 
 
 def snap_activation_scales(path: Path, *, external: bool) -> int:
@@ -438,6 +573,7 @@ def _qnn(
         per_channel=recipe.per_channel,
         activation_symmetric=recipe.activation_symmetric,
         op_types_to_quantize=list(recipe.op_types) if recipe.op_types else None,
+        nodes_to_exclude=list(recipe.nodes_to_exclude) or None,
     )
     config.use_external_data_format = external
     config.extra_options.update(recipe.extra_options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-METHODS = ("fp32", "dynamic", "static", "qnn", "fp16")
+METHODS = ("fp32", "optimized", "dynamic", "static", "qnn", "fp16")
 QUANT_TYPES = ("QInt8", "QUInt8", "QInt16", "QUInt16")
 FORMATS = ("QDQ", "QOperator")
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
@@ -19,8 +19,15 @@ class RecipeError(ValueError):
 class Recipe:
     """One candidate transformation of the source model.
 
-    ``method``: ``fp32`` (unchanged), ``dynamic`` (quantize_dynamic), ``static`` (quantize_static
-    with calibration), ``qnn`` (static QDQ with ORT's QNN config), ``fp16`` (onnxconverter-common).
+    ``method``: ``fp32`` (unchanged), ``optimized`` (FP32 with ONNX Runtime's extended graph
+    optimizations saved offline), ``dynamic`` (quantize_dynamic), ``static`` (quantize_static with
+    calibration), ``qnn`` (static QDQ with ORT's QNN config), ``fp16`` (onnxconverter-common).
+
+    ``requires``: target properties the candidate is for (``"vnni"``, or ``"!vnni"`` for targets
+    without it), declared in the profile's ``[target]`` table; a candidate whose requirements
+    the target does not meet is skipped. ``equalize`` (cross-layer equalization) and
+    ``bias_correction`` transform the FP32 model before static/QNN quantization
+    (:mod:`edgefleet.packager.equalize`). ``nodes_to_exclude`` keeps those nodes in FP32.
     """
 
     id: str
@@ -41,13 +48,29 @@ class Recipe:
     #: Which toolkit applies the recipe: ``ort`` (ONNX Runtime) or a vendor backend
     #: (:mod:`edgefleet.packager.backends`), which falls back to ``ort`` when its extra is absent.
     backend: str = "ort"
+    #: Options only the vendor backend reads (dropped when the packager falls back to ``ort``).
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    equalize: bool = False
+    bias_correction: bool = False
+    nodes_to_exclude: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as recorded in the manifest (only fields that matter for its method)."""
         d = asdict(self)
         d["op_types"] = list(self.op_types) if self.op_types is not None else None
         d["op_block_list"] = list(self.op_block_list)
-        keep = {"id", "method"} | ({"backend"} if self.backend != "ort" else set())
+        d["requires"] = list(self.requires)
+        d["nodes_to_exclude"] = list(self.nodes_to_exclude)
+        keep = {"id", "method"} | (
+            {"backend", "backend_options"} if self.backend != "ort" else set()
+        )
+        if self.requires:
+            keep.add("requires")
+        if self.method in ("static", "qnn"):
+            keep |= {k for k in ("equalize", "bias_correction") if getattr(self, k)}
+            if self.nodes_to_exclude:
+                keep.add("nodes_to_exclude")
         if self.method == "dynamic":
             keep |= {"weight_type", "per_channel", "reduce_range", "op_types", "extra_options"}
         elif self.method == "qnn":
@@ -86,6 +109,8 @@ _BOOL_FIELDS = (
     "weight_symmetric",
     "power_of_two",
     "keep_io_types",
+    "equalize",
+    "bias_correction",
 )
 
 
@@ -116,19 +141,25 @@ def parse_recipe(raw: dict[str, Any], where: str) -> Recipe:
         if name in raw and not isinstance(raw[name], bool):
             raise RecipeError(f"{where}: '{name}' must be true or false")
     kwargs = dict(raw)
-    for name in ("op_types", "op_block_list"):
+    for name in ("op_types", "op_block_list", "requires", "nodes_to_exclude"):
         if name in kwargs:
             value = kwargs[name]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise RecipeError(f"{where}: '{name}' must be a list of op type names")
+                raise RecipeError(f"{where}: '{name}' must be a list of names")
             kwargs[name] = tuple(value)
     if "backend" in kwargs and (not isinstance(kwargs["backend"], str) or not kwargs["backend"]):
         raise RecipeError(f"{where}: 'backend' must be a backend name such as 'ort' or 'nncf'")
-    if "extra_options" in kwargs and not isinstance(kwargs["extra_options"], dict):
-        raise RecipeError(f"{where}: 'extra_options' must be a table")
+    for name in ("extra_options", "backend_options"):
+        if name in kwargs and not isinstance(kwargs[name], dict):
+            raise RecipeError(f"{where}: '{name}' must be a table")
     recipe = Recipe(**kwargs)
     if recipe.power_of_two and (recipe.method != "static" or recipe.per_channel):
         raise RecipeError(f"{where}: 'power_of_two' needs method = 'static', per_channel = false")
+    if (recipe.equalize or recipe.bias_correction) and recipe.method not in ("static", "qnn"):
+        raise RecipeError(f"{where}: 'equalize'/'bias_correction' need method 'static' or 'qnn'")
+    for req in recipe.requires:
+        if not req.lstrip("!").replace("_", "").isalnum():
+            raise RecipeError(f"{where}: 'requires' entry {req!r} is not a property name")
     if recipe.method == "dynamic" and recipe.format != "QDQ" and "format" in raw:
         raise RecipeError(f"{where}: dynamic quantization has no 'format'")
     return recipe

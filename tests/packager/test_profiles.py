@@ -55,13 +55,34 @@ def test_every_required_profile_loads_with_its_documented_recipe() -> None:
     assert all(
         c.power_of_two and c.activation_symmetric and c.weight_type == "QInt8" for c in vitis
     )
-    arm = profiles["cpu-arm64"].candidates
+    arm = [c for c in profiles["cpu-arm64"].candidates if c.method != "optimized"]
     assert all(c.activation_type == "QInt8" and c.format == "QDQ" for c in arm)
     x86_dynamic = [c for c in profiles["cpu-x86_64"].candidates if c.method == "dynamic"]
     assert x86_dynamic and all(set(c.op_types or ()) <= {"MatMul", "Gemm"} for c in x86_dynamic)
     assert all(c.keep_io_types for c in profiles["gpu-cuda"].candidates)
     assert profiles["gpu-cuda"].provider_names == ["CUDAExecutionProvider"]
     assert not profiles["gpu-cuda"].cpu_fallback and profiles["cpu-x86_64"].cpu_fallback
+
+
+def test_x86_reduce_range_only_for_targets_without_vnni() -> None:
+    """reduce_range costs accuracy and buys nothing with VNNI: only the !vnni variants use it."""
+    from edgefleet.packager.profiles import resolve_target, unmet_requirements
+
+    x86 = load_profiles()["cpu-x86_64"]
+    assert x86.target == {"vnni": "auto"}
+    assert x86.candidates[0].method == "optimized"  # never slower than the source
+    quantized = [c for c in x86.candidates if c.method in ("static", "dynamic")]
+    assert all(c.requires == (("!vnni",) if c.reduce_range else ("vnni",)) for c in quantized)
+    assert {c.reduce_range for c in quantized} == {True, False}
+    vnni = resolve_target({"vnni": "auto"}, ["avx2", "avx512_vnni"])
+    plain = resolve_target({"vnni": "auto"}, ["avx2"])
+    assert vnni["vnni"][0] and not plain["vnni"][0] and "detected" in plain["vnni"][1]
+    declared = resolve_target({"vnni": False}, ["avx512_vnni"])
+    assert declared["vnni"] == (False, "declared vnni = false")
+    built = {c.id for c in quantized if unmet_requirements(c.requires, vnni) is None}
+    assert built and all(not c.reduce_range for c in quantized if c.id in built)
+    skipped = unmet_requirements(("!vnni",), vnni)
+    assert skipped is not None and "without vnni" in skipped
 
 
 @pytest.mark.parametrize(
@@ -88,6 +109,16 @@ def test_every_required_profile_loads_with_its_documented_recipe() -> None:
         ),
         (lambda s: s + '\n[[quantization.candidates]]\nid = "s"\nmethod = "fp32"\n', "unique"),
         (lambda s: s.replace("max_p95_ms = 10\n", ""), "max_p95_ms"),
+        (
+            lambda s: s.replace('method = "static"', 'method = "static"\nrequires = ["vnni"]'),
+            r"not declared in \[target\]",
+        ),
+        (lambda s: s + '\n[target]\nvnni = "maybe"\n', 'true, false or "auto"'),
+        (lambda s: s + '\n[target]\nfoo = "auto"\n', "cannot be detected"),
+        (
+            lambda s: s.replace('method = "static"', 'method = "fp16"\nequalize = true'),
+            "'equalize'/'bias_correction' need",
+        ),
     ],
 )
 def test_invalid_profiles_name_the_field(tmp_path: Path, edit: object, message: str) -> None:

@@ -11,6 +11,7 @@ from onnx import TensorProto, numpy_helper
 
 from edgefleet.packager.examples import ExampleModel
 from edgefleet.packager.npzio import load_npz
+from edgefleet.packager.pipeline import resolve_backend
 from edgefleet.packager.profiles import load_profiles
 from edgefleet.packager.quantize import build_candidate as build
 from edgefleet.packager.quantize import non_power_of_two_scales, pow2_ceil, preprocess
@@ -19,7 +20,8 @@ from edgefleet.packager.recipe import Recipe, parse_recipe
 RECIPES: dict[str, Recipe] = {}
 for _p in load_profiles().values():
     for _c in _p.candidates:
-        RECIPES.setdefault(f"{_p.id}/{_c.id}", _c)
+        # A vendor backend whose extra is absent here is built as its ONNX Runtime fallback.
+        RECIPES.setdefault(f"{_p.id}/{_c.id}", resolve_backend(_c)[0])
 
 
 @pytest.fixture(scope="session")
