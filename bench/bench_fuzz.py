@@ -1,6 +1,7 @@
 """Fuzzing, the long run: every parser of outside bytes, >= 10^5 inputs each.
 
-``python -m bench fuzz [--quick] [--engine atheris|hypothesis] [--runs N] [--only NAME,...]``
+``python -m bench fuzz [--quick] [--engine=atheris|hypothesis] [--runs=N] [--only=NAME,...]``
+(``python -m bench`` passes only ``--flag=value`` forms on), or ``python -m bench.bench_fuzz``.
 
 Each input is judged by the property of `tests.fuzz.targets`: accepted, or refused with the
 parser's own error type and a reason; no other exception, no hang (per-input time limit), peak

@@ -8,7 +8,6 @@ fix is merged it passes, and the mark can go.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -84,7 +83,7 @@ def test_guard_stops_a_runaway_allocation_before_it_reaches_the_machine() -> Non
 def test_guard_catches_a_hang() -> None:
     def spin(data: bytes) -> None:
         while True:
-            time.sleep(0.01)
+            pass
 
     out = T.run_bounded(spin, b"{}", time_limit=0.3)
     assert isinstance(out.error, T.Hang)

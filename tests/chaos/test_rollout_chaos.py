@@ -1,0 +1,332 @@
+"""Rollouts on a noisy fleet: real agent processes behind a link that drops connections, a host
+kept busy by CPU hogs, inference traffic on every device. A good release must never abort; a
+broken one must always abort.
+
+Configuration (environment):
+
+- ``EDGEFLEET_CHAOS_AGENTS`` (10): agent processes;
+- ``EDGEFLEET_CHAOS_ROUNDS`` (5): good releases rolled out, and as many broken ones;
+- ``EDGEFLEET_CHAOS_HOGS`` (the CPU count): busy processes on the host;
+- ``EDGEFLEET_CHAOS_DROP_S`` (4): mean seconds between two dropped agent-broker connections;
+- ``EDGEFLEET_CHAOS_RPS`` (10): inference requests per second per device;
+- ``EDGEFLEET_CHAOS_OUT``: a JSON file for the figures (also printed).
+
+``pytest -m slow tests/chaos`` runs the full test; `test_rollout_chaos_quick` (3 agents, one
+good and one broken release, fewer hogs) runs in the default suite.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgefleet.agent import oip
+from edgefleet.demo.agents import write_agent_config
+from edgefleet.demo.fleet import Fleet
+from edgefleet.demo.packages import host_profile
+from edgefleet.demo.rollouts import rollout_body
+from edgefleet.demo.spec import MODEL_NAME, FleetSpec
+from edgefleet.harness import die_with_parent, free_port, stop_processes
+from edgefleet.keys import generate_keypair
+from tests.chaos.proxy import FlakyProxy
+from tests.support.packages import make_package, model_inputs
+from tests.support.services import require
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    agents: int
+    rounds: int
+    hogs: int
+    drop_gap_s: float
+    rps: float
+    probation_s: float = 3.0
+
+    @classmethod
+    def from_env(cls, **defaults: Any) -> ChaosConfig:
+        env = os.environ
+        return cls(
+            agents=int(env.get("EDGEFLEET_CHAOS_AGENTS", defaults.get("agents", 10))),
+            rounds=int(env.get("EDGEFLEET_CHAOS_ROUNDS", defaults.get("rounds", 5))),
+            hogs=int(env.get("EDGEFLEET_CHAOS_HOGS", defaults.get("hogs", os.cpu_count() or 2))),
+            drop_gap_s=float(env.get("EDGEFLEET_CHAOS_DROP_S", defaults.get("drop_gap_s", 4.0))),
+            rps=float(env.get("EDGEFLEET_CHAOS_RPS", defaults.get("rps", 10.0))),
+        )
+
+
+@dataclass
+class RolloutResult:
+    kind: str  # good | broken
+    version: str
+    phase: str
+    seconds: float
+    reason: str | None
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ChaosReport:
+    config: dict[str, Any]
+    results: list[RolloutResult] = field(default_factory=list)
+    connection_drops: int = 0
+    requests: int = 0
+    request_errors: int = 0
+
+    @property
+    def good(self) -> list[RolloutResult]:
+        return [r for r in self.results if r.kind == "good"]
+
+    @property
+    def broken(self) -> list[RolloutResult]:
+        return [r for r in self.results if r.kind == "broken"]
+
+    def false_aborts(self) -> int:
+        return sum(r.phase != "succeeded" for r in self.good)
+
+    def detected(self) -> int:
+        return sum(r.phase == "aborted" for r in self.broken)
+
+    def summary(self) -> dict[str, Any]:
+        g, b = len(self.good), len(self.broken)
+        return {
+            **self.config,
+            "good_rollouts": g,
+            "false_aborts": self.false_aborts(),
+            "false_abort_rate": self.false_aborts() / g if g else None,
+            "broken_rollouts": b,
+            "detected": self.detected(),
+            "detection_rate": self.detected() / b if b else None,
+            "connection_drops": self.connection_drops,
+            "inference_requests": self.requests,
+            "inference_errors": self.request_errors,
+        }
+
+    def text(self) -> str:
+        lines = ["rollout chaos: " + json.dumps(self.summary())]
+        for r in self.results:
+            lines.append(
+                f"  {r.kind:6} {r.version:7} -> {r.phase:10} in {r.seconds:5.1f}s"
+                + (f"  reason: {r.reason}" if r.reason else "")
+            )
+            for d in r.failed:
+                lines.append(f"      {d}")
+        return "\n".join(lines)
+
+
+class ChaosFleet(Fleet):
+    """The demo's fleet whose agents reach the broker through a flaky proxy."""
+
+    proxy: FlakyProxy | None = None
+
+    def write_agent_config(self, device_id: str) -> Path:
+        assert self.proxy is not None
+        port = self.agent_ports.setdefault(device_id, free_port())
+        path = write_agent_config(
+            self.agent_dir(device_id),
+            device_id,
+            spec=self.spec,
+            broker_url=self.proxy.url,
+            keys=self.keys,
+            creds=self.credentials.get(device_id, {}),
+            http_port=port,
+        )
+        return path
+
+
+@contextmanager
+def cpu_hogs(n: int) -> Iterator[None]:
+    """``n`` processes that spin on a CPU each, for as long as the block runs."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"],
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(),
+        )
+        for _ in range(n)
+    ]
+    try:
+        yield
+    finally:
+        stop_processes(procs, timeout=5, kill=True)
+
+
+class Traffic:
+    """Inference requests to every device at ``rps`` each (a client pool of this process)."""
+
+    def __init__(self, ports: dict[str, int], rps: float) -> None:
+        x = model_inputs("digits")[:1].astype(np.float32)
+        self.body, self.headers = oip.encode_request({"X": x})
+        self.ports = ports
+        self.rps = rps
+        self.requests = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(p,), daemon=True) for p in ports.values()
+        ]
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+    def _loop(self, port: int) -> None:
+        rng = random.Random(port)
+        while not self._stop.wait(rng.expovariate(self.rps)):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                c.request("POST", f"/v2/models/{MODEL_NAME}/infer", self.body, self.headers)
+                status = c.getresponse().status
+                c.close()
+            except OSError:
+                status = 0
+            self.requests += 1
+            # 404 before the first install is no error of a release
+            self.errors += status not in (200, 404)
+
+
+def _packages(fleet: Fleet, rounds: int) -> list[tuple[str, str, Path]]:
+    """(kind, version, package) in rollout order: good 1.0.0, broken 1.1.0, good 1.2.0, ...
+
+    A broken release records expected outputs its model does not produce: every device's
+    validation refuses it, as it would a model that was miscompiled for the hardware."""
+    key = generate_keypair(fleet.root / "keys", "packager")
+    fleet.make_keys()
+    out = fleet.root / "packages"
+    plan = []
+    for i in range(rounds):
+        plan.append(("good", f"1.{2 * i}.0"))
+        plan.append(("broken", f"1.{2 * i + 1}.0"))
+    return [
+        (
+            kind,
+            v,
+            make_package(
+                out,
+                name=MODEL_NAME,
+                version=v,
+                key=key,
+                model="digits",
+                profile=host_profile(),
+                corrupt_samples=kind == "broken",
+            ),
+        )
+        for kind, v in plan
+    ]
+
+
+def run_chaos(root: Path, cfg: ChaosConfig) -> ChaosReport:
+    require(shutil.which("mosquitto") is not None, "mosquitto is not installed")
+    report = ChaosReport(config=asdict(cfg))
+    spec = FleetSpec(
+        root,
+        devices=cfg.agents,
+        broker="mosquitto",
+        secure=False,
+        probation_s=cfg.probation_s,
+        telemetry_interval_s=5.0,
+        device_prefix="cx",
+    )
+    fleet = ChaosFleet(spec)
+    plan = _packages(fleet, cfg.rounds)
+    try:
+        fleet.start_controller()
+        fleet.register_devices()
+        fleet.start_broker()
+        fleet.proxy = FlakyProxy(fleet.broker.port, mean_gap_s=cfg.drop_gap_s, seed=1)
+        fleet.start_agents()
+        for _, _, path in plan:
+            fleet.upload(path)
+        fleet.wait_online(timeout=180)
+        devices = spec.device_ids()
+        with cpu_hogs(cfg.hogs), Traffic(fleet.agent_ports, cfg.rps) as traffic:
+            fleet.proxy.start_drops()
+            for kind, version, _ in plan:
+                body = rollout_body(version, devices, device_timeout_s=180.0)
+                t0 = time.monotonic()
+                rid = fleet.create_rollout(body)
+                detail = fleet.wait_rollout(rid, timeout=900)
+                report.results.append(
+                    RolloutResult(
+                        kind,
+                        version,
+                        detail["phase"],
+                        time.monotonic() - t0,
+                        detail.get("reason"),
+                        [
+                            {
+                                k: d.get(k)
+                                for k in ("device_id", "state", "reason_code", "reason", "rollback")
+                            }
+                            for d in detail["devices"]
+                            if d["state"] not in ("succeeded", "skipped", "pending")
+                        ],
+                    )
+                )
+                print(report.results[-1], flush=True)
+            fleet.proxy.stop_drops()
+        report.connection_drops = fleet.proxy.drops
+        report.requests, report.request_errors = traffic.requests, traffic.errors
+    finally:
+        if fleet.proxy is not None:
+            fleet.proxy.close()
+        fleet.close()
+    return report
+
+
+def _publish(report: ChaosReport, record: Any) -> None:
+    print("\n" + report.text(), flush=True)
+    record("chaos", json.dumps(report.summary()))
+    out = os.environ.get("EDGEFLEET_CHAOS_OUT")
+    if out:
+        Path(out).write_text(
+            json.dumps(
+                {"summary": report.summary(), "rollouts": [asdict(r) for r in report.results]},
+                indent=2,
+            )
+        )
+
+
+def _judge(report: ChaosReport) -> None:
+    assert report.false_aborts() == 0, "a good release did not succeed:\n" + report.text()
+    assert report.detected() == len(report.broken), "a broken release was not aborted:\n" + (
+        report.text()
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_rollout_chaos(tmp_path: Path, record_property: Any) -> None:
+    """>= 10 agents, CPU hogs, dropped links: 5 good releases succeed, 5 broken ones abort."""
+    report = run_chaos(tmp_path, ChaosConfig.from_env())
+    _publish(report, record_property)
+    _judge(report)
+
+
+@pytest.mark.timeout(600)
+def test_rollout_chaos_quick(tmp_path: Path, record_property: Any) -> None:
+    """The same on 3 agents, one good and one broken release, one CPU hog."""
+    cfg = ChaosConfig(agents=3, rounds=1, hogs=1, drop_gap_s=4.0, rps=10.0)
+    report = run_chaos(tmp_path, cfg)
+    _publish(report, record_property)
+    _judge(report)
