@@ -215,7 +215,24 @@ _PACKAGER = ec.generate_private_key(ec.SECP256R1())
 _CONTROLLER = ec.generate_private_key(ec.SECP256R1())
 PACKAGER_PUB = _PACKAGER.public_key()
 CONTROLLER_PUB = _CONTROLLER.public_key()
-MODEL_BYTES = b"\x08\x07fake onnx bytes: the verifier hashes them, it never loads them"
+
+
+def _tiny_onnx() -> bytes:
+    """A real, minimal ONNX model (Y = X): a verifier that reads the model file gets past it."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"])],
+        "tiny",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+MODEL_BYTES = _tiny_onnx()
 
 
 def valid_manifest() -> dict[str, Any]:
