@@ -102,6 +102,7 @@ class ChaosReport:
     connection_drops: int = 0
     requests: int = 0
     request_errors: int = 0
+    requests_model_gone: int = 0
 
     @property
     def good(self) -> list[RolloutResult]:
@@ -139,6 +140,7 @@ class ChaosReport:
             "connection_drops": self.connection_drops,
             "inference_requests": self.requests,
             "inference_errors": self.request_errors,
+            "inference_404_after_serving": self.requests_model_gone,
         }
 
     def text(self) -> str:
@@ -205,6 +207,7 @@ class Traffic:
         self.rps = rps
         self.requests = 0
         self.errors = 0
+        self.lost = 0  # 404s from a device that had served the model before
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._loop, args=(p,), daemon=True) for p in ports.values()
@@ -222,6 +225,7 @@ class Traffic:
 
     def _loop(self, port: int) -> None:
         rng = random.Random(port)
+        served = False
         while not self._stop.wait(rng.expovariate(self.rps)):
             try:
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -231,8 +235,11 @@ class Traffic:
             except OSError:
                 status = 0
             self.requests += 1
-            # 404 before the first install is no error of a release
+            if status == 404 and served:  # the model this device served is gone
+                self.lost += 1
+            # 404 before the device's first install is no error of a release
             self.errors += status not in (200, 404)
+            served = served or status == 200
 
 
 def _packages(fleet: Fleet, cfg: ChaosConfig) -> list[tuple[str, str, Path]]:
@@ -341,6 +348,7 @@ def run_chaos(root: Path, cfg: ChaosConfig) -> ChaosReport:
             fleet.proxy.stop_drops()
         report.connection_drops = fleet.proxy.drops
         report.requests, report.request_errors = traffic.requests, traffic.errors
+        report.requests_model_gone = traffic.lost
     finally:
         if fleet.proxy is not None:
             fleet.proxy.close()
