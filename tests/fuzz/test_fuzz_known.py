@@ -7,6 +7,7 @@ fix is merged it passes, and the mark can go.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -266,6 +267,25 @@ REPRODUCERS = [
         marks=xfail("#3 BYTES shape [5e6] allocates ~40 MB from a 115-byte request", _OIP),
         id="oip-bytes-declared-shape-allocates",
     ),
+]
+
+
+def _package_with_model(model: bytes) -> bytes:
+    manifest = T.valid_manifest()
+    manifest["members"]["model.onnx"] = {
+        "sha256": hashlib.sha256(model).hexdigest(),
+        "size": len(model),
+    }
+    return T.package_bytes(T.encode_json(manifest), {"model.onnx": model})
+
+
+REPRODUCERS += [
+    # A signed package whose model file is not ONNX at all: accepted or refused with a reason
+    # by the verifier, however closely it reads the model (external data locations).
+    pytest.param(
+        "package_file", _package_with_model(b"\x08\x07not onnx"), id="package-model-not-onnx"
+    ),
+    pytest.param("package_file", _package_with_model(b""), id="package-model-empty"),
 ]
 
 
