@@ -255,7 +255,18 @@ def hostile_infer_json(draw: st.DrawFn) -> bytes:
 @st.composite
 def hostile_infer_binary(draw: st.DrawFn) -> bytes:
     header, blob = T.valid_infer_binary()
-    kind = draw(st.sampled_from(["mutated", "specs", "sabotage"]))
+    kind = draw(st.sampled_from(["mutated", "specs", "sabotage", "declared"]))
+    if kind == "declared":  # a small, well-formed body that declares a huge tensor
+        blob = draw(st.binary(min_size=4, max_size=16))
+        dims = st.integers(1, 10**7) | st.sampled_from([5 * 10**7, 2**31, 2**40])
+        spec = {
+            "name": "tag",
+            "datatype": draw(st.sampled_from(["BYTES", "FP32", "INT64"])),
+            "shape": draw(st.lists(dims, min_size=1, max_size=2)),
+            "parameters": {"binary_data_size": len(blob)},
+        }
+        hb = encode({"inputs": [spec]})
+        return T.binary_request(hb, blob, len(hb))
     if kind == "mutated":
         hb = encode(draw(mutated(header)))
     elif kind == "specs":
