@@ -22,9 +22,9 @@ import io
 import json
 import os
 import resource
-import signal
 import tarfile
 import tempfile
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -49,8 +49,9 @@ MiB = 1024 * 1024
 MEM_FACTOR = 64
 #: ... plus this constant (interpreter caches, a signature check, a small package's members).
 MEM_BASE = 16 * MiB
-#: Per input: seconds of CPU time before the call counts as a hang.
+#: Per input: seconds of CPU time, and of wall time, before the call counts as a hang.
 TIME_LIMIT_S = 5.0
+WALL_LIMIT_S = 120.0
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 DEVICE = "gw-001"
 
@@ -95,22 +96,38 @@ def _address_space_guard(extra: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-@contextlib.contextmanager
-def _time_guard(seconds: float) -> Iterator[None]:
-    """Raise `Hang` once the process has spent ``seconds`` of CPU time inside. CPU time, not
-    wall time: a parser starved on a busy host is not hung, one spinning is. (SIGPROF: the
-    real-time timer belongs to pytest-timeout and libFuzzer.)"""
+def _call_in_thread(
+    fn: Callable[[bytes], object], data: bytes, cpu_limit: float, wall_limit: float
+) -> BaseException | None:
+    """``fn(data)`` in a thread of its own; its exception, or `Hang` once it has spent
+    ``cpu_limit`` seconds of CPU (a parser starved on a busy host is not hung, one spinning
+    is) or ``wall_limit`` seconds (one blocked). A fresh thread per input: a RecursionError
+    deep in C code can leave its thread's recursion count off (CPython's json scanner), and
+    that must not carry over to the next input. A hung thread is left behind (daemon)."""
+    box: list[BaseException] = []
 
-    def _expired(signum: int, frame: Any) -> None:
-        raise Hang(f"still running after {seconds:.1f}s of CPU time")
+    def work() -> None:
+        try:
+            fn(data)
+        except BaseException as e:
+            box.append(e)
 
-    previous = signal.signal(signal.SIGPROF, _expired)
-    signal.setitimer(signal.ITIMER_PROF, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_PROF, 0)
-        signal.signal(signal.SIGPROF, previous)
+    t = threading.Thread(target=work, name="fuzz-input", daemon=True)
+    start = time.monotonic()
+    t.start()
+    while True:
+        t.join(0.05)
+        if not t.is_alive():
+            return box[0] if box else None
+        try:
+            assert t.ident is not None
+            cpu = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except OSError:  # it ended between the two calls
+            continue
+        if cpu > cpu_limit:
+            return Hang(f"still running after {cpu:.1f}s of CPU time")
+        if time.monotonic() - start > wall_limit:
+            return Hang(f"no answer after {wall_limit:.0f}s ({cpu:.1f}s of CPU time)")
 
 
 def mem_bound(size: int) -> int:
@@ -126,10 +143,8 @@ def run_bounded(
     t0 = time.perf_counter()
     error: BaseException | None = None
     try:
-        with _address_space_guard(4 * bound + 512 * MiB), _time_guard(time_limit):
-            fn(data)
-    except (Exception, Hang, RecursionError, MemoryError) as e:
-        error = e
+        with _address_space_guard(4 * bound + 512 * MiB):
+            error = _call_in_thread(fn, data, time_limit, WALL_LIMIT_S)
     finally:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()

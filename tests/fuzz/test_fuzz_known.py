@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -82,11 +83,16 @@ def test_guard_stops_a_runaway_allocation_before_it_reaches_the_machine() -> Non
 
 
 def test_guard_catches_a_hang() -> None:
+    stop = threading.Event()
+
     def spin(data: bytes) -> None:
-        while True:
+        while not stop.is_set():
             pass
 
-    out = T.run_bounded(spin, b"{}", time_limit=0.3)
+    try:
+        out = T.run_bounded(spin, b"{}", time_limit=0.3)
+    finally:
+        stop.set()
     assert isinstance(out.error, T.Hang)
     with pytest.raises(T.Violation, match="hang"):
         T.judge(_target(spin), b"{}", out)
