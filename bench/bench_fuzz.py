@@ -4,12 +4,12 @@
 (``python -m bench`` passes only ``--flag=value`` forms on), or ``python -m bench.bench_fuzz``.
 
 Each input is judged by the property of `tests.fuzz.targets`: accepted, or refused with the
-parser's own error type and a reason; no other exception, no hang (per-input time limit), peak
+parser's own error type and a reason; no other exception, no hang (5 s of CPU time per input), peak
 memory (tracemalloc) under 64 x the input size + 16 MiB. A violation does not stop the run: each
 distinct one (exception type and innermost edgefleet frame) is counted with its first input.
 
 Engines: ``atheris`` (coverage-guided libFuzzer, one child process per parser, seeded with valid
-messages and structure-aware hostile examples; needs the ``fuzz`` extra) and ``hypothesis`` (the
+messages and structure-aware hostile examples; in the ``bench`` extra) and ``hypothesis`` (the
 property tests' structure-aware strategies, generation only). The default is atheris when it is
 installed. ``--quick``: 2,000 inputs per parser. Exit code 1 when any parser had a violation.
 """

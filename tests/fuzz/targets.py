@@ -1,10 +1,11 @@
 """Fuzz targets: every parser that takes bytes from outside, as ``bytes -> None`` callables,
 and the property each one must hold on any input.
 
-The property (`bounded_call`): the parser accepts the input or refuses it with its own error
+The property (`check`: `run_bounded`, then `judge`): the parser accepts the input or refuses it with its own error
 type carrying a reason (`RejectError` with a code and a message, `MessageError` naming a field,
 `ProtocolError` with a message, pydantic's `ValidationError` with its errors); it never raises
-anything else, never runs longer than a time bound, and never allocates more than a bound
+anything else, never runs longer than a time bound (CPU time, and wall time for a blocked
+one; each input in a thread of its own), and never allocates more than a bound
 relative to the input's size (tracemalloc peak; an address-space limit stops a runaway
 allocation before it reaches the machine's memory).
 
