@@ -356,11 +356,13 @@ def run_chaos(root: Path, cfg: ChaosConfig) -> ChaosReport:
     return report
 
 
-def _publish(report: ChaosReport, record: Any) -> None:
+def _publish(report: ChaosReport, record: Any, name: str) -> None:
     print("\n" + report.text(), flush=True)
     record("chaos", json.dumps(report.summary()))
     out = os.environ.get("EDGEFLEET_CHAOS_OUT")
     if out:
+        if name != "full":  # the quick variant beside the full one: FILE.quick.json
+            out = str(Path(out).with_suffix(f".{name}.json"))
         Path(out).write_text(
             json.dumps(
                 {"summary": report.summary(), "rollouts": [asdict(r) for r in report.results]},
@@ -383,7 +385,7 @@ def _judge(report: ChaosReport) -> None:
 def test_rollout_chaos(tmp_path: Path, record_property: Any) -> None:
     """>= 10 agents, CPU hogs, dropped links: 5 good releases succeed, 5 bad ones abort."""
     report = run_chaos(tmp_path, ChaosConfig.from_env())
-    _publish(report, record_property)
+    _publish(report, record_property, "full")
     _judge(report)
 
 
@@ -393,5 +395,5 @@ def test_rollout_chaos_quick(tmp_path: Path, record_property: Any) -> None:
     """The same on 3 agents, one good and one slower release, one CPU hog."""
     cfg = ChaosConfig(agents=3, rounds=1, hogs=1, drop_gap_s=4.0, rps=10.0, bad="slower")
     report = run_chaos(tmp_path, cfg)
-    _publish(report, record_property)
+    _publish(report, record_property, "quick")
     _judge(report)
