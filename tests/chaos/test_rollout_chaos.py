@@ -12,7 +12,7 @@ Configuration (environment):
   ``broken`` (its recorded outputs disagree with its model), or ``mixed`` (alternating);
 - ``EDGEFLEET_CHAOS_HOGS`` (the CPU count): busy processes on the host;
 - ``EDGEFLEET_CHAOS_DROP_S`` (4): mean seconds between two dropped agent-broker connections;
-- ``EDGEFLEET_CHAOS_RPS`` (10): inference requests per second per device;
+- ``EDGEFLEET_CHAOS_RPS`` (15): inference requests per second per device;
 - ``EDGEFLEET_CHAOS_OUT``: a JSON file for the figures (also printed).
 
 ``pytest -m slow tests/chaos`` runs both tests: the full one, and `test_rollout_chaos_quick`
@@ -66,7 +66,9 @@ class ChaosConfig:
     rps: float
     bad: str = "mixed"
     slow_layers: int = 100
-    probation_s: float = 3.0
+    # The agent judges latency in windows (2 s, >= 20 requests each, 2 breaching in a row):
+    # the probation and the traffic give it several judged windows.
+    probation_s: float = 8.0
 
     @classmethod
     def from_env(cls, **defaults: Any) -> ChaosConfig:
@@ -76,7 +78,7 @@ class ChaosConfig:
             rounds=int(env.get("EDGEFLEET_CHAOS_ROUNDS", defaults.get("rounds", 5))),
             hogs=int(env.get("EDGEFLEET_CHAOS_HOGS", defaults.get("hogs", os.cpu_count() or 2))),
             drop_gap_s=float(env.get("EDGEFLEET_CHAOS_DROP_S", defaults.get("drop_gap_s", 4.0))),
-            rps=float(env.get("EDGEFLEET_CHAOS_RPS", defaults.get("rps", 10.0))),
+            rps=float(env.get("EDGEFLEET_CHAOS_RPS", defaults.get("rps", 15.0))),
             bad=env.get("EDGEFLEET_CHAOS_BAD", defaults.get("bad", "mixed")),
             slow_layers=int(
                 env.get("EDGEFLEET_CHAOS_SLOW_LAYERS", defaults.get("slow_layers", 100))
@@ -393,7 +395,7 @@ def test_rollout_chaos(tmp_path: Path, record_property: Any) -> None:
 @pytest.mark.timeout(600)
 def test_rollout_chaos_quick(tmp_path: Path, record_property: Any) -> None:
     """The same on 3 agents, one good and one slower release, one CPU hog."""
-    cfg = ChaosConfig(agents=3, rounds=1, hogs=1, drop_gap_s=4.0, rps=10.0, bad="slower")
+    cfg = ChaosConfig(agents=3, rounds=1, hogs=1, drop_gap_s=4.0, rps=15.0, bad="slower")
     report = run_chaos(tmp_path, cfg)
     _publish(report, record_property, "quick")
     _judge(report)
