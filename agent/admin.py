@@ -1,6 +1,7 @@
 """Local admin endpoint: loopback HTTP, bearer token from DATA_DIR/admin.token (mode 0600).
 
-POST /admin/updates {model?, version?, source, sha256?, size?, rollout_id?, allow_downgrade?}
+POST /admin/updates {model?, version?, source, sha256?, size?, rollout_id?, allow_downgrade?,
+                     max_p95_ratio?}
 GET  /admin/updates/ID, GET /admin/updates, GET /admin/status. The bound port goes to
 DATA_DIR/admin.json so that `edgefleet agent install/status` find it.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -23,6 +25,17 @@ from edgefleet.agent.update.events import UpdateRequest
 MAX_BODY = 64 * 1024
 _UPDATE_RE = re.compile(r"^/admin/updates/([A-Za-z0-9T_-]+)$")
 _MODEL_RE = re.compile(r"^/admin/models/([A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
+
+
+def _ratio(value: object) -> float | None:
+    """An optional positive, finite probation latency ratio."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("'max_p95_ratio' must be a number")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("'max_p95_ratio' must be a positive, finite number")
+    return float(value)
 
 
 def ensure_token(path: Path) -> str:
@@ -127,6 +140,7 @@ class _Handler(BaseHTTPRequestHandler):
                 size=int(d["size"]) if d.get("size") is not None else None,
                 rollout_id=d.get("rollout_id"),
                 allow_downgrade=bool(d.get("allow_downgrade", False)),
+                max_p95_ratio=_ratio(d.get("max_p95_ratio")),
             )
         except (ValueError, TypeError) as e:
             return self._json(400, {"error": f"bad update request: {e}"})

@@ -208,9 +208,26 @@ def install(
         False, "--allow-downgrade", help="Allow exactly this older version."
     ),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds to follow the update."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Install although the device takes its models from the fleet controller (the "
+        "controller is told, and shows the device out of sync).",
+    ),
 ) -> None:
-    """Hand a package to the running agent and follow the update; exit 0 only when it serves."""
+    """Hand a package to the running agent and follow the update; exit 0 only when it serves.
+
+    On a device linked to a fleet (``mqtt.url`` set) the controller's desired state decides
+    what runs: a local install is refused unless ``--force``.
+    """
     cfg = _load(config)
+    if cfg.mqtt.url and not force:
+        raise _fail(
+            f"this device takes its models from the fleet controller ({cfg.mqtt.url}); a local"
+            " install would override the desired state the controller set. Roll it out from the"
+            " controller, or pass --force to install anyway (the controller is told it was a"
+            " local install and shows the device out of sync)."
+        )
     source = package
     if "://" not in package:
         p = Path(package).resolve()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from edgefleet.agent.oip import ServingLimits
 from edgefleet.hardware_profiles import device_profiles
 
 if TYPE_CHECKING:
@@ -49,13 +50,29 @@ class SwapConfig:
 
 @dataclass
 class ProbationConfig:
-    """What PROBATION watches before COMMITTED."""
+    """What PROBATION watches before COMMITTED (docs/agent.md, "Probation").
+
+    Latency is judged like with like: the new version's ``session.run`` time per sample (the
+    request's batch size) against the previous version's, measured on this device while it
+    served (the model's rolling serving record). A first install, or a previous version with
+    too few recorded requests, is judged against the package's recorded benchmark (per sample)
+    with the wider ``first_install_*`` tolerance. The probation is cut in windows of
+    ``window_s`` seconds; a window with at least ``min_requests`` requests is judged, and the
+    latency gate fails only when ``sustained_windows`` judged windows in a row breach it.
+    """
 
     seconds: float = 10.0
-    min_requests: int = 20  # below this, error rate and latency are not judged
+    min_requests: int = 20  # per window: below this, error rate and latency are not judged
     max_error_rate: float = 0.05
-    latency_factor: float = 3.0  # serving p95 may be at most factor x validation p95 + slack
-    latency_slack_ms: float = 5.0
+    # serving p95 per sample may be at most max_p95_ratio x the previous version's + slack
+    max_p95_ratio: float = 1.5
+    latency_slack_ms: float = 1.0
+    # first install: at most first_install_factor x the package's benchmark p95 + slack
+    first_install_factor: float = 10.0
+    first_install_slack_ms: float = 5.0
+    window_s: float = 2.0
+    sustained_windows: int = 2
+    history_requests: int = 512  # per-sample latencies kept in a model's serving record
     commit_after_requests: int | None = None  # commit early after this many healthy requests
 
 
@@ -120,11 +137,18 @@ class AgentConfig:
     # Bearer header only for packages named by the controller's signed desired state.
     download_token: str = ""
     download_retries: int = 5
+    download_min_rate: int = 1024  # bytes/s averaged over download_rate_window_s, else abandoned
+    download_rate_window_s: float = 30.0
+    download_deadline_s: float = 3600.0  # one package download, every retry included
+    # How often the update worker looks for a change of the trusted key files; on a change,
+    # a serving model signed by a key no longer trusted stops serving. 0: only at start.
+    trust_check_s: float = 5.0
     swap: SwapConfig = field(default_factory=SwapConfig)
     probation: ProbationConfig = field(default_factory=ProbationConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    serving: ServingLimits = field(default_factory=ServingLimits)  # the inference API's limits
     config_path: Path | None = None
 
     @property
@@ -237,11 +261,43 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
     raw.pop("config_path", None)
     cfg = _build(AgentConfig, raw, "", base)
     cfg.config_path = path
+    from edgefleet.wire import ids
+
+    try:  # it becomes the broker user, topic level and log label: one grammar (wire.ids)
+        ids.device_id(cfg.device_id)
+    except ids.IdentifierError as e:
+        raise ConfigError(f"device_id: {e}") from e
+    from edgefleet.wire.keyid import canonical_key_ids
+
+    try:  # one canonical key-id form: a revocation that names no key is an error, not a no-op
+        cfg.revoked_key_ids = sorted(canonical_key_ids(cfg.revoked_key_ids))
+    except ids.IdentifierError as e:
+        raise ConfigError(f"revoked_key_ids: {e}") from e
+    _check_probation(cfg.probation)
     if cfg.swap.mode not in ("auto", "overlap", "unload_first"):
         raise ConfigError(
             f"swap.mode: expected auto, overlap or unload_first, got {cfg.swap.mode!r}"
         )
     return cfg
+
+
+def _check_probation(p: ProbationConfig) -> None:
+    import math
+
+    for name in ("max_p95_ratio", "first_install_factor", "window_s", "seconds"):
+        v = getattr(p, name)
+        if not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"probation.{name}: expected a positive number, got {v!r}")
+    for name in ("latency_slack_ms", "first_install_slack_ms"):
+        v = getattr(p, name)
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"probation.{name}: expected a number >= 0, got {v!r}")
+    if not 0 <= p.max_error_rate <= 1:
+        raise ConfigError(f"probation.max_error_rate: expected 0..1, got {p.max_error_rate!r}")
+    if p.sustained_windows < 1 or p.min_requests < 0 or p.history_requests < 1:
+        raise ConfigError(
+            "probation: sustained_windows and history_requests must be >= 1, min_requests >= 0"
+        )
 
 
 def _toml_value(v: object) -> str:

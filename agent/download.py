@@ -1,6 +1,12 @@
 """Fetch a package to disk: HTTP(S) streamed with httpx (sha256 on the way, Range resume after an
 interruption, size limit), or a local path / file:// URL copied the same way. `HttpFetcher` is the
-`agent.update.fetcher.Fetcher` the agent hands its update worker."""
+`agent.update.fetcher.Fetcher` the agent hands its update worker.
+
+A server is not trusted to behave (TUF's endless-data and slow-retrieval attacks): no byte past
+the signed size is written (``endless_data``), and a download slower than a minimum rate over a
+window, or longer than a total deadline across every retry, is abandoned (``slow_retrieval``),
+so one server cannot hold the single update worker or fill the disk.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,55 @@ _CHUNK = 1 << 16
 
 #: The fetcher contract's error (`agent.update.fetcher.FetchError`), by its historical name.
 DownloadError = FetchError
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How slow a download may be: at least ``min_rate`` bytes/s averaged over each
+    ``window_s``, and all of it (every retry included) within ``deadline_s``."""
+
+    min_rate: int = 1024
+    window_s: float = 30.0
+    deadline_s: float = 3600.0
+
+
+class _Clock:
+    """Judges a download's progress against its `Pace` (monotonic time)."""
+
+    def __init__(self, pace: Pace, url: str) -> None:
+        self.pace = pace
+        self.url = url
+        self.start = time.monotonic()
+        self.mark_t = self.start
+        self.mark_n = 0
+
+    def restart_window(self, n: int) -> None:
+        self.mark_t, self.mark_n = time.monotonic(), n
+
+    def check(self, n: int) -> None:
+        now = time.monotonic()
+        if now - self.start > self.pace.deadline_s:
+            raise DownloadError(
+                ReasonCode.SLOW_RETRIEVAL,
+                f"{self.url}: not done within the {self.pace.deadline_s:g} s deadline ({n} bytes)",
+            )
+        if now - self.mark_t >= self.pace.window_s:
+            rate = (n - self.mark_n) / (now - self.mark_t)
+            if rate < self.pace.min_rate:
+                raise DownloadError(
+                    ReasonCode.SLOW_RETRIEVAL,
+                    f"{self.url}: {rate:.0f} bytes/s over {now - self.mark_t:.1f} s, below the"
+                    f" minimum {self.pace.min_rate} bytes/s",
+                )
+            self.mark_t, self.mark_n = now, n
+
+
+def _over(n: int, size: int | None, max_bytes: int) -> DownloadError:
+    if size is not None:
+        return DownloadError(
+            ReasonCode.ENDLESS_DATA, f"the server sent more than the signed {size} bytes"
+        )
+    return DownloadError(ReasonCode.TOO_LARGE, f"more than {max_bytes} bytes")
 
 
 @dataclass(frozen=True)
@@ -82,11 +137,13 @@ def fetch(
     retries: int = 5,
     on_progress: Callable[[int], None] | None = None,
     token: str | None = None,
+    pace: Pace | None = None,
 ) -> Downloaded:
     """Download `source` to `dest` (via `dest`.part, kept across restarts for Range resume).
 
     ``token`` is sent as ``Authorization: Bearer`` on HTTP(S) requests (the controller's
-    per-device download token)."""
+    per-device download token). With a signed ``size`` nothing past it is written; ``pace``
+    bounds how slow the server may be."""
     if size is not None and size > max_bytes:
         raise DownloadError(
             ReasonCode.TOO_LARGE, f"declared size {size} exceeds the limit {max_bytes}"
@@ -100,7 +157,17 @@ def fetch(
     if not is_url(source):
         return _copy_local(local_path(source), part, dest, sha256, size, max_bytes)
     return _http(
-        source, part, dest, sha256, size, max_bytes, timeout_s, retries, on_progress, token
+        source,
+        part,
+        dest,
+        sha256,
+        size,
+        max_bytes,
+        timeout_s,
+        retries,
+        on_progress,
+        token,
+        pace or Pace(),
     )
 
 
@@ -115,11 +182,14 @@ def _copy_local(
         )
     h = hashlib.sha256()
     n = 0
+    limit = min(size, max_bytes) if size is not None else max_bytes
     with open(src, "rb") as fi, open(part, "wb") as fo:
         while chunk := fi.read(1 << 20):
+            if n + len(chunk) > limit:
+                fo.close()
+                part.unlink(missing_ok=True)
+                raise _over(n + len(chunk), size, max_bytes)
             n += len(chunk)
-            if n > max_bytes:
-                raise DownloadError(ReasonCode.TOO_LARGE, f"more than {max_bytes} bytes")
             h.update(chunk)
             fo.write(chunk)
     return Downloaded(dest, _finish(part, dest, h, n, sha256, size), n, 0, 1)
@@ -136,10 +206,16 @@ def _http(
     retries: int,
     on_progress: Callable[[int], None] | None,
     token: str | None = None,
+    pace: Pace = Pace(),
 ) -> Downloaded:
     import httpx
 
+    limit = min(size, max_bytes) if size is not None else max_bytes
+    clock = _Clock(pace, url)
     h, n = _hash_existing(part)
+    if n > limit:  # a part file from before (another size): start over
+        h, n = hashlib.sha256(), 0
+        part.unlink(missing_ok=True)
     resumed_from = n
     last_error = "no attempt made"
     attempts = 0
@@ -153,6 +229,8 @@ def _http(
                 headers["Authorization"] = f"Bearer {token}"
             if n:
                 headers["Range"] = f"bytes={n}-"
+            clock.check(n)
+            clock.restart_window(n)
             try:
                 with client.stream("GET", url, headers=headers) as r:
                     if r.status_code == 416 and n:  # nothing left: the part file is complete
@@ -177,17 +255,16 @@ def _http(
                         )
                     with open(part, "ab") as f:
                         for chunk in r.iter_raw():
-                            n += len(chunk)
-                            if n > max_bytes:
+                            if n + len(chunk) > limit:  # nothing past the limit is written
                                 f.close()
                                 part.unlink(missing_ok=True)
-                                raise DownloadError(
-                                    ReasonCode.TOO_LARGE, f"more than {max_bytes} bytes"
-                                )
+                                raise _over(n + len(chunk), size, max_bytes)
+                            n += len(chunk)
                             h.update(chunk)
                             f.write(chunk)
                             if on_progress is not None:
                                 on_progress(n)
+                            clock.check(n)
                     if total is None or n >= total:
                         break
                     last_error = f"connection ended after {n} of {total} bytes"
@@ -195,6 +272,7 @@ def _http(
                 last_error = f"{type(e).__name__}: {e}"
             if attempt < retries:
                 time.sleep(min(0.2 * 2**attempt, 5.0))
+                clock.check(n)
         else:
             raise DownloadError(
                 ReasonCode.DOWNLOAD_INCOMPLETE, f"{url}: {last_error} after {attempts} attempts"
@@ -224,6 +302,9 @@ class HttpFetcher:
 
     timeout_s: float = 30.0
     retries: int = 5
+    min_rate: int = Pace.min_rate
+    rate_window_s: float = Pace.window_s
+    deadline_s: float = Pace.deadline_s
 
     def fetch(
         self,
@@ -246,6 +327,7 @@ class HttpFetcher:
             retries=self.retries,
             on_progress=on_progress,
             token=token,
+            pace=Pace(self.min_rate, self.rate_window_s, self.deadline_s),
         )
 
     def discard(self, dest: Path) -> None:

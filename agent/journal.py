@@ -47,6 +47,9 @@ class _RecordFields(TypedDict, total=False):
     rollout_id: str | None
     allow_downgrade: bool
     controller_source: bool
+    max_p95_ratio: float | None
+    rollback: bool
+    from_previous: str | None
     action: str
     state: str
     from_version: str | None
@@ -66,9 +69,14 @@ class UpdateRecord:
     rollout_id: str | None = None
     allow_downgrade: bool = False
     controller_source: bool = False
+    # The rollout's probation latency ratio (desired state), else the agent config's.
+    max_p95_ratio: float | None = None
+    # A rollback to a version this device committed: not held to the forward gates.
+    rollback: bool = False
     action: str = "install"  # or "remove": IDLE -> REMOVING -> REMOVED (see agent.states)
     state: str = State.IDLE.value
     from_version: str | None = None  # the version serving when the update started
+    from_previous: str | None = None  # the previous pointer then (a rollback restores both)
     profile: str | None = None
     resumes: int = 0
     stopped_gracefully: bool = False  # the agent was stopped (not killed) in this state
@@ -182,12 +190,15 @@ def decide_recovery(
     max_resumes: int = 3,
     stopped_gracefully: bool = False,
     removal: bool = False,
+    rollback: bool = False,
 ) -> Recovery:
     """What a restarted agent does with an update found in `state` (pure), as the state's route
     in `agent.states.ROUTES` says: resume it (at most `max_resumes` times), finish it, or give
     up along its failure route.
 
     A removal is never given up: still IDLE, it waits its turn again; in REMOVING it is finished.
+    A rollback to a version committed here is not distrusted for a restart in PROBATION (it has
+    no probation to pass): it resumes, and commits.
     """
     route = ROUTES[state]
     if route.restart is OnRestart.NOTHING:
@@ -198,7 +209,11 @@ def decide_recovery(
         return Recovery.RESUME
     if route.restart is OnRestart.FINISH_ROLLBACK:
         return Recovery.FINISH_ROLLBACK
-    resumable = route.restart is OnRestart.RESUME or stopped_gracefully
+    resumable = (
+        route.restart is OnRestart.RESUME
+        or stopped_gracefully
+        or (rollback and route.restart is OnRestart.DISTRUST)
+    )
     if resumable and resumes < max_resumes:
         return Recovery.RESUME
     assert route.failure is not None, f"{state} resumes but has no failure route"

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import cast
 
@@ -77,7 +78,13 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
             lambda: self.execution_providers,
             lambda: self.profiles,
             self._stop,
-            HttpFetcher(config.download_timeout_s, config.download_retries),
+            HttpFetcher(
+                config.download_timeout_s,
+                config.download_retries,
+                min_rate=config.download_min_rate,
+                rate_window_s=config.download_rate_window_s,
+                deadline_s=config.download_deadline_s,
+            ),
         )
 
     # ------------------------------------------------------------------ public surface
@@ -85,6 +92,11 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
     def add_listener(self, cb: UpdateListener) -> None:
         """`cb(UpdateEvent)` on every state transition (from the update worker thread)."""
         self._listeners.append(cb)
+
+    def remove_listener(self, cb: UpdateListener) -> None:
+        """Stop calling ``cb`` (a stopped fleet link must not keep receiving events)."""
+        with suppress(ValueError):
+            self._listeners.remove(cb)
 
     def add_inference_observer(self, cb: InferenceObserver) -> None:
         """`cb(model, version, inputs, outputs, latency_s, ok)` after each inference (request thread)."""
@@ -114,6 +126,7 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
             rollout_id=req.rollout_id,
             allow_downgrade=req.allow_downgrade,
             controller_source=req.controller_source,
+            max_p95_ratio=req.max_p95_ratio,
         )
         self.journal.create(rec)
         self.updater.emit(rec, rec.last())
@@ -227,6 +240,7 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
                 server_name="edgefleet-agent",
                 server_version=agent_version(),
                 ready=self.ready,
+                limits=self.config.serving,
             )
             self._spawn(self._http.serve_forever, "agent-http")
         if serve_admin:
@@ -251,6 +265,21 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
             t.join(timeout=10)
         self._threads.clear()
         self.ready.clear()
+        self._save_serving_records()
+
+    def _save_serving_records(self) -> None:
+        """Keep what each committed version served with (the next update's probation
+        reference) across a restart."""
+        for name in self.sessions.names():
+            lm = self.sessions.get(name)
+            if lm is None or lm.version != self.store.pointers(name).current:
+                continue
+            if lm.version in self.store.committed_versions(name):
+                # A record is a help to the next probation, never a reason to fail a stop.
+                with suppress(OSError):
+                    self.store.add_serving_latencies(
+                        name, lm.version, lm.stats.drain(), self.config.probation.history_requests
+                    )
 
     def wait_update(self, update_id: str, timeout: float = 60.0) -> UpdateView:
         """Block until the update is terminal (bounded); returns its view."""

@@ -95,26 +95,59 @@ class TensorSpec:
     onnx_type: str
 
 
+@dataclass(frozen=True)
+class Served:
+    """One request as probation sees it: when it ended, its model time per sample, success."""
+
+    at: float  # time.monotonic()
+    ms_per_sample: float  # ONNX Runtime's run time / the request's batch size
+    ok: bool
+
+
 @dataclass
 class Stats:
-    """Requests seen by one loaded version (probation reads these)."""
+    """Requests seen by one loaded version (probation and the serving record read these).
+
+    Only the model's own run time is recorded (``session.run``): reading the request body and
+    writing the response are the client's pace, not the model's. It is divided by the request's
+    batch size, so large requests do not look like a slow model.
+    """
 
     requests: int = 0
     errors: int = 0
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    served: deque[Served] = field(default_factory=lambda: deque(maxlen=8192))
+    fresh: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, latency_ms: float, ok: bool) -> None:
+    def record(self, latency_ms: float, ok: bool, samples: int = 1) -> None:
+        per = latency_ms / max(samples, 1)
         with self.lock:
             self.requests += 1
+            self.served.append(Served(time.monotonic(), per, ok))
             if ok:
-                self.latencies_ms.append(latency_ms)
+                self.fresh.append(per)
             else:
                 self.errors += 1
 
-    def snapshot(self) -> tuple[int, int, list[float]]:
+    def snapshot(self) -> tuple[int, int, list[Served]]:
         with self.lock:
-            return self.requests, self.errors, list(self.latencies_ms)
+            return self.requests, self.errors, list(self.served)
+
+    def drain(self) -> list[float]:
+        """Per-sample latencies of successful requests since the last drain (serving record)."""
+        with self.lock:
+            out = list(self.fresh)
+            self.fresh.clear()
+            return out
+
+
+def batch_samples(feed: Mapping[str, np.ndarray], first_input: str | None) -> int:
+    """The request's batch size: the first dimension of the model's first input (1 for a
+    scalar)."""
+    arr = feed.get(first_input) if first_input else None
+    if arr is None or arr.ndim == 0:
+        return 1
+    return max(int(arr.shape[0]), 1)
 
 
 class LoadedModel:
@@ -140,6 +173,7 @@ class LoadedModel:
             (p, opts[p]) if opts.get(p) else p for p in providers
         ]
         model_file = model_dir / manifest_parts.model_file(manifest)
+        _check_external_data(name, version, model_dir, manifest)
         self.session: OrtSession = ort.InferenceSession(
             str(model_file), sess_options=session_options, providers=provs
         )
@@ -150,7 +184,7 @@ class LoadedModel:
         self.output_names = [o.name for o in self.outputs]
         self.stats = Stats()
         self.inflight = 0
-        self.baseline_p95_ms: float | None = None
+        self.baseline_p95_ms: float | None = None  # on-device validation benchmark
         self.memory_mb: float = 0.0
         self.loaded_at = time.time()
 
@@ -185,6 +219,18 @@ class LoadedModel:
             return self.session.run(outputs or self.output_names, feed)
         except Exception as e:
             raise ModelError(f"{self.name} {self.version} failed: {e}") from e
+
+
+def _check_external_data(name: str, version: str, model_dir: Path, manifest: JsonObject) -> None:
+    """The model's external data must be files of its own package, checked before the runtime
+    opens it (a version installed before the verifier checked it): ValueError otherwise."""
+    from edgefleet.wire.errors import RejectError
+    from edgefleet.wire.package import check_installed_external_data
+
+    try:
+        check_installed_external_data(model_dir, manifest)
+    except RejectError as e:
+        raise ValueError(f"{name} {version}: {e.code.value}: {e.message}") from e
 
 
 @dataclass
@@ -290,7 +336,8 @@ class SessionManager:
                 ok = True
             finally:
                 latency = time.perf_counter() - t0
-                lm.stats.record(latency * 1000.0, ok)
+                samples = batch_samples(feed, lm.inputs[0].name if lm.inputs else None)
+                lm.stats.record(latency * 1000.0, ok, samples)
                 if not ok:
                     self._observe(lm, feed, {}, latency, False)
         out = {n: np.asarray(r) for n, r in zip(names, result, strict=True)}
@@ -364,30 +411,111 @@ class SessionManager:
             slot.cond.notify_all()
 
 
+@dataclass(frozen=True)
+class LatencyReference:
+    """What the new version's per-sample serving p95 is compared with, and how much worse it
+    may be: at most ``ratio`` x ``p95_ms`` + ``slack_ms``."""
+
+    p95_ms: float
+    ratio: float
+    slack_ms: float
+    source: str  # said in the verdict: "1.0.0 serving here (512 requests)", "package benchmark"
+
+    @property
+    def limit_ms(self) -> float:
+        return self.ratio * self.p95_ms + self.slack_ms
+
+    def to_dict(self) -> JsonObject:
+        return {
+            "p95_ms": round(self.p95_ms, 4),
+            "ratio": self.ratio,
+            "slack_ms": self.slack_ms,
+            "limit_ms": round(self.limit_ms, 4),
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
+class Window:
+    """One probation window's requests and, when judged, its per-sample p95."""
+
+    index: int
+    requests: int
+    p95_ms: float | None  # None: fewer than min_requests successful requests, not judged
+    breach: bool
+
+
+def p95(values: Sequence[float]) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), 95))
+
+
+def probation_windows(
+    served: Sequence[Served],
+    start: float,
+    now: float,
+    reference: LatencyReference | None,
+    cfg: ProbationConfig,
+    *,
+    final: bool = False,
+) -> list[Window]:
+    """The windows of ``cfg.window_s`` seconds from ``start`` that are over by ``now`` (all of
+    them, the last partial one included, when ``final``), each judged against ``reference``."""
+    width = max(cfg.window_s, 1e-3)
+    buckets: dict[int, list[float]] = {}
+    counts: dict[int, int] = {}
+    for s in served:
+        if s.at < start:
+            continue
+        k = int((s.at - start) // width)
+        counts[k] = counts.get(k, 0) + 1
+        if s.ok:
+            buckets.setdefault(k, []).append(s.ms_per_sample)
+    done = int((now - start) // width) + (1 if final else 0)
+    out = []
+    for k in range(max(done, 0)):
+        lat = buckets.get(k, [])
+        judged = len(lat) >= max(cfg.min_requests, 1)
+        value = p95(lat) if judged else None
+        breach = bool(reference is not None and value is not None and value > reference.limit_ms)
+        out.append(Window(k, counts.get(k, 0), value, breach))
+    return out
+
+
 def judge_probation(
     requests: int,
     errors: int,
-    latencies_ms: list[float],
-    baseline_p95_ms: float | None,
+    windows: Sequence[Window],
+    reference: LatencyReference | None,
     cfg: ProbationConfig,
 ) -> tuple[ReasonCode, str] | None:
-    """(reason code, reason) when probation is breached, else None (pure)."""
-    if requests < max(cfg.min_requests, 1):
+    """(reason code, reason) when probation is breached, else None (pure).
+
+    The error rate is judged over all requests once there are ``min_requests``. Latency fails
+    only when ``sustained_windows`` judged windows in a row breach the reference's limit (a
+    window with too few requests is not judged and does not break a run): one noisy window on
+    a busy host is not a slow release.
+    """
+    if requests >= max(cfg.min_requests, 1):
+        rate = errors / requests
+        if rate > cfg.max_error_rate:
+            return (
+                ReasonCode.PROBATION_ERROR_RATE,
+                f"{errors} of {requests} requests failed ({rate:.1%} > {cfg.max_error_rate:.1%})",
+            )
+    if reference is None:
         return None
-    rate = errors / requests
-    if rate > cfg.max_error_rate:
-        return (
-            ReasonCode.PROBATION_ERROR_RATE,
-            f"{errors} of {requests} requests failed ({rate:.1%} > {cfg.max_error_rate:.1%})",
-        )
-    if baseline_p95_ms is not None and len(latencies_ms) >= max(cfg.min_requests, 1):
-        p95 = float(np.percentile(np.asarray(latencies_ms), 95))
-        limit = cfg.latency_factor * baseline_p95_ms + cfg.latency_slack_ms
-        if p95 > limit:
+    need = max(cfg.sustained_windows, 1)
+    run: list[Window] = []
+    for w in windows:
+        if w.p95_ms is None:
+            continue
+        run = [*run, w] if w.breach else []
+        if len(run) >= need:
+            seen = ", ".join(f"{x.p95_ms:.3f}" for x in run if x.p95_ms is not None)
             return (
                 ReasonCode.PROBATION_LATENCY,
-                f"serving p95 {p95:.2f} ms > {limit:.2f} ms"
-                f" ({cfg.latency_factor}x validation p95 {baseline_p95_ms:.2f} ms"
-                f" + {cfg.latency_slack_ms} ms)",
+                f"serving p95 per sample above {reference.limit_ms:.3f} ms in {len(run)}"
+                f" windows in a row ({seen} ms; {reference.ratio}x {reference.p95_ms:.3f} ms"
+                f" of {reference.source} + {reference.slack_ms} ms)",
             )
     return None

@@ -4,6 +4,10 @@ Each state's `Route` says where its step may lead, where a failure in it leads, 
 restarted agent does with an update found in it. The worker's failure handling and the crash
 recovery (`agent.journal.decide_recovery`) both read this table; neither decides on its own.
 
+A rollback to a version this device committed (`UpdateRecord.rollback`) takes the install path
+without the forward gates (benchmark, probation); where it would fail it ends ROLLBACK_FAILED,
+final and loud, with what served before it still serving.
+
 A removal (`Agent.remove_model`) is an update record too, with its own short path through the same
 table: IDLE -> REMOVING -> REMOVED. REMOVING is journaled before anything is deleted, so a restart
 finishes it; REMOVED is terminal. The record's `action` ("install" or "remove") says which path the
@@ -49,23 +53,26 @@ R = OnRestart
 #: Before activation a failure is FAILED (the old model never stopped serving); from ACTIVATING
 #: on the new version may serve, so a failure (or giving up after crashes) is a rollback.
 ROUTES: dict[State, Route] = {
-    S.IDLE: _route(S.FAILED, R.RESUME, S.DOWNLOADING, S.FAILED, S.REMOVING),
-    S.DOWNLOADING: _route(S.FAILED, R.RESUME, S.VERIFYING, S.FAILED),
-    S.VERIFYING: _route(S.FAILED, R.RESUME, S.INSTALLING, S.FAILED),
-    S.INSTALLING: _route(S.FAILED, R.RESUME, S.VALIDATING, S.FAILED),
-    S.VALIDATING: _route(S.FAILED, R.RESUME, S.ACTIVATING, S.FAILED),
+    S.IDLE: _route(S.FAILED, R.RESUME, S.DOWNLOADING, S.FAILED, S.REMOVING, S.ROLLBACK_FAILED),
+    S.DOWNLOADING: _route(S.FAILED, R.RESUME, S.VERIFYING, S.FAILED, S.ROLLBACK_FAILED),
+    S.VERIFYING: _route(S.FAILED, R.RESUME, S.INSTALLING, S.FAILED, S.ROLLBACK_FAILED),
+    S.INSTALLING: _route(S.FAILED, R.RESUME, S.VALIDATING, S.FAILED, S.ROLLBACK_FAILED),
+    S.VALIDATING: _route(S.FAILED, R.RESUME, S.ACTIVATING, S.FAILED, S.ROLLBACK_FAILED),
     # A swap that cannot complete puts the previous version back: that is a rollback.
     S.ACTIVATING: _route(S.ROLLING_BACK, R.RESUME, S.PROBATION, S.ROLLING_BACK),
     # A crash while the new version serves is a reason to distrust it; an orderly stop (e.g. a
     # restart to change the config) only restarts the probation window.
     S.PROBATION: _route(S.ROLLING_BACK, R.DISTRUST, S.COMMITTED, S.ROLLING_BACK),
-    S.ROLLING_BACK: _route(None, R.FINISH_ROLLBACK, S.ROLLED_BACK),
+    # A rollback (to a version committed here) that could not land ends ROLLBACK_FAILED, after
+    # putting back what served before it when it got as far as activating.
+    S.ROLLING_BACK: _route(None, R.FINISH_ROLLBACK, S.ROLLED_BACK, S.ROLLBACK_FAILED),
     S.COMMITTED: _route(None, R.NOTHING),
     S.FAILED: _route(None, R.NOTHING),
     S.ROLLED_BACK: _route(None, R.NOTHING),
     # Explicit uninstall: unload, delete pointers and versions; nothing to roll back to.
     S.REMOVING: _route(None, R.FINISH_REMOVAL, S.REMOVED),
     S.REMOVED: _route(None, R.NOTHING),
+    S.ROLLBACK_FAILED: _route(None, R.NOTHING),
 }
 TRANSITIONS: dict[State, frozenset[State]] = {s: r.next for s, r in ROUTES.items()}
 TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
@@ -73,9 +80,19 @@ TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 BEFORE_ACTIVATION = frozenset(s for s, r in ROUTES.items() if r.failure is S.FAILED)
 
 
-def failure_route(state: State) -> State | None:
-    """Where a failure in ``state`` leads: FAILED, ROLLING_BACK, or None (it cannot fail)."""
-    return ROUTES[state].failure
+def failure_route(state: State, rollback: bool = False) -> State | None:
+    """Where a failure in ``state`` leads: FAILED, ROLLING_BACK, or None (it cannot fail).
+
+    For a rollback to a version committed here, FAILED is ROLLBACK_FAILED: the update was the
+    way back, and it did not land.
+    """
+    target = ROUTES[state].failure
+    return S.ROLLBACK_FAILED if rollback and target is S.FAILED else target
+
+
+def end_of_rollback(rollback: bool) -> State:
+    """Where ROLLING_BACK ends: ROLLED_BACK, or ROLLBACK_FAILED for a rollback update."""
+    return S.ROLLBACK_FAILED if rollback else S.ROLLED_BACK
 
 
 class TransitionError(RuntimeError):

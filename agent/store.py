@@ -1,9 +1,16 @@
 """Installed model versions: DATA_DIR/models/NAME/VERSION/, plus NAME/pointers.json holding the
-`current` and `previous` versions (one file, replaced atomically, so both move together)."""
+`current` and `previous` versions (one file, replaced atomically, so both move together).
+
+Two more files per model feed the update gates: NAME/committed.json lists the versions this
+device has committed (a rollback to one of them is not held to the forward gates), and
+NAME/serving.json is the rolling record of the committed version's per-sample serving latencies
+(probation compares a new version with it)."""
 
 from __future__ import annotations
 
 import hashlib
+import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Required, TypedDict, cast
@@ -121,20 +128,74 @@ class ModelStore:
         return rec
 
     def discard_incomplete(self, name: str) -> None:
-        """Remove version directories without an install record (interrupted installs)."""
+        """Remove what interrupted installs left: extraction directories (``.*.partial``) and
+        version directories without an install record; then a model directory that holds
+        nothing installed and no pointers at all."""
         d = self.model_dir(name)
         if not d.is_dir():
             return
         clean_temp(d)
         keep = self.pointers(name)
         for p in d.iterdir():
-            if (
+            if p.name.startswith(".") and p.name.endswith(".partial"):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            elif (
                 p.is_dir()
                 and not p.name.startswith(".")
                 and not (p / INSTALL_RECORD).exists()
                 and p.name not in (keep.current, keep.previous)
             ):
                 remove_tree(p)
+        if not any(d.iterdir()):
+            d.rmdir()
+
+    # ------------------------------------------------------------------ gate records
+
+    def committed_versions(self, name: str) -> list[str]:
+        """Versions this device has committed (oldest first, bounded)."""
+        p = self.model_dir(name) / "committed.json"
+        try:
+            v = read_json_object(p).get("versions")
+        except (OSError, ValueError):
+            return []
+        return [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+
+    def mark_committed(self, name: str, version: str) -> None:
+        versions = [v for v in self.committed_versions(name) if v != version] + [version]
+        atomic_write_json(self.model_dir(name) / "committed.json", {"versions": versions[-32:]})
+
+    def serving_record(self, name: str) -> tuple[str, list[float]] | None:
+        """(version, per-sample latencies in ms) the model's committed version served with."""
+        try:
+            d = read_json_object(self.model_dir(name) / "serving.json")
+        except (OSError, ValueError):
+            return None
+        version, lat = d.get("version"), d.get("ms_per_sample")
+        if not isinstance(version, str) or not isinstance(lat, list):
+            return None
+        return version, [
+            float(x) for x in lat if isinstance(x, int | float) and math.isfinite(x) and x >= 0
+        ]
+
+    def add_serving_latencies(
+        self, name: str, version: str, latencies: list[float], keep: int
+    ) -> None:
+        """Append to the serving record of ``version`` (a record of another version is
+        replaced); the newest ``keep`` values are kept."""
+        if not latencies or not self.model_dir(name).is_dir():
+            return
+        old = self.serving_record(name)
+        base = old[1] if old and old[0] == version else []
+        atomic_write_json(
+            self.model_dir(name) / "serving.json",
+            {
+                "version": version,
+                "ms_per_sample": [round(x, 6) for x in [*base, *latencies][-max(keep, 1) :]],
+            },
+        )
 
     def remove_version(self, name: str, version: str) -> None:
         ptr = self.pointers(name)

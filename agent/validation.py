@@ -5,6 +5,7 @@ pure."""
 from __future__ import annotations
 
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,13 +138,97 @@ def judge(figures: Figures, gates: Mapping[str, object]) -> GateFailure | None:
     return None
 
 
+#: Decompressed bytes of every array in samples.npz together (see docs/limits.md).
+MAX_SAMPLES_BYTES = 256 * 1024 * 1024
+MAX_SAMPLES_MEMBERS = 1024
+
+
+class SamplesRejected(ValueError):
+    """samples.npz is not a bounded archive of plain arrays (a zip bomb, a lie, a pickle)."""
+
+
+class _Capped:
+    """A member's stream that refuses to yield more than the size its zip entry declares."""
+
+    def __init__(self, f: IO[bytes], limit: int, name: str) -> None:
+        self.f, self.left, self.name = f, limit, name
+
+    def read(self, n: int = -1) -> bytes:
+        want = self.left if n is None or n < 0 else min(n, self.left)
+        data = self.f.read(want)
+        self.left -= len(data)
+        if self.left == 0 and n != 0 and self.f.read(1):
+            raise SamplesRejected(f"{self.name} holds more than its declared size")
+        return data
+
+
+def _read_npy(f: _Capped, name: str) -> np.ndarray:
+    """One .npy member, its header checked against its zip entry's declared size before the
+    array is allocated."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise SamplesRejected(f"{name}: npy format {version} is not supported")
+    except (ValueError, OSError) as e:
+        raise SamplesRejected(f"{name} is not an npy array: {e}") from e
+    if dtype.hasobject:
+        raise SamplesRejected(f"{name} holds Python objects (pickles are not loaded)")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    nbytes = count * dtype.itemsize
+    if nbytes != f.left:
+        raise SamplesRejected(
+            f"{name} declares {list(shape)} {dtype} ({nbytes} bytes) but its entry holds"
+            f" {f.left} bytes after the header"
+        )
+    arr = np.empty(count, dtype=dtype)
+    view = arr.view(np.uint8).reshape(-1).data if nbytes else memoryview(bytearray())
+    got = 0
+    while got < nbytes:
+        chunk = f.read(min(1 << 20, nbytes - got))
+        if not chunk:
+            raise SamplesRejected(f"{name} is truncated")
+        view[got : got + len(chunk)] = chunk
+        got += len(chunk)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
 def load_samples(
-    path: str | Path | IO[bytes],
+    path: str | Path | IO[bytes], max_bytes: int = MAX_SAMPLES_BYTES
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(inputs, expected outputs) from samples.npz (`input:NAME`, `output:NAME`)."""
-    with np.load(path, allow_pickle=False) as z:
-        inputs = {k[6:]: z[k] for k in z.files if k.startswith("input:")}
-        outputs = {k[7:]: z[k] for k in z.files if k.startswith("output:")}
+    """(inputs, expected outputs) from samples.npz (`input:NAME`, `output:NAME`).
+
+    Nothing is decompressed before the sizes the zip's central directory declares are checked
+    against ``max_bytes``; each member is then read capped at its declared size, and each
+    array's own header must agree with it before the array is allocated (a zip bomb, or a
+    header that lies, is refused with `SamplesRejected`)."""
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_SAMPLES_MEMBERS:
+                raise SamplesRejected(f"samples.npz has {len(infos)} members")
+            declared = sum(i.file_size for i in infos)
+            if declared > max_bytes:
+                raise SamplesRejected(
+                    f"samples.npz declares {declared} bytes decompressed, over the"
+                    f" {max_bytes} limit"
+                )
+            for info in infos:
+                if not info.filename.endswith(".npy") or info.is_dir():
+                    raise SamplesRejected(f"samples.npz member {info.filename!r} is not .npy")
+                with zf.open(info) as raw:
+                    f = _Capped(raw, info.file_size, info.filename)
+                    arrays[info.filename[:-4]] = _read_npy(f, info.filename)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as e:
+        raise SamplesRejected(f"samples.npz is not a valid archive: {e}") from e
+    inputs = {k[6:]: v for k, v in arrays.items() if k.startswith("input:")}
+    outputs = {k[7:]: v for k, v in arrays.items() if k.startswith("output:")}
     return inputs, outputs
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.harness import free_port
+from edgefleet.wire.states import TERMINAL_STATES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,7 +174,7 @@ class _AgentProc:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             v = self.admin("GET", f"/admin/updates/{uid}")
-            if v["state"] in ("COMMITTED", "FAILED", "ROLLED_BACK"):
+            if v["state"] in TERMINAL_STATES:
                 return dict(v)
             time.sleep(0.05)
         raise TimeoutError(f"update {uid} did not finish")

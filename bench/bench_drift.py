@@ -9,6 +9,10 @@
    each request directly, and the agent's buffered path (observe + amortised batch count).
 3. A 0.5 sigma shift in one of 64 features: detection rate and false alarms per window for
    the calibrated decision (chi-square + BH, alpha 0.01) against fixed PSI cut-offs.
+4. Real data with a valid null (``python -m bench drift --validate`` runs only this): false
+   alarms at alpha 1 % and detection of out-of-range values, a constant feature that changes
+   and a 0.5 std shift, for the decision with the range test against the binned test alone
+   (the baseline: the same sketches without their range counts). See :func:`real_datasets`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import argparse
 import itertools
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=132)  # tables stay readable when piped to a file
 
 
 # --- 1. ingest ------------------------------------------------------------------------------
@@ -284,11 +290,235 @@ def bench_power(quick: bool) -> list[tuple[str, ...]]:
     return out
 
 
+# --- 4. validation on real data ----------------------------------------------------------------
+#
+# A valid null needs live windows the reference has not seen, from the same population:
+# - "half": the rows of a scikit-learn data set are split at random, the reference is built from
+#   one half and windows are drawn WITHOUT replacement from the other; every trial re-splits.
+# - "pool": a large population (2x2 RGB patches of scikit-learn's sample photos, china.jpg and
+#   flower.jpg, when Pillow can decode them; else 2x2 patches of the digits scans) is permuted,
+#   the reference is its first ``ref_size`` rows and the windows are fresh disjoint rows after it.
+# Both are exchangeable by construction (sampling without replacement from a finite population),
+# so a valid test alarms at most alpha of the time. Detection windows are the same windows with
+# one change injected (only at sizes a held-out half can fill without replacement, so the binned
+# test's own false alarms do not pass for detections).
+
+
+@dataclass(frozen=True)
+class RealData:
+    name: str
+    rows: np.ndarray  # (M, d) float64
+    split: str  # "half" | "pool"
+    ref_size: int
+
+
+def _photo_patches() -> np.ndarray | None:
+    try:
+        from sklearn.datasets import load_sample_images
+
+        images = load_sample_images().images
+    except ImportError:  # Pillow is needed to decode the JPEGs
+        return None
+    out = []
+    for img in images:
+        h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
+        a = img[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).transpose(0, 2, 1, 3, 4)
+        out.append(a.reshape(-1, 12))
+    return np.concatenate(out).astype(np.float64)
+
+
+def _digit_patches() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    img = np.asarray(load_digits().images, dtype=np.float64)  # (1797, 8, 8)
+    a = img.reshape(-1, 4, 2, 4, 2).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(a.reshape(-1, 4))
+
+
+def real_datasets(patches: str = "auto") -> list[RealData]:
+    """diabetes, breast_cancer, digits (held-out halves) and one patch population.
+
+    ``patches``: "photos" (needs Pillow), "digits", or "auto" (photos when Pillow is there).
+    """
+    from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
+
+    out = [
+        RealData(name, loader().data.astype(np.float64), "half", len(loader().data) // 2)
+        for name, loader in (
+            ("diabetes", load_diabetes),
+            ("breast_cancer", load_breast_cancer),
+            ("digits", load_digits),
+        )
+    ]
+    photos = _photo_patches() if patches in ("auto", "photos") else None
+    if patches == "photos" and photos is None:
+        raise RuntimeError("photo patches need Pillow to decode scikit-learn's sample images")
+    if photos is not None:
+        out.append(RealData("photo 2x2 RGB patches", photos, "pool", 20_000))
+    else:
+        out.append(RealData("digits 2x2 patches", _digit_patches(), "pool", 10_000))
+    return out
+
+
+def null_windows(
+    data: RealData, n: int, windows: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(reference rows, live window) pairs under the null; windows never reuse a row."""
+    done = 0
+    while done < windows:
+        perm = rng.permutation(len(data.rows))
+        ref = data.rows[perm[: data.ref_size]]
+        rest = perm[data.ref_size :]
+        if data.split == "half":
+            rest = rest[: len(data.rows) - data.ref_size]
+        per_split = len(rest) // n
+        if per_split == 0:
+            return
+        for w in range(min(per_split, windows - done)):
+            yield ref, data.rows[rest[w * n : (w + 1) * n]]
+            done += 1
+
+
+_BUILT: list[Any] = [None, None]  # (rows object, reference) of the last split
+
+
+def _decide_both(ref_rows: np.ndarray, live: np.ndarray, alpha: float = 0.01) -> tuple[bool, bool]:
+    """(alarm with the range test, alarm with the binned test alone) for one window."""
+    from edgefleet.drift.decision import DriftConfig, decide
+    from edgefleet.drift.reference import build_reference
+    from edgefleet.drift.sketch import Sketch
+
+    if _BUILT[0] is not ref_rows:
+        _BUILT[:] = [ref_rows, build_reference({"x": ref_rows}, {})]
+    ref = _BUILT[1]
+    sk = Sketch(ref)
+    sk.update({"x": live})
+    d = sk.to_dict()
+    cfg = DriftConfig(alpha=alpha)
+    new = decide(ref, d, cfg).drift
+    d.pop("range", None)
+    return new, decide(ref, d, cfg).drift
+
+
+def false_alarms(data: RealData, n: int, windows: int, seed: int = 0) -> tuple[int, int, int]:
+    """(alarms with the range test, alarms binned-only, windows) under the null."""
+    rng = np.random.default_rng(seed)
+    a = b = total = 0
+    for ref, live in null_windows(data, n, windows, rng):
+        new, old = _decide_both(ref, live)
+        a, b, total = a + new, b + old, total + 1
+    return a, b, total
+
+
+CASES = (
+    "5% at +50 std",
+    "constant 0 -> all 7",
+    "constant 0 -> 5% at 7",
+    "0.5 std shift",
+)
+
+
+def _inject(case: str, ref: np.ndarray, live: np.ndarray, rng: np.random.Generator) -> Any:
+    ref, live = ref.copy(), live.copy()
+    std = ref.std(axis=0)
+    varying = np.flatnonzero(std > 0)
+    n = len(live)
+    if case.startswith("constant"):
+        const = np.flatnonzero(std == 0)
+        j = int(const[0]) if const.size else 0
+        if not const.size:  # a dead sensor: the column is 0.0 in the reference
+            ref[:, j] = 0.0
+        live[:, j] = 0.0
+        rows = slice(None) if "all" in case else rng.choice(n, max(1, n // 20), replace=False)
+        live[rows, j] = 7.0
+    elif case == "5% at +50 std":
+        j = int(rng.choice(varying))
+        rows = rng.choice(n, max(1, n // 20), replace=False)
+        live[rows, j] = ref[:, j].mean() + 50 * std[j]
+    else:
+        j = int(rng.choice(varying))
+        live[:, j] += 0.5 * std[j]
+    return ref, live
+
+
+def detection(
+    data: RealData, n: int, case: str, windows: int, seed: int = 1
+) -> tuple[int, int, int, bool]:
+    """(detected with the range test, binned-only, windows, resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    held = len(data.rows) - data.ref_size
+    resampled = data.split == "half" and n > held
+    a = b = 0
+    for _ in range(windows):
+        perm = rng.permutation(len(data.rows))
+        ref = data.rows[perm[: data.ref_size]]
+        rest = perm[data.ref_size :][:held]
+        idx = rng.choice(rest, n, replace=True) if resampled else rest[:n]
+        r, live = _inject(case, ref, data.rows[idx], rng)
+        new, old = _decide_both(r, live)
+        a, b = a + new, b + old
+    return a, b, windows, resampled
+
+
+def bench_validation(quick: bool, patches: str = "auto") -> tuple[list[list[str]], list[list[str]]]:
+    """(false-alarm rows, detection rows) of the real-data validation."""
+    fa_rows: list[list[str]] = []
+    det_rows: list[list[str]] = []
+    for data in real_datasets(patches):
+        sizes = (100, 1000, 10_000) if data.split == "pool" else (100,)
+        for n in sizes:
+            w = (
+                {100: 200, 1000: 100, 10_000: 40}[n]
+                if quick
+                else {100: 1000, 1000: 400, 10_000: 100}[n]
+            )
+            a, b, total = false_alarms(data, n, w)
+            if total:
+                fa_rows.append(
+                    [
+                        data.name,
+                        str(data.ref_size),
+                        str(n),
+                        str(total),
+                        f"{a / total:.1%}",
+                        f"{b / total:.1%}",
+                    ]
+                )
+        for n in sizes:
+            w = 20 if quick else 100
+            for case in CASES:
+                a, b, total, _ = detection(data, n, case, max(5, int(w / (n / 100) ** 0.5)))
+                det_rows.append(
+                    [
+                        data.name,
+                        str(data.ref_size),
+                        str(n),
+                        case,
+                        f"{a / total:.0%}",
+                        f"{b / total:.0%}",
+                    ]
+                )
+    return fa_rows, det_rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_drift", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller runs (under a minute)")
+    p.add_argument(
+        "--validate", action="store_true", help="only the real-data validation (section 4)"
+    )
+    p.add_argument(
+        "--patches",
+        choices=("auto", "photos", "digits"),
+        default="auto",
+        help="patch population for the validation (photos need Pillow)",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
+    if args.validate:
+        _print_validation(args.quick, args.patches)
+        console.print(f"bench_drift done in {time.perf_counter() - t0:.1f}s")
+        return 0
 
     import os
 
@@ -327,8 +557,25 @@ def main(argv: list[str] | None = None) -> int:
     for row in bench_power(args.quick):
         t.add_row(*row)
     console.print(t)
+    _print_validation(args.quick, args.patches)
     console.print(f"bench_drift done in {time.perf_counter() - t0:.1f}s (per-call: best of 3)")
     return 0
+
+
+def _print_validation(quick: bool, patches: str) -> None:
+    fa, det = bench_validation(quick, patches)
+    t = Table(title="false alarms at alpha 1 % on held-out real data (no drift; target <= 2 %)")
+    for c in ("data", "reference n", "window n", "windows", "range + binned", "binned alone"):
+        t.add_column(c, justify="right")
+    for row in fa:
+        t.add_row(*row)
+    console.print(t)
+    t = Table(title="detection at alpha 1 % (one feature changed in held-out windows)")
+    for c in ("data", "reference n", "window n", "change", "range + binned", "binned alone"):
+        t.add_column(c, justify="right")
+    for row in det:
+        t.add_row(*row)
+    console.print(t)
 
 
 if __name__ == "__main__":

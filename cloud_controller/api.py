@@ -5,20 +5,23 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgefleet.cloud_controller import auth, devices, registry, rollout_views, rollouts
+from edgefleet.cloud_controller import auth, desired, devices, registry, rollout_views, rollouts
 from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import iso, transaction
 from edgefleet.cloud_controller.deps import Principal, audit_detail, controller, need, session
 from edgefleet.cloud_controller.models import AuditEntry, DesiredState, Device, Package
+from edgefleet.wire import ids
+from edgefleet.wire.manifest import package_filename
 
 router = APIRouter(prefix="/api/v1")
 Db = Annotated[Session, Depends(session)]
@@ -32,12 +35,25 @@ def fail(status: int, code: str, message: str) -> HTTPException:
     return HTTPException(status, detail={"code": code, "message": message})
 
 
+# Every identifier in a request is checked against its grammar (edgefleet.wire.ids) as the body
+# is parsed; a refusal is a 422 whose code names the identifier and whose message the grammar.
+DeviceId = Annotated[str, AfterValidator(ids.device_id)]
+GroupName = Annotated[str, AfterValidator(ids.group)]
+TagName = Annotated[str, AfterValidator(ids.tag)]
+ModelName = Annotated[str, AfterValidator(ids.model_name)]
+VersionText = Annotated[str, AfterValidator(ids.version)]
+TokenName = Annotated[str, AfterValidator(ids.token_name)]
+# Row ids are BIGINT at most: a larger number names no row (422), it does not reach the driver.
+RowId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
+
+
 # --- tokens and audit ------------------------------------------------------------------------
 
 
 class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: auth.Role
-    name: str = Field(default="api", max_length=200)
+    name: TokenName = "api"
 
 
 @router.post("/tokens", status_code=201)
@@ -46,6 +62,24 @@ def create_token(body: TokenRequest, request: Request, who: Admin) -> dict[str, 
         token = auth.create_token(s, body.role.value, body.name)
     audit_detail(request, role=body.role.value, name=body.name)
     return {"token": token, "role": body.role.value, "name": body.name}
+
+
+@router.get("/tokens")
+def list_tokens(db: Db, who: Admin) -> list[dict[str, Any]]:
+    """Every API token's id, name, role and dates (never the token itself)."""
+    return [auth.token_to_dict(t) for t in auth.list_tokens(db)]
+
+
+@router.delete("/tokens/{token_id}")
+def revoke_token(token_id: RowId, request: Request, who: Admin) -> dict[str, Any]:
+    """Revoke a token: it is refused from the next request on. Revoking twice is a no-op."""
+    with transaction(controller(request).factory) as s:
+        row = auth.revoke_token(s, token_id)
+        if row is None:
+            raise fail(404, "not_found", f"no token {token_id}")
+        out = auth.token_to_dict(row)
+    audit_detail(request, token=token_id, name=out["name"])
+    return out
 
 
 @router.get("/audit")
@@ -104,15 +138,10 @@ async def upload_package(request: Request, who: Publisher) -> dict[str, Any]:
             raise fail(422, "not_a_package", "empty body: send the .efpkg file")
 
         def store() -> tuple[Package, bool]:
-            with transaction(ctl.factory) as s:
-                return registry.store_upload(
-                    s,
-                    tmp,
-                    ctl.settings.package_dir,
-                    ctl.trusted_keys,
-                    who.actor,
-                    max_bytes=limit,
-                )
+            up = registry.verify_upload(tmp, ctl.trusted_keys, max_bytes=limit)
+            return registry.publish_upload(
+                ctl.factory, tmp, ctl.settings.package_dir, up, who.actor
+            )
 
         try:
             pkg, created = await run_in_threadpool(store)
@@ -139,7 +168,7 @@ def list_releases(db: Db, who: Reader) -> list[dict[str, Any]]:
 
 
 @router.get("/packages/{package_id}")
-def show_package(package_id: int, request: Request, db: Db, who: Reader) -> dict[str, Any]:
+def show_package(package_id: RowId, request: Request, db: Db, who: Reader) -> dict[str, Any]:
     pkg = db.get(Package, package_id)
     if pkg is None:
         raise fail(404, "not_found", f"no package {package_id}")
@@ -151,22 +180,35 @@ def show_package(package_id: int, request: Request, db: Db, who: Reader) -> dict
 
 @router.get("/packages/{package_id}/download")
 def download_package(
-    package_id: int,
+    package_id: RowId,
     request: Request,
     db: Db,
     who: Annotated[Principal, Depends(need(auth.Perm.READ, devices_ok=True))],
 ) -> FileResponse:
-    """The package file; HTTP Range requests resume interrupted downloads."""
+    """The package file; HTTP Range requests resume interrupted downloads.
+
+    A device's download token fetches only the packages its current desired state names.
+    """
     pkg = db.get(Package, package_id)
     if pkg is None:
         raise fail(404, "not_found", f"no package {package_id}")
+    if who.device_id is not None and not registry.desired_names(
+        db.get(DesiredState, who.device_id), pkg
+    ):
+        audit_detail(request, refused="not_in_desired_state", package=package_id)
+        raise fail(
+            403,
+            "not_in_desired_state",
+            f"device {who.device_id} is not meant to install package {package_id}",
+        )
+    audit_detail(request, package=f"{pkg.name} {pkg.version} {pkg.profile}", sha256=pkg.sha256)
     path = controller(request).settings.package_dir / pkg.filename
     if not path.is_file():
         raise fail(410, "package_file_missing", f"{pkg.filename} is gone from the packages dir")
     return FileResponse(
         path,
         media_type="application/octet-stream",
-        filename=Path(pkg.filename).name,
+        filename=package_filename(pkg.name, pkg.version, pkg.profile),
         headers={"X-Sha256": pkg.sha256},
     )
 
@@ -175,14 +217,19 @@ def download_package(
 
 
 class RegisterRequest(BaseModel):
-    device_id: str = Field(min_length=1, max_length=128)
-    groups: list[str] = []
-    tags: list[str] = []
+    model_config = ConfigDict(extra="forbid")
+    device_id: DeviceId
+    groups: list[GroupName] = Field([], max_length=64)
+    tags: list[TagName] = Field([], max_length=64)
+    rotate_credentials: bool = Field(
+        False, description="re-key a registered device (its old credentials stop working)"
+    )
 
 
 class LabelsRequest(BaseModel):
-    groups: list[str] | None = None
-    tags: list[str] | None = None
+    model_config = ConfigDict(extra="forbid")
+    groups: list[GroupName] | None = Field(None, max_length=64)
+    tags: list[TagName] | None = Field(None, max_length=64)
 
 
 @router.post("/devices", status_code=201)
@@ -191,9 +238,16 @@ def register_device(body: RegisterRequest, request: Request, who: Operator) -> d
     ctl = controller(request)
     try:
         with transaction(ctl.factory) as s:
+            known = s.get(Device, body.device_id)
+            if known is not None and known.registered and not body.rotate_credentials:
+                raise fail(
+                    409,
+                    "device_exists",
+                    f"{body.device_id} is registered; rotate_credentials re-keys it",
+                )
             creds = auth.register_device(s, body.device_id, body.groups, body.tags)
-    except ValueError as e:
-        raise fail(422, "invalid_device_id", str(e)) from e
+    except ids.IdentifierError as e:
+        raise fail(422, e.code, str(e)) from e
     audit_detail(request, device=body.device_id)
     return {
         "device_id": creds.device_id,
@@ -209,10 +263,11 @@ def list_devices(
     db: Db, who: Reader, group: str | None = None, tag: str | None = None
 ) -> list[dict[str, Any]]:
     out = []
+    wanted = {r.device_id: r for r in db.scalars(select(DesiredState))}
     for d in devices.list_devices(db):
         if (group and group not in d.groups) or (tag and tag not in d.tags):
             continue
-        out.append(devices.to_dict(d))
+        out.append({**devices.to_dict(d), "sync": desired.sync_view(d, wanted.get(d.id))})
     return out
 
 
@@ -221,7 +276,8 @@ def show_device(device_id: str, db: Db, who: Reader) -> dict[str, Any]:
     dev = db.get(Device, device_id)
     if dev is None:
         raise fail(404, "not_found", f"no device {device_id}")
-    return devices.to_dict(dev, db.get(DesiredState, device_id))
+    row = db.get(DesiredState, device_id)
+    return {**devices.to_dict(dev, row), "sync": desired.sync_view(dev, row)}
 
 
 @router.patch("/devices/{device_id}")
@@ -231,7 +287,10 @@ def label_device(
     with transaction(controller(request).factory) as s:
         if s.get(Device, device_id) is None:
             raise fail(404, "not_found", f"no device {device_id}")
-        dev = devices.set_labels(s, device_id, body.groups, body.tags)
+        try:
+            dev = devices.set_labels(s, device_id, body.groups, body.tags)
+        except ids.IdentifierError as e:
+            raise fail(422, e.code, str(e)) from e
         out = devices.to_dict(dev)
     audit_detail(request, groups=body.groups, tags=body.tags)
     return out
@@ -246,9 +305,9 @@ def _rollout_error(e: rollouts.RolloutError) -> HTTPException:
 
 class TargetModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    device_ids: list[str] = []
-    groups: list[str] = []
-    tags: list[str] = []
+    device_ids: list[DeviceId] = []
+    groups: list[GroupName] = []
+    tags: list[TagName] = []
 
 
 class GatesModel(BaseModel):
@@ -264,21 +323,32 @@ class RolloutRequest(BaseModel):
     """A staged rollout of one release (see docs/controller.md for the rules)."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str
-    version: str
+    model: ModelName
+    version: VersionText
     target: TargetModel
     waves: list[float] = Field([5.0, 25.0, 100.0], description="cumulative %, last = 100")
     device_timeout_s: float = 600.0
-    max_retries: int = 0
+    max_retries: int = Field(
+        E.DEFAULT_RETRIES, description="attempts after the first, for transient failures"
+    )
     retry_backoff_s: float = Field(30.0, description="first retry delay; doubles each time")
     success_threshold_pct: float = Field(100.0, description="% of a wave that must succeed")
     abort_failure_pct: float = Field(20.0, description="abort when failures exceed this % ...")
-    abort_min_finished: int = Field(1, description="... once this many devices finished")
+    abort_min_finished: int | None = Field(
+        None,
+        description="... of max(finished, this many); default max(5, 2 % of planned devices)",
+    )
     approval_waves: list[int] = Field([], description="0-based waves that wait for approval")
     rate_per_min: int | None = Field(default=None, description="dispatches per minute")
     soak_s: float = Field(0.0, description="health-gated wait after each wave")
     gates: GatesModel = Field(default_factory=GatesModel)
     seed: int | None = Field(default=None, description="wave membership seed; random when absent")
+    on_abort: Literal["halt", "rollback"] = Field(
+        "halt", description="what an abort does to devices that took the release"
+    )
+    remove_first_installs: bool = Field(
+        False, description="let a rollback uninstall a first install (no previous version)"
+    )
 
 
 @router.post("/rollouts", status_code=201)
@@ -302,7 +372,11 @@ def list_rollouts(db: Db, who: Reader) -> list[dict[str, Any]]:
 
 @router.get("/rollouts/{rollout_id}")
 def show_rollout(rollout_id: str, request: Request, db: Db, who: Reader) -> dict[str, Any]:
-    state = controller(request).rollouts.get_state(rollout_id)
+    """One rollout, by id or a unique id prefix."""
+    try:
+        state = controller(request).rollouts.get_state(rollout_id)
+    except rollouts.RolloutError as e:
+        raise _rollout_error(e) from e
     if state is None:
         raise fail(404, "not_found", f"no rollout {rollout_id}")
     return rollout_views.detail(db, state)
@@ -312,6 +386,7 @@ class ControlRequest(BaseModel):
     wave: int | None = None  # approve: a wave index (0-based); default the waiting one
     rollback: bool = False  # cancel: also revert moved devices
     reason: str = "aborted by operator"  # abort
+    on_abort: Literal["halt", "rollback"] | None = None  # abort: None = the rollout's own
 
 
 @router.post("/rollouts/{rollout_id}/{action}")
@@ -328,7 +403,7 @@ def control_rollout(
         "pause": E.Pause(),
         "resume": E.Resume(),
         "cancel": E.Cancel(b.rollback),
-        "abort": E.Abort(f"{b.reason} ({who.actor})"),
+        "abort": E.Abort(f"{b.reason} ({who.actor})", b.on_abort),
     }
     if action not in events:
         raise fail(404, "unknown_action", f"{action!r}: use one of {sorted(events)}")

@@ -7,13 +7,19 @@ build an app and its controller together.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgefleet.cloud_controller import db
 from edgefleet.cloud_controller.api import router as api_router
@@ -24,8 +30,176 @@ from edgefleet.cloud_controller.models import AuditEntry, Device, Rollout
 from edgefleet.cloud_controller.settings import Settings
 
 __all__ = ["Controller", "create_app"]
+log = logging.getLogger(__name__)
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Reads that are audited too: who fetched which package file.
+_AUDITED_READS = re.compile(r"/api/v1/packages/[^/]+/download")
+_UPLOADS = re.compile(r"/api/v1/packages/?")
+_REFERENCES = re.compile(r"/api/v1/drift/[^/]+/references/?")
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive` while a body streams past its limit; FastAPI lets an
+    HTTPException through its body parsing, so the client gets the 413 itself."""
+
+    def __init__(self, limit: int) -> None:
+        self.message = f"body over the {limit} byte limit"
+        super().__init__(413, detail={"code": "too_large", "message": self.message})
+
+
+def body_limit(settings: Settings, method: str, path: str) -> int:
+    """The most bytes a request body may have on this route (docs/limits.md, Controller)."""
+    if method == "POST" and _UPLOADS.fullmatch(path):
+        return settings.max_upload_bytes
+    if _REFERENCES.fullmatch(path):
+        return settings.max_reference_body_bytes
+    return settings.max_body_bytes
+
+
+async def _send_json(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"detail": {"code": code, "message": message}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """The outermost part of every HTTP request (pure ASGI, so nothing has read the body yet):
+
+    1. a request with a body to the API must carry a valid token before one byte of its body is
+       read (401 otherwise), so an anonymous client cannot make the controller buffer anything;
+    2. the body may not exceed its route's limit: refused from Content-Length when declared,
+       else cut off while it streams (413);
+    3. every mutating call and every package download is audited with its outcome, a call that
+       ends in an unhandled error included (outcome 500).
+    """
+
+    def __init__(self, app: ASGIApp, ctl: Controller) -> None:
+        self.app = app
+        self.ctl = ctl
+
+    def _token_ok(self, token: str) -> bool:
+        from edgefleet.cloud_controller.auth import lookup_token
+
+        with self.ctl.factory() as s:
+            return lookup_token(s, token) is not None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        audited = method in MUTATING or bool(_AUDITED_READS.fullmatch(path))
+        status = {"code": 0, "audited": 0}
+
+        async def audit(outcome: int) -> None:
+            if audited and not status["audited"]:
+                status["audited"] = 1
+                await run_in_threadpool(self._audit, scope, method, path, outcome)
+
+        async def send_(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+                await audit(status["code"])  # on record before the client hears the outcome
+            await send(message)
+
+        try:
+            if method in MUTATING:
+                refusal = await self._refuse_early(scope)
+                if refusal is not None:
+                    await _send_json(send_, *refusal)
+                    return
+                receive = self._capped(receive, body_limit(self.ctl.settings, method, path))
+            try:
+                await self.app(scope, receive, send_)
+            except _BodyTooLarge as e:
+                if status["code"] != 0:
+                    raise
+                await _send_json(send_, 413, "too_large", e.message)
+        finally:
+            await audit(status["code"] or 500)  # an unhandled error: the 500 that follows
+
+    async def _refuse_early(self, scope: Scope) -> tuple[int, str, str] | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        if path.startswith("/api/"):
+            scheme, _, value = headers.get("authorization", "").partition(" ")
+            token = value.strip() if scheme.lower() == "bearer" else ""
+            if not token:
+                return 401, "unauthenticated", "send Authorization: Bearer <token>"
+            if not await run_in_threadpool(self._token_ok, token):
+                return 401, "invalid_token", "unknown or revoked token"
+        limit = body_limit(self.ctl.settings, scope["method"], path)
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return 400, "bad_content_length", "Content-Length is not a number"
+            if int(declared) > limit:
+                return 413, "too_large", f"body of {declared} bytes, over the {limit} byte limit"
+        return None
+
+    @staticmethod
+    def _capped(receive: Receive, limit: int) -> Receive:
+        seen = 0
+
+        async def receive_() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        return receive_
+
+    def _audit(self, scope: Scope, method: str, path: str, outcome: int) -> None:
+        state = scope.get("state") or {}
+        route = scope.get("route")
+        entry = AuditEntry(
+            at=datetime.now(UTC),
+            actor=str(state.get("actor") or "anonymous")[:200],
+            action=f"{method} {getattr(route, 'path', path)}"[:200],
+            target=path[:500],
+            outcome=outcome,
+            detail=state.get("audit") or {},
+        )
+        try:
+            with db.transaction(self.ctl.factory) as s:
+                s.add(entry)
+        except Exception:
+            log.exception("audit entry for %s %s not written", method, path)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """A request refused for an identifier outside its grammar answers like every other
+    refusal, ``{"detail": {"code", "message"}}``, with the grammar in the message."""
+    from fastapi.exception_handlers import request_validation_exception_handler
+    from fastapi.exceptions import RequestValidationError
+
+    from edgefleet.wire.ids import IdentifierError
+
+    async def on_invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        for err in exc.errors():
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, IdentifierError):
+                return JSONResponse(
+                    {"detail": {"code": cause.code, "message": str(cause)}}, status_code=422
+                )
+        return await request_validation_exception_handler(request, exc)
+
+    app.add_exception_handler(RequestValidationError, on_invalid)
 
 
 class _Metrics:
@@ -94,29 +268,8 @@ def create_app(settings: Settings, controller: Controller | None = None) -> Fast
     registry = CollectorRegistry()
     registry.register(_Metrics(ctl))  # type: ignore[arg-type,unused-ignore]
 
-    @app.middleware("http")
-    async def audit(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        if request.method in MUTATING:
-            route = request.scope.get("route")
-            entry = AuditEntry(
-                at=datetime.now(UTC),
-                actor=getattr(request.state, "actor", None) or "anonymous",
-                action=f"{request.method} {getattr(route, 'path', request.url.path)}",
-                target=request.url.path,
-                outcome=response.status_code,
-                detail=getattr(request.state, "audit", None) or {},
-            )
-            from fastapi.concurrency import run_in_threadpool
-
-            def write() -> None:
-                with db.transaction(ctl.factory) as s:
-                    s.add(entry)
-
-            await run_in_threadpool(write)
-        return response
+    app.add_middleware(Guard, ctl=ctl)
+    _install_error_handlers(app)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,8 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgefleet.cloud_controller.models import ApiToken, Device
+from edgefleet.wire import ids
 
-CONTROLLER_MQTT_USER = "edgefleet-controller"
+CONTROLLER_MQTT_USER = ids.CONTROLLER_USER
 TOPIC_ROOT = "edgefleet/v1"
 
 
@@ -63,6 +65,7 @@ def hash_secret(secret: str) -> str:
 def create_token(session: Session, role: str, name: str, now: datetime | None = None) -> str:
     """Store a new token (hashed) and return its only plaintext copy."""
     role = Role(role).value
+    ids.token_name(name)  # shown in every audit entry as the actor: one line, one grammar
     token = new_secret("eft")
     session.add(
         ApiToken(
@@ -71,6 +74,31 @@ def create_token(session: Session, role: str, name: str, now: datetime | None = 
     )
     session.flush()
     return token
+
+
+def list_tokens(session: Session) -> list[ApiToken]:
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
+
+
+def revoke_token(session: Session, token_id: int, now: datetime | None = None) -> ApiToken | None:
+    """Mark token ``token_id`` revoked (kept for the audit trail); None when there is none."""
+    row = session.get(ApiToken, token_id)
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = now or datetime.now(UTC)
+        session.flush()
+    return row
+
+
+def token_to_dict(row: ApiToken) -> dict[str, object]:
+    from edgefleet.cloud_controller.db import iso
+
+    return {
+        "id": row.id,
+        "name": row.name,
+        "role": row.role,
+        "created_at": iso(row.created_at),
+        "revoked_at": iso(row.revoked_at) if row.revoked_at else None,
+    }
 
 
 def lookup_token(session: Session, token: str) -> ApiToken | None:
@@ -104,11 +132,9 @@ def register_device(
     now: datetime | None = None,
 ) -> DeviceCredentials:
     """Create (or re-key) a device; the plaintext credentials are returned once."""
-    from edgefleet.wire.mqtt import topic
-
-    topic(device_id, "status")  # refuses ids that cannot be topic levels
-    if device_id == CONTROLLER_MQTT_USER:
-        raise ValueError(f"device id {device_id!r} is reserved")
+    ids.device_id(device_id)  # the grammar of wire.ids: no newline, ':', '/', '+', '#', ...
+    groups = ids.labels(ids.GROUP, groups) if groups is not None else None
+    tags = ids.labels(ids.TAG, tags) if tags is not None else None
     now = now or datetime.now(UTC)
     dev = session.get(Device, device_id)
     if dev is None:
@@ -141,8 +167,28 @@ def device_for_download_token(session: Session, token: str) -> Device | None:
     return session.scalar(select(Device).where(Device.download_token_hash == hash_secret(token)))
 
 
+_MOSQUITTO_HASH = re.compile(
+    r"\$7\$[0-9]{1,7}\$[A-Za-z0-9+/]+={0,2}\$[A-Za-z0-9+/]+={0,2}", re.ASCII
+)
+
+
+class GeneratedFileError(ValueError):
+    """A value that would change a generated file's meaning (a new line, a new user)."""
+
+
+def _config_value(what: str, value: str, grammar: re.Pattern[str] | None = None) -> str:
+    """A value for a line of a generated Mosquitto file: refused, never escaped, when it could
+    end the line or start a directive."""
+    if grammar is not None and grammar.fullmatch(value) is None:
+        raise GeneratedFileError(f"{what} {value!r} is not allowed in a generated Mosquitto file")
+    if any(c in value for c in "\r\n\x00") or value != value.strip():
+        raise GeneratedFileError(f"{what} {value!r} would add a line to a generated Mosquitto file")
+    return value
+
+
 def mosquitto_acl(controller_user: str = CONTROLLER_MQTT_USER) -> str:
     """ACL text: the controller reads/writes everything; a device (user = its id) only its own."""
+    _config_value("controller user", controller_user, ids.DEVICE_ID.pattern)
     dev = f"{TOPIC_ROOT}/devices/%u"
     return "\n".join(
         [
@@ -163,10 +209,27 @@ def mosquitto_acl(controller_user: str = CONTROLLER_MQTT_USER) -> str:
 def mosquitto_passwords(
     session: Session, controller_password: str, controller_user: str = CONTROLLER_MQTT_USER
 ) -> str:
-    """Password file text for the controller and every registered device."""
+    """Password file text for the controller and every registered device.
+
+    Each line is ``user:hash``; every user is checked again against the device id grammar
+    (a row written before the grammar existed, or by hand, is refused here, not copied) and
+    every hash against Mosquitto's ``$7$`` form, so that no value can add a line or a user.
+    The controller's user appears once, and no device may take its name.
+    """
+    _config_value("controller user", controller_user, ids.DEVICE_ID.pattern)
     lines = [f"{controller_user}:{mosquitto_hash(controller_password)}"]
     rows = session.scalars(
         select(Device).where(Device.mqtt_password_hash.is_not(None)).order_by(Device.id)
     )
-    lines += [f"{d.id}:{d.mqtt_password_hash}" for d in rows]
+    for d in rows:
+        try:
+            ids.device_id(d.id)
+        except ids.IdentifierError as e:
+            raise GeneratedFileError(f"refusing to write the password file: {e}") from e
+        if d.id == controller_user:
+            raise GeneratedFileError(f"device {d.id!r} takes the controller's broker user")
+        lines.append(
+            f"{_config_value('device id', d.id)}:"
+            f"{_config_value(f'password hash of {d.id!r}', str(d.mqtt_password_hash), _MOSQUITTO_HASH)}"
+        )
     return "\n".join(lines) + "\n"

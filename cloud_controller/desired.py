@@ -1,8 +1,9 @@
-"""Per-device desired state: signed, sequence numbered, persisted, published retained QoS 1."""
+"""Per-device desired state: signed, sequence numbered, persisted, published retained QoS 1;
+and how far each device is from it ("in sync": desired vs reported, since when)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgefleet.cloud_controller.models import DesiredState
+from edgefleet.cloud_controller.db import iso
+from edgefleet.cloud_controller.models import DesiredState, Device
 
 Publish = Callable[[str, bytes], None]  # (topic, payload): retained, QoS 1
 
@@ -30,11 +32,14 @@ def _issue(
     now: datetime,
     remove: list[str] | None = None,
 ) -> DesiredState:
+    from edgefleet.cloud_controller.devices import seq_floor
     from edgefleet.wire.manifest import format_time
     from edgefleet.wire.mqtt import sign_desired
 
     row = session.get(DesiredState, device_id)
-    seq = (row.seq if row is not None else 0) + 1
+    # Above the controller's last seq and above what the device reports holding: a database
+    # restored from a backup must not issue states the device drops as replays.
+    seq = max(row.seq if row is not None else 0, seq_floor(session, device_id)) + 1
     expires = now + signer.ttl
     state = {
         "device_id": device_id,
@@ -54,6 +59,9 @@ def _issue(
     row.remove = remove or None
     row.envelope, row.published = envelope, False
     session.flush()
+    dev = session.get(Device, device_id)
+    if dev is not None:
+        note_sync(dev, row, now)
     return row
 
 
@@ -104,3 +112,95 @@ def publish_rows(rows: list[DesiredState], publish: Publish) -> None:
 
     for row in rows:
         publish(topic(row.device_id, "desired"), row.envelope)
+
+
+# --- in sync: desired vs reported -------------------------------------------------------------
+
+
+def _version(info: object) -> str | None:
+    v = info.get("version") if isinstance(info, Mapping) else info
+    return v if isinstance(v, str) else None
+
+
+def sync_diff(
+    models: Mapping[str, Any] | None,
+    remove: Collection[str] | None,
+    installed: Mapping[str, Any] | None,
+) -> list[dict[str, str | None]]:
+    """The models whose installed version is not the desired one (pure): a desired model at
+    another version or missing, a model to remove that is still there. Models the controller
+    does not name are the device's own business and never differ."""
+    have = {name: _version(info) for name, info in (installed or {}).items()}
+    out: list[dict[str, str | None]] = []
+    for name, entry in sorted((models or {}).items()):
+        want = _version(entry)
+        if have.get(name) != want:
+            out.append({"model": name, "desired": want, "installed": have.get(name)})
+    for name in sorted(remove or ()):
+        if name in have:
+            out.append({"model": name, "desired": None, "installed": have[name]})
+    return out
+
+
+def note_sync(dev: Device, row: DesiredState | None, now: datetime) -> None:
+    """Keep `dev.out_of_sync_since`: set when it first differs from its desired state, cleared
+    when it matches again (called whenever either side changes)."""
+    differs = row is not None and bool(sync_diff(row.models, row.remove, dev.installed))
+    if not differs:
+        dev.out_of_sync_since = None
+    elif dev.out_of_sync_since is None:
+        dev.out_of_sync_since = now
+
+
+def note_sync_many(session: Session, device_ids: Collection[str], now: datetime) -> None:
+    """`note_sync` for these devices (one query for their desired states)."""
+    if not device_ids:
+        return
+    ids = sorted(set(device_ids))
+    rows = {
+        r.device_id: r
+        for r in session.scalars(select(DesiredState).where(DesiredState.device_id.in_(ids)))
+    }
+    for device_id in ids:
+        dev = session.get(Device, device_id)
+        if dev is not None:
+            note_sync(dev, rows.get(device_id), now)
+
+
+def sync_view(dev: Device, row: DesiredState | None) -> dict[str, Any]:
+    """The "in sync" column: managed (has a desired state), in sync, since when not, and each
+    model that differs (a version the device installed by hand is flagged `local`; one whose
+    way back to the desired version failed, `rollback_failed`)."""
+    if row is None:
+        return {"managed": False, "in_sync": True, "since": None, "models": [], "text": "-"}
+    diff: list[dict[str, Any]] = [dict(d) for d in sync_diff(row.models, row.remove, dev.installed)]
+    last = dev.last_status if isinstance(dev.last_status, dict) else {}
+    for d in diff:
+        same = last.get("model") == d["model"]
+        d["local"] = bool(last.get("local") and same and last.get("version") == d["installed"])
+        d["rollback_failed"] = bool(same and last.get("state") == "ROLLBACK_FAILED")
+    since = dev.out_of_sync_since if diff else None
+    view: dict[str, Any] = {
+        "managed": True,
+        "in_sync": not diff,
+        "since": iso(since) if since is not None else None,
+        "models": diff,
+    }
+    view["text"] = sync_text(view)
+    return view
+
+
+def sync_text(view: Mapping[str, Any]) -> str:
+    """One cell for tables: ``yes``, ``-`` (no desired state) or what differs and since when."""
+    if not view.get("managed"):
+        return "-"
+    if view.get("in_sync"):
+        return "yes"
+    parts = [
+        f"{d['model']} {d['installed'] or 'none'}≠{d['desired'] or 'removed'}"
+        + (" (local install)" if d.get("local") else "")
+        + (" (ROLLBACK FAILED)" if d.get("rollback_failed") else "")
+        for d in view.get("models", [])
+    ]
+    since = view.get("since")
+    return "no: " + ", ".join(parts) + (f" since {str(since)[:19]}" if since else "")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,8 +10,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgefleet.cloud_controller.db import iso
-from edgefleet.cloud_controller.models import DesiredState, Device
+from edgefleet.cloud_controller.desired import Signer
+from edgefleet.cloud_controller.models import DesiredState, Device, DeviceSeqFloor
 from edgefleet.cloud_controller.rollout_engine import DeviceInfo
+from edgefleet.wire import ids
 from edgefleet.wire.presence import InstalledModel, Presence
 from edgefleet.wire.presence import parse as parse_presence
 
@@ -19,6 +21,7 @@ from edgefleet.wire.presence import parse as parse_presence
 def get_or_create(session: Session, device_id: str) -> Device:
     dev = session.get(Device, device_id)
     if dev is None:
+        ids.device_id(device_id)  # a device first seen on a topic: the same grammar
         dev = Device(
             id=device_id,
             registered=False,
@@ -102,12 +105,87 @@ def set_labels(
     groups: list[str] | None = None,
     tags: list[str] | None = None,
 ) -> Device:
+    groups = ids.labels(ids.GROUP, groups) if groups is not None else None
+    tags = ids.labels(ids.TAG, tags) if tags is not None else None
     dev = get_or_create(session, device_id)
     if groups is not None:
-        dev.groups = sorted(set(groups))
+        dev.groups = groups
     if tags is not None:
-        dev.tags = sorted(set(tags))
+        dev.tags = tags
     return dev
+
+
+def note_device_seq(session: Session, device_id: str, seq: int, now: datetime) -> bool:
+    """Record the highest desired seq the device reports accepting; True when it is above the
+    controller's own sequence for it (the database went backwards: the device would drop every
+    new state until the controller continues above it)."""
+    floor = session.get(DeviceSeqFloor, device_id)
+    if floor is None:
+        floor = DeviceSeqFloor(device_id=device_id, floor=seq, reported_at=now)
+        session.add(floor)
+    elif seq >= floor.floor:
+        floor.floor, floor.reported_at = seq, now
+    row = session.get(DesiredState, device_id)
+    return row is not None and row.seq < seq
+
+
+def stale_sequences(session: Session) -> dict[str, tuple[int, int | None]]:
+    """Devices whose reported seq is above the controller's: id -> (device's, controller's)."""
+    rows = session.execute(
+        select(DeviceSeqFloor.device_id, DeviceSeqFloor.floor, DesiredState.seq).join(
+            DesiredState, DesiredState.device_id == DeviceSeqFloor.device_id, isouter=True
+        )
+    ).all()
+    return {d: (f, s) for d, f, s in rows if f > 0 and (s is None or s < f)}
+
+
+def raise_floor(session: Session, floor: int, now: datetime) -> int:
+    """An operator's lower bound for every known device's sequence (`controller resync
+    --floor`), for devices that have not reported since a restore; the number of devices."""
+    ids_ = set(session.scalars(select(Device.id))) | set(
+        session.scalars(select(DesiredState.device_id))
+    )
+    for device_id in ids_:
+        f = session.get(DeviceSeqFloor, device_id)
+        if f is None:
+            session.add(DeviceSeqFloor(device_id=device_id, floor=floor, reported_at=now))
+        elif f.floor < floor:
+            f.floor = floor
+    session.flush()
+    return len(ids_)
+
+
+def resync(
+    session: Session, signer: Signer, now: datetime, device_ids: Collection[str] | None = None
+) -> list[DesiredState]:
+    """Issue each stale device's current desired state again (same models, same removals):
+    every new state continues above the device's floor (`desired` reads it), so the device
+    accepts it instead of dropping it as a replay. The rows issued, to publish."""
+    from edgefleet.cloud_controller import desired
+
+    stale = stale_sequences(session)
+    out = []
+    for device_id in sorted(stale):
+        if device_ids is not None and device_id not in device_ids:
+            continue
+        row = session.get(DesiredState, device_id, with_for_update=True)
+        if row is None:
+            continue  # nothing to resend; its next state starts above the floor anyway
+        out.append(
+            desired._issue(
+                session, signer, device_id, dict(row.models), now, list(row.remove or ())
+            )
+        )
+        f = session.get(DeviceSeqFloor, device_id)
+        if f is not None:
+            f.resynced_at = now
+    return out
+
+
+def seq_floor(session: Session, device_id: str) -> int:
+    """The lowest seq a new desired state for `device_id` may not go below (0: none known)."""
+    f = session.get(DeviceSeqFloor, device_id)
+    return f.floor if f is not None else 0
 
 
 def to_dict(dev: Device, desired: DesiredState | None = None) -> dict[str, Any]:
@@ -125,6 +203,10 @@ def to_dict(dev: Device, desired: DesiredState | None = None) -> dict[str, Any]:
         "last_seen": iso(dev.last_seen) if dev.last_seen else None,
         "last_status": dev.last_status,
     }
+    floor = object_session_floor(dev)
+    if floor is not None:
+        out["reported_desired_seq"] = floor.floor
+        out["stale_sequence"] = desired is not None and desired.seq < floor.floor
     if desired is not None:
         out["desired"] = {
             "seq": desired.seq,
@@ -132,6 +214,13 @@ def to_dict(dev: Device, desired: DesiredState | None = None) -> dict[str, Any]:
             "remove": desired.remove or [],
         }
     return out
+
+
+def object_session_floor(dev: Device) -> DeviceSeqFloor | None:
+    from sqlalchemy.orm import object_session
+
+    s = object_session(dev)
+    return s.get(DeviceSeqFloor, dev.id) if s is not None else None
 
 
 def list_devices(session: Session) -> list[Device]:

@@ -65,6 +65,10 @@ class Device(Base):
     last_status_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     recent_status_seqs: Mapped[list[int]] = mapped_column(JSON, default=list)
     last_status: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # When its installed models first differed from its desired state (None: in sync).
+    out_of_sync_since: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
 
 
 class DesiredState(Base):
@@ -129,3 +133,18 @@ class RolloutEvent(Base):
     )
     at: Mapped[float] = mapped_column(Float)
     message: Mapped[str] = mapped_column(Text)
+
+
+class DeviceSeqFloor(Base):
+    """The highest desired-state seq a device says it has accepted (schema `0005_hardening`).
+
+    Kept apart from `desired_states` so that a database restored from a backup still learns,
+    from the devices themselves, where each sequence must continue: a device drops any state
+    whose seq is not above this floor.
+    """
+
+    __tablename__ = "device_seq_floors"
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    floor: Mapped[int] = mapped_column(BigInteger)
+    reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    resynced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -8,7 +8,6 @@ commits. On every (re)connect the current desired state of every device is publi
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -22,13 +21,17 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from edgefleet.cloud_controller import devices
+from edgefleet.cloud_controller import desired, devices
 from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import transaction
+from edgefleet.cloud_controller.desired import Signer
 from edgefleet.cloud_controller.models import DesiredState, Device
 from edgefleet.cloud_controller.rollouts import RolloutService
-from edgefleet.wire.message import MessageError
+from edgefleet.wire import ids
+from edgefleet.wire.message import MessageError, loads_bounded
+from edgefleet.wire.presence import Presence
 from edgefleet.wire.presence import parse as parse_presence
+from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.states import UpdateState
 from edgefleet.wire.status import StatusReport
 from edgefleet.wire.status import parse as parse_status
@@ -49,6 +52,31 @@ _DROP_NAMES = {
 }
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """One message that passed its parser: what `_apply` writes."""
+
+    device_id: str
+    kind: str
+    raw: dict[str, Any]
+    parsed: Presence | StatusReport | TelemetryEnvelope
+
+
+# docs/limits.md, Controller: the largest message of each kind the bridge reads.
+MAX_MESSAGE_BYTES = {"presence": 64 * 1024, "status": 64 * 1024, "telemetry": 1024**2}
+
+
+def _held_seq(msg: Presence | StatusReport | TelemetryEnvelope) -> int | None:
+    """The desired seq a message says its device holds (wire.presence, wire.status)."""
+    if isinstance(msg, Presence):
+        return msg.desired_seq
+    if isinstance(msg, StatusReport) and (
+        msg.kind == "update" or msg.reason_code == ReasonCode.REPLAYED
+    ):
+        return msg.desired_seq
+    return None
+
+
 @dataclass
 class BridgeStats:
     received: dict[str, int] = field(
@@ -57,6 +85,7 @@ class BridgeStats:
     dropped: dict[str, int] = field(default_factory=dict)
     published: int = 0
     connected: bool = False
+    stale_sequence: int = 0  # reports of a device holding a newer desired seq than ours
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -93,11 +122,15 @@ class MqttBridge:
         rollouts: RolloutService,
         client_id: str | None = None,
         batch_size: int = BATCH,
+        max_bytes: dict[str, int] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.batch_size = batch_size
+        self.max_bytes = {**MAX_MESSAGE_BYTES, **(max_bytes or {})}
+        self._signer = signer  # to continue a device's sequence above what it holds
         self.address = BrokerAddress.parse(broker_url)
         self._factory = factory
         self._rollouts = rollouts
@@ -201,50 +234,141 @@ class MqttBridge:
                 for _ in batch:
                     self._queue.task_done()
 
+    def _decode(self, device_id: str, kind: str, raw: bytes) -> Decoded | None:
+        """Parse and check one message before any database work (None: refused and counted).
+
+        What no store can take is refused here, alone: a payload over its kind's size limit,
+        JSON nested too deep, a NUL character, an integer beyond int64, NaN. A message that
+        gets past this cannot fail the batch it arrives in.
+        """
+        limit = self.max_bytes.get(kind)
+        if limit is not None and len(raw) > limit:
+            self.stats.drop(f"{kind}_too_large")
+            return None
+        try:
+            msg = loads_bounded(raw)
+        except ValueError as e:
+            self.stats.drop(
+                f"{kind}_not_json" if str(e).startswith("not JSON") else f"{kind}_unstorable"
+            )
+            return None
+        if not isinstance(msg, dict):
+            self.stats.drop(f"{kind}_not_object")
+            return None
+        try:
+            ids.device_id(device_id)
+            if kind == "presence":
+                return Decoded(device_id, kind, msg, parse_presence(msg, device_id))
+            if kind == "status":
+                return Decoded(device_id, kind, msg, parse_status(msg, device_id))
+            return Decoded(device_id, kind, msg, parse_telemetry(msg, device_id))
+        except ids.IdentifierError:
+            self.stats.drop(f"{kind}_bad_device_id")
+        except MessageError as e:
+            self.stats.drop(_DROP_NAMES.get(e.reason, e.reason))
+        return None
+
     def _process(self, batch: list[tuple[str, str, bytes]]) -> None:
         if any(kind == "republish" for _, kind, _ in batch):
             self._republish_all()
-        reports: list[tuple[str, E.StatusReport]] = []
-        telemetry: list[tuple[str, TelemetryEnvelope]] = []
+        decoded: list[Decoded] = []
+        for device_id, kind, raw in batch:
+            if kind == "republish":
+                continue
+            self.stats.received[kind] = self.stats.received.get(kind, 0) + 1
+            d = self._decode(device_id, kind, raw)
+            if d is not None:
+                decoded.append(d)
+        if not decoded:
+            return
         now = datetime.now(UTC)
-        with transaction(self._factory) as session, session.no_autoflush:
-            ids = sorted({d for d, kind, _ in batch if kind != "republish"})
-            # One query; held here so that get_or_create finds them in the identity map.
-            loaded = list(session.scalars(select(Device).where(Device.id.in_(ids)))) if ids else []
-            for device_id, kind, raw in batch:
-                if kind == "republish":
-                    continue
-                self.stats.received[kind] = self.stats.received.get(kind, 0) + 1
+        stale: set[str] = set()
+        try:
+            reports, drops = self._apply(decoded, now, stale)
+        except Exception:
+            # The batch's transaction failed (a row the database refuses): retry message by
+            # message, each in its own transaction, so one bad message costs only itself.
+            log.warning("mqtt batch of %d refused; applying message by message", len(decoded))
+            reports, drops = [], []
+            for d in decoded:
                 try:
-                    msg = json.loads(raw)
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    self.stats.drop(f"{kind}_not_json")
+                    r, dr = self._apply([d], now, stale)
+                except Exception as e:
+                    log.warning("%s from %s refused by the database: %s", d.kind, d.device_id, e)
+                    drops.append(f"{d.kind}_db_refused")
                     continue
-                if not isinstance(msg, dict):
-                    self.stats.drop(f"{kind}_not_object")
-                    continue
-                try:
-                    if kind == "presence":
-                        presence = parse_presence(msg, device_id)
-                        devices.apply_presence(session, device_id, presence, now)
-                    elif kind == "status":
-                        rep = self._status(session, parse_status(msg, device_id), msg, now)
-                        if rep is not None:
-                            reports.append(rep)
-                    elif kind == "telemetry":
-                        envelope = parse_telemetry(msg, device_id)
-                        devices.get_or_create(session, device_id).last_seen = now
-                        telemetry.append((device_id, envelope))
-                except MessageError as e:
-                    self.stats.drop(_DROP_NAMES.get(e.reason, e.reason))
-            if telemetry:
-                self._telemetry(session, telemetry)
-        del loaded
+                reports += r
+                drops += dr
+        for reason in drops:
+            self.stats.drop(reason)
+        if stale:
+            self._resync(stale, now)
         if reports:
             self._rollouts.on_status(reports)
 
+    def _resync(self, device_ids: set[str], now: datetime) -> None:
+        """Devices that hold a higher desired seq than the controller (its database went
+        backwards): issue their desired state again above it, and publish."""
+        self.stats.stale_sequence += len(device_ids)
+        log.warning(
+            "devices hold newer desired states than this controller: %s", sorted(device_ids)
+        )
+        if self._signer is None:
+            return
+        try:
+            with transaction(self._factory) as session:
+                rows = devices.resync(session, self._signer, now, device_ids)
+                for row in rows:
+                    session.expunge(row)
+        except Exception:
+            log.exception("resync of %s failed", sorted(device_ids))
+            return
+        from edgefleet.wire.mqtt import topic
+
+        for row in rows:
+            self.publish(topic(row.device_id, "desired"), row.envelope)
+
+    def _apply(
+        self, decoded: list[Decoded], now: datetime, stale: set[str]
+    ) -> tuple[list[tuple[str, E.StatusReport]], list[str]]:
+        """Apply parsed messages in one transaction: (rollout reports, drop reasons), both
+        valid only once it committed."""
+        reports: list[tuple[str, E.StatusReport]] = []
+        telemetry: list[tuple[str, TelemetryEnvelope]] = []
+        drops: list[str] = []
+        with transaction(self._factory) as session, session.no_autoflush:
+            ids_ = sorted({d.device_id for d in decoded})
+            # One query; held here so that get_or_create finds them in the identity map.
+            loaded = list(session.scalars(select(Device).where(Device.id.in_(ids_))))
+            for d in decoded:
+                held = _held_seq(d.parsed)
+                if held is not None and devices.note_device_seq(session, d.device_id, held, now):
+                    stale.add(d.device_id)
+                if isinstance(d.parsed, Presence):
+                    devices.apply_presence(session, d.device_id, d.parsed, now)
+                elif isinstance(d.parsed, StatusReport):
+                    rep = self._status(session, d.parsed, d.raw, now, drops)
+                    if rep is not None:
+                        reports.append(rep)
+                else:
+                    devices.get_or_create(session, d.device_id).last_seen = now
+                    telemetry.append((d.device_id, d.parsed))
+            # what a device reports installed may now match its desired state, or no longer
+            reported = {d.device_id for d in decoded if not isinstance(d.parsed, TelemetryEnvelope)}
+            desired.note_sync_many(session, reported, now)
+            if telemetry:
+                drops += self._telemetry(session, telemetry)
+            session.flush()
+        del loaded
+        return reports, drops
+
     def _status(
-        self, session: Session, report: StatusReport, raw: dict[str, Any], now: datetime
+        self,
+        session: Session,
+        report: StatusReport,
+        raw: dict[str, Any],
+        now: datetime,
+        drops: list[str],
     ) -> tuple[str, E.StatusReport] | None:
         """Record a parsed report on its device; the rollout event for an update report."""
         assert report.seq is not None  # parse() requires it
@@ -253,7 +377,7 @@ class MqttBridge:
             dev.last_status_seq, list(dev.recent_status_seqs or []), report.seq
         )
         if not fresh:
-            self.stats.drop("status_duplicate")
+            drops.append("status_duplicate")
             return None
         if top == report.seq:  # the newest report is the device's last status (a late one is not)
             dev.last_status = raw
@@ -288,15 +412,18 @@ class MqttBridge:
             model=model,
         )
 
-    def _telemetry(self, session: Session, messages: list[tuple[str, TelemetryEnvelope]]) -> None:
+    def _telemetry(
+        self, session: Session, messages: list[tuple[str, TelemetryEnvelope]]
+    ) -> list[str]:
         """Hand telemetry to the drift ingest: the batch at once, and message by message (each
         in its own savepoint) only when the batch is refused, to isolate the bad one."""
         from edgefleet.cloud_controller.drift.ingest import ingest_batch, ingest_telemetry
 
+        drops: list[str] = []
         try:
             with session.begin_nested():
                 ingest_batch(session, messages)
-            return
+            return drops
         except Exception:
             log.warning("telemetry batch refused; ingesting message by message")
         for device_id, msg in messages:
@@ -305,7 +432,8 @@ class MqttBridge:
                     ingest_telemetry(session, device_id, msg)
             except Exception as e:
                 log.warning("telemetry from %s refused: %s", device_id, e)
-                self.stats.drop("telemetry_refused")
+                drops.append("telemetry_refused")
+        return drops
 
     def _republish_all(self) -> None:
         with self._factory() as session:

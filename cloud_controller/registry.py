@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
-from edgefleet.cloud_controller.db import iso
-from edgefleet.cloud_controller.models import Package
+from edgefleet.cloud_controller.db import iso, transaction
+from edgefleet.cloud_controller.models import DesiredState, Package
 
 
 class UploadRejected(Exception):
@@ -25,24 +29,30 @@ class UploadRejected(Exception):
         self.code, self.message, self.status = code, message, status
 
 
-def store_upload(
-    session: Session,
+BLOB_DIR = "sha256"  # packages are stored by content: <packages dir>/sha256/<digest>.efpkg
+
+
+@dataclass(frozen=True)
+class VerifiedUpload:
+    name: str
+    version: str
+    profile: str
+    sha256: str
+    size: int
+    key_id: str
+    manifest: dict[str, Any]
+
+
+def verify_upload(
     tmp_file: Path,
-    packages_dir: Path,
     trusted_keys: Sequence[ec.EllipticCurvePublicKey],
-    uploader: str,
     *,
     max_bytes: int,
     revoked_key_ids: Sequence[str] = (),
     now: datetime | None = None,
-) -> tuple[Package, bool]:
-    """Verify `tmp_file` against the trusted packager keys and file it; (package, created).
-
-    Re-uploading the identical file is a no-op; a different file under an existing
-    name/version/profile is refused (`already_exists`): versions are immutable.
-    """
+) -> VerifiedUpload:
+    """Verify `tmp_file` against the trusted packager keys (no database, no registry write)."""
     from edgefleet.wire.errors import RejectError
-    from edgefleet.wire.manifest import package_filename
     from edgefleet.wire.package import VerifyPolicy, sha256_file, verify_package
 
     if not trusted_keys:
@@ -59,46 +69,132 @@ def store_upload(
         )
     except RejectError as e:
         raise UploadRejected(str(e.code), e.message) from e
+    except (RecursionError, ValueError, TypeError) as e:  # never a 500 for a bad package
+        raise UploadRejected("manifest_invalid", f"package refused: {e}") from e
     m = verified.manifest
-    name, version, profile = str(m["name"]), str(m["version"]), str(m["profile"])
     sha, size = sha256_file(tmp_file)
-    existing = session.scalar(
-        select(Package).where(
-            Package.name == name, Package.version == version, Package.profile == profile
-        )
+    return VerifiedUpload(
+        str(m["name"]), str(m["version"]), str(m["profile"]), sha, size, verified.key_id, m
     )
+
+
+def put_blob(tmp_file: Path, packages_dir: Path, sha256: str) -> str:
+    """File the verified bytes under their own digest (fsync, then an atomic rename); the path
+    relative to `packages_dir`. Two uploads never write the same path with different bytes, so
+    a row can never advertise one digest while the file holds another package."""
+    blob_dir = packages_dir / BLOB_DIR
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    dest = blob_dir / f"{sha256}.efpkg"
+    if not dest.exists():
+        part = blob_dir / f".{sha256}.{uuid.uuid4().hex}.part"
+        try:
+            shutil.copyfile(tmp_file, part)
+            with open(part, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
+    return f"{BLOB_DIR}/{dest.name}"
+
+
+def record_upload(
+    session: Session,
+    up: VerifiedUpload,
+    filename: str,
+    uploader: str,
+    now: datetime | None = None,
+) -> tuple[Package, bool]:
+    """Publish the package row: (package, created). The unique name/version/profile row is the
+    one winner of concurrent uploads; the same bytes again are a no-op, other bytes a 409."""
+    existing = find(session, up.name, up.version, up.profile)
     if existing is not None:
-        if existing.sha256 == sha:
+        if existing.sha256 == up.sha256:
             return existing, False
         raise UploadRejected(
             "already_exists",
-            f"{name} {version} for {profile} exists with another digest; versions are immutable",
+            f"{up.name} {up.version} for {up.profile} exists with another digest; "
+            "versions are immutable",
             status=409,
         )
-    filename = package_filename(name, version, profile)
-    dest_dir = packages_dir / name
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / filename
-    part = dest_dir / (filename + ".part")
-    shutil.copyfile(tmp_file, part)
-    with open(part, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(part, dest)
     pkg = Package(
-        name=name,
-        version=version,
-        profile=profile,
-        filename=str(dest.relative_to(packages_dir)),
-        sha256=sha,
-        size=size,
-        key_id=verified.key_id,
-        manifest=m,
+        name=up.name,
+        version=up.version,
+        profile=up.profile,
+        filename=filename,
+        sha256=up.sha256,
+        size=up.size,
+        key_id=up.key_id,
+        manifest=up.manifest,
         uploaded_at=now or datetime.now(UTC),
         uploaded_by=uploader,
     )
     session.add(pkg)
     session.flush()
     return pkg, True
+
+
+def publish_upload(
+    factory: sessionmaker[Session],
+    tmp_file: Path,
+    packages_dir: Path,
+    up: VerifiedUpload,
+    uploader: str,
+    now: datetime | None = None,
+    attempts: int = 5,
+) -> tuple[Package, bool]:
+    """Store the blob, then publish its row in its own transaction; a transaction that loses a
+    race (unique violation, or SQLite's stale snapshot) is retried and then sees the winner."""
+    with factory() as s:  # the usual refusal writes nothing (a lost race may leave a blob)
+        existing = find(s, up.name, up.version, up.profile)
+        if existing is not None and existing.sha256 != up.sha256:
+            record_upload(s, up, "", uploader, now)  # raises the 409
+    filename = put_blob(tmp_file, packages_dir, up.sha256)
+    for attempt in range(attempts):
+        try:
+            with transaction(factory) as s:
+                pkg, created = record_upload(s, up, filename, uploader, now)
+                s.expunge(pkg)
+                return pkg, created
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def store_upload(
+    session: Session,
+    tmp_file: Path,
+    packages_dir: Path,
+    trusted_keys: Sequence[ec.EllipticCurvePublicKey],
+    uploader: str,
+    *,
+    max_bytes: int,
+    revoked_key_ids: Sequence[str] = (),
+    now: datetime | None = None,
+) -> tuple[Package, bool]:
+    """Verify `tmp_file` and file it in `session`'s transaction; (package, created).
+
+    Re-uploading the identical file is a no-op; a different file under an existing
+    name/version/profile is refused (`already_exists`): versions are immutable.
+    """
+    up = verify_upload(
+        tmp_file, trusted_keys, max_bytes=max_bytes, revoked_key_ids=revoked_key_ids, now=now
+    )
+    return record_upload(session, up, put_blob(tmp_file, packages_dir, up.sha256), uploader, now)
+
+
+def desired_names(desired: DesiredState | None, pkg: Package) -> bool:
+    """Whether a device's desired state names `pkg` (its download token reaches only those)."""
+    if desired is None:
+        return False
+    entry = (desired.models or {}).get(pkg.name)
+    return (
+        isinstance(entry, dict)
+        and entry.get("sha256") == pkg.sha256
+        and entry.get("version") == pkg.version
+        and entry.get("profile", pkg.profile) == pkg.profile
+    )
 
 
 def find(session: Session, name: str, version: str, profile: str) -> Package | None:

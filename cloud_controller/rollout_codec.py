@@ -19,7 +19,8 @@ from edgefleet.cloud_controller.rollout_types import (
 
 
 def counts(state: RolloutState) -> dict[str, Any]:
-    """Per device-state counts, overall and per wave, plus rollback progress."""
+    """Per device-state counts, overall and per wave, plus rollback progress (a device whose
+    way back failed counts in `rollback_failed`, never as rolled back)."""
     total = Counter(d.state.value for d in state.devices.values())
     waves: list[dict[str, int]] = []
     for w in range(len(state.wave_sizes)):
@@ -30,8 +31,9 @@ def counts(state: RolloutState) -> dict[str, Any]:
         "total": len(state.devices),
         "states": dict(total),
         "waves": waves,
-        "rollback_requested": rb.get("requested", 0) + rb.get("done", 0),
+        "rollback_requested": rb.get("requested", 0) + rb.get("done", 0) + rb.get("failed", 0),
         "rolled_back": rb.get("done", 0),
+        "rollback_failed": rb.get("failed", 0),
     }
 
 
@@ -75,6 +77,7 @@ def header_to_dict(state: RolloutState) -> dict[str, Any]:
         "reason": state.reason,
         "created_at": state.created_at,
         "finished_at": state.finished_at,
+        "wave_plan": list(state.wave_plan),
     }
 
 
@@ -94,4 +97,5 @@ def state_from_parts(
         reason=header["reason"],
         created_at=float(header["created_at"]),
         finished_at=header["finished_at"],
+        wave_plan=tuple(int(w) for w in header.get("wave_plan") or ()),
     )

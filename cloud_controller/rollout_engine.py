@@ -23,6 +23,9 @@ from edgefleet.cloud_controller.rollout_codec import (
     state_from_parts,
 )
 from edgefleet.cloud_controller.rollout_types import (
+    ABORT_MIN_FLOOR,
+    ABORT_MIN_PCT,
+    DEFAULT_RETRIES,
     FAILURES,
     FINISHED,
     MOVED,
@@ -40,6 +43,7 @@ from edgefleet.cloud_controller.rollout_types import (
     Gates,
     Health,
     Log,
+    OnAbort,
     Pause,
     Phase,
     Resume,
@@ -56,6 +60,9 @@ from edgefleet.wire.reasons import ReasonCode, is_transient
 from edgefleet.wire.states import FAILURE_STATES, SUCCESS_STATES, UpdateState
 
 __all__ = [
+    "ABORT_MIN_FLOOR",
+    "ABORT_MIN_PCT",
+    "DEFAULT_RETRIES",
     "FAILURES",
     "FINISHED",
     "MOVED",
@@ -73,6 +80,7 @@ __all__ = [
     "Gates",
     "Health",
     "Log",
+    "OnAbort",
     "Pause",
     "Phase",
     "Resume",
@@ -83,6 +91,7 @@ __all__ = [
     "StatusReport",
     "Target",
     "Tick",
+    "abort_min",
     "choose_profile",
     "counts",
     "device_from_dict",
@@ -92,6 +101,7 @@ __all__ = [
     "handle_all",
     "header_to_dict",
     "plan",
+    "planned_waves",
     "resolve_target",
     "spec_from_dict",
     "spec_to_dict",
@@ -126,8 +136,12 @@ def validate_spec(spec: RolloutSpec) -> None:
         raise SpecError("max_retries/retry_backoff_s: must be >= 0")
     if not 0 <= spec.success_threshold_pct <= 100:
         raise SpecError("success_threshold_pct: must be within [0, 100]")
-    if not 0 <= spec.abort_failure_pct <= 100 or spec.abort_min_finished < 1:
-        raise SpecError("abort rule: failure % within [0, 100] and min finished >= 1")
+    if not 0 <= spec.abort_failure_pct <= 100:
+        raise SpecError("abort_failure_pct: must be within [0, 100]")
+    if spec.abort_min_finished is not None and spec.abort_min_finished < 1:
+        raise SpecError("abort_min_finished: must be >= 1 (or absent for the default)")
+    if spec.on_abort not in {m.value for m in OnAbort}:
+        raise SpecError(f"on_abort: {spec.on_abort!r}; use one of {[m.value for m in OnAbort]}")
     if spec.rate_per_min is not None and spec.rate_per_min < 1:
         raise SpecError("rate_per_min: must be >= 1")
     if spec.soak_s < 0:
@@ -164,6 +178,27 @@ def wave_sizes(n: int, waves: Sequence[float]) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def abort_min(spec: RolloutSpec, planned: int) -> int:
+    """The abort rule's minimum sample: the spec's, else max(floor, % of planned devices)."""
+    if spec.abort_min_finished is not None:
+        return spec.abort_min_finished
+    return max(ABORT_MIN_FLOOR, math.ceil(planned * ABORT_MIN_PCT / 100 - 1e-9))
+
+
+def _abort_due(state: RolloutState, finished: int, failures: int) -> bool:
+    """Failures over the abort percentage of max(finished, minimum sample): a small sample
+    cannot abort on one noisy device, a broken release still aborts on its first failures."""
+    spec = state.spec
+    sample = max(finished, abort_min(spec, sum(state.wave_sizes)))
+    return failures > 0 and failures * 100 > spec.abort_failure_pct * sample
+
+
+def planned_waves(state: RolloutState) -> list[float]:
+    """The cumulative percentage of each planned wave."""
+    plan = state.wave_plan or tuple(range(len(state.wave_sizes)))
+    return [state.spec.waves[i] for i in plan]
+
+
 def plan(
     spec: RolloutSpec,
     devices: Iterable[DeviceInfo],
@@ -191,17 +226,26 @@ def plan(
         else:
             compatible.append((d, profile))
     random.Random(spec.seed).shuffle(compatible)
-    sizes = wave_sizes(len(compatible), spec.waves)
+    # More waves than devices: the waves that would be empty are not planned.
+    keep = tuple(w for w, n in enumerate(wave_sizes(len(compatible), spec.waves)) if n)
+    sizes = tuple(wave_sizes(len(compatible), spec.waves)[w] for w in keep)
     i = 0
     for wave, size in enumerate(sizes):
         for d, profile in compatible[i : i + size]:
             progress[d.device_id] = DeviceProgress(d.device_id, wave, profile, d.previous_version)
         i += size
-    state = RolloutState(spec=spec, devices=progress, wave_sizes=sizes, created_at=now)
+    state = RolloutState(
+        spec=spec, devices=progress, wave_sizes=sizes, created_at=now, wave_plan=keep
+    )
     logs: list[Action] = [
         Log(
             f"planned {len(targets)} target devices: {len(compatible)} compatible in waves "
             f"{list(sizes)} (seed {spec.seed}), {len(targets) - len(compatible)} incompatible"
+            + (
+                f"; {len(spec.waves) - len(keep)} empty waves not planned"
+                if compatible and len(keep) < len(spec.waves)
+                else ""
+            )
         )
     ]
     if not compatible:
@@ -252,9 +296,11 @@ def handle(state: RolloutState, event: Event, now: float) -> Decision:
             state = replace(state, paused=False)
             actions.append(Log("resumed"))
     elif isinstance(event, Cancel):
-        return Decision(*_finish(state, Phase.CANCELLED, "cancelled", now, event.rollback, actions))
+        mode = OnAbort.ROLLBACK if event.rollback else OnAbort.HALT
+        return Decision(*_finish(state, Phase.CANCELLED, "cancelled", now, mode, actions))
     elif isinstance(event, Abort):
-        return Decision(*_finish(state, Phase.ABORTED, event.reason, now, True, actions))
+        mode = OnAbort(event.on_abort or state.spec.on_abort)
+        return Decision(*_finish(state, Phase.ABORTED, event.reason, now, mode, actions))
     if state.phase in TERMINAL_PHASES:
         return Decision(state, tuple(actions))
     return _advance(state, now, health, actions)
@@ -283,6 +329,10 @@ def _on_status(
             return state
         back = ev.version == dev.previous_version and ev.state in SUCCESS_STATES
         self_rolled = ev.version == spec.version and ev.state == UpdateState.ROLLED_BACK
+        if ev.state == UpdateState.ROLLBACK_FAILED or (
+            ev.version == dev.previous_version and ev.state in FAILURE_STATES
+        ):
+            return _put(state, _rollback_failed(spec, dev, ev, actions))
         # A first install is undone by an explicit removal (the model was in `remove`).
         removed = dev.previous_version is None and ev.state == UpdateState.REMOVED
         if removed:
@@ -314,12 +364,38 @@ def _on_status(
                 reason=None,
             ),
         )
+    if ev.state == UpdateState.ROLLBACK_FAILED and dev.state == DevState.IN_PROGRESS:
+        # The release failed and so did the device's own way back: final, and loud.
+        code = ev.reason_code or "rollback_failed"
+        final = replace(spec, max_retries=0)
+        dev = _fail(final, dev, DevState.FAILED, code, ev.reason, now, actions)
+        why = f"{code}: {ev.reason}" if ev.reason else str(code)
+        actions.append(Log(f"{dev.device_id}: ROLLBACK FAILED ({why})"))
+        return _put(state, replace(dev, rollback="failed", rollback_reason=why))
     if ev.state in FAILURE_STATES and dev.state == DevState.IN_PROGRESS:
         code = ev.reason_code or ev.state.lower()
         ended = state.phase in TERMINAL_PHASES  # no retry once the rollout is over
         spec_ = replace(spec, max_retries=0) if ended else spec
+        if ended and dev.rollback is None:
+            # followed after a halt: it does not run the release, so it must not get it later
+            actions.append(Revert(dev.device_id, dev.profile, dev.previous_version))
         return _put(state, _fail(spec_, dev, DevState.FAILED, code, ev.reason, now, actions))
     return _put(state, dev)
+
+
+def _rollback_failed(
+    spec: RolloutSpec, dev: DeviceProgress, ev: StatusReport, actions: list[Action]
+) -> DeviceProgress:
+    """A device could not go back to its previous version: asked again when the reason is
+    transient (within the spec's retries), else a final, loud `rollback="failed"`."""
+    code = ev.reason_code or ev.state.lower()
+    why = f"{code}: {ev.reason}" if ev.reason else code
+    if is_transient(code) and dev.rollback_attempts < max(1, spec.max_retries):
+        actions.append(Log(f"{dev.device_id}: rollback to {dev.previous_version}: {why}; again"))
+        actions.append(Revert(dev.device_id, dev.profile, dev.previous_version))
+        return replace(dev, rollback_attempts=dev.rollback_attempts + 1, rollback_reason=why)
+    actions.append(Log(f"{dev.device_id}: ROLLBACK FAILED to {dev.previous_version} ({why})"))
+    return replace(dev, rollback="failed", rollback_reason=why)
 
 
 def _fail(
@@ -373,9 +449,10 @@ def _enter_wave(state: RolloutState, wave: int, now: float, actions: list[Action
         return replace(
             state, wave=len(state.wave_sizes) - 1, phase=Phase.SUCCEEDED, finished_at=now
         )
+    spec_wave = state.wave_plan[wave] if state.wave_plan else wave
     phase = (
         Phase.AWAITING_APPROVAL
-        if wave in state.spec.approval_waves and wave not in state.approved
+        if spec_wave in state.spec.approval_waves and wave not in state.approved
         else Phase.RUNNING
     )
     actions.append(
@@ -391,10 +468,10 @@ def _after_result(state: RolloutState, now: float, actions: list[Action]) -> Dec
     """A device finished: the abort rule from the tally, without a pass over the devices.
     None when its wave is complete (the full `_advance` decides the wave). Time-based work
     (timeouts, due retries, rate-limited dispatch) is left to the next tick."""
-    spec, tally = state.spec, _tally(state)
+    tally = _tally(state)
     finished = sum(n for (_, st), n in tally.items() if st in FINISHED)
     failures = sum(n for (_, st), n in tally.items() if st in FAILURES)
-    if finished >= spec.abort_min_finished and failures * 100 > spec.abort_failure_pct * finished:
+    if _abort_due(state, finished, failures):
         return None  # the full pass aborts, with its message
     if state.phase in (Phase.RUNNING, Phase.SOAKING):
         in_wave = sum(n for (w, _), n in tally.items() if w == state.wave)
@@ -463,12 +540,13 @@ def _advance(
         sc = _scan(state, now)
     # 2. The abort rule, over every device finished so far.
     finished, failures = sc.finished, sc.failures
-    if finished >= spec.abort_min_finished and failures * 100 > spec.abort_failure_pct * finished:
+    minimum = abort_min(spec, sum(state.wave_sizes))
+    if _abort_due(state, finished, failures):
         reason = (
-            f"failures {failures}/{finished} ({100 * failures / finished:.0f} %) over "
-            f"{spec.abort_failure_pct:g} % once >= {spec.abort_min_finished} finished"
+            f"failures {failures}/{finished} finished over {spec.abort_failure_pct:g} % of "
+            f"max(finished, minimum sample {minimum})"
         )
-        return Decision(*_finish(state, Phase.ABORTED, reason, now, True, actions))
+        return Decision(*_finish(state, Phase.ABORTED, reason, now, _mode(spec), actions))
     if state.phase == Phase.AWAITING_APPROVAL and state.wave in state.approved:
         state = replace(state, phase=Phase.RUNNING)
         actions.append(Log(f"wave {state.wave + 1} started"))
@@ -479,19 +557,27 @@ def _advance(
         and (sc.wave_finished == sc.wave_n)
     ):
         ok, n = sc.wave_ok, sc.wave_n
-        if ok * 100 < spec.success_threshold_pct * n:
+        below = ok * 100 < spec.success_threshold_pct * n
+        if below and finished >= minimum:
             reason = (
                 f"wave {state.wave + 1}: {ok}/{n} succeeded, below {spec.success_threshold_pct:g} %"
             )
-            return Decision(*_finish(state, Phase.ABORTED, reason, now, True, actions))
+            return Decision(*_finish(state, Phase.ABORTED, reason, now, _mode(spec), actions))
+        if below and state.phase == Phase.RUNNING:
+            actions.append(
+                Log(
+                    f"wave {state.wave + 1}: {ok}/{n} succeeded, below "
+                    f"{spec.success_threshold_pct:g} %, but {finished} finished is under the "
+                    f"minimum sample {minimum}: the abort rule decides"
+                )
+            )
         if state.phase == Phase.RUNNING:
             state = replace(state, phase=Phase.SOAKING, wave_done_at=now)
             actions.append(Log(f"wave {state.wave + 1} done ({ok}/{n}), soak {spec.soak_s:g}s"))
         violated = gate_violation(spec.gates, health)
         if violated:
-            return Decision(
-                *_finish(state, Phase.ABORTED, f"health gate: {violated}", now, True, actions)
-            )
+            why = f"health gate: {violated}"
+            return Decision(*_finish(state, Phase.ABORTED, why, now, _mode(spec), actions))
         done_at = state.wave_done_at if state.wave_done_at is not None else now
         if now >= done_at + spec.soak_s and not state.paused:
             state = _enter_wave(state, state.wave + 1, now, actions)
@@ -547,45 +633,78 @@ def _dispatch(
     return replace(state, devices=devices, dispatch_times=times, tally=None)
 
 
+def _mode(spec: RolloutSpec) -> OnAbort:
+    return OnAbort(spec.on_abort)
+
+
 def _finish(
     state: RolloutState,
     phase: Phase,
     reason: str,
     now: float,
-    rollback: bool,
+    mode: OnAbort,
     actions: list[Action],
 ) -> tuple[RolloutState, tuple[Action, ...]]:
+    """End the rollout. No device is dispatched after this (the spread stops at once).
+
+    `halt`: devices that took the release keep it; devices still at work are followed; the
+    desired state of devices known not to run it (failed, timed out, waiting for a retry) is
+    set back to their previous version, so none picks it up later. `rollback`: every moved
+    device with a previous version is put back on it. A first install (no previous version)
+    is never uninstalled from a device that committed it, unless the spec says
+    `remove_first_installs`: without it, such a device keeps the release.
+    """
+    spec = state.spec
+    rollback = mode == OnAbort.ROLLBACK
     devices = dict(state.devices)
-    reverted = 0
+    reverted = kept = 0
     for dev in state.devices.values():
         if dev.state == DevState.PENDING:
             devices[dev.device_id] = replace(dev, state=DevState.SKIPPED)
-        elif not rollback and dev.state == DevState.WAITING_RETRY:
-            # no retry will come: the last failure stands (devices still at work are followed)
-            devices[dev.device_id] = replace(
-                dev, state=DevState.FAILED, finished_at=now, retry_at=None
+            continue
+        if dev.state not in MOVED or dev.rollback is not None:
+            continue
+        new = dev
+        if dev.state == DevState.WAITING_RETRY and not rollback:
+            # no retry will come: the last failure stands
+            new = replace(dev, state=DevState.FAILED, finished_at=now, retry_at=None)
+        elif rollback and dev.state in (DevState.IN_PROGRESS, DevState.WAITING_RETRY):
+            new = replace(
+                dev,
+                state=DevState.FAILED,
+                finished_at=now,
+                retry_at=None,
+                reason_code="rollout_" + phase.value,
+                reason=reason,
             )
-        elif rollback and dev.state in MOVED and dev.rollback is None:
-            new = dev
-            if dev.state in (DevState.IN_PROGRESS, DevState.WAITING_RETRY):
-                new = replace(
-                    dev,
-                    state=DevState.FAILED,
-                    finished_at=now,
-                    retry_at=None,
-                    reason_code="rollout_" + phase.value,
-                    reason=reason,
-                )
-            # A device that failed before activating, or rolled itself back, still runs the
-            # previous version: its desired state is set back, and nothing is left to confirm.
-            back = dev.state == DevState.FAILED and dev.agent_state in FAILURE_STATES
-            new = replace(new, rollback="done" if back else "requested")
+        # Failed before activating, or rolled itself back: it still runs the previous version.
+        runs_previous = dev.state in (DevState.FAILED, DevState.WAITING_RETRY) and (
+            dev.agent_state in FAILURE_STATES
+        )
+        first = dev.previous_version is None
+        if not rollback:
+            if dev.state in (DevState.SUCCEEDED, DevState.IN_PROGRESS):
+                devices[dev.device_id] = new
+                continue  # it took the release (or is taking it): left alone, followed
+            # It does not run the release (or we do not know): it must not pick it up later.
             actions.append(Revert(dev.device_id, dev.profile, dev.previous_version))
+        elif first and not spec.remove_first_installs:
+            if dev.state == DevState.SUCCEEDED:
+                kept += 1
+                actions.append(
+                    Log(f"{dev.device_id}: keeps {spec.version} (a first install is not removed)")
+                )
+            else:
+                actions.append(Revert(dev.device_id, dev.profile, None))
+        else:
+            actions.append(Revert(dev.device_id, dev.profile, dev.previous_version, remove=first))
+            new = replace(new, rollback="done" if runs_previous else "requested")
             reverted += 1
-            devices[dev.device_id] = new
-    actions.append(
-        Log(f"{phase}: {reason}" + (f"; reverting {reverted} devices" if rollback else ""))
-    )
+        devices[dev.device_id] = new
+    what = f"; reverting {reverted} devices" if rollback else "; halted (moved devices keep it)"
+    if kept:
+        what += f"; {kept} first installs kept"
+    actions.append(Log(f"{phase}: {reason}{what}"))
     state = replace(
         state,
         devices=devices,

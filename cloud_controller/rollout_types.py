@@ -24,6 +24,21 @@ class Phase(StrEnum):
 TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.ABORTED, Phase.CANCELLED})
 
 
+class OnAbort(StrEnum):
+    """What an abort does to the devices that already took the release (it always stops the
+    spread: no device gets it after the abort)."""
+
+    HALT = "halt"  # leave them on it; devices known not to run it get their previous version
+    ROLLBACK = "rollback"  # put them back on their previous version
+
+
+#: The abort rule's minimum sample when the spec gives none: failures are compared with
+#: max(finished, this many) devices, so one noisy device in a small group cannot abort.
+ABORT_MIN_FLOOR = 5
+ABORT_MIN_PCT = 2.0  # ... or this % of the planned devices, when that is more
+DEFAULT_RETRIES = 2  # attempts after the first, for transient failures and timeouts
+
+
 class DevState(StrEnum):
     PENDING = "pending"  # in a wave, not dispatched yet
     IN_PROGRESS = "in_progress"  # desired state published, waiting for the device
@@ -96,16 +111,18 @@ class RolloutSpec:
     target: Target = field(default_factory=Target)
     waves: tuple[float, ...] = (5.0, 25.0, 100.0)  # cumulative percentages
     device_timeout_s: float = 600.0
-    max_retries: int = 0
+    max_retries: int = DEFAULT_RETRIES  # transient failures and timeouts only
     retry_backoff_s: float = 30.0  # doubled per attempt
     success_threshold_pct: float = 100.0  # of a wave's devices, to pass it
     abort_failure_pct: float = 20.0  # abort when failures > this % ...
-    abort_min_finished: int = 1  # ... once at least this many devices finished
+    abort_min_finished: int | None = None  # ... of max(finished, this); None = default
     approval_waves: tuple[int, ...] = ()  # wave indexes that wait for approval first
     rate_per_min: int | None = None
     soak_s: float = 0.0
     gates: Gates = field(default_factory=Gates)
     seed: int = 0
+    on_abort: str = OnAbort.HALT.value
+    remove_first_installs: bool = False  # only then may an abort uninstall a first install
 
 
 @dataclass(frozen=True)
@@ -123,7 +140,9 @@ class DeviceProgress:
     agent_state: str | None = None
     reason_code: str | None = None
     reason: str | None = None
-    rollback: str | None = None  # None | "requested" | "done"
+    rollback: str | None = None  # None | "requested" | "done" | "failed"
+    rollback_attempts: int = 0
+    rollback_reason: str | None = None  # why the rollback failed (code: text)
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,9 @@ class RolloutState:
     reason: str | None = None
     created_at: float = 0.0
     finished_at: float | None = None
+    # The spec wave (index into spec.waves) of each planned wave: waves that would hold no
+    # device are not planned. Empty = one planned wave per spec wave (older rows).
+    wave_plan: tuple[int, ...] = ()
     # Devices per (wave, state), derived from `devices`: kept up to date by `_put` so that a
     # status report is decided without a pass over every device. None = compute it.
     tally: Mapping[tuple[int, DevState], int] | None = field(
@@ -169,11 +191,14 @@ class Dispatch:
 
 @dataclass(frozen=True)
 class Revert:
-    """Set the previous version as desired again (allow_downgrade); None = remove the model."""
+    """Set the previous version as desired again (allow_downgrade). Without one (a first
+    install) the model leaves the desired state: the device keeps what it has, unless `remove`
+    (the operator asked for it) puts it on the explicit removal list."""
 
     device_id: str
     profile: str | None
     previous_version: str | None
+    remove: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,6 +257,7 @@ class Cancel:
 @dataclass(frozen=True)
 class Abort:
     reason: str = "aborted by operator"
+    on_abort: str | None = None  # None = the spec's
 
 
 Event = Tick | StatusReport | Approve | Pause | Resume | Cancel | Abort

@@ -20,7 +20,7 @@ def summary(state: E.RolloutState) -> dict[str, Any]:
         "phase": state.phase.value,
         "paused": state.paused,
         "wave": state.wave,
-        "waves": list(state.spec.waves),
+        "waves": E.planned_waves(state),  # of the planned waves (empty ones are not)
         "wave_sizes": list(state.wave_sizes),
         "reason": state.reason,
         "counts": E.counts(state),

@@ -25,6 +25,7 @@ from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import transaction
 from edgefleet.cloud_controller.models import (
     DesiredState,
+    Device,
     Package,
     Rollout,
     RolloutDevice,
@@ -115,6 +116,43 @@ def default_health(session: Session, state: E.RolloutState) -> E.Health | None:
     return E.Health(get("p95_ratio"), get("error_rate"), get("drift"))
 
 
+def _check_control(state: E.RolloutState, event: E.Event) -> None:
+    """Refuse an approve with nothing to approve, a pause of a paused rollout, and so on."""
+    rid = state.spec.rollout_id
+    if isinstance(event, E.Approve):
+        if event.wave is None:
+            if state.phase != E.Phase.AWAITING_APPROVAL:
+                raise RolloutError(
+                    "nothing_to_approve",
+                    f"rollout {rid} is {state.phase}, not waiting for approval",
+                )
+        elif not state.wave <= event.wave < len(state.wave_sizes):
+            raise RolloutError(
+                "nothing_to_approve",
+                f"rollout {rid} has waves 1..{len(state.wave_sizes)}, now at {state.wave + 1}: "
+                f"wave {event.wave + 1} cannot be approved",
+            )
+        elif (
+            event.wave in state.approved
+            or (event.wave == state.wave and state.phase != E.Phase.AWAITING_APPROVAL)
+            or (state.wave_plan or range(len(state.wave_sizes)))[event.wave]
+            not in state.spec.approval_waves
+        ):
+            raise RolloutError(
+                "nothing_to_approve", f"wave {event.wave + 1} of {rid} needs no approval"
+            )
+    elif isinstance(event, E.Pause) and state.paused:
+        raise RolloutError("already_paused", f"rollout {rid} is already paused")
+    elif isinstance(event, E.Resume) and not state.paused:
+        raise RolloutError("not_paused", f"rollout {rid} is not paused")
+    elif isinstance(event, E.Abort) and event.on_abort not in (None, *(m.value for m in E.OnAbort)):
+        raise RolloutError(
+            "invalid_on_abort",
+            f"{event.on_abort!r}: use one of {[m.value for m in E.OnAbort]}",
+            422,
+        )
+
+
 class RolloutService:
     """Thread-safe: the API, the MQTT bridge and the ticker all call in."""
 
@@ -190,6 +228,14 @@ class RolloutService:
         )
 
     def get_state(self, rollout_id: str) -> E.RolloutState | None:
+        """A rollout by id or unique id prefix (None when there is none; RolloutError when the
+        prefix is ambiguous)."""
+        try:
+            rollout_id = self.resolve_id(rollout_id)
+        except RolloutError as e:
+            if e.code == "not_found":
+                return None
+            raise
         with self._lock:
             if rollout_id in self._active:
                 return self._active[rollout_id]
@@ -264,14 +310,33 @@ class RolloutService:
             self._set(decision.state)
             return decision.state
 
+    def resolve_id(self, prefix: str) -> str:
+        """The rollout id that `prefix` names: itself, or the one id it begins (refused when
+        it names none or more than one)."""
+        with self._factory() as session:
+            if session.get(Rollout, prefix) is not None:
+                return prefix
+            q = select(Rollout.id).where(Rollout.id.startswith(prefix, autoescape=True))
+            ids = list(session.scalars(q.limit(6)))
+        if not prefix or not ids:
+            raise RolloutError("not_found", f"no rollout {prefix}", 404)
+        if len(ids) > 1:
+            raise RolloutError(
+                "ambiguous_id", f"{prefix!r} begins {len(ids)} rollout ids: {', '.join(ids)}", 409
+            )
+        return ids[0]
+
     def control(self, rollout_id: str, event: E.Event) -> E.RolloutState:
-        """Approve / pause / resume / cancel / abort."""
+        """Approve / pause / resume / cancel / abort (a request that would change nothing is
+        refused, by name)."""
         with self._lock:
+            rollout_id = self.resolve_id(rollout_id)
             state = self._active.get(rollout_id) or self._reload(rollout_id)
             if state is None:
                 raise RolloutError("not_found", f"no rollout {rollout_id}", 404)
             if state.phase in E.TERMINAL_PHASES:
                 raise RolloutError("finished", f"rollout {rollout_id} is {state.phase}")
+            _check_control(state, event)
             return self._step({rollout_id: state}, event)[rollout_id]
 
     def on_status(self, reports: Iterable[tuple[str, E.StatusReport]]) -> None:
@@ -414,6 +479,12 @@ class RolloutService:
             chunk = targets[i : i + 500]
             q = select(DesiredState).where(DesiredState.device_id.in_(chunk)).with_for_update()
             loaded += session.scalars(q)
+        # their inventory rows too (desired.set_model keeps each one's "in sync" mark)
+        devs = (
+            []
+            if not targets
+            else list(session.scalars(select(Device).where(Device.id.in_(targets))))
+        )
         rows: list[DesiredState] = []
         packages: dict[tuple[str, str], Package | None] = {}
 
@@ -433,6 +504,9 @@ class RolloutService:
                     continue
                 entry = registry.desired_entry(pkg, self._base_url, rid, False)
                 entry["attempt"] = action.attempt
+                if spec.gates.max_p95_ratio is not None:
+                    # the agent's probation gate judges the release by the rollout's ratio
+                    entry["max_p95_ratio"] = spec.gates.max_p95_ratio
                 rows.append(
                     desired.set_model(
                         session, self._signer, action.device_id, spec.model, entry, when
@@ -440,6 +514,7 @@ class RolloutService:
                 )
             elif isinstance(action, E.Revert):
                 rows.append(self._revert(session, spec, action, package, when))
+        del devs
         return rows
 
     def _warn_unrevertable(self, session: Session, state: E.RolloutState, now: float) -> None:
@@ -474,10 +549,17 @@ class RolloutService:
         when: datetime,
     ) -> DesiredState:
         if action.previous_version is None:
-            # A first install: the device must uninstall the model (explicit `remove`); its
-            # REMOVED status confirms the revert.
+            # A first install. Only when the operator asked for removal does the model go on the
+            # explicit `remove` list (its REMOVED status confirms the revert); otherwise it just
+            # leaves the desired state and the device keeps what it has.
             return desired.set_model(
-                session, self._signer, action.device_id, spec.model, None, when, uninstall=True
+                session,
+                self._signer,
+                action.device_id,
+                spec.model,
+                None,
+                when,
+                uninstall=action.remove,
             )
         pkg = package(action.previous_version, action.profile or "")
         if pkg is None:
@@ -495,6 +577,8 @@ class RolloutService:
                 session, self._signer, action.device_id, spec.model, None, when
             )
         entry = registry.desired_entry(pkg, self._base_url, spec.rollout_id, True)
+        # A version the device ran before: it is not held to the forward gates (agent side).
+        entry["rollback"] = True
         return desired.set_model(session, self._signer, action.device_id, spec.model, entry, when)
 
     def _publish(self, rows: Sequence[DesiredState]) -> None:

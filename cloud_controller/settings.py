@@ -31,6 +31,12 @@ class Settings:
     desired_ttl_s: float = 7 * 24 * 3600.0
     tick_s: float = 0.5
     max_upload_bytes: int = 4 * 1024**3
+    # docs/limits.md, Controller: every limit with its default and why.
+    max_body_bytes: int = 1024**2  # any other API request body (JSON)
+    max_reference_body_bytes: int = 64 * 1024**2  # a drift reference (histograms, JSON)
+    max_presence_bytes: int = 64 * 1024  # one presence message from a device
+    max_status_bytes: int = 64 * 1024  # one status report
+    max_telemetry_bytes: int = 1024**2  # one telemetry envelope
 
     @property
     def database_url(self) -> str:
@@ -65,6 +71,8 @@ class Settings:
             ("PORT", int),
             ("PUBLIC_URL", str),
             ("DESIRED_TTL_S", float),
+            ("MAX_UPLOAD_BYTES", int),
+            ("MAX_BODY_BYTES", int),
         ):
             value = env.get(ENV_PREFIX + name)
             if value:

@@ -256,10 +256,16 @@ def _device_gates(
 
 
 def _drift_reference(src: _Source, bench: dict[str, Any]) -> dict[str, Any]:
-    from edgefleet.drift.reference import build_reference
+    import logging
+
+    from edgefleet.drift import build_reference, reference_warnings
 
     sess = session(src.model, threads=bench["threads"])
-    return build_reference(src.calibration, run_all(sess, src.calibration))
+    ref = build_reference(src.calibration, run_all(sess, src.calibration))
+    ref["warnings"] = reference_warnings(ref)  # features too thinly sampled to watch
+    for w in ref["warnings"]:  # on stderr at packaging time; kept in the manifest too
+        logging.getLogger(__name__).warning("drift reference: %s", w)
+    return ref
 
 
 def package_model(

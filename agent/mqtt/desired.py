@@ -5,13 +5,23 @@ seq), records the seq before acting (a crash afterwards never acts twice on one 
 pure planner (`agent.mqtt.reconcile`) what to do against the inventory and the installs in
 flight, and hands each action to the agent. Every refusal and every action that cannot start is
 reported through the ``report`` callback; the update events that follow are the link's.
+
+Anti-rollback does not rest on the stored seq alone (it can be lost with the device's files):
+a desired state that would take a model below the version it serves, or remove it, is refused
+when it was issued before that version started serving (`current_since`) — a replay of an old,
+still valid state. A genuine rollback is issued after the version it undoes was installed.
+A seq below the highest acted on is reported (`seq_regressed`, with ``last_seq``), once per seq,
+so the controller learns that its sequence went backwards; a lost or corrupt seq record is
+reported at start (`link_state_lost`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -27,15 +37,27 @@ from edgefleet.agent.mqtt.state import LinkState
 from edgefleet.agent.ports import AgentPort, serving_versions
 from edgefleet.agent.update.events import UpdateRequest
 from edgefleet.wire.errors import RejectError, ReplayError
-from edgefleet.wire.message import now_iso
+from edgefleet.wire.manifest import parse_time
+from edgefleet.wire.message import JsonObject, now_iso
 from edgefleet.wire.mqtt import verify_desired
 from edgefleet.wire.reasons import ReasonCode
+from edgefleet.wire.semver import InvalidVersion, parse_version
 from edgefleet.wire.states import UpdateState
 from edgefleet.wire.status import StatusReport
 
 log = logging.getLogger("edgefleet.agent.mqtt")
 
 Report = Callable[[StatusReport], None]
+#: (model, serving version) -> when that version started serving here (epoch seconds), or None
+CurrentSince = Callable[[str, str], float | None]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def is_downgrade(target: str, serving: str) -> bool:
+    try:
+        return parse_version(target) < parse_version(serving)
+    except InvalidVersion:
+        return False
 
 
 def make_update_request(target: ModelTarget) -> UpdateRequest:
@@ -49,6 +71,7 @@ def make_update_request(target: ModelTarget) -> UpdateRequest:
         rollout_id=target.rollout_id,
         allow_downgrade=target.allow_downgrade,
         controller_source=True,
+        max_p95_ratio=target.max_p95_ratio,
     )
 
 
@@ -62,23 +85,48 @@ class DesiredStateHandler:
         trusted: list[ec.EllipticCurvePublicKey],
         state_path: Path,
         report: Report,
+        current_since: CurrentSince | None = None,
     ) -> None:
         self.agent = agent
         self.device_id = device_id
         self.trusted = trusted
         self.state_path = state_path
-        self.state = LinkState.load(state_path)
         self.report = report
+        self.current_since = current_since or (lambda name, version: None)
         self.ignored: dict[str, int] = {}  # reason code -> count of desired states ignored
+        self.regressions_reported: list[int] = []  # seqs reported as seq_regressed (bounded)
         # model -> version being installed; an update the agent resumed after a restart is not
         # submitted again by a retry of the same desired state.
         self.in_flight: dict[str, str] = dict(agent.unfinished_installs())
+        installed = serving_versions(agent.inventory())
+        self.state = LinkState.load(state_path, expected=bool(installed))
+        if self.state.problem is not None:
+            log.warning("link state: %s", self.state.problem)
+            self._rejected(
+                ReasonCode.LINK_STATE_LOST,
+                f"the record of the highest desired seq: {self.state.problem}; downgrades are"
+                " judged against the installed versions",
+                self.state.last_seq,
+                figures={
+                    "problem": self.state.problem,
+                    "last_seq": self.state.last_seq,
+                    "seq_lost": self.state.seq_lost,
+                },
+            )
+            self.state.save(state_path)  # both copies sound again, holding what was recovered
 
     def _ignore(self, code: str, message: str) -> None:
         self.ignored[code] = self.ignored.get(code, 0) + 1
         log.warning("desired state ignored (%s): %s", code, message)
 
-    def _rejected(self, code: ReasonCode, reason: str, seq: int | None = None) -> None:
+    def _rejected(
+        self,
+        code: ReasonCode,
+        reason: str,
+        seq: int | None = None,
+        *,
+        figures: JsonObject | None = None,
+    ) -> None:
         self.report(
             StatusReport(
                 device_id=self.device_id,
@@ -88,7 +136,47 @@ class DesiredStateHandler:
                 reason_code=code,
                 reason=reason,
                 desired_seq=seq,
+                figures=figures,
             )
+        )
+
+    def _regressed(self, raw: bytes, last_seq: int) -> None:
+        """A signed state at or below the last seq: the same state again (a retained message
+        redelivered) is nothing; a lower one is reported once per seq."""
+        try:  # verified again only to read its seq (its expiry does not matter here)
+            old = verify_desired(
+                raw, self.trusted, device_id=self.device_id, last_seq=None, now=_EPOCH
+            )
+        except RejectError:
+            return
+        seq = int(old["seq"])
+        if seq >= last_seq or seq in self.regressions_reported:
+            return
+        self.regressions_reported = [*self.regressions_reported[-63:], seq]
+        self._rejected(
+            ReasonCode.SEQ_REGRESSED,
+            f"desired seq {seq} is below {last_seq}, the highest this device has acted on:"
+            " a replay, or the controller's sequence went backwards; a state above"
+            f" {last_seq} is needed",
+            seq,
+            figures={"last_seq": last_seq, "received_seq": seq},
+        )
+
+    def _stale(self, name: str, target: str | None, issued: datetime, seq: int) -> str | None:
+        """Why a state issued at ``issued`` may not take ``name`` below (``target``) or away
+        from (None) the version serving now, or None when it may."""
+        serving = serving_versions(self.agent.inventory()).get(name)
+        if serving is None or (target is not None and not is_downgrade(target, serving)):
+            return None
+        since = self.current_since(name, serving)
+        if since is None or issued.timestamp() > since:
+            return None
+        what = f"take {name} from {serving} to {target}" if target else f"remove {name} {serving}"
+        started = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
+        return (
+            f"desired seq {seq} would {what}, but was issued at"
+            f" {issued.isoformat(timespec='seconds')}, before {serving} started serving here"
+            f" ({started}): a replayed state, refused"
         )
 
     def _update_report(
@@ -128,6 +216,8 @@ class DesiredStateHandler:
             )
         except ReplayError as e:
             self.ignored[e.code.value] = self.ignored.get(e.code.value, 0) + 1
+            if self.state.last_seq is not None:
+                self._regressed(raw, self.state.last_seq)
             return
         except RejectError as e:
             self._ignore(e.code.value, e.message)
@@ -140,7 +230,8 @@ class DesiredStateHandler:
         try:
             targets = parse_targets(desired)
             removals = parse_removals(desired)
-        except DesiredStateError as e:
+            issued = parse_time(str(desired["issued_at"]))
+        except (DesiredStateError, ValueError) as e:
             self.state.last_seq = seq
             self.state.save(self.state_path)
             self._ignore(ReasonCode.MANIFEST_INVALID.value, str(e))
@@ -154,6 +245,7 @@ class DesiredStateHandler:
         desired_names = {t.name for t in targets}
         self.state.removed = [n for n in self.state.removed if n not in desired_names]
         self.state.save(self.state_path)
+        targets, removals = self._refuse_stale(targets, removals, issued, seq)
         installed = serving_versions(self.agent.inventory())
         in_flight = dict(self.in_flight)
         for action in plan(targets, installed, in_flight):
@@ -173,6 +265,28 @@ class DesiredStateHandler:
                 self._install(t, seq, action.reason)
         for name in plan_removals(removals, installed, in_flight, self.state.removed):
             self._remove(name, installed.get(name) or in_flight.get(name), seq)
+
+    def _refuse_stale(
+        self, targets: list[ModelTarget], removals: list[str], issued: datetime, seq: int
+    ) -> tuple[list[ModelTarget], list[str]]:
+        """The targets and removals left once those a replayed state asks for are refused."""
+        keep: list[ModelTarget] = []
+        for t in targets:
+            why = self._stale(t.name, t.version, issued, seq)
+            if why is None:
+                keep.append(t)
+                continue
+            self._ignore(ReasonCode.REPLAYED.value, why)
+            self._rejected(ReasonCode.REPLAYED, why, seq, figures=_stale_figures(t.name, t.version))
+        kept_removals: list[str] = []
+        for name in removals:
+            why = self._stale(name, None, issued, seq)
+            if why is None:
+                kept_removals.append(name)
+                continue
+            self._ignore(ReasonCode.REPLAYED.value, why)
+            self._rejected(ReasonCode.REPLAYED, why, seq, figures=_stale_figures(name, None))
+        return keep, kept_removals
 
     def _install(self, target: ModelTarget, seq: int, why: str) -> None:
         log.info("desired seq %d: %s", seq, why)
@@ -224,3 +338,8 @@ class DesiredStateHandler:
         """An update reached a terminal state: it is no longer in flight."""
         if self.in_flight.get(model) == version:
             self.in_flight.pop(model, None)
+
+
+def _stale_figures(model: str, version: str | None) -> JsonObject:
+    out: dict[str, Any] = {"model": model, "version": version}
+    return out

@@ -12,6 +12,7 @@ the link's state changes in one place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -27,9 +28,10 @@ from paho.mqtt.reasoncodes import ReasonCode as MqttReasonCode
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.mqtt.delivery import Delivery, RecordOutbox
-from edgefleet.agent.mqtt.desired import DesiredStateHandler
+from edgefleet.agent.mqtt.desired import CurrentSince, DesiredStateHandler
 from edgefleet.agent.mqtt.reports import presence_of, status_from_event
 from edgefleet.agent.ports import AgentPort
+from edgefleet.agent.store import ModelStore
 from edgefleet.agent.telemetry.outbox import Outbox
 from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.keys import load_public_key
@@ -45,6 +47,25 @@ Job = (
     | tuple[Literal["desired"], bytes]
     | tuple[Literal["event"], UpdateEvent]
 )
+
+
+def installed_since(data_dir: Path) -> CurrentSince:
+    """When a model's serving version started serving, from the installed files themselves
+    (not the link's state, which can be lost): the later of its install record's time and the
+    last change of the model's pointers (its activation, or a rollback to it)."""
+
+    def since(name: str, version: str) -> float | None:
+        store = ModelStore(data_dir)
+        times: list[float] = []
+        with contextlib.suppress(OSError, ValueError):
+            at = store.install_record(name, version).get("installed_at")
+            if isinstance(at, int | float) and not isinstance(at, bool):
+                times.append(float(at))
+        with contextlib.suppress(OSError):
+            times.append((store.model_dir(name) / "pointers.json").stat().st_mtime)
+        return max(times) if times else None
+
+    return since
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
@@ -83,7 +104,12 @@ class MqttLink:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(self.dir / "status-outbox.sqlite", max_bytes=8 * 2**20)
         self.desired = DesiredStateHandler(
-            agent, self.device_id, trusted, self.dir / "link.json", self._report
+            agent,
+            self.device_id,
+            trusted,
+            self.dir / "link.json",
+            self._report,
+            current_since=installed_since(Path(config.data_dir)),
         )
         self.delivery = Delivery(
             self.device_id,
@@ -147,6 +173,7 @@ class MqttLink:
         if client is None:
             return
         self._stopping = True
+        self.agent.remove_listener(self._on_event)
         self._jobs.put(("stop", None))
         if self._worker is not None:
             self._worker.join(timeout)

@@ -11,6 +11,7 @@ model merely absent from ``models`` is left alone (an operator may have installe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,6 +31,19 @@ class ModelTarget:
     profile: str | None
     rollout_id: str | None
     allow_downgrade: bool
+    # The rollout's probation latency ratio (optional ``max_p95_ratio`` of the model's entry):
+    # the new version's per-sample serving p95 may be at most this times the previous one's.
+    max_p95_ratio: float | None = None
+
+
+def _ratio(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DesiredStateError(f"desired model {name!r}: max_p95_ratio is not a number")
+    if not math.isfinite(value) or value <= 0:
+        raise DesiredStateError(f"desired model {name!r}: max_p95_ratio must be positive")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,7 @@ def parse_targets(desired: Mapping[str, Any]) -> list[ModelTarget]:
                 profile=str(spec["profile"]) if spec.get("profile") else None,
                 rollout_id=str(rollout) if rollout is not None else None,
                 allow_downgrade=bool(spec.get("allow_downgrade", False)),
+                max_p95_ratio=_ratio(str(name), spec.get("max_p95_ratio")),
             )
         )
     return out

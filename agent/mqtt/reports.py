@@ -40,6 +40,7 @@ def status_from_event(
         update_id=event.update_id,
         from_version=event.from_version,
         desired_seq=desired_seq,
+        local=event.local,
         figures=event.figures or None,
     )
 

@@ -10,7 +10,8 @@ Records (the outbox adds ``id``)::
      "requests", "errors", "latency_ms": {"p50", "p95", "p99", "max"},
      "latency_hist": [counts per edgefleet.drift.latency bucket]}
     {"at", "kind": "sketch", "model", "version", "window_start", "window_end",
-     "sketch": Sketch.to_dict()}
+     "sketch": Sketch.to_dict()}   # with "range" counts (below/above/NaN/inf) where the
+                                   # reference records its features' observed ranges
     {"at", "kind": "sample", "model", "version", "inputs": {...}}   # only when sampling is on
 """
 

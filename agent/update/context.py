@@ -92,6 +92,7 @@ class UpdateContext:
             figures=t.figures,
             timestamp=t.at,
             from_version=rec.from_version,
+            local=rec.action == "install" and not rec.controller_source,
         )
         for cb in list(self.listeners):
             try:

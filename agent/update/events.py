@@ -23,6 +23,8 @@ class UpdateRequest:
     # The source comes from the controller's signed desired state: send the device's download
     # token with it. Never set for operator-given sources, so the token cannot leak elsewhere.
     controller_source: bool = False
+    # The rollout's probation latency ratio (desired state `max_p95_ratio`); None: the config's.
+    max_p95_ratio: float | None = None
 
 
 @dataclass
@@ -37,6 +39,8 @@ class UpdateEvent:
     figures: JsonObject | None
     timestamp: str
     from_version: str | None = None
+    # Not asked for by the controller's desired state (an operator's `agent install`).
+    local: bool = False
 
     def to_dict(self) -> JsonObject:
         return asdict(self)

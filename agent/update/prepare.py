@@ -39,12 +39,50 @@ log = logging.getLogger("edgefleet.agent")
 def step_idle(ctx: UpdateContext, rec: UpdateRecord) -> None:
     ptr = ctx.store.pointers(rec.model) if rec.model else Pointers()
     rec.from_version = ptr.current
+    rec.from_previous = ptr.previous
+    mark_rollback(ctx, rec)
     if rec.action == "remove":
         # Journaled before anything is unloaded or deleted: a restart finishes the removal.
         rec.version = ptr.current or rec.version
         ctx.transition(rec, State.REMOVING)
         return
     ctx.transition(rec, State.DOWNLOADING)
+
+
+def mark_rollback(ctx: UpdateContext, rec: UpdateRecord) -> None:
+    """An asked-for downgrade to a version this device has committed is a rollback: it is not
+    held to the forward gates (benchmark, probation), and a failure is ROLLBACK_FAILED."""
+    rec.rollback = bool(
+        rec.action == "install"
+        and rec.allow_downgrade
+        and rec.model
+        and rec.version
+        and rec.version != rec.from_version
+        and rec.version in ctx.store.committed_versions(rec.model)
+    )
+
+
+def key_refusal(ctx: UpdateContext, name: str, version: str) -> RejectError | None:
+    """Why ``name`` ``version`` may no longer serve here: its signing key is revoked or no
+    longer trusted (read from the trust store now); None while it is still trusted."""
+    from edgefleet.wire.trust import TrustStore
+
+    try:
+        signer = ctx.store.install_record(name, version).get("key_id")
+    except (OSError, ValueError) as e:
+        return RejectError(ReasonCode.INTEGRITY, f"{name} {version}: no install record ({e})")
+    what = f"{name} {version}"
+    pol = policy(ctx, UpdateRecord(id="", model=name, version=version, source=""))
+    store: TrustStore = pol.trust_store()
+    if not isinstance(signer, str):
+        return RejectError(ReasonCode.UNTRUSTED_KEY, f"{what} has no recorded signing key")
+    if signer.strip().lower() in store.revoked_key_ids:  # canonical forms (wire.keyid)
+        return RejectError(ReasonCode.REVOKED_KEY, f"{what} was signed by revoked key {signer}")
+    if not store.trusts(signer):
+        return RejectError(
+            ReasonCode.UNTRUSTED_KEY, f"{what} was signed by key {signer}, no longer trusted"
+        )
+    return None
 
 
 def installed_rollback(ctx: UpdateContext, rec: UpdateRecord) -> bool:
@@ -152,11 +190,10 @@ def step_verify(ctx: UpdateContext, rec: UpdateRecord) -> None:
 
         try:
             rec.model = read_name(ctx.package_path(rec))
-        except RejectError as e:
-            raise StepFailed(
-                ReasonCode.MANIFEST_INVALID, f"cannot read the package's name: {e}"
-            ) from e
-        rec.from_version = ctx.store.pointers(rec.model).current
+        except RejectError as e:  # a structural refusal keeps its own code
+            raise StepFailed(e.code, f"cannot read the package's name: {e.message}") from e
+        ptr = ctx.store.pointers(rec.model)
+        rec.from_version, rec.from_previous = ptr.current, ptr.previous
     vp = verify(ctx, rec)
     m = vp.manifest
     if rec.version and m["version"] != rec.version:
@@ -166,6 +203,7 @@ def step_verify(ctx: UpdateContext, rec: UpdateRecord) -> None:
         )
     rec.version = m["version"]
     rec.profile = m["profile"]
+    mark_rollback(ctx, rec)
     device_checks(ctx, rec, m)
     ctx.transition(
         rec,

@@ -9,12 +9,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from edgefleet.agent import manifest_parts
+from edgefleet.agent.config import ProbationConfig
 from edgefleet.agent.journal import UpdateRecord
-from edgefleet.agent.sessions import LoadedModel, judge_probation, plan_swap
-from edgefleet.agent.states import State
+from edgefleet.agent.sessions import (
+    LatencyReference,
+    LoadedModel,
+    Window,
+    judge_probation,
+    p95,
+    plan_swap,
+    probation_windows,
+)
+from edgefleet.agent.states import State, end_of_rollback
 from edgefleet.agent.store import Pointers
 from edgefleet.agent.update import models
 from edgefleet.agent.update.context import UpdateContext
@@ -28,7 +35,7 @@ from edgefleet.agent.validation import (
     sample_agreement,
     sample_tolerances,
 )
-from edgefleet.wire.message import JsonObject
+from edgefleet.wire.message import JsonObject, JsonValue
 from edgefleet.wire.reasons import ReasonCode
 
 
@@ -54,6 +61,15 @@ def step_validate(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
         )
     except Exception as e:
         raise StepFailed(ReasonCode.LOAD_FAILED, f"ONNX Runtime cannot load the model: {e}") from e
+    if rec.rollback:  # it ran and committed here: loading it is all that is asked of it
+        validation = inst.get("validation") or {}
+        lm.baseline_p95_ms = manifest_parts.number(validation, "p95_ms")
+        lm.memory_mb = float(manifest_parts.number(validation, "memory_growth_mb") or 0.0)
+        run.staged = lm
+        ctx.transition(
+            rec, State.ACTIVATING, figures={"gates": "skipped: a rollback to a committed version"}
+        )
+        return
     fig = Figures(providers=lm.providers, cpu_fallback_used=bool(inst.get("cpu_fallback_used")))
     gates = manifest_parts.gates(manifest)
     try:
@@ -108,6 +124,11 @@ def step_activate(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
         if current is None
         else plan_swap(swap.mode, avail, new_mb, ctx.config.memory_headroom_mb)
     )
+    if current is not None and current.version == rec.from_version:
+        # What the outgoing version served with here is what probation compares the new one to.
+        ctx.store.add_serving_latencies(
+            name, current.version, current.stats.drain(), ctx.config.probation.history_requests
+        )
     # Pointers first (the journal already says ACTIVATING): a restart serves the new version.
     prev = rec.from_version if rec.from_version != version else ctx.store.pointers(name).previous
     ctx.store.set_pointers(name, Pointers(version, prev))
@@ -128,10 +149,66 @@ def step_activate(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
     )
 
 
+def latency_reference(
+    ctx: UpdateContext, rec: UpdateRecord, lm: LoadedModel | None
+) -> LatencyReference | None:
+    """Like with like: the outgoing version's per-sample serving p95 on this device (its
+    serving record), judged with the rollout's ratio or the config's. Without enough of that
+    (a first install), the larger of the package's recorded benchmark p95 and the on-device
+    validation p95, with the wider first-install tolerance. None: nothing to compare with."""
+    cfg = ctx.config.probation
+    record = ctx.store.serving_record(rec.model)
+    if (
+        rec.from_version
+        and record is not None
+        and record[0] == rec.from_version
+        and len(record[1]) >= max(cfg.min_requests, 1)
+    ):
+        return LatencyReference(
+            p95(record[1]),
+            rec.max_p95_ratio or cfg.max_p95_ratio,
+            cfg.latency_slack_ms,
+            f"{rec.from_version} serving here ({len(record[1])} requests)",
+        )
+    bench = ctx.store.manifest(rec.model, rec.version).get("benchmark")
+    packaged = manifest_parts.number(bench, "p95_ms") if isinstance(bench, dict) else None
+    device = lm.baseline_p95_ms if lm is not None else None
+    options = [
+        (v, src)
+        for v, src in ((packaged, "the package's benchmark"), (device, "the on-device validation"))
+        if v is not None and v > 0
+    ]
+    if not options:
+        return None
+    value, source = max(options)
+    return LatencyReference(value, cfg.first_install_factor, cfg.first_install_slack_ms, source)
+
+
+def early_commit(
+    requests: int, windows: list[Window], reference: LatencyReference | None, cfg: ProbationConfig
+) -> bool:
+    """``commit_after_requests`` healthy requests end probation early, once the latency (when
+    there is a reference) has been judged in a window and the last judged window is within it."""
+    if cfg.commit_after_requests is None or requests < cfg.commit_after_requests:
+        return False
+    if reference is None:
+        return True
+    judged = [w for w in windows if w.p95_ms is not None]
+    return bool(judged) and not judged[-1].breach
+
+
 def step_probation(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
     cfg = ctx.config.probation
     lm = ctx.sessions.get(rec.model)
+    if rec.rollback and lm is not None and lm.version == rec.version:
+        # Back on a version this device committed: not held to probation again.
+        return commit(ctx, rec, lm, {"probation": "skipped: a rollback to a committed version"})
+    reference = latency_reference(ctx, rec, lm)
     deadline = time.monotonic() + cfg.seconds
+    # The windows start with the first request this version served: it serves from the swap in
+    # ACTIVATING on, a moment before this step begins.
+    served0 = lm.stats.snapshot()[2] if lm is not None else []
+    start = min([time.monotonic(), *(s.at for s in served0[:1])])
     verdict = None
     while time.monotonic() < deadline and not ctx.stop.is_set():
         if lm is None or lm.version != rec.version:
@@ -140,25 +217,45 @@ def step_probation(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
                 "the version under probation is no longer serving",
             )
             break
-        n, err, lat = lm.stats.snapshot()
-        verdict = judge_probation(n, err, lat, lm.baseline_p95_ms, cfg)
-        if verdict or (cfg.commit_after_requests is not None and n >= cfg.commit_after_requests):
+        n, err, served = lm.stats.snapshot()
+        windows = probation_windows(served, start, time.monotonic(), reference, cfg)
+        verdict = judge_probation(n, err, windows, reference, cfg)
+        if verdict or early_commit(n, windows, reference, cfg):
             break
         time.sleep(min(0.05, cfg.seconds))
     if ctx.stop.is_set():  # an orderly stop: the next start restarts the window
         rec.stopped_gracefully = True
         ctx.journal.save(rec)
         return
-    n, err, lat = lm.stats.snapshot() if lm else (0, 0, [])
+    n, err, served = lm.stats.snapshot() if lm else (0, 0, [])
+    windows = probation_windows(served, start, time.monotonic(), reference, cfg, final=True)
+    if verdict is None and lm is not None and lm.version == rec.version:
+        verdict = judge_probation(n, err, windows, reference, cfg)
+    ok = [s.ms_per_sample for s in served if s.ok and s.at >= start]
+    window_figures: list[JsonValue] = [
+        {"requests": w.requests, "p95_ms": w.p95_ms, "breach": w.breach} for w in windows[-16:]
+    ]
     figures: JsonObject = {
         "requests": n,
         "errors": err,
-        "p95_ms": round(float(np.percentile(lat, 95)), 4) if lat else None,
-        "baseline_p95_ms": lm.baseline_p95_ms if lm else None,
+        "p95_ms_per_sample": round(p95(ok), 4) if ok else None,
+        "reference": reference.to_dict() if reference else None,
+        "windows": window_figures,
     }
     if verdict:
         raise StepFailed(verdict[0], verdict[1], figures)
-    # Tidy first, so that COMMITTED, once read, means nothing is left to do.
+    assert lm is not None
+    commit(ctx, rec, lm, figures)
+
+
+def commit(ctx: UpdateContext, rec: UpdateRecord, lm: LoadedModel, figures: JsonObject) -> None:
+    """COMMITTED: the version joins the model's committed history and its probation latencies
+    start its serving record; tidied first, so that COMMITTED, once read, means nothing is left
+    to do."""
+    ctx.store.mark_committed(rec.model, rec.version)
+    ctx.store.add_serving_latencies(
+        rec.model, rec.version, lm.stats.drain(), ctx.config.probation.history_requests
+    )
     ctx.store.prune(rec.model, ctx.config.keep_versions)
     ctx.journal.prune(ctx.config.keep_updates)
     ctx.discard_download(rec)
@@ -168,4 +265,5 @@ def step_probation(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
 def step_rolling_back(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
     models.restore_pointers(ctx, rec)
     models.swap_to_previous(ctx, rec)
-    ctx.transition(rec, State.ROLLED_BACK)
+    models.drop_rolled_back(ctx, rec)
+    ctx.transition(rec, end_of_rollback(rec.rollback))

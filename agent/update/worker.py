@@ -12,7 +12,7 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.journal import Journal, Recovery, Transition, UpdateRecord, decide_recovery
 from edgefleet.agent.metrics import Metrics
 from edgefleet.agent.sessions import SessionManager
-from edgefleet.agent.states import State, failure_route, is_terminal
+from edgefleet.agent.states import State, end_of_rollback, failure_route, is_terminal
 from edgefleet.agent.store import ModelStore
 from edgefleet.agent.update import models, prepare, serve
 from edgefleet.agent.update.context import UpdateContext
@@ -88,6 +88,7 @@ class Updater:
                 rec.resumes,
                 stopped_gracefully=rec.stopped_gracefully,
                 removal=rec.action == "remove",
+                rollback=rec.rollback,
             )
             log.warning("recovering update %s in %s: %s", rec.id, rec.state, action)
             if action is Recovery.RESUME:
@@ -96,10 +97,9 @@ class Updater:
                 ctx.journal.save(rec)
                 resume.append(rec.id)
             elif action is Recovery.FAIL:
-                models.cleanup_failed(ctx, rec)
-                ctx.transition(
+                models.fail(
+                    ctx,
                     rec,
-                    State.FAILED,
                     ReasonCode.RESUME_LIMIT,
                     f"interrupted {rec.resumes} times in {rec.state}",
                 )
@@ -123,14 +123,26 @@ class Updater:
         """At start nothing serves yet: put the pointers back; loading comes after recovery."""
         models.restore_pointers(self.ctx, rec)
         self.ctx.discard_download(rec)
-        self.ctx.transition(rec, State.ROLLED_BACK)
+        models.drop_rolled_back(self.ctx, rec)
+        self.ctx.transition(rec, end_of_rollback(rec.rollback))
 
     def work(self, q: queue.Queue[str | None]) -> None:
         """The worker thread: run queued updates until `None` or stop."""
+        trust = models.trust_fingerprint(self.ctx)
+        every = self.ctx.config.trust_check_s
         while not self.ctx.stop.is_set():
-            uid = q.get()
+            try:
+                uid = q.get(timeout=every) if every > 0 else q.get()
+            except queue.Empty:
+                uid = ""
+            now = models.trust_fingerprint(self.ctx)
+            if now != trust:  # a key file changed: judge every serving model's key again
+                trust = now
+                models.enforce_trust(self.ctx)
             if uid is None:
                 return
+            if not uid:
+                continue
             rec = self.ctx.journal.load(uid)
             if rec is None or is_terminal(rec.current):
                 continue
@@ -148,7 +160,7 @@ class Updater:
             try:
                 STEPS[rec.current](self.ctx, rec, run)
             except StepFailed as f:
-                if failure_route(rec.current) is None:
+                if failure_route(rec.current, rec.rollback) is None:
                     raise
                 models.fail(self.ctx, rec, f.code, f.reason, f.figures)
                 run.staged = None

@@ -24,6 +24,8 @@ from edgefleet.cloud_controller.cli.client import (
 if TYPE_CHECKING:
     from edgefleet.cloud_controller.settings import Settings
 
+MAX_PACKET_BYTES = 2 * 1024**2  # twice the largest device message the controller reads
+
 controller_app = typer.Typer(help="Run and administer the cloud controller.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 controller_app.add_typer(token_app, name="token")
@@ -95,6 +97,13 @@ def token_create(
     if role not in [r.value for r in auth.Role]:
         err.print(f"[red]invalid_role: {role!r}; use one of {[r.value for r in auth.Role]}[/red]")
         raise typer.Exit(2)
+    from edgefleet.wire import ids
+
+    try:
+        ids.token_name(name)
+    except ids.IdentifierError as e:
+        err.print(f"[red]{e.code}: {e}[/red]")
+        raise typer.Exit(2) from e
     s = _settings(data_dir, db)
     engine = dbm.make_engine(s.database_url)
     dbm.upgrade(engine)
@@ -102,6 +111,110 @@ def token_create(
         token = auth.create_token(session, role, name)
     engine.dispose()
     typer.echo(token)
+
+
+@token_app.command("list")
+def token_list(
+    db: str = typer.Option(None, "--db", help="Database URL."),
+    data_dir: Path = typer.Option(None, "--data-dir"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Every API token's id, name, role and dates (the tokens themselves are never stored)."""
+    from edgefleet.cloud_controller import auth
+    from edgefleet.cloud_controller import db as dbm
+
+    s = _settings(data_dir, db)
+    engine = dbm.make_engine(s.database_url)
+    dbm.upgrade(engine)
+    with dbm.session_factory(engine)() as session:
+        rows = [auth.token_to_dict(t) for t in auth.list_tokens(session)]
+    engine.dispose()
+    if as_json:
+        print_json(rows)
+        return
+    t = Table("id", "name", "role", "created", "revoked")
+    for r in rows:
+        t.add_row(str(r["id"]), str(r["name"]), str(r["role"]), str(r["created_at"])[:19],
+                  str(r["revoked_at"] or "")[:19])  # fmt: skip
+    console.print(t)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: int = typer.Argument(..., help="The token's id (`token list`)."),
+    db: str = typer.Option(None, "--db", help="Database URL."),
+    data_dir: Path = typer.Option(None, "--data-dir"),
+) -> None:
+    """Revoke an API token directly in the database: refused from its next request on."""
+    from edgefleet.cloud_controller import auth
+    from edgefleet.cloud_controller import db as dbm
+
+    if not 1 <= token_id <= 2**63 - 1:
+        err.print(f"[red]not_found: no token {token_id}[/red]")
+        raise typer.Exit(1)
+    s = _settings(data_dir, db)
+    engine = dbm.make_engine(s.database_url)
+    dbm.upgrade(engine)
+    with dbm.transaction(dbm.session_factory(engine)) as session:
+        row = auth.revoke_token(session, token_id)
+        out = auth.token_to_dict(row) if row is not None else None
+    engine.dispose()
+    if out is None:
+        err.print(f"[red]not_found: no token {token_id}[/red]")
+        raise typer.Exit(1)
+    console.print(
+        f"revoked token {out['id']} ({out['name']}, {out['role']}) at {out['revoked_at']}"
+    )
+
+
+@controller_app.command("resync")
+def resync(
+    floor: int = typer.Option(
+        0,
+        "--floor",
+        min=0,
+        max=2**62,
+        help="Continue every device's desired-state sequence above this number too (after a "
+        "restore: a number above any seq issued before; devices that report a higher seq "
+        "are continued above theirs automatically).",
+    ),
+    db: str = typer.Option(None, "--db", help="Database URL."),
+    data_dir: Path = typer.Option(None, "--data-dir"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """After a database restore: show the devices that hold a newer desired state than the
+    controller, and issue their desired states again above it (published when the controller
+    next connects to the broker; a running controller does this by itself)."""
+    from datetime import UTC, datetime
+
+    from edgefleet.cloud_controller import db as dbm
+    from edgefleet.cloud_controller import devices
+    from edgefleet.cloud_controller.controller import load_signing_key
+    from edgefleet.cloud_controller.desired import Signer
+
+    s = _settings(data_dir, db)
+    engine = dbm.make_engine(s.database_url)
+    dbm.upgrade(engine)
+    from datetime import timedelta
+
+    signer = Signer(load_signing_key(s), timedelta(seconds=s.desired_ttl_s))
+    now = datetime.now(UTC)
+    with dbm.transaction(dbm.session_factory(engine)) as session:
+        if floor:
+            devices.raise_floor(session, floor, now)
+        stale = devices.stale_sequences(session)
+        rows = devices.resync(session, signer, now)
+        stale_out = {d: {"device_seq": f, "controller_seq": c} for d, (f, c) in stale.items()}
+        reissued = {r.device_id: r.seq for r in rows}
+    engine.dispose()
+    if as_json:
+        print_json({"stale": stale_out, "reissued": reissued})
+        return
+    t = Table("device", "device holds", "controller had", "reissued as")
+    for d, v in stale_out.items():
+        t.add_row(d, str(v["device_seq"]), str(v["controller_seq"]), str(reissued.get(d, "-")))
+    console.print(t)
+    console.print(f"{len(rows)} desired state(s) issued again")
 
 
 @controller_app.command("mosquitto-config")
@@ -128,11 +241,19 @@ def mosquitto_config(
     dbm.upgrade(engine)
     generated = controller_password is None
     password = controller_password or secrets.token_urlsafe(24)
-    with dbm.session_factory(engine)() as session:
-        passwd = auth.mosquitto_passwords(session, password)
-    engine.dispose()
+    try:
+        if any(c in str(out.resolve()) for c in "\r\n\x00"):
+            raise auth.GeneratedFileError(f"output directory {str(out)!r} holds a line break")
+        with dbm.session_factory(engine)() as session:
+            passwd = auth.mosquitto_passwords(session, password)
+        acl = auth.mosquitto_acl()
+    except auth.GeneratedFileError as e:
+        err.print(f"[red]invalid_identifier: {e}; nothing written[/red]")
+        raise typer.Exit(2) from e
+    finally:
+        engine.dispose()
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("passwd", passwd), ("acl", auth.mosquitto_acl())):
+    for name, text in (("passwd", passwd), ("acl", acl)):
         path = out / name
         path.write_text(text)
         path.chmod(0o600)
@@ -145,6 +266,8 @@ def mosquitto_config(
         "# controller (or this broker) restarts from being acknowledged and then dropped.\n"
         f"persistence true\npersistence_location {out.resolve() / 'data'}/\n"
         "autosave_interval 10\nmax_queued_messages 1000000\nmax_inflight_messages 100\n"
+        "# No device message is larger (docs/limits.md): the broker refuses bigger packets.\n"
+        f"max_packet_size {MAX_PACKET_BYTES}\n"
     )
     console.print(f"wrote {out}/passwd ({passwd.count(chr(10))} users), acl, mosquitto.conf")
     if generated:

@@ -6,6 +6,7 @@ import typer
 from rich.table import Table
 
 from edgefleet.cloud_controller.cli.client import (
+    EXIT_CODES_HELP,
     JSON_OPT,
     TOKEN_OPT,
     URL_OPT,
@@ -14,39 +15,57 @@ from edgefleet.cloud_controller.cli.client import (
     print_json,
 )
 
-devices_app = typer.Typer(help="The device inventory.", no_args_is_help=True)
+devices_app = typer.Typer(
+    help="The device inventory.", no_args_is_help=True, epilog=EXIT_CODES_HELP
+)
+
+
+def _sync_cell(d: dict[str, object]) -> str:
+    view = d.get("sync")
+    return str(view.get("text", "-")) if isinstance(view, dict) else "-"
 
 
 @devices_app.command("list")
 def devices_list(
     group: str = typer.Option(None, "--group"),
     tag: str = typer.Option(None, "--tag"),
+    out_of_sync: bool = typer.Option(
+        False, "--out-of-sync", help="Only devices whose installed models differ from desired."
+    ),
     url: str = URL_OPT,
     token: str = TOKEN_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Devices with their agent, profiles, installed models and last seen time."""
+    """Devices with their agent, profiles, installed models, whether they are in sync with
+    their desired state (desired vs installed, since when not), and last seen time."""
     params = {k: v for k, v in (("group", group), ("tag", tag)) if v}
     rows = api_call(url, token, "GET", "/api/v1/devices", params=params)
+    if out_of_sync:
+        rows = [d for d in rows if not (d.get("sync") or {}).get("in_sync", True)]
     if as_json:
         print_json(rows)
         return
-    t = Table("device", "online", "agent", "profiles", "installed", "groups", "tags", "last seen")
+    t = Table(
+        "device", "online", "agent", "profiles", "installed", "in sync", "groups", "tags",
+        "last seen",
+    )  # fmt: skip
     for d in rows:
         installed = ", ".join(
             f"{m}={v.get('version')}" for m, v in d["installed"].items() if isinstance(v, dict)
         )
         t.add_row(
             d["device_id"], "yes" if d["online"] else "no", d["agent_version"] or "-",
-            ",".join(d["profiles"]), installed, ",".join(d["groups"]), ",".join(d["tags"]),
-            (d["last_seen"] or "-")[:19],
+            ",".join(d["profiles"]), installed, _sync_cell(d), ",".join(d["groups"]),
+            ",".join(d["tags"]), (d["last_seen"] or "-")[:19],
         )  # fmt: skip
     console.print(t)
 
 
 @devices_app.command("show")
-def devices_show(device_id: str, url: str = URL_OPT, token: str = TOKEN_OPT) -> None:
-    """One device, with its desired state."""
+def devices_show(
+    device_id: str, url: str = URL_OPT, token: str = TOKEN_OPT, as_json: bool = JSON_OPT
+) -> None:
+    """One device, with its desired state and whether it is in sync (always JSON)."""
     print_json(api_call(url, token, "GET", f"/api/v1/devices/{device_id}"))
 
 
@@ -55,9 +74,20 @@ def devices_register(
     device_id: str,
     group: list[str] = typer.Option([], "--group"),
     tag: list[str] = typer.Option([], "--tag"),
+    rotate_credentials: bool = typer.Option(
+        False,
+        "--rotate-credentials",
+        help="The device exists: issue new credentials (its old ones stop working).",
+    ),
     url: str = URL_OPT,
     token: str = TOKEN_OPT,
 ) -> None:
-    """Register a device: prints its MQTT and download credentials once (JSON)."""
-    body = {"device_id": device_id, "groups": group, "tags": tag}
+    """Register a device: prints its MQTT and download credentials once (JSON). An id that is
+    already registered is refused unless --rotate-credentials."""
+    body = {
+        "device_id": device_id,
+        "groups": group,
+        "tags": tag,
+        "rotate_credentials": rotate_credentials,
+    }
     print_json(api_call(url, token, "POST", "/api/v1/devices", json=body))

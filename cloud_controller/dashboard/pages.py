@@ -30,7 +30,8 @@ td,th{border:1px solid #ddd;padding:4px 8px;font-size:13px;text-align:left}
 .badge{padding:1px 6px;border-radius:3px;color:#fff;font-size:12px}
 .ok{background:#2ca02c}.drift,.aborted,.failed,.offline{background:#d62728}
 .running,.soaking,.insufficient_data,.no_data,.no_reference,.paused{background:#888}
-.succeeded{background:#2ca02c}.degraded{background:#ff9f1c}
+.succeeded{background:#2ca02c}.degraded,.out_of_sync{background:#ff9f1c}
+.in_sync{background:#2ca02c}.rollback_failed{background:#8b0000}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
 .feature{background:#fff;border:2px solid #ddd;padding:6px}
 .feature.drifted{border-color:#d62728}
@@ -100,8 +101,10 @@ def _ago(dt: datetime | None) -> str:
 
 
 def fleet_rows(s: Session) -> list[dict[str, Any]]:
+    from edgefleet.cloud_controller.desired import sync_view
     from edgefleet.cloud_controller.devices import list_devices
     from edgefleet.cloud_controller.drift.models import TelemetryRecord
+    from edgefleet.cloud_controller.models import DesiredState
 
     since = datetime.now(UTC) - timedelta(hours=1)
     errs: dict[str, tuple[int, int]] = {}
@@ -115,11 +118,15 @@ def fleet_rows(s: Session) -> list[dict[str, Any]]:
         .group_by(TelemetryRecord.device_id)
     ):
         errs[dev_id] = (int(req or 0), int(err or 0))
+    wanted = {r.device_id: r for r in s.scalars(select(DesiredState))}
     rows = []
     for dev in list_devices(s):
         req, err = errs.get(dev.id, (0, 0))
         rate = err / req if req else None
+        sync = sync_view(dev, wanted.get(dev.id))
         health = "offline" if not dev.online else ("degraded" if rate and rate > 0.05 else "ok")
+        if health == "ok" and not sync["in_sync"]:
+            health = "out_of_sync"  # serving, but not what the controller wants there
         versions = {
             name: (info.get("version") if isinstance(info, dict) else info)
             for name, info in (dev.installed or {}).items()
@@ -133,6 +140,7 @@ def fleet_rows(s: Session) -> list[dict[str, Any]]:
                 "requests_1h": req,
                 "error_rate_1h": rate,
                 "health": health,
+                "sync": sync,
                 "last_seen": dev.last_seen,
             }
         )
@@ -148,18 +156,39 @@ def fleet(request: Request, s: Session = Depends(session)) -> Response:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f} %"
 
+    def sync_cell(v: dict[str, Any]) -> str:
+        if not v["managed"]:
+            return "-"
+        if v["in_sync"]:
+            return _badge("in_sync")
+        rows = "<br>".join(
+            escape(
+                f"{d['model']}: desired {d['desired'] or 'removed'}, installed "
+                f"{d['installed'] or 'none'}"
+                + (" (local install)" if d.get("local") else "")
+                + (" (rollback failed)" if d.get("rollback_failed") else "")
+            )
+            for d in v["models"]
+        )
+        since = v["since"]
+        when = _ago(datetime.fromisoformat(since)) if since else "-"
+        return f"{_badge('out_of_sync')} {rows}<br>since {escape(when)}"
+
     trs = "".join(
         f"<tr><td>{escape(r['id'])}</td><td>{_badge(r['health'])}</td>"
         f"<td>{escape(', '.join(f'{k} {v}' for k, v in r['versions'].items()) or '-')}</td>"
+        f"<td class='sync'>{sync_cell(r['sync'])}</td>"
         f"<td>{escape(', '.join(r['groups']) or '-')}</td><td>{r['requests_1h']}</td>"
         f"<td>{pct(r['error_rate_1h'])}</td>"
         f"<td>{_ago(r['last_seen'])}</td></tr>"
         for r in rows
     )
     online = sum(1 for r in rows if r["online"])
+    behind = sum(1 for r in rows if not r["sync"]["in_sync"])
     body = (
-        f"<p>{len(rows)} devices, {online} online.</p><table id='devices'><tr><th>device</th>"
-        "<th>health</th><th>versions</th><th>groups</th><th>requests (1 h)</th>"
+        f"<p>{len(rows)} devices, {online} online, {behind} out of sync with their desired "
+        "state.</p><table id='devices'><tr><th>device</th>"
+        "<th>health</th><th>versions</th><th>in sync</th><th>groups</th><th>requests (1 h)</th>"
         f"<th>errors (1 h)</th><th>last seen</th></tr>{trs}</table>"
     )
     return _with_cookie(request, _page("Fleet", body, refresh=15))
@@ -197,12 +226,29 @@ def rollouts(request: Request, s: Session = Depends(session)) -> Response:
         for x in d["devices"]:
             states[str(x.get("state"))] = states.get(str(x.get("state")), 0) + 1
         evs = "".join(f"<li>{escape(e['message'])}</li>" for e in d["events"][-8:])
+        c = d["counts"]
+        failed_back = [x for x in d["devices"] if x.get("rollback") == "failed"]
+        rb = ""
+        if c.get("rollback_requested"):
+            rb = f"<p>rolled back {c['rolled_back']}/{c['rollback_requested']}</p>"
+        if failed_back:
+            rb += (
+                f"<p class='rollback-failed'>{_badge('rollback_failed')} "
+                f"{len(failed_back)} devices could not go back: "
+                + escape(
+                    "; ".join(
+                        f"{x['device_id']} ({x.get('rollback_reason') or '-'})"
+                        for x in failed_back[:20]
+                    )
+                )
+                + "</p>"
+            )
         parts.append(
             f"<section class='rollout' id='rollout-{escape(d['id'])}'><h2>{escape(d['model'])} "
             f"{escape(d['version'])} {_badge(d['phase'])}</h2>"
             f"<p>reason: {escape(str(d['reason'] or '-'))}; devices: "
             f"{escape(', '.join(f'{k} {v}' for k, v in sorted(states.items())) or '-')}</p>"
-            f"<table>{''.join(waves)}</table><ul>{evs}</ul></section>"
+            f"{rb}<table>{''.join(waves)}</table><ul>{evs}</ul></section>"
         )
     body = "".join(parts) or "<p>No rollouts yet.</p>"
     return _with_cookie(request, _page("Rollouts", body, refresh=5 if live else None))
@@ -223,6 +269,36 @@ def drift_index(request: Request, s: Session = Depends(session)) -> Response:
     )
     body = f"<ul>{items}</ul>" if items else "<p>No telemetry sketches yet.</p>"
     return _with_cookie(request, _page("Drift", body))
+
+
+def _drift_range_line(f: dict[str, Any]) -> str:
+    """Out-of-range counts of a feature judged by the range test ('' where it is not)."""
+    if f.get("p_range") is None:
+        return ""
+    bad = int(f.get("nan", 0)) + int(f.get("inf", 0))
+    return (
+        f"<div class='range'>outside the reference range: {int(f.get('below', 0))} below, "
+        f"{int(f.get('above', 0))} above, {bad} NaN/inf of {int(f.get('range_checked', 0))}"
+        f"</div>"
+    )
+
+
+def _drift_detects_line(f: dict[str, Any]) -> str:
+    """What the reference can detect for this feature at the window's size."""
+    d = f.get("detectability")
+    if not d:
+        return ""
+    parts = []
+    if d.get("min_shift_std") is not None:
+        parts.append(f"a shift of {d['min_shift_std']:.2g} std")
+    if d.get("min_out_of_range") is not None:
+        parts.append(f"{d['min_out_of_range']:.1%} of values out of range")
+    text = " or ".join(parts) if parts else ""
+    note = f" ({d['note']})" if d.get("note") else ""
+    return (
+        f"<div class='detects'>detects with 80 % power at n={int(d.get('n', 0))}: "
+        f"{escape(text or '-')}{escape(note)}</div>"
+    )
 
 
 @router.get("/drift/{model}", response_class=HTMLResponse)
@@ -267,7 +343,7 @@ def drift_page(
         cards.append(
             f"<div class='{cls}' data-feature='{escape(f['name'])}'>{chart}<div>"
             f"PSI {f['psi']:.3f} · JS {f['js']:.3f} · KS {ks} · p {f['p_adjusted']:.2g}"
-            f"</div></div>"
+            f"</div>{_drift_range_line(f)}{_drift_detects_line(f)}</div>"
         )
     evs = "".join(
         f"<tr><td>{escape(e['at'][:19])}</td><td>{escape(e['scope'])} {escape(e['scope_key'])}"
@@ -275,6 +351,9 @@ def drift_page(
         f"</td></tr>"
         for e in view.get("events", [])
     )
+    warns = "".join(f"<li>{escape(str(w))}</li>" for w in view.get("reference_warnings") or [])
+    if warns:
+        head += f"<div id='reference-warnings'><b>Reference limits</b><ul>{warns}</ul></div>"
     body = (
         head
         + f"<h2>Statistic over time</h2>{timeline}"

@@ -203,7 +203,9 @@ def summarize(decision: DriftDecision) -> dict[str, Any]:
     d["max_psi"] = max((f.psi for f in feats), default=0.0)
     d["max_js"] = max((f.js for f in feats), default=0.0)
     d["min_p_adjusted"] = min((f.p_adjusted for f in feats), default=1.0)
-    d["drift_score"] = max((f.js for f in feats if f.drifted), default=0.0)
+    # a drifted feature's effect: its JS distance, or its share of out-of-range values (a
+    # constant feature that changes has one bin, so JS 0), both in [0, 1]
+    d["drift_score"] = max((max(f.js, f.out_of_range) for f in feats if f.drifted), default=0.0)
     return d
 
 

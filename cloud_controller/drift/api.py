@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from edgefleet.cloud_controller.auth import Perm
 from edgefleet.cloud_controller.deps import Principal, need, session
 from edgefleet.cloud_controller.drift import analysis, health
+from edgefleet.drift.power import Detectability, detectability, reference_warnings
 from edgefleet.drift.reference import ReferenceError
 
 router = APIRouter(prefix="/api/v1/drift", tags=["drift"])
@@ -61,13 +62,42 @@ def drift_view(
     if ref is not None:  # histograms for the page: reference and live counts per feature
         live = sketch.get("counts", {})
         by_name = {f["name"]: f for f in ref["features"]}
+        n = int(result.get("n") or sketch.get("n") or 0)
+        det = _detectability(rid, ref, n, settings.config.alpha)
         for f in result.get("features", []):
             spec = by_name.get(f["name"], {})
             f["reference_counts"] = spec.get("counts")
             f["live_counts"] = live.get(f["name"])
             f["edges"] = spec.get("edges")
             f["categories"] = spec.get("categories")
+            f["reference_range"] = {
+                k: spec.get(k) for k in ("min", "max", "constant", "low_cardinality")
+            }
+            d = det.get(f["name"])
+            f["detectability"] = None if d is None else d.to_dict()
+        warnings = ref.get("warnings")
+        base["reference_warnings"] = (
+            warnings if isinstance(warnings, list) else reference_warnings(ref)
+        )
     return {**base, **result}
+
+
+_DETECTABILITY: dict[tuple[str, int, float], dict[str, Detectability]] = {}
+
+
+def _detectability(rid: str, ref: dict[str, Any], n: int, alpha: float) -> dict[str, Detectability]:
+    """What the reference can detect at this window size; cached per (reference, n, alpha)
+    with n rounded to two significant digits (the figures move slowly with n)."""
+    if n <= 0:
+        return {}
+    rounded = int(float(f"{n:.2g}"))
+    key = (rid, rounded, alpha)
+    hit = _DETECTABILITY.get(key)
+    if hit is None:
+        if len(_DETECTABILITY) >= 256:
+            _DETECTABILITY.clear()
+        hit = _DETECTABILITY[key] = detectability(ref, rounded, alpha)
+    return hit
 
 
 @router.get("/{model}")

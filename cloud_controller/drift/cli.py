@@ -1,6 +1,7 @@
 """`edgefleet drift show MODEL [--device D] [--json]` (calls the controller's API).
 
-Exit codes: 0 no drift (or not enough data), 3 drift, 1 the API refused, 2 unreachable.
+Exit codes (`cloud_controller.cli.client.Exit`): 0 no drift (or not enough data), 3 drift, 1 the
+API refused, 2 usage error, 4 unreachable.
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from edgefleet.cloud_controller.cli.client import JSON_OPT, TOKEN_OPT, URL_OPT, api_call, console
+from edgefleet.cloud_controller.cli.client import (
+    EXIT_CODES_HELP,
+    JSON_OPT,
+    TOKEN_OPT,
+    URL_OPT,
+    Exit,
+    api_call,
+    console,
+)
 
-DRIFT_EXIT = 3
-drift_app = typer.Typer(help="Data drift and field health of models.", no_args_is_help=True)
+DRIFT_EXIT = Exit.DRIFT
+drift_app = typer.Typer(
+    help="Data drift and field health of models.", no_args_is_help=True, epilog=EXIT_CODES_HELP
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -24,6 +35,23 @@ def register(app: typer.Typer) -> None:
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
+
+
+def _out_of_range(f: dict[str, Any]) -> str:
+    """'outside/checked' where the range was counted, '-' otherwise."""
+    if f.get("p_range") is None:
+        return "-"
+    bad = sum(int(f.get(k, 0)) for k in ("below", "above", "nan", "inf"))
+    return f"{bad}/{f.get('range_checked')}"
+
+
+def _detects(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    shift, share = d.get("min_shift_std"), d.get("min_out_of_range")
+    if shift is None and share is None:
+        return "-"
+    return f"{'-' if shift is None else format(shift, '.2g') + 'σ'} {_fmt(share, '.1%')}"
 
 
 @drift_app.command("show")
@@ -52,7 +80,18 @@ def show(
     )
     feats = doc.get("features", [])
     if feats:
-        t = Table("feature", "role", "n", "PSI", "JS", "KS", "p (adj.)", "drift")
+        t = Table(
+            "feature",
+            "role",
+            "n",
+            "PSI",
+            "JS",
+            "KS",
+            "outside",
+            "p (adj.)",
+            "drift",
+            "detects",
+        )
         for f in sorted(feats, key=lambda f: f["p_adjusted"]):
             t.add_row(
                 f["name"],
@@ -61,10 +100,20 @@ def show(
                 _fmt(f["psi"]),
                 _fmt(f["js"]),
                 _fmt(f["ks"]),
+                _out_of_range(f),
                 _fmt(f["p_adjusted"], ".2g"),
                 "[red]yes[/red]" if f["drifted"] else "no",
+                _detects(f.get("detectability")),
             )
         console.print(t)
+        n = doc.get("n", 0)
+        console.print(
+            "outside: live values outside the reference range (below, above, NaN, inf) of those "
+            f"checked; detects: the smallest mean shift (σ: reference std) and share of values "
+            f"out of range seen with 80 % power in a window of {n}"
+        )
+    for w in doc.get("reference_warnings") or []:
+        console.print(f"[yellow]reference:[/yellow] {w}")
     evs = doc.get("events", [])
     if evs:
         console.print(f"{len(evs)} recent drift event(s); latest: {evs[0]['reason']}")

@@ -25,6 +25,8 @@ def rollout_body(version: str, devices: list[str], **overrides: Any) -> dict[str
         "success_threshold_pct": 100.0,
         "abort_failure_pct": 30.0,
         "abort_min_finished": 1,
+        # the demo's bad release is put back on every device that moved
+        "on_abort": "rollback",
         "seed": 7,
     }
     body.update(overrides)
@@ -32,11 +34,13 @@ def rollout_body(version: str, devices: list[str], **overrides: Any) -> dict[str
 
 
 def rollout_settled(detail: Mapping[str, Any]) -> bool:
-    """Terminal, and every rollback the controller asked for is confirmed by its device."""
+    """Terminal, and every rollback the controller asked for is answered by its device
+    (confirmed, or failed for good)."""
     if detail["phase"] not in TERMINAL_PHASES:
         return False
     counts = detail["counts"]
-    return int(counts.get("rollback_requested", 0)) == int(counts.get("rolled_back", 0))
+    answered = int(counts.get("rolled_back", 0)) + int(counts.get("rollback_failed", 0))
+    return int(counts.get("rollback_requested", 0)) == answered
 
 
 def outcome(detail: Mapping[str, Any]) -> dict[str, Any]:

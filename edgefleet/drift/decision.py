@@ -11,6 +11,22 @@ flags get an exact permutation p-value (Monte Carlo, hypergeometric given the ma
 the chi-square tail is too light at the corrected thresholds. ``min_effect`` (a Jensen–Shannon distance) can additionally ignore
 significant-but-tiny shifts in very large fleet-wide windows. PSI, JS and KS are reported as
 evidence next to the test.
+
+The range test. Where the reference records a numeric feature's observed range and the sketch
+counted the live values against it (``range``), a second, exact test asks whether the reference
+range holds: under the null (reference and window exchangeable) the number of live values
+strictly above the reference maximum has P(K >= k) = C(m, k) / C(n + m, k) (n finite reference
+values, m finite live ones; :func:`edgefleet.drift.stats.exceedance_p`), the same below the
+minimum (NaN/inf count as above it when the reference has none; see :func:`range_p`).
+``p_range`` is 2 x the smaller side (Bonferroni), and the feature's p-value is
+min(binned p / 0.75, range p / 0.25) (weighted Bonferroni; the range p alone for a constant
+feature, whose binned test cannot reject), so the two tests together keep the feature's false-alarm rate at its level and the
+correction across features is unchanged. That tolerance is
+what a finite reference allows: a reference of n values has each side exceeded by a new value
+with probability 1/(n + 1), so a 100-row window beyond a 221-row reference's maximum is not
+surprising until about 5 values are (p ~ 0.003). Features without a range (references built
+before it was recorded, categorical features) and sketches without range counts (older agents)
+are judged by the binned test alone, exactly as before.
 """
 
 from __future__ import annotations
@@ -21,12 +37,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from edgefleet.drift.reference import has_range
 from edgefleet.drift.stats import (
     benjamini_hochberg,
     binned_ks,
     bonferroni,
     chi2_homogeneity,
     chi2_permutation_p,
+    exceedance_p,
     js_distance,
     pool_bins,
     psi,
@@ -85,6 +103,14 @@ class FeatureDrift:
     p_value: float
     p_adjusted: float = 1.0
     drifted: bool = False
+    p_binned: float | None = None  # the binned test's p (p_value combines it with p_range)
+    p_range: float | None = None  # None: no range recorded or counted for this feature
+    range_checked: int = 0  # live values checked against the reference range
+    below: int = 0  # finite live values below the reference minimum
+    above: int = 0  # ... above its maximum
+    nan: int = 0
+    inf: int = 0
+    out_of_range: float = 0.0  # (below + above + nan + inf) / range_checked
 
 
 @dataclass
@@ -121,13 +147,58 @@ def _with_missing(counts: Sequence[int], missing: int) -> np.ndarray:
     return np.append(np.asarray(counts, dtype=np.float64), float(missing))
 
 
+def range_p(spec: Mapping[str, Any], row: Sequence[int]) -> float:
+    """p-value of the range test for one feature: live ``[checked, below, above, nan, inf]``.
+
+    Exact under exchangeability (:func:`edgefleet.drift.stats.exceedance_p`), two-sided by
+    Bonferroni. When the reference has no NaN/inf, a live NaN or inf counts as above the
+    maximum (any fixed map of the values keeps them exchangeable); when it has some, the test
+    is on the finite values alone (still exchangeable given which values are finite) and
+    NaN/inf are left to the binned test's missing slot and outer bins.
+    """
+    checked, below, above, nan, inf = (int(x) for x in row)
+    ref_finite = int(sum(int(c) for c in spec["counts"])) - int(spec.get("inf", 0))
+    ref_nonfinite = int(spec.get("inf", 0)) + int(spec.get("missing", 0))
+    if ref_nonfinite == 0:
+        m, n, high = checked, ref_finite, above + nan + inf
+    else:
+        m, n, high = checked - nan - inf, ref_finite, above
+    return min(1.0, 2.0 * min(exceedance_p(below, m, n), exceedance_p(high, m, n)))
+
+
+RANGE_SHARE = 0.25  # of a feature's level, for the range test (the binned test keeps 0.75)
+
+
+def _combine(f: FeatureDrift, binned_blind: bool) -> None:
+    """The feature's p-value from its binned p and, where there is one, its range p.
+
+    Weighted Bonferroni over the two tests (reject when p_binned <= 0.75 level or
+    p_range <= 0.25 level): the range test's evidence is all-or-nothing (out-of-range counts
+    far beyond the tolerance give tiny p-values), so a small share costs it little while the
+    binned test keeps most of its power for shifts inside the range. A feature whose reference has a single bin (constant) has a
+    binned test that cannot reject, so the range test gets the whole level there.
+    """
+    assert f.p_binned is not None
+    if f.p_range is None:
+        f.p_value = f.p_binned
+    elif binned_blind:
+        f.p_value = f.p_range
+    else:
+        f.p_value = min(1.0, f.p_binned / (1.0 - RANGE_SHARE), f.p_range / RANGE_SHARE)
+
+
 def compare_feature(
     spec: Mapping[str, Any],
     live_counts: Sequence[int],
     live_missing: int = 0,
     min_expected: float = 5.0,
+    live_range: Sequence[int] | None = None,
 ) -> FeatureDrift:
-    """Statistics of one feature: reference spec (from the reference) vs live counts."""
+    """Statistics of one feature: reference spec (from the reference) vs live counts.
+
+    ``live_range`` is the sketch's ``[checked, below, above, nan, inf]`` for the feature; with
+    it (and a recorded range in ``spec``) the feature is judged by the range test too.
+    """
     ref = _with_missing(spec["counts"], int(spec.get("missing", 0)))
     live = _with_missing(live_counts, live_missing)
     if len(ref) != len(live):
@@ -137,7 +208,7 @@ def compare_feature(
     test = chi2_homogeneity(ref, live, min_expected)
     p_value = test.p_value
     numeric = spec.get("kind") == "numeric"
-    return FeatureDrift(
+    out = FeatureDrift(
         name=str(spec["name"]),
         role=str(spec.get("role", "input")),
         kind=str(spec.get("kind")),
@@ -148,7 +219,20 @@ def compare_feature(
         chi2=test.statistic,
         df=test.df,
         p_value=p_value,
+        p_binned=p_value,
     )
+    if live_range is not None and has_range(spec) and int(live_range[0]) > 0:
+        checked, below, above, nan, inf = (int(x) for x in live_range)
+        out.p_range = range_p(spec, live_range)
+        out.range_checked, out.below, out.above, out.nan, out.inf = checked, below, above, nan, inf
+        out.out_of_range = (below + above + nan + inf) / checked
+        _combine(out, binned_blind(spec))
+    return out
+
+
+def binned_blind(spec: Mapping[str, Any]) -> bool:
+    """A numeric feature with one bin (constant in the reference): its binned test never rejects."""
+    return spec.get("kind") == "numeric" and not spec.get("edges")
 
 
 EXACT_BELOW = 20.0  # pooled tables with a smaller expected cell get the permutation p-value
@@ -167,7 +251,8 @@ def _adjust(feats: list[FeatureDrift], cfg: DriftConfig) -> None:
     adjusted = benjamini_hochberg(p) if cfg.correction == "bh" else bonferroni(p)
     for f, adj in zip(feats, adjusted, strict=True):
         f.p_adjusted = float(adj)
-        f.drifted = bool(adj <= cfg.alpha and f.js >= cfg.min_effect)
+        effect = max(f.js, f.out_of_range)  # min_effect applies to either kind of change
+        f.drifted = bool(adj <= cfg.alpha and effect >= cfg.min_effect)
 
 
 def decide(
@@ -192,13 +277,17 @@ def decide(
     wanted = set(cfg.features) if cfg.features is not None else None
     counts = sketch.get("counts", {})
     missing = sketch.get("missing", {})
+    ranges = sketch.get("range") or {}
     feats: list[FeatureDrift] = []
     for spec in reference["features"]:
         name = spec["name"]
         if (wanted is not None and name not in wanted) or name not in counts:
             continue
+        row = ranges.get(name) if isinstance(ranges, Mapping) else None
         feats.append(
-            compare_feature(spec, counts[name], int(missing.get(name, 0)), cfg.min_expected)
+            compare_feature(
+                spec, counts[name], int(missing.get(name, 0)), cfg.min_expected, live_range=row
+            )
         )
     if not feats:
         return DriftDecision(
@@ -215,11 +304,18 @@ def decide(
         if not f.drifted:
             continue
         spec = by_name[f.name]
+        if binned_blind(spec) or (
+            f.p_range is not None and f.p_range / RANGE_SHARE <= f.p_value
+        ):  # the range test decides: a larger binned p cannot change the feature's p
+            continue
         ref = _with_missing(spec["counts"], int(spec.get("missing", 0)))
         live = _with_missing(counts[f.name], int(missing.get(f.name, 0)))
         if _small(ref, live, cfg.min_expected):
             seed = int(live.sum() * 1_000_003 + ref.sum()) % 2**32
-            f.p_value = max(f.p_value, chi2_permutation_p(ref, live, cfg.min_expected, seed=seed))
+            assert f.p_binned is not None
+            perm = chi2_permutation_p(ref, live, cfg.min_expected, seed=seed)
+            f.p_binned = max(f.p_binned, perm)
+            _combine(f, binned_blind(spec))
             refined = True
     if refined:
         _adjust(feats, cfg)
@@ -231,6 +327,11 @@ def decide(
             f"{cfg.correction}); strongest {worst.name}: p={worst.p_adjusted:.2g}, "
             f"PSI={worst.psi:.3f}, JS={worst.js:.3f}"
         )
+        if worst.p_range is not None and worst.p_range <= (worst.p_binned or 1.0):
+            reason += (
+                f"; outside the reference range: {worst.below} below, {worst.above} above, "
+                f"{worst.nan} NaN, {worst.inf} inf of {worst.range_checked}"
+            )
         return DriftDecision("drift", reason, n, n_ref, cfg.alpha, feats)
     return DriftDecision(
         "ok",

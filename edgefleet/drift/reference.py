@@ -12,12 +12,20 @@ Format (``format: "edgefleet.drift.reference/v1"``)::
         {"name": "float_input[3]", "tensor": "float_input", "role": "input"|"output",
          "transform": one of TRANSFORMS, "index": column/channel or null,
          "kind": "numeric", "edges": [inner quantile edges, strictly increasing],
-         "counts": [len(edges) + 1], "missing": NaN count}
+         "counts": [len(edges) + 1], "missing": NaN count,
+         # range fields (absent in references built before they existed; those are judged
+         # by the binned test alone):
+         "min", "max": finite range or null, "mean", "std": of the finite values,
+         "inf": +-inf count, "distinct": distinct finite values (capped at MAX_CATEGORIES + 1),
+         "constant": bool, "low_cardinality": bool (distinct <= MAX_CATEGORIES)}
       | {..., "kind": "categorical", "categories": [sorted values],
          "counts": [len(categories) + 1 (last: values not in categories)], "missing": 0}]}
 
 Numeric bin ``i`` holds ``edges[i-1] <= x < edges[i]``; the outer bins are open, so live values
-outside the reference range are still counted. Feature values per tensor:
+outside the reference range are still counted there, and a sketch also counts them in range
+slots of their own (below ``min``, above ``max``, NaN, +-inf) for the exact range test of
+:mod:`edgefleet.drift.decision`. The range fields are not part of the reference id: the id
+names the bin layout, which agents that predate the range fields still count into. Feature values per tensor:
 
 - 1-D tensors or ``(N, 1)``: ``value``.
 - 2-D ``(N, D)`` tabular inputs: one ``column`` feature per column (``D`` <= ``MAX_COLUMNS``),
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,6 +120,54 @@ def _as_number(v: Any) -> float | int:
     return int(v) if isinstance(v, np.integer | int) else float(v)
 
 
+def range_fields(values: np.ndarray) -> dict[str, Any]:
+    """Observed range, moments and cardinality of a numeric feature's values."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    inf = int(np.isinf(v).sum())
+    if finite.size == 0:
+        return {
+            "min": None,
+            "max": None,
+            "mean": None,
+            "std": None,
+            "inf": inf,
+            "distinct": 0,
+            "constant": False,
+            "low_cardinality": False,
+        }
+    distinct = int(np.unique(finite).size)
+    return {
+        "min": float(finite.min()),
+        "max": float(finite.max()),
+        "mean": float(finite.mean()),
+        "std": float(finite.std()),
+        "inf": inf,
+        "distinct": min(distinct, MAX_CATEGORIES + 1),
+        "constant": distinct == 1,
+        "low_cardinality": distinct <= MAX_CATEGORIES,
+    }
+
+
+def has_range(spec: Mapping[str, Any]) -> bool:
+    """Whether a feature spec carries a usable observed range (numeric, built with one)."""
+    return (
+        spec.get("kind") == "numeric"
+        and isinstance(spec.get("min"), int | float)
+        and isinstance(spec.get("max"), int | float)
+    )
+
+
+RANGE_TOLERANCE = 1e-6  # relative: float32 rounding of a value at the edge is not out of range
+
+
+def range_bounds(spec: Mapping[str, Any]) -> tuple[float, float]:
+    """(low, high): live values below ``low`` or above ``high`` are out of range."""
+    lo, hi = float(spec["min"]), float(spec["max"])
+    tol = RANGE_TOLERANCE * max(abs(lo), abs(hi))
+    return lo - tol, hi + tol
+
+
 def numeric_edges(values: np.ndarray, bins: int) -> np.ndarray:
     """Inner quantile edges (strictly increasing) of the finite values."""
     finite = values[np.isfinite(values)].astype(np.float64)
@@ -171,6 +228,7 @@ def _feature(
     spec["edges"] = [float(e) for e in edges]
     spec["counts"] = [int(c) for c in counts]
     spec["missing"] = missing
+    spec.update(range_fields(values))
     return spec
 
 
@@ -241,6 +299,17 @@ def validate_reference(ref: Mapping[str, Any]) -> None:
             expected = len(f.get("categories", [])) + 1
         else:
             raise ReferenceError(f"feature {name!r}: unknown kind {f.get('kind')!r}")
+        if f.get("kind") == "numeric" and ("min" in f or "max" in f):
+            lo, hi = f.get("min"), f.get("max")
+            if (lo is None) != (hi is None):
+                raise ReferenceError(f"feature {name!r}: min and max must both be set or null")
+            if lo is not None:
+                if not isinstance(lo, int | float) or not isinstance(hi, int | float):
+                    raise ReferenceError(f"feature {name!r}: min/max are not numbers")
+                if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                    raise ReferenceError(f"feature {name!r}: range [{lo}, {hi}] is not finite")
+                if edges.size and not (lo <= edges[0] and edges[-1] <= hi):
+                    raise ReferenceError(f"feature {name!r}: edges lie outside [min, max]")
         if len(f.get("counts", [])) != expected:
             raise ReferenceError(f"feature {name!r}: {len(f['counts'])} counts, {expected} bins")
     if ref.get("id") != reference_id(feats):

@@ -6,7 +6,14 @@ numpy calls whatever the number of features.
 
 Wire form (``to_dict``)::
 
-    {"reference_id", "n": samples counted, "counts": {feature: [per bin]}, "missing": {feature: int}}
+    {"reference_id", "n": samples counted, "counts": {feature: [per bin]}, "missing": {feature: int},
+     "range": {feature: [checked, below, above, nan, inf]}}   # features with a recorded range
+
+``range`` (slots :data:`edgefleet.wire.telemetry.RANGE_SLOTS`) counts, per numeric feature whose
+reference records its observed range, the live values checked, finite ones below the minimum or
+above the maximum (they are in the outer bins too), NaNs and +-infs. It is absent for references
+without a range; sketches from agents that predate it have none and still merge (the merged
+``checked`` then covers only the values that were checked).
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.drift.reference import ReferenceError, feature_values
+from edgefleet.drift.reference import ReferenceError, feature_values, has_range, range_bounds
+from edgefleet.wire.telemetry import RANGE_SLOTS
+
+NSLOTS = len(RANGE_SLOTS)
 
 LOOP_ROWS = 32  # from this batch size on, per-feature searchsorted beats the broadcast
 
@@ -37,6 +47,10 @@ class _Group:
     offsets: np.ndarray  # (d,) start of each feature's slots in the flat counts
     nbins: np.ndarray  # (d,)
     edge_list: list[np.ndarray]  # unpadded edges per feature
+    ranged: np.ndarray  # (d,) bool: the feature has a recorded range
+    ridx: np.ndarray  # (r,) rows of the range counts of the ranged features
+    lo: np.ndarray  # (r,) out-of-range bounds of the ranged features
+    hi: np.ndarray
 
 
 @dataclass
@@ -58,6 +72,8 @@ class Sketch:
     _slots: list[tuple[str, int, int]] = field(init=False, repr=False)  # name, start, nbins
     _groups: list[_Group] = field(init=False, repr=False)
     _cats: list[_Categorical] = field(init=False, repr=False)
+    _range: np.ndarray = field(init=False, repr=False)  # (ranged features, NSLOTS)
+    _rnames: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         feats = self.reference.get("features")
@@ -66,6 +82,8 @@ class Sketch:
         self._slots = []
         start = 0
         by_key: dict[tuple[str, str], list[tuple[int | None, np.ndarray, int]]] = {}
+        ranges: dict[int, tuple[int, float, float]] = {}  # slot start -> (row, lo, hi)
+        self._rnames = []
         self._cats = []
         for f in feats:
             nb = len(f["edges"] if f["kind"] == "numeric" else f["categories"]) + 1
@@ -76,6 +94,9 @@ class Sketch:
                 by_key.setdefault(key, []).append(
                     (f["index"], np.asarray(f["edges"], dtype=np.float64), start)
                 )
+                if has_range(f):
+                    ranges[start] = (len(self._rnames), *range_bounds(f))
+                    self._rnames.append(f["name"])
             else:
                 self._cats.append(
                     _Categorical(
@@ -84,6 +105,7 @@ class Sketch:
                 )
             start += nb + 1
         self._flat = np.zeros(start, dtype=np.int64)
+        self._range = np.zeros((len(self._rnames), NSLOTS), dtype=np.int64)
         self._groups = []
         for (tensor, transform), items in by_key.items():
             kmax = max(1, max(len(e) for _, e, _ in items))
@@ -91,6 +113,7 @@ class Sketch:
             for j, (_, e, _) in enumerate(items):
                 edges[j, : len(e)] = e
             idx = [i for i, _, _ in items]
+            rng = [ranges.get(s) for _, _, s in items]
             self._groups.append(
                 _Group(
                     tensor=tensor,
@@ -100,6 +123,10 @@ class Sketch:
                     offsets=np.asarray([s for _, _, s in items], dtype=np.int64),
                     nbins=np.asarray([len(e) + 1 for _, e, _ in items], dtype=np.int64),
                     edge_list=[e for _, e, _ in items],
+                    ranged=np.asarray([r is not None for r in rng], dtype=bool),
+                    ridx=np.asarray([r[0] for r in rng if r is not None], dtype=np.int64),
+                    lo=np.asarray([r[1] for r in rng if r is not None], dtype=np.float64),
+                    hi=np.asarray([r[2] for r in rng if r is not None], dtype=np.float64),
                 )
             )
 
@@ -149,6 +176,8 @@ class Sketch:
                 bins = (vals[:, :, None] >= g.edges[None, :, :]).sum(axis=2)
             bins = np.where(np.isnan(vals), g.nbins[None, :], bins)
             pieces.append((bins + g.offsets[None, :]).ravel())
+            if g.ridx.size:
+                self._count_range(g, vals)
         for c in self._cats:
             a = tensors.get(c.tensor)
             if a is None:
@@ -170,6 +199,22 @@ class Sketch:
         self.n += batch
         return batch
 
+    def _count_range(self, g: _Group, vals: np.ndarray) -> None:
+        v = vals if g.ranged.all() else vals[:, g.ranged]
+        finite = np.isfinite(v)
+        nan = np.isnan(v)
+        block = np.empty((v.shape[1], NSLOTS), dtype=np.int64)
+        block[:, 0] = v.shape[0]
+        block[:, 1] = ((v < g.lo[None, :]) & finite).sum(axis=0)
+        block[:, 2] = ((v > g.hi[None, :]) & finite).sum(axis=0)
+        block[:, 3] = nan.sum(axis=0)
+        block[:, 4] = v.shape[0] - finite.sum(axis=0) - block[:, 3]
+        self._range[g.ridx] += block
+
+    def range_counts(self, name: str) -> np.ndarray:
+        """[checked, below, above, nan, inf] of a feature with a recorded range."""
+        return self._range[self._rnames.index(name)].copy()
+
     def counts(self, name: str) -> np.ndarray:
         for fname, start, nb in self._slots:
             if fname == name:
@@ -177,7 +222,7 @@ class Sketch:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "reference_id": self.reference_id,
             "n": int(self.n),
             "counts": {
@@ -185,6 +230,12 @@ class Sketch:
             },
             "missing": {name: int(self._flat[s + nb]) for name, s, nb in self._slots},
         }
+        if self._rnames:
+            out["range"] = {
+                name: [int(x) for x in row]
+                for name, row in zip(self._rnames, self._range, strict=True)
+            }
+        return out
 
     @classmethod
     def from_dict(cls, reference: Mapping[str, Any], data: Mapping[str, Any]) -> Sketch:
@@ -205,6 +256,13 @@ class Sketch:
                 raise SketchError(f"feature {name!r}: {len(c)} counts, reference has {nb} bins")
             sk._flat[s : s + nb] = np.asarray(c, dtype=np.int64)
             sk._flat[s + nb] = int(missing.get(name, 0))
+        ranges = data.get("range") or {}
+        if not isinstance(ranges, Mapping):
+            raise SketchError("range is not an object")
+        for row, name in enumerate(sk._rnames):
+            r = ranges.get(name)
+            if r is not None:
+                sk._range[row] = _range_row(name, r)
         if (sk._flat < 0).any():
             raise SketchError("negative counts")
         sk.n = int(data.get("n", 0))
@@ -215,6 +273,7 @@ class Sketch:
         if other.reference_id != self.reference_id:
             raise SketchError("cannot merge sketches of different references")
         self._flat += other._flat
+        self._range += other._range
         self.n += other.n
         return self
 
@@ -224,7 +283,20 @@ class Sketch:
 
     def reset(self) -> None:
         self._flat[:] = 0
+        self._range[:] = 0
         self.n = 0
+
+
+def _range_row(name: str, r: Any) -> np.ndarray:
+    """A wire ``range`` entry, checked: NSLOTS non-negative integers, parts <= checked."""
+    if not isinstance(r, list | tuple) or len(r) != NSLOTS:
+        raise SketchError(f"feature {name!r}: range needs {NSLOTS} counts {RANGE_SLOTS}")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r):
+        raise SketchError(f"feature {name!r}: range counts must be non-negative integers")
+    row = np.asarray(r, dtype=np.int64)
+    if row[1:].sum() > row[0]:
+        raise SketchError(f"feature {name!r}: more out-of-range values than values checked")
+    return row
 
 
 def merge_dicts(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,9 +314,21 @@ def merge_dicts(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     missing = dict(a.get("missing", {}))
     for k, m in b.get("missing", {}).items():
         missing[k] = int(missing.get(k, 0)) + int(m)
-    return {
+    out: dict[str, Any] = {
         "reference_id": a.get("reference_id"),
         "n": int(a.get("n", 0)) + int(b.get("n", 0)),
         "counts": counts,
         "missing": missing,
     }
+    ra, rb = a.get("range"), b.get("range")
+    if ra or rb:  # a sketch without ranges (an older agent) adds nothing to them
+        ranges: dict[str, list[int]] = {}
+        for src in (ra or {}, rb or {}):
+            if not isinstance(src, Mapping):
+                raise SketchError("range is not an object")
+            for k, v in src.items():
+                row = _range_row(k, v)
+                prev = ranges.get(k)
+                ranges[k] = [int(x) for x in (row if prev is None else row + prev)]
+        out["range"] = ranges
+    return out

@@ -7,6 +7,9 @@
 - ``chi2_homogeneity``: the two-sample chi-square test of the 2 x K table (reference, live),
   which accounts for the reference being a finite sample too; adjacent bins are pooled until every
   expected cell count is >= ``min_expected`` so the chi-square approximation holds.
+- ``exceedance_p``: the exact tail of the number of live values beyond the reference's maximum
+  (or minimum) under exchangeability, for the range test; ``binom_sf``, ``chi2_isf`` and
+  ``ncx2_sf`` serve the power figures of :mod:`edgefleet.drift.power`.
 """
 
 from __future__ import annotations
@@ -214,3 +217,70 @@ def benjamini_hochberg(p_values: ArrayLike) -> np.ndarray:
     out = np.empty(m)
     out[order] = np.minimum(adj, 1.0)
     return out
+
+
+# --- the range test: exact tails under exchangeability -----------------------------------------
+
+
+def _log_comb(n: float, k: float) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def exceedance_p(k: int, m: int, n: int) -> float:
+    """P(K >= k): K live values of ``m`` lie strictly above the maximum of ``n`` reference values.
+
+    Exact when the n + m values are exchangeable (the reference and the window come from one
+    distribution; every ordering equally likely): the top k of all n + m values must all be
+    live, so P(K >= k) = C(m, k) / C(n + m, k). With ties (discrete data) strict exceedance is
+    rarer, so the value is an upper bound and the test stays valid. The same holds below the
+    minimum. It is the beta-binomial tail (K | tail mass p ~ Binomial(m, p), p ~ Beta(1, n)),
+    not a binomial with p = 1/(n+1): the counts share one reference maximum, so they are
+    overdispersed and a binomial tail would false-alarm in large windows.
+    """
+    if k <= 0:
+        return 1.0
+    if k > m or n < 0:
+        return 0.0 if k > m else 1.0
+    return min(1.0, math.exp(_log_comb(m, k) - _log_comb(n + m, k)))
+
+
+def binom_sf(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    x = np.arange(k, n + 1, dtype=np.float64)
+    lg = np.vectorize(math.lgamma)
+    logp = lg(n + 1.0) - lg(x + 1) - lg(n - x + 1) + x * math.log(p) + (n - x) * math.log1p(-p)
+    return float(min(1.0, np.exp(logp).sum()))
+
+
+# --- power of the binned test --------------------------------------------------------------------
+
+
+def chi2_isf(p: float, df: float) -> float:
+    """The x with P(chi2_df >= x) = p (bisection on the regularised gamma)."""
+    lo, hi = 0.0, max(10.0, df)
+    while gammaincc(df / 2.0, hi / 2.0) > p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if gammaincc(df / 2.0, mid / 2.0) > p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-9 * hi:
+            break
+    return hi
+
+
+def ncx2_sf(x: float, df: float, nc: float) -> float:
+    """P(X >= x) for a noncentral chi-square (Patnaik's two-moment approximation)."""
+    if nc <= 0:
+        return gammaincc(df / 2.0, max(x, 0.0) / 2.0)
+    scale = (df + 2 * nc) / (df + nc)
+    nu = (df + nc) ** 2 / (df + 2 * nc)
+    return gammaincc(nu / 2.0, max(x, 0.0) / scale / 2.0)

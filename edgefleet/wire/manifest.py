@@ -6,20 +6,26 @@ wrong. Unknown extra fields are allowed so that newer packagers can add informat
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any
 
+from edgefleet.wire import ids
 from edgefleet.wire.errors import RejectError
+from edgefleet.wire.message import json_problem
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import InvalidVersion, parse_version
 
 FORMAT = "edgefleet.package/v1"
+MAX_MANIFEST_DEPTH = 16  # a real manifest nests 4 levels
 MANIFEST_FILE = "manifest.json"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-PROFILE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-MEMBER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Whole-string patterns (fullmatch; ``$`` would let a trailing newline through), ASCII only.
+# Anchored with \Z so that callers using .match() get the same answer as the grammar.
+NAME_RE = re.compile(rf"\A(?:{ids.MODEL_NAME.pattern.pattern})\Z", re.ASCII)
+PROFILE_RE = re.compile(rf"\A(?:{ids.PROFILE.pattern.pattern})\Z", re.ASCII)
+MEMBER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}", re.ASCII)
+_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
 def package_filename(name: str, version: str, profile: str) -> str:
@@ -74,17 +80,21 @@ def validate_manifest(m: Any) -> dict[str, Any]:
     """Check the manifest's structure; return it unchanged or raise ``MANIFEST_INVALID``."""
     if not isinstance(m, dict):
         raise RejectError(ReasonCode.MANIFEST_INVALID, "manifest is not a JSON object")
+    problem = json_problem(m, MAX_MANIFEST_DEPTH)
+    if problem is not None:  # deep nesting, NaN/Infinity, NUL, integers beyond int64
+        raise RejectError(ReasonCode.MANIFEST_INVALID, f"manifest {problem}")
     if m.get("format") != FORMAT:
         raise _bad("format", f"is {m.get('format')!r}, expected {FORMAT!r}")
-    if not NAME_RE.match(_req(m, "name", str)):
-        raise _bad("name", "is not a valid model name ([A-Za-z0-9._-], up to 128 characters)")
+    for field, grammar in (("name", ids.MODEL_NAME), ("profile", ids.PROFILE)):
+        try:
+            ids.check(grammar, _req(m, field, str))
+        except ids.IdentifierError as e:
+            raise _bad(field, str(e)) from e
     for field in ("version", "min_agent_version"):
         try:
             parse_version(_req(m, field, str))
         except InvalidVersion as e:
             raise _bad(field, str(e)) from e
-    if not PROFILE_RE.match(_req(m, "profile", str)):
-        raise _bad("profile", "is not a valid profile id")
     try:
         parse_time(_req(m, "created", str))
         if m.get("expires") is not None:
@@ -95,11 +105,15 @@ def validate_manifest(m: Any) -> dict[str, Any]:
     if not members:
         raise _bad("members", "is empty")
     for name, info in members.items():
-        if not MEMBER_RE.match(name) or name in (MANIFEST_FILE, "model.sig"):
+        if (
+            not isinstance(name, str)
+            or not MEMBER_RE.fullmatch(name)
+            or name in (MANIFEST_FILE, "model.sig")
+        ):
             raise _bad(f"members.{name}", "is not an allowed member name")
         if not isinstance(info, dict):
             raise _bad(f"members.{name}", "must be an object")
-        if not _HEX64.match(str(info.get("sha256", ""))):
+        if not _HEX64.fullmatch(str(info.get("sha256", ""))):
             raise _bad(f"members.{name}.sha256", "is not a sha256 hex digest")
         size = info.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -108,8 +122,11 @@ def validate_manifest(m: Any) -> dict[str, Any]:
     model_file = _req(model, "file", str, "model.")
     if model_file not in members:
         raise _bad("model.file", f"names {model_file!r}, which is not a member")
-    for ext in model.get("external_data", []) or []:
-        if ext not in members:
+    external = model.get("external_data", []) or []
+    if not isinstance(external, list):
+        raise _bad("model.external_data", "must be a list of member names")
+    for ext in external:
+        if not isinstance(ext, str) or ext not in members:
             raise _bad("model.external_data", f"names {ext!r}, which is not a member")
     io = _req(m, "io", dict)
     _tensor_specs(io.get("inputs"), "io.inputs")
@@ -125,8 +142,10 @@ def validate_manifest(m: Any) -> dict[str, Any]:
     _req(m, "cpu_fallback", bool)
     gates = _req(m, "gates", dict)
     for g, v in gates.items():
-        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
-            raise _bad(f"gates.{g}", "must be a number or null")
+        if v is not None and (
+            not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)
+        ):
+            raise _bad(f"gates.{g}", "must be a finite number or null")
     for opt in ("quantization", "validation", "benchmark", "drift_reference", "lineage"):
         if opt in m and m[opt] is not None and not isinstance(m[opt], dict):
             raise _bad(opt, "must be an object")

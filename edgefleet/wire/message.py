@@ -8,6 +8,7 @@ reason (``status_bad_state``) rather than guess it from a traceback. Pure: no I/
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -48,14 +49,82 @@ class MessageError(ValueError):
         return f"{self.message}_bad_{self.field}"
 
 
-def decode_object(message: str, raw: bytes | str | Mapping[str, object]) -> Mapping[str, object]:
-    """The JSON object in ``raw`` (bytes, text, or an already decoded mapping)."""
-    if isinstance(raw, Mapping):
-        return raw
+MAX_DEPTH = 32  # nesting of any message from outside; real ones stay under 8
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def json_problem(value: object, max_depth: int = MAX_DEPTH) -> str | None:
+    """Why a decoded JSON value cannot be stored as it is, or None when it can.
+
+    Every store the controller writes to takes it: nesting at most ``max_depth``, no NUL
+    character in a string or key (PostgreSQL text refuses it), integers within int64 (a
+    BIGINT column refuses more), finite numbers only (NaN passes no comparison, so a gate of
+    NaN would never trip). Iterative, so a deep value cannot exhaust the stack.
+    """
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return "a string holds a NUL character"
+        elif isinstance(v, bool) or v is None:
+            continue
+        elif isinstance(v, int):
+            if not INT64[0] <= v <= INT64[1]:
+                return f"integer {v} is outside the 64-bit range"
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return f"number {v} is not finite"
+        elif isinstance(v, dict | list):
+            if depth > max_depth:
+                return f"nested deeper than {max_depth} levels"
+            if isinstance(v, dict):
+                for k, item in v.items():
+                    if not isinstance(k, str) or "\x00" in k:
+                        return "a key is not a string without NUL"
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in v)
+        else:
+            return f"holds a {type(v).__name__}, which is not JSON"
+    return None
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_bounded(raw: bytes | str, max_depth: int = MAX_DEPTH) -> object:
+    """``json.loads`` for bytes from outside: NaN/Infinity refused, a nesting too deep for the
+    decoder's stack refused, then :func:`json_problem`; raises ``ValueError`` naming why."""
     try:
-        value: object = json.loads(raw)
+        value: object = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError as e:
+        raise ValueError(f"nested deeper than {max_depth} levels") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MessageError(message, "payload", "not JSON") from e
+        raise ValueError(f"not JSON: {e}") from e
+    problem = json_problem(value, max_depth)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def decode_object(
+    message: str, raw: bytes | str | Mapping[str, object], max_bytes: int | None = None
+) -> Mapping[str, object]:
+    """The JSON object in ``raw`` (bytes, text, or an already decoded mapping), refused when
+    over ``max_bytes``, or when :func:`json_problem` finds it cannot be stored."""
+    if isinstance(raw, Mapping):
+        problem = json_problem(dict(raw))
+        if problem is not None:
+            raise MessageError(message, "payload", problem)
+        return raw
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise MessageError(message, "payload", f"{len(raw)} bytes, over the {max_bytes} limit")
+    try:
+        value = loads_bounded(raw)
+    except ValueError as e:
+        raise MessageError(message, "payload", str(e)) from e
     if not isinstance(value, dict):
         raise MessageError(message, "payload", "not a JSON object")
     return value

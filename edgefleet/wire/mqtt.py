@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Collection
 from datetime import datetime
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgefleet.wire import ids
 from edgefleet.wire.errors import RejectError, ReplayError
 from edgefleet.wire.keyid import key_id
 from edgefleet.wire.manifest import NAME_RE, now_utc, parse_time
@@ -95,6 +97,8 @@ def validate_desired(state: Any) -> dict[str, Any]:
     for f in ("device_id", "issued_at", "expires_at"):
         if not isinstance(state.get(f), str):
             raise _bad(f"{f} missing or not a string")
+    if not ids.is_valid(ids.DEVICE_ID, state["device_id"]):
+        raise _bad(f"device_id {state['device_id']!r} is outside the device id grammar")
     seq = state.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise _bad("seq missing or not a non-negative integer")
@@ -109,12 +113,23 @@ def validate_desired(state: Any) -> dict[str, Any]:
     for name, spec in models.items():
         if not NAME_RE.match(name) or not isinstance(spec, dict):
             raise _bad(f"bad model entry {name!r}")
+        if spec.get("profile") is not None and not ids.is_valid(ids.PROFILE, spec["profile"]):
+            raise _bad(f"model {name!r}: profile {spec['profile']!r} is not a profile id")
         try:
             parse_version(str(spec.get("version")))
         except InvalidVersion as e:
             raise _bad(f"model {name!r}: {e}") from e
         if not isinstance(spec.get("url"), str) or not isinstance(spec.get("sha256"), str):
             raise _bad(f"model {name!r} needs url and sha256")
+        # Optional: the rollout's probation latency ratio for this model (agent docs, Probation).
+        ratio = spec.get("max_p95_ratio")
+        if ratio is not None and (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, int | float)
+            or not math.isfinite(ratio)
+            or ratio <= 0
+        ):
+            raise _bad(f"model {name!r}: max_p95_ratio must be a positive number")
     # Explicit removal only: a model merely absent from `models` is left alone (it may have been
     # installed locally by an operator); one named here must stop serving and be uninstalled.
     remove = state.get("remove", [])

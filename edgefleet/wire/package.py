@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import shutil
 import tarfile
@@ -305,9 +306,61 @@ def verify_package(
                 src = tar.extractfile(headers[name])
                 assert src is not None
                 verdict.check_digest(name, _copy_hashing(src, None, headers[name].size))
+            _check_external_data(path, headers, verdict)
             return result
-        result.extracted_to = _extract(tar, headers, verdict, manifest_bytes, Path(extract_to))
+        result.extracted_to = _extract(
+            tar, headers, verdict, manifest_bytes, Path(extract_to), path
+        )
         return result
+
+
+def _check_external_data(
+    path: Path, headers: Mapping[str, tarfile.TarInfo], verdict: trust.Verdict
+) -> None:
+    """The model's external-data locations, read in place from the (uncompressed) tar once its
+    digest matched, must all be files of this package."""
+    model = manifest_parts_model_file(verdict.manifest)
+    ti = headers.get(model)
+    if ti is None or ti.size == 0:
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            locations = trust.external_data_locations(
+                view[ti.offset_data : ti.offset_data + ti.size], model
+            )
+        finally:
+            view.release()
+    trust.check_external_data(locations, verdict.payload, model)
+
+
+def check_installed_external_data(version_dir: Path, manifest: Manifest) -> None:
+    """The same refusal for a version already on disk, before a runtime loads it (a version
+    installed by an older verifier): every external-data location of its model must be one of
+    its signed members, a regular file, not a link."""
+    model = manifest_parts_model_file(manifest)
+    path = Path(version_dir) / model
+    members = manifest.get("members")
+    payload = set(members) if isinstance(members, dict) else set()
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            locations = trust.external_data_locations(view, model)
+        finally:
+            view.release()
+    trust.check_external_data(locations, payload, model)
+    for loc in locations:
+        if (Path(version_dir) / loc).is_symlink():
+            raise RejectError(ReasonCode.LINK_MEMBER, f"{model}'s external data {loc!r} is a link")
+
+
+def manifest_parts_model_file(manifest: Manifest) -> str:
+    """``model.file`` of a validated manifest (``model.onnx`` when absent)."""
+    model = manifest.get("model")
+    name = model.get("file") if isinstance(model, dict) else None
+    return name if isinstance(name, str) else "model.onnx"
 
 
 def _extract(
@@ -316,6 +369,7 @@ def _extract(
     verdict: trust.Verdict,
     manifest_bytes: bytes,
     target: Path,
+    package: Path,
 ) -> Path:
     if target.exists():
         raise FileExistsError(f"extraction target {target} already exists")
@@ -331,6 +385,7 @@ def _extract(
                 dst.flush()
                 os.fsync(dst.fileno())
             verdict.check_digest(name, got)
+        _check_external_data(package, headers, verdict)
         bundle = _read_small(tar, headers[SIGNATURE_FILE], signing.MAX_BUNDLE_BYTES)
         for name, raw in ((MANIFEST_FILE, manifest_bytes), (SIGNATURE_FILE, bundle)):
             with open(tmp / name, "xb") as dst:

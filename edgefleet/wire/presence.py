@@ -6,9 +6,10 @@ its last will is :func:`offline` (only ``online: false``: the controller keeps t
 had). The controller reads both with :func:`parse`.
 
 Wire fields: ``device_id, online, at, agent_version, execution_providers, profiles, hardware,
-models`` (name -> ``{version, previous, state}``) and ``installed`` (name -> ``{version}``, what
-the controller's inventory keeps). Every field but ``online`` may be absent: absent means
-"unchanged", not "empty".
+models`` (name -> ``{version, previous, state}``), ``installed`` (name -> ``{version}``, what
+the controller's inventory keeps) and ``desired_seq`` (the highest desired-state seq the device
+has accepted: a controller whose own sequence is lower, after a database restore, continues
+above it). Every field but ``online`` may be absent: absent means "unchanged", not "empty".
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from edgefleet.wire import ids
 from edgefleet.wire.message import Fields, JsonObject, JsonValue, MessageError, decode_object
 
 
@@ -39,6 +41,7 @@ class Presence:
     profiles: list[str] | None = None
     hardware: JsonObject | None = None
     models: dict[str, InstalledModel] | None = None
+    desired_seq: int | None = None
 
     def to_dict(self) -> JsonObject:
         out: JsonObject = {"device_id": self.device_id, "online": self.online}
@@ -50,6 +53,7 @@ class Presence:
             else None,
             "profiles": list(self.profiles) if self.profiles is not None else None,
             "hardware": self.hardware,
+            "desired_seq": self.desired_seq,
         }
         out.update({k: v for k, v in fields.items() if v is not None})
         if self.models is not None:
@@ -73,12 +77,27 @@ def _models(f: Fields, field: str) -> dict[str, InstalledModel] | None:
             raise f.bad(field, f"entry {name!r} is not an object")
         e = Fields(f"{f.message} {field}[{name!r}]", entry)
         try:
-            out[name] = InstalledModel(
-                e.string("version"), e.opt_string("previous"), e.opt_string("state")
+            out[ids.model_name(name)] = InstalledModel(
+                ids.version(e.string("version")),
+                _opt_version(e.opt_string("previous")),
+                e.opt_string("state"),
             )
-        except MessageError as err:
+        except (MessageError, ids.IdentifierError) as err:
             raise f.bad(field, str(err)) from err
     return out
+
+
+def _opt_version(text: str | None) -> str | None:
+    return None if text is None else ids.version(text)
+
+
+def _profiles(f: Fields) -> list[str] | None:
+    profiles = f.string_list("profiles")
+    if profiles is not None:
+        for p in profiles:
+            if not ids.is_valid(ids.PROFILE, p):
+                raise f.bad("profiles", f"{p!r} is not a profile id ({ids.PROFILE.spelled})")
+    return profiles
 
 
 def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None) -> Presence:
@@ -97,7 +116,15 @@ def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None)
         at=f.timestamp("at"),
         agent_version=f.opt_string("agent_version"),
         execution_providers=f.string_list("execution_providers"),
-        profiles=f.string_list("profiles"),
+        profiles=_profiles(f),
         hardware=f.json_object("hardware"),
         models=models if models is not None else _models(f, "models"),
+        desired_seq=_seq(f),
     )
+
+
+def _seq(f: Fields) -> int | None:
+    seq = f.opt_integer("desired_seq")
+    if seq is not None and seq < 0:
+        raise f.bad("desired_seq", "negative")
+    return seq

@@ -69,11 +69,27 @@ class ReasonCode(StrEnum):
     REMOVE_REFUSED = "remove_refused"
     INTERNAL_ERROR = "internal_error"
     RESUME_LIMIT = "resume_limit"  # the agent was interrupted in this update too many times
+    # A rollback to a version committed on the device could not land (state ROLLBACK_FAILED;
+    # the figures' "cause" holds the underlying code). Final: an operator must act.
+    ROLLBACK_FAILED = "rollback_failed"
     # --- the controller's own, for a device that did not answer in time ------------------
     TIMEOUT = "timeout"
     # --- informational: carried by a successful report, never a failure ------------------
     CPU_FALLBACK = "cpu_fallback"
     ALREADY_INSTALLED = "already"
+    # --- download, against a hostile or broken server (TUF's endless-data and slow-retrieval
+    # attacks): the download is abandoned, the release itself is not judged ---------------
+    ENDLESS_DATA = "endless_data"  # the server sent more bytes than the signed size
+    SLOW_RETRIEVAL = "slow_retrieval"  # below the minimum rate, or past the total deadline
+    # --- the device's anti-replay state (reported as desired_rejected, never a release's
+    # failure) --------------------------------------------------------------------------
+    # A signed desired state whose seq is below the highest this device acted on: a replay,
+    # or the controller's sequence went backwards (a database restore). `figures` carries
+    # ``last_seq`` so the controller can re-issue its state above it.
+    SEQ_REGRESSED = "seq_regressed"
+    # The device's record of the highest seq was missing or corrupt at start; `figures` says
+    # what was recovered. Anti-rollback then rests on the installed versions themselves.
+    LINK_STATE_LOST = "link_state_lost"
 
 
 #: Worth another attempt of the same release on the same device, after a backoff.
@@ -92,6 +108,11 @@ TRANSIENT = frozenset(
         # A restart (power cut, deploy) during probation says nothing about the release.
         ReasonCode.INTERRUPTED_PROBATION,
         ReasonCode.TIMEOUT,
+        # A server or a path that misbehaves now (too many bytes, too slow) says nothing about
+        # the signed release: another attempt later, perhaps from another mirror, may succeed.
+        # The controller's retry budget bounds how often an attacker can make the device try.
+        ReasonCode.ENDLESS_DATA,
+        ReasonCode.SLOW_RETRIEVAL,
     }
 )
 #: Never a failure: the report that carries it is a success with a remark.

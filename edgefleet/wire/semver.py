@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import total_ordering
 
-_SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
-)
+from edgefleet.wire.ids import SEMVER_RE
+
+_SEMVER = SEMVER_RE  # one grammar: edgefleet.wire.ids (ASCII digits, no leading zeros)
 
 
 class InvalidVersion(ValueError):
@@ -53,10 +50,15 @@ class Version:
 
 
 def parse_version(text: str) -> Version:
-    """Parse ``text`` as a semantic version or raise :class:`InvalidVersion` naming it."""
-    m = _SEMVER.match(text.strip()) if isinstance(text, str) else None
+    """Parse ``text`` as a semantic version or raise :class:`InvalidVersion` naming it.
+
+    The whole text must be the version: no surrounding space, no trailing newline, ASCII digits
+    only (``"1\u0660.0.0"`` is refused, not read as 10.0.0)."""
+    m = _SEMVER.fullmatch(text) if isinstance(text, str) and len(text) <= 128 else None
     if m is None:
-        raise InvalidVersion(f"not a semantic version (MAJOR.MINOR.PATCH[-PRE][+BUILD]): {text!r}")
+        raise InvalidVersion(
+            f"not a semantic version (MAJOR.MINOR.PATCH[-PRE][+BUILD], ASCII digits): {text!r}"
+        )
     major, minor, patch, pre, build = m.groups()
     return Version(
         int(major), int(minor), int(patch), tuple(pre.split(".")) if pre else (), build or ""

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.wire.errors import RejectError
-from edgefleet.wire.keyid import key_id
+from edgefleet.wire.keyid import KeyIdError, canonical_key_ids, key_id
 from edgefleet.wire.reasons import ReasonCode
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -32,7 +32,7 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 SIGNATURE_FILE = "model.sig"
 MAX_BUNDLE_BYTES = 4 * 1024 * 1024
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)  # whole string: fullmatch
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def sign(
 ) -> bytes:
     """A Sigstore bundle (JSON bytes) signing ``digests`` (file name -> sha256 hex)."""
     for name, digest in digests.items():
-        if not _HEX64.match(digest):
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
             raise ValueError(f"digest of {name!r} is not a sha256 hex string")
     payload = json.dumps(make_statement(model_name, digests), indent=2).encode()
     sig = private_key.sign(pae(PAYLOAD_TYPE, payload), ec.ECDSA(hashes.SHA256()))
@@ -149,11 +149,17 @@ def verify(
     payload = _b64(env.get("payload"), "DSSE payload")
     signature = _b64(sigs[0].get("sig"), "DSSE signature")
 
+    try:
+        revoked_key_ids = canonical_key_ids(revoked_key_ids)
+    except KeyIdError as e:  # a revocation list that names no key must not pass silently
+        raise RejectError(ReasonCode.REVOKED_KEY, f"revocation list refused: {e}") from e
     by_id = {key_id(k): k for k in trusted_keys}
     material = bundle.get("verificationMaterial")
     hint = None
     if isinstance(material, dict) and isinstance(material.get("publicKey"), dict):
         hint = material["publicKey"].get("hint") or None
+    if hint is not None and (not isinstance(hint, str) or not _HEX64.fullmatch(hint)):
+        raise _invalid("the bundle's public-key hint is not a key id (64 lower-case hex digits)")
     if hint is not None and hint in revoked_key_ids:
         raise RejectError(ReasonCode.REVOKED_KEY, f"signed with revoked key {hint}")
     candidates = [(hint, by_id[hint])] if hint in by_id else []
@@ -201,7 +207,7 @@ def _parse_statement(payload: bytes) -> tuple[str, dict[str, str]]:
     for r in resources:
         if not isinstance(r, dict) or not isinstance(r.get("name"), str):
             raise _invalid("malformed resource in statement")
-        if r.get("algorithm") != "sha256" or not _HEX64.match(str(r.get("digest", ""))):
+        if r.get("algorithm") != "sha256" or not _HEX64.fullmatch(str(r.get("digest", ""))):
             raise _invalid(f"resource {r['name']!r} is not pinned by a sha256 digest")
         if r["name"] in digests:
             raise _invalid(f"resource {r['name']!r} listed twice")

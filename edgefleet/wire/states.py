@@ -27,16 +27,28 @@ class UpdateState(StrEnum):
     ROLLED_BACK = "ROLLED_BACK"
     REMOVING = "REMOVING"
     REMOVED = "REMOVED"
+    # A rollback to a version the device had committed could not land (its files are gone or
+    # altered, its key is no longer trusted, it does not load): the device still runs what it
+    # ran before the rollback. Final and loud: an operator must act.
+    ROLLBACK_FAILED = "ROLLBACK_FAILED"
 
 
 #: An update in one of these states is over: nothing more happens to it.
 TERMINAL_STATES = frozenset(
-    {UpdateState.COMMITTED, UpdateState.FAILED, UpdateState.ROLLED_BACK, UpdateState.REMOVED}
+    {
+        UpdateState.COMMITTED,
+        UpdateState.FAILED,
+        UpdateState.ROLLED_BACK,
+        UpdateState.REMOVED,
+        UpdateState.ROLLBACK_FAILED,
+    }
 )
 #: The new version serves and has passed probation.
 SUCCESS_STATES = frozenset({UpdateState.COMMITTED})
 #: The new version does not serve: refused before activation, or rolled back after it.
-FAILURE_STATES = frozenset({UpdateState.FAILED, UpdateState.ROLLED_BACK})
+FAILURE_STATES = frozenset(
+    {UpdateState.FAILED, UpdateState.ROLLED_BACK, UpdateState.ROLLBACK_FAILED}
+)
 
 
 def parse_state(text: object) -> UpdateState | None:

@@ -6,10 +6,18 @@ becomes the report's ``seq`` when it is published (:func:`with_seq`), so that th
 the duplicates at-least-once delivery brings. The controller reads it back with :func:`parse`.
 
 Wire fields: ``device_id, at, seq, id, kind, model, version, state, reason_code, reason,
-rollout_id, update_id, from_version, desired_seq, already_installed, figures``. Simulators may
+rollout_id, update_id, from_version, desired_seq, already_installed, local, figures``.
+``local`` (optional, absent means false) marks an update an operator started on the device itself
+(`edgefleet agent install --force`), not asked for by the controller's desired state: the
+device may now differ from what the controller wants. Simulators may
 send ``benchmark`` instead of ``figures``, omit ``kind`` (an update) and give ``at`` in epoch
 seconds; all of that is still read. A refused desired state has kind ``desired_rejected``, state
 ``REJECTED`` and no model.
+
+``desired_seq`` is the highest desired-state seq the device has accepted: on an update report the
+state it is acting on, on a ``desired_rejected`` report with reason ``replayed`` (a state whose
+seq is not above the device's) the seq the device already holds, so that a controller whose
+sequence went backwards (a database restore) learns where to continue.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ class StatusReport:
     from_version: str | None = None
     desired_seq: int | None = None
     already_installed: bool = False
+    local: bool = False  # started on the device, not by the desired state
     figures: JsonObject | None = None
     seq: int | None = None  # set by the outbox when published; required when parsed
 
@@ -79,6 +88,8 @@ class StatusReport:
         out.update({k: v for k, v in optional.items() if v is not None})
         if self.already_installed:
             out["already_installed"] = True
+        if self.local:
+            out["local"] = True
         return out
 
 
@@ -125,6 +136,7 @@ def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None)
         from_version=f.opt_string("from_version"),
         desired_seq=f.opt_integer("desired_seq"),
         already_installed=f.boolean("already_installed", False),
+        local=f.boolean("local", False),
         figures=figures if figures is not None else f.json_object("benchmark"),
         seq=seq,
     )

@@ -5,6 +5,13 @@
 controller's `drift.ingest`, which also drops records without an integer id or a known kind).
 This module only frames the batch: :meth:`TelemetryEnvelope.to_dict` on the agent,
 :func:`parse` on the controller.
+
+A ``sketch`` record's ``sketch`` holds ``{"reference_id", "n", "counts", "missing"}`` and, from
+agents that count the reference's observed range, ``"range": {feature: [checked, below, above,
+nan, inf]}`` (:data:`RANGE_SLOTS`): of the ``checked`` live values, how many were finite and below
+the reference minimum, finite and above its maximum, NaN, and +-inf. A sketch without ``range``
+(an older agent, or a reference without a recorded range) is judged by its bins alone; both
+parse and merge alike.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from dataclasses import dataclass
 from typing import cast
 
 from edgefleet.wire.message import Fields, JsonObject, decode_object
+
+RANGE_SLOTS = ("checked", "below", "above", "nan", "inf")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.wire import signing
 from edgefleet.wire.errors import RejectError
+from edgefleet.wire.keyid import KeyIdError, canonical_key_ids
 from edgefleet.wire.manifest import MANIFEST_FILE, parse_time, validate_manifest
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import parse_version
@@ -67,6 +68,15 @@ class TrustStore:
 
     trusted_keys: Sequence[ec.EllipticCurvePublicKey]
     revoked_key_ids: Collection[str] = ()
+
+    def __post_init__(self) -> None:
+        # One canonical key-id form (wire.keyid): an id in upper case still revokes its key,
+        # and an entry that names no key (the 16-digit short form) refuses, never passes.
+        try:
+            revoked = canonical_key_ids(self.revoked_key_ids)
+        except KeyIdError as e:
+            raise RejectError(ReasonCode.REVOKED_KEY, f"revocation list refused: {e}") from e
+        object.__setattr__(self, "revoked_key_ids", revoked)
 
     def trusts(self, kid: str) -> bool:
         return kid not in self.revoked_key_ids and kid in signing.key_ids(self.trusted_keys)
@@ -165,12 +175,54 @@ def check_read_size(name: str, size: int, limit: int) -> None:
         raise RejectError(ReasonCode.TOO_LARGE, f"{name} is {size} bytes, over the {limit} limit")
 
 
-def parse_manifest_json(data: bytes) -> Manifest:
-    """Manifest bytes as a JSON object, unverified (for ``inspect`` and reading a name)."""
+#: JSON nesting a manifest or a signature bundle may have (a manifest needs 5 levels).
+MAX_JSON_DEPTH = 32
+
+
+def json_depth_ok(value: object, limit: int) -> bool:
+    """True when ``value`` nests at most ``limit`` containers deep (iterative: no recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            if d > limit:
+                return False
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def load_json(data: bytes, what: str, code: ReasonCode, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON from bytes that came from outside: not JSON, or nested deeper than ``max_depth``
+    (which would exhaust the recursion of any code walking it), is refused with ``code``."""
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RejectError(ReasonCode.MANIFEST_INVALID, f"manifest.json is not JSON: {e}") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of 5000 digits
+        raise RejectError(code, f"{what} is not JSON: {e}") from e
+    except RecursionError as e:
+        raise RejectError(code, f"{what} nests deeper than {max_depth} levels") from e
+    if not json_depth_ok(doc, max_depth):
+        raise RejectError(code, f"{what} nests deeper than {max_depth} levels")
+    return doc
+
+
+def check_bundle_shape(bundle: bytes) -> None:
+    """What `signing.verify` assumes of a bundle's JSON before it looks keys up: bounded
+    nesting, and a key hint that is a string when present (a list or an object is refused
+    here as an invalid signature, never a crash)."""
+    doc = load_json(bundle, "signature bundle", ReasonCode.SIGNATURE_INVALID)
+    material = doc.get("verificationMaterial") if isinstance(doc, dict) else None
+    public_key = material.get("publicKey") if isinstance(material, dict) else None
+    hint = public_key.get("hint") if isinstance(public_key, dict) else None
+    if hint is not None and not isinstance(hint, str):
+        raise RejectError(
+            ReasonCode.SIGNATURE_INVALID,
+            f"the bundle's key hint is a {type(hint).__name__}, not a key id",
+        )
+
+
+def parse_manifest_json(data: bytes) -> Manifest:
+    """Manifest bytes as a JSON object, unverified (for ``inspect`` and reading a name)."""
+    doc = load_json(data, "manifest.json", ReasonCode.MANIFEST_INVALID)
     if not isinstance(doc, dict):
         raise RejectError(ReasonCode.MANIFEST_INVALID, "manifest.json is not an object")
     return doc
@@ -182,6 +234,125 @@ def unverified_name(data: bytes) -> str:
     if not isinstance(name, str) or not name:
         raise RejectError(ReasonCode.MANIFEST_INVALID, "manifest.json names no model")
     return name
+
+
+# --------------------------------------------------------------------------- external data
+
+#: How the ONNX messages that can hold a tensor nest (field number -> message kind); every
+#: other field is skipped by its wire type. ModelProto: graph, training_info, functions;
+#: TrainingInfoProto: initialization, algorithm; GraphProto: node, initializer,
+#: sparse_initializer; FunctionProto: node; NodeProto: attribute; AttributeProto: t, g,
+#: tensors, graphs, sparse_tensor, sparse_tensors; SparseTensorProto: values, indices;
+#: TensorProto: external_data (StringStringEntryProto: key 1, value 2).
+_ONNX_FIELDS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {13: "entry"},
+}
+MAX_ONNX_NESTING = 64
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Malformed("bad varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _entry(buf: memoryview, pos: int, end: int) -> tuple[str | None, str | None]:
+    key = value = None
+    while pos < end:
+        tag, pos = _varint(buf, pos, end)
+        if tag & 7 != 2:
+            raise _Malformed("external_data entry field is not a string")
+        n, pos = _varint(buf, pos, end)
+        if pos + n > end:
+            raise _Malformed("string runs past its message")
+        text = bytes(buf[pos : pos + n]).decode("utf-8", "replace")
+        if tag >> 3 == 1:
+            key = text
+        elif tag >> 3 == 2:
+            value = text
+        pos += n
+    return key, value
+
+
+def external_data_locations(model: memoryview | bytes, what: str = "model") -> list[str]:
+    """Every ``location`` an ONNX model's tensors name for their external data, anywhere in it
+    (initializers, node attributes, subgraphs, functions, training graphs), read from the
+    protobuf wire format without a protobuf library and without recursion. Refuses a model
+    whose bytes are not a well-formed protobuf or nest deeper than `MAX_ONNX_NESTING`."""
+    buf = memoryview(model)
+    out: list[str] = []
+    stack: list[tuple[str, int, int, int]] = [("model", 0, len(buf), 1)]
+    try:
+        while stack:
+            kind, pos, end, depth = stack.pop()
+            fields = _ONNX_FIELDS[kind]
+            while pos < end:
+                tag, pos = _varint(buf, pos, end)
+                number, wire = tag >> 3, tag & 7
+                if wire == 0:
+                    _, pos = _varint(buf, pos, end)
+                elif wire == 1:
+                    pos += 8
+                elif wire == 5:
+                    pos += 4
+                elif wire == 2:
+                    n, pos = _varint(buf, pos, end)
+                    if pos + n > end:
+                        raise _Malformed("field runs past its message")
+                    sub = fields.get(number)
+                    if sub == "entry":
+                        key, value = _entry(buf, pos, pos + n)
+                        if key == "location":
+                            out.append(value or "")
+                    elif sub is not None:
+                        if depth >= MAX_ONNX_NESTING:
+                            raise _Malformed(f"nests deeper than {MAX_ONNX_NESTING} messages")
+                        stack.append((sub, pos, pos + n, depth + 1))
+                    pos += n
+                else:
+                    raise _Malformed(f"wire type {wire}")
+                if pos > end:
+                    raise _Malformed("field runs past its message")
+    except _Malformed as e:
+        raise RejectError(
+            ReasonCode.NOT_A_PACKAGE, f"{what} is not a well-formed ONNX model: {e}"
+        ) from e
+    return out
+
+
+def check_external_data(locations: Iterable[str], payload: Collection[str], model: str) -> None:
+    """Every external-data location must be a file of this package: a top-level member other
+    than the model itself (members are regular files, never links: `check_members`). Whatever
+    the runtime would do with ``../`` or an absolute path, it is never asked to."""
+    for loc in locations:
+        if _unsafe(loc) or "/" in loc:
+            raise RejectError(
+                ReasonCode.UNSAFE_PATH,
+                f"{model} takes external data from {loc!r}, outside the package",
+            )
+        if loc not in payload or loc == model:
+            raise RejectError(
+                ReasonCode.UNSAFE_PATH,
+                f"{model} takes external data from {loc!r}, which is not a file of the package",
+            )
 
 
 # --------------------------------------------------------------------------- policy
@@ -317,6 +488,8 @@ class PackageTrust:
     def check_signature(self, bundle: bytes) -> signing.SignedContent:
         """The bundle verifies, pins every member, and every pin is a member."""
         members = self._need(self.members, "check_members")
+        if len(bundle) <= signing.MAX_BUNDLE_BYTES:  # larger: signing.verify says too_large
+            check_bundle_shape(bundle)
         signed = signing.verify(bundle, self.trust.trusted_keys, self.trust.revoked_key_ids)
         for name in members:
             if name != SIGNATURE_FILE and name not in signed.digests:

@@ -22,6 +22,7 @@ from edgefleet.agent import oip
 from edgefleet.agent.config import dump_config
 from edgefleet.keys import KeyPair, load_private_key
 from edgefleet.wire.package import build_package
+from edgefleet.wire.states import TERMINAL_STATES
 from tests.support.services import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -273,9 +274,7 @@ class AgentProcess:
     def wait_terminal(self, uid: str, timeout: float = 60.0) -> dict[str, Any]:
         def done() -> Any:
             v = self.admin("GET", f"/admin/updates/{uid}")
-            return (
-                v if v.get("state") in ("COMMITTED", "FAILED", "ROLLED_BACK", "REMOVED") else None
-            )
+            return v if v.get("state") in TERMINAL_STATES else None
 
         return dict(wait_for(done, timeout, 0.1, f"update {uid} terminal"))
 

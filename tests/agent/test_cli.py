@@ -104,9 +104,11 @@ def test_init_run_install_status(
 
 
 def test_run_starts_fleet_link_and_telemetry(
-    tmp_path: Path, keys: dict[str, KeyPair], broker: Mosquitto
+    tmp_path: Path, keys: dict[str, KeyPair], broker: Mosquitto, pkgs: dict[str, Path]
 ) -> None:
-    """`agent run` with mqtt.url set connects to the broker: retained presence appears."""
+    """`agent run` with mqtt.url set connects to the broker: retained presence appears. On
+    such a device `agent install` refuses without --force; a forced install is reported to the
+    controller as local."""
     import threading
 
     import paho.mqtt.client as mqtt
@@ -130,9 +132,15 @@ def test_run_starts_fleet_link_and_telemetry(
         broker.url,
     )
     assert r.returncode == 0, r.stdout
+    cfg = d / "agent.toml"
+    cfg.write_text(
+        cfg.read_text()
+        .replace("seconds = 10.0", "seconds = 0.2")
+        .replace("min_requests = 20", "min_requests = 0")
+    )
     log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(d / "agent.toml")],
+        [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(cfg)],
         cwd=str(REPO),
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=log,
@@ -154,6 +162,22 @@ def test_run_starts_fleet_link_and_telemetry(
         client.subscribe(topic("gw-mq", "presence"), qos=1)
         client.loop_start()
         assert seen.wait(30), got
+        client.subscribe(topic("gw-mq", "status"), qos=1)
+        wait_for(lambda: (d / "data" / "admin.json").exists(), 30, what="admin endpoint")
+        r = _cli("install", str(pkgs["v1"]), "--config", str(cfg))
+        assert r.returncode == 1 and "fleet controller" in r.stdout and "--force" in r.stdout
+        r = _cli("install", str(pkgs["v1"]), "--config", str(cfg), "--force")
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        def committed() -> list[dict[str, object]]:
+            reports = [json.loads(p) for p in got if b'"COMMITTED"' in p]
+            return [m for m in reports if m.get("model") == "iris"]
+
+        (report,) = wait_for(committed, 30, what="COMMITTED status report")
+        assert report["local"] is True and report["version"] == "1.0.0", report
+        from edgefleet.wire import status
+
+        assert status.parse(json.dumps(report), "gw-mq").local  # the controller reads it back
     finally:
         client.loop_stop()
         client.disconnect()
@@ -163,3 +187,40 @@ def test_run_starts_fleet_link_and_telemetry(
     out = (tmp_path / "run.log").read_text()
     assert "not started" not in out, out
     assert proc.returncode == 0
+
+
+def test_install_names_structural_rejections_by_their_own_code(
+    tmp_path: Path, keys: dict[str, KeyPair], pkgs: dict[str, Path]
+) -> None:
+    """`agent install` of a package whose structure is wrong says what is wrong (the name is
+    read before verification; that read used to report every refusal as manifest_invalid)."""
+    from tests.agent.helpers import (
+        AgentProcess,
+        file_info,
+        link_info,
+        tar_members,
+        with_extra_member,
+        write_config,
+        write_tar,
+    )
+
+    cfg = write_config(tmp_path / "cfg", tmp_path / "data", [keys["trusted"].public_path])
+    v1 = pkgs["v1"]
+    dup = tar_members(v1)
+    cases = {
+        "link_member": with_extra_member(
+            v1, tmp_path / "l.efpkg", link_info("x", "/etc/passwd"), None
+        ),
+        "unsafe_path": with_extra_member(v1, tmp_path / "u.efpkg", file_info("../evil"), b"x"),
+        "duplicate_member": write_tar(tmp_path / "d.efpkg", [*dup, dup[0]]),
+        "not_a_package": tmp_path / "n.efpkg",
+    }
+    cases["not_a_package"].write_bytes(b"this is not a tar archive\n" * 200)
+    agent = AgentProcess(cfg)
+    try:
+        for code, pkg in cases.items():
+            r = _cli("install", str(pkg), "--config", str(cfg))
+            assert r.returncode == 2, r.stdout
+            assert f"FAILED: {code}" in r.stdout and "manifest_invalid" not in r.stdout, r.stdout
+    finally:
+        agent.stop()

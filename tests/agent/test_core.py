@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from edgefleet.agent import oip
-from edgefleet.agent.config import ConfigError, ProbationConfig, load_config
+from edgefleet.agent.config import ConfigError, load_config
 from edgefleet.agent.journal import Journal, Recovery, UpdateRecord, decide_recovery
-from edgefleet.agent.sessions import judge_probation, plan_swap
+from edgefleet.agent.sessions import plan_swap
 from edgefleet.agent.states import (
     BEFORE_ACTIVATION,
     ROUTES,
@@ -22,6 +22,7 @@ from edgefleet.agent.states import (
     State,
     TransitionError,
     check_transition,
+    end_of_rollback,
     failure_route,
 )
 from edgefleet.agent.store import ModelStore, Pointers
@@ -62,7 +63,8 @@ def test_happy_path_and_failures_follow_the_table() -> None:
     check_transition(State.REMOVING, State.REMOVED)
     with pytest.raises(TransitionError):
         check_transition(State.REMOVING, State.FAILED)  # a removal is finished, never abandoned
-    assert {State.COMMITTED, State.FAILED, State.ROLLED_BACK, State.REMOVED} == TERMINAL
+    terminal = {State.COMMITTED, State.FAILED, State.ROLLED_BACK, State.REMOVED}
+    assert terminal | {State.ROLLBACK_FAILED} == TERMINAL
     assert set(TRANSITIONS) == set(State)
 
 
@@ -111,9 +113,15 @@ def test_walk_the_table_every_failure_route_and_restart() -> None:
             continue
         check_transition(state, fail)
         end = fail
-        while end not in TERMINAL:  # a failure always ends: FAILED, or ROLLING_BACK -> ROLLED_BACK
-            (end,) = TRANSITIONS[end]
+        if end is State.ROLLING_BACK:  # it ends ROLLED_BACK (ROLLBACK_FAILED for a rollback)
+            assert TRANSITIONS[end] == {end_of_rollback(False), end_of_rollback(True)}
+            end = end_of_rollback(False)
         assert end in (State.FAILED, State.ROLLED_BACK)
+        # a rollback update fails loudly instead: ROLLBACK_FAILED, never a plain FAILED
+        assert failure_route(state, rollback=True) is (
+            State.ROLLBACK_FAILED if fail is State.FAILED else fail
+        )
+        check_transition(state, failure_route(state, rollback=True))  # type: ignore[arg-type]
         # FAILED only while the old model still serves alone; from ACTIVATING on, a rollback.
         assert (fail is State.FAILED) == (state in BEFORE_ACTIVATION)
         assert decide_recovery(state, 99) is give_up[fail]
@@ -123,6 +131,14 @@ def test_walk_the_table_every_failure_route_and_restart() -> None:
     assert failure_route(State.VALIDATING) is State.FAILED
     # What the controller reads as "over" is exactly what the agent's table ends in.
     assert TERMINAL == TERMINAL_STATES
+
+
+def test_decide_recovery_of_a_rollback() -> None:
+    # a restart in PROBATION is a reason to distrust a new version, not one this device committed
+    assert decide_recovery(State.PROBATION, 0) is Recovery.ROLL_BACK
+    assert decide_recovery(State.PROBATION, 0, rollback=True) is Recovery.RESUME
+    assert decide_recovery(State.PROBATION, 3, rollback=True) is Recovery.ROLL_BACK
+    assert end_of_rollback(True) is State.ROLLBACK_FAILED
 
 
 def test_decide_recovery_of_a_removal() -> None:
@@ -264,14 +280,7 @@ def test_a_zero_sample_tolerance_stays_zero() -> None:
     assert sample_agreement(exp, got, atol, DEFAULT_RTOL)[0] == 1.0
 
 
-def test_probation_and_swap_decisions() -> None:
-    cfg = ProbationConfig(
-        min_requests=10, max_error_rate=0.1, latency_factor=2.0, latency_slack_ms=1.0
-    )
-    assert judge_probation(5, 5, [], 1.0, cfg) is None  # too few requests to judge
-    assert judge_probation(10, 2, [1.0] * 8, 1.0, cfg)[0] == "probation_error_rate"  # type: ignore[index]
-    assert judge_probation(20, 0, [5.0] * 20, 1.0, cfg)[0] == "probation_latency"  # type: ignore[index]
-    assert judge_probation(20, 1, [2.0] * 19, 1.0, cfg) is None
+def test_swap_decisions() -> None:
     assert plan_swap("auto", 1000, 100, 50) == "overlap"
     assert plan_swap("auto", 120, 100, 50) == "unload_first"
     assert plan_swap("overlap", 0, 100, 50) == "overlap"

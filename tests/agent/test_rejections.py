@@ -242,8 +242,14 @@ def test_rollback_to_installed_version_whose_key_is_no_longer_trusted(
     # The key that signed 1.0.0 and 1.1.0 leaves the trust store (not revoked: just gone).
     agent = agent_factory(v1_copy, trusted_keys=[keys["second"].public_path])
     assert agent.store.is_installed("iris", "1.0.0")
+    # Revocation reaches installed models: 1.1.0, signed by that key, no longer serves ...
+    assert agent.sessions.get("iris") is None
+    # ... and the instant rollback to 1.0.0 (committed here, same key) is refused, loudly.
     view = _update(agent, pkgs["v1"], version="1.0.0", allow_downgrade=True)
-    assert view["state"] == "FAILED", view
-    assert view["reason_code"] == "untrusted_key", view
-    assert served_version(agent.http_port or 0, "iris", x_iris) == "1.1.0"
+    assert view["state"] == "ROLLBACK_FAILED", view
+    assert view["reason_code"] == "rollback_failed", view
+    assert "untrusted_key" in view["reason"]
+    assert view["history"][-1]["figures"]["cause"] == "untrusted_key"
+    assert agent.sessions.get("iris") is None
     assert agent.store.pointers("iris").current == "1.1.0"
+    assert agent.store.is_installed("iris", "1.0.0")  # refused, not deleted

@@ -38,6 +38,8 @@ def test_remove_a_served_model_keeps_the_others(
     assert view["state"] == "REMOVED" and view["action"] == "remove", view
     assert view["version"] == "1.0.0" and view["from_version"] == "1.0.0"
     assert [t["state"] for t in view["history"]] == ["IDLE", "REMOVING", "REMOVED"]
+    # the journal is written before the listeners hear of it: wait for the last event
+    wait_for(lambda: len([e for e in events if e.update_id == uid]) >= 3, 10, what="events")
     assert [e.state for e in events if e.update_id == uid] == ["IDLE", "REMOVING", "REMOVED"]
     assert view["history"][-1]["figures"]["versions_removed"] == ["1.0.0"]
 

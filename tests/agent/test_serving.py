@@ -55,7 +55,7 @@ def test_endpoints_json_binary_and_errors(
     status, err, _ = c.infer("iris", {"X": x_iris.astype(np.float64)})
     assert status == 400 and "float32" in err["error"]
     status, err, _ = c.infer("iris", {"Z": x_iris})
-    assert status == 400 and "missing input" in err["error"]
+    assert status == 400 and "unknown input" in err["error"]
     status, err, _ = c.infer("iris", {"X": x_iris[:, :3]})
     assert status == 400 and "shape" in err["error"]
     status, body, _ = c.request(

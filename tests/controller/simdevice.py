@@ -1,7 +1,9 @@
 """A simulated device speaking the real MQTT wire (no ONNX): for controller tests.
 
 It verifies each desired state with the controller's public key, ignores replays, and answers
-with status messages: COMMITTED for versions it accepts, FAILED for versions in `fail_versions`.
+with status messages: COMMITTED for versions it accepts, FAILED for versions in `fail_versions`,
+ROLLED_BACK (probation_latency: a noisy host) for versions in `noisy_versions`, and
+`ROLLBACK_FAILED` when asked to go back to a version in `unrestorable`.
 """
 
 from __future__ import annotations
@@ -29,12 +31,19 @@ class SimDevice:
         profiles: tuple[str, ...] = ("cpu-x86_64",),
         installed: str | None = "1.0.0",
         fail_versions: frozenset[str] = frozenset(),
+        noisy_versions: frozenset[str] = frozenset(),
+        unrestorable: frozenset[str] = frozenset(),
+        flaky: int = 0,
         username: str | None = None,
         password: str | None = None,
         hold: bool = False,
     ) -> None:
         self.device_id, self.key = device_id, controller_key
         self.profiles, self.fail_versions = profiles, fail_versions
+        self.noisy_versions, self.unrestorable = noisy_versions, unrestorable
+        self.entries: list[dict[str, Any]] = []  # every desired entry acted on
+        self.removed = 0
+        self.flaky = flaky  # the next `flaky` downloads break off (a link that drops)
         self.version = installed
         self.previous: str | None = None
         self.last_seq: int | None = None
@@ -84,7 +93,9 @@ class SimDevice:
             topic(self.device_id, "presence"), json.dumps(self.presence()), qos=1, retain=True
         )
 
-    def _status(self, entry: dict[str, Any], state: str, reason_code: str | None = None) -> None:
+    def _status(
+        self, entry: dict[str, Any], state: str, reason_code: str | None = None, **extra: Any
+    ) -> None:
         self.status_seq += 1
         msg = {
             "device_id": self.device_id,
@@ -98,6 +109,7 @@ class SimDevice:
             "reason": reason_code and f"simulated {reason_code}",
             "at": time.time(),
             "benchmark": {"p95_ms": 1.0},
+            **extra,
         }
         self.client.publish(topic(self.device_id, "status"), json.dumps(msg), qos=1)
 
@@ -115,6 +127,12 @@ class SimDevice:
                 return
             self.last_seq = state["seq"]
             self.seen_desired += 1
+            if "iris" in state.get("remove", []) and self.version is not None:
+                self.removed += 1
+                self._status({"version": self.version}, "REMOVED")
+                self.previous, self.version = self.version, None
+                self._publish_presence()
+                return
             entry = state["models"].get("iris")
             if entry is None or entry["version"] == self.version:
                 return
@@ -131,10 +149,35 @@ class SimDevice:
                 self._act(entry)
             return len(held)
 
+    def _publish_presence(self) -> None:
+        self.client.publish(
+            topic(self.device_id, "presence"), json.dumps(self.presence()), qos=1, retain=True
+        )
+
+    def install_locally(self, version: str) -> None:
+        """What `agent install --force` does on a managed device: install by hand, report it
+        to the controller as a local install."""
+        with self._lock:
+            self.previous, self.version = self.version, version
+            self._status({"version": version}, "COMMITTED", local=True)
+            self._publish_presence()
+
     def _act(self, entry: dict[str, Any]) -> None:
+        self.entries.append(entry)
         self._status(entry, "DOWNLOADING")
+        if entry.get("rollback") and entry["version"] in self.unrestorable:
+            self._status(entry, "ROLLBACK_FAILED", "integrity")
+            return
+        if self.flaky > 0:
+            self.flaky -= 1
+            self._status(entry, "FAILED", "download_incomplete")
+            return
         if entry["version"] in self.fail_versions:
             self._status(entry, "FAILED", "validation_failed")
             return
+        if entry["version"] in self.noisy_versions:
+            self._status(entry, "ROLLED_BACK", "probation_latency")
+            return
         self.previous, self.version = self.version, entry["version"]
         self._status(entry, "COMMITTED")
+        self._publish_presence()

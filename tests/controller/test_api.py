@@ -121,11 +121,23 @@ def test_upload_verifies_and_refuses_with_reason(
         listed = pub.get("/api/v1/packages").json()
         assert len(listed) == 2
         assert pub.get(f"/api/v1/packages/{listed[0]['id']}").json()["manifest"]["name"] == "iris"
-    stored = list((controller.controller.settings.package_dir / "iris").iterdir())
-    assert sorted(p.name for p in stored) == [
-        "iris-2.0.0-cpu-arm64.efpkg",
-        "iris-2.0.0-cpu-x86_64.efpkg",
-    ]
+    # stored by content: one file per digest, nothing for the refused uploads
+    stored = list((controller.controller.settings.package_dir / "sha256").iterdir())
+    assert sorted(p.name for p in stored) == sorted(f"{p['sha256']}.efpkg" for p in listed)
+
+
+def give_desired(controller: Running, device_id: str, package_id: int) -> None:
+    """Name package `package_id` in the device's desired state, as a rollout would."""
+    from edgefleet.cloud_controller import desired, registry
+    from edgefleet.cloud_controller.db import transaction
+    from edgefleet.cloud_controller.models import Package
+
+    ctl = controller.controller
+    with transaction(ctl.factory) as s:
+        p = s.get(Package, package_id)
+        assert p is not None
+        entry = registry.desired_entry(p, ctl.settings.base_url, None, False)
+        desired.set_model(s, ctl.signer, device_id, p.name, entry)
 
 
 def test_device_download_with_range(controller: Running, packages: dict[str, Path]) -> None:
@@ -143,6 +155,10 @@ def test_device_download_with_range(controller: Running, packages: dict[str, Pat
         timeout=30,
     )
     url = pkg["url"].replace(controller.controller.settings.base_url, "")
+    # a device's token reaches only what its desired state names
+    r = dev.get(url)
+    assert r.status_code == 403 and r.json()["detail"]["code"] == "not_in_desired_state"
+    give_desired(controller, "gw-7", pkg["id"])
     full = dev.get(url)
     assert full.status_code == 200 and full.content == data
     assert full.headers["x-sha256"] == pkg["sha256"]
@@ -249,7 +265,8 @@ def test_rollout_over_the_api_with_signed_desired_states(
         assert op.post(f"/api/v1/rollouts/{rid}/explode").status_code == 404
         listed = op.get("/api/v1/rollouts").json()
         assert listed[0]["id"] == rid and listed[0]["phase"] == "running"
-        r = op.post(f"/api/v1/rollouts/{rid}/abort", json={"reason": "test"}).json()
+        body = {"reason": "test", "on_abort": "rollback"}
+        r = op.post(f"/api/v1/rollouts/{rid}/abort", json=body).json()
         assert r["phase"] == "aborted" and r["counts"]["rollback_requested"] == 6
         r = op.post(f"/api/v1/rollouts/{rid}/pause")
         assert r.status_code == 409 and r.json()["detail"]["code"] == "finished"

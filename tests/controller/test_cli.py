@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from edgefleet.cli import app
 from edgefleet.cloud_controller import rollout_engine as E
+from edgefleet.cloud_controller.cli.client import Exit
 from tests.controller.conftest import Running
 from tests.controller.test_api import presence
 
@@ -95,4 +96,62 @@ def test_unreachable_controller_names_the_reason() -> None:
     res = CliRunner().invoke(
         app, ["devices", "list", "--url", "http://127.0.0.1:9", "--token", "x"]
     )
-    assert res.exit_code == 2 and "cannot reach" in res.output
+    assert res.exit_code == Exit.UNREACHABLE == 4 and "cannot reach" in res.output
+
+
+def test_scripts_get_distinct_exit_codes_whole_ids_and_no_silent_requests(
+    controller: Running, packages: dict[str, Path]
+) -> None:
+    long_id = "gateway-" + "x" * 70 + "-0001"
+    code, _ = run(controller, "packages", "upload", str(packages["2.0.0/cpu-x86_64"]))
+    assert code == 0
+    code, out = run(controller, "devices", "register", long_id)
+    assert code == 0, out
+    # registering it again would silently cut off the running device: refused unless asked
+    code, out = run(controller, "devices", "register", long_id)
+    assert code == Exit.REFUSED and "409 device_exists" in out
+    code, out = run(controller, "devices", "register", long_id, "--rotate-credentials")
+    assert code == 0 and json.loads(out)["mqtt_password"]
+    presence(controller, long_id, ["cpu-x86_64"], installed="1.0.0")
+    presence(controller, "gw-2", ["cpu-x86_64"], installed="1.0.0")
+    # three waves for two devices: the empty one is not planned
+    code, out = run(
+        controller, "rollout", "create", "iris", "2.0.0", "--device", long_id,
+        "--device", "gw-2", "--waves", "5,25,100", "--seed", "1", "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    ro = json.loads(out)
+    assert ro["wave_sizes"] == [1, 1] and ro["waves"] == [5, 25]
+    assert ro["spec"]["on_abort"] == "halt" and ro["spec"]["abort_min_finished"] is None
+    rid = ro["id"]
+    # not a terminal (CliRunner): nothing is cut to the width of one, even without COLUMNS
+    res = CliRunner().invoke(
+        app, ["devices", "list"], env={"EDGEFLEET_URL": controller.url,
+                                       "EDGEFLEET_TOKEN": controller.admin},
+    )  # fmt: skip
+    assert res.exit_code == 0
+    assert any(long_id in ln for ln in res.output.splitlines())  # whole, on one line
+    state = controller.controller.rollouts.get_state(rid)
+    (moved,) = [d for d, p in state.devices.items() if p.state == "in_progress"]
+    line = next(ln for ln in res.output.splitlines() if moved in ln)
+    assert "no: iris 1.0.0≠2.0.0 since" in line  # desired vs installed, on the device's line
+    code, out = run(controller, "rollout", "list")
+    assert code == 0 and rid in out
+    # unique prefixes, --json everywhere, an approve with nothing to approve is an error
+    code, out = run(controller, "rollout", "show", rid[:6], "--json")
+    assert code == 0 and json.loads(out)["id"] == rid
+    code, out = run(controller, "rollout", "approve", rid[:6])
+    assert code == Exit.REFUSED and "nothing_to_approve" in out
+    code, out = run(controller, "rollout", "show", "no-such-rollout")
+    assert code == Exit.REFUSED and "404" in out
+    # --watch gives up after --watch-timeout with its own code; a bad option is a usage error
+    code, out = run(controller, "rollout", "show", rid, "--watch", "--watch-timeout", "0.5")
+    assert code == Exit.NOT_FINISHED, out
+    code, out = run(controller, "rollout", "abort", rid, "--on-abort", "explode")
+    assert code == Exit.USAGE
+    code, out = run(controller, "rollout", "abort", rid, "--json")
+    assert code == 0 and json.loads(out)["phase"] == "aborted"
+    code, out = run(controller, "rollout", "show", rid, "--watch", "--watch-timeout", "5")
+    assert code == Exit.FAILED, out
+    code, out = run(controller, "rollout", "--help")
+    assert "Exit codes" in out and "4 controller unreachable" in out

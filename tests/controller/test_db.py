@@ -62,3 +62,17 @@ def test_urls_and_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     e = s.with_env()
     assert e.database_url == "postgresql://x@y/z" and e.port == 9000
     assert e.trusted_keys == (Path("/a.pub"), Path("/b.pub"))
+
+
+def test_migrations_form_one_line() -> None:
+    """One head and no branch: two migrations on the same parent would each run on a fresh
+    database but leave an upgraded one in an order nobody tested."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.MIGRATIONS_DIR))
+    scripts = ScriptDirectory.from_config(cfg)
+    assert len(scripts.get_heads()) == 1, scripts.get_heads()
+    parents = [r.down_revision for r in scripts.walk_revisions()]
+    assert len(parents) == len(set(parents)), "two migrations share a parent"

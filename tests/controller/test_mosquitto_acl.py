@@ -180,3 +180,120 @@ def test_reports_sent_while_the_controller_is_away_survive_a_broker_restart(
         assert t == topic("gw-1", "status") and json.loads(payload)["seq"] == 7
     finally:
         ctl.close()
+
+
+INJECTIONS = [
+    "rt-inj\nedgefleet-controller",
+    "rt-inj\r\nedgefleet-controller",
+    "edgefleet-controller",
+    "gw:1",
+    "gw 1",
+    "gw\x00",
+    "gw/1",
+    "gw+",
+    "#",
+    "gw-\u0660",  # a Unicode digit
+    "\u0261w-1",  # a look-alike letter
+    "-gw",
+    "g" * 129,
+]
+
+
+def test_device_id_injection_cannot_take_the_controllers_broker_identity(
+    tmp_path: Path, packager_key: Any
+) -> None:
+    """The attack: register "rt-inj\\nedgefleet-controller", generate the Mosquitto files, log
+    in as the controller with that device's password. Refused at the API with the grammar; a
+    row that got into the database anyway stops the generator; and the generated files let no
+    device password open the controller's user (real controller over HTTP, real Mosquitto)."""
+    require(shutil.which("mosquitto") is not None, "mosquitto is not installed")
+    from tests.controller.conftest import start_controller
+
+    db_url = f"sqlite:///{tmp_path / 'c.db'}"
+    run = start_controller(tmp_path / "ctl", trusted=[packager_key.public_path], db_url=db_url)
+    try:
+        with run.client("operator") as op:
+            for bad in INJECTIONS:
+                r = op.post("/api/v1/devices", json={"device_id": bad})
+                assert r.status_code == 422, (bad, r.text)
+                detail = r.json()["detail"]
+                assert detail["code"] == "invalid_device_id", bad
+                assert "grammar" in detail["message"] or "reserved" in detail["message"]
+            r = op.post("/api/v1/devices", json={"device_id": "gw-1", "groups": ["a\nuser x"]})
+            assert r.status_code == 422 and r.json()["detail"]["code"] == "invalid_group"
+            r = op.patch("/api/v1/devices/gw-1", json={"tags": ["x y"]})
+            assert r.status_code == 422 and r.json()["detail"]["code"] == "invalid_tag"
+            gw1 = op.post("/api/v1/devices", json={"device_id": "gw-1"}).json()
+        with run.client() as admin:
+            audit = admin.get("/api/v1/audit").json()
+            assert any(a["outcome"] == 422 and a["action"] == "POST /api/v1/devices" for a in audit)
+    finally:
+        run.stop()
+
+    out = tmp_path / "mq"
+    port = free_port()
+
+    def generate() -> Any:
+        return CliRunner().invoke(
+            app,
+            [
+                "controller", "mosquitto-config", "--out", str(out), "--db", db_url,
+                "--controller-password", CTL_PW, "--port", str(port),
+            ],
+        )  # fmt: skip
+
+    # A row that bypassed the API (an older release, a hand edit) is refused at generation.
+    engine = dbm.make_engine(db_url)
+    with engine.begin() as c:
+        from sqlalchemy import text
+
+        c.execute(
+            text(
+                "INSERT INTO devices (id, registered, mqtt_password_hash, groups, tags, online, "
+                "execution_providers, profiles, hardware, installed, recent_status_seqs) "
+                "SELECT :evil, 1, mqtt_password_hash, '[]', '[]', 0, '[]', '[]', '{}', '{}', '[]' "
+                "FROM devices WHERE id = 'gw-1'"
+            ),
+            {"evil": "rt-inj\nedgefleet-controller"},
+        )
+    res = generate()
+    assert res.exit_code == 2 and "grammar" in res.output, res.output
+    assert not (out / "passwd").exists()
+    with engine.begin() as c:
+        c.execute(text("DELETE FROM devices WHERE id LIKE 'rt-inj%'"))
+    engine.dispose()
+
+    res = generate()
+    assert res.exit_code == 0, res.output
+    passwd = (out / "passwd").read_text().splitlines()
+    users = [line.split(":", 1)[0] for line in passwd]
+    assert users == [auth.CONTROLLER_MQTT_USER, "gw-1"]
+    conf = (
+        (out / "mosquitto.conf")
+        .read_text()
+        .replace(f"listener {port}", f"listener {port} 127.0.0.1")
+    )
+    if os.geteuid() == 0:
+        conf += "user root\n"
+    (out / "mosquitto.conf").write_text(conf)
+    log = open(out / "log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(out / "mosquitto.conf")], stdout=log, stderr=log
+    )
+    conns: list[Conn] = []
+    try:
+        wait_port(port)
+        takeover = Conn(port, auth.CONTROLLER_MQTT_USER, gw1["mqtt_password"])
+        conns.append(takeover)
+        assert takeover.rc.is_failure  # the device's password does not open the controller
+        real = Conn(port, auth.CONTROLLER_MQTT_USER, CTL_PW)
+        conns.append(real)
+        assert not real.rc.is_failure  # and the controller is not locked out
+        dev = Conn(port, "gw-1", gw1["mqtt_password"])
+        conns.append(dev)
+        assert not dev.rc.is_failure
+    finally:
+        for c in conns:
+            c.close()
+        terminate(proc)
+        log.close()

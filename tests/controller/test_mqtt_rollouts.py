@@ -144,7 +144,8 @@ def test_succeeded_device_is_rolled_back_on_abort_and_confirmed(
         rid = str(r["id"])
         wait_for(lambda: show(fleet_ctl, rid)["phase"] == "awaiting_approval", what="wave 1")
         with fleet_ctl.client("operator") as op:
-            a = op.post(f"/api/v1/rollouts/{rid}/abort", json={"reason": "operator says no"})
+            body = {"reason": "operator says no", "on_abort": "rollback"}
+            a = op.post(f"/api/v1/rollouts/{rid}/abort", json=body)
             assert a.json()["counts"]["rollback_requested"] == 2
         done = wait_for(
             lambda: (x := show(fleet_ctl, rid))["counts"]["rolled_back"] == 2 and x,  # type: ignore[index]
@@ -226,6 +227,7 @@ def test_offline_device_times_out_and_counts_as_failure(
             target={"device_ids": ids},
             waves=[100],
             device_timeout_s=8,  # roomy: the two online devices must not time out under load
+            max_retries=0,
             abort_failure_pct=50,
             abort_min_finished=3,
             success_threshold_pct=60,
@@ -336,3 +338,180 @@ def test_broker_restart_loses_retained_states_and_the_controller_restores_them(
             for d in devs:
                 d.stop()
             run.stop()
+
+
+# --- safety on a real broker, the controller on SQLite and on PostgreSQL ------------------------
+
+
+@pytest.fixture
+def any_fleet_ctl(
+    tmp_path: Path,
+    packager_key: KeyPair,
+    broker: Mosquitto,
+    packages: dict[str, Path],
+    db_url: str,
+) -> Iterator[Running]:
+    run = start_controller(
+        tmp_path / "ctl", trusted=[packager_key.public_path], broker_url=broker.url, db_url=db_url
+    )
+    try:
+        assert run.controller.bridge is not None and run.controller.bridge.wait_connected()
+        with run.client("publisher") as pub:
+            for p in packages.values():
+                assert upload(pub, p).status_code == 201
+        yield run
+    finally:
+        run.stop()
+
+
+def cli(run: Running, *args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from edgefleet.cli import app
+
+    env = {"EDGEFLEET_URL": run.url, "EDGEFLEET_TOKEN": run.tokens["operator"]}
+    res = CliRunner().invoke(app, list(args), env=env)
+    return res.exit_code, res.output
+
+
+def dashboard(run: Running, page: str) -> str:
+    with run.client("viewer") as v:
+        r = v.get(f"/dashboard/{page}")
+        assert r.status_code == 200
+        return r.text
+
+
+def test_readme_fleet_a_noisy_device_neither_aborts_a_good_release_nor_removes_anything(
+    any_fleet_ctl: Running, broker: Mosquitto
+) -> None:
+    """Two gateways, a first install with the README's options: the second device fails its
+    probation once on a busy host. The rollout succeeds, the first keeps serving, the spec's
+    p95 ratio reached both devices, and a later abort removes nothing."""
+    run = any_fleet_ctl
+    ids = [f"rm-{run.url[-5:]}-1", f"rm-{run.url[-5:]}-2"]
+    a = SimDevice(ids[0], broker.host, broker.port, run.controller.signer.key.public_key(),
+                  installed=None)  # fmt: skip
+    b = SimDevice(ids[1], broker.host, broker.port, run.controller.signer.key.public_key(),
+                  installed=None, noisy_versions=frozenset({"2.0.0"}))  # fmt: skip
+    devs = [a.start(), b.start()]
+    wait_for(lambda: all(_online(run, i) for i in ids), what="presence")
+    try:
+        r = rollout(run, version="2.0.0", target={"device_ids": ids}, waves=[5, 25, 100],
+                    abort_failure_pct=20, gates={"max_p95_ratio": 1.3}, seed=0,
+                    device_timeout_s=30)  # fmt: skip
+        assert r["wave_sizes"] == [1, 1]  # the third wave would be empty
+        done = wait_for(lambda: finished(run, str(r["id"])), what="rollout end")
+        assert done["phase"] == "succeeded", done["reason"]
+        assert {d.device_id: d.version for d in devs} == {ids[0]: "2.0.0", ids[1]: None} or {
+            d.device_id: d.version for d in devs
+        } == {ids[0]: None, ids[1]: "2.0.0"}
+        assert all(e["max_p95_ratio"] == 1.3 for d in devs for e in d.entries)
+        # an operator abort of the next release keeps the healthy first install where it is
+        r2 = rollout(run, version="1.0.0", target={"device_ids": ids}, waves=[50, 100],
+                     approval_waves=[1], seed=0, device_timeout_s=30)  # fmt: skip
+        wait_for(lambda: show(run, str(r2["id"]))["phase"] == "awaiting_approval", what="wave 1")
+        code, out = cli(run, "rollout", "abort", str(r2["id"])[:8])
+        assert code == 0 and "aborted" in out
+        time.sleep(0.5)
+        assert a.removed == b.removed == 0
+        with run.controller.factory() as s:
+            for i in ids:
+                row = s.get(DesiredState, i)
+                assert row is None or not row.remove
+        events = [e["message"] for e in show(run, str(r2["id"]))["events"]]  # type: ignore[union-attr]
+        assert not any("removed (it had no previous version)" in m for m in events)
+    finally:
+        for d in devs:
+            d.stop()
+
+
+def _online(run: Running, device_id: str) -> bool:
+    with run.controller.factory() as s:
+        d = s.get(Device, device_id)
+        return d is not None and d.online
+
+
+def test_a_failed_rollback_is_loud_everywhere_and_the_device_shows_out_of_sync(
+    any_fleet_ctl: Running, broker: Mosquitto
+) -> None:
+    run = any_fleet_ctl
+    ids = ["rbf-1", "rbf-2"]
+    devs = start_devices(run, broker, ids[:1]) + start_devices(
+        run, broker, ids[1:], unrestorable=frozenset({"1.0.0"})
+    )
+    try:
+        r = rollout(run, version="2.0.0", target={"device_ids": ids}, waves=[100], soak_s=300,
+                    on_abort="rollback", seed=0, device_timeout_s=30)  # fmt: skip
+        rid = str(r["id"])
+        wait_for(lambda: show(run, rid)["phase"] == "soaking", what="both on 2.0.0")
+        code, out = cli(run, "rollout", "abort", rid[:7], "--reason", "p95 doubled")
+        assert code == 0, out
+        after = wait_for(
+            lambda: (
+                (x := show(run, rid))["counts"]["rollback_failed"] == 1  # type: ignore[index]
+                and x["counts"]["rolled_back"] == 1  # type: ignore[index]
+                and x
+            ),
+            what="rollback answers",
+        )
+        (bad,) = [d for d in after["devices"] if d["rollback"] == "failed"]  # type: ignore[union-attr]
+        assert bad["device_id"] == "rbf-2" and "integrity" in bad["rollback_reason"]
+        assert devs[0].version == "1.0.0" and devs[1].version == "2.0.0"
+        # rollout show, rollout list, --watch's exit code
+        code, out = cli(run, "rollout", "show", rid)
+        assert code == 0 and "ROLLBACK FAILED on 1" in out and "rbf-2" in out, out
+        code, out = cli(run, "rollout", "list", "--json")
+        assert json.loads(out)[0]["counts"]["rollback_failed"] == 1
+        code, out = cli(run, "rollout", "list")
+        assert code == 0 and rid in out
+        code, out = cli(run, "rollout", "show", rid, "--watch", "--watch-timeout", "5")
+        assert code == 5, out
+        # devices list: desired 1.0.0, installed 2.0.0, since when
+        wait_for(lambda: run.controller.bridge.idle(), what="bridge idle")  # type: ignore[union-attr]
+        code, out = cli(run, "devices", "list", "--json")
+        sync = {d["device_id"]: d["sync"] for d in json.loads(out)}
+        assert sync["rbf-1"]["in_sync"] is True
+        assert sync["rbf-2"]["in_sync"] is False and sync["rbf-2"]["since"]
+        assert sync["rbf-2"]["models"] == [
+            {
+                "model": "iris",
+                "desired": "1.0.0",
+                "installed": "2.0.0",
+                "local": False,
+                "rollback_failed": True,
+            }
+        ]
+        code, out = cli(run, "devices", "list", "--out-of-sync")
+        assert "rbf-2" in out and "rbf-1" not in out
+        assert "iris 2.0.0≠1.0.0 (ROLLBACK FAILED) since" in out
+        # the dashboard: the fleet page says out of sync, the rollouts page says it failed
+        fleet_page = dashboard(run, "")
+        row = fleet_page.split("rbf-2")[1].split("</tr>")[0]
+        assert "out_of_sync" in row and "desired 1.0.0, installed 2.0.0 (rollback failed)" in row
+        assert "rollback_failed" in dashboard(run, "rollouts")
+        # `agent install --force` by hand on the managed rbf-1: out of sync, flagged local
+        devs[0].install_locally("9.9.9")
+        wait_for(lambda: "(local install)" in cli(run, "devices", "list")[1], what="local install")
+        assert "iris: desired 1.0.0, installed 9.9.9 (local install)" in dashboard(run, "")
+    finally:
+        for d in devs:
+            d.stop()
+
+
+def test_a_flaky_link_is_retried_and_never_counts_toward_the_abort(
+    any_fleet_ctl: Running, broker: Mosquitto
+) -> None:
+    run = any_fleet_ctl
+    devs = start_devices(run, broker, ["fl-1"], flaky=2) + start_devices(run, broker, ["fl-2"])
+    try:
+        r = rollout(run, version="2.0.0", target={"device_ids": ["fl-1", "fl-2"]}, waves=[100],
+                    abort_failure_pct=0, abort_min_finished=1, retry_backoff_s=0.2,
+                    seed=0, device_timeout_s=30)  # fmt: skip
+        done = wait_for(lambda: finished(run, str(r["id"])), what="rollout end")
+        assert done["phase"] == "succeeded", done["reason"]
+        by_id = {d["device_id"]: d for d in done["devices"]}  # type: ignore[union-attr]
+        assert by_id["fl-1"]["attempts"] == 3 and by_id["fl-1"]["state"] == "succeeded"
+        assert all(d.version == "2.0.0" for d in devs)
+    finally:
+        for d in devs:
+            d.stop()

@@ -50,6 +50,9 @@ def spec(**kw: object) -> RolloutSpec:
         "abort_min_finished": 3,
         "success_threshold_pct": 50.0,
         "seed": 7,
+        # the rules these tests were written for: abort reverts, no retry unless asked
+        "on_abort": "rollback",
+        "max_retries": 0,
     }
     base.update(kw)
     return RolloutSpec(**base)  # type: ignore[arg-type]
@@ -189,7 +192,12 @@ def test_status_for_other_versions_or_rollouts_is_ignored() -> None:
 
 
 def test_success_threshold_blocks_the_next_wave_and_aborts() -> None:
-    s = spec(waves=(50.0, 100.0), success_threshold_pct=100.0, abort_failure_pct=90.0)
+    s = spec(
+        waves=(50.0, 100.0),
+        success_threshold_pct=100.0,
+        abort_failure_pct=90.0,
+        abort_min_finished=2,
+    )
     st = E.plan(s, fleet(4), ["cpu-x86_64"], T0).state
     first = ids_in(st, DevState.IN_PROGRESS)
     st = report(st, first[:1], "COMMITTED", T0 + 1)
@@ -204,11 +212,11 @@ def test_abort_rule_waits_for_min_finished_then_reverts_every_moved_device() -> 
     s = spec(waves=(100.0,), abort_failure_pct=30.0, abort_min_finished=4)
     st = E.plan(s, fleet(10), ["cpu-x86_64"], T0).state
     live = ids_in(st, DevState.IN_PROGRESS)
-    st = report(st, live[:2], "FAILED", T0 + 1, reason_code="validation_failed")
-    assert st.phase == Phase.RUNNING  # 2 failures but only 2 finished (< 4)
-    st = report(st, live[2:3], "COMMITTED", T0 + 2)
+    st = report(st, live[:1], "FAILED", T0 + 1, reason_code="validation_failed")
+    assert st.phase == Phase.RUNNING  # 1 failure: not over 30 % of the minimum sample (4)
+    st = report(st, live[2:4], "COMMITTED", T0 + 2)
     assert st.phase == Phase.RUNNING
-    d = E.handle(st, StatusReport(live[3], "2.0.0", "COMMITTED"), T0 + 3)
+    d = E.handle(st, StatusReport(live[1], "2.0.0", "FAILED", "validation_error"), T0 + 3)
     # 2 failures / 4 finished = 50 % > 30 %
     assert d.state.phase == Phase.ABORTED
     assert sorted(reverted(d.actions)) == live
@@ -468,7 +476,7 @@ def test_plain_cancel_follows_devices_still_at_work_without_retrying() -> None:
 def test_first_install_abort_is_confirmed_by_removed() -> None:
     """No previous version: the revert asks the device to remove the model, and a REMOVED
     status for the rollout's model (not a COMMITTED of a version that never was) confirms it."""
-    s = spec(waves=(100.0,))
+    s = spec(waves=(100.0,), remove_first_installs=True)
     st = E.plan(s, fleet(4, prev=None), ["cpu-x86_64"], T0).state
     live = ids_in(st, DevState.IN_PROGRESS)
     st = report(st, live[:2], "COMMITTED", T0 + 1)  # two committed the new version

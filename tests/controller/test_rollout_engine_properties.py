@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from edgefleet.cloud_controller import rollout_engine as E
 
-AGENT_STATES = ["DOWNLOADING", "VALIDATING", "COMMITTED", "FAILED", "ROLLED_BACK"]
+AGENT_STATES = [
+    "DOWNLOADING",
+    "VALIDATING",
+    "COMMITTED",
+    "FAILED",
+    "ROLLED_BACK",
+    "ROLLBACK_FAILED",
+]
 REASONS = [None, "download_failed", "validation_error", "signature_invalid"]
 
 
@@ -36,7 +43,7 @@ events = st.one_of(
 
 # fmt: off
 specs = st.builds(
-    lambda waves, retries, thr, pct, mn, appr, rate, soak, seed: E.RolloutSpec(
+    lambda waves, retries, thr, pct, mn, appr, rate, soak, seed, mode: E.RolloutSpec(
         "r",
         "iris",
         "2.0.0",
@@ -53,16 +60,18 @@ specs = st.builds(
         soak_s=soak,
         gates=E.Gates(max_p95_ratio=2.0),
         seed=seed,
+        on_abort=mode,
     ),
     st.sampled_from([(100.0,), (25.0, 100.0), (10.0, 50.0, 100.0)]),
     st.integers(0, 2),
     st.sampled_from([0.0, 50.0, 100.0]),
     st.sampled_from([0.0, 30.0, 100.0]),
-    st.integers(1, 4),
+    st.one_of(st.none(), st.integers(1, 4)),
     st.sampled_from([(), (1,)]),
     st.sampled_from([None, 2, 5]),
     st.sampled_from([0.0, 20.0]),
     st.integers(0, 1000),
+    st.sampled_from(["halt", "rollback"]),
 )
 # fmt: on
 
@@ -84,6 +93,7 @@ def test_invariants_hold_for_any_event_sequence(
     dispatches: Counter[str] = Counter(a.device_id for a in d.actions if isinstance(a, E.Dispatch))
     reverts: Counter[str] = Counter()
     ended_at_step: int | None = None
+    rolled = False
     for k, (ev, dt) in enumerate(steps):
         now += dt
         before = state
@@ -101,6 +111,12 @@ def test_invariants_hold_for_any_event_sequence(
                 assert a.previous_version == "1.0.0"
         if state.phase in E.TERMINAL_PHASES and ended_at_step is None:
             ended_at_step = k
+            if isinstance(ev, E.Cancel):
+                rolled = ev.rollback
+            elif isinstance(ev, E.Abort):
+                rolled = (ev.on_abort or spec.on_abort) == "rollback"
+            else:
+                rolled = state.phase == E.Phase.ABORTED and spec.on_abort == "rollback"
         # the incremental tally always equals a fresh count
         assert state.tally == E.tally_of(state.devices)
         # counts always add up, and waves match the plan
@@ -115,10 +131,8 @@ def test_invariants_hold_for_any_event_sequence(
         # no device is in flight or pending once it ended
         if state.phase in E.TERMINAL_PHASES:
             live = {E.DevState.PENDING, E.DevState.WAITING_RETRY}
-            if state.phase != E.Phase.CANCELLED or any(
-                dv.rollback for dv in state.devices.values()
-            ):
-                live.add(E.DevState.IN_PROGRESS)  # only a plain cancel follows devices at work
+            if rolled:
+                live.add(E.DevState.IN_PROGRESS)  # a halt or plain cancel follows devices at work
             assert not any(dv.state in live for dv in state.devices.values())
         # earlier waves are finished before a later one gets devices
         for dv in state.devices.values():
@@ -127,9 +141,16 @@ def test_invariants_hold_for_any_event_sequence(
     for dev, k in dispatches.items():
         assert k <= 1 + spec.max_retries
         assert state.devices[dev].attempts == k
-    # each moved device is reverted at most once, and only if the rollout ended that way
-    assert all(k == 1 for k in reverts.values())
+    # a device is reverted once (again only when its way back failed transiently), and only
+    # if the rollout ended: with a rollback, exactly the moved devices; with a halt, only
+    # devices that do not run the release
+    assert all(k <= 1 + max(1, spec.max_retries) for k in reverts.values())
     if reverts:
         assert state.phase in (E.Phase.ABORTED, E.Phase.CANCELLED)
-        moved = {dv.device_id for dv in state.devices.values() if dv.rollback is not None}
-        assert set(reverts) == moved
+        back = {
+            dv.device_id for dv in state.devices.values() if dv.rollback in ("requested", "done")
+        }
+        assert back <= set(reverts)
+        for d in set(reverts) - back:  # withdrawn: it does not run the release
+            dv = state.devices[d]
+            assert dv.state != E.DevState.SUCCEEDED or dv.rollback == "failed"

@@ -77,6 +77,7 @@ SPEC = {
     "model": "iris",
     "version": "2.0.0",
     "target": {"groups": [], "tags": [], "device_ids": ["d0", "d1", "d2", "d3"]},
+    "on_abort": "rollback",
 }
 
 
@@ -217,7 +218,15 @@ def test_abort_of_a_first_install_asks_for_removal_and_a_new_rollout_drops_it(
     clock = Clock()
     svc, sent = service(store, clock)
     pub = svc._signer.key.public_key()
-    st = svc.create({**SPEC, "target": {"device_ids": ["new", "d0"]}, "waves": [100]}, "t")
+    st = svc.create(
+        {
+            **SPEC,
+            "target": {"device_ids": ["new", "d0"]},
+            "waves": [100],
+            "remove_first_installs": True,
+        },
+        "t",
+    )
     rid = st.spec.rollout_id
     assert st.devices["new"].previous_version is None
     svc.on_status([("iris", E.StatusReport("new", "2.0.0", "COMMITTED", rollout_id=rid))])
@@ -313,3 +322,170 @@ def test_two_replicas_on_one_database_keep_exact_counts(
     clock.now += 3
     a.tick()
     assert st2.spec.rollout_id in a.active_ids()
+
+
+def _last_desired(svc: RolloutService, sent: list[tuple[str, bytes]], dev: str) -> dict[str, Any]:
+    raw = [p for t, p in sent if t.endswith(f"/{dev}/desired")][-1]
+    return verify_desired(raw, [svc._signer.key.public_key()], device_id=dev, last_seq=None)
+
+
+def test_abort_of_a_first_install_never_removes_it_from_a_device_that_committed_it(
+    shared_store: sessionmaker[Session],
+) -> None:
+    """The default (halt) and an explicit rollback both leave a committed first install alone:
+    no `remove`, its desired entry stays; a device that failed it gets nothing to install."""
+    from edgefleet.cloud_controller.models import Device
+
+    with db.transaction(shared_store) as s:
+        for d in ("gw-001", "gw-002"):
+            devices.apply_presence(s, d, {"online": True, "profiles": ["cpu-x86_64"]})
+    for mode in ("halt", "rollback"):
+        svc, sent = service(shared_store, Clock())
+        body = {
+            "model": "iris",
+            "version": "2.0.0" if mode == "halt" else "1.0.0",
+            "target": {"device_ids": ["gw-001", "gw-002"]},
+            "waves": [100],
+            "on_abort": mode,
+        }
+        st = svc.create(body, "t")
+        rid, v = st.spec.rollout_id, st.spec.version
+        assert st.devices["gw-001"].previous_version is None or mode == "rollback"
+        svc.on_status([("iris", E.StatusReport("gw-001", v, "COMMITTED", rollout_id=rid))])
+        after = svc.control(rid, E.Abort("operator"))
+        assert after.phase == E.Phase.ABORTED
+        kept = _last_desired(svc, sent, "gw-001")
+        assert "remove" not in kept and kept["models"]["iris"]["version"] == v, mode
+        with shared_store() as s:
+            row = s.get(DesiredState, "gw-001")
+            assert row is not None and not row.remove
+            dev = s.get(Device, "gw-001")
+            assert dev is not None
+        msgs = [e["message"] for e in _events(shared_store, rid)]
+        assert not any("iris removed" in m for m in msgs), msgs
+        assert mode == "halt" or any("gw-001: keeps" in m for m in msgs), msgs
+        # the device still at work: followed (halt) or its entry withdrawn, never removed
+        other = _last_desired(svc, sent, "gw-002")
+        assert "remove" not in other
+        with db.transaction(shared_store) as s:  # make the next round a first install again
+            for d in ("gw-001", "gw-002"):
+                r = s.get(DesiredState, d)
+                if r is not None:
+                    s.delete(r)
+            s.query(Device).filter(Device.id.in_(["gw-001", "gw-002"])).update(
+                {"installed": {}}, synchronize_session=False
+            )
+
+
+def _events(factory: sessionmaker[Session], rid: str) -> list[dict[str, Any]]:
+    from edgefleet.cloud_controller.models import RolloutEvent
+
+    with factory() as s:
+        rows = (
+            s.query(RolloutEvent).filter(RolloutEvent.rollout_id == rid).order_by(RolloutEvent.id)
+        )
+        return [{"message": r.message} for r in rows]
+
+
+def test_spec_thresholds_reach_the_desired_state_and_rollbacks_are_marked(
+    store: sessionmaker[Session],
+) -> None:
+    svc, sent = service(store, Clock())
+    body = {**SPEC, "waves": [100], "gates": {"max_p95_ratio": 1.3}, "on_abort": "rollback"}
+    st = svc.create(body, "t")
+    entry = _last_desired(svc, sent, "d0")["models"]["iris"]
+    assert entry["max_p95_ratio"] == 1.3 and "rollback" not in entry
+    svc.control(st.spec.rollout_id, E.Abort())
+    back = _last_desired(svc, sent, "d0")["models"]["iris"]
+    assert back["version"] == "1.0.0" and back["rollback"] is True and "max_p95_ratio" not in back
+    # without the gate no ratio is sent (the agent's own configuration applies)
+    svc2, sent2 = service(store, Clock())
+    svc2.create({**SPEC, "version": "1.0.0", "waves": [100]}, "t")
+    assert "max_p95_ratio" not in _last_desired(svc2, sent2, "d0")["models"]["iris"]
+
+
+def test_ids_by_unique_prefix_and_approve_with_nothing_to_approve_is_refused(
+    store: sessionmaker[Session],
+) -> None:
+    from edgefleet.cloud_controller.rollouts import RolloutError
+
+    svc, _ = service(store, Clock())
+    st = svc.create({**SPEC, "waves": [50, 100], "approval_waves": [1], "seed": 2}, "t")
+    rid = st.spec.rollout_id
+    assert svc.get_state(rid[:4]) is not None and svc.get_state("zz-none") is None
+    with pytest.raises(RolloutError) as e:
+        svc.control(rid[:5], E.Approve())
+    assert e.value.code == "nothing_to_approve" and e.value.status == 409
+    with pytest.raises(RolloutError) as e:
+        svc.control(rid, E.Approve(0))  # the running wave needs no approval
+    assert e.value.code == "nothing_to_approve"
+    with pytest.raises(RolloutError) as e:
+        svc.control(rid, E.Resume())
+    assert e.value.code == "not_paused"
+    assert 1 in svc.control(rid, E.Approve(1)).approved  # a wave ahead: approved now
+    with pytest.raises(RolloutError) as e:
+        svc.control(rid, E.Approve(1))
+    assert e.value.code == "nothing_to_approve"  # twice: nothing left to approve
+
+
+def test_out_of_sync_since_follows_desired_and_reported(store: sessionmaker[Session]) -> None:
+    from edgefleet.cloud_controller import desired
+    from edgefleet.cloud_controller.models import Device
+
+    svc, _ = service(store, Clock())
+    with store() as s:
+        dev = s.get(Device, "d0")
+        assert dev is not None and dev.out_of_sync_since is None
+        assert desired.sync_view(dev, s.get(DesiredState, "d0"))["managed"] is False
+    svc.create({**SPEC, "waves": [100]}, "t")
+    with store() as s:
+        dev, row = s.get(Device, "d0"), s.get(DesiredState, "d0")
+        assert dev is not None and dev.out_of_sync_since is not None
+        view = desired.sync_view(dev, row)
+        assert not view["in_sync"] and view["since"]
+        assert view["models"] == [
+            {
+                "model": "iris",
+                "desired": "2.0.0",
+                "installed": "1.0.0",
+                "local": False,
+                "rollback_failed": False,
+            }
+        ]
+        assert desired.sync_text(view).startswith("no: iris 1.0.0≠2.0.0 since ")
+    now = datetime.now(UTC)
+    with db.transaction(store) as s:
+        devices.apply_presence(
+            s, "d0", {"online": True, "installed": {"iris": {"version": "2.0.0"}}}, now
+        )
+        desired.note_sync_many(s, ["d0"], now)
+    with store() as s:
+        dev = s.get(Device, "d0")
+        assert dev is not None and dev.out_of_sync_since is None
+        assert desired.sync_text(desired.sync_view(dev, s.get(DesiredState, "d0"))) == "yes"
+    # a version installed by hand (reported as a local install) is out of sync, and says so
+    with db.transaction(store) as s:
+        devices.apply_presence(
+            s, "d0", {"online": True, "installed": {"iris": {"version": "9.0.0"}}}, now
+        )
+        dev = s.get(Device, "d0")
+        assert dev is not None
+        dev.last_status = {"model": "iris", "version": "9.0.0", "local": True}
+        desired.note_sync_many(s, ["d0"], now)
+    with store() as s:
+        dev = s.get(Device, "d0")
+        assert dev is not None
+        text = desired.sync_text(desired.sync_view(dev, s.get(DesiredState, "d0")))
+        assert text.startswith("no: iris 9.0.0≠2.0.0 (local install) since")
+
+
+@pytest.mark.parametrize("ratio", [-1.0, 0, True, "1.3", float("inf")])
+def test_a_malformed_probation_ratio_is_refused_when_signed(ratio: object) -> None:
+    from edgefleet.wire.errors import RejectError
+    from edgefleet.wire.mqtt import sign_desired
+
+    entry = {"version": "1.0.0", "url": "http://x/1", "sha256": "a" * 64, "max_p95_ratio": ratio}
+    state = {"device_id": "d", "seq": 1, "issued_at": "2026-01-01T00:00:00Z",
+             "expires_at": "2026-01-02T00:00:00Z", "models": {"iris": entry}}  # fmt: skip
+    with pytest.raises(RejectError, match="max_p95_ratio"):
+        sign_desired(state, ec.generate_private_key(ec.SECP256R1()))

@@ -74,6 +74,12 @@ def test_api_drift_per_feature_history_and_events(served: Served) -> None:
         f["counts"] for f in iris()[0]["features"] if f["name"] == "X[2]"
     )
     assert sum(f2["live_counts"]) == doc["n"]
+    # X[2] moved by 1.2 beyond its training maximum: counted and judged by the range test
+    assert f2["above"] > 0 and f2["p_range"] is not None and f2["range_checked"] == doc["n"]
+    assert f2["reference_range"]["max"] == pytest.approx(6.9, abs=1e-5)
+    det = f2["detectability"]
+    assert det["n"] > 0 and 0 < det["min_shift_std"] < 2 and 0 < det["min_out_of_range"] < 0.1
+    assert doc["reference_warnings"] == []
     hist = _get(served, "/api/v1/drift/iris/history", served.viewer).json()["buckets"]
     assert [b["status"] for b in hist] == ["ok", "ok", "ok", "drift", "drift"]
     events = _get(served, "/api/v1/drift/iris/events", served.viewer).json()["events"]
@@ -143,6 +149,7 @@ def test_cli_drift_show_json_and_table(served: Served) -> None:
         ],
     )
     assert res.exit_code == 3 and "X[2]" in res.output and "device gw-1" in res.output
+    assert "0/450" in res.output and "σ" in res.output and "outside: live values" in res.output
     res = runner.invoke(app, ["drift", "show", "iris", "--url", served.url, "--token", "nope"])
     assert res.exit_code == 1 and "invalid_token" in res.output
 
@@ -170,6 +177,7 @@ def test_drift_page_in_headless_chromium(served: Served, tmp_path: Path) -> None
     assert "Drift: iris" in dom and 'class="badge drift"' in dom
     assert 'class="feature drifted" data-feature="X[2]"' in dom
     assert dom.count('class="timeline"') == 1 and dom.count('class="alarm"') == 2
+    assert "outside the reference range:" in dom and "detects with 80 % power at n=" in dom
     shot = tmp_path / "drift.png"
     _chromium([f"--screenshot={shot}", "--window-size=1280,1400", url], tmp_path)
     img = read_png(shot)
@@ -188,3 +196,14 @@ def test_fleet_and_rollouts_pages_in_headless_chromium(served: Served, tmp_path:
     assert "Rollouts" in dom.stdout
     denied = httpx.get(served.url + "/dashboard/", timeout=30)
     assert denied.status_code == 401 and "viewer token" in denied.text
+
+
+def test_drift_page_shows_range_counts_and_what_the_reference_can_detect(served: Served) -> None:
+    page = httpx.get(
+        f"{served.url}/dashboard/drift/iris", params={"hours": "3", "token": served.viewer}
+    )
+    assert page.status_code == 200
+    assert "outside the reference range: 0 below, " in page.text
+    assert page.text.count("detects with 80 % power at n=") == 5  # every feature
+    assert page.text.count(" std or ") == 4  # a shift and an out-of-range share: numeric X[*]
+    assert "reference-warnings" not in page.text  # iris's 150 rows watch every feature

@@ -114,6 +114,7 @@ def test_slower_release_aborts_on_the_p95_gate_and_rolls_back(
                     "device_timeout_s": 30,
                     "soak_s": 4,
                     "gates": {"max_p95_ratio": 1.5, "max_error_rate": 0.05},
+                    "on_abort": "rollback",  # put the moved devices back (default: halt)
                     "seed": 1,
                 },
             )

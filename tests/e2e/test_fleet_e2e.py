@@ -7,8 +7,10 @@ The tests share one fleet and run in file order; each reads the versions it star
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -17,7 +19,9 @@ import paho.mqtt.client as mqtt
 from edgefleet.demo.fleet import Fleet
 from edgefleet.demo.rollouts import rollout_body
 from edgefleet.demo.spec import MODEL_NAME
+from edgefleet.keys import KeyPair, key_id, load_public_key
 from edgefleet.wire.mqtt import topic
+from tests.support.packages import make_package
 
 
 def serving(fleet: Fleet, device_id: str) -> str | None:
@@ -144,7 +148,8 @@ def test_bad_release_aborts_at_threshold_and_moved_devices_stay_on_previous(
 ) -> None:
     before = fleet.installed()
     assert set(before.values()) == {"1.0.0"}
-    rid = create(fleet, "1.1.0", waves=[40.0, 100.0], abort_failure_pct=30.0, abort_min_finished=2)
+    # 30 % of a minimum sample of 4: the second failure aborts, not the first
+    rid = create(fleet, "1.1.0", waves=[40.0, 100.0], abort_failure_pct=30.0, abort_min_finished=4)
     detail = fleet.wait_rollout(rid, timeout=120)
     assert detail["phase"] == "aborted", detail
     by_state = detail["counts"]["states"]
@@ -312,3 +317,73 @@ def test_agents_telemetry_reaches_the_controller(fleet: Fleet) -> None:
         time.sleep(0.5)
     assert metric(fleet, "edgefleet_mqtt_messages", 'kind="telemetry"') > 0
     assert dropped(fleet, "telemetry_not_json") == 0
+
+
+def test_a_rollback_that_cannot_land_is_final_and_loud(fleet: Fleet) -> None:
+    """An operator rolls a device back to a version whose files are gone (pruned on the device,
+    deleted from the registry's disk): the rollback fails for good, the device keeps serving
+    what it ran, and the rollout, the device list and the dashboard all say so."""
+    assert fleet.api is not None
+    model = "backtrack"
+    pub = fleet.keys["packager_pub"]
+    key = KeyPair(key_id(load_public_key(pub)), fleet.keys["packager_key"], pub)
+    for v in ("1.0.0", "1.1.0"):
+        fleet.upload(make_package(fleet.root / f"bt-{v}", name=model, version=v, key=key))
+    dev = fleet.spec.device_ids()[0]
+
+    def release(version: str, **kw: Any) -> str:
+        body = rollout_body(version, [dev], waves=[100.0], **kw)
+        return fleet.create_rollout({**body, "model": model})
+
+    first = fleet.wait_rollout(release("1.0.0"), timeout=90)
+    assert first["phase"] == "succeeded", first
+    rid = release("1.1.0", soak_s=600)
+    fleet.wait_rollout(rid, timeout=90, until=lambda d: d["phase"] == "soaking")
+    # the way back is gone: the device's copy of 1.0.0 and the registry's file of it
+    shutil.rmtree(fleet.agent_dir(dev) / "data" / "models" / model / "1.0.0", ignore_errors=True)
+    aside = fleet.root / "bt-aside"
+    aside.mkdir(exist_ok=True)
+    digests = {
+        p["sha256"]
+        for p in fleet.api.call("GET", f"/api/v1/packages?name={model}")
+        if p["version"] == "1.0.0"
+    }
+    moved = [
+        p
+        for p in (fleet.controller_dir / "packages").rglob("*")
+        if p.is_file() and any(d in p.name for d in digests)
+    ]
+    assert digests and moved, digests
+    for p in moved:
+        shutil.move(p, aside / p.name)
+    try:
+        fleet.api.call("POST", f"/api/v1/rollouts/{rid}/abort", {"reason": "operator"})
+        detail = fleet.wait_rollout(rid, timeout=120)  # every rollback answered
+        c = detail["counts"]
+        assert (c["rollback_requested"], c["rolled_back"], c["rollback_failed"]) == (1, 0, 1), c
+        (row,) = [d for d in detail["devices"] if d["device_id"] == dev]
+        assert row["rollback"] == "failed" and row["rollback_reason"], row
+        # it still serves what it ran before the rollback
+        url = f"http://127.0.0.1:{fleet.agent_ports[dev]}/v2/models/{model}"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert json.loads(r.read())["versions"] == ["1.1.0"]
+        shown = fleet.api.call("GET", f"/api/v1/devices/{dev}")
+        sync = shown["sync"]
+        assert sync["in_sync"] is False and sync["since"], sync
+        assert {(m["model"], m["desired"], m["installed"]) for m in sync["models"]} == {
+            (model, "1.0.0", "1.1.0")
+        }
+        listed = {r["id"]: r for r in fleet.api.call("GET", "/api/v1/rollouts")}
+        assert listed[rid]["counts"]["rollback_failed"] == 1
+        page = urllib.request.Request(
+            fleet.api.base + "/dashboard/", headers={"Authorization": f"Bearer {fleet.api.token}"}
+        )
+        try:
+            with urllib.request.urlopen(page, timeout=10) as r:
+                html = r.read().decode()
+        except urllib.error.HTTPError as e:  # pragma: no cover - the assertion says why
+            raise AssertionError(f"dashboard: {e.code}") from e
+        assert f"{model}: desired 1.0.0, installed 1.1.0" in html
+    finally:
+        for p in moved:
+            shutil.move(aside / p.name, p)

@@ -185,9 +185,18 @@ def test_replayed_forged_and_out_of_order_states_are_ignored(
     rejected = [
         s["reason_code"] for s in observer.of(device.id, "status") if s["state"] == "REJECTED"
     ]
+    # the same state again is nothing; a lower seq is reported, with the seq the device holds
     assert sorted(rejected) == sorted(
-        ["untrusted_key", "signature_invalid", "signature_missing", "device_mismatch"]
+        [
+            "untrusted_key",
+            "signature_invalid",
+            "signature_missing",
+            "device_mismatch",
+            "seq_regressed",
+        ]
     )
+    (back,) = [s for s in observer.of(device.id, "status") if s["reason_code"] == "seq_regressed"]
+    assert back["desired_seq"] == 7 and back["figures"] == {"last_seq": 10, "received_seq": 7}
     assert json.loads((device.config.data_dir / "mqtt" / "link.json").read_text())["last_seq"] == 11
 
     # A restarted link gets the retained state again and does not act on it twice.

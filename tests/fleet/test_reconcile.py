@@ -85,8 +85,19 @@ def test_link_state_round_trips_and_survives_a_corrupt_file(tmp_path: Path) -> N
     back = LinkState.load(path)
     assert back.last_seq == 7
     assert len(back.rollouts) == 64 and back.rollouts["m@1.0.99"] == "99"  # newest kept
+    assert back.problem is None
+    # corrupt: not silently reset; the seq comes back from the redundant copy, and the load
+    # says what it found; the corrupt file is kept aside
     path.write_text("{not json")
-    assert LinkState.load(path).last_seq is None
+    back = LinkState.load(path)
+    assert back.last_seq == 7 and back.problem and "corrupt" in back.problem
+    assert not back.seq_lost and list(path.parent.glob("link.json.corrupt-*"))
+    # both copies gone on a device that has acted before: lost, and said so
+    LinkState.seq_path(path).write_text('{"last_seq": "x"}')
+    back = LinkState.load(path, expected=True)
+    assert back.last_seq is None and back.seq_lost and back.problem
+    # a new device has neither file: nothing to report
+    assert LinkState.load(tmp_path / "new" / "mqtt" / "link.json").problem is None
 
 
 def test_parse_removals_absent_means_none() -> None:

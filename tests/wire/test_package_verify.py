@@ -320,3 +320,70 @@ def test_rewritten_identical_package_still_verifies(
     """The tamper helpers themselves do not break a package (so the rejections above are real)."""
     same = write_members(tmp_path / "same.efpkg", read_members(good_package))
     verify_package(same, VerifyPolicy(trusted))
+
+
+# --------------------------------------------------------------------------- crafted JSON
+
+
+def _with_hint(members: list, hint: object) -> list:
+    out = []
+    for ti, d in members:
+        if ti.name == "model.sig" and d is not None:
+            b = json.loads(d)
+            b["verificationMaterial"]["publicKey"]["hint"] = hint
+            d = json.dumps(b).encode()
+        out.append((ti, d))
+    return out
+
+
+def _deep_manifest(members: list) -> list:
+    out = []
+    for ti, d in members:
+        if ti.name == "manifest.json" and d is not None:
+            d = d.rstrip()[:-1] + b',"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        out.append((ti, d))
+    return out
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "edgefleet", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("hint", [["a", "b"], {"k": "v"}, 7, [[[]]]])
+def test_key_hint_of_the_wrong_type_is_a_clean_rejection(
+    good_package: Path, keys: KeyPair, trusted: list, tmp_path: Path, hint: object
+) -> None:
+    pkg = rewrite(good_package, tmp_path / "h.efpkg", lambda ms: _with_hint(ms, hint))
+    for revoked in (set(), {"0" * 64}):  # a set made `hint in revoked` raise TypeError
+        e = reject(
+            pkg,
+            VerifyPolicy(trusted, revoked_key_ids=revoked),
+            ReasonCode.SIGNATURE_INVALID,
+            tmp_path,
+        )
+        assert "hint" in e.message
+    code, out = _cli("verify", str(pkg), "--trust", str(keys.public_path), "--revoked", "0" * 64)
+    assert code == 1 and "signature_invalid" in out and "Traceback" not in out, out
+
+
+def test_deeply_nested_manifest_is_a_clean_rejection(
+    good_package: Path, keys: KeyPair, trusted: list, tmp_path: Path
+) -> None:
+    """Signed or not, a manifest nested 100,000 deep is refused as manifest_invalid by the
+    verifier, ``verify`` and ``inspect`` (no RecursionError)."""
+    pkg = rewrite(good_package, tmp_path / "d.efpkg", lambda ms: resign(_deep_manifest(ms), keys))
+    e = reject(pkg, VerifyPolicy(trusted), ReasonCode.MANIFEST_INVALID, tmp_path)
+    assert "deeper" in e.message
+    for args in (["verify", str(pkg), "--trust", str(keys.public_path)], ["inspect", str(pkg)]):
+        code, out = _cli(*args)
+        assert code == 1 and "manifest_invalid" in out and "Traceback" not in out, out
