@@ -8,7 +8,6 @@ import json
 import math
 from typing import Any
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,12 +24,6 @@ def _plain(text: str) -> bool:
     return text.isascii() and text.isprintable() and not any(c.isspace() for c in text)
 
 
-def _xfail(defect: str, branch: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(
-        strict=False, raises=AssertionError, reason=f"issue 11 {defect}, fixed on branch {branch}"
-    )
-
-
 versions = nasty_text | st.sampled_from(
     ["1.0.0\n", "1\u0660.0.0", "\uff11.0.0", " 1.0.0", "1.0.0 ", "01.0.0", "1.0.0-\u0661"]
 )
@@ -38,7 +31,6 @@ names = nasty_text | st.sampled_from(["iris\n", "iris ", "ir\u0131s", "iris\x00"
 
 
 @given(name=names, version=versions, agent=versions)
-@_xfail("#20-31 non-canonical names and versions accepted ('iris\\n', '1\u0660.0.0')", "h-ctlhard")
 def test_manifest_accepts_only_plain_names_and_versions(
     name: str, version: str, agent: str
 ) -> None:
@@ -57,7 +49,6 @@ def test_manifest_accepts_only_plain_names_and_versions(
 @given(
     st.dictionaries(st.sampled_from(["max_p95_ms", "max_memory_mb", "sample_atol"]), nasty_floats)
 )
-@_xfail("#20-31 NaN in a manifest gate disables the gate", "h-ctlhard")
 def test_manifest_gates_are_finite(gates: dict[str, float]) -> None:
     try:
         validate_manifest({**T.valid_manifest(), "gates": gates})
@@ -67,7 +58,6 @@ def test_manifest_gates_are_finite(gates: dict[str, float]) -> None:
 
 
 @given(name=names, version=versions)
-@_xfail("#1/#20-31 non-canonical model names and versions in a desired state", "h-ctlhard")
 def test_desired_state_accepts_only_plain_names_and_versions(name: str, version: str) -> None:
     state = T.valid_desired_state()
     state["models"] = {name: {**state["models"]["iris"], "version": version}}
@@ -86,7 +76,6 @@ dims = st.one_of(
 
 
 @given(st.lists(dims, min_size=1, max_size=3))
-@_xfail("#20-31 float and boolean shapes are silently coerced", "h-agentserve")
 def test_inference_shapes_are_integers(shape: list[Any]) -> None:
     count = math.prod(int(d) for d in shape) if all(isinstance(d, int) for d in shape) else 1
     body = json.dumps(
