@@ -21,7 +21,9 @@ import numpy as np
 from edgefleet.packager.recipe import Recipe
 
 #: Backend name -> (module, the extra that installs what it needs).
-KNOWN: dict[str, tuple[str, str]] = {}
+KNOWN: dict[str, tuple[str, str]] = {
+    "nncf": ("edgefleet.packager.backends.nncf", "nncf"),
+}
 
 
 class BackendUnavailable(RuntimeError):
