@@ -26,6 +26,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,9 +519,10 @@ class ZooSet:
     info: dict[str, Any]
 
 
-SIZES = {  # (calibration, each validation set); ResNet-50 at 224 px is the slow one
+SIZES = {  # (calibration, each validation set); the 224 px ResNet-50 and OCR models are slow
     "open-nsfw": (64, 48),
     "ppocr-det": (64, 32),
+    "ppocr-rec": (64, 48),
 }
 
 
@@ -542,7 +544,7 @@ def prepare(
     from edgefleet.packager.evaluate import session as make_session
     from edgefleet.packager.npzio import save_npz
 
-    default_cal, default_val = SIZES.get(name, (128, 96))
+    default_cal, default_val = SIZES.get(name, (96, 64))
     n_cal = n_calibration or default_cal
     n_val = n_validation or default_val
     source = locate(name)
@@ -556,14 +558,19 @@ def prepare(
     if info_path.exists() and all(p.exists() for p in paths.values()):
         info = json.loads(info_path.read_text())
         return ZooSet(name, Path(info["model"]), **paths, info=info)
-    adapted = adapt(name, source, model)
+    staged = adapt(name, source, model.with_name(f".{model.name}.{os.getpid()}.onnx"))
+    adapted = model
+    os.replace(staged, model)
     pool = _pool(name, n_cal + 3 * n_val, seed)
     sess = (session or make_session)(adapted)
     outputs = run_all(sess, pool, batch=32)
     conf = confidence(name, outputs)
     cal, confident, hard = split(conf, n_cal, n_val, seed)
     for k, idx in (("calibration", cal), ("confident", confident), ("hard", hard)):
-        save_npz(paths[k], {n: v[idx] for n, v in pool.items()})
+        # Written aside and renamed: two runs preparing the same set never see half a file.
+        tmp = paths[k].with_name(f".{paths[k].name}.{os.getpid()}.npz")
+        save_npz(tmp, {n: v[idx] for n, v in pool.items()})
+        os.replace(tmp, paths[k])
     m = MODELS[name]
     info = {
         "name": name,
@@ -579,5 +586,7 @@ def prepare(
         "confidence_confident_min": float(conf[confident].min()),
         "confidence_hard_max": float(conf[hard].max()),
     }
-    info_path.write_text(json.dumps(info, indent=2))
+    tmp_info = info_path.with_name(f".{info_path.name}.{os.getpid()}")
+    tmp_info.write_text(json.dumps(info, indent=2))
+    os.replace(tmp_info, info_path)
     return ZooSet(name, adapted, **paths, info=info)

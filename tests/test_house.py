@@ -117,9 +117,10 @@ _IMPORT_NAME = {
     "psycopg": "psycopg",
     "sqlalchemy": "sqlalchemy",
     "scikit-image": "skimage",
+    "amd-quark": "quark",
 }
 # Optional parts of a component, each behind its own extra: the component may import them too.
-_OPTIONAL_EXTRAS = {"packager": ("zoo", "zoo-vad", "nncf")}
+_OPTIONAL_EXTRAS = {"packager": ("zoo", "zoo-vad", "nncf", "quark", "aimet")}
 # Needed at run time by a library the component uses, never imported by edgefleet itself.
 _RUNTIME_ONLY = {"packager": {"sympy"}, "cloud_controller": {"psycopg"}}
 

@@ -15,7 +15,8 @@ Rules (each violation names its rule, the node and what was found):
 - ``power_of_two``: every Q/DQ scale is an exact power of two.
 - ``per_tensor``: every scale is a scalar.
 - ``symmetric``: every signed zero point is 0 (unsigned 16-bit: 32768, unsigned 8-bit: 128).
-- ``activation_bits`` / ``weight_bits``: the integer width of activation and weight Q/DQ pairs.
+- ``activation_bits`` / ``weight_bits``: the integer width of activation Q/DQ pairs and of the
+  weights of Conv/MatMul/Gemm (other constants - int32 biases, PReLU slopes - are not judged).
 """
 
 from __future__ import annotations
@@ -187,8 +188,14 @@ def verify(model: Any, c: Constraints) -> list[Violation]:
             add("layout", node, "zero point is not a constant")
             continue
         bits, signed = _QTYPES.get(elem, (0, False))
-        want = c.weight_bits if is_weight else c.activation_bits
-        if want is not None and bits != want and not (is_weight and bits == 32):
+        # A weight is what a Conv/MatMul/Gemm multiplies by; other constants (biases: int32,
+        # PReLU slopes, Add/Mul operands) take the width the target gives them.
+        is_matmul_weight = is_weight and any(
+            u.op_type in COMPUTE_OPS and len(u.input) > 1 and u.input[1] == node.output[0]
+            for u in consumers.get(node.output[0], [])
+        )
+        want = c.weight_bits if is_matmul_weight else None if is_weight else c.activation_bits
+        if want is not None and bits != want:
             kind = "weight" if is_weight else "activation"
             add(f"{kind}_bits", node, f"{bits}-bit {kind}, target needs {want}-bit")
         if c.symmetric and bits:

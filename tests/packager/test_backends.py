@@ -178,3 +178,53 @@ def test_nncf_backend_refuses_unknown_options(
     recipe = Recipe("x", "static", backend="nncf", extra_options={"colour": "blue"})
     with pytest.raises(BuildError, match="unknown nncf option"):
         _build(recipe, rnet, prepared, tmp_path / "x.onnx")
+
+
+def _need_torch_backend(name: str) -> None:
+    """quark and aimet pull torch: not in the test extra, so they skip (CI too) when absent."""
+    try:
+        get(name)
+    except BackendUnavailable as exc:
+        pytest.skip(f"{exc} (not part of the test extra: it needs torch)")
+
+
+def test_torch_backends_state_their_constraints_without_being_installed() -> None:
+    from edgefleet.packager.backends.aimet import BACKEND as AIMET
+    from edgefleet.packager.backends.quark import BACKEND as QUARK
+
+    xint8 = QUARK.constraints(Recipe("q", "static", backend="quark"))
+    assert xint8.power_of_two and xint8.per_tensor and xint8.symmetric
+    with pytest.raises(ValueError, match="unknown quark algorithm"):
+        QUARK.options(Recipe("q", "static", extra_options={"algorithms": ["magic"]}))
+    a16 = AIMET.constraints(Recipe("a", "qnn", activation_type="QUInt16"))
+    assert a16.activation_bits == 16 and a16.weight_bits == 8
+    with pytest.raises(ValueError, match="unknown aimet option"):
+        AIMET.options(Recipe("a", "qnn", extra_options={"x": 1}))
+
+
+def test_quark_xint8_output_meets_the_vitis_constraints(
+    rnet: zoo.ZooSet, prepared: Path, tmp_path: Path
+) -> None:
+    _need_torch_backend("quark")
+    recipe = Recipe("q", "static", backend="quark", extra_options={"algorithms": ["cle"]})
+    out = _build(recipe, rnet, prepared, tmp_path / "quark.onnx")
+    assert verify(_onnx(out), constraints_for(parse_recipe(RECIPES["pow2"], "pow2"))) == []
+    data = load_npz(rnet.confident)
+    ok = zoo.agreement(
+        "mtcnn-rnet", run_all(session(rnet.model), data), run_all(session(out), data)
+    )
+    assert ok.mean() >= 0.9
+
+
+def test_aimet_a16w8_output_has_sixteen_bit_activations(
+    rnet: zoo.ZooSet, prepared: Path, tmp_path: Path
+) -> None:
+    _need_torch_backend("aimet")
+    recipe = Recipe("a", "qnn", activation_type="QUInt16", backend="aimet")
+    out = _build(recipe, rnet, prepared, tmp_path / "aimet.onnx")
+    assert verify(_onnx(out), Constraints(activation_bits=16, weight_bits=8)) == []
+    data = load_npz(rnet.confident)
+    ok = zoo.agreement(
+        "mtcnn-rnet", run_all(session(rnet.model), data), run_all(session(out), data)
+    )
+    assert ok.mean() >= 0.9
