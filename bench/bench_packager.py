@@ -414,6 +414,28 @@ def _frac(a: tuple[int, int] | None) -> str:
     return f"{a[0]}/{a[1]}" if a else "-"
 
 
+def vendor_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What each vendor backend's candidate did (chosen or not), from the pipeline's search."""
+    lines = []
+    for r in rows:
+        for c in r.get("candidates", []):
+            backend = c["recipe"].get("backend", "ort")
+            if backend == "ort":
+                continue
+            if c["error"]:
+                what = f"[red]failed[/]: {str(c['error'])[:160]}"
+            else:
+                what = (
+                    f"agreement {c['agreement']:.3f}, p50 {c['p50_ms']:.3f} ms, "
+                    f"{'within gate' if c['accepted'] else 'gate missed'}"
+                    f"{', chosen' if c['chosen'] else ''}"
+                )
+            lines.append(f"  {r['model']} {r['profile']} {c['candidate']} ({backend}): {what}")
+    return (
+        (["vendor candidates (pipeline's validation set, CPU provider):", *lines]) if lines else []
+    )
+
+
 def targets(rows: list[dict[str, Any]]) -> list[str]:
     """The issue's targets, checked on the measured rows: one line per model/profile verdict."""
     lines = []
@@ -556,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['p50_ms']:.3f}" if "p50_ms" in r else "",
         )
     console.print(table)
+    for line in vendor_lines(rows):
+        console.print(line, highlight=False)
     for line in targets(rows):
         console.print(line, highlight=False)
     if args.json:
