@@ -18,6 +18,7 @@ Installed with ``pip install 'edgefleet[quark]'``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import io
 import logging
@@ -92,7 +93,8 @@ class QuarkBackend:
         from edgefleet.packager.quantize import make_reader, save_model
 
         opts = self.options(recipe)
-        base = getattr(custom_config, f"{opts['config']}_QCONFIG")
+        # Quark fills in its config objects while quantizing: work on a copy of the preset.
+        base = copy.deepcopy(getattr(custom_config, f"{opts['config']}_QCONFIG"))
         algos: list[Any] = []
         for a in opts["algorithms"]:
             if a == "cle":
