@@ -182,3 +182,46 @@ def test_bench_packager_quick_runs_and_prints_the_table(
     out = capsys.readouterr().out
     assert "plain ORT quantize_static" in out and "mtcnn-rnet" in out
     assert "cpu-x86_64" in out and "agree hard" in out
+
+
+def test_bench_targets_compare_the_cpu_package_with_plain_ort() -> None:
+    from bench.bench_packager import targets, vendor_lines
+
+    base = {"model": "m", "cnn": True, "task": "classifier"}
+    rows = [
+        base | {"profile": "-", "status": "source"},
+        base
+        | {
+            "profile": "-",
+            "status": "baseline",
+            "agree_confident": (50, 51),
+            "agree_hard": (52, 66),
+        },
+        base
+        | {
+            "profile": "cpu-x86_64",
+            "status": "packaged",
+            "vs_fp32": 1.9,
+            "vs_plain": 1.0,
+            "agree_confident": (51, 51),
+            "agree_hard": (52, 66),
+            "candidates": [
+                {
+                    "candidate": "nncf-int8",
+                    "recipe": {"backend": "nncf"},
+                    "error": None,
+                    "agreement": 0.99,
+                    "p50_ms": 1.0,
+                    "accepted": True,
+                    "chosen": False,
+                }
+            ],
+        },
+        base | {"profile": "npu-qnn", "status": "gate_failed"},
+    ]
+    lines = targets(rows)
+    assert "cpu-x86_64 1.90x FP32" in lines[0] and "met" in lines[0]
+    assert "missed" in lines[1] and "npu-qnn" in lines[1]
+    rows[2]["agree_hard"] = (50, 66)  # two more hard disagreements than plain ORT
+    assert "missed" in targets(rows)[0]
+    assert "nncf-int8 (nncf): agreement 0.990" in vendor_lines(rows)[1]
