@@ -78,9 +78,11 @@ class AimetBackend:
         n = len(calibration[names[0]])
         items = [{k: calibration[k][i : i + 1] for k in names} for i in range(n)]
         start = time.perf_counter()
+        model = onnx.load(str(prepared))
+        _drop_trailing_empty_inputs(model)
         with _quiet():
             sim = QuantizationSimModel(
-                onnx.load(str(prepared)),
+                model,
                 param_type="int8",
                 activation_type=f"int{opts['activation_bits']}",
                 quant_scheme=opts["quant_scheme"],
@@ -102,6 +104,14 @@ class AimetBackend:
             "seconds": seconds,
             "verified": constraints.to_dict(),
         }
+
+
+def _drop_trailing_empty_inputs(model: Any) -> None:
+    """``Pad(x, pads, "")`` -> ``Pad(x, pads)``: the same graph in ONNX's semantics (a trailing
+    empty name is an omitted optional input), but AIMET's QDQ export looks the empty name up."""
+    for node in model.graph.node:
+        while node.input and node.input[-1] == "":
+            del node.input[-1]
 
 
 @contextlib.contextmanager
