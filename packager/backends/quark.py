@@ -22,6 +22,7 @@ import copy
 import importlib.metadata
 import io
 import logging
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -110,10 +111,12 @@ class QuarkBackend:
         )
         tmp = out.with_name(out.stem + ".quark.onnx")
         start = time.perf_counter()
-        with _quiet():
-            ModelQuantizer(config).quantize_model(
-                str(prepared), str(tmp), make_reader(prepared, calibration)
-            )
+        # Quark writes a summary (quantized_info.csv) into the working directory: keep it out
+        # of the caller's.
+        reader = make_reader(prepared, calibration)
+        source_path, tmp_path = str(prepared.resolve()), str(tmp.resolve())
+        with _quiet(), tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+            ModelQuantizer(config).quantize_model(source_path, tmp_path, reader)
         seconds = time.perf_counter() - start
         quantized = onnx.load(str(tmp))
         tmp.unlink(missing_ok=True)
