@@ -11,7 +11,7 @@ from typing import Protocol, cast
 import numpy as np
 from numpy.typing import ArrayLike
 
-from edgefleet.wire.message import JsonObject, JsonValue
+from edgefleet.wire.message import JsonObject, JsonValue, json_depth_ok
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -105,22 +105,6 @@ class InferRequest:
     outputs: list[str] | None  # None: all
     binary_outputs: set[str]
     binary_default: bool
-
-
-def json_depth_ok(value: object, limit: int) -> bool:
-    """True when ``value`` nests at most ``limit`` containers deep (iterative: no recursion)."""
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, dict):
-            if d > limit:
-                return False
-            stack.extend((x, d + 1) for x in v.values())
-        elif isinstance(v, list):
-            if d > limit:
-                return False
-            stack.extend((x, d + 1) for x in v)
-    return True
 
 
 def loads_bounded(data: bytes | memoryview, max_depth: int, what: str) -> object:

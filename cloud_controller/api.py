@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
@@ -83,7 +83,9 @@ def revoke_token(token_id: RowId, request: Request, who: Admin) -> dict[str, Any
 
 
 @router.get("/audit")
-def audit_log(db: Db, who: Admin, limit: int = 100) -> list[dict[str, Any]]:
+def audit_log(
+    db: Db, who: Admin, limit: Annotated[int, Query(ge=1, le=2**63 - 1)] = 100
+) -> list[dict[str, Any]]:
     rows = db.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(min(limit, 1000)))
     return [
         {

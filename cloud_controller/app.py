@@ -184,7 +184,6 @@ class Guard:
 def _install_error_handlers(app: FastAPI) -> None:
     """A request refused for an identifier outside its grammar answers like every other
     refusal, ``{"detail": {"code", "message"}}``, with the grammar in the message."""
-    from fastapi.exception_handlers import request_validation_exception_handler
     from fastapi.exceptions import RequestValidationError
 
     from edgefleet.wire.ids import IdentifierError
@@ -197,7 +196,13 @@ def _install_error_handlers(app: FastAPI) -> None:
                 return JSONResponse(
                     {"detail": {"code": cause.code, "message": str(cause)}}, status_code=422
                 )
-        return await request_validation_exception_handler(request, exc)
+        # FastAPI's own answer echoes the refused input, and an input holding NaN or Infinity
+        # cannot be written as JSON (the refusal became a 500): name where and why, not what.
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     app.add_exception_handler(RequestValidationError, on_invalid)
 

@@ -94,6 +94,18 @@ def _refuse_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def json_depth_ok(value: object, limit: int = MAX_DEPTH) -> bool:
+    """True when ``value`` nests at most ``limit`` containers deep (iterative: no recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            if d > limit:
+                return False
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
 def loads_bounded(raw: bytes | str, max_depth: int = MAX_DEPTH) -> object:
     """``json.loads`` for bytes from outside: NaN/Infinity refused, a nesting too deep for the
     decoder's stack refused, then :func:`json_problem`; raises ``ValueError`` naming why."""
@@ -101,7 +113,7 @@ def loads_bounded(raw: bytes | str, max_depth: int = MAX_DEPTH) -> object:
         value: object = json.loads(raw, parse_constant=_refuse_constant)
     except RecursionError as e:
         raise ValueError(f"nested deeper than {max_depth} levels") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of 5000 digits
         raise ValueError(f"not JSON: {e}") from e
     problem = json_problem(value, max_depth)
     if problem is not None:

@@ -35,7 +35,7 @@ from edgefleet.wire import ids
 from edgefleet.wire.errors import RejectError, ReplayError
 from edgefleet.wire.keyid import key_id
 from edgefleet.wire.manifest import NAME_RE, now_utc, parse_time
-from edgefleet.wire.message import encode
+from edgefleet.wire.message import encode, loads_bounded
 from edgefleet.wire.presence import offline
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import InvalidVersion, parse_version
@@ -159,8 +159,8 @@ def verify_desired(
     malformed) or :class:`ReplayError` when ``seq`` is not newer than ``last_seq``.
     """
     try:
-        env = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        env = loads_bounded(raw)
+    except ValueError as e:  # not JSON, too deep, an integer of 5000 digits, NaN
         raise RejectError(
             ReasonCode.SIGNATURE_INVALID, "desired state is not a JSON envelope"
         ) from e
@@ -185,9 +185,10 @@ def verify_desired(
             ReasonCode.SIGNATURE_INVALID, "desired state signature does not verify"
         ) from e
     try:
-        state = validate_desired(json.loads(payload))
-    except json.JSONDecodeError as e:
-        raise _bad("payload is not JSON") from e
+        decoded = loads_bounded(payload)
+    except ValueError as e:  # not UTF-8, not JSON, too deep, an integer of 5000 digits, NaN
+        raise _bad(f"payload is not acceptable JSON: {e}") from e
+    state = validate_desired(decoded)
     if state["device_id"] != device_id:
         raise RejectError(
             ReasonCode.DEVICE_MISMATCH,

@@ -21,7 +21,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -323,14 +323,8 @@ def _check_external_data(
     ti = headers.get(model)
     if ti is None or ti.size == 0:
         return
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            locations = trust.external_data_locations(
-                view[ti.offset_data : ti.offset_data + ti.size], model
-            )
-        finally:
-            view.release()
+    start, size = ti.offset_data, ti.size
+    locations = _read_locations(path, model, lambda view: view[start : start + size])
     trust.check_external_data(locations, verdict.payload, model)
 
 
@@ -344,16 +338,34 @@ def check_installed_external_data(version_dir: Path, manifest: Manifest) -> None
     payload = set(members) if isinstance(members, dict) else set()
     if not path.is_file() or path.stat().st_size == 0:
         return
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            locations = trust.external_data_locations(view, model)
-        finally:
-            view.release()
+    locations = _read_locations(path, model, lambda view: view)
     trust.check_external_data(locations, payload, model)
     for loc in locations:
         if (Path(version_dir) / loc).is_symlink():
             raise RejectError(ReasonCode.LINK_MEMBER, f"{model}'s external data {loc!r} is a link")
+
+
+def _read_locations(path: Path, model: str, part: Callable[[memoryview], memoryview]) -> list[str]:
+    """``trust.external_data_locations`` of ``part`` of the file at ``path``, read in place.
+
+    A refusal is re-raised as a fresh error once the file is unmapped: the original's traceback
+    holds frames whose views still pin the mapping, and closing it then raised ``BufferError``
+    in place of the refusal."""
+    problem: RejectError | None = None
+    locations: list[str] = []
+    with (
+        open(path, "rb") as f,
+        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm,
+        memoryview(mm) as view,
+        part(view) as region,
+    ):
+        try:
+            locations = list(trust.external_data_locations(region, model))
+        except RejectError as e:
+            problem = RejectError(e.code, e.message)
+    if problem is not None:
+        raise problem
+    return locations
 
 
 def manifest_parts_model_file(manifest: Manifest) -> str:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.wire.errors import RejectError
 from edgefleet.wire.keyid import KeyIdError, canonical_key_ids, key_id
+from edgefleet.wire.message import loads_bounded
 from edgefleet.wire.reasons import ReasonCode
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -133,9 +134,9 @@ def verify(
     if len(bundle_bytes) > MAX_BUNDLE_BYTES:
         raise RejectError(ReasonCode.TOO_LARGE, f"signature bundle over {MAX_BUNDLE_BYTES} bytes")
     try:
-        bundle = json.loads(bundle_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _invalid(f"signature bundle is not JSON: {e}") from e
+        bundle = loads_bounded(bundle_bytes)
+    except ValueError as e:  # not JSON, too deep, an integer of 5000 digits, NaN
+        raise _invalid(f"signature bundle is not acceptable JSON: {e}") from e
     if not isinstance(bundle, dict) or bundle.get("mediaType") != BUNDLE_MEDIA_TYPE:
         raise _invalid(f"not a Sigstore bundle of media type {BUNDLE_MEDIA_TYPE}")
     env = bundle.get("dsseEnvelope")
@@ -188,9 +189,9 @@ def verify(
 
 def _parse_statement(payload: bytes) -> tuple[str, dict[str, str]]:
     try:
-        st = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _invalid("signed statement is not JSON") from e
+        st = loads_bounded(payload)
+    except ValueError as e:
+        raise _invalid(f"signed statement is not acceptable JSON: {e}") from e
     if not isinstance(st, dict) or st.get("_type") != STATEMENT_TYPE:
         raise _invalid("signed payload is not an in-toto Statement v1")
     if st.get("predicateType") != PREDICATE_TYPE:
@@ -212,7 +213,10 @@ def _parse_statement(payload: bytes) -> tuple[str, dict[str, str]]:
         if r["name"] in digests:
             raise _invalid(f"resource {r['name']!r} listed twice")
         digests[r["name"]] = r["digest"]
-    expected = (subject.get("digest") or {}).get("sha256")
+    digest = subject.get("digest")
+    if not isinstance(digest, dict):
+        raise _invalid("statement subject has no digest object")
+    expected = digest.get("sha256")
     if expected != root_digest(digests):
         raise _invalid("subject digest does not match the listed resources")
     return str(subject.get("name", "")), digests

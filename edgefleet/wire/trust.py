@@ -32,6 +32,7 @@ from edgefleet.wire import signing
 from edgefleet.wire.errors import RejectError
 from edgefleet.wire.keyid import KeyIdError, canonical_key_ids
 from edgefleet.wire.manifest import MANIFEST_FILE, parse_time, validate_manifest
+from edgefleet.wire.message import json_depth_ok
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import parse_version
 
@@ -177,18 +178,6 @@ def check_read_size(name: str, size: int, limit: int) -> None:
 
 #: JSON nesting a manifest or a signature bundle may have (a manifest needs 5 levels).
 MAX_JSON_DEPTH = 32
-
-
-def json_depth_ok(value: object, limit: int) -> bool:
-    """True when ``value`` nests at most ``limit`` containers deep (iterative: no recursion)."""
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, dict | list):
-            if d > limit:
-                return False
-            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return True
 
 
 def load_json(data: bytes, what: str, code: ReasonCode, max_depth: int = MAX_JSON_DEPTH) -> Any:

@@ -21,7 +21,11 @@ import numpy as np
 from edgefleet.packager.recipe import Recipe
 
 #: Backend name -> (module, the extra that installs what it needs).
-KNOWN: dict[str, tuple[str, str]] = {}
+KNOWN: dict[str, tuple[str, str]] = {
+    "nncf": ("edgefleet.packager.backends.nncf", "nncf"),
+    "quark": ("edgefleet.packager.backends.quark", "quark"),
+    "aimet": ("edgefleet.packager.backends.aimet", "aimet"),
+}
 
 
 class BackendUnavailable(RuntimeError):

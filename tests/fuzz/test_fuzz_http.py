@@ -15,7 +15,6 @@ import httpx
 import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
-from hypothesis.errors import FlakyFailure
 
 from edgefleet.wire.keyid import public_pem
 from tests.controller.conftest import Running, start_controller
@@ -29,9 +28,6 @@ from tests.fuzz.strategies import (
     nasty_text,
 )
 
-# A failure, or one that the server's state made flaky (a registration that succeeds once and
-# then conflicts): the xfail marks below take either.
-_FAILS = (AssertionError, FlakyFailure)
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 if os.environ.get("EDGEFLEET_HYPOTHESIS_PROFILE", "ci") == "ci":
     given_fuzz = settings(phases=[Phase.explicit, Phase.reuse, Phase.generate], max_examples=60)
@@ -126,12 +122,6 @@ def reads(draw: st.DrawFn) -> tuple[str, str]:
 
 @given_fuzz
 @given(json_requests())
-@pytest.mark.xfail(
-    strict=False,
-    raises=_FAILS,
-    reason="issue 11: a body refused for holding NaN/Infinity answers 500 (its 422 cannot be "
-    "encoded); still failing on main 12070b2",
-)
 def test_json_bodies(api: Running, req: tuple[str, str, bytes]) -> None:
     method, path, body = req
     send(api, method, path, body, _JSON)
@@ -139,12 +129,6 @@ def test_json_bodies(api: Running, req: tuple[str, str, bytes]) -> None:
 
 @given_fuzz
 @given(reads())
-@pytest.mark.xfail(
-    strict=False,
-    raises=_FAILS,
-    reason="issue 11 #20-31: GET /api/v1/audit?limit= below -2**63 answers 500; still failing "
-    "on main 12070b2",
-)
 def test_path_and_query_parameters(api: Running, req: tuple[str, str]) -> None:
     send(api, *req, None, _JSON)
 
@@ -165,12 +149,6 @@ _VALID_PACKAGE = T.valid_package()
 @given(uploads())
 def test_package_uploads(api: Running, body: bytes) -> None:
     send(api, "POST", "/api/v1/packages", body, "application/octet-stream")
-
-
-def _xfail(defect: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(
-        strict=False, raises=_FAILS, reason=f"issue 11 {defect}; still failing on main 12070b2"
-    )
 
 
 _M = T.valid_manifest()
@@ -199,14 +177,12 @@ KNOWN = [
         "PATCH",
         "/api/v1/devices/gw-001",
         b"1e999999",
-        marks=_xfail("a body refused for holding Infinity answers 500 (the 422 cannot be encoded)"),
         id="labels-infinity-body",
     ),
     pytest.param(
         "POST",
         "/api/v1/devices",
         b'{"device_id": NaN}',
-        marks=_xfail("a body refused for holding NaN answers 500 (the 422 cannot be encoded)"),
         id="register-nan-device-id",
     ),
     pytest.param(
@@ -225,7 +201,6 @@ KNOWN = [
         "GET",
         "/api/v1/audit?limit=-10873036058438505842998247424",
         None,
-        marks=_xfail("an audit limit below -2**63 answers 500"),
         id="audit-limit-below-int64",
     ),
 ]

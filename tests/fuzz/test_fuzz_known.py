@@ -1,8 +1,7 @@
 """The harness itself (its guards catch what they must, valid input passes) and the minimal
 reproducers of the violations it found, each checked against the same property.
 
-A reproducer that still fails is marked xfail (strict=False) with the defect it shows; once the
-fix is merged it passes, and the mark can go.
+Every reproducer passes: a defect the harness finds is fixed, and its reproducer stays here.
 """
 
 from __future__ import annotations
@@ -19,12 +18,6 @@ from tests.fuzz import targets as T
 TARGETS = T.targets()
 DEEP = b"[" * 100_000 + b"]" * 100_000
 BIG_INT = b"9" * 5000
-
-
-def xfail(defect: str, branch: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(
-        strict=False, raises=T.Violation, reason=f"issue 11 {defect}; fixed on: {branch}"
-    )
 
 
 # --------------------------------------------------------------------------- the harness
@@ -136,10 +129,6 @@ def _binary(spec: dict[str, Any], blob: bytes) -> bytes:
     return T.binary_request(header, blob, len(header))
 
 
-_OPEN = "none yet: still failing on main 12070b2"
-_DEEP_JSON = xfail("#2/#20-31 deep JSON (RecursionError)", _OPEN)
-_BIG_JSON_INT = xfail("#2 a JSON integer over 4300 digits (ValueError, not a refusal)", _OPEN)
-
 REPRODUCERS = [
     # wire.message.decode_object: status, presence, telemetry
     pytest.param("status", DEEP, id="status-deep-json"),
@@ -175,26 +164,23 @@ REPRODUCERS = [
     pytest.param(
         "signature_bundle",
         _bundle_statement(_STATEMENT),
-        marks=xfail("subject digest not an object (AttributeError)", _OPEN + " (wire/signing.py)"),
         id="bundle-subject-digest-list",
     ),
     pytest.param(
         "signature_bundle",
         T.bundle_for_payload(DEEP),
-        marks=xfail("#20-31 deep JSON in the signed statement", _OPEN + " (wire/signing.py)"),
         id="bundle-statement-deep-json",
     ),
-    pytest.param("signature_bundle", DEEP, marks=_DEEP_JSON, id="bundle-deep-json"),
+    pytest.param("signature_bundle", DEEP, id="bundle-deep-json"),
     # desired state (MQTT, retained)
-    pytest.param("desired_envelope", DEEP, marks=_DEEP_JSON, id="desired-envelope-deep-json"),
-    pytest.param("desired_envelope", BIG_INT, marks=_BIG_JSON_INT, id="desired-envelope-big-int"),
+    pytest.param("desired_envelope", DEEP, id="desired-envelope-deep-json"),
+    pytest.param("desired_envelope", BIG_INT, id="desired-envelope-big-int"),
     pytest.param(
         "desired_signed_state",
         b"\xff",
-        marks=xfail("signed payload not UTF-8 (UnicodeDecodeError)", _OPEN + " (wire/mqtt.py)"),
         id="desired-payload-not-utf8",
     ),
-    pytest.param("desired_signed_state", DEEP, marks=_DEEP_JSON, id="desired-payload-deep-json"),
+    pytest.param("desired_signed_state", DEEP, id="desired-payload-deep-json"),
     # KServe v2 requests (agent/oip.py)
     pytest.param("infer_json", DEEP, id="oip-deep"),
     pytest.param(
@@ -271,11 +257,6 @@ REPRODUCERS += [
     pytest.param(
         "package_file",
         _package_with_model(b"\x08\x07not onnx"),
-        marks=xfail(
-            "regression on main 12070b2: wire/package.py _check_external_data answers a model"
-            " that is not ONNX with BufferError (the RejectError is lost closing the mmap)",
-            _OPEN,
-        ),
         id="package-model-not-onnx",
     ),
     pytest.param("package_file", _package_with_model(b""), id="package-model-empty"),

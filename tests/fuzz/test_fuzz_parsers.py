@@ -24,17 +24,6 @@ else:
     given_fuzz = settings()
 
 
-def known(defects: str, branch: str) -> pytest.MarkDecorator:
-    """The property still fails on main for these defects (reproducers in test_fuzz_known)."""
-    return pytest.mark.xfail(
-        strict=False, raises=T.Violation, reason=f"issue 11 {defects}; fixed on: {branch}"
-    )
-
-
-_JSON = "deep JSON (RecursionError), 5000-digit JSON integers (ValueError)"
-_CTL = "none yet: still failing on main 12070b2"
-
-
 def _check(name: str, data: bytes) -> None:
     T.check(TARGETS[name], data)
 
@@ -48,14 +37,12 @@ def test_manifest_validator(data: bytes) -> None:
     _check("manifest", data)
 
 
-@known(_JSON + " (wire/signing.py), subject digest not an object", _CTL)
 @given_fuzz
 @given(STRATEGIES["signature_bundle"])
 def test_signature_bundle_verifier(data: bytes) -> None:
     _check("signature_bundle", data)
 
 
-@known("a signed package whose model file is not ONNX: BufferError (wire/package.py)", _CTL)
 @given_fuzz
 @given(STRATEGIES["package_file"])
 def test_package_reader(data: bytes) -> None:
@@ -68,14 +55,12 @@ def test_package_reader_with_signed_hostile_manifest(data: bytes) -> None:
     _check("package_signed_manifest", data)
 
 
-@known(_JSON + " (wire/mqtt.py)", _CTL)
 @given_fuzz
 @given(STRATEGIES["desired_envelope"])
 def test_desired_state_envelope(data: bytes) -> None:
     _check("desired_envelope", data)
 
 
-@known(_JSON + " (wire/mqtt.py), payload not UTF-8", _CTL)
 @given_fuzz
 @given(STRATEGIES["desired_signed_state"])
 def test_desired_state_with_signed_hostile_payload(data: bytes) -> None:

@@ -1,0 +1,150 @@
+"""AMD Quark (``amd-quark``, successor of the Vitis AI quantizer) as a quantization backend.
+
+For ``fpga-vitisai``: Quark's XINT8 configuration quantizes to INT8 QDQ with power-of-two scales
+and symmetric activations and weights, per tensor (what the DPU executes). Cross-layer
+equalization and AdaRound (learned rounding of the weights on the calibration data, the
+technique that recovers depthwise networks at power-of-two INT8) are optional. Quark needs torch
+(AdaRound trains with it); the ``quark`` extra pins the CPU build. The output is verified against
+the recipe's constraints (:mod:`edgefleet.packager.backends.verify`) before it is returned.
+
+Recipe knobs (``extra_options`` of a candidate with ``backend = "quark"``):
+``config`` ("XINT8" for Vitis AI power-of-two, "A8W8", "A16W8"; default "XINT8"),
+``algorithms`` (any of "cle", "adaround", "adaquant"; default none),
+``iterations`` (AdaRound/AdaQuant steps; default 1000).
+
+Installed with ``pip install 'edgefleet[quark]'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata
+import io
+import logging
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet.packager.backends.verify import Constraints, summary, verify
+from edgefleet.packager.recipe import Recipe
+
+_CONFIGS = ("XINT8", "A8W8", "A16W8")
+_ALGORITHMS = ("cle", "adaround", "adaquant")
+
+
+class QuarkBackend:
+    name = "quark"
+    extra = "quark"
+
+    def unavailable(self) -> str | None:
+        for dist in ("amd-quark", "torch"):
+            try:
+                importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                return f"{dist} is not installed (pip install 'edgefleet[quark]')"
+        return None
+
+    def options(self, recipe: Recipe) -> dict[str, Any]:
+        x = dict(recipe.extra_options)
+        config = str(x.pop("config", "XINT8")).upper()
+        algorithms = [str(a).lower() for a in x.pop("algorithms", [])]
+        iterations = int(x.pop("iterations", 1000))
+        if config not in _CONFIGS:
+            raise ValueError(f"quark config must be one of {list(_CONFIGS)}, got {config!r}")
+        bad = sorted(set(algorithms) - set(_ALGORITHMS))
+        if bad:
+            raise ValueError(f"unknown quark algorithm(s) {bad}; known: {list(_ALGORITHMS)}")
+        if x:
+            raise ValueError(f"unknown quark option(s) {sorted(x)}")
+        return {"config": config, "algorithms": algorithms, "iterations": iterations}
+
+    def constraints(self, recipe: Recipe) -> Constraints:
+        config = self.options(recipe)["config"]
+        if config == "XINT8":  # the DPU: power-of-two, symmetric, per tensor, 8-bit
+            return Constraints(
+                power_of_two=True, per_tensor=True, symmetric=True, activation_bits=8, weight_bits=8
+            )
+        return Constraints(activation_bits=16 if config == "A16W8" else 8, weight_bits=8)
+
+    def build(
+        self,
+        recipe: Recipe,
+        *,
+        source: Path,
+        prepared: Path,
+        out: Path,
+        calibration: Mapping[str, np.ndarray],
+        external: bool,
+    ) -> tuple[Path, dict[str, Any]]:
+        import onnx
+        from quark.onnx import ModelQuantizer
+        from quark.onnx.quantization.config import custom_config
+        from quark.onnx.quantization.config.algorithm import (
+            AdaQuantConfig,
+            AdaRoundConfig,
+            CLEConfig,
+        )
+        from quark.onnx.quantization.config.config import QConfig
+
+        from edgefleet.packager.quantize import make_reader, save_model
+
+        opts = self.options(recipe)
+        # Quark fills in its config objects while quantizing: work on a copy of the preset.
+        base = copy.deepcopy(getattr(custom_config, f"{opts['config']}_QCONFIG"))
+        algos: list[Any] = []
+        for a in opts["algorithms"]:
+            if a == "cle":
+                algos.append(CLEConfig())
+            elif a == "adaround":
+                algos.append(AdaRoundConfig(learning_rate=0.1, num_iterations=opts["iterations"]))
+            else:
+                algos.append(AdaQuantConfig(learning_rate=1e-5, num_iterations=opts["iterations"]))
+        config = QConfig(
+            global_config=base.global_config,
+            algo_config=algos or None,
+            extra_options=dict(base.extra_options or {}),
+        )
+        tmp = out.with_name(out.stem + ".quark.onnx")
+        start = time.perf_counter()
+        # Quark writes a summary (quantized_info.csv) into the working directory: keep it out
+        # of the caller's.
+        reader = make_reader(prepared, calibration)
+        source_path, tmp_path = str(prepared.resolve()), str(tmp.resolve())
+        with _quiet(), tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+            ModelQuantizer(config).quantize_model(source_path, tmp_path, reader)
+        seconds = time.perf_counter() - start
+        quantized = onnx.load(str(tmp))
+        tmp.unlink(missing_ok=True)
+        constraints = self.constraints(recipe)
+        problems = verify(quantized, constraints)
+        if problems:
+            raise ValueError(f"quark output breaks the target's constraints: {summary(problems)}")
+        save_model(quantized, out, external=external)
+        return out, {
+            "backend": "quark",
+            "quark_version": importlib.metadata.version("amd-quark"),
+            "options": opts,
+            "calibration_samples": len(next(iter(calibration.values()))),
+            "seconds": seconds,
+            "verified": constraints.to_dict(),
+        }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    log = logging.getLogger("quark")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
+
+
+BACKEND = QuarkBackend()

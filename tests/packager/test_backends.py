@@ -1,0 +1,230 @@
+"""Vendor quantization backends and the target-constraint verifier, on real quantized models.
+
+The models are real: MTCNN's R-Net from the zoo, quantized by ONNX Runtime's own tools and by
+NNCF. A backend whose extra is absent skips loudly here and fails under CI where the test extra
+installs it (``nncf``); backends that need torch (``quark``, ``aimet``) skip where absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet.packager import zoo
+from edgefleet.packager.backends import KNOWN, BackendUnavailable, get
+from edgefleet.packager.backends.verify import Constraints, constraints_for, summary, verify
+from edgefleet.packager.evaluate import run_all, session
+from edgefleet.packager.npzio import load_npz
+from edgefleet.packager.quantize import BuildError, build_candidate, preprocess
+from edgefleet.packager.recipe import Recipe, parse_recipe
+from tests.support.services import require
+
+
+@pytest.fixture(scope="module")
+def rnet(tmp_path_factory: pytest.TempPathFactory) -> zoo.ZooSet:
+    reason = zoo.unavailable("mtcnn-rnet")
+    require(reason is None, reason or "")
+    return zoo.prepare(
+        "mtcnn-rnet", tmp_path_factory.mktemp("zoo"), n_calibration=32, n_validation=24
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared(rnet: zoo.ZooSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path, _ = preprocess(rnet.model, tmp_path_factory.mktemp("prep") / "m.onnx", external=False)
+    return path
+
+
+def _build(recipe: Recipe, rnet: zoo.ZooSet, prepared: Path, out: Path) -> Path:
+    return build_candidate(
+        recipe,
+        source=rnet.model,
+        prepared=prepared,
+        out=out,
+        calibration=load_npz(rnet.calibration),
+        external=False,
+    )
+
+
+def _onnx(path: Path):  # type: ignore[no-untyped-def]
+    import onnx
+
+    return onnx.load(str(path))
+
+
+RECIPES = {
+    "pow2": {
+        "id": "pow2",
+        "method": "static",
+        "activation_type": "QInt8",
+        "weight_type": "QInt8",
+        "activation_symmetric": True,
+        "power_of_two": True,
+    },
+    "per-channel": {"id": "pc", "method": "static", "per_channel": True},
+    "a16w8": {"id": "a16", "method": "static", "activation_type": "QUInt16", "per_channel": True},
+    "qoperator": {"id": "qop", "method": "static", "format": "QOperator"},
+    "dynamic": {"id": "dyn", "method": "dynamic", "op_types": ["MatMul", "Gemm", "Conv"]},
+}
+
+
+@pytest.fixture(scope="module")
+def built(
+    rnet: zoo.ZooSet, prepared: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Recipe, Path]]:
+    out = tmp_path_factory.mktemp("q")
+    result = {}
+    for name, raw in RECIPES.items():
+        recipe = parse_recipe(raw, name)
+        result[name] = (recipe, _build(recipe, rnet, prepared, out / f"{name}.onnx"))
+    return result
+
+
+def test_power_of_two_model_meets_the_vitis_constraints(
+    built: dict[str, tuple[Recipe, Path]],
+) -> None:
+    recipe, path = built["pow2"]
+    c = constraints_for(recipe)
+    assert c.power_of_two and c.per_tensor and c.symmetric and c.activation_bits == 8
+    assert verify(_onnx(path), c) == []
+
+
+def test_per_channel_minmax_model_breaks_power_of_two_and_per_tensor(
+    built: dict[str, tuple[Recipe, Path]],
+) -> None:
+    _, path = built["per-channel"]
+    vitis = constraints_for(parse_recipe(RECIPES["pow2"], "pow2"))
+    rules = {v.rule for v in verify(_onnx(path), vitis)}
+    assert {"power_of_two", "per_tensor", "symmetric"} <= rules  # U8 activations: zp != 128
+    assert verify(_onnx(path), constraints_for(built["per-channel"][0])) == []
+
+
+def test_sixteen_bit_activations_are_checked_both_ways(
+    built: dict[str, tuple[Recipe, Path]],
+) -> None:
+    recipe, a16 = built["a16w8"]
+    assert verify(_onnx(a16), constraints_for(recipe)) == []
+    _, a8 = built["per-channel"]
+    bad = verify(_onnx(a8), constraints_for(recipe))
+    assert bad and {v.rule for v in bad} == {"activation_bits"}
+    assert "activation_bits x" in summary(bad)
+
+
+def test_operator_style_and_dynamic_models_are_not_a_qdq_layout(
+    built: dict[str, tuple[Recipe, Path]],
+) -> None:
+    for name in ("qoperator", "dynamic"):
+        _, path = built[name]
+        rules = {v.rule for v in verify(_onnx(path), Constraints())}
+        assert "layout" in rules, name
+
+
+def test_a_float_model_is_not_a_quantized_package(rnet: zoo.ZooSet) -> None:
+    bad = verify(_onnx(rnet.model), Constraints())
+    assert [v.rule for v in bad] == ["quantized"]
+
+
+def test_a_tampered_scale_is_caught(built: dict[str, tuple[Recipe, Path]]) -> None:
+    from onnx import numpy_helper
+
+    recipe, path = built["pow2"]
+    proto = _onnx(path)
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear")
+    init = next(t for t in proto.graph.initializer if t.name == dq.input[1])
+    init.CopyFrom(numpy_helper.from_array(np.array(0.3, np.float32), init.name))
+    bad = verify(proto, constraints_for(recipe))
+    assert any(v.rule == "power_of_two" and "0.3" in v.detail for v in bad)
+
+
+def test_unknown_backend_is_refused_by_name() -> None:
+    with pytest.raises(BackendUnavailable, match="unknown backend 'nope'"):
+        get("nope")
+    assert KNOWN["nncf"][1] == "nncf"
+
+
+def _need_backend(name: str) -> None:
+    try:
+        get(name)
+    except BackendUnavailable as exc:
+        require(False, str(exc))
+
+
+def test_nncf_backend_quantizes_a_real_model_within_its_constraints(
+    rnet: zoo.ZooSet, prepared: Path, tmp_path: Path
+) -> None:
+    _need_backend("nncf")
+    recipe = parse_recipe(
+        {"id": "nncf", "method": "static", "backend": "nncf", "extra_options": {"preset": "mixed"}},
+        "t",
+    )
+    out = _build(recipe, rnet, prepared, tmp_path / "nncf.onnx")
+    proto = _onnx(out)
+    assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) >= 4
+    assert verify(proto, get("nncf").constraints(recipe)) == []  # type: ignore[attr-defined]
+    for split in (rnet.confident, rnet.hard):
+        data = load_npz(split)
+        ref = run_all(session(rnet.model), data)
+        got = run_all(session(out), data)
+        ok = zoo.agreement("mtcnn-rnet", ref, got)
+        assert ok.mean() >= 0.9, (split.name, ok.mean())
+
+
+def test_nncf_backend_refuses_unknown_options(
+    rnet: zoo.ZooSet, prepared: Path, tmp_path: Path
+) -> None:
+    _need_backend("nncf")
+    recipe = Recipe("x", "static", backend="nncf", extra_options={"colour": "blue"})
+    with pytest.raises(BuildError, match="unknown nncf option"):
+        _build(recipe, rnet, prepared, tmp_path / "x.onnx")
+
+
+def _need_torch_backend(name: str) -> None:
+    """quark and aimet pull torch: not in the test extra, so they skip (CI too) when absent."""
+    try:
+        get(name)
+    except BackendUnavailable as exc:
+        pytest.skip(f"{exc} (not part of the test extra: it needs torch)")
+
+
+def test_torch_backends_state_their_constraints_without_being_installed() -> None:
+    from edgefleet.packager.backends.aimet import BACKEND as AIMET
+    from edgefleet.packager.backends.quark import BACKEND as QUARK
+
+    xint8 = QUARK.constraints(Recipe("q", "static", backend="quark"))
+    assert xint8.power_of_two and xint8.per_tensor and xint8.symmetric
+    with pytest.raises(ValueError, match="unknown quark algorithm"):
+        QUARK.options(Recipe("q", "static", extra_options={"algorithms": ["magic"]}))
+    a16 = AIMET.constraints(Recipe("a", "qnn", activation_type="QUInt16"))
+    assert a16.activation_bits == 16 and a16.weight_bits == 8
+    with pytest.raises(ValueError, match="unknown aimet option"):
+        AIMET.options(Recipe("a", "qnn", extra_options={"x": 1}))
+
+
+def test_quark_xint8_output_meets_the_vitis_constraints(
+    rnet: zoo.ZooSet, prepared: Path, tmp_path: Path
+) -> None:
+    _need_torch_backend("quark")
+    recipe = Recipe("q", "static", backend="quark", extra_options={"algorithms": ["cle"]})
+    out = _build(recipe, rnet, prepared, tmp_path / "quark.onnx")
+    assert verify(_onnx(out), constraints_for(parse_recipe(RECIPES["pow2"], "pow2"))) == []
+    data = load_npz(rnet.confident)
+    ok = zoo.agreement(
+        "mtcnn-rnet", run_all(session(rnet.model), data), run_all(session(out), data)
+    )
+    assert ok.mean() >= 0.9
+
+
+def test_aimet_a16w8_output_has_sixteen_bit_activations(
+    rnet: zoo.ZooSet, prepared: Path, tmp_path: Path
+) -> None:
+    _need_torch_backend("aimet")
+    recipe = Recipe("a", "qnn", activation_type="QUInt16", backend="aimet")
+    out = _build(recipe, rnet, prepared, tmp_path / "aimet.onnx")
+    assert verify(_onnx(out), Constraints(activation_bits=16, weight_bits=8)) == []
+    data = load_npz(rnet.confident)
+    ok = zoo.agreement(
+        "mtcnn-rnet", run_all(session(rnet.model), data), run_all(session(out), data)
+    )
+    assert ok.mean() >= 0.9
