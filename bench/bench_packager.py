@@ -239,7 +239,7 @@ def vendor_profiles(profiles: list[str]) -> tuple[list[Any], dict[str, str]]:
                 "nncf-int8-mixed",
                 "static",
                 backend="nncf",
-                extra_options={"preset": "mixed", "target_device": "NPU"},
+                backend_options={"preset": "mixed", "target_device": "NPU"},
             ),
         ],
         "fpga-vitisai": [
@@ -249,7 +249,7 @@ def vendor_profiles(profiles: list[str]) -> tuple[list[Any], dict[str, str]]:
                 activation_type="QInt8",
                 power_of_two=True,
                 backend="quark",
-                extra_options={"config": "XINT8", "algorithms": ["cle"]},
+                backend_options={"config": "XINT8", "algorithms": ["cle"]},
             ),
             Recipe(
                 "quark-xint8-cle-adaround",
@@ -257,7 +257,7 @@ def vendor_profiles(profiles: list[str]) -> tuple[list[Any], dict[str, str]]:
                 activation_type="QInt8",
                 power_of_two=True,
                 backend="quark",
-                extra_options={
+                backend_options={
                     "config": "XINT8",
                     "algorithms": ["cle", "adaround"],
                     "iterations": ADAROUND_ITERATIONS,

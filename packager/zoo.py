@@ -231,7 +231,7 @@ def lfw_faces() -> list[Image]:
     try:
         from skimage import data
 
-        faces = data.lfw_subset()
+        faces = data.lfw_subset()  # type: ignore[no-untyped-call,unused-ignore]
     except Exception:
         return []
     return [_rgb(f) for f in faces[:100]]

@@ -8,7 +8,7 @@ needs torch (the ``aimet`` extra pins the CPU build). The output is verified aga
 constraints (:mod:`edgefleet.packager.backends.verify`) before it is returned.
 
 Recipe knobs: ``activation_type`` (``QUInt16``/``QInt16`` for 16-bit, else 8-bit) and
-``extra_options``: ``config`` (an AIMET HTP configuration name, default "htp_v73"),
+``backend_options``: ``config`` (an AIMET HTP configuration name, default "htp_v73"),
 ``quant_scheme`` ("min_max", "tf_enhanced" (SQNR-based ranges), ...; default "tf_enhanced").
 
 Installed with ``pip install 'edgefleet[aimet]'``.
@@ -44,7 +44,7 @@ class AimetBackend:
         return None
 
     def options(self, recipe: Recipe) -> dict[str, Any]:
-        x = dict(recipe.extra_options)
+        x = dict(recipe.backend_options)
         opts = {
             "activation_bits": 16 if recipe.activation_type in ("QUInt16", "QInt16") else 8,
             "config": str(x.pop("config", "htp_v73")),

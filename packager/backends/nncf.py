@@ -6,7 +6,7 @@ them, with symmetric weights, and corrects biases. The result is a QDQ ONNX mode
 OpenVINO execution provider (and plain ONNX Runtime) loads; it is verified against the recipe's
 constraints (:mod:`edgefleet.packager.backends.verify`) before it is returned.
 
-Recipe knobs (``extra_options`` of a candidate with ``backend = "nncf"``):
+Recipe knobs (``backend_options`` of a candidate with ``backend = "nncf"``):
 ``preset`` ("performance": symmetric activations, or "mixed": asymmetric activations),
 ``target_device`` ("ANY", "CPU", "GPU", "NPU"; default "NPU"),
 ``fast_bias_correction`` (default false: NNCF's full bias correction, the more accurate one),
@@ -49,7 +49,7 @@ class NNCFBackend:
 
     def options(self, recipe: Recipe) -> dict[str, Any]:
         """The NNCF call's options from the recipe (validated; unknown values are errors)."""
-        x = dict(recipe.extra_options)
+        x = dict(recipe.backend_options)
         preset = str(x.pop("preset", "mixed" if not recipe.activation_symmetric else "performance"))
         device = str(x.pop("target_device", "NPU")).upper()
         if preset not in _PRESETS:

@@ -7,7 +7,7 @@ technique that recovers depthwise networks at power-of-two INT8) are optional. Q
 (AdaRound trains with it); the ``quark`` extra pins the CPU build. The output is verified against
 the recipe's constraints (:mod:`edgefleet.packager.backends.verify`) before it is returned.
 
-Recipe knobs (``extra_options`` of a candidate with ``backend = "quark"``):
+Recipe knobs (``backend_options`` of a candidate with ``backend = "quark"``):
 ``config`` ("XINT8" for Vitis AI power-of-two, "A8W8", "A16W8"; default "XINT8"),
 ``algorithms`` (any of "cle", "adaround", "adaquant"; default none),
 ``iterations`` (AdaRound/AdaQuant steps; default 1000).
@@ -50,7 +50,7 @@ class QuarkBackend:
         return None
 
     def options(self, recipe: Recipe) -> dict[str, Any]:
-        x = dict(recipe.extra_options)
+        x = dict(recipe.backend_options)
         config = str(x.pop("config", "XINT8")).upper()
         algorithms = [str(a).lower() for a in x.pop("algorithms", [])]
         iterations = int(x.pop("iterations", 1000))

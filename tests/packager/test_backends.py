@@ -156,7 +156,12 @@ def test_nncf_backend_quantizes_a_real_model_within_its_constraints(
 ) -> None:
     _need_backend("nncf")
     recipe = parse_recipe(
-        {"id": "nncf", "method": "static", "backend": "nncf", "extra_options": {"preset": "mixed"}},
+        {
+            "id": "nncf",
+            "method": "static",
+            "backend": "nncf",
+            "backend_options": {"preset": "mixed"},
+        },
         "t",
     )
     out = _build(recipe, rnet, prepared, tmp_path / "nncf.onnx")
@@ -175,7 +180,7 @@ def test_nncf_backend_refuses_unknown_options(
     rnet: zoo.ZooSet, prepared: Path, tmp_path: Path
 ) -> None:
     _need_backend("nncf")
-    recipe = Recipe("x", "static", backend="nncf", extra_options={"colour": "blue"})
+    recipe = Recipe("x", "static", backend="nncf", backend_options={"colour": "blue"})
     with pytest.raises(BuildError, match="unknown nncf option"):
         _build(recipe, rnet, prepared, tmp_path / "x.onnx")
 
@@ -195,18 +200,18 @@ def test_torch_backends_state_their_constraints_without_being_installed() -> Non
     xint8 = QUARK.constraints(Recipe("q", "static", backend="quark"))
     assert xint8.power_of_two and xint8.per_tensor and xint8.symmetric
     with pytest.raises(ValueError, match="unknown quark algorithm"):
-        QUARK.options(Recipe("q", "static", extra_options={"algorithms": ["magic"]}))
+        QUARK.options(Recipe("q", "static", backend_options={"algorithms": ["magic"]}))
     a16 = AIMET.constraints(Recipe("a", "qnn", activation_type="QUInt16"))
     assert a16.activation_bits == 16 and a16.weight_bits == 8
     with pytest.raises(ValueError, match="unknown aimet option"):
-        AIMET.options(Recipe("a", "qnn", extra_options={"x": 1}))
+        AIMET.options(Recipe("a", "qnn", backend_options={"x": 1}))
 
 
 def test_quark_xint8_output_meets_the_vitis_constraints(
     rnet: zoo.ZooSet, prepared: Path, tmp_path: Path
 ) -> None:
     _need_torch_backend("quark")
-    recipe = Recipe("q", "static", backend="quark", extra_options={"algorithms": ["cle"]})
+    recipe = Recipe("q", "static", backend="quark", backend_options={"algorithms": ["cle"]})
     out = _build(recipe, rnet, prepared, tmp_path / "quark.onnx")
     assert verify(_onnx(out), constraints_for(parse_recipe(RECIPES["pow2"], "pow2"))) == []
     data = load_npz(rnet.confident)
