@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgefleet.cloud_controller.auth import Perm
@@ -110,10 +111,34 @@ def get_drift(
     s: Session = Depends(session),
     _p: Principal = Depends(need(Perm.READ)),
 ) -> dict[str, Any]:
+    if not _known_model(s, model):
+        raise _error(
+            404, "unknown_model", f"no package, reference or telemetry of a model named {model!r}"
+        )
+    bucket_s = analysis.get_settings(s, model).bucket_s
+    if hours * 3600 < bucket_s:
+        raise _error(
+            422,
+            "window_shorter_than_bucket",
+            f"a window of {hours:g} h is shorter than {model}'s drift bucket of"
+            f" {bucket_s / 3600:g} h; sketches are merged per bucket, so the finest window is"
+            " one bucket",
+        )
     try:
         return drift_view(s, model, device=device, scope=scope, key=key, hours=hours)
     except ValueError as e:
         raise _error(422, "invalid_query", str(e)) from e
+
+
+def _known_model(s: Session, model: str) -> bool:
+    """A model the controller has heard of: a package, a drift reference or a sketch names it."""
+    from edgefleet.cloud_controller.drift.models import DriftReference, SketchAggregate
+    from edgefleet.cloud_controller.models import Package
+
+    return any(
+        s.scalar(select(column).where(column == model).limit(1)) is not None
+        for column in (Package.name, DriftReference.model, SketchAggregate.model)
+    )
 
 
 @router.get("/{model}/history")

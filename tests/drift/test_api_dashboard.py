@@ -152,6 +152,12 @@ def test_cli_drift_show_json_and_table(served: Served) -> None:
     assert "0/450" in res.output and "σ" in res.output and "outside: live values" in res.output
     res = runner.invoke(app, ["drift", "show", "iris", "--url", served.url, "--token", "nope"])
     assert res.exit_code == 1 and "invalid_token" in res.output
+    # a model nobody packaged or reported, and a window finer than a bucket: refused, not "ok"
+    auth = ["--url", served.url, "--token", served.viewer]
+    res = runner.invoke(app, ["drift", "show", "irsi", *auth])
+    assert res.exit_code == 1 and "unknown_model" in res.output, res.output
+    res = runner.invoke(app, ["drift", "show", "iris", "--hours", "0.25", *auth])
+    assert res.exit_code == 1 and "window_shorter_than_bucket" in res.output, res.output
 
 
 def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
