@@ -113,8 +113,10 @@ def loads_bounded(raw: bytes | str, max_depth: int = MAX_DEPTH) -> object:
         value: object = json.loads(raw, parse_constant=_refuse_constant)
     except RecursionError as e:
         raise ValueError(f"nested deeper than {max_depth} levels") from e
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of 5000 digits
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"not JSON: {e}") from e
+    except ValueError as e:  # NaN/Infinity, or an integer of more than 4300 digits
+        raise ValueError(f"not storable JSON: {e}") from e
     problem = json_problem(value, max_depth)
     if problem is not None:
         raise ValueError(problem)
