@@ -16,17 +16,15 @@ Installed with ``pip install 'edgefleet[aimet]'``.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import io
-import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgefleet.packager.backends.common import missing, one_by_one, quiet
 from edgefleet.packager.backends.verify import Constraints, summary, verify
 from edgefleet.packager.recipe import Recipe
 
@@ -36,12 +34,7 @@ class AimetBackend:
     extra = "aimet"
 
     def unavailable(self) -> str | None:
-        for dist in ("aimet-onnx", "torch"):
-            try:
-                importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                return f"{dist} is not installed (pip install 'edgefleet[aimet]')"
-        return None
+        return missing(("aimet-onnx", "torch"), "aimet")
 
     def options(self, recipe: Recipe) -> dict[str, Any]:
         x = dict(recipe.backend_options)
@@ -74,13 +67,12 @@ class AimetBackend:
         from edgefleet.packager.quantize import save_model
 
         opts = self.options(recipe)
-        names = list(calibration)
-        n = len(calibration[names[0]])
-        items = [{k: calibration[k][i : i + 1] for k in names} for i in range(n)]
+        items = one_by_one(calibration)
+        n = len(items)
         start = time.perf_counter()
         model = onnx.load(str(prepared))
         _drop_trailing_empty_inputs(model)
-        with _quiet():
+        with quiet(None, stderr=False):
             sim = QuantizationSimModel(
                 model,
                 param_type="int8",
@@ -112,18 +104,6 @@ def _drop_trailing_empty_inputs(model: Any) -> None:
     for node in model.graph.node:
         while node.input and node.input[-1] == "":
             del node.input[-1]
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
 
 
 BACKEND = AimetBackend()

@@ -18,17 +18,15 @@ Installed with ``pip install 'edgefleet[nncf]'``.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import io
-import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgefleet.packager.backends.common import missing, one_by_one, quiet
 from edgefleet.packager.backends.verify import Constraints, summary, verify
 from edgefleet.packager.recipe import Recipe
 
@@ -41,11 +39,7 @@ class NNCFBackend:
     extra = "nncf"
 
     def unavailable(self) -> str | None:
-        try:
-            importlib.metadata.version("nncf")
-        except importlib.metadata.PackageNotFoundError:
-            return "nncf is not installed (pip install 'edgefleet[nncf]')"
-        return None
+        return missing(("nncf",), "nncf")
 
     def options(self, recipe: Recipe) -> dict[str, Any]:
         """The NNCF call's options from the recipe (validated; unknown values are errors)."""
@@ -87,9 +81,8 @@ class NNCFBackend:
         from edgefleet.packager.quantize import save_model
 
         opts = self.options(recipe)
-        names = list(calibration)
-        n = len(calibration[names[0]])
-        items = [{k: calibration[k][i : i + 1] for k in names} for i in range(n)]
+        items = one_by_one(calibration)
+        n = len(items)
         ignored = (
             nncf.IgnoredScope(types=opts["ignored_types"], validate=False)
             if opts["ignored_types"]
@@ -97,7 +90,7 @@ class NNCFBackend:
         )
         model = onnx.load(str(source))
         start = time.perf_counter()
-        with _quiet():
+        with quiet("nncf"):
             quantized = nncf.quantize(
                 model,
                 nncf.Dataset(items),
@@ -120,19 +113,6 @@ class NNCFBackend:
             "seconds": seconds,
             "verified": self.constraints(recipe).to_dict(),
         }
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """NNCF logs progress bars and INFO lines; the packager's report says what ran."""
-    log = logging.getLogger("nncf")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        log.setLevel(level)
 
 
 BACKEND = NNCFBackend()

@@ -20,16 +20,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.metadata
-import io
-import logging
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgefleet.packager.backends.common import missing, quiet
 from edgefleet.packager.backends.verify import Constraints, summary, verify
 from edgefleet.packager.recipe import Recipe
 
@@ -42,12 +41,7 @@ class QuarkBackend:
     extra = "quark"
 
     def unavailable(self) -> str | None:
-        for dist in ("amd-quark", "torch"):
-            try:
-                importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                return f"{dist} is not installed (pip install 'edgefleet[quark]')"
-        return None
+        return missing(("amd-quark", "torch"), "quark")
 
     def options(self, recipe: Recipe) -> dict[str, Any]:
         x = dict(recipe.backend_options)
@@ -115,7 +109,7 @@ class QuarkBackend:
         # of the caller's.
         reader = make_reader(prepared, calibration)
         source_path, tmp_path = str(prepared.resolve()), str(tmp.resolve())
-        with _quiet(), tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        with quiet("quark"), tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
             ModelQuantizer(config).quantize_model(source_path, tmp_path, reader)
         seconds = time.perf_counter() - start
         quantized = onnx.load(str(tmp))
@@ -133,18 +127,6 @@ class QuarkBackend:
             "seconds": seconds,
             "verified": constraints.to_dict(),
         }
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    log = logging.getLogger("quark")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        log.setLevel(level)
 
 
 BACKEND = QuarkBackend()
