@@ -146,10 +146,10 @@ class Controller:
         holding a newer seq for (they are published on the bridge's connect); how many."""
         from datetime import UTC, datetime
 
-        from edgefleet.cloud_controller import devices
+        from edgefleet.cloud_controller import desired
 
         with db.transaction(self.factory) as s:
-            rows = devices.resync(s, self.signer, datetime.now(UTC))
+            rows = desired.resync(s, self.signer, datetime.now(UTC))
         if rows:
             log.warning("continued the desired-state sequence of %d device(s)", len(rows))
         return len(rows)

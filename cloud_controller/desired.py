@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgefleet.cloud_controller.db import iso
-from edgefleet.cloud_controller.models import DesiredState, Device
+from edgefleet.cloud_controller.models import DesiredState, Device, DeviceSeqFloor
 
 Publish = Callable[[str, bytes], None]  # (topic, payload): retained, QoS 1
 
@@ -32,7 +32,6 @@ def _issue(
     now: datetime,
     remove: list[str] | None = None,
 ) -> DesiredState:
-    from edgefleet.cloud_controller.devices import seq_floor
     from edgefleet.wire.manifest import format_time
     from edgefleet.wire.mqtt import sign_desired
 
@@ -204,3 +203,34 @@ def sync_text(view: Mapping[str, Any]) -> str:
     ]
     since = view.get("since")
     return "no: " + ", ".join(parts) + (f" since {str(since)[:19]}" if since else "")
+
+
+def seq_floor(session: Session, device_id: str) -> int:
+    """The lowest seq a new desired state for `device_id` may not go below (0: none known)."""
+    f = session.get(DeviceSeqFloor, device_id)
+    return f.floor if f is not None else 0
+
+
+def resync(
+    session: Session, signer: Signer, now: datetime, device_ids: Collection[str] | None = None
+) -> list[DesiredState]:
+    """Issue each stale device's current desired state again (same models, same removals):
+    every new state continues above the device's floor (`desired` reads it), so the device
+    accepts it instead of dropping it as a replay. The rows issued, to publish."""
+    from edgefleet.cloud_controller.devices import stale_sequences
+
+    stale = stale_sequences(session)
+    out = []
+    for device_id in sorted(stale):
+        if device_ids is not None and device_id not in device_ids:
+            continue
+        row = session.get(DesiredState, device_id, with_for_update=True)
+        if row is None:
+            continue  # nothing to resend; its next state starts above the floor anyway
+        out.append(
+            _issue(session, signer, device_id, dict(row.models), now, list(row.remove or ()))
+        )
+        f = session.get(DeviceSeqFloor, device_id)
+        if f is not None:
+            f.resynced_at = now
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +10,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgefleet.cloud_controller.db import iso
-from edgefleet.cloud_controller.desired import Signer
 from edgefleet.cloud_controller.models import DesiredState, Device, DeviceSeqFloor
 from edgefleet.cloud_controller.rollout_engine import DeviceInfo
 from edgefleet.wire import ids
@@ -153,39 +152,6 @@ def raise_floor(session: Session, floor: int, now: datetime) -> int:
             f.floor = floor
     session.flush()
     return len(ids_)
-
-
-def resync(
-    session: Session, signer: Signer, now: datetime, device_ids: Collection[str] | None = None
-) -> list[DesiredState]:
-    """Issue each stale device's current desired state again (same models, same removals):
-    every new state continues above the device's floor (`desired` reads it), so the device
-    accepts it instead of dropping it as a replay. The rows issued, to publish."""
-    from edgefleet.cloud_controller import desired
-
-    stale = stale_sequences(session)
-    out = []
-    for device_id in sorted(stale):
-        if device_ids is not None and device_id not in device_ids:
-            continue
-        row = session.get(DesiredState, device_id, with_for_update=True)
-        if row is None:
-            continue  # nothing to resend; its next state starts above the floor anyway
-        out.append(
-            desired._issue(
-                session, signer, device_id, dict(row.models), now, list(row.remove or ())
-            )
-        )
-        f = session.get(DeviceSeqFloor, device_id)
-        if f is not None:
-            f.resynced_at = now
-    return out
-
-
-def seq_floor(session: Session, device_id: str) -> int:
-    """The lowest seq a new desired state for `device_id` may not go below (0: none known)."""
-    f = session.get(DeviceSeqFloor, device_id)
-    return f.floor if f is not None else 0
 
 
 def to_dict(dev: Device, desired: DesiredState | None = None) -> dict[str, Any]:

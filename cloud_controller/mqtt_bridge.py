@@ -317,7 +317,7 @@ class MqttBridge:
             return
         try:
             with transaction(self._factory) as session:
-                rows = devices.resync(session, self._signer, now, device_ids)
+                rows = desired.resync(session, self._signer, now, device_ids)
                 for row in rows:
                     session.expunge(row)
         except Exception:

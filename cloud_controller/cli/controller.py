@@ -188,7 +188,7 @@ def resync(
     from datetime import UTC, datetime
 
     from edgefleet.cloud_controller import db as dbm
-    from edgefleet.cloud_controller import devices
+    from edgefleet.cloud_controller import desired, devices
     from edgefleet.cloud_controller.controller import load_signing_key
     from edgefleet.cloud_controller.desired import Signer
 
@@ -203,7 +203,7 @@ def resync(
         if floor:
             devices.raise_floor(session, floor, now)
         stale = devices.stale_sequences(session)
-        rows = devices.resync(session, signer, now)
+        rows = desired.resync(session, signer, now)
         stale_out = {d: {"device_seq": f, "controller_seq": c} for d, (f, c) in stale.items()}
         reissued = {r.device_id: r.seq for r in rows}
     engine.dispose()
