@@ -7,9 +7,11 @@ flight, and hands each action to the agent. Every refusal and every action that 
 reported through the ``report`` callback; the update events that follow are the link's.
 
 Anti-rollback does not rest on the stored seq alone (it can be lost with the device's files):
-a desired state that would take a model below the version it serves, or remove it, is refused
-when it was issued before that version started serving (`current_since`) — a replay of an old,
-still valid state. A genuine rollback is issued after the version it undoes was installed.
+on a device with no seq history left, a desired state that would take a model below the version
+it serves, or remove it, is refused when it was issued before that version started serving
+(`current_since`) — a replay of an old, still valid state. A genuine rollback is issued after the
+version it undoes was installed. While the seq history holds, the seq alone decides: a state
+above the highest acted on is newer than all of them, whatever the two clocks say.
 A seq below the highest acted on is reported (`seq_regressed`, with ``last_seq``), once per seq,
 so the controller learns that its sequence went backwards; a lost or corrupt seq record is
 reported at start (`link_state_lost`).
@@ -169,7 +171,8 @@ class DesiredStateHandler:
         if serving is None or (target is not None and not is_downgrade(target, serving)):
             return None
         since = self.current_since(name, serving)
-        if since is None or issued.timestamp() > since:
+        # issued_at has whole seconds: a state issued in the second serving began is not older
+        if since is None or issued.timestamp() + 1.0 > since:
             return None
         what = f"take {name} from {serving} to {target}" if target else f"remove {name} {serving}"
         started = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
@@ -237,6 +240,10 @@ class DesiredStateHandler:
             self._ignore(ReasonCode.MANIFEST_INVALID.value, str(e))
             self._rejected(ReasonCode.MANIFEST_INVALID, str(e), seq)
             return
+        # A seq above one this device acted on proves the state is newer than every state it
+        # saw, so the seq decides; only a device with no seq history left (its link state
+        # lost) falls back on when the serving version started serving.
+        seq_history = (self.state.last_seq or 0) > 0
         # Persist the seq before acting: a crash after this never acts twice on one state;
         # the agent's own state machine resumes an update it had accepted.
         self.state.last_seq = seq
@@ -245,7 +252,8 @@ class DesiredStateHandler:
         desired_names = {t.name for t in targets}
         self.state.removed = [n for n in self.state.removed if n not in desired_names]
         self.state.save(self.state_path)
-        targets, removals = self._refuse_stale(targets, removals, issued, seq)
+        if not seq_history:
+            targets, removals = self._refuse_stale(targets, removals, issued, seq)
         installed = serving_versions(self.agent.inventory())
         in_flight = dict(self.in_flight)
         for action in plan(targets, installed, in_flight):
