@@ -151,6 +151,8 @@ def atheris_child(name: str, runs: int, corpus: Path, out: Path) -> None:
             f"-runs={runs + 10_000}",
             "-max_len=65536",
             "-rss_limit_mb=4096",
+            # libFuzzer writes slow-unit-*/crash-* files; keep them in the run's scratch folder
+            f"-artifact_prefix={corpus.parent}/",
             str(corpus),
         ],
         one,
