@@ -395,7 +395,7 @@ def bench_model(
         }
         if pr.ok and pr.package is not None:
             chosen = next(c for c in pr.candidates if c.candidate == pr.chosen)
-            row["backend"] = chosen.recipe.get("backend", "ort")
+            row["backend"] = chosen.backend  # the toolkit that built it, after any fallback
             model = _package_model_file(pr.package, work / f"{pr.profile}.onnx")
             row |= _measure_model(model, m["task"], ref, data, runs, seconds)
         else:
@@ -419,9 +419,12 @@ def vendor_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in rows:
         for c in r.get("candidates", []):
-            backend = c["recipe"].get("backend", "ort")
-            if backend == "ort":
+            asked = c["recipe"].get("backend", "ort")
+            if asked == "ort":
                 continue
+            backend = c.get("backend") or asked
+            if backend != asked:  # its extra is absent: the same recipe ran through ort
+                backend = f"{asked} -> {backend}: {c.get('backend_note') or ''}"[:120]
             if c["error"]:
                 what = f"[red]failed[/]: {str(c['error'])[:160]}"
             else:
