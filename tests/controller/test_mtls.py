@@ -27,8 +27,8 @@ from typer.testing import CliRunner
 
 from edgefleet.agent.config import load_config
 from edgefleet.agent.enroll import EnrollError, enroll, renew
-from edgefleet.cloud_controller import pki
 from edgefleet.cli import app as root_app
+from edgefleet.cloud_controller import pki
 from edgefleet.keys import KeyPair
 from tests.controller.conftest import Running, start_controller, wait_for
 from tests.support.services import free_port, require, wait_port
@@ -70,7 +70,9 @@ def fleet(
     assert "require_certificate true" in conf and "use_identity_as_username true" in conf
     assert "password_file" not in conf  # no plaintext listener, no passwords by default
     log = open(base / "mosquitto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(["mosquitto", "-c", str(out / "mosquitto.conf")], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(out / "mosquitto.conf")], stdout=log, stderr=log
+    )
     try:
         wait_port(port, timeout=10)
         run = start_controller(
@@ -203,7 +205,7 @@ def test_wrong_controller_is_a_clear_refusal(tmp_path: Path) -> None:
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
     class Other(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self.send_response(404)
             self.end_headers()
             self.wfile.write(b"<html>not here</html>")
