@@ -479,7 +479,8 @@ def enroll_device(body: EnrollRequest, request: Request) -> dict[str, Any]:
     certificate, the CA, the broker URL(s), the controller's key, the trusted packaging keys
     and its download token. Refusals name their code (`wire.reasons.EnrollReason`)."""
     ctl = controller(request)
-    request.state.actor = f"enroll:{body.device_id[:128]}"
+    valid = ids.is_valid(ids.DEVICE_ID, body.device_id)
+    request.state.actor = f"enroll:{body.device_id if valid else '(invalid id)'}"
     validity = timedelta(days=ctl.settings.device_cert_days)
     try:
         with transaction(ctl.factory) as s:

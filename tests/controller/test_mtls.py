@@ -76,7 +76,10 @@ def fleet(
     try:
         wait_port(port, timeout=10)
         run = start_controller(
-            data, broker_url=f"mqtts://localhost:{port}", trusted=[packager_key.public_path]
+            data,
+            broker_url=f"mqtts://localhost:{port}",
+            trusted=[packager_key.public_path],
+            device_broker_urls=(f"mqtts://localhost:{port}",),
         )
         try:
             wait_for(lambda: run.controller.bridge.stats.connected, 15, "bridge over mTLS")
@@ -284,7 +287,9 @@ def test_revoked_device_is_cut_off_and_renewal_works_before(
     port = fleet["port"]
     cfg = load_config(_enroll(run, tmp_path, "gw-rev").config_path, env={})
     old_serial = pki.load_cert_pem(cfg.mqtt.cert_file.read_bytes()).serial_number  # type: ignore[union-attr]
-    until = renew(cfg)  # renewal without re-enrolling: a new key and certificate
+    assert renew(cfg, force=False) is None  # `agent run`'s check: a fresh one is kept
+    cfg.renew_fraction = 1.01  # as if less than that fraction of its life were left
+    until = renew(cfg, force=False)  # renewal without re-enrolling: a new key and certificate
     assert until is not None
     new_cert = pki.load_cert_pem(cfg.mqtt.cert_file.read_bytes())  # type: ignore[union-attr]
     assert new_cert.serial_number != old_serial
@@ -411,3 +416,58 @@ def test_pki_refuses_bad_csrs() -> None:
     assert not pki.needs_renewal(cert, now)
     assert pki.needs_renewal(cert, now + timedelta(days=61))
     assert os.environ.get("NEVER") is None
+
+
+def test_enrolled_agent_runs_and_takes_a_rollout_over_mtls(
+    fleet: dict[str, Any], tmp_path: Path, packages: dict[str, Path]
+) -> None:
+    """`agent enroll` -> `agent run --config DIR/agent.toml` (a real process) -> the device
+    comes online over mTLS and installs a release rolled out to it (its signed desired state)."""
+    import sys
+
+    run: Running = fleet["run"]
+    token = _token(run)
+    done = enroll(run.url, token, tmp_path / "gw", "gw-e2e", http_port=free_port())
+    # the controller's --device-broker-url is in the device's config: nothing to edit
+    assert done.broker_urls == [f"mqtts://localhost:{fleet['port']}"]
+    with run.client("publisher") as pub:
+        body = packages["1.0.0/cpu-x86_64"].read_bytes()
+        r = pub.post("/api/v1/packages", content=body,
+                     headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        assert r.status_code in (200, 201), r.text
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(done.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
+        try:
+            with run.client("operator") as op:
+                wait_for(lambda: op.get("/api/v1/devices/gw-e2e").json()["online"], 30, "online")
+                r = op.post(
+                    "/api/v1/rollouts",
+                    json={"model": "iris", "version": "1.0.0",
+                          "target": {"device_ids": ["gw-e2e"]}, "waves": [100.0]},
+                )  # fmt: skip
+                assert r.status_code == 201, r.text
+                rid = r.json()["id"]
+                detail = wait_for(
+                    lambda: (
+                        d
+                        if (d := op.get(f"/api/v1/rollouts/{rid}").json())["phase"]
+                        in ("succeeded", "aborted", "failed")
+                        else None
+                    ),
+                    90,
+                    "the rollout to finish",
+                )
+                assert detail["phase"] == "succeeded", detail
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    out = log_path.read_text()
+    cfg = load_config(done.config_path, env={})
+    # no secret in the agent's log
+    assert cfg.download_token not in out and token not in out and "PRIVATE KEY" not in out
