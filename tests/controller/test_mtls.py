@@ -471,3 +471,30 @@ def test_enrolled_agent_runs_and_takes_a_rollout_over_mtls(
     cfg = load_config(done.config_path, env={})
     # no secret in the agent's log
     assert cfg.download_token not in out and token not in out and "PRIVATE KEY" not in out
+
+
+def test_enrollment_on_sqlite_and_postgresql(any_controller: Running, tmp_path: Path) -> None:
+    """The 0006 tables (a column named `group`) and the one-time spend on both databases."""
+    run = any_controller
+    token = _token(run, device_id="gw-db", tags=["t1"])
+    done = enroll(run.url, token, tmp_path / "a", "gw-db")
+    assert done.groups == ["lab"] and done.broker_urls == []
+    with pytest.raises(EnrollError, match="device_exists"):  # checked before the token
+        enroll(run.url, token, tmp_path / "b", "gw-db", force=True)
+    with run.client() as admin:
+        assert admin.post("/api/v1/devices/gw-db/revoke").status_code == 200
+    with pytest.raises(EnrollError, match="enroll_token_used"):
+        enroll(run.url, token, tmp_path / "b", "gw-db", force=True)
+    from edgefleet.cloud_controller import enroll as E
+    from edgefleet.cloud_controller.db import transaction
+
+    # a token read before another enrollment spent it still cannot be spent twice
+    second = _token(run)
+    with transaction(run.controller.factory) as s:
+        E.spend_token(s, second, "gw-race-1", datetime.now(UTC))
+    with pytest.raises(E.EnrollRefused) as e, transaction(run.controller.factory) as s:
+        E.spend_token(s, second, "gw-race-2", datetime.now(UTC))
+    assert e.value.code == "enroll_token_used"
+    with run.client("viewer") as viewer:  # creating tokens is for admins
+        r = viewer.post("/api/v1/enroll-tokens", json={"group": "lab"})
+    assert r.status_code == 403
