@@ -43,6 +43,22 @@ def add_broker_dir(pki_dir: Path, directory: Path) -> None:
     atomic_write_bytes(pki_dir / BROKER_DIRS_FILE, text.encode(), 0o600)
 
 
+def _mosquitto_pid(pid_file: Path) -> int | None:
+    """The pid in a broker's pid file when that process is a running Mosquitto (a stale pid
+    file must not make the controller signal whatever process took the number since)."""
+    try:
+        text = pid_file.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():
+        return None
+    try:
+        comm = Path(f"/proc/{text}/comm").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if comm == "mosquitto" else None
+
+
 def load_signing_key(settings: Settings) -> ec.EllipticCurvePrivateKey:
     """The controller's desired-state key; created on first start (`controller.key`/`.pub`)."""
     from edgefleet.keys import generate_keypair, load_private_key
@@ -129,20 +145,23 @@ class Controller:
         with self.factory() as s:
             revoked = enroll.revoked_serials(s)
         dirs = broker_dirs(self.settings.pki_dir)
-        self.ca.write_crl(revoked, datetime.now(UTC), [d / "crl.pem" for d in dirs])
+        data = self.ca.write_crl(revoked, datetime.now(UTC))
         done = [f"CRL with {len(revoked)} revoked certificate(s) written"]
         for d in dirs:
-            pid_text = (
-                (d / "mosquitto.pid").read_text().strip() if (d / "mosquitto.pid").exists() else ""
-            )
-            if not pid_text.isdigit():
+            try:
+                pki.write_like(d / "crl.pem", data)
+            except OSError as e:
+                done.append(f"{d}: CRL not written ({e}); copy {self.ca.crl_path} there")
+                continue
+            pid = _mosquitto_pid(d / "mosquitto.pid")
+            if pid is None:
                 done.append(f"{d}: no running broker found (reload it: kill -HUP)")
                 continue
             try:
-                os.kill(int(pid_text), signal.SIGHUP)
-                done.append(f"{d}: broker {pid_text} told to reload (SIGHUP)")
+                os.kill(pid, signal.SIGHUP)
+                done.append(f"{d}: broker {pid} told to reload (SIGHUP)")
             except OSError as e:
-                done.append(f"{d}: broker {pid_text} not signalled ({e}); reload it: kill -HUP")
+                done.append(f"{d}: broker {pid} not signalled ({e}); reload it: kill -HUP")
         return done
 
     @property

@@ -365,15 +365,10 @@ class CertificateAuthority:
         assert cn is not None
         return issue_client(self.key, self.cert, cn, pub, now, validity)
 
-    def write_crl(
-        self, revoked: Iterable[tuple[int, datetime]], now: datetime, copies: Iterable[Path] = ()
-    ) -> bytes:
-        """Regenerate the CRL and write it atomically here and to every path in ``copies``
-        (a broker's config directory), keeping each copy's owner and mode."""
+    def write_crl(self, revoked: Iterable[tuple[int, datetime]], now: datetime) -> bytes:
+        """Regenerate the CRL and write it atomically (copies: `write_like`); its PEM."""
         data = crl_pem(build_crl(self.key, self.cert, revoked, now))
         atomic_write_bytes(self.crl_path, data)
-        for path in copies:
-            write_like(path, data)
         return data
 
 
