@@ -248,6 +248,10 @@ def run(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = _load(config, http_port)
+    from edgefleet.agent.enroll import finish_renewal
+
+    if finish_renewal(cfg):
+        console.print("finished a certificate renewal that was interrupted")
     # Handlers first: a stop that arrives while starting (the HTTP port is already open) must
     # still shut down in order rather than kill the process mid-start.
     done = threading.Event()

@@ -275,9 +275,29 @@ def renew(config: Any, now: datetime | None = None, *, force: bool = True) -> da
     )
     check_answer({**answer, "controller_key": True, "download_token": True}, key, config.device_id)
     new_cert = x509.load_pem_x509_certificate(str(answer["certificate_pem"]).encode())
-    # The key first: a certificate is useless without it, a new key alone changes nothing
-    # the broker sees until the certificate follows.
-    atomic_write_bytes(Path(str(m.key_file) + ".new"), key_pem(key), 0o600)
-    _write_pem(Path(m.cert_file), str(answer["certificate_pem"]))
-    Path(str(m.key_file) + ".new").replace(m.key_file)
+    # Both new files are complete on disk before either replaces its old one; a stop between
+    # the two renames is finished by `finish_renewal` at the next start.
+    atomic_write_bytes(_pending(m.key_file), key_pem(key), 0o600)
+    _write_pem(_pending(m.cert_file), str(answer["certificate_pem"]))
+    finish_renewal(config)
     return new_cert.not_valid_after_utc
+
+
+def _pending(path: Path) -> Path:
+    return Path(str(path) + ".new")
+
+
+def finish_renewal(config: Any) -> bool:
+    """Put a renewal's new key and certificate in place when both were written and a stop
+    came before both were renamed; True when something was moved."""
+    m = config.mqtt
+    if m.cert_file is None or m.key_file is None:
+        return False
+    key_new, cert_new = _pending(m.key_file), _pending(m.cert_file)
+    if not cert_new.exists():
+        key_new.unlink(missing_ok=True)  # the renewal stopped before its certificate came
+        return False
+    if key_new.exists():
+        key_new.replace(m.key_file)
+    cert_new.replace(m.cert_file)
+    return True

@@ -225,6 +225,14 @@ def test_wrong_controller_is_a_clear_refusal(tmp_path: Path) -> None:
         srv.shutdown()
     with pytest.raises(EnrollError, match="cannot reach"):
         enroll(f"http://127.0.0.1:{free_port()}", "efe_x", tmp_path / "b", "gw-1")
+    # https to a server that speaks plain HTTP (or a certificate the system does not trust)
+    srv2 = HTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=srv2.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(EnrollError, match="TLS failed"):
+            enroll(f"https://127.0.0.1:{srv2.server_port}", "efe_x", tmp_path / "b", "gw-1")
+    finally:
+        srv2.shutdown()
     runner = CliRunner()
     res = runner.invoke(
         root_app,
@@ -498,3 +506,29 @@ def test_enrollment_on_sqlite_and_postgresql(any_controller: Running, tmp_path: 
     with run.client("viewer") as viewer:  # creating tokens is for admins
         r = viewer.post("/api/v1/enroll-tokens", json={"group": "lab"})
     assert r.status_code == 403
+
+
+def test_an_interrupted_renewal_is_finished_at_start(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from edgefleet.agent.enroll import finish_renewal
+
+    key, crt = tmp_path / "device.key", tmp_path / "device.crt"
+    cfg = SimpleNamespace(mqtt=SimpleNamespace(cert_file=crt, key_file=key))
+    key.write_text("old key")
+    crt.write_text("old cert")
+    # stopped after the new key was renamed, before the certificate was
+    (tmp_path / "device.crt.new").write_text("new cert")
+    key.write_text("new key")
+    assert finish_renewal(cfg)
+    assert crt.read_text() == "new cert" and key.read_text() == "new key"
+    # stopped before the certificate came back: the lone new key is dropped
+    (tmp_path / "device.key.new").write_text("orphan key")
+    assert not finish_renewal(cfg)
+    assert key.read_text() == "new key" and not (tmp_path / "device.key.new").exists()
+    # both written, neither renamed
+    (tmp_path / "device.key.new").write_text("k3")
+    (tmp_path / "device.crt.new").write_text("c3")
+    assert finish_renewal(cfg)
+    assert (key.read_text(), crt.read_text()) == ("k3", "c3")
+    assert not finish_renewal(cfg)
