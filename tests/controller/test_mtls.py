@@ -532,3 +532,29 @@ def test_an_interrupted_renewal_is_finished_at_start(tmp_path: Path) -> None:
     assert finish_renewal(cfg)
     assert (key.read_text(), crt.read_text()) == ("k3", "c3")
     assert not finish_renewal(cfg)
+
+
+def test_cli_enroll_token_and_revoke(controller: Running, tmp_path: Path) -> None:
+    import json
+
+    runner = CliRunner()
+    env = {"EDGEFLEET_URL": controller.url, "EDGEFLEET_TOKEN": controller.admin}
+    res = runner.invoke(
+        root_app, ["devices", "enroll-token", "create", "--group", "lab", "--ttl", "600"], env=env
+    )
+    assert res.exit_code == 0, res.output
+    token = res.stdout.strip()
+    assert token.startswith("efe_") and "\n" not in token  # only the token: `T=$(...)` works
+    res = runner.invoke(
+        root_app,
+        ["devices", "enroll-token", "create", "--group", "lab", "--device-id", "gw-cli", "--json"],
+        env=env,
+    )
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["device_id"] == "gw-cli" and info["token"].startswith("efe_")
+    enroll(controller.url, token, tmp_path / "gw", "gw-cli2")
+    res = runner.invoke(root_app, ["devices", "revoke", "gw-cli2"], env=env)
+    assert res.exit_code == 0 and "revoked gw-cli2" in res.output, res.output
+    res = runner.invoke(root_app, ["devices", "revoke", "nope"], env=env)
+    assert res.exit_code == 1 and "not_found" in res.output
