@@ -52,7 +52,15 @@ def _load(config: Path, http_port: int | None = None) -> Any:
 @agent_app.command("init")
 def init(
     directory: Path = typer.Argument(..., help="Directory for agent.toml, keys and the data dir."),
-    device_id: str = typer.Option(..., "--device-id", help="This gateway's id in the fleet."),
+    device_id: str | None = typer.Option(
+        None, "--device-id", help="This gateway's id in the fleet (or from --registration)."
+    ),
+    registration: Path | None = typer.Option(
+        None,
+        "--registration",
+        help="The JSON `edgefleet devices register` printed: fills in the device id, MQTT "
+        "username and password, download token and the controller's key.",
+    ),
     trust: list[Path] = typer.Option(
         ..., "--trust", help="Trusted package signing key (PEM), repeatable."
     ),
@@ -76,6 +84,27 @@ def init(
     from edgefleet.agent.admin import ensure_token
     from edgefleet.agent.config import dump_config, load_config
 
+    reg: dict[str, str] = {}
+    reg_key: str | None = None
+    if registration is not None:
+        from edgefleet.agent.enroll import EnrollError, registration_values
+
+        try:
+            raw = json.loads(registration.read_text())
+            reg = registration_values(raw)
+        except (OSError, ValueError, AttributeError) as e:
+            raise _fail(f"cannot read the registration {registration}: {e}") from e
+        except EnrollError as e:
+            raise _fail(str(e)) from e
+        if device_id is not None and device_id != reg["device_id"]:
+            raise _fail(f"--device-id {device_id} but the registration is for {reg['device_id']}")
+        device_id = reg["device_id"]
+        ck = raw.get("controller_key")
+        reg_key = ck.get("pem") if isinstance(ck, dict) else None
+    if not device_id:
+        raise _fail("give --device-id or --registration")
+    if mqtt_url is not None and not mqtt_url.startswith(("mqtt://", "mqtts://")):
+        raise _fail(f"--mqtt-url {mqtt_url!r}: expected mqtt://host:port or mqtts://host:port")
     directory = directory.resolve()
     cfg_path = directory / "agent.toml"
     if cfg_path.exists() and not force:
@@ -90,6 +119,10 @@ def init(
             dst = keys / kind / p.name
             shutil.copyfile(p, dst)
             copied[kind].append(str(dst.relative_to(directory)))
+    if reg_key and not controller_key:
+        dst = keys / "controller" / "controller.pub"
+        dst.write_text(reg_key)
+        copied["controller"].append(str(dst.relative_to(directory)))
     values: dict[str, Any] = {
         "device_id": device_id,
         "data_dir": "data",
@@ -101,21 +134,104 @@ def init(
         "admin_port": 0,
         "swap": {"mode": "auto"},
         "probation": {"seconds": 10.0, "min_requests": 20},
-        "mqtt": {"url": mqtt_url},
+        "mqtt": {
+            "url": mqtt_url,
+            "username": reg.get("mqtt_username"),
+            "password": reg.get("mqtt_password"),
+        },
         "telemetry": {"enabled": True, "interval_s": 10.0},
     }
+    if reg:
+        values["download_token"] = reg["download_token"]
     if download_token_env:
         token = os.environ.get(download_token_env)
         if not token:
             raise _fail(f"environment variable {download_token_env} (the download token) is empty")
         values["download_token"] = token
     directory.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(dump_config(values))
-    cfg_path.chmod(0o600)  # it may hold the device's download token and MQTT password
+    from edgefleet.wire.atomic import atomic_write_bytes
+
+    # 0600 from its first byte: it may hold the device's download token and MQTT password
+    atomic_write_bytes(cfg_path, dump_config(values).encode(), 0o600)
     cfg = load_config(cfg_path, env={})
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_token(cfg.admin_token_path)
     console.print(f"wrote {cfg_path} (data in {cfg.data_dir})")
+
+
+@agent_app.command("enroll")
+def enroll_cmd(
+    directory: Path = typer.Argument(..., help="Directory for agent.toml, keys, certificates."),
+    controller: str = typer.Option(..., "--controller", help="Controller URL, http(s)://…"),
+    token: str = typer.Option(
+        ...,
+        "--token",
+        envvar="EDGEFLEET_ENROLL_TOKEN",
+        help="One-time enrollment token (`edgefleet devices enroll-token create`).",
+    ),
+    device_id: str | None = typer.Option(
+        None, "--device-id", help="This gateway's id (default: derived from the host name)."
+    ),
+    http_port: int = typer.Option(8080, "--http-port", help="Inference API port."),
+    http_host: str = typer.Option("127.0.0.1", "--http-host"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing agent.toml."),
+) -> None:
+    """Enroll this gateway in one step: make its key (it never leaves the device), get its
+    certificate and the fleet's keys from the controller, write DIR/agent.toml (mode 0600),
+    ready for `edgefleet agent run --config DIR/agent.toml`."""
+    from edgefleet.agent.enroll import EnrollError, enroll, hostname_device_id
+
+    dev = device_id or hostname_device_id()
+    if dev is None:
+        raise _fail("the host name is not a valid device id: give --device-id")
+    try:
+        done = enroll(
+            controller, token, directory, dev, http_port=http_port, http_host=http_host,
+            force=force,
+        )  # fmt: skip
+    except EnrollError as e:
+        raise _fail(f"enrollment failed: {e}") from e
+    console.print(f"enrolled {done.device_id} (groups {', '.join(done.groups) or '-'})")
+    if not done.broker_urls:
+        console.print(
+            "[yellow]the controller names no broker (--device-broker-url): set [mqtt] url in "
+            f"{done.config_path}[/yellow]"
+        )
+    console.print(f"wrote {done.config_path}; run: edgefleet agent run --config {done.config_path}")
+
+
+@agent_app.command("renew-cert")
+def renew_cert(config: Path = typer.Option(..., "--config", help="agent.toml")) -> None:
+    """Renew the device's client certificate now (a new key, a new certificate from the
+    controller; `agent run` does this by itself when a third of its life is left)."""
+    from edgefleet.agent.enroll import EnrollError, renew
+
+    cfg = _load(config)
+    try:
+        until = renew(cfg)
+    except EnrollError as e:
+        raise _fail(f"renewal failed: {e}") from e
+    console.print(f"renewed the certificate of {cfg.device_id}: valid until {until}")
+
+
+def _renew_loop(cfg: Any, done: threading.Event, renewed: threading.Event) -> None:
+    """Renew the certificate when its life left falls below ``renew_fraction``; on success
+    set ``renewed`` (the run loop reconnects the fleet link with it)."""
+    import logging
+
+    from edgefleet.agent.enroll import EnrollError, renew
+
+    log = logging.getLogger("edgefleet.agent.cert")
+    while True:
+        try:
+            until = renew(cfg, force=False)
+            if until is not None:
+                log.info("client certificate renewed, valid until %s", until)
+                renewed.set()
+        except (EnrollError, OSError, ValueError) as e:
+            log.warning("client certificate not renewed: %s", e)
+        if done.wait(max(1.0, cfg.renew_check_s)):
+            return
 
 
 @agent_app.command("run")
@@ -132,6 +248,10 @@ def run(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = _load(config, http_port)
+    from edgefleet.agent.enroll import finish_renewal
+
+    if finish_renewal(cfg):
+        console.print("finished a certificate renewal that was interrupted")
     # Handlers first: a stop that arrives while starting (the HTTP port is already open) must
     # still shut down in order rather than kill the process mid-start.
     done = threading.Event()
@@ -153,21 +273,34 @@ def run(
         except Exception as e:
             console.print(f"[yellow]telemetry not started:[/yellow] {type(e).__name__}: {e}")
             telemetry = None
+    link: Any = None
+    renewed = threading.Event()
     if cfg.mqtt.url:
         from edgefleet.agent.mqtt.link import MqttLink
 
         try:
             link = MqttLink(agent, cfg, telemetry=telemetry.outbox if telemetry else None)
             link.start()
-            extras.append(link)
         except Exception as e:
             console.print(f"[yellow]fleet link not started:[/yellow] {type(e).__name__}: {e}")
+            link = None
+        if cfg.mqtt.cert_file and cfg.controller_url and cfg.renew_fraction > 0:
+            threading.Thread(
+                target=_renew_loop, args=(cfg, done, renewed), name="cert-renew", daemon=True
+            ).start()
     console.print(
         f"agent {cfg.device_id}: inference http://{cfg.http_host}:{agent.http_port}/v2,"
         f" admin 127.0.0.1:{agent.admin_port}, models {list(agent.inventory()['models'])}"
     )
     while not done.wait(1.0):
-        pass
+        if renewed.is_set() and link is not None:
+            # TLS files are read when the link starts: reconnect with the new certificate.
+            renewed.clear()
+            link.stop()
+            link = MqttLink(agent, cfg, telemetry=telemetry.outbox if telemetry else None)
+            link.start()
+    if link is not None:
+        link.stop()
     for x in reversed(extras):
         x.stop()
     agent.stop()

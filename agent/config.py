@@ -94,6 +94,10 @@ class MqttConfig:
     password: str | None = None
     tls: bool = False
     ca_file: Path | None = None
+    # The device's client certificate and key (`agent enroll`): the broker takes its id from
+    # the certificate, so no username/password is needed.
+    cert_file: Path | None = None
+    key_file: Path | None = None
     client_id: str | None = None
     keepalive_s: int = 30
 
@@ -136,6 +140,12 @@ class AgentConfig:
     # The device's package-download token from the controller (`devices register`). Sent as a
     # Bearer header only for packages named by the controller's signed desired state.
     download_token: str = ""
+    # The controller's URL (`agent enroll` writes it): where the certificate is renewed.
+    controller_url: str = ""
+    # `agent run` renews the client certificate when less than this fraction of its life is
+    # left (checked at start and every renew_check_s); 0 turns it off.
+    renew_fraction: float = 1 / 3
+    renew_check_s: float = 3600.0
     download_retries: int = 5
     download_min_rate: int = 1024  # bytes/s averaged over download_rate_window_s, else abandoned
     download_rate_window_s: float = 30.0

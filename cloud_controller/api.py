@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,7 +16,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgefleet.cloud_controller import auth, desired, devices, registry, rollout_views, rollouts
+from edgefleet.cloud_controller import (
+    auth,
+    desired,
+    devices,
+    enroll,
+    pki,
+    registry,
+    rollout_views,
+    rollouts,
+)
 from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import iso, transaction
 from edgefleet.cloud_controller.deps import Principal, audit_detail, controller, need, session
@@ -414,3 +424,135 @@ def control_rollout(
     except rollouts.RolloutError as e:
         raise _rollout_error(e) from e
     return rollout_views.summary(state)
+
+
+# --- enrollment, certificates, revocation (docs/security.md) -------------------------------
+
+
+class EnrollTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    group: GroupName
+    ttl_s: int = Field(enroll.DEFAULT_TTL_S, ge=1, le=enroll.MAX_TTL_S)
+    device_id: DeviceId | None = None
+    tags: list[TagName] = Field([], max_length=64)
+
+
+@router.post("/enroll-tokens", status_code=201)
+def create_enroll_token(body: EnrollTokenRequest, request: Request, who: Admin) -> dict[str, Any]:
+    """A one-time enrollment token for one gateway (`edgefleet agent enroll`); shown once."""
+    with transaction(controller(request).factory) as s:
+        token, row = enroll.create_token(
+            s, body.group, who.actor, body.ttl_s, body.device_id, body.tags
+        )
+        out = enroll.token_to_dict(row)
+    audit_detail(request, enroll_token=out["id"], group=body.group, device=body.device_id)
+    return {"token": token, **out}
+
+
+class EnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(max_length=200)
+    device_id: str = Field(max_length=200)
+    csr_pem: str = Field(max_length=pki.MAX_CSR_BYTES)
+
+
+def _device_info(request: Request) -> dict[str, Any]:
+    """What every enrolled device is told to trust and where to connect."""
+    from edgefleet.keys import key_id, public_pem
+
+    ctl = controller(request)
+    return {
+        "ca_pem": ctl.ca.cert_pem.decode(),
+        "broker_urls": list(ctl.settings.device_broker_urls),
+        "controller_url": ctl.settings.base_url,
+        "controller_key": controller_key(request),
+        "trusted_keys": [
+            {"key_id": key_id(k), "pem": public_pem(k).decode()} for k in ctl.trusted_keys
+        ],
+    }
+
+
+@router.post("/enroll", status_code=201)
+def enroll_device(body: EnrollRequest, request: Request) -> dict[str, Any]:
+    """Enroll a gateway with a one-time token (no bearer token: the enrollment token is the
+    credential). The device sends a CSR for the key it made (CN = its id) and gets its
+    certificate, the CA, the broker URL(s), the controller's key, the trusted packaging keys
+    and its download token. Refusals name their code (`wire.reasons.EnrollReason`)."""
+    ctl = controller(request)
+    valid = ids.is_valid(ids.DEVICE_ID, body.device_id)
+    request.state.actor = f"enroll:{body.device_id if valid else '(invalid id)'}"
+    validity = timedelta(days=ctl.settings.device_cert_days)
+    try:
+        with transaction(ctl.factory) as s:
+            done = enroll.enroll(s, ctl.ca, body.token, body.device_id, body.csr_pem, validity)
+    except enroll.EnrollRefused as e:
+        audit_detail(request, refused=e.code.value)
+        raise fail(e.status, e.code.value, e.message) from e
+    audit_detail(request, device=done.device_id, serial=f"{done.certificate.serial_number:x}")
+    return {
+        "device_id": done.device_id,
+        "groups": done.groups,
+        "tags": done.tags,
+        "certificate_pem": pki.cert_pem(done.certificate).decode(),
+        "not_after": iso(done.certificate.not_valid_after_utc),
+        "download_token": done.download_token,
+        **_device_info(request),
+    }
+
+
+class RenewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    csr_pem: str = Field(max_length=pki.MAX_CSR_BYTES)
+
+
+@router.post("/devices/{device_id}/certificate", status_code=201)
+def renew_certificate(
+    device_id: str,
+    body: RenewRequest,
+    request: Request,
+    who: Annotated[Principal, Depends(need(auth.Perm.OPERATE, devices_ok=True))],
+) -> dict[str, Any]:
+    """A new client certificate for a device, from a CSR for a (new) key it made; the device
+    authenticates with its download token and may renew only its own."""
+    if who.device_id is not None and who.device_id != device_id:
+        raise fail(403, "forbidden", f"device {who.device_id} may not renew {device_id}")
+    ctl = controller(request)
+    validity = timedelta(days=ctl.settings.device_cert_days)
+    try:
+        with transaction(ctl.factory) as s:
+            dev = s.get(Device, device_id)
+            if dev is None:
+                raise fail(404, "not_found", f"no device {device_id}")
+            cert = enroll.renew(s, ctl.ca, dev, body.csr_pem, validity)
+    except enroll.EnrollRefused as e:
+        audit_detail(request, refused=e.code.value)
+        raise fail(e.status, e.code.value, e.message) from e
+    audit_detail(request, device=device_id, serial=f"{cert.serial_number:x}")
+    return {
+        "device_id": device_id,
+        "certificate_pem": pki.cert_pem(cert).decode(),
+        "not_after": iso(cert.not_valid_after_utc),
+        "ca_pem": ctl.ca.cert_pem.decode(),
+    }
+
+
+@router.post("/devices/{device_id}/revoke")
+def revoke_device(device_id: str, request: Request, who: Operator) -> dict[str, Any]:
+    """Cut a device off: its certificates go into the CRL (and the broker reloads it), its
+    session is taken over, its MQTT password and download token stop working, its desired
+    state is withdrawn, and no new rollout includes it. Enroll it again with a new token."""
+    ctl = controller(request)
+    with transaction(ctl.factory) as s:
+        dev = enroll.revoke_device(s, device_id)
+        if dev is None:
+            raise fail(404, "not_found", f"no device {device_id}")
+        out = devices.to_dict(dev)
+    steps = ctl.refresh_crl()
+    if ctl.bridge is not None:
+        from edgefleet.wire.mqtt import topic
+
+        ctl.bridge.publish(topic(device_id, "desired"), b"")  # clear the retained state
+        if ctl.bridge.take_over(device_id):
+            steps.append(f"the broker session of {device_id} was closed")
+    audit_detail(request, device=device_id)
+    return {**out, "steps": steps}

@@ -37,6 +37,10 @@ MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _AUDITED_READS = re.compile(r"/api/v1/packages/[^/]+/download")
 _UPLOADS = re.compile(r"/api/v1/packages/?")
 _REFERENCES = re.compile(r"/api/v1/drift/[^/]+/references/?")
+# Enrollment carries its own credential (the one-time token) in a small body.
+_ENROLL = "/api/v1/enroll"
+# Certificate renewal: a device authenticates with its download token.
+_RENEW = re.compile(r"/api/v1/devices/[^/]+/certificate")
 
 
 class _BodyTooLarge(HTTPException):
@@ -54,6 +58,8 @@ def body_limit(settings: Settings, method: str, path: str) -> int:
         return settings.max_upload_bytes
     if _REFERENCES.fullmatch(path):
         return settings.max_reference_body_bytes
+    if path == _ENROLL or _RENEW.fullmatch(path):
+        return settings.max_enroll_body_bytes
     return settings.max_body_bytes
 
 
@@ -88,11 +94,13 @@ class Guard:
         self.app = app
         self.ctl = ctl
 
-    def _token_ok(self, token: str) -> bool:
-        from edgefleet.cloud_controller.auth import lookup_token
+    def _token_ok(self, token: str, path: str) -> bool:
+        from edgefleet.cloud_controller.auth import device_for_download_token, lookup_token
 
         with self.ctl.factory() as s:
-            return lookup_token(s, token) is not None
+            if lookup_token(s, token) is not None:
+                return True
+            return bool(_RENEW.fullmatch(path)) and device_for_download_token(s, token) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,12 +140,12 @@ class Guard:
     async def _refuse_early(self, scope: Scope) -> tuple[int, str, str] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
-        if path.startswith("/api/"):
+        if path.startswith("/api/") and path != _ENROLL:
             scheme, _, value = headers.get("authorization", "").partition(" ")
             token = value.strip() if scheme.lower() == "bearer" else ""
             if not token:
                 return 401, "unauthenticated", "send Authorization: Bearer <token>"
-            if not await run_in_threadpool(self._token_ok, token):
+            if not await run_in_threadpool(self._token_ok, token, path):
                 return 401, "invalid_token", "unknown or revoked token"
         limit = body_limit(self.ctl.settings, scope["method"], path)
         declared = headers.get("content-length")

@@ -130,8 +130,13 @@ def register_device(
     groups: list[str] | None = None,
     tags: list[str] | None = None,
     now: datetime | None = None,
+    *,
+    mqtt_password: bool = True,
 ) -> DeviceCredentials:
-    """Create (or re-key) a device; the plaintext credentials are returned once."""
+    """Create (or re-key) a device; the plaintext credentials are returned once.
+
+    ``mqtt_password=False`` (an enrolled device, which authenticates to the broker with its
+    certificate): no broker password is made, and any old one is cleared."""
     ids.device_id(device_id)  # the grammar of wire.ids: no newline, ':', '/', '+', '#', ...
     groups = ids.labels(ids.GROUP, groups) if groups is not None else None
     tags = ids.labels(ids.TAG, tags) if tags is not None else None
@@ -150,10 +155,11 @@ def register_device(
             recent_status_seqs=[],
         )
         session.add(dev)
-    password, token = new_secret("efm"), new_secret("efd")
+    password, token = (new_secret("efm") if mqtt_password else ""), new_secret("efd")
     dev.registered = True
     dev.registered_at = now
-    dev.mqtt_password_hash = mosquitto_hash(password)
+    dev.revoked_at = None
+    dev.mqtt_password_hash = mosquitto_hash(password) if mqtt_password else None
     dev.download_token_hash = hash_secret(token)
     if groups is not None:
         dev.groups = sorted(set(groups))

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from edgefleet.cloud_controller import db
+from edgefleet.cloud_controller import db, pki
 from edgefleet.cloud_controller.desired import Signer
 from edgefleet.cloud_controller.mqtt_bridge import MqttBridge
 from edgefleet.cloud_controller.rollouts import RolloutService
@@ -21,6 +21,42 @@ from edgefleet.cloud_controller.settings import Settings
 
 log = logging.getLogger(__name__)
 SEQ_HIGH_FILE = "desired_seq_high"
+
+
+BROKER_DIRS_FILE = "broker-dirs"
+
+
+def broker_dirs(pki_dir: Path) -> list[Path]:
+    """Broker config directories (`controller mosquitto-config --out`) that get every new CRL."""
+    try:
+        lines = (pki_dir / BROKER_DIRS_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [Path(x) for x in dict.fromkeys(line.strip() for line in lines) if x]
+
+
+def add_broker_dir(pki_dir: Path, directory: Path) -> None:
+    from edgefleet.wire.atomic import atomic_write_bytes
+
+    dirs = [*broker_dirs(pki_dir), directory.resolve()]
+    text = "".join(f"{d}\n" for d in dict.fromkeys(dirs))
+    atomic_write_bytes(pki_dir / BROKER_DIRS_FILE, text.encode(), 0o600)
+
+
+def _mosquitto_pid(pid_file: Path) -> int | None:
+    """The pid in a broker's pid file when that process is a running Mosquitto (a stale pid
+    file must not make the controller signal whatever process took the number since)."""
+    try:
+        text = pid_file.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():
+        return None
+    try:
+        comm = Path(f"/proc/{text}/comm").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if comm == "mosquitto" else None
 
 
 def load_signing_key(settings: Settings) -> ec.EllipticCurvePrivateKey:
@@ -81,11 +117,52 @@ class Controller:
                     "telemetry": settings.max_telemetry_bytes,
                 },
                 signer=signer,
+                tls_files=settings.broker_tls_files(),
             )
             service.publish = ctl.bridge.publish
         return ctl
 
     _seq_high: int = 0
+    _ca: object = None
+
+    @property
+    def ca(self) -> pki.CertificateAuthority:
+        """The controller's CA (`pki`), created in ``<data dir>/pki`` on first use."""
+        if not isinstance(self._ca, pki.CertificateAuthority):
+            self._ca = pki.CertificateAuthority.load_or_create(self.settings.pki_dir)
+        return self._ca
+
+    def refresh_crl(self) -> list[str]:
+        """Rewrite the CRL from the database (here and in every broker directory that
+        `controller mosquitto-config` registered), then signal each broker whose pid file is
+        there to reload it (Mosquitto re-reads its crlfile on SIGHUP). What was done, in words."""
+        import os
+        import signal
+        from datetime import UTC, datetime
+
+        from edgefleet.cloud_controller import enroll
+
+        with self.factory() as s:
+            revoked = enroll.revoked_serials(s)
+        dirs = broker_dirs(self.settings.pki_dir)
+        data = self.ca.write_crl(revoked, datetime.now(UTC))
+        done = [f"CRL with {len(revoked)} revoked certificate(s) written"]
+        for d in dirs:
+            try:
+                pki.write_like(d / "crl.pem", data)
+            except OSError as e:
+                done.append(f"{d}: CRL not written ({e}); copy {self.ca.crl_path} there")
+                continue
+            pid = _mosquitto_pid(d / "mosquitto.pid")
+            if pid is None:
+                done.append(f"{d}: no running broker found (reload it: kill -HUP)")
+                continue
+            try:
+                os.kill(pid, signal.SIGHUP)
+                done.append(f"{d}: broker {pid} told to reload (SIGHUP)")
+            except OSError as e:
+                done.append(f"{d}: broker {pid} not signalled ({e}); reload it: kill -HUP")
+        return done
 
     @property
     def seq_high_path(self) -> Path:

@@ -168,6 +168,7 @@ def to_dict(dev: Device, desired: DesiredState | None = None) -> dict[str, Any]:
         "tags": dev.tags,
         "last_seen": iso(dev.last_seen) if dev.last_seen else None,
         "last_status": dev.last_status,
+        "revoked_at": iso(dev.revoked_at) if dev.revoked_at else None,
     }
     floor = object_session_floor(dev)
     if floor is not None:
@@ -199,6 +200,8 @@ def device_infos(session: Session, model: str) -> list[DeviceInfo]:
     desired = {d.device_id: d for d in session.scalars(select(DesiredState))}
     infos = []
     for dev in list_devices(session):
+        if dev.revoked_at is not None:  # cut off by `devices revoke`: in no new rollout
+            continue
         prev: str | None = None
         ds = desired.get(dev.id)
         if ds is not None and model in ds.models:

@@ -69,6 +69,9 @@ class Device(Base):
     out_of_sync_since: Mapped[datetime | None] = mapped_column(
         DateTime(timezone=True), nullable=True
     )
+    # When `devices revoke` cut it off (schema `0006_enrollment`): no credentials, no desired
+    # state, its certificates in the CRL, left out of new rollouts. Enrolling again clears it.
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class DesiredState(Base):
@@ -148,3 +151,35 @@ class DeviceSeqFloor(Base):
     floor: Mapped[int] = mapped_column(BigInteger)
     reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     resynced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class EnrollmentToken(Base):
+    """A one-time, expiring enrollment token (schema `0006_enrollment`): only its hash is kept.
+
+    Bound to a group (and optionally one device id and tags); ``used_at``/``used_by`` are set,
+    once, by the enrollment that spends it.
+    """
+
+    __tablename__ = "enrollment_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    group: Mapped[str] = mapped_column(String(200))
+    device_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    used_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class DeviceCertificate(Base):
+    """Every client certificate the controller's CA issued a device (schema `0006_enrollment`);
+    a revoked one is in the CRL. The serial is hex: X.509 serials are up to 159 bits."""
+
+    __tablename__ = "device_certificates"
+    serial: Mapped[str] = mapped_column(String(40), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128), index=True)
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    not_after: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

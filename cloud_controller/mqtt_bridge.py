@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -114,6 +115,16 @@ class BrokerAddress:
         )
 
 
+def _tls(client: Any, files: tuple[Path | None, Path | None, Path | None]) -> None:
+    """TLS with the given CA (else the system's) and client certificate, when given."""
+    ca, cert, key = files
+    client.tls_set(
+        ca_certs=str(ca) if ca else None,
+        certfile=str(cert) if cert else None,
+        keyfile=str(key) if key else None,
+    )
+
+
 class MqttBridge:
     def __init__(
         self,
@@ -124,6 +135,7 @@ class MqttBridge:
         batch_size: int = BATCH,
         max_bytes: dict[str, int] | None = None,
         signer: Signer | None = None,
+        tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None),
     ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
@@ -147,8 +159,9 @@ class MqttBridge:
         )
         if self.address.username:
             self._client.username_pw_set(self.address.username, self.address.password)
+        self._tls_files = tls_files
         if self.address.tls:
-            self._client.tls_set()
+            _tls(self._client, tls_files)
         self._client.max_queued_messages_set(0)
         self._client.max_inflight_messages_set(100)
         self._client.reconnect_delay_set(1, 5)
@@ -183,6 +196,32 @@ class MqttBridge:
         """Retained, QoS 1; paho queues it while the broker is away."""
         self._client.publish(topic, payload, qos=1, retain=True)
         self.stats.published += 1
+
+    def take_over(self, client_id: str, timeout: float = 5.0) -> bool:
+        """Connect once with ``client_id`` so that the broker closes the connection a client
+        holds with that id (MQTT's session take-over): a device just revoked is cut off now,
+        and its reconnection meets the reloaded CRL. True when the broker accepted."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        if self.address.username:
+            c.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            _tls(c, self._tls_files)
+        try:
+            c.connect(self.address.host, self.address.port, keepalive=10)
+            c.loop_start()
+            ok = False
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not (ok := c.is_connected()):
+                time.sleep(0.02)
+            c.disconnect()
+            c.loop_stop()
+            return ok
+        except (OSError, ValueError) as e:
+            log.warning("could not take over the session of %s: %s", client_id, e)
+            return False
 
     def idle(self) -> bool:
         """True when every received message has been processed (tests, benchmarks)."""

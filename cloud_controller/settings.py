@@ -37,6 +37,33 @@ class Settings:
     max_presence_bytes: int = 64 * 1024  # one presence message from a device
     max_status_bytes: int = 64 * 1024  # one status report
     max_telemetry_bytes: int = 1024**2  # one telemetry envelope
+    max_enroll_body_bytes: int = 64 * 1024  # an enrollment or renewal (token + CSR), anonymous
+    # Transport security (docs/security.md): the broker URL(s) enrolled devices are given, how
+    # long a device certificate lives, and the TLS files of the controller's own broker link
+    # (default: the CA and the bridge certificate in <data dir>/pki, when the URL is mqtts).
+    device_broker_urls: tuple[str, ...] = ()
+    device_cert_days: int = 90
+    broker_ca_file: Path | None = None
+    broker_cert_file: Path | None = None
+    broker_key_file: Path | None = None
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
+
+    def broker_tls_files(self) -> tuple[Path | None, Path | None, Path | None]:
+        """(CA, client cert, client key) for the controller's broker link; the defaults are
+        the files `controller mosquitto-config` writes into the PKI dir, where they exist."""
+
+        def pick(given: Path | None, default: Path) -> Path | None:
+            return given if given is not None else (default if default.exists() else None)
+
+        d = self.pki_dir
+        return (
+            pick(self.broker_ca_file, d / "ca.crt"),
+            pick(self.broker_cert_file, d / "controller-client.crt"),
+            pick(self.broker_key_file, d / "controller-client.key"),
+        )
 
     @property
     def database_url(self) -> str:
@@ -73,6 +100,10 @@ class Settings:
             ("DESIRED_TTL_S", float),
             ("MAX_UPLOAD_BYTES", int),
             ("MAX_BODY_BYTES", int),
+            ("DEVICE_CERT_DAYS", int),
+            ("BROKER_CA_FILE", Path),
+            ("BROKER_CERT_FILE", Path),
+            ("BROKER_KEY_FILE", Path),
         ):
             value = env.get(ENV_PREFIX + name)
             if value:
@@ -82,6 +113,11 @@ class Settings:
                     "PACKAGES": "packages_dir",
                 }.get(name, name.lower())
                 updates[key] = conv(value)
+        device_brokers = env.get(ENV_PREFIX + "DEVICE_BROKER_URL")
+        if device_brokers:  # one URL, or several separated by commas
+            updates["device_broker_urls"] = tuple(
+                u.strip() for u in device_brokers.split(",") if u.strip()
+            )
         trusted = env.get(ENV_PREFIX + "TRUSTED_KEYS")
         if trusted:
             updates["trusted_keys"] = tuple(Path(p) for p in trusted.split(os.pathsep) if p)

@@ -151,8 +151,12 @@ class MqttLink:
         if mqtt_cfg.username:
             client.username_pw_set(mqtt_cfg.username, mqtt_cfg.password)
         if self.tls:
-            ca = mqtt_cfg.ca_file
-            client.tls_set(ca_certs=str(ca) if ca else None)
+            ca, cert, key = mqtt_cfg.ca_file, mqtt_cfg.cert_file, mqtt_cfg.key_file
+            client.tls_set(
+                ca_certs=str(ca) if ca else None,
+                certfile=str(cert) if cert else None,
+                keyfile=str(key) if key else None,
+            )
         client.will_set(self.topic("presence"), offline_will(self.device_id), qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(50)

@@ -46,6 +46,18 @@ def _settings(data_dir: Path | None = None, db: str | None = None, **overrides: 
     return replace(s, **updates)
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (banners and logs never show secrets)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    if u.password is None:
+        return url
+    host = u.hostname or ""
+    netloc = f"{u.username}:***@{host}" + (f":{u.port}" if u.port else "")
+    return urlunsplit(u._replace(netloc=netloc))
+
+
 @controller_app.command("serve")
 def serve(
     db: str = typer.Option(None, "--db", help="Database URL (sqlite:///… or postgresql://…)."),
@@ -60,6 +72,28 @@ def serve(
         [], "--trusted-key", help="Packager public key to accept uploads from (repeatable)."
     ),
     public_url: str = typer.Option(None, "--public-url", help="Base URL devices download from."),
+    device_broker_url: list[str] = typer.Option(
+        [],
+        "--device-broker-url",
+        help="Broker URL enrolled devices are given, e.g. mqtts://broker.example:8883 "
+        "(repeatable; env EDGEFLEET_CONTROLLER_DEVICE_BROKER_URL, comma-separated).",
+    ),
+    device_cert_days: int = typer.Option(
+        None, "--device-cert-days", min=1, max=3650, help="Validity of device certificates."
+    ),
+    broker_ca: Path = typer.Option(
+        None, "--broker-ca", help="CA of the broker (default: <data dir>/pki/ca.crt)."
+    ),
+    broker_cert: Path = typer.Option(
+        None,
+        "--broker-cert",
+        help="The controller's client certificate (default: <data dir>/pki/controller-client.crt).",
+    ),
+    broker_key: Path = typer.Option(
+        None,
+        "--broker-key",
+        help="Its key (default: <data dir>/pki/controller-client.key).",
+    ),
 ) -> None:
     """Run the controller (API, MQTT bridge, rollout engine) until interrupted."""
     import uvicorn
@@ -75,10 +109,16 @@ def serve(
         port=port,
         public_url=public_url,
         trusted_keys=tuple(trusted_key) or None,
+        device_broker_urls=tuple(device_broker_url) or None,
+        device_cert_days=device_cert_days,
+        broker_ca_file=broker_ca,
+        broker_cert_file=broker_cert,
+        broker_key_file=broker_key,
     )
     app = create_app(s)
     console.print(
-        f"controller on http://{s.host}:{s.port} db={s.database_url} broker={s.broker_url or '-'}"
+        f"controller on http://{s.host}:{s.port} db={redact_url(s.database_url)} "
+        f"broker={redact_url(s.broker_url) if s.broker_url else '-'}"
     )
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
 
@@ -219,62 +259,128 @@ def resync(
 
 @controller_app.command("mosquitto-config")
 def mosquitto_config(
-    out: Path = typer.Option(..., "--out", help="Directory for passwd, acl and mosquitto.conf."),
+    out: Path = typer.Option(
+        ..., "--out", help="Directory for mosquitto.conf, its certificates, acl and passwd."
+    ),
+    auth_mode: str = typer.Option(
+        "cert",
+        "--auth",
+        help="cert: devices present their certificate (mTLS, the default); password: TLS with "
+        "MQTT passwords, for clients that cannot do mTLS.",
+    ),
+    port: int = typer.Option(8883, "--port", help="The TLS listener's port."),
+    bind: str = typer.Option(None, "--bind", help="Address of the TLS listener (default: all)."),
+    plaintext_port: int = typer.Option(
+        None,
+        "--plaintext-port",
+        help="Also a plaintext listener on 127.0.0.1:PORT (password users only). Off by default.",
+    ),
+    server_name: list[str] = typer.Option(
+        [],
+        "--server-name",
+        help="Host name or IP address devices use to reach the broker (repeatable; default: "
+        "this host's name, localhost, 127.0.0.1). Goes into the broker's certificate.",
+    ),
     controller_password: str = typer.Option(
         None,
         "--controller-password",
         envvar="EDGEFLEET_CONTROLLER_MQTT_PASSWORD",
-        help="Password of the controller's MQTT user (generated when absent).",
+        help="Password of the controller's MQTT user (--auth password, --plaintext-port; "
+        "generated when absent).",
     ),
-    port: int = typer.Option(1883, "--port"),
     db: str = typer.Option(None, "--db"),
     data_dir: Path = typer.Option(None, "--data-dir"),
 ) -> None:
-    """Write Mosquitto password + ACL files: each device reads/writes only its own topics."""
+    """Write a Mosquitto config with a TLS listener: certificates from the controller's CA,
+    the per-device ACL (each device reads/writes only its own topics), the CRL, and the files
+    readable by the broker's user. The controller's own client certificate goes to
+    <data dir>/pki, where `controller serve --broker mqtts://HOST:PORT` finds it."""
     import secrets
+    import socket
+    from datetime import UTC, datetime, timedelta
 
-    from edgefleet.cloud_controller import auth
+    from edgefleet.cloud_controller import auth, broker_config, enroll, pki
     from edgefleet.cloud_controller import db as dbm
+    from edgefleet.cloud_controller.controller import add_broker_dir
 
+    if auth_mode not in ("cert", "password"):
+        err.print(f"[red]invalid_auth: {auth_mode!r}; use cert or password[/red]")
+        raise typer.Exit(2)
     s = _settings(data_dir, db)
+    names = server_name or list(dict.fromkeys([socket.gethostname(), "localhost", "127.0.0.1"]))
+    need_passwords = auth_mode == "password" or plaintext_port is not None
+    generated = need_passwords and controller_password is None
+    password = controller_password or secrets.token_urlsafe(24)
     engine = dbm.make_engine(s.database_url)
     dbm.upgrade(engine)
-    generated = controller_password is None
-    password = controller_password or secrets.token_urlsafe(24)
+    now = datetime.now(UTC)
     try:
-        if any(c in str(out.resolve()) for c in "\r\n\x00"):
-            raise auth.GeneratedFileError(f"output directory {str(out)!r} holds a line break")
+        if any(c in str(out.resolve()) for c in "\r\n\x00 \t"):
+            raise auth.GeneratedFileError(f"output directory {str(out)!r} holds a blank or break")
         with dbm.session_factory(engine)() as session:
-            passwd = auth.mosquitto_passwords(session, password)
+            passwd = auth.mosquitto_passwords(session, password) if need_passwords else None
+            revoked = enroll.revoked_serials(session, now)
         acl = auth.mosquitto_acl()
+        ca = pki.CertificateAuthority.load_or_create(s.pki_dir, now)
+        server_key = pki.new_key()
+        server_cert = pki.issue_server(ca.key, ca.cert, server_key.public_key(), names, now)
     except auth.GeneratedFileError as e:
         err.print(f"[red]invalid_identifier: {e}; nothing written[/red]")
         raise typer.Exit(2) from e
+    except pki.PkiError as e:
+        err.print(f"[red]{e.code}: {e}; nothing written[/red]")
+        raise typer.Exit(2) from e
     finally:
         engine.dispose()
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("passwd", passwd), ("acl", acl)):
-        path = out / name
-        path.write_text(text)
-        path.chmod(0o600)
-    (out / "data").mkdir(exist_ok=True)
-    (out / "mosquitto.conf").write_text(
-        f"listener {port}\nallow_anonymous false\n"
-        f"password_file {out.resolve() / 'passwd'}\nacl_file {out.resolve() / 'acl'}\n"
-        "# The controller keeps a persistent session (fixed client id): persisting it, and\n"
-        "# queueing deeply for it, is what keeps device reports that arrive while the\n"
-        "# controller (or this broker) restarts from being acknowledged and then dropped.\n"
-        f"persistence true\npersistence_location {out.resolve() / 'data'}/\n"
-        "autosave_interval 10\nmax_queued_messages 1000000\nmax_inflight_messages 100\n"
-        "# No device message is larger (docs/limits.md): the broker refuses bigger packets.\n"
-        f"max_packet_size {MAX_PACKET_BYTES}\n"
+    # The controller's own bridge certificate (CN = its broker user, which the ACL names).
+    bridge_key = pki.new_key()
+    bridge_cert = pki.issue_client(
+        ca.key,
+        ca.cert,
+        auth.CONTROLLER_MQTT_USER,
+        bridge_key.public_key(),
+        now,
+        validity=timedelta(days=pki.DEFAULT_SERVER_DAYS),
     )
-    console.print(f"wrote {out}/passwd ({passwd.count(chr(10))} users), acl, mosquitto.conf")
-    if generated:
-        console.print(
-            f"controller MQTT user {auth.CONTROLLER_MQTT_USER} password: {password}\n"
-            f"serve with --broker mqtt://{auth.CONTROLLER_MQTT_USER}:{password}@HOST:{port}"
+    pki.write_private(s.pki_dir / "controller-client.key", pki.key_pem(bridge_key))
+    pki.write_private(s.pki_dir / "controller-client.crt", pki.cert_pem(bridge_cert), 0o644)
+    owner = broker_config.broker_owner()
+    files: list[tuple[str, bytes, bool]] = [
+        ("ca.crt", ca.cert_pem, False),
+        ("server.crt", pki.cert_pem(server_cert), False),
+        ("server.key", pki.key_pem(server_key), True),
+        ("crl.pem", pki.crl_pem(pki.build_crl(ca.key, ca.cert, revoked, now)), False),
+        ("acl", acl.encode(), True),
+    ]
+    if passwd is not None:
+        files.append(("passwd", passwd.encode(), True))
+    conf = broker_config.mosquitto_conf(
+        out,
+        port=port,
+        auth="cert" if auth_mode == "cert" else "password",
+        user=owner.user,
+        max_packet_bytes=MAX_PACKET_BYTES,
+        plaintext_port=plaintext_port,
+        bind=bind,
+    )
+    files.append(("mosquitto.conf", conf.encode(), False))
+    broker_config.write_files(out, files, owner)
+    add_broker_dir(s.pki_dir, out)
+    console.print(
+        f"wrote {out}/mosquitto.conf (TLS on {port}, auth {auth_mode}, files for user "
+        f"{owner.user}); broker certificate for {', '.join(names)}"
+    )
+    blocked = broker_config.unreachable_ancestor(out, owner)
+    if blocked is not None:
+        err.print(
+            f"[yellow]warning: user {owner.user} cannot enter {blocked}: the broker could not "
+            f"read its files; choose an --out it can reach (e.g. /etc/mosquitto/edgefleet)[/yellow]"
         )
+    scheme_user = "" if auth_mode == "cert" else f"{auth.CONTROLLER_MQTT_USER}:PASSWORD@"
+    console.print(f"serve with --broker mqtts://{scheme_user}{names[0]}:{port}")
+    if generated:
+        # Shown once, on the terminal that asked for it; never logged by the controller.
+        console.print(f"controller MQTT user {auth.CONTROLLER_MQTT_USER} password: {password}")
 
 
 @controller_app.command("audit")

@@ -91,3 +91,52 @@ def devices_register(
         "rotate_credentials": rotate_credentials,
     }
     print_json(api_call(url, token, "POST", "/api/v1/devices", json=body))
+
+
+enroll_token_app = typer.Typer(
+    help="One-time enrollment tokens for `edgefleet agent enroll`.", no_args_is_help=True
+)
+devices_app.add_typer(enroll_token_app, name="enroll-token")
+
+
+@enroll_token_app.command("create")
+def enroll_token_create(
+    group: str = typer.Option(..., "--group", help="The group the enrolled device joins."),
+    ttl: int = typer.Option(3600, "--ttl", min=1, max=30 * 24 * 3600, help="Seconds valid."),
+    device_id: str = typer.Option(
+        None, "--device-id", help="Only this device id may enroll with the token."
+    ),
+    tag: list[str] = typer.Option([], "--tag", help="A tag the device gets (repeatable)."),
+    url: str = URL_OPT,
+    token: str = TOKEN_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Create a one-time, expiring enrollment token (admin); prints only the token (efe_…),
+    or with --json the token and its id, group, device id and expiry."""
+    body: dict[str, object] = {"group": group, "ttl_s": ttl, "tags": tag}
+    if device_id:
+        body["device_id"] = device_id
+    out = api_call(url, token, "POST", "/api/v1/enroll-tokens", json=body)
+    if as_json:
+        print_json(out)
+        return
+    typer.echo(out["token"])
+
+
+@devices_app.command("revoke")
+def devices_revoke(
+    device_id: str,
+    url: str = URL_OPT,
+    token: str = TOKEN_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Cut a device off: its certificates are revoked (the broker reloads the CRL), its broker
+    session is closed, its password and download token stop working, its desired state is
+    withdrawn. It can enroll again with a new token."""
+    out = api_call(url, token, "POST", f"/api/v1/devices/{device_id}/revoke")
+    if as_json:
+        print_json(out)
+        return
+    console.print(f"revoked {device_id}")
+    for step in out.get("steps", []):
+        console.print(f"  {step}")

@@ -135,3 +135,19 @@ def is_transient(code: object) -> bool:
     """True for a code worth retrying; an unknown code is final (never retried blindly)."""
     parsed = parse_reason(code)
     return parsed is not None and parsed in TRANSIENT
+
+
+class EnrollReason(StrEnum):
+    """Every refusal of `POST /api/v1/enroll` and of a certificate renewal, a code each (the
+    ``detail.code`` of the HTTP answer; `edgefleet agent enroll` prints it)."""
+
+    TOKEN_INVALID = "enroll_token_invalid"  # no such token (or not an enrollment token)
+    TOKEN_USED = "enroll_token_used"  # spent by an earlier enrollment: tokens are one-time
+    TOKEN_EXPIRED = "enroll_token_expired"
+    DEVICE_MISMATCH = "enroll_device_mismatch"  # the token is bound to another device id
+    DEVICE_EXISTS = "device_exists"  # the id is a registered device: revoke it first
+    DEVICE_REVOKED = "device_revoked"  # renewal for a device cut off by `devices revoke`
+    INVALID_DEVICE_ID = "invalid_device_id"  # outside the device id grammar (wire.ids)
+    CSR_INVALID = "csr_invalid"  # not a CSR, bad signature, not EC P-256, extra subject
+    CSR_MISMATCH = "csr_mismatch"  # the CSR's CN is not the device being enrolled/renewed
+    PKI_UNAVAILABLE = "pki_unavailable"  # the controller has no CA (cannot issue)

@@ -49,6 +49,7 @@ def start_controller(
     signing_key: Path | None = None,
     client_id: str | None = None,
     before_start: Callable[[Any], None] | None = None,
+    device_broker_urls: tuple[str, ...] = (),
 ) -> Running:
     """Build the controller app and serve it with uvicorn in a thread on a free port."""
     import uvicorn
@@ -68,6 +69,7 @@ def start_controller(
         tick_s=tick_s,
         signing_key=signing_key,
         mqtt_client_id=client_id or f"ctl-test-{uuid.uuid4().hex[:8]}",
+        device_broker_urls=device_broker_urls,
     )
     ctl = Controller.build(settings)
     if before_start is not None:

@@ -40,19 +40,18 @@ def secured(tmp_path: Path) -> Iterator[tuple[int, dict[str, str], Callable[[], 
         app,
         [
             "controller", "mosquitto-config", "--out", str(out), "--db", url,
-            "--controller-password", CTL_PW, "--port", str(port),
+            "--data-dir", str(tmp_path / "ctl"), "--auth", "password",
+            "--controller-password", CTL_PW, "--port", str(free_port()),
+            "--bind", "127.0.0.1", "--plaintext-port", str(port),
         ],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     passwd = (out / "passwd").read_text()
     assert "gw-1:$7$" in passwd and creds["gw-1"] not in passwd and CTL_PW not in passwd
-    conf = (
-        (out / "mosquitto.conf")
-        .read_text()
-        .replace(f"listener {port}", f"listener {port} 127.0.0.1")
-    )
-    if os.geteuid() == 0:  # as root Mosquitto drops to user `mosquitto`, who cannot read tmp_path
-        conf += "user root\n"
+    conf = (out / "mosquitto.conf").read_text()  # plaintext: loopback only
+    assert f"listener {port} 127.0.0.1" in conf
+    if os.geteuid() == 0:  # as root Mosquitto drops to user `mosquitto`, who cannot enter tmp_path
+        conf = conf.replace("\nuser mosquitto\n", "\nuser root\n")
     (out / "mosquitto.conf").write_text(conf)
     log = open(out / "log", "wb")  # noqa: SIM115
     procs: list[subprocess.Popen[bytes]] = []
@@ -238,7 +237,9 @@ def test_device_id_injection_cannot_take_the_controllers_broker_identity(
             app,
             [
                 "controller", "mosquitto-config", "--out", str(out), "--db", db_url,
-                "--controller-password", CTL_PW, "--port", str(port),
+                "--data-dir", str(tmp_path / "ctl"), "--auth", "password",
+                "--controller-password", CTL_PW, "--port", str(free_port()),
+                "--bind", "127.0.0.1", "--plaintext-port", str(port),
             ],
         )  # fmt: skip
 
@@ -268,13 +269,10 @@ def test_device_id_injection_cannot_take_the_controllers_broker_identity(
     passwd = (out / "passwd").read_text().splitlines()
     users = [line.split(":", 1)[0] for line in passwd]
     assert users == [auth.CONTROLLER_MQTT_USER, "gw-1"]
-    conf = (
-        (out / "mosquitto.conf")
-        .read_text()
-        .replace(f"listener {port}", f"listener {port} 127.0.0.1")
-    )
-    if os.geteuid() == 0:
-        conf += "user root\n"
+    conf = (out / "mosquitto.conf").read_text()  # plaintext: loopback only
+    assert f"listener {port} 127.0.0.1" in conf
+    if os.geteuid() == 0:  # as root Mosquitto drops to user `mosquitto`, who cannot enter tmp_path
+        conf = conf.replace("\nuser mosquitto\n", "\nuser root\n")
     (out / "mosquitto.conf").write_text(conf)
     log = open(out / "log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
