@@ -17,6 +17,7 @@ requests off the request path, never answering a client (docs/shadow.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -193,10 +194,8 @@ class ShadowSlot:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        try:
+        with contextlib.suppress(queue.Full):
             self._q.put_nowait(None)
-        except queue.Full:
-            pass
         if self._thread.is_alive():
             self._thread.join(timeout)
 

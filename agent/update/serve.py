@@ -21,6 +21,7 @@ from edgefleet.agent.sessions import (
     plan_swap,
     probation_windows,
 )
+from edgefleet.agent.shadow import ShadowSlot, memory_refusal
 from edgefleet.agent.states import State, end_of_rollback
 from edgefleet.agent.store import Pointers
 from edgefleet.agent.update import models
@@ -35,7 +36,6 @@ from edgefleet.agent.validation import (
     sample_agreement,
     sample_tolerances,
 )
-from edgefleet.agent.shadow import ShadowSlot, memory_refusal
 from edgefleet.wire.message import JsonObject, JsonValue
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.shadow import ShadowError, ShadowSpec

@@ -38,9 +38,9 @@ from edgefleet.wire.manifest import NAME_RE, now_utc, parse_time
 from edgefleet.wire.message import encode, loads_bounded
 from edgefleet.wire.presence import offline
 from edgefleet.wire.reasons import ReasonCode
+from edgefleet.wire.semver import InvalidVersion, parse_version
 from edgefleet.wire.shadow import ShadowError
 from edgefleet.wire.shadow import parse_spec as parse_shadow
-from edgefleet.wire.semver import InvalidVersion, parse_version
 
 TOPIC_PREFIX = "edgefleet/v1"
 Kind = Literal["desired", "status", "telemetry", "presence"]
