@@ -177,7 +177,7 @@ class ShadowSlot:
             return
         with self._lock:
             self._credit += self.spec.sample
-            if self._credit < 1.0:
+            if self._credit < 1.0 - 1e-9:  # 0.1 ten times is 0.999...
                 return
             self._credit -= 1.0
         samples = batch_samples(feed, self._first_input)
