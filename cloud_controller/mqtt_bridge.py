@@ -379,7 +379,9 @@ class MqttBridge:
         if not fresh:
             drops.append("status_duplicate")
             return None
-        if top == report.seq:  # the newest report is the device's last status (a late one is not)
+        # The newest report is the device's last status (a late one is not); a shadow window
+        # is figures, not a status: it must not hide the last update's outcome.
+        if top == report.seq and report.kind != "shadow":
             dev.last_status = raw
         dev.last_status_seq, dev.recent_status_seqs = top, recent
         dev.last_seen = now
