@@ -121,6 +121,7 @@ class ShadowConfig:
     # this factor, plus memory_headroom_mb, fits in the available memory.
     memory_factor: float = 2.0
     queue: int = 16  # mirrored requests waiting for the candidate; more are dropped (counted)
+    queue_bytes: int = 64 * 2**20  # ... and their inputs and outputs together, at most
     threads: int = 1  # ONNX Runtime intra-op threads of the candidate: it must not starve serving
     max_seconds: float = 6 * 3600.0  # without a decision from the controller: give the shadow up
 

@@ -128,6 +128,7 @@ class _Item:
     feed: dict[str, np.ndarray]
     out: dict[str, np.ndarray]
     serving_ms: float  # per sample
+    nbytes: int = 0
 
 
 class ShadowSlot:
@@ -141,6 +142,7 @@ class ShadowSlot:
         emit: Callable[[ShadowFigures], None],
         queue_max: int = 16,
         compare: str = "auto",
+        queue_bytes: int = 64 * 2**20,
     ) -> None:
         self.candidate = candidate
         self.name = candidate.name
@@ -149,6 +151,10 @@ class ShadowSlot:
         self.emit = emit
         self.compare = compare
         self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=max(1, queue_max))
+        # A queued mirror keeps its request's arrays alive after the request is answered (and
+        # its bytes released from the server's in-flight budget): bounded on its own.
+        self._queue_bytes = max(0, queue_bytes)
+        self._queued = 0
         self._credit = 0.0  # sampling without a random draw: mirror when it reaches 1
         self._lock = threading.Lock()
         self._total = ShadowCounts()
@@ -181,10 +187,17 @@ class ShadowSlot:
                 return
             self._credit -= 1.0
         samples = batch_samples(feed, self._first_input)
+        size = sum(int(a.nbytes) for a in feed.values()) + sum(int(a.nbytes) for a in out.values())
+        with self._lock:
+            if self._queued + size > self._queue_bytes:
+                self._dropped += 1
+                return
+            self._queued += size
         try:
-            self._q.put_nowait(_Item(feed, out, latency_s * 1000.0 / samples))
+            self._q.put_nowait(_Item(feed, out, latency_s * 1000.0 / samples, size))
         except queue.Full:
             with self._lock:
+                self._queued -= size
                 self._dropped += 1
 
     # ------------------------------------------------------------------ worker
@@ -212,6 +225,8 @@ class ShadowSlot:
             except queue.Empty:
                 item = None
             if item is not None:
+                with self._lock:
+                    self._queued -= item.nbytes
                 self._compare(item)
             if time.monotonic() >= next_report:
                 self.report()

@@ -183,6 +183,7 @@ def run_shadow(ctx: UpdateContext, rec: UpdateRecord, spec: ShadowSpec) -> JsonO
         lambda f: ctx.emit_shadow(rec, f.to_dict()),
         queue_max=cfg.queue,
         compare=spec.compare,
+        queue_bytes=cfg.queue_bytes,
     )
     slot.start()
     ctx.sessions.observers = [*ctx.sessions.observers, slot.observe]  # copy on write

@@ -253,3 +253,21 @@ def test_shadow_refused_without_memory_or_without_a_serving_version(
     uid = b.submit_update(UpdateRequest("iris", "1.1.0", str(pkgs["v2"]), shadow=SPEC))
     assert wait(lambda: state_of(b, uid) == "FAILED", 30)
     assert b.update(uid)["reason_code"] == "shadow_no_serving"  # type: ignore[index]
+
+
+def test_mirrors_are_bounded_in_bytes_too() -> None:
+    slow = _Slow()
+    slot = ShadowSlot(  # type: ignore[arg-type]
+        slow, "1", ShadowSpec(window_s=60), lambda f: None, queue_max=100, queue_bytes=4096
+    )
+    slot.start()
+    big = np.ones((1, 4), dtype=np.float32).repeat(256, axis=0)  # 4 KiB
+    for _ in range(5):
+        slot.observe("iris", "1", {"X": big}, {"y": big[:1]}, 0.001, True)
+    small = np.ones((1, 4), dtype=np.float32)
+    slot.observe("iris", "1", {"X": small}, {"y": small}, 0.001, True)
+    slow.release.set()
+    assert wait(lambda: slot.compared >= 1, 5)
+    slot.stop()
+    fig = slot.report()
+    assert fig.total.dropped == 5 and fig.total.compared == 1
