@@ -123,6 +123,7 @@ class ShadowConfig:
     queue: int = 16  # mirrored requests waiting for the candidate; more are dropped (counted)
     queue_bytes: int = 64 * 2**20  # ... and their inputs and outputs together, at most
     threads: int = 1  # ONNX Runtime intra-op threads of the candidate: it must not starve serving
+    nice: int = 10  # scheduling niceness of the candidate's thread (Linux), 0: as serving
     max_seconds: float = 6 * 3600.0  # without a decision from the controller: give the shadow up
 
 

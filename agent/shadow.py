@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -143,6 +144,7 @@ class ShadowSlot:
         queue_max: int = 16,
         compare: str = "auto",
         queue_bytes: int = 64 * 2**20,
+        nice: int = 10,
     ) -> None:
         self.candidate = candidate
         self.name = candidate.name
@@ -155,6 +157,7 @@ class ShadowSlot:
         # its bytes released from the server's in-flight budget): bounded on its own.
         self._queue_bytes = max(0, queue_bytes)
         self._queued = 0
+        self._nice = nice
         self._credit = 0.0  # sampling without a random draw: mirror when it reaches 1
         self._lock = threading.Lock()
         self._total = ShadowCounts()
@@ -218,6 +221,13 @@ class ShadowSlot:
             return self._total.compared
 
     def _work(self) -> None:
+        # The candidate runs on this thread (one intra-op thread: no pool): a lower scheduling
+        # priority lets the serving threads have the cores first (Linux: per-thread niceness).
+        if self._nice > 0:
+            with contextlib.suppress(OSError, AttributeError):
+                tid = threading.get_native_id()
+                base = os.getpriority(os.PRIO_PROCESS, tid)
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, base + self._nice))
         next_report = time.monotonic() + self.spec.window_s
         while not self._stop.is_set():
             try:

@@ -184,6 +184,7 @@ def run_shadow(ctx: UpdateContext, rec: UpdateRecord, spec: ShadowSpec) -> JsonO
         queue_max=cfg.queue,
         compare=spec.compare,
         queue_bytes=cfg.queue_bytes,
+        nice=cfg.nice,
     )
     slot.start()
     ctx.sessions.observers = [*ctx.sessions.observers, slot.observe]  # copy on write

@@ -3,6 +3,7 @@ the comparison rules, the bounded mirror queue and the wire format of its figure
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -164,6 +165,10 @@ def test_sampling_mirrors_the_asked_share() -> None:
     for _ in range(200):
         slot.observe("iris", "1", {"X": x}, {"y": x}, 0.001, True)
     assert wait(lambda: slot.compared == 20, 5)
+    # the candidate's thread yields the cores to serving (Linux: per-thread niceness)
+    tid = slot._thread.native_id
+    assert tid is not None
+    assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
     slot.stop()
 
 
