@@ -276,3 +276,106 @@ def test_mirrors_are_bounded_in_bytes_too() -> None:
     slot.stop()
     fig = slot.report()
     assert fig.total.dropped == 5 and fig.total.compared == 1
+
+
+def test_desired_state_shadow_entry_is_validated_and_steers_the_board() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from edgefleet.agent.mqtt.reconcile import parse_targets
+    from edgefleet.wire.errors import RejectError
+    from edgefleet.wire.mqtt import validate_desired
+
+    now = datetime.now(UTC)
+    entry = {"version": "1.1.0", "url": "https://c/x", "sha256": "a" * 64, "shadow": SPEC}
+    state = {
+        "device_id": "gw-1",
+        "seq": 3,
+        "issued_at": now.isoformat(),
+        "expires_at": (now + timedelta(hours=1)).isoformat(),
+        "models": {"iris": entry},
+    }
+    validate_desired(state)
+    (target,) = parse_targets(state)
+    assert target.shadow == parse_spec(SPEC)
+    bad = {**state, "models": {"iris": {**entry, "shadow": {"requests": -1}}}}
+    with pytest.raises(RejectError) as e:
+        validate_desired(bad)
+    assert e.value.code == "manifest_invalid" and "shadow.requests" in e.value.message
+
+
+def test_the_link_steers_shadows_from_each_desired_state(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from edgefleet.agent.mqtt.desired import DesiredStateHandler
+    from edgefleet.agent.ports import Inventory
+    from edgefleet.keys import generate_keypair, load_private_key, load_public_key
+    from edgefleet.wire.mqtt import sign_desired
+
+    class FakeAgent:
+        def __init__(self) -> None:
+            self.steered: list[tuple[str, str | None, bool]] = []
+            self.submitted: list[UpdateRequest] = []
+
+        def submit_update(self, req: UpdateRequest) -> str:
+            self.submitted.append(req)
+            return "u1"
+
+        def remove_model(self, name: str, rollout_id: str | None = None) -> str:
+            return "u2"
+
+        def add_listener(self, cb: Any) -> None: ...
+
+        def remove_listener(self, cb: Any) -> None: ...
+
+        def inventory(self) -> Inventory:
+            return {
+                "device_id": "gw-1",
+                "agent_version": "0",
+                "execution_providers": [],
+                "hardware": {},
+                "profiles": [],
+                "models": {
+                    "iris": {
+                        "version": "1.0.0",
+                        "previous": None,
+                        "state": "COMMITTED",
+                        "serving": True,
+                        "profile": None,
+                        "providers": [],
+                    }
+                },
+            }
+
+        def unfinished_installs(self) -> dict[str, str]:
+            return {}
+
+        def steer_shadow(self, name: str, version: str | None, shadow: bool) -> None:
+            self.steered.append((name, version, shadow))
+
+    key = generate_keypair(tmp_path / "k", "ctl")
+    agent = FakeAgent()
+    h = DesiredStateHandler(
+        agent, "gw-1", [load_public_key(key.public_path)], tmp_path / "link.json", lambda r: None
+    )
+    now = datetime.now(UTC)
+
+    def desired(seq: int, models: dict[str, Any], remove: list[str] | None = None) -> bytes:
+        state: dict[str, Any] = {
+            "device_id": "gw-1",
+            "seq": seq,
+            "issued_at": now.isoformat(),
+            "expires_at": (now + timedelta(hours=1)).isoformat(),
+            "models": models,
+        }
+        if remove:
+            state["remove"] = remove
+        return sign_desired(state, load_private_key(key.private_path))
+
+    entry = {"version": "1.1.0", "url": "https://c/x", "sha256": "a" * 64}
+    h.handle(desired(1, {"iris": {**entry, "shadow": SPEC}}))
+    assert agent.steered == [("iris", "1.1.0", True)]
+    assert agent.submitted[0].shadow == parse_spec(SPEC).to_dict()  # type: ignore[union-attr]
+    h.handle(desired(2, {"iris": entry}))  # promoted: no second install, the board says so
+    assert agent.steered[-1] == ("iris", "1.1.0", False) and len(agent.submitted) == 1
+    h.handle(desired(3, {}, remove=["iris"]))
+    assert agent.steered[-1] == ("iris", None, False)
