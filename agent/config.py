@@ -118,6 +118,20 @@ class TelemetryConfig:
 
 
 @dataclass
+class ShadowConfig:
+    """``[shadow]``: a candidate version evaluated next to the serving one (docs/shadow.md)."""
+
+    # Load the candidate only when (its validation memory growth, else its model file size) x
+    # this factor, plus memory_headroom_mb, fits in the available memory.
+    memory_factor: float = 2.0
+    queue: int = 16  # mirrored requests waiting for the candidate; more are dropped (counted)
+    queue_bytes: int = 64 * 2**20  # ... and their inputs and outputs together, at most
+    threads: int = 1  # ONNX Runtime intra-op threads of the candidate: it must not starve serving
+    nice: int = 10  # scheduling niceness of the candidate's thread (Linux), 0: as serving
+    max_seconds: float = 6 * 3600.0  # without a decision from the controller: give the shadow up
+
+
+@dataclass
 class AgentConfig:
     device_id: str
     data_dir: Path
@@ -159,6 +173,7 @@ class AgentConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     serving: ServingLimits = field(default_factory=ServingLimits)  # the inference API's limits
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
     config_path: Path | None = None
 
     @property

@@ -48,6 +48,7 @@ class _RecordFields(TypedDict, total=False):
     allow_downgrade: bool
     controller_source: bool
     max_p95_ratio: float | None
+    shadow: JsonObject | None
     rollback: bool
     from_previous: str | None
     action: str
@@ -71,6 +72,8 @@ class UpdateRecord:
     controller_source: bool = False
     # The rollout's probation latency ratio (desired state), else the agent config's.
     max_p95_ratio: float | None = None
+    # Shadow first (`agent.shadow`): the desired state's ShadowSpec as JSON; None: no shadow.
+    shadow: JsonObject | None = None
     # A rollback to a version this device committed: not held to the forward gates.
     rollback: bool = False
     action: str = "install"  # or "remove": IDLE -> REMOVING -> REMOVED (see agent.states)

@@ -75,6 +75,11 @@ class AgentPort(UpdateSubmitter, Protocol):
         """model -> version of installs not finished yet (e.g. resumed after a restart)."""
         ...
 
+    def steer_shadow(self, name: str, version: str | None, shadow: bool) -> None:
+        """What the newest desired state wants of ``name``: a candidate in shadow is promoted
+        (same version, no shadow) or dropped (another version, or None) accordingly."""
+        ...
+
 
 class ReferenceSource(Protocol):
     """The drift reference of a serving model (from its signed manifest), if it has one."""

@@ -102,6 +102,11 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
         """`cb(model, version, inputs, outputs, latency_s, ok)` after each inference (request thread)."""
         self.sessions.observers.append(cb)
 
+    def steer_shadow(self, name: str, version: str | None, shadow: bool) -> None:
+        """The newest desired state wants ``version`` of ``name`` (None: not at all), in shadow
+        or not: a candidate in shadow is promoted or dropped accordingly (`agent.shadow`)."""
+        self.updater.ctx.shadow_board.steer(name, version, shadow)
+
     @property
     def execution_providers(self) -> list[str]:
         if self._providers is None:
@@ -127,6 +132,7 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
             allow_downgrade=req.allow_downgrade,
             controller_source=req.controller_source,
             max_p95_ratio=req.max_p95_ratio,
+            shadow=req.shadow,
         )
         self.journal.create(rec)
         self.updater.emit(rec, rec.last())

@@ -331,6 +331,21 @@ class GatesModel(BaseModel):
     max_drift: float | None = Field(default=None, description="drift score of the moved devices")
 
 
+class ShadowModel(BaseModel):
+    """Each wave runs the release in shadow first (docs/shadow.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    requests: int = Field(200, ge=1, le=1_000_000, description="compared requests per device")
+    min_agreement: float = Field(0.99, ge=0, le=1, description="agreeing share, to promote")
+    max_p95_ratio: float = Field(1.5, gt=0, description="candidate/serving per-sample p95")
+    sample: float = Field(1.0, gt=0, le=1, description="share of live requests mirrored")
+    timeout_s: float = Field(900.0, gt=0, description="from the wave's first dispatch")
+    window_s: float = Field(10.0, ge=0.1, le=3600, description="device report interval")
+    rtol: float = Field(1e-3, ge=0, description="tolerance of score outputs (relative)")
+    atol: float = Field(1e-4, ge=0, description="tolerance of score outputs (absolute)")
+    compare: Literal["auto", "top1", "tolerance", "exact"] = "auto"
+
+
 class RolloutRequest(BaseModel):
     """A staged rollout of one release (see docs/controller.md for the rules)."""
 
@@ -360,6 +375,9 @@ class RolloutRequest(BaseModel):
     )
     remove_first_installs: bool = Field(
         False, description="let a rollback uninstall a first install (no previous version)"
+    )
+    shadow: ShadowModel | None = Field(
+        None, description="shadow each wave first; promote or drop on its figures"
     )
 
 

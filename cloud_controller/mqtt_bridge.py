@@ -369,10 +369,10 @@ class MqttBridge:
 
     def _apply(
         self, decoded: list[Decoded], now: datetime, stale: set[str]
-    ) -> tuple[list[tuple[str, E.StatusReport]], list[str]]:
+    ) -> tuple[list[tuple[str, E.StatusReport | E.ShadowReport]], list[str]]:
         """Apply parsed messages in one transaction: (rollout reports, drop reasons), both
         valid only once it committed."""
-        reports: list[tuple[str, E.StatusReport]] = []
+        reports: list[tuple[str, E.StatusReport | E.ShadowReport]] = []
         telemetry: list[tuple[str, TelemetryEnvelope]] = []
         drops: list[str] = []
         with transaction(self._factory) as session, session.no_autoflush:
@@ -408,7 +408,7 @@ class MqttBridge:
         raw: dict[str, Any],
         now: datetime,
         drops: list[str],
-    ) -> tuple[str, E.StatusReport] | None:
+    ) -> tuple[str, E.StatusReport | E.ShadowReport] | None:
         """Record a parsed report on its device; the rollout event for an update report."""
         assert report.seq is not None  # parse() requires it
         dev = devices.get_or_create(session, report.device_id)
@@ -418,11 +418,18 @@ class MqttBridge:
         if not fresh:
             drops.append("status_duplicate")
             return None
-        if top == report.seq:  # the newest report is the device's last status (a late one is not)
+        # The newest report is the device's last status (a late one is not); a shadow window
+        # is figures, not a status: it must not hide the last update's outcome.
+        if top == report.seq and report.kind != "shadow":
             dev.last_status = raw
         dev.last_status_seq, dev.recent_status_seqs = top, recent
         dev.last_seen = now
         model, version, state = report.model, report.version, report.state
+        if report.kind == "shadow" and model is not None and version is not None:
+            # figures only (parse checked them against edgefleet.wire.shadow): the rollout judges
+            return model, E.ShadowReport(
+                report.device_id, version, dict(report.figures or {}), report.rollout_id
+            )
         if model is None or version is None or state is None:
             return None  # a refused desired state: on record, no rollout moves on it
         if state == UpdateState.COMMITTED:

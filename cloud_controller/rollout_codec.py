@@ -14,6 +14,7 @@ from edgefleet.cloud_controller.rollout_types import (
     Phase,
     RolloutSpec,
     RolloutState,
+    ShadowGates,
     Target,
 )
 
@@ -45,7 +46,9 @@ def spec_from_dict(data: Mapping[str, Any]) -> RolloutSpec:
     d = dict(data)
     t = d.pop("target", {}) or {}
     g = d.pop("gates", {}) or {}
+    sh = d.pop("shadow", None)
     return RolloutSpec(
+        shadow=ShadowGates(**sh) if sh else None,
         target=Target(**{k: tuple(v) for k, v in t.items()}),
         gates=Gates(**g),
         waves=tuple(float(w) for w in d.pop("waves", (5.0, 25.0, 100.0))),
@@ -78,6 +81,9 @@ def header_to_dict(state: RolloutState) -> dict[str, Any]:
         "created_at": state.created_at,
         "finished_at": state.finished_at,
         "wave_plan": list(state.wave_plan),
+        "shadow_passed": list(state.shadow_passed),
+        "shadow_started_at": state.shadow_started_at,
+        "shadow_waves": [dict(w) for w in state.shadow_waves],
     }
 
 
@@ -98,4 +104,7 @@ def state_from_parts(
         created_at=float(header["created_at"]),
         finished_at=header["finished_at"],
         wave_plan=tuple(int(w) for w in header.get("wave_plan") or ()),
+        shadow_passed=tuple(int(w) for w in header.get("shadow_passed") or ()),
+        shadow_started_at=header.get("shadow_started_at"),
+        shadow_waves=tuple(header.get("shadow_waves") or ()),
     )

@@ -12,6 +12,7 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from edgefleet.cloud_controller.rollout_codec import (
     counts,
@@ -50,6 +51,8 @@ from edgefleet.cloud_controller.rollout_types import (
     Revert,
     RolloutSpec,
     RolloutState,
+    ShadowGates,
+    ShadowReport,
     SpecError,
     StatusReport,
     Target,
@@ -87,6 +90,8 @@ __all__ = [
     "Revert",
     "RolloutSpec",
     "RolloutState",
+    "ShadowGates",
+    "ShadowReport",
     "SpecError",
     "StatusReport",
     "Target",
@@ -95,6 +100,7 @@ __all__ = [
     "choose_profile",
     "counts",
     "device_from_dict",
+    "device_shadow",
     "device_to_dict",
     "gate_violation",
     "handle",
@@ -103,6 +109,7 @@ __all__ = [
     "plan",
     "planned_waves",
     "resolve_target",
+    "shadow_verdict",
     "spec_from_dict",
     "spec_to_dict",
     "state_from_parts",
@@ -148,6 +155,35 @@ def validate_spec(spec: RolloutSpec) -> None:
         raise SpecError("soak_s: must be >= 0")
     if any(w < 0 or w >= len(spec.waves) for w in spec.approval_waves):
         raise SpecError("approval_waves: wave index out of range")
+    if spec.shadow is not None:
+        _validate_shadow(spec.shadow)
+
+
+def _validate_shadow(s: ShadowGates) -> None:
+    from edgefleet.wire.shadow import ShadowError, parse_spec
+
+    if not 0 <= s.min_agreement <= 1:
+        raise SpecError("shadow.min_agreement: must be within [0, 1]")
+    if not (s.max_p95_ratio > 0 and math.isfinite(s.max_p95_ratio)):
+        raise SpecError("shadow.max_p95_ratio: must be a positive number")
+    if not (s.timeout_s > 0 and math.isfinite(s.timeout_s)):
+        raise SpecError("shadow.timeout_s: must be > 0")
+    try:  # what the devices will be sent must hold on the wire
+        parse_spec(device_shadow(s))
+    except ShadowError as e:
+        raise SpecError(str(e)) from e
+
+
+def device_shadow(s: ShadowGates) -> dict[str, Any]:
+    """The desired state's ``shadow`` entry for this rollout (`edgefleet.wire.shadow`)."""
+    return {
+        "requests": s.requests,
+        "sample": s.sample,
+        "window_s": s.window_s,
+        "rtol": s.rtol,
+        "atol": s.atol,
+        "compare": s.compare,
+    }
 
 
 def resolve_target(devices: Iterable[DeviceInfo], target: Target) -> list[DeviceInfo]:
@@ -279,6 +315,10 @@ def handle(state: RolloutState, event: Event, now: float) -> Decision:
             light = _after_result(state, now, actions)
             if light is not None:
                 return light
+    elif isinstance(event, ShadowReport):
+        state = _on_shadow(state, event)
+        if state.phase in TERMINAL_PHASES:
+            return Decision(state, tuple(actions))
     elif state.phase in TERMINAL_PHASES:
         actions.append(Log(f"ignored {type(event).__name__.lower()}: rollout is {state.phase}"))
         return Decision(state, tuple(actions))
@@ -383,6 +423,128 @@ def _on_status(
     return _put(state, dev)
 
 
+def _on_shadow(state: RolloutState, ev: ShadowReport) -> RolloutState:
+    """Keep the device's newest shadow figures (they count since its shadow began)."""
+    dev = state.devices.get(ev.device_id)
+    spec = state.spec
+    if dev is None or dev.wave < 0 or spec.shadow is None or ev.version != spec.version:
+        return state
+    if ev.rollout_id and ev.rollout_id != spec.rollout_id:
+        return state
+    if dev.state != DevState.IN_PROGRESS and state.phase not in TERMINAL_PHASES:
+        return state
+    return _put(state, replace(dev, shadow=dict(ev.figures)))
+
+
+def _fig_int(fig: Mapping[str, object] | None, key: str) -> int:
+    total = fig.get("total") if fig else None
+    v = total.get(key) if isinstance(total, Mapping) else None
+    return v if isinstance(v, int) else 0
+
+
+def _fig_ratio(fig: Mapping[str, object] | None) -> float | None:
+    if not fig:
+        return None
+    s, c = fig.get("serving_p95_ms"), fig.get("candidate_p95_ms")
+    if not isinstance(s, int | float) or not isinstance(c, int | float) or s <= 0:
+        return None
+    return float(c) / float(s)
+
+
+def shadow_verdict(
+    gates: ShadowGates, figures: Sequence[Mapping[str, object] | None]
+) -> tuple[str | None, dict[str, object]]:
+    """(None to promote, else the reason code; the wave's figures) from its devices' newest
+    shadow figures: agreement pooled over the wave's compared requests, the p95 ratio the
+    worst device's (a candidate slow on one gateway is slow there)."""
+    compared = sum(_fig_int(f, "compared") for f in figures)
+    agreed = sum(_fig_int(f, "agreed") for f in figures)
+    errors = sum(_fig_int(f, "candidate_errors") for f in figures)
+    dropped = sum(_fig_int(f, "dropped") for f in figures)
+    ratios = [r for r in (_fig_ratio(f) for f in figures) if r is not None]
+    agreement = agreed / compared if compared else None
+    ratio = max(ratios) if ratios else None
+    out: dict[str, object] = {
+        "devices": len(figures),
+        "compared": compared,
+        "agreed": agreed,
+        "candidate_errors": errors,
+        "dropped": dropped,
+        "agreement": round(agreement, 6) if agreement is not None else None,
+        "p95_ratio": round(ratio, 4) if ratio is not None else None,
+        "min_agreement": gates.min_agreement,
+        "max_p95_ratio": gates.max_p95_ratio,
+    }
+    if not compared:
+        return ReasonCode.SHADOW_NO_TRAFFIC.value, out
+    # a mirrored request the candidate failed on is a disagreement
+    if agreed < gates.min_agreement * (compared + errors):
+        return ReasonCode.SHADOW_DISAGREEMENT.value, out
+    if ratio is not None and ratio > gates.max_p95_ratio:
+        return ReasonCode.SHADOW_TOO_SLOW.value, out
+    return None, out
+
+
+def _shadow_gate(
+    state: RolloutState, now: float, actions: list[Action]
+) -> tuple[RolloutState, Decision | None]:
+    """Judge the current wave's shadow once every device in it compared enough requests (or
+    the shadow timed out): promote it (the devices get the release without shadow) or abort
+    (the candidate is dropped: the devices are put back on the version they serve)."""
+    gates = state.spec.shadow
+    assert gates is not None
+    wave = [d for d in state.devices.values() if d.wave == state.wave]
+    if any(d.state in (DevState.PENDING, DevState.WAITING_RETRY) for d in wave):
+        return state, None
+    shadowing = [d for d in wave if d.state == DevState.IN_PROGRESS]
+    if not shadowing or state.shadow_started_at is None:
+        return state, None  # all finished (failed): the wave rules decide
+    enough = all(_fig_int(d.shadow, "compared") >= gates.requests for d in shadowing)
+    timed_out = now >= state.shadow_started_at + gates.timeout_s
+    if not (enough or timed_out):
+        return state, None
+    code, figures = shadow_verdict(gates, [d.shadow for d in shadowing])
+    figures = {
+        "wave": state.wave,
+        "verdict": code or "promoted",
+        "at": now,
+        "timed_out": timed_out and not enough,
+        **figures,
+    }
+    state = replace(state, shadow_waves=(*state.shadow_waves, figures))
+    desc = (
+        f"wave {state.wave + 1} shadow: {figures['compared']} compared on {len(shadowing)}"
+        f" devices, agreement {figures['agreement']}, p95 ratio {figures['p95_ratio']}"
+    )
+    devices = dict(state.devices)
+    if code is None:
+        actions.append(Log(f"{desc}: promoted"))
+        for d in sorted(shadowing, key=lambda d: d.device_id):
+            assert d.profile is not None
+            devices[d.device_id] = replace(d, deadline=now + state.spec.device_timeout_s)
+            actions.append(Dispatch(d.device_id, d.profile, d.attempts, shadow=False))
+        state = replace(
+            state, devices=devices, shadow_passed=(*state.shadow_passed, state.wave), tally=None
+        )
+        return state, None
+    why = {
+        ReasonCode.SHADOW_NO_TRAFFIC.value: "no request compared before the shadow timeout",
+        ReasonCode.SHADOW_DISAGREEMENT.value: f"agreement below {gates.min_agreement:g}",
+        ReasonCode.SHADOW_TOO_SLOW.value: f"p95 ratio above {gates.max_p95_ratio:g}",
+    }[code]
+    actions.append(Log(f"{desc}: {code} ({why}); the candidate is dropped"))
+    for d in shadowing:
+        devices[d.device_id] = replace(
+            d, state=DevState.FAILED, finished_at=now, reason_code=code, reason=why
+        )
+    state = replace(state, devices=devices, tally=None)
+    # halt: the failed devices get their serving version back as desired (the candidate is
+    # dropped); rollback: earlier waves' devices go back too.
+    return state, Decision(
+        *_finish(state, Phase.ABORTED, f"{code}: {desc}", now, _mode(state.spec), actions)
+    )
+
+
 def _rollback_failed(
     spec: RolloutSpec, dev: DeviceProgress, ev: StatusReport, actions: list[Action]
 ) -> DeviceProgress:
@@ -461,7 +623,7 @@ def _enter_wave(state: RolloutState, wave: int, now: float, actions: list[Action
             + (": waiting for approval" if phase == Phase.AWAITING_APPROVAL else " started")
         )
     )
-    return replace(state, wave=wave, phase=phase, wave_done_at=None)
+    return replace(state, wave=wave, phase=phase, wave_done_at=None, shadow_started_at=None)
 
 
 def _after_result(state: RolloutState, now: float, actions: list[Action]) -> Decision | None:
@@ -550,7 +712,14 @@ def _advance(
     if state.phase == Phase.AWAITING_APPROVAL and state.wave in state.approved:
         state = replace(state, phase=Phase.RUNNING)
         actions.append(Log(f"wave {state.wave + 1} started"))
-    # 3. Wave completion -> success threshold -> soak -> health gates -> next wave.
+    # 3. Shadow: the wave's candidate is judged before it may serve.
+    spec_shadow = spec.shadow is not None and state.wave not in state.shadow_passed
+    if spec_shadow and state.phase == Phase.RUNNING:
+        state, verdict = _shadow_gate(state, now, actions)
+        if verdict is not None:
+            return verdict
+        sc = _scan(state, now)
+    # 4. Wave completion -> success threshold -> soak -> health gates -> next wave.
     if (
         state.phase in (Phase.RUNNING, Phase.SOAKING)
         and sc.wave_n
@@ -584,7 +753,7 @@ def _advance(
             if state.phase == Phase.SUCCEEDED:
                 return Decision(state, tuple(actions))
             return _advance(state, now, health, actions)
-    # 4. Dispatch: pending devices of the current wave, retries that are due; rate limited.
+    # 5. Dispatch: pending devices of the current wave, retries that are due; rate limited.
     if state.phase == Phase.RUNNING and not state.paused:
         state = _dispatch(state, sc.due, now, actions)
     return Decision(state, tuple(actions))
@@ -617,20 +786,29 @@ def _dispatch(
     if not due:
         return replace(state, dispatch_times=recent) if spec.rate_per_min else state
     devices = dict(state.devices)
+    shadow = spec.shadow is not None and state.wave not in state.shadow_passed
+    extra = spec.shadow.timeout_s if shadow and spec.shadow is not None else 0.0
     for dev in due:
         attempt = dev.attempts + 1
+        # a device of a wave already promoted (a retry) gets the release without shadow
+        in_shadow = shadow and dev.wave == state.wave
         devices[dev.device_id] = replace(
             dev,
             state=DevState.IN_PROGRESS,
             attempts=attempt,
             started_at=dev.started_at if dev.started_at is not None else now,
-            deadline=now + spec.device_timeout_s,
+            deadline=now + spec.device_timeout_s + (extra if in_shadow else 0.0),
             retry_at=None,
         )
         assert dev.profile is not None
-        actions.append(Dispatch(dev.device_id, dev.profile, attempt))
+        actions.append(Dispatch(dev.device_id, dev.profile, attempt, shadow=in_shadow))
     times = (*recent, *([now] * len(due))) if spec.rate_per_min else ()
-    return replace(state, devices=devices, dispatch_times=times, tally=None)
+    started = state.shadow_started_at
+    if shadow and started is None:
+        started = now
+    return replace(
+        state, devices=devices, dispatch_times=times, tally=None, shadow_started_at=started
+    )
 
 
 def _mode(spec: RolloutSpec) -> OnAbort:

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class Phase(StrEnum):
@@ -95,6 +96,24 @@ class Gates:
 
 
 @dataclass(frozen=True)
+class ShadowGates:
+    """Run each wave's candidate in shadow first (docs/shadow.md): the wave is promoted when
+    every device in it compared ``requests`` mirrored requests (or ``timeout_s`` after the
+    wave's first dispatch), with agreement >= ``min_agreement`` and candidate/serving p95 <=
+    ``max_p95_ratio``; otherwise the rollout aborts and the candidate is dropped."""
+
+    requests: int = 200
+    min_agreement: float = 0.99
+    max_p95_ratio: float = 1.5
+    sample: float = 1.0  # fraction of live requests mirrored
+    timeout_s: float = 900.0
+    window_s: float = 10.0
+    rtol: float = 1e-3
+    atol: float = 1e-4
+    compare: str = "auto"
+
+
+@dataclass(frozen=True)
 class Health:
     """Figures for the new version on the moved devices (the drift analysis computes them)."""
 
@@ -123,6 +142,7 @@ class RolloutSpec:
     seed: int = 0
     on_abort: str = OnAbort.HALT.value
     remove_first_installs: bool = False  # only then may an abort uninstall a first install
+    shadow: ShadowGates | None = None  # None: no shadow phase
 
 
 @dataclass(frozen=True)
@@ -143,6 +163,8 @@ class DeviceProgress:
     rollback: str | None = None  # None | "requested" | "done" | "failed"
     rollback_attempts: int = 0
     rollback_reason: str | None = None  # why the rollback failed (code: text)
+    # The newest shadow figures of this device (`edgefleet.wire.shadow.ShadowFigures` JSON).
+    shadow: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +186,11 @@ class RolloutState:
     wave_plan: tuple[int, ...] = ()
     # Devices per (wave, state), derived from `devices`: kept up to date by `_put` so that a
     # status report is decided without a pass over every device. None = compute it.
+    # Shadow: the planned waves promoted, when the current wave's shadow began (its first
+    # dispatch), and each judged wave's evidence (figures and verdict).
+    shadow_passed: tuple[int, ...] = ()
+    shadow_started_at: float | None = None
+    shadow_waves: tuple[Mapping[str, Any], ...] = ()
     tally: Mapping[tuple[int, DevState], int] | None = field(
         default=None, compare=False, repr=False
     )
@@ -187,6 +214,7 @@ class Dispatch:
     device_id: str
     profile: str
     attempt: int
+    shadow: bool = False  # in shadow: install and verify, load beside the serving version
 
 
 @dataclass(frozen=True)
@@ -235,6 +263,16 @@ class StatusReport:
 
 
 @dataclass(frozen=True)
+class ShadowReport:
+    """One shadow window of a device (figures as `edgefleet.wire.shadow.parse_figures` read)."""
+
+    device_id: str
+    version: str
+    figures: Mapping[str, Any]
+    rollout_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Approve:
     wave: int | None = None  # None = the wave that waits now
 
@@ -260,7 +298,7 @@ class Abort:
     on_abort: str | None = None  # None = the spec's
 
 
-Event = Tick | StatusReport | Approve | Pause | Resume | Cancel | Abort
+Event = Tick | StatusReport | ShadowReport | Approve | Pause | Resume | Cancel | Abort
 
 
 class SpecError(ValueError):

@@ -339,7 +339,7 @@ class RolloutService:
             _check_control(state, event)
             return self._step({rollout_id: state}, event)[rollout_id]
 
-    def on_status(self, reports: Iterable[tuple[str, E.StatusReport]]) -> None:
+    def on_status(self, reports: Iterable[tuple[str, E.StatusReport | E.ShadowReport]]) -> None:
         """Status messages (model, report) from devices, already de-duplicated; one
         transaction for the whole batch."""
         with self._lock:
@@ -507,6 +507,9 @@ class RolloutService:
                 if spec.gates.max_p95_ratio is not None:
                     # the agent's probation gate judges the release by the rollout's ratio
                     entry["max_p95_ratio"] = spec.gates.max_p95_ratio
+                if action.shadow and spec.shadow is not None:
+                    # install and verify, then load beside the serving version (docs/shadow.md)
+                    entry["shadow"] = E.device_shadow(spec.shadow)
                 rows.append(
                     desired.set_model(
                         session, self._signer, action.device_id, spec.model, entry, when

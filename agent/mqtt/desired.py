@@ -74,6 +74,7 @@ def make_update_request(target: ModelTarget) -> UpdateRequest:
         allow_downgrade=target.allow_downgrade,
         controller_source=True,
         max_p95_ratio=target.max_p95_ratio,
+        shadow=target.shadow.to_dict() if target.shadow is not None else None,
     )
 
 
@@ -254,6 +255,11 @@ class DesiredStateHandler:
         self.state.save(self.state_path)
         if not seq_history:
             targets, removals = self._refuse_stale(targets, removals, issued, seq)
+        # A candidate in shadow learns first whether it is still wanted, promoted or dropped.
+        for t in targets:
+            self.agent.steer_shadow(t.name, t.version, t.shadow is not None)
+        for name in removals:
+            self.agent.steer_shadow(name, None, False)
         installed = serving_versions(self.agent.inventory())
         in_flight = dict(self.in_flight)
         for action in plan(targets, installed, in_flight):

@@ -16,6 +16,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from edgefleet.wire.shadow import ShadowError, ShadowSpec, parse_spec
+
 
 class DesiredStateError(ValueError):
     """A verified desired state whose models table is malformed; the message says where."""
@@ -34,6 +36,8 @@ class ModelTarget:
     # The rollout's probation latency ratio (optional ``max_p95_ratio`` of the model's entry):
     # the new version's per-sample serving p95 may be at most this times the previous one's.
     max_p95_ratio: float | None = None
+    # Shadow first (optional ``shadow`` of the model's entry, docs/shadow.md).
+    shadow: ShadowSpec | None = None
 
 
 def _ratio(name: str, value: object) -> float | None:
@@ -68,6 +72,10 @@ def parse_targets(desired: Mapping[str, Any]) -> list[ModelTarget]:
                 raise DesiredStateError(f"desired model {name!r} lacks a string {key!r}")
         size = spec.get("size")
         rollout = spec.get("rollout_id")
+        try:
+            shadow = parse_spec(spec.get("shadow"))
+        except ShadowError as e:
+            raise DesiredStateError(f"desired model {name!r}: {e}") from e
         out.append(
             ModelTarget(
                 name=str(name),
@@ -79,6 +87,7 @@ def parse_targets(desired: Mapping[str, Any]) -> list[ModelTarget]:
                 rollout_id=str(rollout) if rollout is not None else None,
                 allow_downgrade=bool(spec.get("allow_downgrade", False)),
                 max_p95_ratio=_ratio(str(name), spec.get("max_p95_ratio")),
+                shadow=shadow,
             )
         )
     return out

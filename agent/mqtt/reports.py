@@ -23,6 +23,20 @@ def status_from_event(
 
     ``rollout_id`` is the event's own, else the one the link remembers for that update.
     """
+    if event.kind == "shadow":
+        return StatusReport(
+            device_id=device_id,
+            at=event.timestamp or now_iso(),
+            kind="shadow",
+            state=None,
+            model=event.model,
+            version=event.version,
+            rollout_id=event.rollout_id if event.rollout_id is not None else rollout_id,
+            update_id=event.update_id,
+            from_version=event.from_version,
+            desired_seq=desired_seq,
+            figures=event.figures or None,
+        )
     state = parse_state(event.state)
     if state is None:
         return None

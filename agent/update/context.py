@@ -14,6 +14,7 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.journal import Journal, Transition, UpdateRecord
 from edgefleet.agent.metrics import Metrics
 from edgefleet.agent.sessions import SessionManager
+from edgefleet.agent.shadow import ShadowBoard
 from edgefleet.agent.states import State, is_terminal
 from edgefleet.agent.store import ModelStore
 from edgefleet.agent.update.events import UpdateEvent, UpdateListener
@@ -38,6 +39,7 @@ class UpdateContext:
     providers: Callable[[], list[str]]
     profiles: Callable[[], list[str]]
     stop: threading.Event
+    shadow_board: ShadowBoard = field(default_factory=ShadowBoard)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pause: set[str] = field(
         default_factory=lambda: {
@@ -94,6 +96,31 @@ class UpdateContext:
             from_version=rec.from_version,
             local=rec.action == "install" and not rec.controller_source,
         )
+        self._tell(ev)
+
+    def emit_shadow(self, rec: UpdateRecord, figures: JsonObject) -> None:
+        """One window of ``rec``'s shadow evaluation, to the listeners (the MQTT link queues it
+        in its lossless outbox as a ``shadow`` status report)."""
+        from edgefleet.wire.message import now_iso
+        from edgefleet.wire.status import SHADOW
+
+        self._tell(
+            UpdateEvent(
+                update_id=rec.id,
+                model=rec.model,
+                version=rec.version,
+                rollout_id=rec.rollout_id,
+                state=SHADOW,
+                reason_code=None,
+                reason=None,
+                figures=figures,
+                timestamp=now_iso(),
+                from_version=rec.from_version,
+                kind="shadow",
+            )
+        )
+
+    def _tell(self, ev: UpdateEvent) -> None:
         for cb in list(self.listeners):
             try:
                 cb(ev)

@@ -25,6 +25,9 @@ class UpdateRequest:
     controller_source: bool = False
     # The rollout's probation latency ratio (desired state `max_p95_ratio`); None: the config's.
     max_p95_ratio: float | None = None
+    # Run the version in shadow before activating it (desired state ``shadow``, a
+    # `edgefleet.wire.shadow.ShadowSpec` as JSON); None: activate it as soon as it validates.
+    shadow: JsonObject | None = None
 
 
 @dataclass
@@ -41,6 +44,9 @@ class UpdateEvent:
     from_version: str | None = None
     # Not asked for by the controller's desired state (an operator's `agent install`).
     local: bool = False
+    # "update": a state transition; "shadow": one window of a shadow evaluation (``state``
+    # SHADOW, ``figures`` a `edgefleet.wire.shadow.ShadowFigures`).
+    kind: str = "update"
 
     def to_dict(self) -> JsonObject:
         return asdict(self)

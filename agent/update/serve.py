@@ -21,6 +21,7 @@ from edgefleet.agent.sessions import (
     plan_swap,
     probation_windows,
 )
+from edgefleet.agent.shadow import ShadowSlot, memory_refusal
 from edgefleet.agent.states import State, end_of_rollback
 from edgefleet.agent.store import Pointers
 from edgefleet.agent.update import models
@@ -37,6 +38,8 @@ from edgefleet.agent.validation import (
 )
 from edgefleet.wire.message import JsonObject, JsonValue
 from edgefleet.wire.reasons import ReasonCode
+from edgefleet.wire.shadow import ShadowError, ShadowSpec
+from edgefleet.wire.shadow import parse_spec as parse_shadow
 
 
 @dataclass
@@ -53,6 +56,9 @@ def step_validate(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
     inst = ctx.store.install_record(name, version)
     vdir = ctx.store.version_dir(name, version)
     manifest = ctx.store.manifest(name, version)
+    shadow = _shadow_spec(rec)
+    if shadow is not None:
+        _shadow_memory_check(ctx, rec)
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
     try:
@@ -99,8 +105,125 @@ def step_validate(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:
     ctx.store.record_install(name, version, inst)
     lm.baseline_p95_ms = fig.p95_ms
     lm.memory_mb = fig.memory_growth_mb
-    run.staged = lm
-    ctx.transition(rec, State.ACTIVATING, figures=fig.to_dict())
+    figures = fig.to_dict()
+    if shadow is not None:
+        del lm  # the shadow runs its own session (fewer threads); ACTIVATING loads it again
+        outcome = run_shadow(ctx, rec, shadow)
+        if outcome is None:  # an orderly stop: the next start validates and shadows again
+            return
+        figures["shadow"] = outcome
+    else:
+        run.staged = lm
+    ctx.transition(rec, State.ACTIVATING, figures=figures)
+
+
+def _shadow_spec(rec: UpdateRecord) -> ShadowSpec | None:
+    if rec.shadow is None or rec.rollback:
+        return None
+    try:
+        return parse_shadow(rec.shadow)
+    except ShadowError as e:
+        raise StepFailed(ReasonCode.MANIFEST_INVALID, f"shadow: {e}") from e
+
+
+def _available_mb(ctx: UpdateContext) -> float:
+    import psutil
+
+    budget = ctx.config.swap.memory_budget_mb
+    if budget is not None:
+        return float(budget) - ctx.sessions.models_memory_mb()
+    return float(psutil.virtual_memory().available) / 2**20
+
+
+def _shadow_memory_check(ctx: UpdateContext, rec: UpdateRecord) -> None:
+    """Before loading: the candidate's files x the factor must fit beside what serves."""
+    if ctx.sessions.get(rec.model) is None:
+        raise StepFailed(
+            ReasonCode.SHADOW_NO_SERVING,
+            f"nothing serves {rec.model} here: a shadow needs live requests to mirror",
+        )
+    vdir = ctx.store.version_dir(rec.model, rec.version)
+    size = sum(p.stat().st_size for p in vdir.rglob("*") if p.is_file() and p.suffix != ".npz")
+    cfg = ctx.config.shadow
+    avail = _available_mb(ctx)
+    why = memory_refusal(size / 2**20, cfg.memory_factor, avail, ctx.config.memory_headroom_mb)
+    if why is not None:
+        raise StepFailed(
+            ReasonCode.SHADOW_MEMORY,
+            why,
+            {"model_mb": round(size / 2**20, 2), "available_mb": round(avail, 1)},
+        )
+
+
+def run_shadow(ctx: UpdateContext, rec: UpdateRecord, spec: ShadowSpec) -> JsonObject | None:
+    """Serve beside the current version until the controller decides: the last figures when
+    it promotes the candidate, None after an orderly stop; StepFailed when it is dropped, when
+    the serving version changed, or when no decision came within ``shadow.max_seconds``."""
+    cfg = ctx.config.shadow
+    serving = ctx.sessions.get(rec.model)
+    if serving is None:
+        raise StepFailed(ReasonCode.SHADOW_NO_SERVING, f"nothing serves {rec.model} here")
+    try:
+        so = models.session_options(ctx)
+        so.intra_op_num_threads = max(1, cfg.threads)  # type: ignore[attr-defined]
+        cand = LoadedModel(
+            rec.model,
+            rec.version,
+            ctx.store.version_dir(rec.model, rec.version),
+            ctx.store.manifest(rec.model, rec.version),
+            ctx.store.install_record(rec.model, rec.version)["providers"],
+            so,
+        )
+    except Exception as e:
+        raise StepFailed(ReasonCode.LOAD_FAILED, f"cannot load the shadow: {e}") from e
+    slot = ShadowSlot(
+        cand,
+        serving.version,
+        spec,
+        lambda f: ctx.emit_shadow(rec, f.to_dict()),
+        queue_max=cfg.queue,
+        compare=spec.compare,
+        queue_bytes=cfg.queue_bytes,
+        nice=cfg.nice,
+    )
+    slot.start()
+    ctx.sessions.observers = [*ctx.sessions.observers, slot.observe]  # copy on write
+    deadline = time.monotonic() + cfg.max_seconds
+    failure: tuple[ReasonCode, str] | None = None
+    try:
+        while True:
+            if ctx.stop.is_set():
+                rec.stopped_gracefully = True
+                ctx.journal.save(rec)
+                return None
+            decision = ctx.shadow_board.decision(rec.model, rec.version)
+            now_serving = ctx.sessions.get(rec.model)
+            if decision == "promote":
+                break
+            if decision == "drop":
+                failure = (ReasonCode.SHADOW_DROPPED, "the desired state no longer wants it")
+                break
+            if now_serving is None or now_serving.version != serving.version:
+                failure = (
+                    ReasonCode.SHADOW_DROPPED,
+                    f"{serving.version}, the version it shadowed, stopped serving",
+                )
+                break
+            if time.monotonic() > deadline:
+                failure = (
+                    ReasonCode.SHADOW_EXPIRED,
+                    f"no decision from the controller within {cfg.max_seconds:g}s",
+                )
+                break
+            time.sleep(0.05)
+    finally:
+        ctx.sessions.observers = [o for o in ctx.sessions.observers if o != slot.observe]
+        slot.stop()
+        final = slot.report().to_dict()
+        del cand, slot
+    if failure is not None:
+        raise StepFailed(failure[0], failure[1], {"shadow": final})
+    return final
 
 
 def step_activate(ctx: UpdateContext, rec: UpdateRecord, run: Run) -> None:

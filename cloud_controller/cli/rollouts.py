@@ -94,6 +94,35 @@ def _devices_table(r: dict[str, Any], everyone: bool) -> Table | None:
     return t
 
 
+def _shadow_table(r: dict[str, Any]) -> Table | None:
+    """The shadow evidence: each judged wave, then each device's newest figures."""
+    sh = r.get("shadow")
+    if not sh:
+        return None
+    t = Table(
+        "wave/device", "compared", "agreement", "serving p95 ms", "candidate p95 ms",
+        "p95 ratio", "errors", "dropped", "verdict", title="shadow",
+    )  # fmt: skip
+
+    def num(v: object, fmt: str = "{:.4g}") -> str:
+        return fmt.format(v) if isinstance(v, int | float) else "-"
+
+    for w in sh.get("waves", []):
+        t.add_row(
+            f"wave {w['wave'] + 1}", str(w.get("compared", 0)), num(w.get("agreement")), "-",
+            "-", num(w.get("p95_ratio")), str(w.get("candidate_errors", 0)),
+            str(w.get("dropped", 0)), str(w.get("verdict")),
+        )  # fmt: skip
+    for d in sh.get("devices", []):
+        t.add_row(
+            f"  {d['device_id']}", str(d["compared"]), num(d.get("agreement")),
+            num(d.get("serving_p95_ms")), num(d.get("candidate_p95_ms")),
+            num(d.get("p95_ratio")), str(d.get("candidate_errors", 0)),
+            str(d.get("dropped", 0)), "",
+        )  # fmt: skip
+    return t
+
+
 def _outcome(r: dict[str, Any]) -> int:
     """The exit code for a rollout as last seen."""
     if r["phase"] not in TERMINAL_PHASES:
@@ -163,6 +192,29 @@ def rollout_create(
     max_error_rate: float = typer.Option(None, "--max-error-rate"),
     max_drift: float = typer.Option(None, "--max-drift"),
     seed: int = typer.Option(None, "--seed", help="Wave membership seed (random if absent)."),
+    shadow: bool = typer.Option(
+        False,
+        "--shadow",
+        help="Run each wave in shadow first: devices load the release beside the serving "
+        "version and mirror live requests to it; the wave is promoted or the release dropped "
+        "on the figures (docs/shadow.md).",
+    ),
+    shadow_requests: int = typer.Option(
+        200, "--shadow-requests", help="Compared requests each device of a wave must reach."
+    ),
+    shadow_min_agreement: float = typer.Option(
+        0.99, "--shadow-min-agreement", help="Share of compared requests that must agree."
+    ),
+    shadow_max_p95_ratio: float = typer.Option(
+        1.5, "--shadow-max-p95-ratio", help="Candidate/serving per-sample p95, at most."
+    ),
+    shadow_sample: float = typer.Option(
+        1.0, "--shadow-sample", help="Share of live requests mirrored (0-1]."
+    ),
+    shadow_timeout: float = typer.Option(
+        900, "--shadow-timeout", help="Seconds from a wave's first dispatch to its verdict."
+    ),
+    shadow_window: float = typer.Option(10, "--shadow-window", help="Report interval, s."),
     watch: bool = typer.Option(False, "--watch", help="Show live progress until it ends."),
     watch_timeout: float = typer.Option(
         3600, "--watch-timeout", help="Seconds to watch; still running then: exit 6."
@@ -207,6 +259,15 @@ def rollout_create(
     }
     if seed is not None:
         body["seed"] = seed
+    if shadow:
+        body["shadow"] = {
+            "requests": shadow_requests,
+            "min_agreement": shadow_min_agreement,
+            "max_p95_ratio": shadow_max_p95_ratio,
+            "sample": shadow_sample,
+            "timeout_s": shadow_timeout,
+            "window_s": shadow_window,
+        }
     r = api_call(url, token, "POST", "/api/v1/rollouts", json=body)
     if watch:
         r = _watch(url, token, r["id"], watch_timeout)
@@ -268,6 +329,9 @@ def rollout_show(
         devs = _devices_table(r, all_devices)
         if devs is not None:
             console.print(devs)
+        shadow = _shadow_table(r)
+        if shadow is not None:
+            console.print(shadow)
         for e in r.get("events", [])[-15:]:
             when = time.strftime("%H:%M:%S", time.localtime(e["at"]))
             console.print(f"  {when} {e['message']}", markup=False)

@@ -248,10 +248,40 @@ def rollouts(request: Request, s: Session = Depends(session)) -> Response:
             f"{escape(d['version'])} {_badge(d['phase'])}</h2>"
             f"<p>reason: {escape(str(d['reason'] or '-'))}; devices: "
             f"{escape(', '.join(f'{k} {v}' for k, v in sorted(states.items())) or '-')}</p>"
-            f"{rb}<table>{''.join(waves)}</table><ul>{evs}</ul></section>"
+            f"{rb}<table>{''.join(waves)}</table>{_shadow_html(d.get('shadow'))}"
+            f"<ul>{evs}</ul></section>"
         )
     body = "".join(parts) or "<p>No rollouts yet.</p>"
     return _with_cookie(request, _page("Rollouts", body, refresh=5 if live else None))
+
+
+def _shadow_html(sh: dict[str, Any] | None) -> str:
+    """A rollout's shadow evidence: per judged wave, then per device (figures only)."""
+    if not sh:
+        return ""
+
+    def num(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, int | float) else "-"
+
+    head = (
+        "<tr><th>wave / device</th><th>compared</th><th>agreement</th><th>serving p95 ms</th>"
+        "<th>candidate p95 ms</th><th>p95 ratio</th><th>errors</th><th>verdict</th></tr>"
+    )
+    rows = [
+        f"<tr><td>wave {int(w.get('wave', 0)) + 1}</td><td>{num(w.get('compared'))}</td>"
+        f"<td>{num(w.get('agreement'))}</td><td>-</td><td>-</td><td>{num(w.get('p95_ratio'))}"
+        f"</td><td>{num(w.get('candidate_errors'))}</td>"
+        f"<td>{_badge(str(w.get('verdict')))}</td></tr>"
+        for w in sh.get("waves", [])
+    ]
+    rows += [
+        f"<tr><td>{escape(str(x.get('device_id')))}</td><td>{num(x.get('compared'))}</td>"
+        f"<td>{num(x.get('agreement'))}</td><td>{num(x.get('serving_p95_ms'))}</td>"
+        f"<td>{num(x.get('candidate_p95_ms'))}</td><td>{num(x.get('p95_ratio'))}</td>"
+        f"<td>{num(x.get('candidate_errors'))}</td><td></td></tr>"
+        for x in sh.get("devices", [])[:100]
+    ]
+    return f"<h3>shadow</h3><table class='shadow'>{head}{''.join(rows)}</table>"
 
 
 # --- drift ------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ from edgefleet.wire.message import encode, loads_bounded
 from edgefleet.wire.presence import offline
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import InvalidVersion, parse_version
+from edgefleet.wire.shadow import ShadowError
+from edgefleet.wire.shadow import parse_spec as parse_shadow
 
 TOPIC_PREFIX = "edgefleet/v1"
 Kind = Literal["desired", "status", "telemetry", "presence"]
@@ -130,6 +132,11 @@ def validate_desired(state: Any) -> dict[str, Any]:
             or ratio <= 0
         ):
             raise _bad(f"model {name!r}: max_p95_ratio must be a positive number")
+        # Optional: run the version in shadow first (docs/shadow.md).
+        try:
+            parse_shadow(spec.get("shadow"))
+        except ShadowError as e:
+            raise _bad(f"model {name!r}: {e}") from e
     # Explicit removal only: a model merely absent from `models` is left alone (it may have been
     # installed locally by an operator); one named here must stop serving and be uninstalled.
     remove = state.get("remove", [])

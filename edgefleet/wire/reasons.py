@@ -64,6 +64,16 @@ class ReasonCode(StrEnum):
     PROBATION_LATENCY = "probation_latency"
     PROBATION_REPLACED = "replaced"  # the version under probation stopped serving
     INTERRUPTED_PROBATION = "interrupted_probation"  # the agent restarted during probation
+    # --- shadow evaluation (docs/shadow.md): the candidate is loaded next to the serving
+    # version, never serves; each is final for that release on that device ----------------
+    SHADOW_MEMORY = "shadow_memory"  # not enough memory to hold the candidate beside it
+    SHADOW_NO_SERVING = "shadow_no_serving"  # nothing serves the model: no traffic to mirror
+    SHADOW_DROPPED = "shadow_dropped"  # the controller no longer wants the candidate
+    SHADOW_EXPIRED = "shadow_expired"  # no decision came within the device's own limit
+    # the controller's verdicts on a wave's shadow figures
+    SHADOW_DISAGREEMENT = "shadow_disagreement"
+    SHADOW_TOO_SLOW = "shadow_too_slow"
+    SHADOW_NO_TRAFFIC = "shadow_no_traffic"  # the timeout came with no request compared
     # --- the agent itself --------------------------------------------------------------
     SUBMIT_REFUSED = "submit_refused"
     REMOVE_REFUSED = "remove_refused"

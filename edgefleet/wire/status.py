@@ -12,7 +12,8 @@ rollout_id, update_id, from_version, desired_seq, already_installed, local, figu
 device may now differ from what the controller wants. Simulators may
 send ``benchmark`` instead of ``figures``, omit ``kind`` (an update) and give ``at`` in epoch
 seconds; all of that is still read. A refused desired state has kind ``desired_rejected``, state
-``REJECTED`` and no model.
+``REJECTED`` and no model. A shadow window has kind ``shadow``, state ``SHADOW``, the model and the
+candidate version, and figures that `edgefleet.wire.shadow.parse_figures` accepts.
 
 ``desired_seq`` is the highest desired-state seq the device has accepted: on an update report the
 state it is acting on, on a ``desired_rejected`` report with reason ``replayed`` (a state whose
@@ -28,12 +29,16 @@ from typing import Literal
 
 from edgefleet.wire.message import Fields, JsonObject, JsonValue, decode_object
 from edgefleet.wire.reasons import ReasonCode, is_transient, reason_of
+from edgefleet.wire.shadow import ShadowError, parse_figures
 from edgefleet.wire.states import UpdateState, parse_state
 
-StatusKind = Literal["update", "desired_rejected"]
+StatusKind = Literal["update", "desired_rejected", "shadow"]
 #: The ``state`` of a ``desired_rejected`` report: no update ran.
 REJECTED = "REJECTED"
-_KINDS: tuple[StatusKind, ...] = ("update", "desired_rejected")
+#: The ``state`` of a ``shadow`` report: one window of a shadow evaluation (docs/shadow.md);
+#: its ``figures`` are `edgefleet.wire.shadow.ShadowFigures`, checked here.
+SHADOW = "SHADOW"
+_KINDS: tuple[StatusKind, ...] = ("update", "desired_rejected", "shadow")
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,9 @@ class StatusReport:
             "device_id": self.device_id,
             "at": self.at,
             "kind": self.kind,
-            "state": self.state.value if self.state is not None else REJECTED,
+            "state": self.state.value
+            if self.state is not None
+            else (SHADOW if self.kind == "shadow" else REJECTED),
             "reason_code": str(self.reason_code) if self.reason_code is not None else None,
             "reason": self.reason,
             "rollout_id": self.rollout_id,
@@ -117,15 +124,22 @@ def parse(raw: bytes | str | Mapping[str, object], device_id: str | None = None)
         raise f.bad("state", f"not an update state: {raw_state!r}")
     if kind == "desired_rejected" and raw_state not in (REJECTED, None):
         raise f.bad("state", f"a rejected desired state reports {REJECTED}, not {raw_state!r}")
+    if kind == "shadow" and raw_state not in (SHADOW, None):
+        raise f.bad("state", f"a shadow report has state {SHADOW}, not {raw_state!r}")
     model, version = f.opt_string("model"), f.opt_string("version")
-    if kind == "update":
+    if kind in ("update", "shadow"):
         model, version = f.string("model"), f.string("version")
     code = f.opt_string("reason_code")
     figures = f.json_object("figures")
+    if kind == "shadow":
+        try:
+            parse_figures(figures)
+        except ShadowError as e:
+            raise f.bad("figures", str(e)) from e
     return StatusReport(
         device_id=dev,
         at=f.timestamp("at"),
-        kind="update" if kind == "update" else "desired_rejected",
+        kind="update" if kind == "update" else "shadow" if kind == "shadow" else "desired_rejected",
         state=state if kind == "update" else None,
         model=model,
         version=version,
