@@ -16,10 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from edgefleet.agent.update.fetcher import FetchError
+from edgefleet.agent.update.fetcher import Fetched, FetchError
 from edgefleet.wire.reasons import ReasonCode
+
+if TYPE_CHECKING:
+    from edgefleet.wire.trust import TrustStore
 
 _CHUNK = 1 << 16
 
@@ -330,5 +334,38 @@ class HttpFetcher:
             pace=Pace(self.min_rate, self.rate_window_s, self.deadline_s),
         )
 
+    def fetch_delta(
+        self,
+        source: str,
+        dest: Path,
+        *,
+        sha256: str,
+        size: int,
+        max_bytes: int,
+        basis: Path | None,
+        trust: TrustStore,
+        expected_name: str | None,
+        token: str | None = None,
+    ) -> Fetched:
+        from edgefleet.agent.delta_fetch import fetch_delta
+
+        return fetch_delta(
+            source,
+            dest,
+            sha256=sha256,
+            size=size,
+            max_bytes=max_bytes,
+            basis=basis,
+            trust=trust,
+            expected_name=expected_name,
+            token=token,
+            timeout_s=self.timeout_s,
+            retries=self.retries,
+            pace=Pace(self.min_rate, self.rate_window_s, self.deadline_s),
+        )
+
     def discard(self, dest: Path) -> None:
+        from edgefleet.agent.delta_fetch import discard as discard_delta
+
         discard(dest)
+        discard_delta(dest)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from edgefleet.wire import ids
+from edgefleet.wire.blocks import check_blocks
 from edgefleet.wire.errors import RejectError
 from edgefleet.wire.message import json_problem
 from edgefleet.wire.reasons import ReasonCode
@@ -122,6 +123,8 @@ def validate_manifest(m: Any) -> dict[str, Any]:
     model_file = _req(model, "file", str, "model.")
     if model_file not in members:
         raise _bad("model.file", f"names {model_file!r}, which is not a member")
+    if model.get("blocks") is not None:  # content addresses for delta updates (wire.blocks)
+        check_blocks(model["blocks"], members[model_file]["size"])
     external = model.get("external_data", []) or []
     if not isinstance(external, list):
         raise _bad("model.external_data", "must be a list of member names")
