@@ -25,9 +25,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlparse
 
 from edgefleet.agent.delta import Plan, Span, coalesce, plan, tar_entry
-from edgefleet.agent.download import Pace, _Clock, is_url
+from edgefleet.agent.pace import Clock, Pace
 from edgefleet.agent.update.fetcher import FetchError
 from edgefleet.wire import signing
 from edgefleet.wire.blocks import Block, check_blocks, cut
@@ -68,7 +69,7 @@ class _Ranges:
     """Range GETs of one URL whose total size is known (the signed package size)."""
 
     def __init__(
-        self, client: Any, url: str, token: str | None, total: int, clock: _Clock, retries: int
+        self, client: Any, url: str, token: str | None, total: int, clock: Clock, retries: int
     ) -> None:
         self.client, self.url, self.token, self.total = client, url, token, total
         self.clock, self.retries = clock, retries
@@ -300,13 +301,13 @@ def fetch_delta(
     the signed manifest lists. Raises `FetchError` on any refusal (fall back to `fetch`)."""
     import httpx
 
-    if not is_url(source):
+    if urlparse(source).scheme not in ("http", "https"):
         raise FetchError(ReasonCode.DELTA_UNAVAILABLE, "a delta needs an HTTP(S) source")
     if size > max_bytes:
         raise FetchError(ReasonCode.TOO_LARGE, f"declared size {size} exceeds {max_bytes}")
     store = blocks_dir(dest)
     store.mkdir(parents=True, exist_ok=True)
-    clock = _Clock(pace or Pace(), source)
+    clock = Clock(pace or Pace(), source)
     with httpx.Client(timeout=timeout_s, follow_redirects=True) as client, ExitStack() as stack:
         ranges = _Ranges(client, source, token, size, clock, retries)
         try:

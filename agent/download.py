@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
+from edgefleet.agent.pace import Clock, Pace
 from edgefleet.agent.update.fetcher import Fetched, FetchError
 from edgefleet.wire.reasons import ReasonCode
 
@@ -30,47 +31,6 @@ _CHUNK = 1 << 16
 
 #: The fetcher contract's error (`agent.update.fetcher.FetchError`), by its historical name.
 DownloadError = FetchError
-
-
-@dataclass(frozen=True)
-class Pace:
-    """How slow a download may be: at least ``min_rate`` bytes/s averaged over each
-    ``window_s``, and all of it (every retry included) within ``deadline_s``."""
-
-    min_rate: int = 1024
-    window_s: float = 30.0
-    deadline_s: float = 3600.0
-
-
-class _Clock:
-    """Judges a download's progress against its `Pace` (monotonic time)."""
-
-    def __init__(self, pace: Pace, url: str) -> None:
-        self.pace = pace
-        self.url = url
-        self.start = time.monotonic()
-        self.mark_t = self.start
-        self.mark_n = 0
-
-    def restart_window(self, n: int) -> None:
-        self.mark_t, self.mark_n = time.monotonic(), n
-
-    def check(self, n: int) -> None:
-        now = time.monotonic()
-        if now - self.start > self.pace.deadline_s:
-            raise DownloadError(
-                ReasonCode.SLOW_RETRIEVAL,
-                f"{self.url}: not done within the {self.pace.deadline_s:g} s deadline ({n} bytes)",
-            )
-        if now - self.mark_t >= self.pace.window_s:
-            rate = (n - self.mark_n) / (now - self.mark_t)
-            if rate < self.pace.min_rate:
-                raise DownloadError(
-                    ReasonCode.SLOW_RETRIEVAL,
-                    f"{self.url}: {rate:.0f} bytes/s over {now - self.mark_t:.1f} s, below the"
-                    f" minimum {self.pace.min_rate} bytes/s",
-                )
-            self.mark_t, self.mark_n = now, n
 
 
 def _over(n: int, size: int | None, max_bytes: int) -> DownloadError:
@@ -215,7 +175,7 @@ def _http(
     import httpx
 
     limit = min(size, max_bytes) if size is not None else max_bytes
-    clock = _Clock(pace, url)
+    clock = Clock(pace, url)
     h, n = _hash_existing(part)
     if n > limit:  # a part file from before (another size): start over
         h, n = hashlib.sha256(), 0
