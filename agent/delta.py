@@ -9,7 +9,7 @@ planner trusts its inputs, so the caller never feeds it a stored index.
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from edgefleet.wire.blocks import Block
@@ -110,21 +110,3 @@ def tar_entry(header: bytes, at: int) -> TarEntry | None:
     if ti.size < 0:
         raise RejectError(ReasonCode.NOT_A_PACKAGE, f"tar header at {at} has a negative size")
     return TarEntry(ti.name, at, at + TAR_BLOCK, ti.size)
-
-
-def split_span(span: Span, data: bytes) -> list[tuple[Block, bytes]]:
-    """The bytes of each block of ``span`` out of the bytes fetched for it (exactly its length)."""
-    out = []
-    for b in span.blocks:
-        lo = b.offset - span.start
-        out.append((b, data[lo : lo + b.length]))
-    return out
-
-
-def wrong_blocks(pieces: Iterable[tuple[Block, str]]) -> list[Block]:
-    """The blocks whose computed sha256 (the second item) is not their signed one."""
-    return [b for b, got in pieces if got != b.sha256]
-
-
-def local_index(blocks: Iterable[Block]) -> Mapping[str, Block]:
-    return {b.sha256: b for b in blocks}
