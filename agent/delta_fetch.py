@@ -1,14 +1,15 @@
-"""Delta download: bring a package to disk fetching only the model blocks this device lacks.
+"""Delta download: bring a package to disk fetching only the blocks this device lacks.
 
-Order (docs/delta.md): read the package's first tar headers, its ``manifest.json`` and
-``model.sig`` by Range; verify the signature against the trusted keys and the manifest against
-its signed digest FIRST; then cut the current version's model file into blocks, hashing its bytes
-now (no stored index is trusted), plan reuse by hash against the signed block list, fetch the
+Order (docs/delta.md): walk the package's tar headers by Range and read its ``manifest.json``
+and ``model.sig``; verify the signature against the trusted keys and the manifest against its
+signed digest FIRST; then cut the installed version's files into blocks, hashing their bytes
+now (no stored index is trusted), plan reuse by hash against the signed block lists, fetch the
 missing blocks by Range (adjacent ones coalesced), check each against its signed sha256, and keep
-it on disk under its hash so an interrupted delta resumes; then write the package (the head
-bytes, the model from its blocks, each re-hashed as it is copied, the tail bytes) into a temp
-file, check the model's signed digest and the package's expected sha256 and size, fsync and
-rename it into place. The normal install path verifies the package again.
+it on disk under its hash so an interrupted delta resumes; fetch the bytes no block list covers
+(headers, padding, manifest, signature, trailer); then write the package in file order into a
+temp file, every block re-hashed as it is copied, check every member's signed digest and the
+package's expected sha256 and size, fsync and rename it into place. The normal install path
+verifies the package again.
 
 Any refusal raises `FetchError`; the caller then falls back to the plain full download.
 """
@@ -16,7 +17,6 @@ Any refusal raises `FetchError`; the caller then falls back to the plain full do
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import shutil
 import time
@@ -27,19 +27,20 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
-from edgefleet.agent.delta import Plan, Span, coalesce, plan, tar_entry
+from edgefleet.agent.delta import Plan, Span, TarEntry, coalesce, plan, tar_entry
 from edgefleet.agent.pace import Clock, Pace
 from edgefleet.agent.update.fetcher import FetchError
 from edgefleet.wire import signing
-from edgefleet.wire.blocks import Block, check_blocks, cut
+from edgefleet.wire.blocks import Block, check_blocks, cut_file
 from edgefleet.wire.errors import RejectError
 from edgefleet.wire.manifest import MANIFEST_FILE, validate_manifest
+from edgefleet.wire.package import MAX_MANIFEST_BYTES
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.trust import TrustStore, parse_manifest_json
 
 HEAD_STEP = 16 * 1024  # the least the head walk asks for at a time
 MAX_HEAD_BYTES = 24 * 1024 * 1024  # headers + manifest + signature (+ members before the model)
-MAX_ENTRIES = 16
+MAX_ENTRIES = 64
 _COPY = 1 << 20
 
 
@@ -136,20 +137,21 @@ class _Ranges:
 
 
 @dataclass(frozen=True)
-class _Signed:
-    """What the verified manifest says about the model member."""
+class _Member:
+    """A payload member as the verified manifest and the tar header place it."""
 
-    model_file: str
-    model_sha256: str
-    model_size: int
-    blocks: list[Block]
+    name: str
+    data_at: int
+    size: int
+    sha256: str
+    blocks: list[Block] | None  # package-absolute offsets; None: fetched whole
 
 
 def _verify_head(
     manifest_bytes: bytes, bundle: bytes, trust: TrustStore, expected_name: str | None
-) -> _Signed:
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The signature by a trusted key first, then the manifest against its signed digest, then
-    the block list (validated: it must tile the model file)."""
+    the manifest's validation (every block list must tile its member)."""
     signed = signing.verify(bundle, trust.trusted_keys, trust.revoked_key_ids)
     if hashlib.sha256(manifest_bytes).hexdigest() != signed.digests.get(MANIFEST_FILE):
         raise RejectError(
@@ -160,73 +162,87 @@ def _verify_head(
         raise RejectError(
             ReasonCode.NAME_MISMATCH, f"package is {manifest['name']!r}, not {expected_name!r}"
         )
-    model = manifest["model"]
-    info = manifest["members"][model["file"]]
-    if signed.digests.get(model["file"]) != info["sha256"]:
-        raise RejectError(
-            ReasonCode.DIGEST_MISMATCH, "manifest and signature disagree on the model"
-        )
-    if model.get("blocks") is None:
-        raise RejectError(ReasonCode.DELTA_UNAVAILABLE, "the manifest lists no model blocks")
-    blocks = check_blocks(model["blocks"], info["size"])
-    return _Signed(model["file"], info["sha256"], info["size"], blocks)
+    return manifest, signed.digests
 
 
 @dataclass
-class _Head:
-    """The package's bytes before the model's data, read header by header."""
+class _Layout:
+    """The package as its headers lay it out, judged against the verified manifest."""
 
-    data: bytearray
-    model_at: int
-    signed: _Signed
+    cache: bytearray  # the package's bytes [0, len(cache)), read from the front
+    members: list[_Member]
 
 
-def _read_head(ranges: _Ranges, trust: TrustStore, expected_name: str | None) -> _Head:
-    head = bytearray()
+def _read_layout(ranges: _Ranges, trust: TrustStore, expected_name: str | None) -> _Layout:
+    cache = bytearray()
 
-    def ensure(n: int) -> None:
-        if n > ranges.total:
+    def read(start: int, end: int) -> bytes:
+        if end > ranges.total:
             raise RejectError(ReasonCode.NOT_A_PACKAGE, "the package ends inside a tar member")
-        if n > MAX_HEAD_BYTES:
-            raise RejectError(ReasonCode.TOO_LARGE, f"the model starts past {MAX_HEAD_BYTES}")
-        if n > len(head):
-            ranges.get(len(head), min(max(n, len(head) + HEAD_STEP), ranges.total), head.extend)
+        if end > len(cache) and start <= len(cache) and end <= MAX_HEAD_BYTES:
+            want = min(max(end, len(cache) + HEAD_STEP), ranges.total, MAX_HEAD_BYTES)
+            ranges.get(len(cache), want, cache.extend)
+        if end <= len(cache):
+            return bytes(cache[start:end])
+        buf = bytearray()
+        ranges.get(start, end, buf.extend)
+        return bytes(buf)
 
-    found: dict[str, tuple[int, int]] = {}
-    signed: _Signed | None = None
+    limits = {MANIFEST_FILE: MAX_MANIFEST_BYTES, signing.SIGNATURE_FILE: signing.MAX_BUNDLE_BYTES}
+    entries: dict[str, TarEntry] = {}
+    small: dict[str, bytes] = {}
     at = 0
     for _ in range(MAX_ENTRIES):
-        ensure(at + 512)
-        entry = tar_entry(bytes(head[at : at + 512]), at)
+        entry = tar_entry(read(at, at + 512), at)
         if entry is None:
             break
-        if entry.name in found:
+        if entry.name in entries:
             raise RejectError(ReasonCode.DUPLICATE_MEMBER, f"{entry.name!r} is listed twice")
-        found[entry.name] = (entry.data_at, entry.size)
-        if signed is not None and entry.name == signed.model_file:
-            if entry.size != signed.model_size:
-                raise RejectError(
-                    ReasonCode.SIZE_MISMATCH,
-                    f"the model member is {entry.size} bytes, the manifest says"
-                    f" {signed.model_size}",
-                )
-            return _Head(head[: entry.data_at], entry.data_at, signed)
-        ensure(entry.next_header)
-        if signed is None and MANIFEST_FILE in found and signing.SIGNATURE_FILE in found:
-            m_at, m_size = found[MANIFEST_FILE]
-            s_at, s_size = found[signing.SIGNATURE_FILE]
-            signed = _verify_head(
-                bytes(head[m_at : m_at + m_size]),
-                bytes(head[s_at : s_at + s_size]),
-                trust,
-                expected_name,
-            )
-            if signed.model_file in found:  # the model came before manifest or signature
-                raise RejectError(ReasonCode.DELTA_UNAVAILABLE, "the model precedes the manifest")
+        if entry.next_header > ranges.total:
+            raise RejectError(ReasonCode.NOT_A_PACKAGE, f"{entry.name!r} runs past the package")
+        entries[entry.name] = entry
+        if entry.name in limits:
+            trust_limit = limits[entry.name]
+            if entry.size > trust_limit:
+                raise RejectError(ReasonCode.TOO_LARGE, f"{entry.name} over {trust_limit} bytes")
+            small[entry.name] = read(entry.data_at, entry.data_at + entry.size)
         at = entry.next_header
-    raise RejectError(
-        ReasonCode.DELTA_UNAVAILABLE, "no signed manifest, signature and model among the headers"
+    else:
+        raise RejectError(ReasonCode.DELTA_UNAVAILABLE, f"more than {MAX_ENTRIES} tar entries")
+    if MANIFEST_FILE not in small or signing.SIGNATURE_FILE not in small:
+        raise RejectError(ReasonCode.MEMBER_MISSING, "no manifest.json and model.sig")
+    manifest, digests = _verify_head(
+        small[MANIFEST_FILE], small[signing.SIGNATURE_FILE], trust, expected_name
     )
+    listed = manifest["members"]
+    payload = set(entries) - set(limits)
+    if set(listed) != payload:
+        raise RejectError(
+            ReasonCode.MANIFEST_INVALID,
+            f"manifest lists members {sorted(listed)} but the package holds {sorted(payload)}",
+        )
+    members = []
+    for name in sorted(payload, key=lambda n: entries[n].data_at):
+        e, info = entries[name], listed[name]
+        if digests.get(name) != info["sha256"]:
+            raise RejectError(
+                ReasonCode.DIGEST_MISMATCH, f"manifest and signature disagree on {name!r}"
+            )
+        if e.size != info["size"]:
+            raise RejectError(
+                ReasonCode.SIZE_MISMATCH,
+                f"{name!r} is {e.size} bytes, the manifest says {info['size']}",
+            )
+        bl = info.get("blocks")
+        blocks = None
+        if bl is not None:
+            blocks = [
+                Block(e.data_at + b.offset, b.length, b.sha256) for b in check_blocks(bl, e.size)
+            ]
+        members.append(_Member(name, e.data_at, e.size, info["sha256"], blocks))
+    if not any(m.blocks for m in members):
+        raise RejectError(ReasonCode.DELTA_UNAVAILABLE, "the manifest lists no blocks")
+    return _Layout(cache, members)
 
 
 def _stored(store: Path) -> dict[str, Path]:
@@ -271,14 +287,35 @@ class _Checker:
             if got != b.sha256:
                 raise FetchError(
                     ReasonCode.DIGEST_MISMATCH,
-                    f"the server's bytes for model block {b.offset}+{b.length} hash to"
+                    f"the server's bytes for block {b.offset}+{b.length} hash to"
                     f" {got}, not the signed {b.sha256}",
                 )
             self.stored[b.sha256] = _put(self.store, b, piece)
 
 
-def _local_blocks(view: memoryview | None) -> list[Block]:
-    return cut(view) if view is not None else []
+def _local_files(basis: Path | None, max_bytes: int) -> list[Path]:
+    """The regular files of the installed version's directory (links are not followed)."""
+    if basis is None or not basis.is_dir():
+        return []
+    return sorted(
+        p
+        for p in basis.iterdir()
+        if p.is_file() and not p.is_symlink() and 0 < p.stat().st_size <= max_bytes
+    )
+
+
+def _gaps(members: list[_Member], total: int) -> list[tuple[int, int]]:
+    """The byte ranges no block list covers: headers, padding, unblocked members, the trailer."""
+    out, pos = [], 0
+    for m in members:
+        if m.blocks is None:
+            continue
+        if m.data_at > pos:
+            out.append((pos, m.data_at))
+        pos = m.data_at + m.size
+    if pos < total:
+        out.append((pos, total))
+    return out
 
 
 def fetch_delta(
@@ -297,8 +334,8 @@ def fetch_delta(
     pace: Pace | None = None,
 ) -> DeltaDownloaded:
     """Bring the package at ``source`` (``sha256``, ``size``: the desired state's) to ``dest``,
-    reusing the blocks of ``basis`` (the model file of the version installed now) whose hashes
-    the signed manifest lists. Raises `FetchError` on any refusal (fall back to `fetch`)."""
+    reusing the blocks of the files in ``basis`` (the installed version's directory) whose
+    hashes the signed manifest lists. Raises `FetchError` on any refusal (fall back to `fetch`)."""
     import httpx
 
     if urlparse(source).scheme not in ("http", "https"):
@@ -308,42 +345,44 @@ def fetch_delta(
     store = blocks_dir(dest)
     store.mkdir(parents=True, exist_ok=True)
     clock = Clock(pace or Pace(), source)
-    with httpx.Client(timeout=timeout_s, follow_redirects=True) as client, ExitStack() as stack:
+    with httpx.Client(timeout=timeout_s, follow_redirects=True) as client:
         ranges = _Ranges(client, source, token, size, clock, retries)
         try:
-            head = _read_head(ranges, trust, expected_name)
+            layout = _read_layout(ranges, trust, expected_name)
         except RejectError as e:
             raise FetchError(e.code, f"delta refused: {e.message}") from e
-        signed = head.signed
-        view: memoryview | None = None
-        if basis is not None and basis.is_file() and basis.stat().st_size > 0:
-            f = stack.enter_context(open(basis, "rb"))
-            mm = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-            view = stack.enter_context(memoryview(mm))
+        new = [b for m in layout.members for b in m.blocks or ()]
+        local: dict[tuple[str, int], tuple[Path, Block]] = {}
+        for path in _local_files(basis, max_bytes):
+            for b in cut_file(path):  # hashed now, from the bytes on disk
+                local.setdefault((b.sha256, b.length), (path, b))
         stored = _stored(store)
-        p = plan(signed.blocks, _local_blocks(view))
+        p = plan(new, [b for _, b in local.values()])
         missing = [b for b in p.fetch if b.sha256 not in stored]
         resumed = sum(b.length for b in p.fetch if b.sha256 in stored)
         for span in coalesce(missing):
-            ranges.get(
-                head.model_at + span.start, head.model_at + span.end, _Checker(span, store, stored)
-            )
-        tail_at = head.model_at + signed.model_size
-        tail = store / f"tail-{tail_at}-{size}.bin"
-        if not tail.exists() or tail.stat().st_size != size - tail_at:
-            part = tail.with_suffix(".tmp")
-            with open(part, "wb") as t:
-                ranges.get(tail_at, size, t.write)
-                t.flush()
-                os.fsync(t.fileno())
-            os.replace(part, tail)
+            ranges.get(span.start, span.end, _Checker(span, store, stored))
+        gaps = []
+        for start, end in _gaps(layout.members, size):
+            gap = store / f"gap-{start}-{end}.bin"
+            if end <= len(layout.cache):
+                gap.write_bytes(layout.cache[start:end])
+            elif not gap.exists() or gap.stat().st_size != end - start:
+                part = gap.with_suffix(".tmp")
+                with open(part, "wb") as t:
+                    ranges.get(start, end, t.write)
+                    t.flush()
+                    os.fsync(t.fileno())
+                os.replace(part, gap)
+            gaps.append((start, gap))
         try:
-            digest = _assemble(dest, head, p, stored, view, tail, sha256, size)
+            digest = _assemble(dest, layout, gaps, p, local, stored, sha256, size)
         except FetchError:
-            tail.unlink(missing_ok=True)  # only the final digest vouches for the tail bytes
+            for _, gap in gaps:  # only the final digests vouch for the bytes between blocks
+                gap.unlink(missing_ok=True)
             raise
     figures = {
-        "blocks": len(signed.blocks),
+        "blocks": len(new),
         "reused_blocks": len(p.reuse),
         "reused_bytes": p.reuse_bytes,
         "fetched_blocks": len(missing),
@@ -358,53 +397,74 @@ def fetch_delta(
 
 def _assemble(
     dest: Path,
-    head: _Head,
+    layout: _Layout,
+    gaps: list[tuple[int, Path]],
     p: Plan,
+    local: dict[tuple[str, int], tuple[Path, Block]],
     stored: dict[str, Path],
-    view: memoryview | None,
-    tail: Path,
     sha256: str,
     size: int,
 ) -> str:
-    """Write the package into ``dest``.delta, every model block re-hashed as it is copied, then
-    check the signed model digest and the expected package digest; rename only when both hold."""
-    reuse = {b.offset: src for b, src in p.reuse}
+    """Write the package into ``dest``.delta in file order: the bytes between blocks, and every
+    block from the installed files or the block store, re-hashed as it is copied; then check
+    every member's signed digest and the expected package digest, and rename only when all hold."""
+    reused = {b.offset for b, _ in p.reuse}
+    pieces: list[tuple[int, Block | Path]] = [(at, gap) for at, gap in gaps]
+    pieces += [(b.offset, b) for m in layout.members for b in m.blocks or ()]
+    pieces.sort(key=lambda x: x[0])
     part = dest.with_name(dest.name + ".delta")
-    pkg, model = hashlib.sha256(), hashlib.sha256()
+    pkg = hashlib.sha256()
+    hashers = {m.name: hashlib.sha256() for m in layout.members}
+    spans = [(m.data_at, m.data_at + m.size, hashers[m.name]) for m in layout.members]
+    pos = 0
+
+    def write(out: IO[bytes], data: bytes) -> None:
+        nonlocal pos
+        pkg.update(data)
+        for lo, hi, h in spans:  # the member hashers see exactly their own bytes
+            a, b = max(lo, pos), min(hi, pos + len(data))
+            if a < b:
+                h.update(data[a - pos : b - pos])
+        out.write(data)
+        pos += len(data)
+
     try:
-        with open(part, "wb") as out:
-
-            def write(data: bytes, into_model: bool) -> None:
-                pkg.update(data)
-                if into_model:
-                    model.update(data)
-                out.write(data)
-
-            write(bytes(head.data), False)
-            for b in head.signed.blocks:
-                src = reuse.get(b.offset)
-                if src is not None and view is not None:  # a copy: no slice may pin the mapping
-                    data = bytes(view[src.offset : src.end])
+        with open(part, "wb") as out, ExitStack() as files:
+            fds: dict[Path, int] = {}
+            for at, piece in pieces:
+                if at != pos:
+                    raise FetchError(ReasonCode.NOT_A_PACKAGE, f"layout gap at {pos}")
+                if isinstance(piece, Path):
+                    with open(piece, "rb") as f:
+                        while chunk := f.read(_COPY):
+                            write(out, chunk)
+                    continue
+                b = piece
+                if b.offset in reused and (b.sha256, b.length) in local:
+                    path, src = local[(b.sha256, b.length)]
+                    if path not in fds:
+                        fds[path] = files.enter_context(open(path, "rb")).fileno()
+                    data = os.pread(fds[path], src.length, src.offset)
                 else:
                     data = stored[b.sha256].read_bytes()
                 if hashlib.sha256(data).hexdigest() != b.sha256:  # changed since it was planned
                     raise FetchError(
                         ReasonCode.DIGEST_MISMATCH,
-                        f"model block {b.offset}+{b.length} changed on disk while assembling",
+                        f"block {b.offset}+{b.length} changed on disk while assembling",
                     )
-                write(data, True)
-            _copy(tail, write)
+                write(out, data)
             out.flush()
             os.fsync(out.fileno())
-            n = out.tell()
-        if model.hexdigest() != head.signed.model_sha256:
-            raise FetchError(
-                ReasonCode.DIGEST_MISMATCH, "the reassembled model does not match its signed digest"
-            )
-        if n != size or pkg.hexdigest() != sha256.lower():
+        for m in layout.members:
+            if hashers[m.name].hexdigest() != m.sha256:
+                raise FetchError(
+                    ReasonCode.DIGEST_MISMATCH,
+                    f"the reassembled {m.name} does not match its signed digest",
+                )
+        if pos != size or pkg.hexdigest() != sha256.lower():
             raise FetchError(
                 ReasonCode.DIGEST_MISMATCH,
-                f"the reassembled package ({n} bytes, sha256 {pkg.hexdigest()}) is not the"
+                f"the reassembled package ({pos} bytes, sha256 {pkg.hexdigest()}) is not the"
                 f" expected one ({size} bytes, {sha256})",
             )
         os.replace(part, dest)
@@ -412,13 +472,3 @@ def _assemble(
         part.unlink(missing_ok=True)
         raise
     return pkg.hexdigest()
-
-
-def _copy(path: Path, write: Callable[[bytes, bool], None]) -> None:
-    with open(path, "rb") as f:
-        _pump(f, write)
-
-
-def _pump(f: IO[bytes], write: Callable[[bytes, bool], None]) -> None:
-    while chunk := f.read(_COPY):
-        write(chunk, False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +99,6 @@ def _quantize(fp32: Path, out: Path, cal: dict[str, np.ndarray]) -> Path:
 def _package(out: Path, model: Path, version: str, key: Any, sample: dict[str, np.ndarray]) -> Path:
     import onnxruntime as ort
 
-    from edgefleet.wire import blocks
     from edgefleet.wire.package import build_package
 
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -123,11 +123,7 @@ def _package(out: Path, model: Path, version: str, key: Any, sample: dict[str, n
         "version": version,
         "profile": "cpu-x86_64",
         "min_agent_version": "0.1.0",
-        "model": {
-            "file": "model.onnx",
-            "external_data": [],
-            "blocks": blocks.to_json(blocks.cut(model.read_bytes())),
-        },
+        "model": {"file": "model.onnx", "external_data": []},
         "io": {"inputs": spec(sess.get_inputs()), "outputs": spec(sess.get_outputs())},
         "execution_providers": [{"name": "CPUExecutionProvider", "options": {}}],
         "cpu_fallback": True,
@@ -198,9 +194,9 @@ def run(quick: bool, rate: float) -> list[dict[str, Any]]:
         requant = _quantize(fp32, work / "requant.onnx", cal_b)
         console.print(f"quantized three versions in {time.perf_counter() - t:.1f}s")
         p1 = _package(work, v1, "1.0.0", key, sample)
-        basis = work / "installed" / "model.onnx"
-        basis.parent.mkdir()
-        basis.write_bytes(v1.read_bytes())
+        basis = work / "installed"  # v1 as the agent installs it
+        with tarfile.open(p1) as tar:
+            tar.extractall(basis, filter="data")
         cases = {
             "head": _package(work, head, "1.1.0", key, sample),
             "requant": _package(work, requant, "1.2.0", key, sample),

@@ -783,8 +783,6 @@ def _manifest(
 ) -> dict[str, Any]:
     import onnx
 
-    from edgefleet.wire import blocks
-
     proto = onnx.load(str(final), load_external_data=False)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     m = best.metrics
@@ -808,9 +806,6 @@ def _manifest(
             "external_data": ext_members,
             "opset": opset,
             "size": model_size(final),
-            # content addresses of model.onnx: a device that holds an earlier version fetches
-            # only the blocks whose hash it lacks (docs/delta.md)
-            "blocks": blocks.to_json(blocks.cut(final.read_bytes())),
         },
         "io": io_spec(session(final)),
         "execution_providers": [ep.to_dict() for ep in profile.execution_providers],

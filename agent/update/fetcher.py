@@ -73,6 +73,7 @@ class DeltaFetcher(Protocol):
         expected_name: str | None,
         token: str | None = None,
     ) -> Fetched:
-        """Bring ``source`` to ``dest`` reusing ``basis``'s hash-matched blocks, or raise
+        """Bring ``source`` to ``dest`` reusing the hash-matched blocks of the files in ``basis``
+        (the installed version's directory), or raise
         `FetchError` (the caller then falls back to `Fetcher.fetch`)."""
         ...

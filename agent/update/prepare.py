@@ -147,16 +147,13 @@ def try_delta(ctx: UpdateContext, rec: UpdateRecord) -> tuple[Fetched | None, Js
     ):
         return None, {}
     try:
-        basis = ctx.store.version_dir(rec.model, current) / manifest_parts.model_file(
-            ctx.store.manifest(rec.model, current)
-        )
         got = fetcher.fetch_delta(
             rec.source,
             dest,
             sha256=rec.sha256,
             size=rec.size,
             max_bytes=ctx.config.max_package_bytes,
-            basis=basis,
+            basis=ctx.store.version_dir(rec.model, current),
             trust=policy(ctx, rec).trust_store(),
             expected_name=rec.model,
             token=ctx.config.download_token if rec.controller_source else None,

@@ -119,12 +119,12 @@ def validate_manifest(m: Any) -> dict[str, Any]:
         size = info.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise _bad(f"members.{name}.size", "is not a non-negative integer")
+        if info.get("blocks") is not None:  # content addresses for delta updates (wire.blocks)
+            check_blocks(info["blocks"], size, f"members.{name}.blocks")
     model = _req(m, "model", dict)
     model_file = _req(model, "file", str, "model.")
     if model_file not in members:
         raise _bad("model.file", f"names {model_file!r}, which is not a member")
-    if model.get("blocks") is not None:  # content addresses for delta updates (wire.blocks)
-        check_blocks(model["blocks"], members[model_file]["size"])
     external = model.get("external_data", []) or []
     if not isinstance(external, list):
         raise _bad("model.external_data", "must be a list of member names")

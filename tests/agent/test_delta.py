@@ -67,9 +67,9 @@ def trust(keys: dict[str, KeyPair]) -> TrustStore:
 
 @pytest.fixture
 def basis(tmp_path: Path) -> Path:
-    p = tmp_path / "current" / "model.onnx"
-    p.parent.mkdir()
-    p.write_bytes(mlp_bytes(0))
+    p = tmp_path / "current"
+    p.mkdir()
+    (p / "model.onnx").write_bytes(mlp_bytes(0))
     return p
 
 
@@ -120,12 +120,12 @@ def test_without_a_current_version_every_block_is_fetched(
 def test_a_poisoned_local_block_is_not_reused(
     dpkgs: dict[str, Path], basis: Path, trust: TrustStore, tmp_path: Path
 ) -> None:
-    clean = basis.read_bytes()
+    clean = (basis / "model.onnx").read_bytes()
     with RangeServer({"/pkg": dpkgs["v2"]}) as srv:
         first = _delta(srv, dpkgs["v2"], tmp_path / "a.efpkg", basis, trust)
         poisoned = bytearray(clean)
         poisoned[len(clean) // 3] ^= 0xFF  # inside w2, shared by v1 and v2
-        basis.write_bytes(bytes(poisoned))
+        (basis / "model.onnx").write_bytes(bytes(poisoned))
         sent = srv.sent
         second = _delta(srv, dpkgs["v2"], tmp_path / "b.efpkg", basis, trust)
     assert second.path.read_bytes() == dpkgs["v2"].read_bytes()

@@ -24,8 +24,9 @@ def test_a_device_fetches_a_delta_from_the_controller(
         pkg = upload(admin, v2).json()
         creds = admin.post("/api/v1/devices", json={"device_id": "gw-d"}).json()
     give_desired(controller, "gw-d", pkg["id"])
-    basis = tmp_path / "model.onnx"
-    basis.write_bytes(mlp_bytes(0))
+    basis = tmp_path / "installed"
+    basis.mkdir()
+    (basis / "model.onnx").write_bytes(mlp_bytes(0))
     got = fetch_delta(
         pkg["url"],
         tmp_path / "dl" / "u.efpkg",

@@ -2,7 +2,7 @@
 
 ``mlp_package(out, version, head_seed=...)``: the two hidden layers' weights are always the same
 (seeded); ``head_seed`` draws the classifier head, so two versions with different head seeds
-share every block but the head's. The manifest carries ``model.blocks`` (wire.blocks.cut).
+share every block but the head's. The manifest carries every member's block list (``with_blocks=False``: none).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from edgefleet.keys import KeyPair, load_private_key
-from edgefleet.wire import blocks
 from edgefleet.wire.package import build_package
 
 N_IN, N_HID, N_OUT = 64, 512, 10
@@ -70,8 +69,6 @@ def mlp_package(
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {"X": x})
     model: dict[str, Any] = {"file": "model.onnx", "external_data": []}
-    if with_blocks:
-        model["blocks"] = blocks.to_json(blocks.cut(onnx_bytes))
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         (t / "model.onnx").write_bytes(onnx_bytes)
@@ -101,4 +98,5 @@ def mlp_package(
             manifest,
             {"model.onnx": t / "model.onnx", "samples.npz": t / "samples.npz"},
             load_private_key(key.private_path),
+            block_lists=with_blocks,
         )

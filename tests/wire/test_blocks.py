@@ -23,15 +23,19 @@ def _tiles(bs: list[blocks.Block], data: bytes) -> None:
     assert pos == len(data)
 
 
-def test_cut_tiles_the_model_and_starts_a_block_at_every_initializer() -> None:
+def test_cut_tiles_the_model_at_tensor_boundaries_joining_small_pieces() -> None:
     data = mlp_bytes(0)
     bs = blocks.cut(data)
     _tiles(bs, data)
-    starts = {b.offset for b in bs}
+    bounds = {b.offset for b in bs} | {len(data)}
     spans = blocks.tensor_spans(data)
     assert len(spans) == 6  # w1 b1 w2 b2 w3 b3
     for s, e in spans:
-        assert s in starts and e in starts | {len(data)}
+        if e - s >= blocks.SMALL:  # a large tensor starts a block (its tail may join the next)
+            assert s in bounds
+    big = [b for b in bs if b.length >= blocks.SMALL]
+    assert all(b.length <= blocks.CHUNK for b in bs) and big
+    assert len(bs) < 12  # the biases and the graph bytes are joined, not a block each
 
 
 def test_a_new_head_changes_only_the_head_blocks() -> None:
@@ -58,8 +62,8 @@ def _manifest(model_size: int, block_list: Any) -> dict[str, Any]:
         "profile": "cpu-x86_64",
         "min_agent_version": "0.1.0",
         "created": "2026-01-01T00:00:00Z",
-        "members": {"model.onnx": {"sha256": "0" * 64, "size": model_size}},
-        "model": {"file": "model.onnx", "blocks": block_list},
+        "members": {"model.onnx": {"sha256": "0" * 64, "size": model_size, "blocks": block_list}},
+        "model": {"file": "model.onnx"},
         "io": {
             "inputs": [{"name": "X", "dtype": "float32", "shape": [None, 4]}],
             "outputs": [{"name": "Y", "dtype": "float32", "shape": [None, 2]}],
@@ -96,4 +100,4 @@ def test_a_block_list_that_does_not_tile_the_model_is_refused(block_list: Any) -
     with pytest.raises(RejectError) as e:
         validate_manifest(_manifest(30, block_list))
     assert e.value.code is ReasonCode.MANIFEST_INVALID
-    assert "model.blocks" in e.value.message
+    assert "members.model.onnx.blocks" in e.value.message
