@@ -9,15 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.rangeserver import RangeServer
-from edgefleet.agent.delta import coalesce, plan
+from edgefleet.agent.delta import coalesce, plan, tar_entry
 from edgefleet.agent.delta_fetch import DeltaDownloaded, blocks_dir, fetch_delta
 from edgefleet.agent.runtime import Agent, UpdateRequest
 from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.agent.update.fetcher import FetchError
 from edgefleet.keys import KeyPair, load_public_key
 from edgefleet.wire.blocks import Block
+from edgefleet.wire.errors import RejectError
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.trust import TrustStore
 from tests.agent.helpers import tar_members, write_tar
@@ -43,6 +46,17 @@ def test_coalesce_joins_adjacent_blocks_up_to_a_cap() -> None:
     bs = [_b(0, 4, "a"), _b(4, 4, "b"), _b(8, 4, "c"), _b(20, 4, "d"), _b(24, 4, "e")]
     assert [(s.start, s.end) for s in coalesce(bs)] == [(0, 12), (20, 28)]
     assert [(s.start, s.end) for s in coalesce(bs, max_bytes=8)] == [(0, 8), (8, 12), (20, 28)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=512, max_size=512))
+def test_any_tar_header_is_an_entry_the_end_or_refused(header: bytes) -> None:
+    try:
+        entry = tar_entry(header, 0)
+    except RejectError as e:
+        assert e.code is ReasonCode.NOT_A_PACKAGE
+    else:
+        assert entry is None or entry.size >= 0
 
 
 @pytest.fixture(scope="module")

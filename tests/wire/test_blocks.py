@@ -6,6 +6,8 @@ import hashlib
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgefleet.wire import blocks
 from edgefleet.wire.errors import RejectError
@@ -101,3 +103,33 @@ def test_a_block_list_that_does_not_tile_the_model_is_refused(block_list: Any) -
         validate_manifest(_manifest(30, block_list))
     assert e.value.code is ReasonCode.MANIFEST_INVALID
     assert "members.model.onnx.blocks" in e.value.message
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=70),
+    lambda inner: st.lists(inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.integers(0, 1000))
+def test_any_json_block_list_is_valid_or_refused_with_its_reason(value: Any, size: int) -> None:
+    try:
+        got = blocks.check_blocks(value, size)
+    except RejectError as e:
+        assert e.code is ReasonCode.MANIFEST_INVALID
+    else:
+        assert sum(b.length for b in got) == size
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=4096))
+def test_any_bytes_cut_into_a_tiling(data: bytes) -> None:
+    bs = blocks.cut(data, chunk=512, small=64)
+    pos = 0
+    for b in bs:
+        assert b.offset == pos and b.length > 0
+        pos = b.end
+    assert pos == len(data)
+    assert blocks.check_blocks(blocks.to_json(bs), len(data)) == bs
