@@ -358,12 +358,24 @@ def fetch_delta(
                 local.setdefault((b.sha256, b.length), (path, b))
         stored = _stored(store)
         p = plan(new, [b for _, b in local.values()])
-        missing = [b for b in p.fetch if b.sha256 not in stored]
         resumed = sum(b.length for b in p.fetch if b.sha256 in stored)
+        for b in p.fetch:  # bytes the header walk already read need no second request
+            if b.sha256 not in stored and b.end <= len(layout.cache):
+                _Checker(Span((b,)), store, stored)(bytes(layout.cache[b.offset : b.end]))
+        missing = [b for b in p.fetch if b.sha256 not in stored]
+        gap_list = _gaps(layout.members, size)
+        left = sum(b.length for b in missing) + sum(
+            max(0, end - max(start, len(layout.cache))) for start, end in gap_list
+        )
+        if ranges.fetched + left >= size:  # the delta would not save anything
+            raise FetchError(
+                ReasonCode.DELTA_UNAVAILABLE,
+                f"a delta would fetch {ranges.fetched + left} of the package's {size} bytes",
+            )
         for span in coalesce(missing):
             ranges.get(span.start, span.end, _Checker(span, store, stored))
         gaps = []
-        for start, end in _gaps(layout.members, size):
+        for start, end in gap_list:
             gap = store / f"gap-{start}-{end}.bin"
             if end <= len(layout.cache):
                 gap.write_bytes(layout.cache[start:end])

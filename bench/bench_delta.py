@@ -156,21 +156,31 @@ def _timed_delta(
     srv: RangeServer, pkg: Path, dest: Path, basis: Path, trust: Any
 ) -> tuple[int, float, dict[str, int]]:
     from edgefleet.agent.delta_fetch import fetch_delta
+    from edgefleet.agent.download import fetch
+    from edgefleet.agent.update.fetcher import FetchError
 
     data = pkg.read_bytes()
     sent, t = srv.sent, time.perf_counter()
-    got = fetch_delta(
-        srv.url(f"/{pkg.name}"),
-        dest,
-        sha256=hashlib.sha256(data).hexdigest(),
-        size=len(data),
-        max_bytes=1 << 32,
-        basis=basis,
-        trust=trust,
-        expected_name="bench-delta",
-    )
+    sha = hashlib.sha256(data).hexdigest()
+    url = srv.url(f"/{pkg.name}")
+    try:
+        got = fetch_delta(
+            url,
+            dest,
+            sha256=sha,
+            size=len(data),
+            max_bytes=1 << 32,
+            basis=basis,
+            trust=trust,
+            expected_name="bench-delta",
+        )
+        figures = dict(got.figures)
+    except FetchError as e:  # as the agent does: the full download follows
+        console.print(f"delta refused ({e.code}): {e.message}; full download")
+        fetch(url, dest, sha256=sha, size=len(data), max_bytes=1 << 32)
+        figures = {"reused_blocks": 0, "blocks": 0, "requests": 0, "fallback": 1}
     assert dest.read_bytes() == data
-    return srv.sent - sent, time.perf_counter() - t, got.figures
+    return srv.sent - sent, time.perf_counter() - t, figures
 
 
 def run(quick: bool, rate: float) -> list[dict[str, Any]]:
@@ -222,6 +232,7 @@ def run(quick: bool, rate: float) -> list[dict[str, Any]]:
                         "reused_blocks": fig["reused_blocks"],
                         "blocks": fig["blocks"],
                         "requests": fig["requests"],
+                        "fallback": bool(fig.get("fallback")),
                     }
                 )
     return rows
@@ -249,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            r["case"],
+            r["case"] + (" (fell back)" if r.get("fallback") else ""),
             f"{r['package_bytes'] / MB:.2f} MB",
             f"{r['full_bytes']:,}",
             f"{r['full_s']:.2f}",

@@ -19,6 +19,7 @@ from edgefleet.agent.runtime import Agent, UpdateRequest
 from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.agent.update.fetcher import FetchError
 from edgefleet.keys import KeyPair, load_public_key
+from edgefleet.wire import blocks
 from edgefleet.wire.blocks import Block
 from edgefleet.wire.errors import RejectError
 from edgefleet.wire.reasons import ReasonCode
@@ -122,13 +123,16 @@ def test_a_head_only_change_fetches_a_small_fraction(
     assert all(status == 206 for _, _, status in srv.requests)
 
 
-def test_without_a_current_version_every_block_is_fetched(
+def test_a_delta_that_would_save_nothing_is_not_made(
     dpkgs: dict[str, Path], trust: TrustStore, tmp_path: Path
 ) -> None:
-    with RangeServer({"/pkg": dpkgs["v2"]}) as srv:
-        got = _delta(srv, dpkgs["v2"], tmp_path / "u.efpkg", None, trust)
-    assert got.path.read_bytes() == dpkgs["v2"].read_bytes()
-    assert got.figures["reused_blocks"] == 0
+    """Nothing installed to reuse: the delta stops after the header walk (the full download
+    follows), rather than fetch every block one by one."""
+    pkg = dpkgs["v2"]
+    with RangeServer({"/pkg": pkg}) as srv, pytest.raises(FetchError) as e:
+        _delta(srv, pkg, tmp_path / "u.efpkg", None, trust)
+    assert e.value.code is ReasonCode.DELTA_UNAVAILABLE
+    assert srv.sent < 0.05 * pkg.stat().st_size
 
 
 def test_a_poisoned_local_block_is_not_reused(
@@ -238,9 +242,17 @@ def test_no_delta_possible_says_so(
 def test_an_interrupted_delta_resumes_with_the_blocks_it_kept(
     dpkgs: dict[str, Path], trust: TrustStore, tmp_path: Path
 ) -> None:
+    """The device holds half of w2 (two of its four 256 KiB blocks); the link drops inside the
+    last one; the next attempt asks only for what it had not checked and kept."""
     pkg = dpkgs["v2"]
-    at, size = _model_at(pkg)
-    cut_at = at + size // 2
+    at, _ = _model_at(pkg)
+    full = [b for b in blocks.cut(mlp_bytes(1)) if b.length == blocks.CHUNK]
+    assert len(full) == 4
+    model = mlp_bytes(1)
+    basis = tmp_path / "installed"
+    basis.mkdir()
+    (basis / "part.bin").write_bytes(b"".join(model[b.offset : b.end] for b in full[:2]))
+    cut_at = at + full[3].offset + 1000
     dest = tmp_path / "u.efpkg"
 
     def drop(path: str, pos: int, data: bytes) -> bytes:
@@ -249,14 +261,15 @@ def test_an_interrupted_delta_resumes_with_the_blocks_it_kept(
         return data
 
     with RangeServer({"/pkg": pkg}, tamper=drop) as srv, pytest.raises(FetchError):
-        _delta(srv, pkg, dest, None, trust)
+        _delta(srv, pkg, dest, basis, trust)
     kept = sum(p.stat().st_size for p in blocks_dir(dest).glob("*.blk"))
-    assert kept > 0
+    assert kept >= blocks.CHUNK  # w2's third block at least
     with RangeServer({"/pkg": pkg}) as srv:
-        got = _delta(srv, pkg, dest, None, trust)
+        got = _delta(srv, pkg, dest, basis, trust)
     assert got.path.read_bytes() == pkg.read_bytes()
     assert got.figures["resumed_bytes"] == kept
-    assert srv.sent < pkg.stat().st_size - got.figures["resumed_bytes"] + 32 * 1024
+    assert got.figures["reused_bytes"] >= 2 * blocks.CHUNK
+    assert srv.sent < pkg.stat().st_size - kept - 2 * blocks.CHUNK + 64 * 1024
 
 
 def _install(agent: Agent, source: str, version: str, pkg: Path) -> list[UpdateEvent]:
