@@ -41,6 +41,9 @@ from edgefleet.wire.trust import TrustStore, parse_manifest_json
 HEAD_STEP = 16 * 1024  # the least the head walk asks for at a time
 MAX_HEAD_BYTES = 24 * 1024 * 1024  # headers + manifest + signature (+ members before the model)
 MAX_ENTRIES = 64
+# A package smaller than this is downloaded whole: the header walk (16 KiB or more) and the
+# manifest's block lists would cost about as much as a delta could save.
+MIN_DELTA_PACKAGE = 256 * 1024
 _COPY = 1 << 20
 
 
@@ -342,6 +345,10 @@ def fetch_delta(
         raise FetchError(ReasonCode.DELTA_UNAVAILABLE, "a delta needs an HTTP(S) source")
     if size > max_bytes:
         raise FetchError(ReasonCode.TOO_LARGE, f"declared size {size} exceeds {max_bytes}")
+    if size < MIN_DELTA_PACKAGE:
+        raise FetchError(
+            ReasonCode.DELTA_UNAVAILABLE, f"{size} bytes: under {MIN_DELTA_PACKAGE}, sent whole"
+        )
     store = blocks_dir(dest)
     store.mkdir(parents=True, exist_ok=True)
     clock = Clock(pace or Pace(), source)
