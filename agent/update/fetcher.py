@@ -57,7 +57,7 @@ class Fetcher(Protocol):
 
 @runtime_checkable
 class DeltaFetcher(Protocol):
-    """A `Fetcher` that can also bring a package by fetching only the model blocks the device
+    """A `Fetcher` that can also bring a package by fetching only the blocks the device
     lacks (`agent.delta_fetch`); the update worker tries it first when a version is installed."""
 
     def fetch_delta(

@@ -152,7 +152,7 @@ def cut_file(path: Path) -> list[Block]:
 
 
 def check_blocks(value: object, size: int, field: str = "blocks") -> list[Block]:
-    """``model.blocks`` as read from a manifest: a list of ``[offset, length, sha256]`` that
+    """``members.NAME.blocks`` as read from a manifest: a list of ``[offset, length, sha256]`` that
     tiles ``[0, size)`` in order with no gap or overlap; else ``MANIFEST_INVALID``."""
 
     def _bad(why: str) -> RejectError:
