@@ -16,57 +16,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from edgefleet.agent.update.fetcher import FetchError
+from edgefleet.agent.pace import Clock, Pace
+from edgefleet.agent.update.fetcher import Fetched, FetchError
 from edgefleet.wire.reasons import ReasonCode
+
+if TYPE_CHECKING:
+    from edgefleet.wire.trust import TrustStore
 
 _CHUNK = 1 << 16
 
 
 #: The fetcher contract's error (`agent.update.fetcher.FetchError`), by its historical name.
 DownloadError = FetchError
-
-
-@dataclass(frozen=True)
-class Pace:
-    """How slow a download may be: at least ``min_rate`` bytes/s averaged over each
-    ``window_s``, and all of it (every retry included) within ``deadline_s``."""
-
-    min_rate: int = 1024
-    window_s: float = 30.0
-    deadline_s: float = 3600.0
-
-
-class _Clock:
-    """Judges a download's progress against its `Pace` (monotonic time)."""
-
-    def __init__(self, pace: Pace, url: str) -> None:
-        self.pace = pace
-        self.url = url
-        self.start = time.monotonic()
-        self.mark_t = self.start
-        self.mark_n = 0
-
-    def restart_window(self, n: int) -> None:
-        self.mark_t, self.mark_n = time.monotonic(), n
-
-    def check(self, n: int) -> None:
-        now = time.monotonic()
-        if now - self.start > self.pace.deadline_s:
-            raise DownloadError(
-                ReasonCode.SLOW_RETRIEVAL,
-                f"{self.url}: not done within the {self.pace.deadline_s:g} s deadline ({n} bytes)",
-            )
-        if now - self.mark_t >= self.pace.window_s:
-            rate = (n - self.mark_n) / (now - self.mark_t)
-            if rate < self.pace.min_rate:
-                raise DownloadError(
-                    ReasonCode.SLOW_RETRIEVAL,
-                    f"{self.url}: {rate:.0f} bytes/s over {now - self.mark_t:.1f} s, below the"
-                    f" minimum {self.pace.min_rate} bytes/s",
-                )
-            self.mark_t, self.mark_n = now, n
 
 
 def _over(n: int, size: int | None, max_bytes: int) -> DownloadError:
@@ -211,7 +175,7 @@ def _http(
     import httpx
 
     limit = min(size, max_bytes) if size is not None else max_bytes
-    clock = _Clock(pace, url)
+    clock = Clock(pace, url)
     h, n = _hash_existing(part)
     if n > limit:  # a part file from before (another size): start over
         h, n = hashlib.sha256(), 0
@@ -330,5 +294,38 @@ class HttpFetcher:
             pace=Pace(self.min_rate, self.rate_window_s, self.deadline_s),
         )
 
+    def fetch_delta(
+        self,
+        source: str,
+        dest: Path,
+        *,
+        sha256: str,
+        size: int,
+        max_bytes: int,
+        basis: Path | None,
+        trust: TrustStore,
+        expected_name: str | None,
+        token: str | None = None,
+    ) -> Fetched:
+        from edgefleet.agent.delta_fetch import fetch_delta
+
+        return fetch_delta(
+            source,
+            dest,
+            sha256=sha256,
+            size=size,
+            max_bytes=max_bytes,
+            basis=basis,
+            trust=trust,
+            expected_name=expected_name,
+            token=token,
+            timeout_s=self.timeout_s,
+            retries=self.retries,
+            pace=Pace(self.min_rate, self.rate_window_s, self.deadline_s),
+        )
+
     def discard(self, dest: Path) -> None:
+        from edgefleet.agent.delta_fetch import discard as discard_delta
+
         discard(dest)
+        discard_delta(dest)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from edgefleet.wire.reasons import ReasonCode
+
+if TYPE_CHECKING:
+    from edgefleet.wire.trust import TrustStore
 
 
 class FetchError(RuntimeError):
@@ -49,4 +52,28 @@ class Fetcher(Protocol):
 
     def discard(self, dest: Path) -> None:
         """Delete ``dest`` and anything kept to resume it."""
+        ...
+
+
+@runtime_checkable
+class DeltaFetcher(Protocol):
+    """A `Fetcher` that can also bring a package by fetching only the blocks the device
+    lacks (`agent.delta_fetch`); the update worker tries it first when a version is installed."""
+
+    def fetch_delta(
+        self,
+        source: str,
+        dest: Path,
+        *,
+        sha256: str,
+        size: int,
+        max_bytes: int,
+        basis: Path | None,
+        trust: TrustStore,
+        expected_name: str | None,
+        token: str | None = None,
+    ) -> Fetched:
+        """Bring ``source`` to ``dest`` reusing the hash-matched blocks of the files in ``basis``
+        (the installed version's directory), or raise
+        `FetchError` (the caller then falls back to `Fetcher.fetch`)."""
         ...

@@ -25,8 +25,9 @@ from edgefleet.agent.store import IntegrityError, Pointers
 from edgefleet.agent.update.checks import Resources, check_resources
 from edgefleet.agent.update.context import UpdateContext
 from edgefleet.agent.update.events import StepFailed, agent_version
-from edgefleet.agent.update.fetcher import FetchError
+from edgefleet.agent.update.fetcher import DeltaFetcher, Fetched, FetchError
 from edgefleet.wire.errors import RejectError
+from edgefleet.wire.message import JsonObject
 from edgefleet.wire.reasons import ReasonCode
 
 if TYPE_CHECKING:
@@ -99,15 +100,17 @@ def step_download(ctx: UpdateContext, rec: UpdateRecord) -> None:
     if installed_rollback(ctx, rec):
         ctx.transition(rec, State.VERIFYING, figures={"download": "skipped, installed"})
         return
+    got, delta = try_delta(ctx, rec)
     try:
-        got = ctx.fetcher.fetch(
-            rec.source,
-            ctx.package_path(rec),
-            sha256=rec.sha256,
-            size=rec.size,
-            max_bytes=ctx.config.max_package_bytes,
-            token=ctx.config.download_token if rec.controller_source else None,
-        )
+        if got is None:
+            got = ctx.fetcher.fetch(
+                rec.source,
+                ctx.package_path(rec),
+                sha256=rec.sha256,
+                size=rec.size,
+                max_bytes=ctx.config.max_package_bytes,
+                token=ctx.config.download_token if rec.controller_source else None,
+            )
     except FetchError as e:
         raise StepFailed(e.code, e.message) from e
     except OSError as e:
@@ -115,8 +118,54 @@ def step_download(ctx: UpdateContext, rec: UpdateRecord) -> None:
     ctx.transition(
         rec,
         State.VERIFYING,
-        figures={"bytes": got.size, "sha256": got.sha256, "resumed_from": got.resumed_from},
+        figures={
+            "bytes": got.size,
+            "sha256": got.sha256,
+            "resumed_from": got.resumed_from,
+            **delta,
+        },
     )
+
+
+def try_delta(ctx: UpdateContext, rec: UpdateRecord) -> tuple[Fetched | None, JsonObject]:
+    """The package fetched as a delta against the version installed now (docs/delta.md), with
+    its figures; (None, why) when there is no delta to try or it was refused: the caller then
+    downloads the whole package, which alone decides the outcome."""
+    from edgefleet.agent.download import is_url
+
+    fetcher = ctx.fetcher
+    dest = ctx.package_path(rec)
+    current = ctx.store.pointers(rec.model).current if rec.model else None
+    if (
+        not isinstance(fetcher, DeltaFetcher)
+        or not rec.sha256
+        or rec.size is None
+        or current is None
+        or not is_url(rec.source)
+        or dest.exists()
+        or dest.with_name(dest.name + ".part").exists()  # a full download to resume
+    ):
+        return None, {}
+    try:
+        got = fetcher.fetch_delta(
+            rec.source,
+            dest,
+            sha256=rec.sha256,
+            size=rec.size,
+            max_bytes=ctx.config.max_package_bytes,
+            basis=ctx.store.version_dir(rec.model, current),
+            trust=policy(ctx, rec).trust_store(),
+            expected_name=rec.model,
+            token=ctx.config.download_token if rec.controller_source else None,
+        )
+    except (FetchError, RejectError) as e:
+        log.info("delta download of %s refused (%s): %s; full download", rec.id, e.code, e)
+        return None, {"delta_fallback": str(e.code), "delta_reason": str(e)[:300]}
+    except (OSError, ValueError) as e:
+        log.info("delta download of %s failed: %s; full download", rec.id, e)
+        return None, {"delta_fallback": str(ReasonCode.DELTA_UNAVAILABLE), "delta_reason": str(e)}
+    figures = getattr(got, "figures", None)
+    return got, {"delta": dict(figures) if isinstance(figures, dict) else {}}
 
 
 def policy(ctx: UpdateContext, rec: UpdateRecord) -> VerifyPolicy:

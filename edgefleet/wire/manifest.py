@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from edgefleet.wire import ids
+from edgefleet.wire.blocks import check_blocks
 from edgefleet.wire.errors import RejectError
 from edgefleet.wire.message import json_problem
 from edgefleet.wire.reasons import ReasonCode
@@ -118,6 +119,8 @@ def validate_manifest(m: Any) -> dict[str, Any]:
         size = info.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise _bad(f"members.{name}.size", "is not a non-negative integer")
+        if info.get("blocks") is not None:  # content addresses for delta updates (wire.blocks)
+            check_blocks(info["blocks"], size, f"members.{name}.blocks")
     model = _req(m, "model", dict)
     model_file = _req(model, "file", str, "model.")
     if model_file not in members:

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.wire import signing, trust
 from edgefleet.wire.atomic import fsync_dir
+from edgefleet.wire.blocks import cut_file, to_json
 from edgefleet.wire.errors import RejectError
 from edgefleet.wire.manifest import (
     MANIFEST_FILE,
@@ -141,11 +142,14 @@ def build_package(
     private_key: ec.EllipticCurvePrivateKey,
     *,
     now: datetime | None = None,
+    block_lists: bool = True,
 ) -> Path:
     """Write ``out_dir/NAME-VERSION-PROFILE.efpkg`` atomically and return its path.
 
-    ``files`` maps member names to files on disk. ``manifest["members"]`` is filled in here, and
-    ``created`` when absent. The manifest is validated before anything is written.
+    ``files`` maps member names to files on disk. ``manifest["members"]`` is filled in here, with
+    each member's block list (``block_lists=False`` writes none, as packagers before delta
+    updates did), and ``created`` when absent. The manifest is validated before anything is
+    written.
     """
     now = now or now_utc()
     manifest = dict(manifest)
@@ -154,7 +158,10 @@ def build_package(
     members: dict[str, dict[str, Any]] = {}
     for name, path in files.items():
         digest, size = sha256_file(Path(path))
+        # the content addresses a device's delta update reuses blocks by (docs/delta.md)
         members[name] = {"sha256": digest, "size": size}
+        if block_lists:
+            members[name]["blocks"] = to_json(cut_file(Path(path)))
     manifest["members"] = members
     validate_manifest(manifest)
     manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"

@@ -87,6 +87,9 @@ class ReasonCode(StrEnum):
     # --- informational: carried by a successful report, never a failure ------------------
     CPU_FALLBACK = "cpu_fallback"
     ALREADY_INSTALLED = "already"
+    # A package could not be fetched as a delta (no block list, no Range support, no earlier
+    # version, a refused block): a full download follows, which alone decides the outcome.
+    DELTA_UNAVAILABLE = "delta_unavailable"
     # --- download, against a hostile or broken server (TUF's endless-data and slow-retrieval
     # attacks): the download is abandoned, the release itself is not judged ---------------
     ENDLESS_DATA = "endless_data"  # the server sent more bytes than the signed size
@@ -126,7 +129,9 @@ TRANSIENT = frozenset(
     }
 )
 #: Never a failure: the report that carries it is a success with a remark.
-INFORMATIONAL = frozenset({ReasonCode.CPU_FALLBACK, ReasonCode.ALREADY_INSTALLED})
+INFORMATIONAL = frozenset(
+    {ReasonCode.CPU_FALLBACK, ReasonCode.ALREADY_INSTALLED, ReasonCode.DELTA_UNAVAILABLE}
+)
 #: Final for this release on this device: retrying cannot help.
 FINAL = frozenset(ReasonCode) - TRANSIENT - INFORMATIONAL
 

@@ -17,6 +17,7 @@ from edgefleet.packager.examples import ExampleModel, file_sha256
 from edgefleet.packager.npzio import load_npz
 from edgefleet.packager.pipeline import PackageReport
 from edgefleet.packager.profiles import load_profiles
+from edgefleet.wire import blocks
 from edgefleet.wire.package import VerifyPolicy, read_manifest, verify_package
 
 STRICT = """
@@ -144,6 +145,10 @@ def test_samples_hold_source_outputs_and_packaged_model_runs(
     assert np.abs(got - samples["output:probabilities"]).max() <= gates["sample_atol"]
     agreement = np.mean(got.argmax(1) == samples["output:probabilities"].argmax(1))
     assert agreement >= gates["min_sample_agreement"]
+    # the block list a delta update reuses by (docs/delta.md): the model's own cut, signed
+    model_bytes = (dest / "model.onnx").read_bytes()
+    listed = verified.manifest["members"]["model.onnx"]["blocks"]
+    assert listed == blocks.to_json(blocks.cut(model_bytes)) and listed
 
 
 def test_too_strict_gate_writes_nothing_and_exits_nonzero(
