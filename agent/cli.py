@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)  # one line: greppable
     return typer.Exit(code)
 
 
@@ -76,6 +76,7 @@ def init(
     from edgefleet.agent.admin import ensure_token
     from edgefleet.agent.config import dump_config, load_config
 
+    _refuse_bad_broker_url(mqtt_url)
     directory = directory.resolve()
     cfg_path = directory / "agent.toml"
     if cfg_path.exists() and not force:
@@ -132,6 +133,7 @@ def run(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = _load(config, http_port)
+    _refuse_unworkable(cfg)
     # Handlers first: a stop that arrives while starting (the HTTP port is already open) must
     # still shut down in order rather than kill the process mid-start.
     done = threading.Event()
@@ -161,7 +163,12 @@ def run(
             link.start()
             extras.append(link)
         except Exception as e:
-            console.print(f"[yellow]fleet link not started:[/yellow] {type(e).__name__}: {e}")
+            # A gateway configured for a fleet but without its link would serve stale models
+            # forever and look healthy: stop, so the service manager sees the failure.
+            for x in reversed(extras):
+                x.stop()
+            agent.stop()
+            raise _fail(f"fleet link not started: {type(e).__name__}: {e}", EXIT_UNWORKABLE) from e
     console.print(
         f"agent {cfg.device_id}: inference http://{cfg.http_host}:{agent.http_port}/v2,"
         f" admin 127.0.0.1:{agent.admin_port}, models {list(agent.inventory()['models'])}"
@@ -171,6 +178,56 @@ def run(
     for x in reversed(extras):
         x.stop()
     agent.stop()
+
+
+EXIT_UNWORKABLE = 3  # `agent run`: the configuration cannot work (systemd: no restart loop)
+
+
+def _refuse_bad_broker_url(url: str | None) -> None:
+    """`agent init`: a broker URL that can never work is refused before anything is written."""
+    from edgefleet.agent.check import broker_url_problem
+
+    if url:
+        why = broker_url_problem(url)
+        if why:
+            raise _fail(f"--mqtt-url: {why}", 2)
+
+
+def _refuse_unworkable(cfg: Any) -> None:
+    """`agent run`: exit non-zero, naming each reason, when the configuration cannot work."""
+    from edgefleet.agent.check import startup_problems
+
+    problems = startup_problems(cfg)
+    if problems:
+        for p in problems:
+            console.print(f"[red]error:[/red] {p}", soft_wrap=True)
+        console.print(
+            "the agent cannot work with this configuration (`edgefleet agent check`)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_UNWORKABLE)
+
+
+@agent_app.command("check")
+def check(
+    config: Path = typer.Option(..., "--config", help="agent.toml"),
+    timeout: float = typer.Option(5.0, "--timeout", help="Seconds per network probe."),
+) -> None:
+    """Check the configuration, keys, broker (TCP, TLS, login), controller, clock, disk and
+    execution providers: one line each (ok / warn / FAIL); exit 1 on any failure."""
+    from edgefleet.agent.check import Probes, Result, failed, run_checks
+    from edgefleet.agent.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        typer.echo(Result("config", "FAIL", str(e)).line())
+        raise typer.Exit(1) from e
+    results = run_checks(cfg, Probes(timeout=timeout))
+    for r in results:
+        typer.echo(r.line())
+    if failed(results):
+        raise typer.Exit(1)
 
 
 def _admin(

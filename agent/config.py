@@ -94,6 +94,8 @@ class MqttConfig:
     password: str | None = None
     tls: bool = False
     ca_file: Path | None = None
+    cert_file: Path | None = None  # this device's X.509 client certificate (PEM), for mTLS
+    key_file: Path | None = None  # its private key (PEM)
     client_id: str | None = None
     keepalive_s: int = 30
 
@@ -136,6 +138,9 @@ class AgentConfig:
     # The device's package-download token from the controller (`devices register`). Sent as a
     # Bearer header only for packages named by the controller's signed desired state.
     download_token: str = ""
+    # The controller's base URL (`agent enroll` writes it): `agent check` asks it for its
+    # health and clock. Packages are downloaded from the URLs the desired state names.
+    controller_url: str | None = None
     download_retries: int = 5
     download_min_rate: int = 1024  # bytes/s averaged over download_rate_window_s, else abandoned
     download_rate_window_s: float = 30.0
