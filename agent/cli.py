@@ -230,6 +230,98 @@ def check(
         raise typer.Exit(1)
 
 
+@agent_app.command("install-service")
+def install_service(
+    config: Path = typer.Option(
+        Path("/var/lib/edgefleet/agent.toml"), "--config", help="agent.toml the service runs."
+    ),
+    user: str = typer.Option("edgefleet", "--user", help="The user the agent runs as."),
+    create_user: bool = typer.Option(
+        False, "--create-user", help="Create the user (a system user, no shell) when missing."
+    ),
+    unit_dir: Path = typer.Option(
+        Path("/etc/systemd/system"), "--unit-dir", help="Where the unit file goes."
+    ),
+    executable: Path | None = typer.Option(
+        None, "--executable", help="The edgefleet command (default: the one running now)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the unit; change nothing."),
+) -> None:
+    """Install the agent as a systemd service (hardened unit, dedicated user, restart policy)."""
+    from edgefleet.agent.service import UNIT_NAME, ServiceError, UnitSpec, render_unit
+
+    exe = executable or _edgefleet_executable()
+    try:
+        text = render_unit(UnitSpec(exe.absolute(), config.absolute(), user))
+    except ServiceError as e:
+        raise _fail(str(e), 2) from e
+    if dry_run:
+        sys.stdout.write(text)
+        return
+    if create_user:
+        _ensure_user(user)
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    path = unit_dir / UNIT_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    console.print(f"wrote {path}", soft_wrap=True)
+    if os.geteuid() == 0 and config.parent.is_dir():
+        _chown_tree(config.parent.absolute(), user)
+    console.print(
+        f"next: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}"
+        f" (check first: edgefleet agent check --config {config})",
+        soft_wrap=True,
+    )
+
+
+def _edgefleet_executable() -> Path:
+    found = shutil.which("edgefleet")
+    if found:
+        return Path(found).absolute()
+    candidate = Path(sys.executable).parent / "edgefleet"
+    if candidate.exists():
+        return candidate
+    raise _fail("cannot find the edgefleet command: pass --executable", 2)
+
+
+def _ensure_user(user: str) -> None:
+    import pwd
+    import subprocess
+
+    try:
+        pwd.getpwnam(user)
+        console.print(f"user {user} exists")
+        return
+    except KeyError:
+        pass
+    if os.geteuid() != 0:
+        raise _fail(f"user {user} does not exist and only root can create it", 2)
+    cmd = ["useradd", "--system", "--home-dir", "/var/lib/edgefleet", "--no-create-home",
+           "--shell", "/usr/sbin/nologin", "--user-group", user]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise _fail(f"useradd {user} failed: {res.stderr.strip()}", 1)
+    console.print(f"created system user {user}")
+
+
+def _chown_tree(directory: Path, user: str) -> None:
+    """The agent's own files (config, keys, data) belong to its user: agent.toml is 0600."""
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        console.print(f"[yellow]user {user} does not exist: {directory} left as it is[/yellow]")
+        return
+    for root, dirs, files in os.walk(directory):
+        for name in [*dirs, *files]:
+            os.chown(os.path.join(root, name), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    os.chown(directory, pw.pw_uid, pw.pw_gid)
+    console.print(f"{directory} now belongs to {user}", soft_wrap=True)
+
+
 def _admin(
     cfg: Any, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 10.0
 ) -> Any:

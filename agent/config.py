@@ -94,8 +94,10 @@ class MqttConfig:
     password: str | None = None
     tls: bool = False
     ca_file: Path | None = None
-    cert_file: Path | None = None  # this device's X.509 client certificate (PEM), for mTLS
-    key_file: Path | None = None  # its private key (PEM)
+    # The device's client certificate and key (`agent enroll`): the broker takes its id from
+    # the certificate, so no username/password is needed.
+    cert_file: Path | None = None
+    key_file: Path | None = None
     client_id: str | None = None
     keepalive_s: int = 30
 
@@ -138,9 +140,8 @@ class AgentConfig:
     # The device's package-download token from the controller (`devices register`). Sent as a
     # Bearer header only for packages named by the controller's signed desired state.
     download_token: str = ""
-    # The controller's base URL (`agent enroll` writes it): `agent check` asks it for its
-    # health and clock. Packages are downloaded from the URLs the desired state names.
-    controller_url: str | None = None
+    # The controller's URL (`agent enroll` writes it): where the certificate is renewed.
+    controller_url: str = ""
     download_retries: int = 5
     download_min_rate: int = 1024  # bytes/s averaged over download_rate_window_s, else abandoned
     download_rate_window_s: float = 30.0

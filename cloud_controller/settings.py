@@ -88,6 +88,26 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(ENV_PREFIX + "DATA_DIR", Path.home() / ".edgefleet" / "controller"))
 
 
+# Every EDGEFLEET_CONTROLLER_<NAME> variable `Settings.with_env` reads, with its conversion
+# (TRUSTED_KEYS: paths separated by os.pathsep).
+ENV_SETTINGS: tuple[tuple[str, type], ...] = (
+    ("DATA_DIR", Path),
+    ("DB", str),
+    ("BROKER", str),
+    ("MQTT_CLIENT_ID", str),
+    ("PACKAGES", Path),
+    ("SIGNING_KEY", Path),
+    ("SIGNING_KEY_PASSPHRASE", str),
+    ("HOST", str),
+    ("PORT", int),
+    ("PUBLIC_URL", str),
+    ("DESIRED_TTL_S", float),
+    ("MAX_UPLOAD_BYTES", int),
+    ("MAX_BODY_BYTES", int),
+)
+ENV_NAMES = frozenset([ENV_PREFIX + n for n, _ in ENV_SETTINGS] + [ENV_PREFIX + "TRUSTED_KEYS"])
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the controller process needs; `None` broker means no MQTT bridge."""
@@ -134,21 +154,7 @@ class Settings:
         """A copy with `EDGEFLEET_CONTROLLER_*` variables applied."""
         env = os.environ
         updates: dict[str, object] = {}
-        for name, conv in (
-            ("DATA_DIR", Path),
-            ("DB", str),
-            ("BROKER", str),
-            ("MQTT_CLIENT_ID", str),
-            ("PACKAGES", Path),
-            ("SIGNING_KEY", Path),
-            ("SIGNING_KEY_PASSPHRASE", str),
-            ("HOST", str),
-            ("PORT", int),
-            ("PUBLIC_URL", str),
-            ("DESIRED_TTL_S", float),
-            ("MAX_UPLOAD_BYTES", int),
-            ("MAX_BODY_BYTES", int),
-        ):
+        for name, conv in ENV_SETTINGS:
             value = env.get(ENV_PREFIX + name)
             if value:
                 key = {
