@@ -62,7 +62,7 @@ def _say_db(s: Settings, source: str) -> None:
     """Name the database a command wrote to (on stderr: stdout stays the command's output)."""
     from edgefleet.cloud_controller.settings import redact_url
 
-    err.print(f"database {redact_url(s.database_url)} (from {source})")
+    err.print(f"database {redact_url(s.database_url)} (from {source})", soft_wrap=True)
 
 
 @controller_app.command("init")
@@ -85,10 +85,15 @@ def init(
         dbm.upgrade(engine)
         engine.dispose()
     except Exception as e:  # the URL is refused or the server is unreachable: say which
-        err.print(f"[red]db_unreachable: {redact_url(s.database_url)}: {type(e).__name__}[/red]")
+        err.print(
+            f"[red]db_unreachable: {redact_url(s.database_url)}: {type(e).__name__}[/red]",
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from e
     path = write_data_dir_config(s.data_dir, s.database_url)
-    console.print(f"wrote {path}: database {redact_url(s.database_url)} (schema up to date)")
+    console.print(
+        f"wrote {path}: database {redact_url(s.database_url)} (schema up to date)", soft_wrap=True
+    )
 
 
 @controller_app.command("serve")
@@ -122,7 +127,7 @@ def serve(
         trusted_keys=tuple(trusted_key) or None,
     )
     app = create_app(s)
-    console.print(_banner(s, source))
+    console.print(_banner(s, source), soft_wrap=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
 
 
