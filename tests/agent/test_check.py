@@ -215,3 +215,39 @@ def test_auth_refusal_hint() -> None:
     assert check.refusal_hint("Not authorized") == AUTH_HINT
     assert check.refusal_hint("Bad user name or password") == AUTH_HINT
     assert check.refusal_hint("Server unavailable") is None
+
+
+def test_run_with_a_refused_login_logs_one_hint_not_a_line_per_retry(
+    tmp_path: Path, keys: dict[str, KeyPair], password_broker: str
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = _write(
+        tmp_path, keys, {"url": password_broker, "username": "gw-check", "password": "wrong"},
+        telemetry={"enabled": False},
+    )  # fmt: skip
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root,
+    )  # fmt: skip
+    try:
+        admin = tmp_path / "data" / "admin.json"
+        deadline = time.monotonic() + 60
+        while not admin.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the agent did not start"
+            time.sleep(0.2)
+        time.sleep(4.5)  # paho retries after 1 s, 2 s, 4 s: several refusals
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    refusals = [line for line in out.splitlines() if "broker refused connection" in line]
+    assert len(refusals) == 1, out
+    assert AUTH_HINT in refusals[0] and "ERROR" in refusals[0]
+    assert "wrong" not in out  # the password is never printed
