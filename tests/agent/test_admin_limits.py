@@ -53,9 +53,14 @@ def test_300_idle_sockets_cost_the_connection_cap_in_threads_not_300(tmp_path: P
     try:
         for _ in range(300):
             socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        time.sleep(0.5)
+        # most are refused at once without a thread (a few more get a slot as the first
+        # ones time out, on a loaded machine); the threads never exceed the cap
+        deadline = time.monotonic() + 10
+        while srv.refused_connections < 250:
+            assert threading.active_count() <= base + 8, threading.active_count()
+            assert time.monotonic() < deadline, srv.refused_connections
+            time.sleep(0.05)
         assert threading.active_count() <= base + 8, threading.active_count()
-        assert srv.refused_connections >= 300 - 8
         # the idle ones are closed after admin_timeout_s: the endpoint answers again
         deadline = time.monotonic() + 10
         while True:
