@@ -19,7 +19,7 @@ from pathlib import Path
 
 from edgefleet.agent.fsio import atomic_write_bytes, atomic_write_json
 from edgefleet.agent.ports import AdminPort
-from edgefleet.agent.server import QuietServer
+from edgefleet.agent.server import CappedServer
 from edgefleet.agent.update.events import UpdateRequest
 
 MAX_BODY = 64 * 1024
@@ -47,7 +47,7 @@ def ensure_token(path: Path) -> str:
     return token
 
 
-class AdminServer(QuietServer):
+class AdminServer(CappedServer):
     daemon_threads = True
     allow_reuse_address = True
 
@@ -55,7 +55,12 @@ class AdminServer(QuietServer):
         cfg = agent.config
         if cfg.admin_host not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError(f"admin_host {cfg.admin_host!r} is not a loopback address")
-        super().__init__((cfg.admin_host, cfg.admin_port), _Handler)
+        super().__init__(
+            (cfg.admin_host, cfg.admin_port),
+            _Handler,
+            max_connections=cfg.admin_max_connections,
+            timeout_s=cfg.admin_timeout_s,
+        )
         self.agent = agent
         self.token = ensure_token(cfg.admin_token_path)
         atomic_write_json(

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)  # one line: greppable
     return typer.Exit(code)
 
 
@@ -103,8 +103,7 @@ def init(
         reg_key = ck.get("pem") if isinstance(ck, dict) else None
     if not device_id:
         raise _fail("give --device-id or --registration")
-    if mqtt_url is not None and not mqtt_url.startswith(("mqtt://", "mqtts://")):
-        raise _fail(f"--mqtt-url {mqtt_url!r}: expected mqtt://host:port or mqtts://host:port")
+    _refuse_bad_broker_url(mqtt_url)
     directory = directory.resolve()
     cfg_path = directory / "agent.toml"
     if cfg_path.exists() and not force:
@@ -252,6 +251,7 @@ def run(
 
     if finish_renewal(cfg):
         console.print("finished a certificate renewal that was interrupted")
+    _refuse_unworkable(cfg)
     # Handlers first: a stop that arrives while starting (the HTTP port is already open) must
     # still shut down in order rather than kill the process mid-start.
     done = threading.Event()
@@ -282,8 +282,12 @@ def run(
             link = MqttLink(agent, cfg, telemetry=telemetry.outbox if telemetry else None)
             link.start()
         except Exception as e:
-            console.print(f"[yellow]fleet link not started:[/yellow] {type(e).__name__}: {e}")
-            link = None
+            # A gateway configured for a fleet but without its link would serve stale models
+            # forever and look healthy: stop, so the service manager sees the failure.
+            for x in reversed(extras):
+                x.stop()
+            agent.stop()
+            raise _fail(f"fleet link not started: {type(e).__name__}: {e}", EXIT_UNWORKABLE) from e
         if cfg.mqtt.cert_file and cfg.controller_url and cfg.renew_fraction > 0:
             threading.Thread(
                 target=_renew_loop, args=(cfg, done, renewed), name="cert-renew", daemon=True
@@ -304,6 +308,148 @@ def run(
     for x in reversed(extras):
         x.stop()
     agent.stop()
+
+
+EXIT_UNWORKABLE = 3  # `agent run`: the configuration cannot work (systemd: no restart loop)
+
+
+def _refuse_bad_broker_url(url: str | None) -> None:
+    """`agent init`: a broker URL that can never work is refused before anything is written."""
+    from edgefleet.agent.check import broker_url_problem
+
+    if url:
+        why = broker_url_problem(url)
+        if why:
+            raise _fail(f"--mqtt-url: {why}", 2)
+
+
+def _refuse_unworkable(cfg: Any) -> None:
+    """`agent run`: exit non-zero, naming each reason, when the configuration cannot work."""
+    from edgefleet.agent.check import startup_problems
+
+    problems = startup_problems(cfg)
+    if problems:
+        for p in problems:
+            console.print(f"[red]error:[/red] {p}", soft_wrap=True)
+        console.print(
+            "the agent cannot work with this configuration (`edgefleet agent check`)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_UNWORKABLE)
+
+
+@agent_app.command("check")
+def check(
+    config: Path = typer.Option(..., "--config", help="agent.toml"),
+    timeout: float = typer.Option(5.0, "--timeout", help="Seconds per network probe."),
+) -> None:
+    """Check the configuration, keys, broker (TCP, TLS, login), controller, clock, disk and
+    execution providers: one line each (ok / warn / FAIL); exit 1 on any failure."""
+    from edgefleet.agent.check import Probes, Result, failed, run_checks
+    from edgefleet.agent.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        typer.echo(Result("config", "FAIL", str(e)).line())
+        raise typer.Exit(1) from e
+    results = run_checks(cfg, Probes(timeout=timeout))
+    for r in results:
+        typer.echo(r.line())
+    if failed(results):
+        raise typer.Exit(1)
+
+
+@agent_app.command("install-service")
+def install_service(
+    config: Path = typer.Option(
+        Path("/var/lib/edgefleet/agent.toml"), "--config", help="agent.toml the service runs."
+    ),
+    user: str = typer.Option("edgefleet", "--user", help="The user the agent runs as."),
+    create_user: bool = typer.Option(
+        False, "--create-user", help="Create the user (a system user, no shell) when missing."
+    ),
+    unit_dir: Path = typer.Option(
+        Path("/etc/systemd/system"), "--unit-dir", help="Where the unit file goes."
+    ),
+    executable: Path | None = typer.Option(
+        None, "--executable", help="The edgefleet command (default: the one running now)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the unit; change nothing."),
+) -> None:
+    """Install the agent as a systemd service (hardened unit, dedicated user, restart policy)."""
+    from edgefleet.agent.service import UNIT_NAME, ServiceError, UnitSpec, render_unit
+
+    exe = executable or _edgefleet_executable()
+    try:
+        text = render_unit(UnitSpec(exe.absolute(), config.absolute(), user))
+    except ServiceError as e:
+        raise _fail(str(e), 2) from e
+    if dry_run:
+        sys.stdout.write(text)
+        return
+    if create_user:
+        _ensure_user(user)
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    path = unit_dir / UNIT_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    console.print(f"wrote {path}", soft_wrap=True)
+    if os.geteuid() == 0 and config.parent.is_dir():
+        _chown_tree(config.parent.absolute(), user)
+    console.print(
+        f"next: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}"
+        f" (check first: edgefleet agent check --config {config})",
+        soft_wrap=True,
+    )
+
+
+def _edgefleet_executable() -> Path:
+    found = shutil.which("edgefleet")
+    if found:
+        return Path(found).absolute()
+    candidate = Path(sys.executable).parent / "edgefleet"
+    if candidate.exists():
+        return candidate
+    raise _fail("cannot find the edgefleet command: pass --executable", 2)
+
+
+def _ensure_user(user: str) -> None:
+    import pwd
+    import subprocess
+
+    try:
+        pwd.getpwnam(user)
+        console.print(f"user {user} exists")
+        return
+    except KeyError:
+        pass
+    if os.geteuid() != 0:
+        raise _fail(f"user {user} does not exist and only root can create it", 2)
+    cmd = ["useradd", "--system", "--home-dir", "/var/lib/edgefleet", "--no-create-home",
+           "--shell", "/usr/sbin/nologin", "--user-group", user]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise _fail(f"useradd {user} failed: {res.stderr.strip()}", 1)
+    console.print(f"created system user {user}")
+
+
+def _chown_tree(directory: Path, user: str) -> None:
+    """The agent's own files (config, keys, data) belong to its user: agent.toml is 0600."""
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        console.print(f"[yellow]user {user} does not exist: {directory} left as it is[/yellow]")
+        return
+    for root, dirs, files in os.walk(directory):
+        for name in [*dirs, *files]:
+            os.chown(os.path.join(root, name), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    os.chown(directory, pw.pw_uid, pw.pw_gid)
+    console.print(f"{directory} now belongs to {user}", soft_wrap=True)
 
 
 def _admin(

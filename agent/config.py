@@ -143,6 +143,8 @@ class AgentConfig:
     http_port: int = 8080
     admin_host: str = "127.0.0.1"
     admin_port: int = 0  # 0: a free port, written to DATA_DIR/admin.json
+    admin_max_connections: int = 8  # admin connections handled at once (docs/limits.md)
+    admin_timeout_s: float = 10.0  # idle / slow admin connections are closed after this
     max_package_bytes: int = 2 * 1024**3
     disk_headroom_bytes: int = 64 * 1024**2
     memory_headroom_mb: float = 32.0

@@ -150,6 +150,64 @@ class QuietServer(ThreadingHTTPServer):
         log.error("error serving %s", client_address, exc_info=err)
 
 
+class CappedServer(QuietServer):
+    """A `QuietServer` with bounded resources, for the agent's small local endpoints (admin):
+
+    at most ``max_connections`` connections are handled at once, one thread each; one more is
+    answered 503 at once and closed, without a thread. Each read and write on a connection
+    waits at most ``timeout_s``, so an idle keep-alive connection, or one trickling its
+    request line, frees its slot by then (300 idle sockets cost ``max_connections`` threads
+    for ``timeout_s``, not 300 threads for ever). Limits: docs/limits.md, "Admin endpoint".
+    """
+
+    request_queue_size = 128  # a burst of connections is accepted (and refused) at once
+
+    def __init__(
+        self,
+        server_address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        max_connections: int,
+        timeout_s: float,
+    ) -> None:
+        if max_connections < 1 or not timeout_s > 0:
+            raise ValueError("max_connections must be >= 1 and timeout_s > 0")
+        super().__init__(server_address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.timeout_s = timeout_s
+        self.refused_connections = 0
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, addr = super().get_request()
+        sock.settimeout(self.timeout_s)  # kept by the handler (its own `timeout` is None)
+        return sock, addr
+
+    def process_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused_connections += 1
+            assert isinstance(request, socket.socket)
+            with contextlib.suppress(OSError):  # non-blocking: the accept loop never waits
+                request.setblocking(False)
+                request.send(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class InferenceServer(QuietServer):
     daemon_threads = True
     allow_reuse_address = True

@@ -257,6 +257,30 @@ class _Metrics:
             yield c
 
 
+DOCS_ASSETS = "/docs/assets"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI served from the assets the ``swagger-ui-bundle`` package ships, so
+    the API docs work on a controller without internet access."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} · API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+
 def create_app(settings: Settings, controller: Controller | None = None) -> FastAPI:
     """The FastAPI app; it builds (or takes) a `Controller` and runs it for its lifetime."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -276,7 +300,10 @@ def create_app(settings: Settings, controller: Controller | None = None) -> Fast
         version="1",
         description="Registry, devices and staged rollouts for edgefleet gateways.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own pages load Swagger UI and ReDoc from a CDN
+        redoc_url=None,
     )
+    _install_docs(app)
     app.state.controller = ctl
     registry = CollectorRegistry()
     registry.register(_Metrics(ctl))  # type: ignore[arg-type,unused-ignore]

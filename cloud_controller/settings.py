@@ -1,16 +1,118 @@
-"""Controller settings: defaults, then `EDGEFLEET_CONTROLLER_*` environment overrides."""
+"""Controller settings: defaults, then `EDGEFLEET_CONTROLLER_*` environment overrides.
+
+The database is set once: every controller command resolves it the same way (`resolve_db`):
+its ``--db`` flag, else ``EDGEFLEET_CONTROLLER_DB``, else the ``db`` of ``controller.toml`` in
+the data directory (written by ``edgefleet controller init``), else SQLite in the data directory.
+"""
 
 from __future__ import annotations
 
 import os
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 ENV_PREFIX = "EDGEFLEET_CONTROLLER_"
+CONFIG_NAME = "controller.toml"
+
+
+class SettingsError(ValueError):
+    """A controller setting cannot be read; the message names the file or variable."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for banners and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def read_data_dir_config(data_dir: Path) -> dict[str, str]:
+    """The settings kept in ``DATA_DIR/controller.toml`` (empty when there is none)."""
+    path = data_dir / CONFIG_NAME
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SettingsError(f"cannot read {path}: {e}") from e
+    unknown = set(raw) - {"db"}
+    if unknown:
+        raise SettingsError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    if "db" in raw and not isinstance(raw["db"], str):
+        raise SettingsError(f"{path}: db must be a string")
+    return {k: str(v) for k, v in raw.items()}
+
+
+def write_data_dir_config(data_dir: Path, db: str) -> Path:
+    """Write ``DATA_DIR/controller.toml`` (mode 0600: the URL may hold a password)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / CONFIG_NAME
+    tmp = path.with_suffix(".tmp")
+    escaped = db.replace("\\", "\\\\").replace('"', '\\"')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(
+            "# Written by `edgefleet controller init`: every controller command uses this\n"
+            "# database unless --db or EDGEFLEET_CONTROLLER_DB says otherwise.\n"
+            f'db = "{escaped}"\n'
+        )
+    tmp.replace(path)
+    return path
+
+
+def resolve_db(
+    flag: str | None, data_dir: Path, env: Mapping[str, str] | None = None
+) -> tuple[str, str]:
+    """The database URL and where it came from: flag > environment > controller.toml > SQLite."""
+    env = os.environ if env is None else env
+    if flag:
+        return flag, "--db"
+    if env.get(ENV_PREFIX + "DB"):
+        return env[ENV_PREFIX + "DB"], ENV_PREFIX + "DB"
+    kept = read_data_dir_config(data_dir).get("db")
+    if kept:
+        return kept, str(data_dir / CONFIG_NAME)
+    return f"sqlite:///{data_dir / 'controller.db'}", "default (SQLite in the data directory)"
 
 
 def default_data_dir() -> Path:
     return Path(os.environ.get(ENV_PREFIX + "DATA_DIR", Path.home() / ".edgefleet" / "controller"))
+
+
+# Every EDGEFLEET_CONTROLLER_<NAME> variable `Settings.with_env` reads, with its conversion
+# (TRUSTED_KEYS: paths separated by os.pathsep).
+ENV_SETTINGS: tuple[tuple[str, type], ...] = (
+    ("DATA_DIR", Path),
+    ("DB", str),
+    ("BROKER", str),
+    ("MQTT_CLIENT_ID", str),
+    ("PACKAGES", Path),
+    ("SIGNING_KEY", Path),
+    ("SIGNING_KEY_PASSPHRASE", str),
+    ("HOST", str),
+    ("PORT", int),
+    ("PUBLIC_URL", str),
+    ("DESIRED_TTL_S", float),
+    ("MAX_UPLOAD_BYTES", int),
+    ("MAX_BODY_BYTES", int),
+    ("DEVICE_CERT_DAYS", int),
+    ("BROKER_CA_FILE", Path),
+    ("BROKER_CERT_FILE", Path),
+    ("BROKER_KEY_FILE", Path),
+)
+ENV_NAMES = frozenset(
+    [ENV_PREFIX + n for n, _ in ENV_SETTINGS]
+    + [ENV_PREFIX + "TRUSTED_KEYS", ENV_PREFIX + "DEVICE_BROKER_URL"]
+)
 
 
 @dataclass(frozen=True)
@@ -86,25 +188,7 @@ class Settings:
         """A copy with `EDGEFLEET_CONTROLLER_*` variables applied."""
         env = os.environ
         updates: dict[str, object] = {}
-        for name, conv in (
-            ("DATA_DIR", Path),
-            ("DB", str),
-            ("BROKER", str),
-            ("MQTT_CLIENT_ID", str),
-            ("PACKAGES", Path),
-            ("SIGNING_KEY", Path),
-            ("SIGNING_KEY_PASSPHRASE", str),
-            ("HOST", str),
-            ("PORT", int),
-            ("PUBLIC_URL", str),
-            ("DESIRED_TTL_S", float),
-            ("MAX_UPLOAD_BYTES", int),
-            ("MAX_BODY_BYTES", int),
-            ("DEVICE_CERT_DAYS", int),
-            ("BROKER_CA_FILE", Path),
-            ("BROKER_CERT_FILE", Path),
-            ("BROKER_KEY_FILE", Path),
-        ):
+        for name, conv in ENV_SETTINGS:
             value = env.get(ENV_PREFIX + name)
             if value:
                 key = {

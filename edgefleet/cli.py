@@ -55,8 +55,67 @@ def _register_components() -> None:
 _register_components()
 
 
-def main() -> None:
-    app()
+# The extra that brings each command group's third-party modules (pyproject's extras).
+_GROUP_EXTRAS = {
+    "controller": "controller",
+    "packages": "controller",
+    "devices": "controller",
+    "rollout": "controller",
+    "drift": "controller",
+    "agent": "agent",
+    "package": "packager",
+    "example-models": "packager",
+    "demo": "demo",
+}
+# A module a command imports, and the extra that installs it (for a command not listed above).
+_MODULE_EXTRAS = {
+    "fastapi": "controller",
+    "starlette": "controller",
+    "uvicorn": "controller",
+    "sqlalchemy": "controller",
+    "alembic": "controller",
+    "psycopg": "controller",
+    "swagger_ui_bundle": "controller",
+    "onnxruntime": "agent",
+    "psutil": "agent",
+    "paho": "agent",
+    "httpx": "agent",
+    "prometheus_client": "agent",
+    "onnx": "packager",
+    "onnxconverter_common": "packager",
+    "skl2onnx": "packager",
+    "sklearn": "packager",
+    "amqtt": "demo",
+}
+
+
+def missing_extra_message(argv: list[str], missing: str) -> str | None:
+    """The one line that names the extra to install when module ``missing`` is absent while
+    running ``edgefleet ARGV`` (None when no extra brings that module)."""
+    top = missing.split(".")[0]
+    group = next((a for a in argv if not a.startswith("-")), "")
+    extra = _GROUP_EXTRAS.get(group) or _MODULE_EXTRAS.get(top)
+    if extra is None or top not in _MODULE_EXTRAS:
+        return None
+    what = f"edgefleet {group}" if group else "edgefleet"
+    return (
+        f"{what} needs the '{extra}' extra: pip install 'edgefleet[{extra}]'"
+        f" (module {top} is not installed)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        app(args=args, standalone_mode=True)
+    except ModuleNotFoundError as e:
+        line = missing_extra_message(args, e.name or "")
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

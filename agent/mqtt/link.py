@@ -211,8 +211,18 @@ class MqttLink:
         props: Properties | None,
     ) -> None:
         if reason.is_failure:
+            from edgefleet.agent.check import refusal_hint
+
+            # One clear line per kind of refusal, not the same bare reason at every retry.
+            repeated = self.last_connect_error == str(reason)
             self.last_connect_error = str(reason)
-            log.warning("broker refused connection: %s", reason)
+            hint = refusal_hint(str(reason))
+            log.log(
+                logging.DEBUG if repeated else logging.ERROR if hint else logging.WARNING,
+                "broker refused connection: %s%s",
+                reason,
+                f" ({hint}; retrying with backoff)" if hint else "",
+            )
             return
         self.last_connect_error = None
         client.subscribe(self.topic("desired"), qos=1)

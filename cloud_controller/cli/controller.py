@@ -32,30 +32,68 @@ controller_app.add_typer(token_app, name="token")
 
 
 def _settings(data_dir: Path | None = None, db: str | None = None, **overrides: Any) -> Settings:
-    """Settings from the environment, then these command-line values where given."""
+    """Settings from the environment, then these command-line values where given; the database
+    as every controller command resolves it (`settings.resolve_db`)."""
+    return _settings_from(data_dir, db, **overrides)[0]
+
+
+def _settings_from(
+    data_dir: Path | None = None, db: str | None = None, **overrides: Any
+) -> tuple[Settings, str]:
+    """`_settings` and where its database came from (a flag, a variable, a file, the default)."""
     from dataclasses import replace
 
-    from edgefleet.cloud_controller.settings import Settings
+    from edgefleet.cloud_controller.settings import Settings, SettingsError, resolve_db
 
     s = Settings().with_env()
     updates = {k: v for k, v in overrides.items() if v is not None}
     if data_dir is not None:
         updates["data_dir"] = data_dir
-    if db is not None:
-        updates["db_url"] = db
-    return replace(s, **updates)
+    s = replace(s, **updates)
+    try:
+        url, source = resolve_db(db, s.data_dir)
+    except SettingsError as e:
+        err.print(f"[red]invalid_config: {e}[/red]")
+        raise typer.Exit(2) from e
+    return replace(s, db_url=url), source
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (banners and logs never show secrets)."""
-    from urllib.parse import urlsplit, urlunsplit
+def _say_db(s: Settings, source: str) -> None:
+    """Name the database a command wrote to (on stderr: stdout stays the command's output)."""
+    from edgefleet.cloud_controller.settings import redact_url
 
-    u = urlsplit(url)
-    if u.password is None:
-        return url
-    host = u.hostname or ""
-    netloc = f"{u.username}:***@{host}" + (f":{u.port}" if u.port else "")
-    return urlunsplit(u._replace(netloc=netloc))
+    err.print(f"database {redact_url(s.database_url)} (from {source})", soft_wrap=True)
+
+
+@controller_app.command("init")
+def init(
+    db: str = typer.Option(
+        ..., "--db", help="Database URL every controller command uses from now on."
+    ),
+    data_dir: Path = typer.Option(None, "--data-dir", help="The controller's data directory."),
+) -> None:
+    """Set the database once: write DATA_DIR/controller.toml (mode 0600) and create the schema.
+
+    Every controller command (serve, token, resync, mosquitto-config) then uses it unless
+    --db or EDGEFLEET_CONTROLLER_DB says otherwise."""
+    from edgefleet.cloud_controller import db as dbm
+    from edgefleet.cloud_controller.settings import redact_url, write_data_dir_config
+
+    s = _settings(data_dir, db)
+    try:
+        engine = dbm.make_engine(s.database_url)
+        dbm.upgrade(engine)
+        engine.dispose()
+    except Exception as e:  # the URL is refused or the server is unreachable: say which
+        err.print(
+            f"[red]db_unreachable: {redact_url(s.database_url)}: {type(e).__name__}[/red]",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from e
+    path = write_data_dir_config(s.data_dir, s.database_url)
+    console.print(
+        f"wrote {path}: database {redact_url(s.database_url)} (schema up to date)", soft_wrap=True
+    )
 
 
 @controller_app.command("serve")
@@ -100,7 +138,7 @@ def serve(
 
     from edgefleet.cloud_controller.app import create_app
 
-    s = _settings(
+    s, source = _settings_from(
         data_dir,
         db,
         broker_url=broker,
@@ -116,11 +154,19 @@ def serve(
         broker_key_file=broker_key,
     )
     app = create_app(s)
-    console.print(
-        f"controller on http://{s.host}:{s.port} db={redact_url(s.database_url)} "
-        f"broker={redact_url(s.broker_url) if s.broker_url else '-'}"
-    )
+    console.print(_banner(s, source), soft_wrap=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
+
+
+def _banner(s: Settings, source: str) -> str:
+    """The start-up line: where it listens, its database and broker, never a password."""
+    from edgefleet.cloud_controller.settings import redact_url
+
+    broker = redact_url(s.broker_url) if s.broker_url else "-"
+    return (
+        f"controller on http://{s.host}:{s.port} db={redact_url(s.database_url)} (from {source})"
+        f" broker={broker}"
+    )
 
 
 @token_app.command("create")
@@ -144,12 +190,13 @@ def token_create(
     except ids.IdentifierError as e:
         err.print(f"[red]{e.code}: {e}[/red]")
         raise typer.Exit(2) from e
-    s = _settings(data_dir, db)
+    s, source = _settings_from(data_dir, db)
     engine = dbm.make_engine(s.database_url)
     dbm.upgrade(engine)
     with dbm.transaction(dbm.session_factory(engine)) as session:
         token = auth.create_token(session, role, name)
     engine.dispose()
+    _say_db(s, source)
     typer.echo(token)
 
 
@@ -192,9 +239,10 @@ def token_revoke(
     if not 1 <= token_id <= 2**63 - 1:
         err.print(f"[red]not_found: no token {token_id}[/red]")
         raise typer.Exit(1)
-    s = _settings(data_dir, db)
+    s, source = _settings_from(data_dir, db)
     engine = dbm.make_engine(s.database_url)
     dbm.upgrade(engine)
+    _say_db(s, source)
     with dbm.transaction(dbm.session_factory(engine)) as session:
         row = auth.revoke_token(session, token_id)
         out = auth.token_to_dict(row) if row is not None else None

@@ -1,7 +1,9 @@
 """Server-rendered dashboard: fleet, rollouts, drift (HTML + inline SVG, no scripts, no CDN).
 
-Pages need a token with the ``read`` permission: ``Authorization: Bearer``, the
-``edgefleet_token`` cookie, or ``?token=`` once (it is then kept in an HttpOnly cookie).
+Pages need a token with the ``read`` permission: ``Authorization: Bearer``, or the
+``edgefleet_token`` cookie that the sign-in form (``/dashboard/login``) sets: HttpOnly,
+SameSite=Strict, Secure when served over HTTPS. A token never travels in a URL (it would be
+kept in browser history, proxy logs and Referer headers); ``/dashboard/logout`` clears it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from html import escape
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -41,16 +43,46 @@ td,th{border:1px solid #ddd;padding:4px 8px;font-size:13px;text-align:left}
 """
 
 
-def _page(title: str, body: str, *, refresh: int | None = None) -> HTMLResponse:
+SIGN_OUT = (
+    '<form method="post" action="/dashboard/logout" class="signout">'
+    '<button type="submit">Sign out</button></form>'
+)
+
+
+def _page(
+    title: str, body: str, *, refresh: int | None = None, signed_in: bool = True
+) -> HTMLResponse:
     meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
     html = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)} · edgefleet"
         f"</title>{meta}<style>{CSS}</style></head><body><nav>"
         '<a href="/dashboard/">Fleet</a><a href="/dashboard/rollouts">Rollouts</a>'
-        '<a href="/dashboard/drift">Drift</a></nav>'
+        f'<a href="/dashboard/drift">Drift</a>{SIGN_OUT if signed_in else ""}</nav>'
         f"<main><h1>{escape(title)}</h1>{body}</main></body></html>"
     )
     return HTMLResponse(html)
+
+
+def _safe_next(value: str | None) -> str:
+    """Where to go after signing in: a dashboard path only (never another site)."""
+    if value and value.startswith("/dashboard") and not any(c in value for c in "\\\r\n"):
+        return value
+    return "/dashboard/"
+
+
+def _sign_in_page(next_path: str, message: str = "", status: int = 401) -> HTMLResponse:
+    note = f'<p class="error">{escape(message)}</p>' if message else ""
+    body = (
+        f"{note}<p>Sign in with an API token that may read (viewer or above; "
+        "<code>edgefleet controller token create --role viewer</code>).</p>"
+        '<form method="post" action="/dashboard/login">'
+        f'<input type="hidden" name="next" value="{escape(next_path)}">'
+        '<label>Token <input type="password" name="token" autocomplete="current-password" '
+        'required size="50"></label> <button type="submit">Sign in</button></form>'
+    )
+    resp = _page("Sign in", body, signed_in=False)
+    resp.status_code = status
+    return resp
 
 
 def _badge(status: str | None) -> str:
@@ -62,26 +94,64 @@ def _viewer(request: Request) -> Response | None:
     """None when the request carries a token with read permission, else the 401 page."""
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
-    token = (
-        value.strip()
-        if scheme.lower() == "bearer"
-        else request.query_params.get("token") or request.cookies.get(COOKIE)
+    token = value.strip() if scheme.lower() == "bearer" else request.cookies.get(COOKIE)
+    if token and _reader(request, token):
+        return None
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return _sign_in_page(here, "Your session has ended: sign in again." if token else "")
+
+
+def _reader(request: Request, token: str) -> bool:
+    """The token exists, is not revoked and may read; the request's actor is set from it."""
+    with controller(request).factory() as s:
+        row = lookup_token(s, token)
+        if row is not None and allowed(row.role, Perm.READ):
+            request.state.actor = f"token:{row.name}#{row.id}"
+            return True
+    return False
+
+
+@router.get("/login")
+def login_form(request: Request) -> Response:
+    """The sign-in form (200; the pages answer it with 401 when not signed in)."""
+    return _sign_in_page(_safe_next(request.query_params.get("next")), status=200)
+
+
+MAX_FORM_BYTES = 4096  # a token and a path: the form is refused beyond this
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    """Check the posted token; on success set the HttpOnly, SameSite=Strict cookie and go on."""
+    from urllib.parse import parse_qs
+
+    from fastapi.concurrency import run_in_threadpool
+
+    body = await request.body()  # the Guard caps it at max_body_bytes before it is read
+    if len(body) > MAX_FORM_BYTES:
+        return _sign_in_page("/dashboard/", "The form is too large.", status=413)
+    form = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=4)
+    token = (form.get("token") or [""])[0].strip()
+    next_path = _safe_next((form.get("next") or [""])[0])
+    if not token or not await run_in_threadpool(_reader, request, token):
+        return _sign_in_page(next_path, "Unknown, revoked or read-less token.")
+    resp = RedirectResponse(next_path, status_code=303)
+    resp.set_cookie(
+        COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/dashboard",
     )
-    if token:
-        with controller(request).factory() as s:
-            row = lookup_token(s, token)
-            if row is not None and allowed(row.role, Perm.READ):
-                request.state.actor = f"token:{row.name}#{row.id}"
-                return None
-    resp = _page("Sign in", "<p>This page needs a viewer token: open it with ?token=…</p>")
-    resp.status_code = 401
     return resp
 
 
-def _with_cookie(request: Request, resp: HTMLResponse) -> HTMLResponse:
-    token = request.query_params.get("token")
-    if token:
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+@router.post("/logout")
+def logout() -> Response:
+    """Clear the cookie and show the sign-in form."""
+    resp = RedirectResponse("/dashboard/login", status_code=303)
+    resp.delete_cookie(COOKIE, path="/dashboard", httponly=True, samesite="strict")
     return resp
 
 
@@ -191,7 +261,7 @@ def fleet(request: Request, s: Session = Depends(session)) -> Response:
         "<th>health</th><th>versions</th><th>in sync</th><th>groups</th><th>requests (1 h)</th>"
         f"<th>errors (1 h)</th><th>last seen</th></tr>{trs}</table>"
     )
-    return _with_cookie(request, _page("Fleet", body, refresh=15))
+    return _page("Fleet", body, refresh=15)
 
 
 # --- rollouts ---------------------------------------------------------------------------------
@@ -252,7 +322,7 @@ def rollouts(request: Request, s: Session = Depends(session)) -> Response:
             f"<ul>{evs}</ul></section>"
         )
     body = "".join(parts) or "<p>No rollouts yet.</p>"
-    return _with_cookie(request, _page("Rollouts", body, refresh=5 if live else None))
+    return _page("Rollouts", body, refresh=5 if live else None)
 
 
 def _shadow_html(sh: dict[str, Any] | None) -> str:
@@ -298,7 +368,7 @@ def drift_index(request: Request, s: Session = Depends(session)) -> Response:
         f'<li><a href="/dashboard/drift/{escape(m)}">{escape(m)}</a></li>' for m in models
     )
     body = f"<ul>{items}</ul>" if items else "<p>No telemetry sketches yet.</p>"
-    return _with_cookie(request, _page("Drift", body))
+    return _page("Drift", body)
 
 
 def _drift_range_line(f: dict[str, Any]) -> str:
@@ -391,4 +461,4 @@ def drift_page(
         + "<h2>Drift events</h2><table id='events'><tr><th>at</th><th>scope</th>"
         + f"<th>features</th><th>webhook</th></tr>{evs}</table>"
     )
-    return _with_cookie(request, _page(f"Drift: {model}", body, refresh=60))
+    return _page(f"Drift: {model}", body, refresh=60)

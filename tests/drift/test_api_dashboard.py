@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +20,7 @@ from edgefleet.cloud_controller.drift import analysis
 from edgefleet.cloud_controller.drift.ingest import ingest_batch
 from tests.drift.conftest import Served, inference_record, iris, sketch_record
 from tests.drift.png import count_colour, read_png
-from tests.support.services import require
+from tests.support.chromium import Browser, chromium
 
 
 @pytest.fixture(scope="module")
@@ -160,53 +158,98 @@ def test_cli_drift_show_json_and_table(served: Served) -> None:
     assert res.exit_code == 1 and "window_shorter_than_bucket" in res.output, res.output
 
 
-def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    require(exe is not None, "chromium is not installed (apt-get install chromium)")
-    assert exe is not None
-    cmd = [
-        exe,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        f"--user-data-dir={tmp / 'chromium'}",
-        "--hide-scrollbars",
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
+def _sign_in(b: Browser, url: str, token: str, then: str) -> None:
+    """Sign in through the dashboard's form, as a person would, and land on ``then``."""
+    b.goto(f"{url}{then}")  # not signed in: the page answers with the sign-in form
+    b.wait_for("document.querySelector('input[name=token]') !== null")
+    b.eval(
+        f"document.querySelector('input[name=token]').value = {json.dumps(token)};"
+        "document.querySelector('form[action=\"/dashboard/login\"]').submit()"
+    )
+    b.wait_for(f"location.pathname + location.search === {json.dumps(then)}")
 
 
 def test_drift_page_in_headless_chromium(served: Served, tmp_path: Path) -> None:
-    url = f"{served.url}/dashboard/drift/iris?hours=3&token={served.viewer}"
-    dom = _chromium(["--dump-dom", url], tmp_path).stdout
-    assert "Drift: iris" in dom and 'class="badge drift"' in dom
-    assert 'class="feature drifted" data-feature="X[2]"' in dom
-    assert dom.count('class="timeline"') == 1 and dom.count('class="alarm"') == 2
-    assert "outside the reference range:" in dom and "detects with 80 % power at n=" in dom
-    shot = tmp_path / "drift.png"
-    _chromium([f"--screenshot={shot}", "--window-size=1280,1400", url], tmp_path)
+    with chromium(tmp_path) as b:
+        _sign_in(b, served.url, served.viewer, "/dashboard/drift/iris?hours=3")
+        dom = b.dom()
+        assert "Drift: iris" in dom and 'class="badge drift"' in dom
+        assert 'class="feature drifted" data-feature="X[2]"' in dom
+        assert dom.count('class="timeline"') == 1 and dom.count('class="alarm"') == 2
+        assert "outside the reference range:" in dom and "detects with 80 % power at n=" in dom
+        shot = tmp_path / "drift.png"
+        b.screenshot(shot, 1280, 1400)
     img = read_png(shot)
     assert count_colour(img, svg.REFERENCE) > 2000  # reference bars drawn
     assert count_colour(img, svg.LIVE) > 2000  # live bars drawn
     assert count_colour(img, svg.DRIFT) > 300  # the drifted feature's frame and alarm dots
 
 
-def test_fleet_and_rollouts_pages_in_headless_chromium(served: Served, tmp_path: Path) -> None:
-    dom = _chromium(["--dump-dom", f"{served.url}/dashboard/?token={served.viewer}"], tmp_path)
-    assert "3 devices, 3 online" in dom.stdout
-    assert "gw-3" in dom.stdout and "south" in dom.stdout
-    dom = _chromium(
-        ["--dump-dom", f"{served.url}/dashboard/rollouts?token={served.viewer}"], tmp_path
+def test_sign_in_form_sets_an_httponly_strict_cookie_and_sign_out_clears_it(
+    served: Served, tmp_path: Path
+) -> None:
+    with chromium(tmp_path) as b:
+        b.goto(f"{served.url}/dashboard/")
+        assert "Sign in" in b.dom() and "3 devices" not in b.dom()
+        # a wrong token: the form again, with the reason, and no cookie
+        b.eval(
+            "document.querySelector('input[name=token]').value = 'eft_wrong';"
+            "document.querySelector('form[action=\"/dashboard/login\"]').submit()"
+        )
+        b.wait_for("document.body.innerText.includes('Unknown, revoked')")
+        assert not [c for c in b.cookies() if c["name"] == "edgefleet_token"]
+        _sign_in(b, served.url, served.viewer, "/dashboard/")
+        dom = b.dom()
+        assert "3 devices, 3 online" in dom and "gw-3" in dom and "south" in dom
+        assert served.viewer not in b.eval("location.href")  # no token in any URL
+        assert b.eval("document.cookie") == ""  # HttpOnly: scripts cannot read it
+        (cookie,) = [c for c in b.cookies() if c["name"] == "edgefleet_token"]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert cookie["value"] == served.viewer and cookie["path"] == "/dashboard"
+        b.goto(f"{served.url}/dashboard/rollouts")  # the cookie carries over
+        assert "<h1>Rollouts</h1>" in b.dom()
+        b.eval("document.querySelector('form.signout').submit()")
+        b.wait_for("location.pathname === '/dashboard/login'")
+        assert not [c for c in b.cookies() if c["name"] == "edgefleet_token"]
+        b.goto(f"{served.url}/dashboard/rollouts")
+        assert "<h1>Sign in</h1>" in b.dom()
+
+
+def test_dashboard_ignores_a_token_in_the_url(served: Served) -> None:
+    denied = httpx.get(served.url + "/dashboard/", params={"token": served.viewer}, timeout=30)
+    assert denied.status_code == 401 and 'action="/dashboard/login"' in denied.text
+    assert "set-cookie" not in denied.headers
+    # the form's target after sign-in is a dashboard path, never another site
+    for evil in ("https://evil.example/", "//evil.example/dashboard", "/dashboard\\x"):
+        r = httpx.post(
+            served.url + "/dashboard/login",
+            data={"token": served.viewer, "next": evil},
+            timeout=30,
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard/", evil
+    r = httpx.post(served.url + "/dashboard/login", data={"token": "nope"}, timeout=30)
+    assert r.status_code == 401 and "set-cookie" not in r.headers
+
+
+def test_api_docs_are_served_offline(served: Served) -> None:
+    page = httpx.get(served.url + "/docs", timeout=30)
+    assert page.status_code == 200
+    assert (
+        "cdn" not in page.text.lower()
+        and "http://" not in page.text.replace(served.url, "")
+        and "https://" not in page.text
     )
-    assert "Rollouts" in dom.stdout
-    denied = httpx.get(served.url + "/dashboard/", timeout=30)
-    assert denied.status_code == 401 and "viewer token" in denied.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        r = httpx.get(f"{served.url}/docs/assets/{asset}", timeout=30)
+        assert r.status_code == 200 and len(r.content) > 10_000, asset
+    assert httpx.get(served.url + "/redoc", timeout=30).status_code == 404  # ReDoc needs a CDN
 
 
 def test_drift_page_shows_range_counts_and_what_the_reference_can_detect(served: Served) -> None:
     page = httpx.get(
-        f"{served.url}/dashboard/drift/iris", params={"hours": "3", "token": served.viewer}
+        f"{served.url}/dashboard/drift/iris",
+        params={"hours": "3"},
+        headers={"Authorization": f"Bearer {served.viewer}"},
     )
     assert page.status_code == 200
     assert "outside the reference range: 0 below, " in page.text
