@@ -148,3 +148,15 @@ class DeviceSeqFloor(Base):
     floor: Mapped[int] = mapped_column(BigInteger)
     reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     resynced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ControllerLease(Base):
+    """The leader's lease (`cloud_controller.leader`): who holds it, until when (database
+    time), and the fencing epoch, raised by one on every change of holder."""
+
+    __tablename__ = "controller_leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    acquired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -21,6 +21,15 @@ class Settings:
     db_url: str | None = None
     broker_url: str | None = None
     mqtt_client_id: str = "edgefleet-controller"  # persistent session: QoS 1 kept while away
+    # Replicas (docs/controller.md, Replicas): a stable id per replica names its lease and its
+    # MQTT client (`<mqtt_client_id>-<replica_id>`); unset: host name + pid, and the MQTT
+    # client id is `mqtt_client_id` alone (one controller).
+    replica_id: str | None = None
+    # Device reports through `$share/edgefleet/...` (Mosquitto 2; off for brokers without
+    # shared subscriptions, e.g. NATS's MQTT 3.1.1): each report reaches one replica.
+    shared_subscriptions: bool = True
+    lease_ttl_s: float = 5.0  # the leader's lease (PostgreSQL); failover within ttl + renew
+    lease_renew_s: float = 1.0
     packages_dir: Path | None = None
     signing_key: Path | None = None
     signing_key_passphrase: str | None = None
@@ -41,6 +50,13 @@ class Settings:
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{self.data_dir / 'controller.db'}"
+
+    @property
+    def bridge_client_id(self) -> str:
+        """The MQTT client id: distinct per replica, stable across its restarts."""
+        if self.replica_id:
+            return f"{self.mqtt_client_id}-{self.replica_id}"
+        return self.mqtt_client_id
 
     @property
     def package_dir(self) -> Path:
@@ -64,6 +80,9 @@ class Settings:
             ("DB", str),
             ("BROKER", str),
             ("MQTT_CLIENT_ID", str),
+            ("REPLICA_ID", str),
+            ("LEASE_TTL_S", float),
+            ("LEASE_RENEW_S", float),
             ("PACKAGES", Path),
             ("SIGNING_KEY", Path),
             ("SIGNING_KEY_PASSPHRASE", str),
@@ -82,6 +101,9 @@ class Settings:
                     "PACKAGES": "packages_dir",
                 }.get(name, name.lower())
                 updates[key] = conv(value)
+        shared = env.get(ENV_PREFIX + "SHARED_SUBSCRIPTIONS")
+        if shared:
+            updates["shared_subscriptions"] = shared.strip().lower() not in ("0", "false", "no")
         trusted = env.get(ENV_PREFIX + "TRUSTED_KEYS")
         if trusted:
             updates["trusted_keys"] = tuple(Path(p) for p in trusted.split(os.pathsep) if p)

@@ -60,8 +60,21 @@ def serve(
         [], "--trusted-key", help="Packager public key to accept uploads from (repeatable)."
     ),
     public_url: str = typer.Option(None, "--public-url", help="Base URL devices download from."),
+    replica_id: str = typer.Option(
+        None,
+        "--replica-id",
+        help="This replica's stable id (lease holder, MQTT client id suffix); "
+        "default: host name and pid.",
+    ),
+    shared_subscriptions: bool = typer.Option(
+        None,
+        "--shared-subscriptions/--no-shared-subscriptions",
+        help="Read device reports through $share/edgefleet/... (default on; off for brokers "
+        "without MQTT shared subscriptions, e.g. NATS).",
+    ),
 ) -> None:
-    """Run the controller (API, MQTT bridge, rollout engine) until interrupted."""
+    """Run the controller (API, MQTT bridge, rollout engine) until interrupted. Any number of
+    replicas may share one PostgreSQL database: one leads the rollouts, all serve the API."""
     import uvicorn
 
     from edgefleet.cloud_controller.app import create_app
@@ -75,6 +88,8 @@ def serve(
         port=port,
         public_url=public_url,
         trusted_keys=tuple(trusted_key) or None,
+        replica_id=replica_id,
+        shared_subscriptions=shared_subscriptions,
     )
     app = create_app(s)
     console.print(
