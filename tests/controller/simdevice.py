@@ -12,6 +12,7 @@ controller's ack, handed out again after ``resend_after_s`` of connected time wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import threading
@@ -60,6 +61,8 @@ class SimDevice:
         self.rejected: list[str] = []
         self.replays = 0
         self.seen_desired = 0
+        self.desired_by_seq: dict[int, set[str]] = {}  # seq -> digests of its envelopes
+        self.conflicts = 0  # desired states that differed from another of the same seq
         self.hold = hold  # keep desired states until release(): a device that is slow to act
         self.held: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -109,10 +112,7 @@ class SimDevice:
 
     def telemetry(self, n: int) -> list[int]:
         """Queue ``n`` telemetry records (kind ``system``); their record ids."""
-        ids = [
-            self.telemetry_box.append({"kind": "system", "cpu_percent": 1.0, "at": time.time()})
-            for _ in range(n)
-        ]
+        ids = [self.telemetry_box.append({"kind": "system", "cpu_percent": 1.0}) for _ in range(n)]
         self._jobs.put(None)
         return ids
 
@@ -182,6 +182,7 @@ class SimDevice:
             self._jobs.put(bytes(msg.payload))
             return
         with self._lock:
+            self._note_desired(bytes(msg.payload))
             try:
                 state = verify_desired(
                     msg.payload, [self.key], device_id=self.device_id, last_seq=self.last_seq
@@ -207,6 +208,17 @@ class SimDevice:
                 self.held.append(entry)
                 return
             self._act(entry)
+
+    def _note_desired(self, raw: bytes) -> None:
+        """Every verified desired state by seq: two different ones under one seq conflict."""
+        try:
+            state = verify_desired(raw, [self.key], device_id=self.device_id, last_seq=None)
+        except RejectError:
+            return
+        seen = self.desired_by_seq.setdefault(state["seq"], set())
+        seen.add(hashlib.sha256(raw).hexdigest())
+        if len(seen) > 1:
+            self.conflicts += 1
 
     def release(self) -> int:
         """Act on the held desired states now; returns how many."""
