@@ -94,6 +94,7 @@ class Controller:
                 service,
                 client_id=settings.bridge_client_id,
                 shared=settings.shared_subscriptions,
+                acks=settings.acks,
                 max_bytes={
                     "presence": settings.max_presence_bytes,
                     "status": settings.max_status_bytes,

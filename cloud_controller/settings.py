@@ -28,6 +28,9 @@ class Settings:
     # Device reports through `$share/edgefleet/...` (Mosquitto 2; off for brokers without
     # shared subscriptions, e.g. NATS's MQTT 3.1.1): each report reaches one replica.
     shared_subscriptions: bool = True
+    # Acknowledge every committed report to its device on .../ack (docs/fleet.md); agents
+    # release outbox records only on it. Off only to measure or for brokers that forbid it.
+    acks: bool = True
     lease_ttl_s: float = 5.0  # the leader's lease (PostgreSQL); failover within ttl + renew
     lease_renew_s: float = 1.0
     packages_dir: Path | None = None
@@ -101,9 +104,10 @@ class Settings:
                     "PACKAGES": "packages_dir",
                 }.get(name, name.lower())
                 updates[key] = conv(value)
-        shared = env.get(ENV_PREFIX + "SHARED_SUBSCRIPTIONS")
-        if shared:
-            updates["shared_subscriptions"] = shared.strip().lower() not in ("0", "false", "no")
+        for flag in ("SHARED_SUBSCRIPTIONS", "ACKS"):
+            value = env.get(ENV_PREFIX + flag)
+            if value:
+                updates[flag.lower()] = value.strip().lower() not in ("0", "false", "no")
         trusted = env.get(ENV_PREFIX + "TRUSTED_KEYS")
         if trusted:
             updates["trusted_keys"] = tuple(Path(p) for p in trusted.split(os.pathsep) if p)
