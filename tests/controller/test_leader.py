@@ -130,3 +130,41 @@ def test_takeover_waits_for_the_leaders_open_write(
         assert not took.wait(1.0), "the takeover did not wait for the open fenced write"
     t.join(10)
     assert took.is_set() and b.epoch() == 2
+
+
+def test_deposed_leaders_rollout_tick_is_refused(postgres_url: str) -> None:
+    """The ticker's own writes: after a takeover, the old leader's tick changes nothing and
+    publishes nothing; the new leader's tick goes on."""
+    from edgefleet.cloud_controller.models import Rollout
+    from tests.controller.test_rollout_service import SPEC, Clock, seeded_store, service
+
+    with pg_schema(postgres_url) as url:
+        factory = seeded_store(url)
+        a = LeaseElector(factory, "a", ttl_s=30, renew_s=1)
+        b = LeaseElector(factory, "b", ttl_s=30, renew_s=1)
+        assert a.step()
+        clock = Clock()
+        old, old_sent = service(factory, clock)
+        old.fence, old.may_publish = a.fence, a.is_leader
+        st = old.create({**SPEC, "waves": [50, 100], "device_timeout_s": 10}, "t")
+        rid = st.spec.rollout_id
+        _expire(factory)
+        assert b.step()
+        new, _ = service(factory, clock)
+        new.fence, new.may_publish = b.fence, b.is_leader
+        with factory() as s:
+            row = s.get(Rollout, rid)
+            assert row is not None
+            before = row.revision
+        clock.now += 60  # wave 1 times out: a tick has work to write
+        published = len(old_sent)
+        with pytest.raises(Fenced):
+            old.tick()
+        with factory() as s:
+            row = s.get(Rollout, rid)
+            assert row is not None and row.revision == before
+        assert len(old_sent) == published
+        new.tick()
+        with factory() as s:
+            row = s.get(Rollout, rid)
+            assert row is not None and row.revision > before
