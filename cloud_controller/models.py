@@ -81,7 +81,8 @@ class DesiredState(Base):
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     envelope: Mapped[bytes] = mapped_column(LargeBinary)
-    published: Mapped[bool] = mapped_column(Boolean, default=False)
+    # False until the leader handed this seq to the broker (`RolloutService.publish_pending`)
+    published: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
 
 
 class Package(Base):

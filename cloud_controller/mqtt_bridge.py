@@ -330,13 +330,17 @@ class MqttBridge:
                 reports += r
                 drops += dr
                 committed.append(d)
-        self._ack(committed)
         for reason in drops:
             self.stats.drop(reason)
-        if stale:
-            self._resync(stale, now)
-        if reports:
-            self._rollouts.on_status(reports)
+        try:
+            if stale:
+                self._resync(stale, now)
+            if reports:
+                self._rollouts.on_status(reports)
+        finally:
+            # after the rollouts took the reports too: a replica that dies before this point
+            # leaves them unacknowledged, and the devices send them again
+            self._ack(committed)
 
     def _resync(self, device_ids: set[str], now: datetime) -> None:
         """Devices that hold a higher desired seq than the controller (its database went

@@ -1,4 +1,5 @@
-"""The leader's lease row (controller replicas on PostgreSQL: election and fencing epoch).
+"""The leader's lease row (controller replicas on PostgreSQL: election and fencing epoch), and
+an index on desired_states.published (the leader publishes what followers committed).
 
 Revision ID: 0007_leader
 Revises: 0005_hardening
@@ -24,7 +25,9 @@ def upgrade() -> None:
         sa.Column("expires_at", TS, nullable=False),
         sa.Column("acquired_at", TS, nullable=True),
     )
+    op.create_index("ix_desired_states_published", "desired_states", ["published"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_desired_states_published", table_name="desired_states")
     op.drop_table("controller_leases")
