@@ -141,6 +141,11 @@ class MqttBridge:
         self.max_bytes = {**MAX_MESSAGE_BYTES, **(max_bytes or {})}
         self._signer = signer  # to continue a device's sequence above what it holds
         self.shared = shared  # $share/edgefleet/... subscriptions (replicas split the reports)
+        # Whether the broker delivers shared subscriptions: None until the probe message (sent
+        # on each connect while unknown) comes back through one, False after it did not.
+        self.shared_works: bool | None = None
+        self.probe_timeout_s = 5.0
+        self._probe_id = uuid.uuid4().hex[:12]
         self.acks = acks  # acknowledge every committed report to its device
         self.address = BrokerAddress.parse(broker_url)
         self._factory = factory
@@ -203,7 +208,7 @@ class MqttBridge:
         """Publish every desired state again (the worker; the leader only)."""
         self._queue.put(("", "republish", b""))
 
-    def subscriptions(self) -> list[str]:
+    def subscriptions(self, shared_filters: bool = False) -> list[str]:
         """The device-report filters: status and telemetry shared (`$share/edgefleet/…`)
         unless turned off. Presence is retained, and a shared subscription gets no retained
         messages (MQTT 5, 4.8.2): every replica reads every presence (a state: writing it
@@ -211,9 +216,45 @@ class MqttBridge:
         from edgefleet.wire.mqtt import SHARE_GROUP, subscription
 
         reports = [subscription(k) for k in ("status", "telemetry")]
-        if self.shared:
+        if self.shared and (shared_filters or self.shared_works is not False):
             reports = [f"$share/{SHARE_GROUP}/{f}" for f in reports]
         return [*reports, subscription("presence")]
+
+    @property
+    def _probe_topic(self) -> str:
+        from edgefleet.wire.mqtt import TOPIC_PREFIX
+
+        return f"{TOPIC_PREFIX}/controllers/{self._probe_id}/probe"
+
+    def _probe(self, client: Any) -> None:
+        """Find out whether shared subscriptions work here: subscribe to a probe topic through
+        one and publish to it. Brokers without them (amqtt; NATS's MQTT 3.1.1) take the
+        `$share/…` filter as a plain topic name and deliver nothing: after
+        ``probe_timeout_s`` the bridge falls back to plain subscriptions (each replica then
+        reads every report; the database still stores each once, and what a device sent in
+        the meantime comes again, unacknowledged)."""
+        from edgefleet.wire.mqtt import SHARE_GROUP
+
+        client.subscribe(f"$share/{SHARE_GROUP}/{self._probe_topic}", qos=1)
+        client.publish(self._probe_topic, b"probe", qos=1)
+        timer = threading.Timer(self.probe_timeout_s, self._probe_expired, args=(client,))
+        timer.daemon = True
+        timer.start()
+
+    def _probe_expired(self, client: Any) -> None:
+        if self.shared_works is not None or self._stop.is_set():
+            return
+        from edgefleet.wire.mqtt import SHARE_GROUP
+
+        self.shared_works = False
+        log.error(
+            "the broker delivers nothing through shared subscriptions ($share/...): plain "
+            "subscriptions instead, every replica reads every report "
+            "(turn them off: --no-shared-subscriptions)"
+        )
+        shared = [f for f in self.subscriptions(shared_filters=True) if f.startswith("$share/")]
+        client.unsubscribe([*shared, f"$share/{SHARE_GROUP}/{self._probe_topic}"])
+        client.subscribe([(f, 1) for f in self.subscriptions()])
 
     def idle(self) -> bool:
         """True when every received message has been processed (tests, benchmarks)."""
@@ -226,6 +267,8 @@ class MqttBridge:
             log.error("broker refused the controller: %s", reason)
             return
         client.subscribe([(f, 1) for f in self.subscriptions()])
+        if self.shared and self.shared_works is None:
+            self._probe(client)
         self.stats.connected = True
         self._queue.put(("", "republish", b""))
 
@@ -235,6 +278,10 @@ class MqttBridge:
     def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
         from edgefleet.wire.mqtt import parse_topic
 
+        if msg.topic == self._probe_topic:
+            if self.shared_works is None:
+                self.shared_works = True
+            return
         parsed = parse_topic(msg.topic)
         if parsed is None or parsed[1] in ("desired", "ack"):
             self.stats.drop("unknown_topic")
