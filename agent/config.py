@@ -100,6 +100,10 @@ class MqttConfig:
     key_file: Path | None = None
     client_id: str | None = None
     keepalive_s: int = 30
+    # When a report leaves the outbox (docs/fleet.md, Acknowledgements): "on" only on the
+    # controller's ack (after its database commit); "off" on the broker's PUBACK (controllers
+    # that never ack); "auto" on PUBACK until the first ack arrives, then "on" for good.
+    controller_acks: str = "auto"
 
 
 @dataclass
@@ -301,6 +305,10 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
     except ids.IdentifierError as e:
         raise ConfigError(f"revoked_key_ids: {e}") from e
     _check_probation(cfg.probation)
+    if cfg.mqtt.controller_acks not in ("auto", "on", "off"):
+        raise ConfigError(
+            f"mqtt.controller_acks: expected auto, on or off, got {cfg.mqtt.controller_acks!r}"
+        )
     if cfg.swap.mode not in ("auto", "overlap", "unload_first"):
         raise ConfigError(
             f"swap.mode: expected auto, overlap or unload_first, got {cfg.swap.mode!r}"

@@ -238,6 +238,15 @@ class _Metrics:
         for phase, n in phases.items():
             r.add_metric([str(phase)], float(n))
         yield r
+        el = self.ctl.elector
+        if el is not None:
+            lg = GaugeMetricFamily(
+                "edgefleet_controller_leader",
+                "1 on the replica that leads rollouts",
+                labels=["replica"],
+            )
+            lg.add_metric([el.replica_id], 1.0 if el.is_leader() else 0.0)
+            yield lg
         b = self.ctl.bridge
         if b is not None:
             m = CounterMetricFamily(
@@ -317,6 +326,7 @@ def create_app(settings: Settings, controller: Controller | None = None) -> Fast
             "ok": True,
             "broker_connected": ctl.bridge.stats.connected if ctl.bridge else None,
             "active_rollouts": len(ctl.rollouts.active_ids()),
+            **ctl.leader_status(),
         }
 
     @app.get("/metrics")

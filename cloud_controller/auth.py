@@ -204,6 +204,7 @@ def mosquitto_acl(controller_user: str = CONTROLLER_MQTT_USER) -> str:
             "",
             "# every other user is a device whose username is its device id",
             f"pattern read {dev}/desired",
+            f"pattern read {dev}/ack",  # the controller's acknowledgements (wire.mqtt)
             f"pattern write {dev}/status",
             f"pattern write {dev}/telemetry",
             f"pattern write {dev}/presence",

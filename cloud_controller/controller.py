@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from edgefleet.cloud_controller import db, pki
 from edgefleet.cloud_controller.desired import Signer
+from edgefleet.cloud_controller.leader import AlwaysLeader, Elector, LeaseElector
 from edgefleet.cloud_controller.mqtt_bridge import MqttBridge
 from edgefleet.cloud_controller.rollouts import RolloutService
 from edgefleet.cloud_controller.settings import Settings
@@ -93,6 +94,7 @@ class Controller:
     trusted_keys: list[ec.EllipticCurvePublicKey]
     rollouts: RolloutService
     bridge: MqttBridge | None = None
+    elector: Elector | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _ticker: threading.Thread | None = None
 
@@ -105,12 +107,30 @@ class Controller:
         settings.package_dir.mkdir(parents=True, exist_ok=True)
         service = RolloutService(factory, signer, settings.base_url)
         ctl = cls(settings, engine, factory, signer, load_trusted_keys(settings), service)
+        from edgefleet.cloud_controller.leader import default_replica_id
+        from edgefleet.wire import ids
+
+        replica = ids.replica_id(settings.replica_id or default_replica_id())
+        if engine.dialect.name == "postgresql":
+            ctl.elector = LeaseElector(
+                factory,
+                replica,
+                ttl_s=settings.lease_ttl_s,
+                renew_s=settings.lease_renew_s,
+                on_change=ctl._on_leadership,
+            )
+        else:  # SQLite: one process, always the leader
+            ctl.elector = AlwaysLeader(replica)
+        service.fence = ctl.elector.fence
+        service.may_publish = ctl.elector.is_leader
         if settings.broker_url:
             ctl.bridge = MqttBridge(
                 settings.broker_url,
                 factory,
                 service,
-                client_id=settings.mqtt_client_id,
+                client_id=settings.bridge_client_id,
+                shared=settings.shared_subscriptions,
+                acks=settings.acks,
                 max_bytes={
                     "presence": settings.max_presence_bytes,
                     "status": settings.max_status_bytes,
@@ -231,9 +251,40 @@ class Controller:
             log.warning("continued the desired-state sequence of %d device(s)", len(rows))
         return len(rows)
 
+    @property
+    def is_leader(self) -> bool:
+        return self.elector is None or self.elector.is_leader()
+
+    def leader_status(self) -> dict[str, object]:
+        """For /healthz: this replica, whether it leads, its fencing epoch."""
+        el = self.elector
+        if el is None:
+            return {"replica_id": None, "leader": True, "epoch": None}
+        return {"replica_id": el.replica_id, "leader": el.is_leader(), "epoch": el.epoch()}
+
+    def _on_leadership(self, leader: bool) -> None:
+        """The elector's thread, on each change: a new leader reloads every rollout (a
+        follower's copy may be behind) and publishes again every desired state, so what the
+        previous leader left unpublished goes out."""
+        if not leader:
+            return
+        try:
+            self.rollouts.load()
+        except Exception:
+            log.exception("reloading rollouts on taking the lead failed")
+        if self.bridge is not None:
+            self.bridge.request_republish()
+
     def start(self) -> None:
         self.recover_seq_high()
         self.resync_stale()
+        if self.elector is not None:
+            if isinstance(self.elector, LeaseElector):
+                try:
+                    self.elector.step()  # one round now: a lone replica leads from its start
+                except Exception:
+                    log.exception("first leader election round failed")
+            self.elector.start()
         self.persist_seq_high()
         if self.bridge is not None:
             self.bridge.start()
@@ -247,6 +298,8 @@ class Controller:
             self._ticker.join(10)
         if self.bridge is not None:
             self.bridge.stop()
+        if self.elector is not None:
+            self.elector.stop()
         try:
             self.persist_seq_high()
         except Exception:
@@ -254,9 +307,22 @@ class Controller:
         self.engine.dispose()
 
     def _tick_loop(self) -> None:
+        """The leader advances rollouts and publishes what followers committed; a follower
+        only keeps its copy of the rollouts current (it serves the API and ingests)."""
+        from edgefleet.cloud_controller.leader import Fenced
+
         while not self._stop.wait(self.settings.tick_s):
+            if not self.is_leader:
+                try:
+                    self.rollouts.sync()
+                except Exception:
+                    log.exception("rollout sync failed")
+                continue
             try:
                 self.rollouts.tick()
+                self.rollouts.publish_pending()
+            except Fenced as e:
+                log.warning("rollout tick refused: %s", e)
             except Exception:
                 log.exception("rollout tick failed")
             try:

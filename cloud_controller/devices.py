@@ -17,6 +17,31 @@ from edgefleet.wire.presence import InstalledModel, Presence
 from edgefleet.wire.presence import parse as parse_presence
 
 
+def ensure_rows(session: Session, device_ids: list[str]) -> None:
+    """PostgreSQL: an inventory row for each of these (checked) ids, created if absent without
+    failing when another replica creates it at the same moment (``ON CONFLICT DO NOTHING``)."""
+    if not device_ids:
+        return
+    from sqlalchemy.dialects import postgresql
+
+    rows = [
+        {
+            "id": ids.device_id(d),
+            "registered": False,
+            "groups": [],
+            "tags": [],
+            "online": False,
+            "execution_providers": [],
+            "profiles": [],
+            "hardware": {},
+            "installed": {},
+            "recent_status_seqs": [],
+        }
+        for d in device_ids
+    ]
+    session.execute(postgresql.insert(Device).values(rows).on_conflict_do_nothing())
+
+
 def get_or_create(session: Session, device_id: str) -> Device:
     dev = session.get(Device, device_id)
     if dev is None:

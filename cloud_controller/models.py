@@ -84,7 +84,8 @@ class DesiredState(Base):
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     envelope: Mapped[bytes] = mapped_column(LargeBinary)
-    published: Mapped[bool] = mapped_column(Boolean, default=False)
+    # False until the leader handed this seq to the broker (`RolloutService.publish_pending`)
+    published: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
 
 
 class Package(Base):
@@ -183,3 +184,15 @@ class DeviceCertificate(Base):
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     not_after: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ControllerLease(Base):
+    """The leader's lease (`cloud_controller.leader`): who holds it, until when (database
+    time), and the fencing epoch, raised by one on every change of holder."""
+
+    __tablename__ = "controller_leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    acquired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

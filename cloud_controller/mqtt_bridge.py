@@ -4,6 +4,12 @@ paho's network thread only queues messages; one worker thread drains the queue i
 transaction per batch, so thousands of status messages a second do not mean thousands of
 commits. On every (re)connect the current desired state of every device is published again
 (retained, same seq), so a broker that lost its retained messages is repaired.
+
+Replicas (docs/controller.md, Replicas): device reports come through MQTT shared subscriptions
+(``$share/edgefleet/...``) so that each reaches one replica; desired states are published by
+the leader only (`RolloutService.may_publish`). After each batch's transaction commits, every
+message in it is acknowledged to its device on ``.../ack`` (`wire.mqtt.encode_ack`): the agent
+keeps a report in its outbox until then, so nothing is lost whatever the broker's sessions keep.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from edgefleet.cloud_controller import desired, devices
 from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import transaction
 from edgefleet.cloud_controller.desired import Signer
-from edgefleet.cloud_controller.models import DesiredState, Device
+from edgefleet.cloud_controller.models import Device
 from edgefleet.cloud_controller.rollouts import RolloutService
 from edgefleet.wire import ids
 from edgefleet.wire.message import MessageError, loads_bounded
@@ -85,6 +91,7 @@ class BridgeStats:
     )
     dropped: dict[str, int] = field(default_factory=dict)
     published: int = 0
+    acks: int = 0  # ack messages sent to devices (each acknowledges one or more reports)
     connected: bool = False
     stale_sequence: int = 0  # reports of a device holding a newer desired seq than ours
 
@@ -136,6 +143,8 @@ class MqttBridge:
         max_bytes: dict[str, int] | None = None,
         signer: Signer | None = None,
         tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None),
+        shared: bool = True,
+        acks: bool = True,
     ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
@@ -143,6 +152,13 @@ class MqttBridge:
         self.batch_size = batch_size
         self.max_bytes = {**MAX_MESSAGE_BYTES, **(max_bytes or {})}
         self._signer = signer  # to continue a device's sequence above what it holds
+        self.shared = shared  # $share/edgefleet/... subscriptions (replicas split the reports)
+        # Whether the broker delivers shared subscriptions: None until the probe message (sent
+        # on each connect while unknown) comes back through one, False after it did not.
+        self.shared_works: bool | None = None
+        self.probe_timeout_s = 5.0
+        self._probe_id = uuid.uuid4().hex[:12]
+        self.acks = acks  # acknowledge every committed report to its device
         self.address = BrokerAddress.parse(broker_url)
         self._factory = factory
         self._rollouts = rollouts
@@ -151,11 +167,15 @@ class MqttBridge:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         # A fixed client id with a persistent session: the broker keeps the QoS 1 status
-        # messages devices send while the controller restarts, so no count is lost.
+        # messages devices send while the controller restarts. Not with shared subscriptions:
+        # Mosquitto goes on queueing a share of the reports for a member that is away (a
+        # replica killed for good would hold its share forever), so a replica's session ends
+        # with its connection and the reports go to the live ones; what was in flight to a
+        # replica that died is sent again by the agent, which keeps it until the ack.
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id or f"edgefleet-controller-{uuid.uuid4().hex[:8]}",
-            clean_session=client_id is None,
+            clean_session=client_id is None or shared,
         )
         if self.address.username:
             self._client.username_pw_set(self.address.username, self.address.password)
@@ -223,6 +243,58 @@ class MqttBridge:
             log.warning("could not take over the session of %s: %s", client_id, e)
             return False
 
+    def request_republish(self) -> None:
+        """Publish every desired state again (the worker; the leader only)."""
+        self._queue.put(("", "republish", b""))
+
+    def subscriptions(self, shared_filters: bool = False) -> list[str]:
+        """The device-report filters: status and telemetry shared (`$share/edgefleet/…`)
+        unless turned off. Presence is retained, and a shared subscription gets no retained
+        messages (MQTT 5, 4.8.2): every replica reads every presence (a state: writing it
+        twice changes nothing), so a replica that starts learns the fleet as it is."""
+        from edgefleet.wire.mqtt import SHARE_GROUP, subscription
+
+        reports = [subscription(k) for k in ("status", "telemetry")]
+        if self.shared and (shared_filters or self.shared_works is not False):
+            reports = [f"$share/{SHARE_GROUP}/{f}" for f in reports]
+        return [*reports, subscription("presence")]
+
+    @property
+    def _probe_topic(self) -> str:
+        from edgefleet.wire.mqtt import TOPIC_PREFIX
+
+        return f"{TOPIC_PREFIX}/controllers/{self._probe_id}/probe"
+
+    def _probe(self, client: Any) -> None:
+        """Find out whether shared subscriptions work here: subscribe to a probe topic through
+        one and publish to it. Brokers without them (amqtt; NATS's MQTT 3.1.1) take the
+        `$share/…` filter as a plain topic name and deliver nothing: after
+        ``probe_timeout_s`` the bridge falls back to plain subscriptions (each replica then
+        reads every report; the database still stores each once, and what a device sent in
+        the meantime comes again, unacknowledged)."""
+        from edgefleet.wire.mqtt import SHARE_GROUP
+
+        client.subscribe(f"$share/{SHARE_GROUP}/{self._probe_topic}", qos=1)
+        client.publish(self._probe_topic, b"probe", qos=1)
+        timer = threading.Timer(self.probe_timeout_s, self._probe_expired, args=(client,))
+        timer.daemon = True
+        timer.start()
+
+    def _probe_expired(self, client: Any) -> None:
+        if self.shared_works is not None or self._stop.is_set():
+            return
+        from edgefleet.wire.mqtt import SHARE_GROUP
+
+        self.shared_works = False
+        log.error(
+            "the broker delivers nothing through shared subscriptions ($share/...): plain "
+            "subscriptions instead, every replica reads every report "
+            "(turn them off: --no-shared-subscriptions)"
+        )
+        shared = [f for f in self.subscriptions(shared_filters=True) if f.startswith("$share/")]
+        client.unsubscribe([*shared, f"$share/{SHARE_GROUP}/{self._probe_topic}"])
+        client.subscribe([(f, 1) for f in self.subscriptions()])
+
     def idle(self) -> bool:
         """True when every received message has been processed (tests, benchmarks)."""
         return self._queue.unfinished_tasks == 0
@@ -233,9 +305,9 @@ class MqttBridge:
         if getattr(reason, "is_failure", False):
             log.error("broker refused the controller: %s", reason)
             return
-        from edgefleet.wire.mqtt import subscription
-
-        client.subscribe([(subscription(k), 1) for k in ("status", "presence", "telemetry")])
+        client.subscribe([(f, 1) for f in self.subscriptions()])
+        if self.shared and self.shared_works is None:
+            self._probe(client)
         self.stats.connected = True
         self._queue.put(("", "republish", b""))
 
@@ -245,8 +317,12 @@ class MqttBridge:
     def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
         from edgefleet.wire.mqtt import parse_topic
 
+        if msg.topic == self._probe_topic:
+            if self.shared_works is None:
+                self.shared_works = True
+            return
         parsed = parse_topic(msg.topic)
-        if parsed is None or parsed[1] == "desired":
+        if parsed is None or parsed[1] in ("desired", "ack"):
             self.stats.drop("unknown_topic")
             return
         self._queue.put((parsed[0], parsed[1], bytes(msg.payload)))
@@ -322,13 +398,14 @@ class MqttBridge:
             return
         now = datetime.now(UTC)
         stale: set[str] = set()
+        committed = decoded
         try:
             reports, drops = self._apply(decoded, now, stale)
         except Exception:
             # The batch's transaction failed (a row the database refuses): retry message by
             # message, each in its own transaction, so one bad message costs only itself.
             log.warning("mqtt batch of %d refused; applying message by message", len(decoded))
-            reports, drops = [], []
+            reports, drops, committed = [], [], []
             for d in decoded:
                 try:
                     r, dr = self._apply([d], now, stale)
@@ -338,12 +415,18 @@ class MqttBridge:
                     continue
                 reports += r
                 drops += dr
+                committed.append(d)
         for reason in drops:
             self.stats.drop(reason)
-        if stale:
-            self._resync(stale, now)
-        if reports:
-            self._rollouts.on_status(reports)
+        try:
+            if stale:
+                self._resync(stale, now)
+            if reports:
+                self._rollouts.on_status(reports)
+        finally:
+            # after the rollouts took the reports too: a replica that dies before this point
+            # leaves them unacknowledged, and the devices send them again
+            self._ack(committed)
 
     def _resync(self, device_ids: set[str], now: datetime) -> None:
         """Devices that hold a higher desired seq than the controller (its database went
@@ -362,10 +445,30 @@ class MqttBridge:
         except Exception:
             log.exception("resync of %s failed", sorted(device_ids))
             return
-        from edgefleet.wire.mqtt import topic
+        self._rollouts.publish_committed(rows)  # the leader only; else the leader's ticker
 
-        for row in rows:
-            self.publish(topic(row.device_id, "desired"), row.envelope)
+    def _ack(self, committed: list[Decoded]) -> None:
+        """Acknowledge to each device the reports of a committed transaction (stored, already
+        stored, or refused for good): the agent's outbox lets them go only on this."""
+        if not self.acks or not committed:
+            return
+        from edgefleet.wire.mqtt import acks_for, topic
+
+        status: dict[str, list[int]] = {}
+        telemetry: dict[str, list[int]] = {}
+        for d in committed:
+            if isinstance(d.parsed, StatusReport) and d.parsed.seq is not None:
+                status.setdefault(d.device_id, []).append(d.parsed.seq)
+            elif isinstance(d.parsed, TelemetryEnvelope):
+                telemetry.setdefault(d.device_id, []).extend(
+                    rid
+                    for rid in (r.get("id") for r in d.parsed.records)
+                    if isinstance(rid, int) and not isinstance(rid, bool)
+                )
+        for device_id in sorted(status.keys() | telemetry.keys()):
+            for payload in acks_for(status.get(device_id, []), telemetry.get(device_id, [])):
+                self._client.publish(topic(device_id, "ack"), payload, qos=1)
+                self.stats.acks += 1
 
     def _apply(
         self, decoded: list[Decoded], now: datetime, stale: set[str]
@@ -377,8 +480,14 @@ class MqttBridge:
         drops: list[str] = []
         with transaction(self._factory) as session, session.no_autoflush:
             ids_ = sorted({d.device_id for d in decoded})
-            # One query; held here so that get_or_create finds them in the identity map.
-            loaded = list(session.scalars(select(Device).where(Device.id.in_(ids_))))
+            # One query; held here so that get_or_create finds them in the identity map. On
+            # PostgreSQL the rows exist first and are locked in id order: replicas sharing the
+            # reports apply one device's reports one after the other (seq dedupe, installed).
+            locking = session.get_bind().dialect.name == "postgresql"
+            if locking:
+                devices.ensure_rows(session, ids_)
+            q = select(Device).where(Device.id.in_(ids_)).order_by(Device.id)
+            loaded = list(session.scalars(q.with_for_update() if locking else q))
             for d in decoded:
                 held = _held_seq(d.parsed)
                 if held is not None and devices.note_device_seq(session, d.device_id, held, now):
@@ -482,9 +591,5 @@ class MqttBridge:
         return drops
 
     def _republish_all(self) -> None:
-        with self._factory() as session:
-            rows = list(session.scalars(select(DesiredState)))
-        from edgefleet.wire.mqtt import topic
-
-        for row in rows:
-            self.publish(topic(row.device_id, "desired"), row.envelope)
+        """Every desired state again, retained, same seq (the leader only)."""
+        self._rollouts.republish_all()

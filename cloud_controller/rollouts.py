@@ -15,9 +15,9 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgefleet.cloud_controller import desired, devices, registry
@@ -177,7 +177,19 @@ class RolloutService:
         self._next_rev: dict[str, int] = {}
         self._last_refresh = 0.0
         self._last_sync = 0.0
+        # Controller replicas (`cloud_controller.leader`): the ticker's transactions begin with
+        # `fence` (refused once this replica is deposed), and desired states are published
+        # only while `may_publish` (the leader); a follower's rows wait, unpublished, for the
+        # leader's `publish_pending`.
+        self.fence: Callable[[Session], None] | None = None
+        self.may_publish: Callable[[], bool] = lambda: True
         self.load()
+
+    @property
+    def publish_lock(self) -> threading.RLock:
+        """Held around every desired-state publication, so that a state read earlier is
+        never published after a newer one."""
+        return self._lock
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -342,7 +354,10 @@ class RolloutService:
     def on_status(self, reports: Iterable[tuple[str, E.StatusReport | E.ShadowReport]]) -> None:
         """Status messages (model, report) from devices, already de-duplicated; one
         transaction for the whole batch."""
+        reports = list(reports)
         with self._lock:
+            if any(r.rollout_id and r.rollout_id not in self._active for _, r in reports):
+                self.sync()  # a rollout another replica created
             events: dict[str, list[E.Event]] = {}
             for model, rep in reports:
                 for rid, st in self._active.items():
@@ -365,12 +380,56 @@ class RolloutService:
                     rid: st for rid, st in self._active.items() if st.phase not in E.TERMINAL_PHASES
                 }
             if live:
-                self._step(live, None)
+                self._step(live, None, fenced=True)
             if now - self._last_refresh > 60:
                 self._last_refresh = now
                 with transaction(self._factory) as session:
+                    self._fence(session, True)
                     rows = desired.refresh_expiring(session, self._signer, _utc(now))
                 self._publish(rows)
+
+    def publish_pending(self, limit: int = 2000) -> int:
+        """Publish desired states committed but not yet published (by a follower replica, or
+        before a crash); how many. Only while `may_publish`."""
+        if self.publish is None:
+            return 0
+        with self._lock:
+            if not self.may_publish():
+                return 0
+            with self._factory() as session:
+                rows = list(
+                    session.scalars(
+                        select(DesiredState)
+                        .where(DesiredState.published.is_(False))
+                        .order_by(DesiredState.device_id)
+                        .limit(limit)
+                    )
+                )
+            self._publish(rows)
+            return len(rows)
+
+    def publish_committed(self, rows: Sequence[DesiredState]) -> None:
+        """Publish desired states committed elsewhere (the bridge's resync); the leader only,
+        else they wait for the leader's `publish_pending`."""
+        with self._lock:
+            self._publish(rows)
+
+    def republish_all(self) -> int:
+        """Every device's current desired state again (retained, same seq): on the bridge's
+        (re)connect and on taking the lead. The leader only; how many."""
+        if self.publish is None:
+            return 0
+        with self._lock:
+            if not self.may_publish():
+                return 0
+            with self._factory() as session:
+                rows = list(session.scalars(select(DesiredState)))
+            self._publish(rows)
+            return len(rows)
+
+    def _fence(self, session: Session, fenced: bool) -> None:
+        if fenced and self.fence is not None:
+            self.fence(session)
 
     def active_ids(self) -> list[str]:
         with self._lock:
@@ -382,11 +441,13 @@ class RolloutService:
         self,
         states: dict[str, E.RolloutState],
         events: E.Event | dict[str, list[E.Event]] | None,
+        *,
+        fenced: bool = False,
     ) -> dict[str, E.RolloutState]:
         """`_step_once`, again on fresh state when another replica got there first."""
         for _ in range(5):
             try:
-                return self._step_once(states, events)
+                return self._step_once(states, events, fenced=fenced)
             except _Stale as e:
                 fresh = self._reload(e.rollout_id)
                 states = dict(states)
@@ -400,13 +461,17 @@ class RolloutService:
         self,
         states: dict[str, E.RolloutState],
         events: E.Event | dict[str, list[E.Event]] | None,
+        *,
+        fenced: bool = False,
     ) -> dict[str, E.RolloutState]:
-        """Feed events (None = a tick) to each rollout; persist and publish the outcome."""
+        """Feed events (None = a tick) to each rollout; persist and publish the outcome.
+        ``fenced``: the ticker's write, refused (`leader.Fenced`) once this replica is deposed."""
         now = self._clock()
         out: dict[str, E.RolloutState] = {}
         rows: list[DesiredState] = []
         self._next_rev.clear()
         with transaction(self._factory) as session:
+            self._fence(session, fenced)
             for rid, state in states.items():
                 evs: list[E.Event]
                 if events is None:
@@ -585,6 +650,17 @@ class RolloutService:
         return desired.set_model(session, self._signer, action.device_id, spec.model, entry, when)
 
     def _publish(self, rows: Sequence[DesiredState]) -> None:
-        if self.publish is None or not rows:
+        """Publish (the leader only; callers hold the lock) and mark each row published at
+        the seq it had, so that `publish_pending` skips it."""
+        if self.publish is None or not rows or not self.may_publish():
             return
         desired.publish_rows(list(rows), self.publish)
+        marks = [{"d": r.device_id, "s": r.seq} for r in rows]
+        t = cast(Table, DesiredState.__table__)
+        stmt = (
+            update(t)
+            .where(t.c.device_id == bindparam("d"), t.c.seq == bindparam("s"))
+            .values(published=True)
+        )
+        with transaction(self._factory) as session:
+            session.connection().execute(stmt, marks)

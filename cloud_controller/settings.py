@@ -95,6 +95,9 @@ ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("DB", str),
     ("BROKER", str),
     ("MQTT_CLIENT_ID", str),
+    ("REPLICA_ID", str),
+    ("LEASE_TTL_S", float),
+    ("LEASE_RENEW_S", float),
     ("PACKAGES", Path),
     ("SIGNING_KEY", Path),
     ("SIGNING_KEY_PASSPHRASE", str),
@@ -111,7 +114,10 @@ ENV_SETTINGS: tuple[tuple[str, type], ...] = (
 )
 ENV_NAMES = frozenset(
     [ENV_PREFIX + n for n, _ in ENV_SETTINGS]
-    + [ENV_PREFIX + "TRUSTED_KEYS", ENV_PREFIX + "DEVICE_BROKER_URL"]
+    + [
+        ENV_PREFIX + n
+        for n in ("TRUSTED_KEYS", "DEVICE_BROKER_URL", "SHARED_SUBSCRIPTIONS", "ACKS")
+    ]
 )
 
 
@@ -123,6 +129,18 @@ class Settings:
     db_url: str | None = None
     broker_url: str | None = None
     mqtt_client_id: str = "edgefleet-controller"  # persistent session: QoS 1 kept while away
+    # Replicas (docs/controller.md, Replicas): a stable id per replica names its lease and its
+    # MQTT client (`<mqtt_client_id>-<replica_id>`); unset: host name + pid, and the MQTT
+    # client id is `mqtt_client_id` alone (one controller).
+    replica_id: str | None = None
+    # Device reports through `$share/edgefleet/...` (Mosquitto 2; off for brokers without
+    # shared subscriptions, e.g. NATS's MQTT 3.1.1): each report reaches one replica.
+    shared_subscriptions: bool = True
+    # Acknowledge every committed report to its device on .../ack (docs/fleet.md); agents
+    # release outbox records only on it. Off only to measure or for brokers that forbid it.
+    acks: bool = True
+    lease_ttl_s: float = 5.0  # the leader's lease (PostgreSQL); failover within ttl + renew
+    lease_renew_s: float = 1.0
     packages_dir: Path | None = None
     signing_key: Path | None = None
     signing_key_passphrase: str | None = None
@@ -172,6 +190,13 @@ class Settings:
         return self.db_url or f"sqlite:///{self.data_dir / 'controller.db'}"
 
     @property
+    def bridge_client_id(self) -> str:
+        """The MQTT client id: distinct per replica, stable across its restarts."""
+        if self.replica_id:
+            return f"{self.mqtt_client_id}-{self.replica_id}"
+        return self.mqtt_client_id
+
+    @property
     def package_dir(self) -> Path:
         return self.packages_dir or self.data_dir / "packages"
 
@@ -202,6 +227,10 @@ class Settings:
             updates["device_broker_urls"] = tuple(
                 u.strip() for u in device_brokers.split(",") if u.strip()
             )
+        for flag in ("SHARED_SUBSCRIPTIONS", "ACKS"):
+            value = env.get(ENV_PREFIX + flag)
+            if value:
+                updates[flag.lower()] = value.strip().lower() not in ("0", "false", "no")
         trusted = env.get(ENV_PREFIX + "TRUSTED_KEYS")
         if trusted:
             updates["trusted_keys"] = tuple(Path(p) for p in trusted.split(os.pathsep) if p)

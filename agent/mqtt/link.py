@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -27,7 +27,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode as MqttReasonCode
 
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.mqtt.delivery import Delivery, RecordOutbox
+from edgefleet.agent.mqtt.delivery import AckMode, Delivery, RecordOutbox
 from edgefleet.agent.mqtt.desired import CurrentSince, DesiredStateHandler
 from edgefleet.agent.mqtt.reports import presence_of, status_from_event
 from edgefleet.agent.ports import AgentPort
@@ -44,7 +44,7 @@ log = logging.getLogger("edgefleet.agent.mqtt")
 
 Job = (
     tuple[Literal["connected", "acked", "stop", "tick"], None]
-    | tuple[Literal["desired"], bytes]
+    | tuple[Literal["desired", "ack"], bytes]
     | tuple[Literal["event"], UpdateEvent]
 )
 
@@ -117,6 +117,8 @@ class MqttLink:
             telemetry,
             telemetry_batch=telemetry_batch,
             resend_after_s=resend_after_s,
+            acks=cast(AckMode, config.mqtt.controller_acks),
+            acks_marker=self.dir / "controller-acks",
         )
         self.tick_s = tick_s
         self.last_connect_error: str | None = None
@@ -225,7 +227,7 @@ class MqttLink:
             )
             return
         self.last_connect_error = None
-        client.subscribe(self.topic("desired"), qos=1)
+        client.subscribe([(self.topic("desired"), 1), (self.topic("ack"), 1)])
         self._connected_since = time.monotonic()
         self.connected.set()
         self._jobs.put(("connected", None))
@@ -245,6 +247,8 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic("desired"):
             self._jobs.put(("desired", bytes(message.payload)))
+        elif message.topic == self.topic("ack"):
+            self._jobs.put(("ack", bytes(message.payload)))
 
     def _on_publish(
         self,
@@ -278,6 +282,8 @@ class MqttLink:
                     self._publish_presence()
                 elif job[0] == "desired":
                     self.desired.handle(job[1])
+                elif job[0] == "ack":
+                    self.delivery.on_ack_message(job[1])
                 elif job[0] == "event":
                     self._handle_event(job[1])
                 self._flush()

@@ -132,8 +132,21 @@ def serve(
         "--broker-key",
         help="Its key (default: <data dir>/pki/controller-client.key).",
     ),
+    replica_id: str = typer.Option(
+        None,
+        "--replica-id",
+        help="This replica's stable id (lease holder, MQTT client id suffix); "
+        "default: host name and pid.",
+    ),
+    shared_subscriptions: bool = typer.Option(
+        None,
+        "--shared-subscriptions/--no-shared-subscriptions",
+        help="Read device reports through $share/edgefleet/... (default on; off for brokers "
+        "without MQTT shared subscriptions, e.g. NATS).",
+    ),
 ) -> None:
-    """Run the controller (API, MQTT bridge, rollout engine) until interrupted."""
+    """Run the controller (API, MQTT bridge, rollout engine) until interrupted. Any number of
+    replicas may share one PostgreSQL database: one leads the rollouts, all serve the API."""
     import uvicorn
 
     from edgefleet.cloud_controller.app import create_app
@@ -152,6 +165,8 @@ def serve(
         broker_ca_file=broker_ca,
         broker_cert_file=broker_cert,
         broker_key_file=broker_key,
+        replica_id=replica_id,
+        shared_subscriptions=shared_subscriptions,
     )
     app = create_app(s)
     console.print(_banner(s, source), soft_wrap=True)

@@ -151,6 +151,8 @@ class Fleet:
             str(self.controller_port),
         ]
         env = {"EDGEFLEET_CONTROLLER_DATA_DIR": str(self.controller_dir)}
+        if self.spec.broker == "amqtt":  # no MQTT shared subscriptions there
+            env["EDGEFLEET_CONTROLLER_SHARED_SUBSCRIPTIONS"] = "0"
         self.children.spawn("controller", argv, env)
         self.wait_controller()
         self.say(f"controller: {self.api.base if self.api else ''} (SQLite {self.db_url})")

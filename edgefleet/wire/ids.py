@@ -64,6 +64,8 @@ KEY_ID = _g(
     "64 lower-case hex digits (the sha256 of the public key PEM)",
     64,
 )
+# A controller replica (its lease holder name and MQTT client id suffix).
+REPLICA_ID = _g("replica id", "invalid_replica_id", _LABEL, _NAME_SPELLED, 64)
 TOKEN_NAME = _g("token name", "invalid_token_name", _NAME, _NAME_SPELLED, 128)
 _NUM = r"(?:0|[1-9][0-9]*)"
 _PRE_ID = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
@@ -136,6 +138,10 @@ def profile(value: object) -> str:
 
 def token_name(value: object) -> str:
     return check(TOKEN_NAME, value)
+
+
+def replica_id(value: object) -> str:
+    return check(REPLICA_ID, value)
 
 
 def version(value: object) -> str:

@@ -10,7 +10,16 @@ status     device -> controller    1              `edgefleet.wire.status.StatusR
 telemetry  device -> controller    1              `edgefleet.wire.telemetry.TelemetryEnvelope`
 presence   device -> controller    1, retained    `edgefleet.wire.presence.Presence`; last will
                                                   :func:`offline_will` (``"online": false``)
+ack        controller -> device    1              :func:`encode_ack`: the status seqs and
+                                                  telemetry record ids now in the database
 ========== ======================= ============== ==============================================
+
+The ack is the application-level acknowledgement: the controller sends it after the database
+transaction holding those reports committed (stored, already stored, or refused for good), and
+the agent's outboxes release a record only on it (PUBACK is flow control only). A device may
+read its own ack topic; only the controller may write it (`cloud_controller.auth.mosquitto_acl`).
+Controller replicas read device reports through MQTT 5 shared subscriptions, group
+:data:`SHARE_GROUP` (``$share/edgefleet/edgefleet/v1/devices/+/status``).
 
 The desired state is a *state*: a device that was offline catches up from the retained message.
 It is signed by the controller so that a broker (or anyone who can publish on it) cannot make a
@@ -23,7 +32,8 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -43,8 +53,13 @@ from edgefleet.wire.shadow import ShadowError
 from edgefleet.wire.shadow import parse_spec as parse_shadow
 
 TOPIC_PREFIX = "edgefleet/v1"
-Kind = Literal["desired", "status", "telemetry", "presence"]
-KINDS: tuple[Kind, ...] = ("desired", "status", "telemetry", "presence")
+Kind = Literal["desired", "status", "telemetry", "presence", "ack"]
+KINDS: tuple[Kind, ...] = ("desired", "status", "telemetry", "presence", "ack")
+SHARE_GROUP = "edgefleet"
+# docs/limits.md: one ack message; the controller splits larger acknowledgements.
+MAX_ACK_IDS = 5000  # ids per list in one ack
+MAX_ACK_BYTES = 256 * 1024
+_MAX_ID = 2**63 - 1
 DESIRED_ALG = "ecdsa-p256-sha256"
 _DESIRED_CONTEXT = b"edgefleet desired state v1\n"
 
@@ -206,6 +221,51 @@ def verify_desired(
     if parse_time(state["expires_at"]) <= (now or now_utc()):
         raise RejectError(ReasonCode.EXPIRED, f"desired state expired at {state['expires_at']}")
     return state
+
+
+@dataclass(frozen=True)
+class Ack:
+    """What the controller committed: status report seqs, telemetry record ids."""
+
+    status: tuple[int, ...] = ()
+    telemetry: tuple[int, ...] = ()
+
+
+def acks_for(status: Sequence[int], telemetry: Sequence[int]) -> list[bytes]:
+    """Ack payloads for these ids (as many messages as :data:`MAX_ACK_IDS` makes needed):
+    ``{"v": 1, "status": [...], "telemetry": [...]}``."""
+    st = sorted(set(status))
+    tl = sorted(set(telemetry))
+    out: list[bytes] = []
+    for i in range(0, max(len(st), len(tl)), MAX_ACK_IDS):
+        body = {"v": 1, "status": st[i : i + MAX_ACK_IDS], "telemetry": tl[i : i + MAX_ACK_IDS]}
+        out.append(json.dumps(body, separators=(",", ":")).encode())
+    return out
+
+
+def parse_ack(raw: bytes) -> Ack:
+    """An ack from its bytes (pure); `RejectError` (``ack_invalid``) names what is wrong. The
+    size is checked before any parsing; every id is an integer in 0..2**63-1."""
+    if len(raw) > MAX_ACK_BYTES:
+        raise RejectError(ReasonCode.ACK_INVALID, f"ack of {len(raw)} bytes > {MAX_ACK_BYTES}")
+    try:
+        msg = loads_bounded(raw)
+    except ValueError as e:
+        raise RejectError(ReasonCode.ACK_INVALID, f"ack is not JSON: {e}") from e
+    if not isinstance(msg, dict) or msg.get("v") != 1:
+        raise RejectError(ReasonCode.ACK_INVALID, "ack is not a version 1 object")
+    lists: list[tuple[int, ...]] = []
+    for name in ("status", "telemetry"):
+        ids_ = msg.get(name, [])
+        if not isinstance(ids_, list) or len(ids_) > MAX_ACK_IDS:
+            raise RejectError(
+                ReasonCode.ACK_INVALID, f"ack {name}: not a list of at most {MAX_ACK_IDS} ids"
+            )
+        for i in ids_:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i <= _MAX_ID:
+                raise RejectError(ReasonCode.ACK_INVALID, f"ack {name}: {i!r} is not an id")
+        lists.append(tuple(ids_))
+    return Ack(lists[0], lists[1])
 
 
 def offline_will(device_id: str) -> bytes:

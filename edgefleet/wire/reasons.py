@@ -103,6 +103,8 @@ class ReasonCode(StrEnum):
     # The device's record of the highest seq was missing or corrupt at start; `figures` says
     # what was recovered. Anti-rollback then rests on the installed versions themselves.
     LINK_STATE_LOST = "link_state_lost"
+    # --- the link: an ack from the controller (wire.mqtt.parse_ack) that the agent ignores --
+    ACK_INVALID = "ack_invalid"
 
 
 #: Worth another attempt of the same release on the same device, after a backoff.

@@ -295,3 +295,32 @@ def test_device_id_injection_cannot_take_the_controllers_broker_identity(
             c.close()
         terminate(proc)
         log.close()
+
+
+def test_ack_topic_is_read_by_its_device_and_written_by_the_controller_only(
+    secured: tuple[int, dict[str, str], Callable[[], None]],
+) -> None:
+    port, creds, _ = secured
+    ctl = Conn(port, auth.CONTROLLER_MQTT_USER, CTL_PW)
+    gw1 = Conn(port, "gw-1", creds["gw-1"])
+    gw2 = Conn(port, "gw-2", creds["gw-2"])
+    try:
+        # the controller's shared subscription passes the ACL like the plain one
+        ctl.sub("$share/edgefleet/edgefleet/v1/devices/+/status")
+        gw1.sub(topic("gw-1", "ack"))
+        gw1.sub(topic("gw-2", "ack"))  # another device's acks: refused
+        gw2.sub(topic("gw-2", "ack"))
+        ctl.drain(0.3), gw1.drain(0.3), gw2.drain(0.3)
+        ctl.pub(topic("gw-1", "ack"), {"v": 1, "status": [1]})
+        ctl.pub(topic("gw-2", "ack"), {"v": 1, "status": [1]})
+        assert gw1.drain() == [topic("gw-1", "ack")]
+        assert gw2.drain() == [topic("gw-2", "ack")]
+        # a device cannot forge an ack, not even its own (it would release its outbox)
+        gw1.pub(topic("gw-2", "ack"), {"v": 1, "status": [2]})
+        gw1.pub(topic("gw-1", "ack"), {"v": 1, "status": [2]})
+        assert gw2.drain() == [] and gw1.drain(0.5) == []
+        gw1.pub(topic("gw-1", "status"), {"seq": 1})
+        assert ctl.drain() == [topic("gw-1", "status")]
+    finally:
+        for c in (ctl, gw1, gw2):
+            c.close()

@@ -178,9 +178,12 @@ def test_status_duplicates_dropped_and_retained_desired_for_late_device(
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="replayer")
         c.connect(broker.host, broker.port)
         c.loop_start()
+        # the device's reports carry its outbox ids as seqs: replay the first one it sent
+        wait_for(lambda: devs[0].backlog() == (0, 0), what="every report acknowledged")
+        first = devs[0].status_box.stats().last_id - devs[0].status_seq + 1
         dup = {
             "device_id": "late-1",
-            "seq": 1,
+            "seq": first,
             "model": "iris",
             "version": "2.0.0",
             "state": "FAILED",
@@ -188,15 +191,16 @@ def test_status_duplicates_dropped_and_retained_desired_for_late_device(
         c.publish(topic("late-1", "status"), json.dumps(dup), qos=1).wait_for_publish(10)
         wait_for(lambda: bridge.stats.dropped.get("status_duplicate", 0) >= 1, what="dup drop")
         # a report that arrives late (older seq, never seen) still counts; its repeat does not
-        late_msg = {**dup, "seq": 100, "state": "DOWNLOADING"}
-        newer = {**dup, "seq": 101, "state": "PROBATION"}
+        top = devs[0].status_box.stats().last_id
+        late_msg = {**dup, "seq": top + 100, "state": "DOWNLOADING"}
+        newer = {**dup, "seq": top + 101, "state": "PROBATION"}
         for m in (newer, late_msg, late_msg):
             c.publish(topic("late-1", "status"), json.dumps(m), qos=1).wait_for_publish(10)
         wait_for(lambda: bridge.stats.dropped.get("status_duplicate", 0) >= 2, what="repeat")
         with fleet_ctl.controller.factory() as s:
             dev = s.get(Device, "late-1")
-            assert dev is not None and dev.last_status_seq == 101
-            assert {100, 101} <= set(dev.recent_status_seqs)
+            assert dev is not None and dev.last_status_seq == top + 101
+            assert {top + 100, top + 101} <= set(dev.recent_status_seqs)
             assert dev.last_status is not None and dev.last_status["state"] == "PROBATION"
         c.loop_stop()
         c.disconnect()
