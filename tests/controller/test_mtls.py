@@ -361,7 +361,7 @@ def test_generated_files_are_readable_by_the_broker_user(fleet: dict[str, Any]) 
 
 
 def test_banner_hides_broker_password() -> None:
-    from edgefleet.cloud_controller.cli.controller import redact_url
+    from edgefleet.cloud_controller.settings import redact_url
 
     secret = uuid.uuid4().hex
     shown = redact_url(f"mqtts://edgefleet-controller:{secret}@broker:8883")
