@@ -153,7 +153,7 @@ def run(
         except Exception as e:
             console.print(f"[yellow]telemetry not started:[/yellow] {type(e).__name__}: {e}")
             telemetry = None
-    if cfg.mqtt.url:
+    if cfg.mqtt.brokers:
         from edgefleet.agent.mqtt.link import MqttLink
 
         try:
@@ -221,9 +221,10 @@ def install(
     what runs: a local install is refused unless ``--force``.
     """
     cfg = _load(config)
-    if cfg.mqtt.url and not force:
+    if cfg.mqtt.brokers and not force:
         raise _fail(
-            f"this device takes its models from the fleet controller ({cfg.mqtt.url}); a local"
+            f"this device takes its models from the fleet controller"
+            f" ({', '.join(cfg.mqtt.brokers)}); a local"
             " install would override the desired state the controller set. Roll it out from the"
             " controller, or pass --force to install anyway (the controller is told it was a"
             " local install and shows the device out of sync)."

@@ -81,6 +81,7 @@ class Controller:
                     "telemetry": settings.max_telemetry_bytes,
                 },
                 signer=signer,
+                protocol=settings.resolved_mqtt_protocol,
             )
             service.publish = ctl.bridge.publish
         return ctl

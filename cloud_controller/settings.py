@@ -9,6 +9,15 @@ from pathlib import Path
 ENV_PREFIX = "EDGEFLEET_CONTROLLER_"
 
 
+def _flag(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get(ENV_PREFIX + "DATA_DIR", Path.home() / ".edgefleet" / "controller"))
 
@@ -19,7 +28,13 @@ class Settings:
 
     data_dir: Path = field(default_factory=default_data_dir)
     db_url: str | None = None
+    # One broker URL or a comma-separated list of them (the nodes of a cluster: tried in order,
+    # the next one after every lost connection, with jittered backoff).
     broker_url: str | None = None
+    # "3.1.1", "5" or "auto" (5 when shared subscriptions are on, else 3.1.1). NATS speaks
+    # 3.1.1 only: run it with "3.1.1", which also turns shared subscriptions off.
+    mqtt_protocol: str = "auto"
+    shared_subscriptions: bool = True
     mqtt_client_id: str = "edgefleet-controller"  # persistent session: QoS 1 kept while away
     packages_dir: Path | None = None
     signing_key: Path | None = None
@@ -37,6 +52,20 @@ class Settings:
     max_presence_bytes: int = 64 * 1024  # one presence message from a device
     max_status_bytes: int = 64 * 1024  # one status report
     max_telemetry_bytes: int = 1024**2  # one telemetry envelope
+
+    @property
+    def resolved_mqtt_protocol(self) -> str:
+        """The protocol the bridge speaks: "3.1.1" or "5" (ValueError for anything else)."""
+        if self.mqtt_protocol == "auto":
+            return "5" if self.shared_subscriptions else "3.1.1"
+        if self.mqtt_protocol in ("3.1.1", "5"):
+            return self.mqtt_protocol
+        raise ValueError(f"mqtt_protocol {self.mqtt_protocol!r}: expected auto, 3.1.1 or 5")
+
+    @property
+    def use_shared_subscriptions(self) -> bool:
+        """Shared subscriptions need MQTT 5 (``$share/…``); on 3.1.1 every replica reads all."""
+        return self.shared_subscriptions and self.resolved_mqtt_protocol == "5"
 
     @property
     def database_url(self) -> str:
@@ -64,6 +93,8 @@ class Settings:
             ("DB", str),
             ("BROKER", str),
             ("MQTT_CLIENT_ID", str),
+            ("MQTT_PROTOCOL", str),
+            ("SHARED_SUBSCRIPTIONS", _flag),
             ("PACKAGES", Path),
             ("SIGNING_KEY", Path),
             ("SIGNING_KEY_PASSPHRASE", str),

@@ -35,6 +35,7 @@ from edgefleet.agent.store import ModelStore
 from edgefleet.agent.telemetry.outbox import Outbox
 from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.keys import load_public_key
+from edgefleet.wire.backoff import Failover
 from edgefleet.wire.message import encode, now_iso
 from edgefleet.wire.mqtt import Kind, offline_will, topic
 from edgefleet.wire.states import TERMINAL_STATES
@@ -77,6 +78,20 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     return u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), tls
 
 
+def broker_urls(urls: list[str]) -> list[str]:
+    """``urls`` (`MqttConfig.brokers`), every one parsed (ValueError names a bad one). One TLS
+    setting per link: a list mixing mqtt:// and mqtts:// is refused rather than half-secured."""
+    out = list(urls)
+    if not out:
+        raise ValueError("mqtt.url / mqtt.urls are not set: the agent has no broker to connect to")
+    schemes = {parse_broker_url(u)[2] for u in out}
+    if len(schemes) > 1:
+        raise ValueError(
+            "mqtt.urls mix mqtt:// and mqtts://: every broker of one link must use TLS or none"
+        )
+    return out
+
+
 class MqttLink:
     """Connects one agent to the fleet broker; `start()` returns at once, `stop()` is clean."""
 
@@ -93,9 +108,8 @@ class MqttLink:
         self.agent = agent
         self.config = config
         self.device_id = config.device_id
-        if not config.mqtt.url:
-            raise ValueError("mqtt.url is not set: the agent has no broker to connect to")
-        self.host, self.port, tls = parse_broker_url(config.mqtt.url)
+        self.failover = Failover(broker_urls(config.mqtt.brokers), base_s=0.5, cap_s=30.0)
+        self.host, self.port, tls = parse_broker_url(self.failover.current)
         self.tls = tls or config.mqtt.tls
         trusted = [load_public_key(Path(p)) for p in config.controller_keys]
         if not trusted:
@@ -157,6 +171,7 @@ class MqttLink:
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(50)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -211,6 +226,7 @@ class MqttLink:
             log.warning("broker refused connection: %s", reason)
             return
         self.last_connect_error = None
+        self.failover.connected()
         client.subscribe(self.topic("desired"), qos=1)
         self._connected_since = time.monotonic()
         self.connected.set()
@@ -226,7 +242,25 @@ class MqttLink:
     ) -> None:
         self.connected.clear()
         if not self._stopping:
-            log.info("disconnected from broker: %s (reconnecting with backoff)", reason)
+            log.info("disconnected from %s:%s: %s", self.host, self.port, reason)
+            self._next_broker(client)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        if not self._stopping:
+            log.info("could not connect to %s:%s", self.host, self.port)
+            self._next_broker(client)
+
+    def _next_broker(self, client: mqtt.Client) -> None:
+        """After a lost or refused connection (paho's thread): aim paho's reconnect at the next
+        broker of the list, after the failover policy's jittered delay. paho's own reconnect
+        would retry the same host for ever."""
+        delay = self.failover.failed()
+        self.host, self.port, _ = parse_broker_url(self.failover.current)
+        # paho sleeps ``min_delay`` before its next attempt (float seconds work: it compares
+        # and sleeps, its int hint notwithstanding).
+        client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        client.connect_async(self.host, self.port, keepalive=int(self.config.mqtt.keepalive_s))
+        log.info("next broker %s:%s in %.1fs", self.host, self.port, delay)
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic("desired"):

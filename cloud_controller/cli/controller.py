@@ -50,7 +50,15 @@ def _settings(data_dir: Path | None = None, db: str | None = None, **overrides: 
 def serve(
     db: str = typer.Option(None, "--db", help="Database URL (sqlite:///… or postgresql://…)."),
     broker: str = typer.Option(
-        None, "--broker", help="MQTT broker URL (mqtt://user:pw@host:port)."
+        None,
+        "--broker",
+        help="MQTT broker URL (mqtt://user:pw@host:port), or a comma-separated list of the"
+        " nodes of a cluster (tried in turn on every lost connection).",
+    ),
+    mqtt_protocol: str = typer.Option(
+        None,
+        "--mqtt-protocol",
+        help="auto, 3.1.1 or 5 (auto: 5 with shared subscriptions). NATS needs 3.1.1.",
     ),
     packages: Path = typer.Option(None, "--packages", help="Packages directory."),
     host: str = typer.Option(None, "--host"),
@@ -70,12 +78,17 @@ def serve(
         data_dir,
         db,
         broker_url=broker,
+        mqtt_protocol=mqtt_protocol,
         packages_dir=packages,
         host=host,
         port=port,
         public_url=public_url,
         trusted_keys=tuple(trusted_key) or None,
     )
+    try:
+        s.resolved_mqtt_protocol  # noqa: B018 (validates the setting)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--mqtt-protocol") from e
     app = create_app(s)
     console.print(
         f"controller on http://{s.host}:{s.port} db={s.database_url} broker={s.broker_url or '-'}"
