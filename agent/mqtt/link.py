@@ -44,7 +44,7 @@ from edgefleet.wire.status import StatusReport
 log = logging.getLogger("edgefleet.agent.mqtt")
 
 Job = (
-    tuple[Literal["connected", "acked", "stop", "tick"], None]
+    tuple[Literal["connected", "acked", "stop", "tick", "subscribe_failed"], None]
     | tuple[Literal["desired"], bytes]
     | tuple[Literal["event"], UpdateEvent]
 )
@@ -140,6 +140,11 @@ class MqttLink:
         self._worker: threading.Thread | None = None
         self._client: mqtt.Client | None = None
         self._stopping = False
+        # A refused SUBSCRIBE (NATS refuses one while JetStream cannot create the consumer
+        # behind it, e.g. during a leader election after a node died) is retried with backoff:
+        # without the subscription no desired state would ever arrive.
+        self._subscribe_failures = 0
+        self._resubscribe_at: float | None = None
 
     @property
     def ignored(self) -> dict[str, int]:
@@ -173,6 +178,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         self._client = client
@@ -262,6 +268,20 @@ class MqttLink:
         client.connect_async(self.host, self.port, keepalive=int(self.config.mqtt.keepalive_s))
         log.info("next broker %s:%s in %.1fs", self.host, self.port, delay)
 
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[MqttReasonCode],
+        props: Properties | None,
+    ) -> None:
+        if any(r.is_failure for r in reasons):
+            log.warning("broker %s:%s refused the desired-state subscription", self.host, self.port)
+            self._jobs.put(("subscribe_failed", None))
+        else:
+            self._subscribe_failures = 0
+
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic("desired"):
             self._jobs.put(("desired", bytes(message.payload)))
@@ -295,14 +315,31 @@ class MqttLink:
                     self._flush()
                     return
                 if job[0] == "connected":
+                    self._resubscribe_at = None
                     self._publish_presence()
+                elif job[0] == "subscribe_failed":
+                    self._subscribe_failures += 1
+                    wait = self.failover.delay(self._subscribe_failures)
+                    self._resubscribe_at = time.monotonic() + wait
                 elif job[0] == "desired":
                     self.desired.handle(job[1])
                 elif job[0] == "event":
                     self._handle_event(job[1])
+                self._resubscribe_due()
                 self._flush()
             except Exception:  # the link must outlive any single bad message
                 log.exception("mqtt link: %s job failed", job[0])
+
+    def _resubscribe_due(self) -> None:
+        at = self._resubscribe_at
+        if at is None or time.monotonic() < at:
+            return
+        self._resubscribe_at = None
+        if self._client is not None and self.connected.is_set():
+            log.info(
+                "subscribing again to the desired state (try %d)", self._subscribe_failures + 1
+            )
+            self._client.subscribe(self.topic("desired"), qos=1)
 
     def _handle_event(self, event: UpdateEvent) -> None:
         state = self.desired.state
