@@ -88,6 +88,7 @@ class BridgeStats:
     connected: bool = False
     stale_sequence: int = 0  # reports of a device holding a newer desired seq than ours
     failovers: int = 0  # connections lost or refused, each followed by the next broker
+    subscribe_refused: int = 0  # SUBACKs refusing a subscription (retried with backoff)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -183,7 +184,9 @@ class MqttBridge:
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._subscribe_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -259,11 +262,31 @@ class MqttBridge:
             log.error("broker %s refused the controller: %s%s", self._where(), reason, hint)
             return
         self.failover.connected()
-        from edgefleet.wire.mqtt import subscription
-
-        client.subscribe([(subscription(k), 1) for k in ("status", "presence", "telemetry")])
+        self._subscribe_failures = 0
+        self._subscribe()
         self.stats.connected = True
         self._queue.put(("", "republish", b""))
+
+    def _subscribe(self) -> None:
+        from edgefleet.wire.mqtt import subscription
+
+        if self._stop.is_set():
+            return
+        self._client.subscribe([(subscription(k), 1) for k in ("status", "presence", "telemetry")])
+
+    def _on_subscribe(self, _client: Any, _ud: Any, _mid: Any, reasons: Any, _props: Any) -> None:
+        """A refused subscription is retried with backoff: NATS refuses one while JetStream
+        cannot create the consumer behind it (leaders being re-elected after a node died), and
+        without it no report would ever arrive."""
+        if not any(getattr(r, "is_failure", False) for r in reasons):
+            return
+        self._subscribe_failures += 1
+        self.stats.subscribe_refused += 1
+        delay = self.failover.delay(self._subscribe_failures)
+        log.warning("broker %s refused a subscription; again in %.1fs", self._where(), delay)
+        timer = threading.Timer(delay, self._subscribe)
+        timer.daemon = True
+        timer.start()
 
     def _on_disconnect(self, client: Any, _ud: Any, _flags: Any, reason: Any, _p: Any) -> None:
         self.stats.connected = False

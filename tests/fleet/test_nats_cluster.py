@@ -5,10 +5,12 @@ controller."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefleet.demo.fleet import Fleet
 from edgefleet.harness import NatsCluster, die_with_parent, free_port, nats_server_binary, terminate
 from edgefleet.wire.mqtt import subscription, topic
 from tests.fleet.conftest import (
@@ -277,3 +280,119 @@ def test_agent_fails_over_when_its_node_dies_mid_update_and_converges(
     finally:
         terminate(agent)
         obs.stop()
+
+
+class _NatsFleet(Fleet):
+    """The demo's fleet harness (controller and agents as processes) on a NATS cluster: the
+    controller's broker list starts on node 1, every agent's on node 2 or 3 (then the rest)."""
+
+    cluster: NatsCluster
+
+    def broker_url(self, user: str | None = None, password: str | None = None) -> str:
+        return ",".join(self.cluster.mqtt_urls)
+
+    def write_agent_config(self, device_id: str) -> Path:
+        from edgefleet.agent.config import dump_config
+
+        path = super().write_agent_config(device_id)
+        raw = tomllib.loads(path.read_text())
+        urls = self.cluster.mqtt_urls
+        first = 1 + sum(map(ord, device_id)) % (len(urls) - 1)  # node 2 or 3, never node 1
+        raw["mqtt"].pop("url", None)
+        raw["mqtt"]["urls"] = urls[first:] + urls[:first]
+        path.write_text(dump_config(raw))
+        return path
+
+
+def _outbox(path: Path) -> tuple[set[int], int]:
+    """(ids of the records still pending, last id ever given) of an agent's on-disk outbox."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        pending = {int(r[0]) for r in db.execute("SELECT id FROM records")}
+        last = int(db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()[0])
+        return pending, last
+    finally:
+        db.close()
+
+
+@pytest.mark.slow
+def test_rollout_finishes_when_the_controllers_node_dies_and_no_report_is_lost_or_doubled(
+    nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgefleet.demo.rollouts import rollout_body
+    from edgefleet.demo.spec import FleetSpec
+
+    # NATS speaks MQTT 3.1.1 only (and so has no shared subscriptions).
+    monkeypatch.setenv("EDGEFLEET_CONTROLLER_MQTT_PROTOCOL", "3.1.1")
+    spec = FleetSpec(tmp_path / "fleet", devices=3, probation_s=1.0, telemetry_interval_s=1.0)
+    fleet = _NatsFleet(spec)
+    fleet.cluster = nats
+    try:
+        fleet.make_keys()
+        fleet.build_packages(("1.0.0",), ())
+        fleet.start_controller()
+        fleet.register_devices()
+        fleet.start_agents()
+        fleet.upload(fleet.packages["1.0.0"])
+        fleet.wait_online()
+        ids = spec.device_ids()
+        rid = fleet.create_rollout(rollout_body("1.0.0", ids, waves=[34.0, 100.0]))
+        # Wave 1 under way: kill the node the controller is on (the first of its list).
+        fleet.wait_rollout(rid, timeout=120, until=lambda d: d["phase"] == "running")
+        killed_at = time.monotonic()
+        nats.kill(0)
+        detail = fleet.wait_rollout(rid, timeout=240)
+        finished_s = time.monotonic() - killed_at
+        assert detail["phase"] == "succeeded", detail
+        assert {d["state"] for d in detail["devices"]} == {"succeeded"}, detail["devices"]
+        assert detail["counts"]["states"] == {"succeeded": len(ids)}, detail["counts"]
+        # what each device says it runs (its retained presence, sent after the commit)
+        assert wait_until(lambda: set(fleet.installed().values()) == {"1.0.0"}, 30, 0.5), (
+            fleet.installed()
+        )
+
+        # Nothing lost, nothing twice. After a clean stop of every agent, each record its
+        # outboxes ever gave is in the database or still pending in the outbox (not yet
+        # acknowledged by the cluster), and the database holds each telemetry record once.
+        for dev in ids:
+            fleet.stop_agent(dev)
+        db = sqlite3.connect(str(fleet.controller_dir / "controller.db"), timeout=30)
+        try:
+            for dev in ids:
+                data = fleet.agent_dir(dev) / "data"
+                tel_pending, last_tel = _outbox(data / "telemetry" / "outbox.sqlite")
+                status_pending, last_status = _outbox(data / "mqtt" / "status-outbox.sqlite")
+
+                def stored(dev: str = dev) -> list[int]:
+                    rows = db.execute(
+                        "SELECT record_id FROM telemetry_records WHERE device_id = ?"
+                        " ORDER BY record_id",
+                        (dev,),
+                    ).fetchall()
+                    return [int(r[0]) for r in rows]
+
+                # the controller may still be writing the last batch
+                wait_until(
+                    lambda d=dev, t=last_tel, p=tel_pending: bool(
+                        set(range(stored(d)[0] if stored(d) else t, t + 1)) - set(stored(d)) <= p
+                    ),
+                    30,
+                )  # type: ignore[misc]
+                rec = stored()
+                assert rec, f"{dev}: no telemetry stored"
+                assert len(rec) == len(set(rec)), f"{dev}: a telemetry record stored twice"
+                missing = set(range(rec[0], last_tel + 1)) - set(rec)
+                assert missing <= tel_pending, f"{dev}: telemetry lost: {sorted(missing)[:10]}"
+                (seq,) = db.execute(
+                    "SELECT last_status_seq FROM devices WHERE id = ?", (dev,)
+                ).fetchone()
+                assert seq == last_status or last_status in status_pending, (
+                    dev,
+                    seq,
+                    last_status,
+                )
+        finally:
+            db.close()
+        print(f"rollout finished {finished_s:.1f}s after the controller's node was killed")
+    finally:
+        fleet.close()
