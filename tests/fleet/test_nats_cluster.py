@@ -371,18 +371,17 @@ def test_rollout_finishes_when_the_controllers_node_dies_and_no_report_is_lost_o
                     ).fetchall()
                     return [int(r[0]) for r in rows]
 
+                def missing(dev: str = dev, last: int = last_tel) -> set[int]:
+                    rec = stored(dev)
+                    return set(range(rec[0] if rec else last, last + 1)) - set(rec)
+
                 # the controller may still be writing the last batch
-                wait_until(
-                    lambda d=dev, t=last_tel, p=tel_pending: bool(
-                        set(range(stored(d)[0] if stored(d) else t, t + 1)) - set(stored(d)) <= p
-                    ),
-                    30,
-                )  # type: ignore[misc]
+                wait_until(lambda p=tel_pending, m=missing: m() <= p, 30)  # type: ignore[misc]
                 rec = stored()
                 assert rec, f"{dev}: no telemetry stored"
                 assert len(rec) == len(set(rec)), f"{dev}: a telemetry record stored twice"
-                missing = set(range(rec[0], last_tel + 1)) - set(rec)
-                assert missing <= tel_pending, f"{dev}: telemetry lost: {sorted(missing)[:10]}"
+                lost = missing() - tel_pending
+                assert not lost, f"{dev}: telemetry lost: {sorted(lost)[:10]}"
                 (seq,) = db.execute(
                     "SELECT last_status_seq FROM devices WHERE id = ?", (dev,)
                 ).fetchone()
