@@ -85,14 +85,22 @@ def serve(
         public_url=public_url,
         trusted_keys=tuple(trusted_key) or None,
     )
+    from edgefleet.cloud_controller.mqtt_bridge import broker_addresses
+
     try:
         s.resolved_mqtt_protocol  # noqa: B018 (validates the setting)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--mqtt-protocol") from e
+    try:  # hosts only: the URLs may carry the controller's broker password
+        brokers = (
+            ",".join(f"{a.host}:{a.port}" for a in broker_addresses(s.broker_url))
+            if s.broker_url
+            else "-"
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--broker") from e
     app = create_app(s)
-    console.print(
-        f"controller on http://{s.host}:{s.port} db={s.database_url} broker={s.broker_url or '-'}"
-    )
+    console.print(f"controller on http://{s.host}:{s.port} db={s.database_url} broker={brokers}")
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
 
 
