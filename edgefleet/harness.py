@@ -224,7 +224,12 @@ class NatsCluster:
         host: str = "127.0.0.1",
         cluster_name: str = "edgefleet",
         ready_timeout: float = 60.0,
+        consumer_replicas: int | None = None,
     ) -> None:
+        """``consumer_replicas``: replicas of the JetStream consumer behind each QoS 1 MQTT
+        subscription (default: as many as the streams, up to 3). One per subscription: with
+        thousands of devices, R1 consumers cost far less to create, at the price of a session
+        that lives on one node."""
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
         self.workdir = Path(workdir)
@@ -240,6 +245,9 @@ class NatsCluster:
         # first MQTT client connects, and a node that connected before its routes were all up
         # created them R2 in a three-node cluster, so one dead node took the quorum with it.
         self.replicas = min(3, nodes)
+        self.consumer_replicas = self.replicas if consumer_replicas is None else consumer_replicas
+        if not 1 <= self.consumer_replicas <= self.replicas:
+            raise ValueError(f"consumer_replicas must be 1..{self.replicas}")
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -275,7 +283,7 @@ class NatsCluster:
             f'jetstream {{\n  store_dir: "{store}"\n}}\n'
             f"{cluster}"
             f"mqtt {{\n  listen: {self.host}:{self.mqtt_ports[i]}\n"
-            f"  stream_replicas: {self.replicas}\n  consumer_replicas: {self.replicas}\n}}\n"
+            f"  stream_replicas: {self.replicas}\n  consumer_replicas: {self.consumer_replicas}\n}}\n"
         )
 
     # -- processes -----------------------------------------------------------------------------
