@@ -275,7 +275,7 @@ def run(
             telemetry = None
     link: Any = None
     renewed = threading.Event()
-    if cfg.mqtt.url:
+    if cfg.mqtt.brokers:
         from edgefleet.agent.mqtt.link import MqttLink
 
         try:
@@ -500,9 +500,10 @@ def install(
     what runs: a local install is refused unless ``--force``.
     """
     cfg = _load(config)
-    if cfg.mqtt.url and not force:
+    if cfg.mqtt.brokers and not force:
         raise _fail(
-            f"this device takes its models from the fleet controller ({cfg.mqtt.url}); a local"
+            f"this device takes its models from the fleet controller"
+            f" ({', '.join(cfg.mqtt.brokers)}); a local"
             " install would override the desired state the controller set. Roll it out from the"
             " controller, or pass --force to install anyway (the controller is told it was a"
             " local install and shows the device out of sync)."

@@ -90,6 +90,9 @@ class MqttConfig:
     """The fleet link (`agent.mqtt.link`): broker, credentials, TLS."""
 
     url: str | None = None
+    # Several brokers (the nodes of a cluster): tried in order, the next one on every lost or
+    # refused connection (edgefleet.wire.backoff). ``url``, when also set, comes first.
+    urls: list[str] = field(default_factory=list)
     username: str | None = None
     password: str | None = None
     tls: bool = False
@@ -104,6 +107,13 @@ class MqttConfig:
     # controller's ack (after its database commit); "off" on the broker's PUBACK (controllers
     # that never ack); "auto" on PUBACK until the first ack arrives, then "on" for good.
     controller_acks: str = "auto"
+
+    @property
+    def brokers(self) -> list[str]:
+        """Every broker to try, in order: ``url`` first, then ``urls``; empty: no fleet link."""
+        from edgefleet.wire.backoff import split_urls
+
+        return split_urls([*([self.url] if self.url else []), *self.urls])
 
 
 @dataclass

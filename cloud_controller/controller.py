@@ -138,6 +138,7 @@ class Controller:
                 },
                 signer=signer,
                 tls_files=settings.broker_tls_files(),
+                protocol=settings.resolved_mqtt_protocol,
             )
             service.publish = ctl.bridge.publish
         return ctl

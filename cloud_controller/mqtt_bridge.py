@@ -35,6 +35,7 @@ from edgefleet.cloud_controller.desired import Signer
 from edgefleet.cloud_controller.models import Device
 from edgefleet.cloud_controller.rollouts import RolloutService
 from edgefleet.wire import ids
+from edgefleet.wire.backoff import Failover, split_urls
 from edgefleet.wire.message import MessageError, loads_bounded
 from edgefleet.wire.presence import Presence
 from edgefleet.wire.presence import parse as parse_presence
@@ -94,6 +95,8 @@ class BridgeStats:
     acks: int = 0  # ack messages sent to devices (each acknowledges one or more reports)
     connected: bool = False
     stale_sequence: int = 0  # reports of a device holding a newer desired seq than ours
+    failovers: int = 0  # connections lost or refused, each followed by the next broker
+    subscribe_refused: int = 0  # SUBACKs refusing a subscription (retried with backoff)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -132,6 +135,17 @@ def _tls(client: Any, files: tuple[Path | None, Path | None, Path | None]) -> No
     )
 
 
+def broker_addresses(broker_url: str) -> list[BrokerAddress]:
+    """A comma-separated list of broker URLs, parsed (ValueError names the bad one). One TLS
+    setting per bridge: a list mixing mqtt:// and mqtts:// is refused, not half-secured."""
+    addresses = [BrokerAddress.parse(u) for u in split_urls(broker_url)]
+    if not addresses:
+        raise ValueError("no broker URL")
+    if len({a.tls for a in addresses}) > 1:
+        raise ValueError("broker URLs mix mqtt:// and mqtts://: use TLS on every node or none")
+    return addresses
+
+
 class MqttBridge:
     def __init__(
         self,
@@ -145,7 +159,10 @@ class MqttBridge:
         tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None),
         shared: bool = True,
         acks: bool = True,
+        protocol: str = "3.1.1",
     ) -> None:
+        """``broker_url``: one URL or a comma-separated list (the nodes of a cluster), tried in
+        order and in turn after every lost connection. ``protocol``: "3.1.1" or "5"."""
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -159,7 +176,9 @@ class MqttBridge:
         self.probe_timeout_s = 5.0
         self._probe_id = uuid.uuid4().hex[:12]
         self.acks = acks  # acknowledge every committed report to its device
-        self.address = BrokerAddress.parse(broker_url)
+        self.addresses = broker_addresses(broker_url)
+        self.failover = Failover([str(i) for i in range(len(self.addresses))], cap_s=5.0)
+        self.protocol = protocol
         self._factory = factory
         self._rollouts = rollouts
         self.stats = BridgeStats()
@@ -167,18 +186,27 @@ class MqttBridge:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         # A fixed client id with a persistent session: the broker keeps the QoS 1 status
-        # messages devices send while the controller restarts. Not with shared subscriptions:
-        # Mosquitto goes on queueing a share of the reports for a member that is away (a
-        # replica killed for good would hold its share forever), so a replica's session ends
-        # with its connection and the reports go to the live ones; what was in flight to a
+        # messages devices send while the controller restarts. On a cluster the session lives in
+        # the cluster (NATS: JetStream), so the next node of the list resumes it. Not with shared
+        # subscriptions: Mosquitto goes on queueing a share of the reports for a member that is
+        # away (a replica killed for good would hold its share forever), so a replica's session
+        # ends with its connection and the reports go to the live ones; what was in flight to a
         # replica that died is sent again by the agent, which keeps it until the ack.
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"edgefleet-controller-{uuid.uuid4().hex[:8]}",
-            clean_session=client_id is None or shared,
-        )
-        if self.address.username:
-            self._client.username_pw_set(self.address.username, self.address.password)
+        self._persistent = client_id is not None and not shared
+        cid = client_id or f"edgefleet-controller-{uuid.uuid4().hex[:8]}"
+        if protocol == "5":
+            self._client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5
+            )
+        elif protocol == "3.1.1":
+            self._client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=cid,
+                clean_session=not self._persistent,
+                protocol=mqtt.MQTTv311,
+            )
+        else:
+            raise ValueError(f"mqtt protocol {protocol!r}: expected 3.1.1 or 5")
         self._tls_files = tls_files
         if self.address.tls:
             _tls(self._client, tls_files)
@@ -186,16 +214,49 @@ class MqttBridge:
         self._client.max_inflight_messages_set(100)
         self._client.reconnect_delay_set(1, 5)
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._subscribe_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         self._worker = threading.Thread(target=self._work, name="mqtt-bridge", daemon=True)
         self._worker.start()
-        self._client.connect_async(self.address.host, self.address.port, keepalive=30)
+        self._connect_async()
         self._client.loop_start()
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker this bridge is connected or connecting to."""
+        return self.addresses[self.failover.index]
+
+    def _connect_async(self) -> None:
+        """Aim paho's next (re)connection at `address`, with its credentials."""
+        from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        a = self.address
+        if a.username:
+            self._client.username_pw_set(a.username, a.password)
+        else:
+            self._client.username_pw_set(None)
+        if self.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            # MQTT 5's form of clean_session=False: the session outlives the connection.
+            props.SessionExpiryInterval = 0xFFFFFFFF if self._persistent else 0
+            self._client.connect_async(
+                a.host,
+                a.port,
+                keepalive=30,
+                clean_start=False if self._persistent else MQTT_CLEAN_START_FIRST_ONLY,
+                properties=props,
+            )
+        else:
+            self._client.connect_async(a.host, a.port, keepalive=30)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -303,16 +364,63 @@ class MqttBridge:
 
     def _on_connect(self, client: Any, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if getattr(reason, "is_failure", False):
-            log.error("broker refused the controller: %s", reason)
+            hint = (
+                " (an MQTT 3.1.1-only broker, e.g. NATS: serve with --mqtt-protocol 3.1.1)"
+                if self.protocol == "5" and getattr(reason, "value", None) == 0x84
+                else ""
+            )
+            log.error("broker %s refused the controller: %s%s", self._where(), reason, hint)
             return
-        client.subscribe([(f, 1) for f in self.subscriptions()])
+        self.failover.connected()
+        self._subscribe_failures = 0
+        self._subscribe()
         if self.shared and self.shared_works is None:
             self._probe(client)
         self.stats.connected = True
         self._queue.put(("", "republish", b""))
 
-    def _on_disconnect(self, *_args: Any) -> None:
+    def _subscribe(self) -> None:
+        if self._stop.is_set():
+            return
+        self._client.subscribe([(f, 1) for f in self.subscriptions()])
+
+    def _on_subscribe(self, _client: Any, _ud: Any, _mid: Any, reasons: Any, _props: Any) -> None:
+        """A refused subscription is retried with backoff: NATS refuses one while JetStream
+        cannot create the consumer behind it (leaders being re-elected after a node died), and
+        without it no report would ever arrive."""
+        if not any(getattr(r, "is_failure", False) for r in reasons):
+            return
+        self._subscribe_failures += 1
+        self.stats.subscribe_refused += 1
+        delay = self.failover.delay(self._subscribe_failures)
+        log.warning("broker %s refused a subscription; again in %.1fs", self._where(), delay)
+        timer = threading.Timer(delay, self._subscribe)
+        timer.daemon = True
+        timer.start()
+
+    def _on_disconnect(self, client: Any, _ud: Any, _flags: Any, reason: Any, _p: Any) -> None:
         self.stats.connected = False
+        if not self._stop.is_set():
+            log.warning("lost broker %s: %s", self._where(), reason)
+            self._next_broker()
+
+    def _on_connect_fail(self, *_args: Any) -> None:
+        if not self._stop.is_set():
+            log.warning("cannot reach broker %s", self._where())
+            self._next_broker()
+
+    def _where(self) -> str:
+        return f"{self.address.host}:{self.address.port}"
+
+    def _next_broker(self) -> None:
+        """After a lost or refused connection (paho's thread): the next broker of the list
+        after the failover policy's jittered delay (paho alone retries one host for ever)."""
+        delay = self.failover.failed()
+        self.stats.failovers += 1
+        # paho sleeps ``min_delay`` before its next attempt; float seconds work (it compares
+        # and sleeps) whatever its int hint says.
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+        self._connect_async()
 
     def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
         from edgefleet.wire.mqtt import parse_topic

@@ -84,6 +84,15 @@ def resolve_db(
     return f"sqlite:///{data_dir / 'controller.db'}", "default (SQLite in the data directory)"
 
 
+def _flag(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get(ENV_PREFIX + "DATA_DIR", Path.home() / ".edgefleet" / "controller"))
 
@@ -95,6 +104,7 @@ ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("DB", str),
     ("BROKER", str),
     ("MQTT_CLIENT_ID", str),
+    ("MQTT_PROTOCOL", str),
     ("REPLICA_ID", str),
     ("LEASE_TTL_S", float),
     ("LEASE_RENEW_S", float),
@@ -127,7 +137,12 @@ class Settings:
 
     data_dir: Path = field(default_factory=default_data_dir)
     db_url: str | None = None
+    # One broker URL or a comma-separated list of them (the nodes of a cluster: tried in order,
+    # the next one after every lost connection, with jittered backoff).
     broker_url: str | None = None
+    # "3.1.1", "5" or "auto" (5 when shared subscriptions are on, else 3.1.1). NATS speaks
+    # 3.1.1 only: run it with "3.1.1", which also turns shared subscriptions off.
+    mqtt_protocol: str = "auto"
     mqtt_client_id: str = "edgefleet-controller"  # persistent session: QoS 1 kept while away
     # Replicas (docs/controller.md, Replicas): a stable id per replica names its lease and its
     # MQTT client (`<mqtt_client_id>-<replica_id>`); unset: host name + pid, and the MQTT
@@ -186,6 +201,22 @@ class Settings:
         )
 
     @property
+    def resolved_mqtt_protocol(self) -> str:
+        """The protocol the bridge speaks: "3.1.1" or "5" (ValueError for anything else)."""
+        if self.mqtt_protocol == "auto":  # every broker here speaks 3.1.1 (NATS nothing newer)
+            return "3.1.1"
+        if self.mqtt_protocol in ("3.1.1", "5"):
+            return self.mqtt_protocol
+        raise ValueError(f"mqtt_protocol {self.mqtt_protocol!r}: expected auto, 3.1.1 or 5")
+
+    @property
+    def use_shared_subscriptions(self) -> bool:
+        """Mosquitto serves ``$share/…`` to 3.1.1 and 5 clients alike; a broker that delivers
+        nothing through them (NATS, amqtt) is found out by the bridge's probe, which falls
+        back to plain subscriptions."""
+        return self.shared_subscriptions
+
+    @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{self.data_dir / 'controller.db'}"
 
@@ -230,7 +261,7 @@ class Settings:
         for flag in ("SHARED_SUBSCRIPTIONS", "ACKS"):
             value = env.get(ENV_PREFIX + flag)
             if value:
-                updates[flag.lower()] = value.strip().lower() not in ("0", "false", "no")
+                updates[flag.lower()] = _flag(value)
         trusted = env.get(ENV_PREFIX + "TRUSTED_KEYS")
         if trusted:
             updates["trusted_keys"] = tuple(Path(p) for p in trusted.split(os.pathsep) if p)

@@ -35,6 +35,7 @@ from edgefleet.agent.store import ModelStore
 from edgefleet.agent.telemetry.outbox import Outbox
 from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.keys import load_public_key
+from edgefleet.wire.backoff import Failover
 from edgefleet.wire.message import encode, now_iso
 from edgefleet.wire.mqtt import Kind, offline_will, topic
 from edgefleet.wire.states import TERMINAL_STATES
@@ -43,7 +44,7 @@ from edgefleet.wire.status import StatusReport
 log = logging.getLogger("edgefleet.agent.mqtt")
 
 Job = (
-    tuple[Literal["connected", "acked", "stop", "tick"], None]
+    tuple[Literal["connected", "acked", "stop", "tick", "subscribe_failed"], None]
     | tuple[Literal["desired", "ack"], bytes]
     | tuple[Literal["event"], UpdateEvent]
 )
@@ -77,6 +78,20 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     return u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), tls
 
 
+def broker_urls(urls: list[str]) -> list[str]:
+    """``urls`` (`MqttConfig.brokers`), every one parsed (ValueError names a bad one). One TLS
+    setting per link: a list mixing mqtt:// and mqtts:// is refused rather than half-secured."""
+    out = list(urls)
+    if not out:
+        raise ValueError("mqtt.url / mqtt.urls are not set: the agent has no broker to connect to")
+    schemes = {parse_broker_url(u)[2] for u in out}
+    if len(schemes) > 1:
+        raise ValueError(
+            "mqtt.urls mix mqtt:// and mqtts://: every broker of one link must use TLS or none"
+        )
+    return out
+
+
 class MqttLink:
     """Connects one agent to the fleet broker; `start()` returns at once, `stop()` is clean."""
 
@@ -93,9 +108,8 @@ class MqttLink:
         self.agent = agent
         self.config = config
         self.device_id = config.device_id
-        if not config.mqtt.url:
-            raise ValueError("mqtt.url is not set: the agent has no broker to connect to")
-        self.host, self.port, tls = parse_broker_url(config.mqtt.url)
+        self.failover = Failover(broker_urls(config.mqtt.brokers), base_s=0.5, cap_s=30.0)
+        self.host, self.port, tls = parse_broker_url(self.failover.current)
         self.tls = tls or config.mqtt.tls
         trusted = [load_public_key(Path(p)) for p in config.controller_keys]
         if not trusted:
@@ -128,6 +142,11 @@ class MqttLink:
         self._worker: threading.Thread | None = None
         self._client: mqtt.Client | None = None
         self._stopping = False
+        # A refused SUBSCRIBE (NATS refuses one while JetStream cannot create the consumer
+        # behind it, e.g. during a leader election after a node died) is retried with backoff:
+        # without the subscription no desired state would ever arrive.
+        self._subscribe_failures = 0
+        self._resubscribe_at: float | None = None
 
     @property
     def ignored(self) -> dict[str, int]:
@@ -163,7 +182,9 @@ class MqttLink:
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(50)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         self._client = client
@@ -227,6 +248,7 @@ class MqttLink:
             )
             return
         self.last_connect_error = None
+        self.failover.connected()
         client.subscribe([(self.topic("desired"), 1), (self.topic("ack"), 1)])
         self._connected_since = time.monotonic()
         self.connected.set()
@@ -242,7 +264,39 @@ class MqttLink:
     ) -> None:
         self.connected.clear()
         if not self._stopping:
-            log.info("disconnected from broker: %s (reconnecting with backoff)", reason)
+            log.info("disconnected from %s:%s: %s", self.host, self.port, reason)
+            self._next_broker(client)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        if not self._stopping:
+            log.info("could not connect to %s:%s", self.host, self.port)
+            self._next_broker(client)
+
+    def _next_broker(self, client: mqtt.Client) -> None:
+        """After a lost or refused connection (paho's thread): aim paho's reconnect at the next
+        broker of the list, after the failover policy's jittered delay. paho's own reconnect
+        would retry the same host for ever."""
+        delay = self.failover.failed()
+        self.host, self.port, _ = parse_broker_url(self.failover.current)
+        # paho sleeps ``min_delay`` before its next attempt (float seconds work: it compares
+        # and sleeps, its int hint notwithstanding).
+        client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        client.connect_async(self.host, self.port, keepalive=int(self.config.mqtt.keepalive_s))
+        log.info("next broker %s:%s in %.1fs", self.host, self.port, delay)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[MqttReasonCode],
+        props: Properties | None,
+    ) -> None:
+        if any(r.is_failure for r in reasons):
+            log.warning("broker %s:%s refused the desired-state subscription", self.host, self.port)
+            self._jobs.put(("subscribe_failed", None))
+        else:
+            self._subscribe_failures = 0
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic("desired"):
@@ -279,16 +333,33 @@ class MqttLink:
                     self._flush()
                     return
                 if job[0] == "connected":
+                    self._resubscribe_at = None
                     self._publish_presence()
+                elif job[0] == "subscribe_failed":
+                    self._subscribe_failures += 1
+                    wait = self.failover.delay(self._subscribe_failures)
+                    self._resubscribe_at = time.monotonic() + wait
                 elif job[0] == "desired":
                     self.desired.handle(job[1])
                 elif job[0] == "ack":
                     self.delivery.on_ack_message(job[1])
                 elif job[0] == "event":
                     self._handle_event(job[1])
+                self._resubscribe_due()
                 self._flush()
             except Exception:  # the link must outlive any single bad message
                 log.exception("mqtt link: %s job failed", job[0])
+
+    def _resubscribe_due(self) -> None:
+        at = self._resubscribe_at
+        if at is None or time.monotonic() < at:
+            return
+        self._resubscribe_at = None
+        if self._client is not None and self.connected.is_set():
+            log.info(
+                "subscribing again to the desired state (try %d)", self._subscribe_failures + 1
+            )
+            self._client.subscribe(self.topic("desired"), qos=1)
 
     def _handle_event(self, event: UpdateEvent) -> None:
         state = self.desired.state

@@ -100,7 +100,15 @@ def init(
 def serve(
     db: str = typer.Option(None, "--db", help="Database URL (sqlite:///… or postgresql://…)."),
     broker: str = typer.Option(
-        None, "--broker", help="MQTT broker URL (mqtt://user:pw@host:port)."
+        None,
+        "--broker",
+        help="MQTT broker URL (mqtt://user:pw@host:port), or a comma-separated list of the"
+        " nodes of a cluster (tried in turn on every lost connection).",
+    ),
+    mqtt_protocol: str = typer.Option(
+        None,
+        "--mqtt-protocol",
+        help="auto, 3.1.1 or 5 (auto: 5 with shared subscriptions). NATS needs 3.1.1.",
     ),
     packages: Path = typer.Option(None, "--packages", help="Packages directory."),
     host: str = typer.Option(None, "--host"),
@@ -155,6 +163,7 @@ def serve(
         data_dir,
         db,
         broker_url=broker,
+        mqtt_protocol=mqtt_protocol,
         packages_dir=packages,
         host=host,
         port=port,
@@ -168,6 +177,16 @@ def serve(
         replica_id=replica_id,
         shared_subscriptions=shared_subscriptions,
     )
+    from edgefleet.cloud_controller.mqtt_bridge import broker_addresses
+
+    try:
+        s.resolved_mqtt_protocol  # noqa: B018 (validates the setting)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--mqtt-protocol") from e
+    try:  # every URL of the list parses
+        broker_addresses(s.broker_url) if s.broker_url else None
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--broker") from e
     app = create_app(s)
     console.print(_banner(s, source), soft_wrap=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
@@ -176,8 +195,9 @@ def serve(
 def _banner(s: Settings, source: str) -> str:
     """The start-up line: where it listens, its database and broker, never a password."""
     from edgefleet.cloud_controller.settings import redact_url
+    from edgefleet.wire.backoff import split_urls
 
-    broker = redact_url(s.broker_url) if s.broker_url else "-"
+    broker = ",".join(redact_url(u) for u in split_urls(s.broker_url)) if s.broker_url else "-"
     return (
         f"controller on http://{s.host}:{s.port} db={redact_url(s.database_url)} (from {source})"
         f" broker={broker}"
