@@ -143,7 +143,13 @@ def note_device_seq(session: Session, device_id: str, seq: int, now: datetime) -
     """Record the highest desired seq the device reports accepting; True when it is above the
     controller's own sequence for it (the database went backwards: the device would drop every
     new state until the controller continues above it)."""
-    floor = session.get(DeviceSeqFloor, device_id)
+    # A floor added earlier in this batch is pending, not yet in the identity map that
+    # `get` reads (the bridge applies batches under no_autoflush): look there too, or two
+    # reports of a new device in one batch insert its row twice and lose the whole batch.
+    floor = session.get(DeviceSeqFloor, device_id) or next(
+        (o for o in session.new if isinstance(o, DeviceSeqFloor) and o.device_id == device_id),
+        None,
+    )
     if floor is None:
         floor = DeviceSeqFloor(device_id=device_id, floor=seq, reported_at=now)
         session.add(floor)

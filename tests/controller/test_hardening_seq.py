@@ -193,3 +193,28 @@ def test_a_restore_is_noticed_at_startup_even_before_any_device_reports(
             assert row is not None and row.models["iris"]["version"] == "1.3.0"
     finally:
         run.stop()
+
+
+def test_two_reports_of_a_new_device_in_one_batch_record_one_floor(tmp_path: Path) -> None:
+    """The bridge applies a batch under no_autoflush: a floor added for a device earlier in
+    the batch must be found again, not inserted twice (an IntegrityError lost the batch)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy.orm import sessionmaker
+
+    from edgefleet.cloud_controller import db as dbm
+    from edgefleet.cloud_controller.devices import note_device_seq
+    from edgefleet.cloud_controller.models import DeviceSeqFloor
+
+    engine = dbm.make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    dbm.upgrade(engine)
+    factory = sessionmaker(engine)
+    now = datetime.now(UTC)
+    with transaction(factory) as s, s.no_autoflush:
+        note_device_seq(s, "gw-new", 1, now)
+        note_device_seq(s, "gw-new", 3, now)
+        note_device_seq(s, "gw-new", 2, now)
+    with factory() as s:
+        (row,) = s.query(DeviceSeqFloor).all()
+        assert (row.device_id, row.floor) == ("gw-new", 3)
+    engine.dispose()
