@@ -508,7 +508,8 @@ def _package_profile(
         target={k: {"value": v, "how": how} for k, (v, how) in target.items()},
     )
     total = len(profile.candidates) + 1
-    built: dict[str, _Built] = {}
+    ctx = _Search(profile, src, work, cache, {}, provider, bench, strict, rank)
+    built = ctx.built
     recipes: dict[str, Recipe] = {}
     for i, recipe in enumerate(profile.candidates):
         notify(profile.id, f"candidate {recipe.id}", i, total)
@@ -520,11 +521,11 @@ def _package_profile(
             continue
         effective, note = resolve_backend(recipe)
         recipes[recipe.id] = effective
-        cr = _evaluate(profile, effective, src, work, cache, built, provider, bench, strict, rank)
+        cr = _evaluate(ctx, effective)
         cr.recipe = recipe.to_dict()
         cr.backend_note = note
         result.candidates.append(cr)
-    _recover(profile, result, recipes, src, work, cache, built, provider, bench, strict, rank)
+    _recover(ctx, result, recipes)
     best = choose(result.candidates, rank=rank)
     notify(profile.id, "writing package" if best else "no candidate within gate", total - 1, total)
     if best is None:
@@ -586,23 +587,32 @@ def _package_profile(
     return result
 
 
-def _evaluate(
-    profile: Profile,
-    recipe: Recipe,
-    src: _Source,
-    work: Path,
-    cache: dict[str, _Built],
-    built: dict[str, _Built],
-    provider: str,
-    bench: dict[str, Any],
-    strict: bool,
-    rank: str,
-) -> CandidateResult:
+@dataclass(frozen=True)
+class _Search:
+    """What every candidate of one profile is built, measured and judged with.
+
+    ``cache`` (builds by provider and recipe, shared by all profiles) and ``built`` (this
+    profile's builds by candidate id) are filled as the search goes; the rest is fixed.
+    """
+
+    profile: Profile
+    src: _Source
+    work: Path
+    cache: dict[str, _Built]
+    built: dict[str, _Built]
+    provider: str
+    bench: dict[str, Any]
+    strict: bool
+    rank: str
+
+
+def _evaluate(ctx: _Search, recipe: Recipe) -> CandidateResult:
     """Build (or reuse) one candidate and judge it against the profile's gates."""
+    profile, provider, strict = ctx.profile, ctx.provider, ctx.strict
     key = f"{provider}|{_recipe_key(recipe)}"
-    if key not in cache:
-        cache[key] = _build_and_measure(recipe, src, work, provider, bench)
-    b = built[recipe.id] = cache[key]
+    if key not in ctx.cache:
+        ctx.cache[key] = _build_and_measure(recipe, ctx.src, ctx.work, provider, ctx.bench)
+    b = ctx.built[recipe.id] = ctx.cache[key]
     cr = CandidateResult(
         recipe.id,
         recipe.to_dict(),
@@ -627,24 +637,12 @@ def _evaluate(
             strict=strict,
         )
         cr.accepted = not cr.misses
-        if rank == "cost" and b.model is not None:
+        if ctx.rank == "cost" and b.model is not None:
             cr.cost = {"fp32_compute_nodes": fp32_compute_nodes(b.model), "size_bytes": b.size}
     return cr
 
 
-def _recover(
-    profile: Profile,
-    result: ProfileResult,
-    recipes: dict[str, Recipe],
-    src: _Source,
-    work: Path,
-    cache: dict[str, _Built],
-    built: dict[str, _Built],
-    provider: str,
-    bench: dict[str, Any],
-    strict: bool,
-    rank: str,
-) -> None:
+def _recover(ctx: _Search, result: ProfileResult, recipes: dict[str, Recipe]) -> None:
     """Accuracy-aware search: keep the fewest sensitive nodes of a failed candidate in FP32.
 
     A candidate that missed its gate is worth recovering when it is QDQ (static or QNN) and,
@@ -669,7 +667,7 @@ def _recover(
         and any(not v.passes for v in c.gates)  # not just too little data to tell
         and not any(m.gate == "max_memory_mb" for m in c.misses)
     ]
-    if rank == "cost":
+    if ctx.rank == "cost":
         if accepted:
             return
     else:
@@ -678,20 +676,20 @@ def _recover(
     tried: set[int] = set()
     for cand in failed:
         recipe = recipes[cand.candidate]
-        b = built[cand.candidate]
+        b = ctx.built[cand.candidate]
         assert b.model is not None
         if id(b) in tried:  # the same build under another name (e.g. a backend's fallback)
             continue
         if len(tried) >= MAX_RECOVERIES:
             break
         tried.add(id(b))
-        found = _sensitive_nodes(profile, recipe, b, src, work, provider, bench, strict)
+        found = _sensitive_nodes(ctx, recipe, b)
         cand.recovery = found["summary"]
         if not found["nodes"]:
             continue
         names = tuple(n["node"] for n in found["nodes"])
         derived = replace(recipe, id=f"{recipe.id}+fp32x{len(names)}", nodes_to_exclude=names)
-        cr = _evaluate(profile, derived, src, work, cache, built, provider, bench, strict, rank)
+        cr = _evaluate(ctx, derived)
         cr.derived_from = recipe.id
         cr.fp32_nodes = found["nodes"]
         cr.backend_note = cand.backend_note
@@ -700,19 +698,11 @@ def _recover(
             return
 
 
-def _sensitive_nodes(
-    profile: Profile,
-    recipe: Recipe,
-    b: _Built,
-    src: _Source,
-    work: Path,
-    provider: str,
-    bench: dict[str, Any],
-    strict: bool,
-) -> dict[str, Any]:
+def _sensitive_nodes(ctx: _Search, recipe: Recipe, b: _Built) -> dict[str, Any]:
     from edgefleet.packager.sensitivity import rank as rank_nodes
     from edgefleet.packager.sensitivity import save_float_except
 
+    src, bench = ctx.src, ctx.bench
     assert b.model is not None
     floats = b.model.with_name("equalized.onnx")
     originals = floats if floats.exists() else src.prepared
@@ -729,13 +719,13 @@ def _sensitive_nodes(
     limit = min(MAX_FP32_NODES, max(1, int(len(ranked) * MAX_FP32_FRACTION)), len(useful))
     steps = sorted({k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if k <= limit} | {limit} - {0})
     tried = []
-    scratch = _new_dir(work)
+    scratch = _new_dir(ctx.work)
     for k in steps:
         names = [s.node for s in useful[:k]]
         path = save_float_except(b.model, originals, names, scratch / f"fp32x{k}.onnx")
-        sess = session(path, providers=[provider], threads=bench["threads"])
+        sess = session(path, providers=[ctx.provider], threads=bench["threads"])
         metrics = compare(src.outputs, run_all(sess, src.inputs), src.labels)
-        misses = check_gate(metrics, profile.accuracy_gate, strict=strict)
+        misses = check_gate(metrics, ctx.profile.accuracy_gate, strict=ctx.strict)
         tried.append({"fp32_nodes": k, "agreement": metrics.agreement, "passes": not misses})
         if not misses:
             why = "kept in FP32: quantizing it alone caused {:.1%} of the quantized output error"
