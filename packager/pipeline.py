@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.packager.backends.verify import combine, recipe_constraints, summary, verify
 from edgefleet.packager.benchmark import Latency, host_info, measure
 from edgefleet.packager.evaluate import Metrics, compare, io_spec, run_all, session
 from edgefleet.packager.npzio import load_npz, save_npz
@@ -542,6 +543,7 @@ def _package_profile(
             "closest_candidate": closest.candidate if closest else None,
             "gates": [m.to_dict() for m in closest.misses] if closest else [],
             "errors": {c.candidate: c.error for c in result.candidates if c.error},
+            "refused": {c.candidate: c.violations[0] for c in result.candidates if c.violations},
             "unresolved": unresolved,
         }
         notify(profile.id, "gate failed", total, total)
@@ -628,6 +630,8 @@ def _evaluate(ctx: _Search, recipe: Recipe) -> CandidateResult:
             b.latency.p95_ms,
             b.size,
         )
+        if b.model is not None and not _meets_constraints(ctx, recipe, b.model, cr):
+            return cr
         cr.gates = judge(b.metrics, profile.accuracy_gate)
         cr.misses = check_gate(
             b.metrics,
@@ -640,6 +644,30 @@ def _evaluate(ctx: _Search, recipe: Recipe) -> CandidateResult:
         if ctx.rank == "cost" and b.model is not None:
             cr.cost = {"fp32_compute_nodes": fp32_compute_nodes(b.model), "size_bytes": b.size}
     return cr
+
+
+def _meets_constraints(ctx: _Search, recipe: Recipe, model: Path, cr: CandidateResult) -> bool:
+    """Check a candidate's output against its target before it may be chosen and signed.
+
+    The constraints are the profile's ``[constraints]`` combined with what the recipe promises
+    (:func:`~edgefleet.packager.backends.verify.recipe_constraints`); a vendor backend checks its
+    own promises too, this check holds every backend - ``ort`` included - to the target's.
+    A violation refuses the candidate, naming each rule, node and what was found.
+    """
+    import onnx
+
+    checked = combine(ctx.profile.constraints, recipe_constraints(recipe))
+    found = verify(onnx.load(str(model)), checked)
+    cr.verification = {
+        "constraints": checked.to_dict(),
+        "passed": not found,
+        "violations": [{"rule": v.rule, "node": v.node, "detail": v.detail} for v in found[:20]],
+        "violation_count": len(found),
+    }
+    if found:
+        cr.violations = [summary(found)]
+        cr.accepted = False
+    return not found
 
 
 def _recover(ctx: _Search, result: ProfileResult, recipes: dict[str, Recipe]) -> None:
