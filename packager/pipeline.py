@@ -25,7 +25,15 @@ import numpy as np
 
 from edgefleet.packager.backends.verify import combine, recipe_constraints, summary, verify
 from edgefleet.packager.benchmark import Latency, host_info, measure
-from edgefleet.packager.evaluate import Metrics, compare, io_spec, run_all, session
+from edgefleet.packager.evaluate import (
+    Judging,
+    JudgingError,
+    Metrics,
+    compare,
+    io_spec,
+    run_all,
+    session,
+)
 from edgefleet.packager.npzio import load_npz, save_npz
 from edgefleet.packager.profiles import Profile, get_profile, resolve_target, unmet_requirements
 from edgefleet.packager.quantize import (
@@ -152,6 +160,11 @@ class _Source:
     latency: Latency
     size_bytes: int
     cal_outputs: dict[str, np.ndarray] | None = None
+    judging: Judging = field(default_factory=Judging)
+
+    def compare(self, outputs: dict[str, np.ndarray], *, labels: bool = True) -> Metrics:
+        """``outputs`` (on the validation inputs) judged against the source's."""
+        return compare(self.outputs, outputs, self.labels if labels else None, self.judging)
 
 
 def _needs_external(model: Path, force: bool) -> bool:
@@ -190,6 +203,7 @@ def _prepare_source(
     *,
     force_external: bool,
     bench: dict[str, Any],
+    judging: Judging | None = None,
 ) -> _Source:
     try:
         sess = session(model, threads=bench["threads"])
@@ -202,11 +216,18 @@ def _prepare_source(
     labels = val.get("labels")
     if labels is not None and len(labels) != len(inputs[names[0]]):
         raise PackagingError(f"validation file {validation}: 'labels' length differs from inputs")
+    judging = _judging(val, judging, validation)
+    outputs = run_all(sess, inputs)
+    try:
+        compare(outputs, outputs, judging=judging)  # a declared kind must fit the outputs
+    except JudgingError as exc:
+        raise PackagingError(f"validation: {exc}") from exc
     external = _needs_external(model, force_external)
     prep_dir = work / "prepared"
     prep_dir.mkdir(parents=True, exist_ok=True)
     prepared, info = preprocess(model, prep_dir / "model.onnx", external=external)
     return _Source(
+        judging=judging,
         model=model,
         prepared=prepared,
         preprocessing=info,
@@ -214,10 +235,27 @@ def _prepare_source(
         calibration={n: cal[n] for n in names},
         inputs=inputs,
         labels=labels,
-        outputs=run_all(sess, inputs),
+        outputs=outputs,
         latency=measure(sess, inputs, runs=bench["runs"], max_seconds=bench["seconds"]),
         size_bytes=model_size(model),
     )
+
+
+def _judging(val: dict[str, np.ndarray], given: Judging | None, path: Path) -> Judging:
+    """The output kind to judge by: given (the CLI) over the validation file's own metadata
+    (``output_kind``, ``output_name``, ``output_threshold`` arrays) over inference."""
+    try:
+        kind = str(val["output_kind"].reshape(-1)[0]) if "output_kind" in val else None
+        name = str(val["output_name"].reshape(-1)[0]) if "output_name" in val else None
+        thr = float(val["output_threshold"].reshape(-1)[0]) if "output_threshold" in val else None
+        given = given or Judging()
+        return Judging(
+            given.kind or kind,
+            given.output or name,
+            given.threshold if given.threshold is not None else thr,
+        )
+    except (JudgingError, ValueError, TypeError, IndexError) as exc:
+        raise PackagingError(f"validation file {path}: output metadata: {exc}") from exc
 
 
 def _recipe_key(recipe: Recipe) -> str:
@@ -258,7 +296,7 @@ def _build_and_measure(
             info=info,
         )
         sess = session(out, providers=[provider], threads=bench["threads"])
-        metrics = compare(src.outputs, run_all(sess, src.inputs), src.labels)
+        metrics = src.compare(run_all(sess, src.inputs))
         latency = measure(sess, src.inputs, runs=bench["runs"], max_seconds=bench["seconds"])
     except BuildError as exc:
         return _Built(None, None, None, None, str(exc))
@@ -330,7 +368,7 @@ def _device_gates(
     sample_inputs = {k: v[:N_SAMPLES] for k, v in src.inputs.items()}
     got = run_all(sess, sample_inputs)
     ref = {k: v[:N_SAMPLES] for k, v in src.outputs.items()}
-    m = compare(ref, got)
+    m = compare(ref, got, judging=src.judging)
     g = profile.device_gates
     atol = max(g.sample_atol, float(np.ceil(m.max_abs_error * 2 * 1e4) / 1e4))
     gates = {
@@ -386,11 +424,15 @@ def package_model(
     progress: Progress | None = None,
     now: datetime | None = None,
     strict: bool = False,
+    judging: Judging | None = None,
 ) -> PackageReport:
     """Package ``model`` for each profile; see the module docstring. Never raises on a gate miss.
 
     ``strict``: a gate the validation set is too small to resolve (see
     :mod:`edgefleet.packager.search`) fails the candidate instead of passing on the estimate.
+    ``judging``: how agreement is judged (:class:`~edgefleet.packager.evaluate.Judging`: output
+    kind, output, threshold); by default the validation file's own ``output_kind`` /
+    ``output_name`` / ``output_threshold`` arrays, else inferred from the outputs' shapes.
     """
     import onnxruntime as ort
 
@@ -419,7 +461,13 @@ def package_model(
     try:
         notify("source", "loading and pre-processing the source model", 0, 1)
         src = _prepare_source(
-            model, calibration, validation, tmp, force_external=force_external_data, bench=bench
+            model,
+            calibration,
+            validation,
+            tmp,
+            force_external=force_external_data,
+            bench=bench,
+            judging=judging,
         )
         shared: dict[str, Any] = {
             "samples": save_npz(tmp / "samples.npz", _samples(src)),
@@ -471,7 +519,8 @@ def package_model(
             "size_bytes": src.size_bytes,
             "p50_ms": src.latency.p50_ms,
             "p95_ms": src.latency.p95_ms,
-            "accuracy": compare(src.outputs, src.outputs, src.labels).source_accuracy,
+            "accuracy": src.compare(src.outputs).source_accuracy,
+            "output_kind": src.compare(src.outputs).output_kind,
             "external_data": src.external,
             "preprocessing": src.preprocessing,
         }
@@ -752,7 +801,7 @@ def _sensitive_nodes(ctx: _Search, recipe: Recipe, b: _Built) -> dict[str, Any]:
         names = [s.node for s in useful[:k]]
         path = save_float_except(b.model, originals, names, scratch / f"fp32x{k}.onnx")
         sess = session(path, providers=[ctx.provider], threads=bench["threads"])
-        metrics = compare(src.outputs, run_all(sess, src.inputs), src.labels)
+        metrics = src.compare(run_all(sess, src.inputs))
         misses = check_gate(metrics, ctx.profile.accuracy_gate, strict=ctx.strict)
         tried.append({"fp32_nodes": k, "agreement": metrics.agreement, "passes": not misses})
         if not misses:
@@ -849,6 +898,8 @@ def _manifest(
             "max_abs_error": m.max_abs_error,
             "samples": m.samples,
             "score_output": m.score_output,
+            "output_kind": m.output_kind,
+            "output_kind_how": m.output_kind_how,
             "accuracy_gate": profile.accuracy_gate.to_dict(),
             "provider": validated_on,
             "measured_off_target": result.off_target,

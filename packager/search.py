@@ -121,6 +121,11 @@ def _fidelity(m: Metrics) -> dict[str, Any]:
     lo, hi = m.agreement_ci95
     return {
         "samples": m.samples,
+        "output_kind": m.output_kind,
+        "output_kind_how": m.output_kind_how,
+        "threshold": m.threshold,
+        "iou_mean": m.iou_mean,
+        "pixel_agreement": m.pixel_agreement,
         "agreement": m.agreement,
         "agreement_ci95": [round(lo, 6), round(hi, 6)],
         "cosine_mean": m.cosine_mean,
