@@ -90,7 +90,9 @@ def test_pp_ocr_detection_maps_and_recognition_strings() -> None:
     assert infer_kind(rec)[0] == "sequence"
     ctc = compare(rec, rec_noisy, judging=Judging("ctc"))
     steps = compare(rec, rec_noisy)
-    assert ctc.agreeing_count >= steps.agreeing_count  # a string can survive a shifted step, never the reverse
+    assert (
+        ctc.agreeing_count >= steps.agreeing_count
+    )  # a string can survive a shifted step, never the reverse
     assert compare(rec, rec, judging=Judging("ctc")).agreement == 1.0
 
 
