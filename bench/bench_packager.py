@@ -48,6 +48,18 @@ IMAGE = 32
 EPOCHS = 4
 
 
+def task_judging(task: str) -> Any:
+    """How the packager's gates judge a zoo task's agreement (the same sense as the table's):
+    DB text maps binarised at 0.3, CTC strings, a voice-activity decision at 0.5."""
+    from edgefleet.packager.evaluate import Judging
+
+    return {
+        "text-detection": Judging("map", threshold=0.3),
+        "text-recognition": Judging("ctc"),
+        "vad": Judging("binary"),
+    }.get(task, Judging())
+
+
 def cache_dir() -> Path:
     """Where trained bench models are kept between runs (``EDGEFLEET_BENCH_CACHE`` overrides)."""
     default = Path.home() / ".cache" / "edgefleet" / "bench"
@@ -381,6 +393,7 @@ def bench_model(
         bench_runs=runs,
         bench_seconds=seconds,
         training_run="bench",
+        judging=task_judging(m["task"]),
     )
     elapsed = time.perf_counter() - t0
     for pr in report.profiles:

@@ -156,6 +156,12 @@ def _render(report: Any, console: Console) -> None:
         else:
             table.add_row(p.profile, f"[red]{p.status}[/]", *[""] * 9, where)
     console.print(table)
+    kind = src.get("output_kind")
+    if kind:
+        how = next((p.metrics.output_kind_how for p in report.profiles if p.metrics), "")
+        console.print(
+            f"  agreement judged as {kind}" + (f" ({how})" if how else ""), highlight=False
+        )
     if off:
         console.print(
             "  * measured on the packaging host's provider, not the profile's own: these figures do"
@@ -195,6 +201,8 @@ def _render(report: Any, console: Console) -> None:
                 )
             for cand, error in p.failure.get("errors", {}).items():
                 console.print(f"    {cand}: {error}", highlight=False)
+            for cand, why in p.failure.get("refused", {}).items():
+                console.print(f"    {cand}: refused: {why}", highlight=False)
 
 
 def package(
@@ -227,6 +235,18 @@ def package(
         "--strict",
         help="Refuse a package whose gates the validation set is too small to resolve.",
     ),
+    output_kind: str | None = typer.Option(
+        None,
+        "--output-kind",
+        help="How agreement is judged: classes, binary, map, sequence, ctc or values "
+        "(default: the validation file's output_kind, else inferred from the output shapes).",
+    ),
+    output_name: str | None = typer.Option(
+        None, "--output-name", help="The output to judge (default: the first that fits)."
+    ),
+    output_threshold: float | None = typer.Option(
+        None, "--output-threshold", help="Decision threshold for binary and map outputs (0.5)."
+    ),
 ) -> None:
     """Quantize, validate, benchmark and sign MODEL for each hardware profile.
 
@@ -236,6 +256,7 @@ def package(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from edgefleet.packager.evaluate import Judging, JudgingError
     from edgefleet.packager.pipeline import PackagingError, package_model
     from edgefleet.packager.profiles import ProfileError, load_profiles
 
@@ -286,8 +307,9 @@ def package(
                 force_external_data=external_data,
                 progress=on_progress,
                 strict=strict,
+                judging=Judging(output_kind, output_name, output_threshold),
             )
-    except (PackagingError, ProfileError) as exc:
+    except (PackagingError, ProfileError, JudgingError) as exc:
         _err(str(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     if as_json:

@@ -270,14 +270,34 @@ def apply(
     per_channel: bool,
     weight_symmetric: bool,
     power_of_two: bool,
+    learn_rounding: bool = False,
+    reduce_range: bool = False,
 ) -> dict[str, Any]:
-    """Write ``prepared`` transformed to ``out``; return what was done (for the manifest)."""
+    """Write ``prepared`` transformed to ``out``; return what was done (for the manifest).
+
+    Order: equalization, then learned rounding (:mod:`edgefleet.packager.adaround`, which
+    corrects the biases of the layers it rounds itself), then analytic bias correction of the
+    remaining layers (a layer whose weights already sit on the grid has no error to correct).
+    """
     import onnx
 
     model = onnx.load(str(prepared))
     info: dict[str, Any] = {}
     if equalize_layers:
         info["equalized_pairs"] = equalize(model)
+    if learn_rounding:
+        from edgefleet.packager.adaround import adaround
+
+        info.update(
+            adaround(
+                model,
+                calibration,
+                per_channel=per_channel,
+                power_of_two=power_of_two,
+                reduce_range=reduce_range,
+                correct_bias=correct_bias,
+            )
+        )
     if correct_bias:
         info["bias_corrected"] = bias_correct(
             model,

@@ -17,6 +17,37 @@ Outputs = dict[str, np.ndarray]
 #: (softmax of the scores when they are not probabilities already).
 HARD_BELOW = 0.7
 
+#: How a candidate's answer is compared with the source's, per output kind:
+#: ``classes`` top-1 of ``[N, C>1]`` scores; ``binary`` the decision ``score > threshold`` of an
+#: ``[N, 1]`` (or ``[N]``) probability (e.g. a voice-activity detector); ``map`` the binarised
+#: ``[N, ..., H, W]`` probability map (e.g. a text detector), a sample agreeing when the IoU of
+#: its foregrounds is at least :data:`MAP_IOU`; ``sequence`` the argmax at every step of
+#: ``[N, T, C]``; ``ctc`` the CTC-collapsed argmax string (repeats merged, blank 0 dropped);
+#: ``values`` element-wise closeness (1 % of the source's largest magnitude).
+OUTPUT_KINDS = ("classes", "binary", "map", "sequence", "ctc", "values")
+DEFAULT_THRESHOLD = 0.5
+MAP_IOU = 0.9
+
+
+class JudgingError(ValueError):
+    """A declared output kind does not fit the model's outputs; the message says why."""
+
+
+@dataclass(frozen=True)
+class Judging:
+    """What the validation judges: an output kind (None: inferred from the outputs' shapes), the
+    output to judge (None: the first that fits) and the decision threshold (binary and map)."""
+
+    kind: str | None = None
+    output: str | None = None
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in OUTPUT_KINDS:
+            raise JudgingError(f"output kind {self.kind!r} is not one of {list(OUTPUT_KINDS)}")
+        if self.threshold is not None and not np.isfinite(self.threshold):
+            raise JudgingError("the output threshold must be a finite number")
+
 
 @dataclass(frozen=True)
 class Slice:
@@ -63,6 +94,11 @@ class Metrics:
     confident: Slice | None = None
     hard: Slice | None = None
     source_scale: float | None = None  # max |source output|, to judge max_abs_error
+    output_kind: str = "classes"  # how agreement was judged (:data:`OUTPUT_KINDS`)
+    output_kind_how: str = ""  # "declared" or what it was inferred from
+    threshold: float | None = None  # binary / map decisions
+    iou_mean: float | None = None  # map: mean IoU of the binarised foregrounds
+    pixel_agreement: float | None = None  # map: share of pixels with the same decision
 
     @property
     def agreeing_count(self) -> int:
@@ -117,16 +153,100 @@ def _cosines(source: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarra
     return np.where(same, 1.0, num / np.where(den == 0, 1.0, den))
 
 
+def _is_prob(a: np.ndarray) -> bool:
+    return bool(a.size) and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+def infer_kind(source: Mapping[str, np.ndarray]) -> tuple[str, str, str]:
+    """(kind, output, why) for outputs of undeclared kind, from the first float output's shape.
+
+    ``[N, C>1]`` anywhere: classes (that output); else on the first float output: ``[N]``/``[N, 1]``
+    in [0, 1]: binary; 3-D ``[N, T, C>1]`` that is not a probability map: sequence; 4-D (or 3-D
+    in [0, 1] whose last axis does not sum to 1) in [0, 1]: map; anything else: values.
+    """
+    name = score_output(source)
+    if name is not None:
+        return "classes", name, f"inferred: {name} is [N, {source[name].shape[1]}] scores"
+    floats = [k for k, v in source.items() if np.issubdtype(v.dtype, np.floating)]
+    key = floats[0] if floats else next(iter(source))
+    a = source[key]
+    shape = "[" + ", ".join(["N", *map(str, a.shape[1:])]) + "]"
+    why = f"inferred: {key} is {shape}"
+    if not floats:
+        return "values", key, why
+    if a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1):
+        return ("binary" if _is_prob(a) else "values"), key, why
+    if a.ndim == 3 and a.shape[2] > 1:
+        softmaxed = _is_prob(a) and np.allclose(a.sum(axis=2), 1.0, atol=1e-3)
+        if softmaxed or not _is_prob(a):
+            return "sequence", key, why
+        return "map", key, why
+    if a.ndim == 4 and _is_prob(a):
+        return "map", key, why
+    return "values", key, why
+
+
+def _fits(kind: str, a: np.ndarray) -> str | None:
+    """Why an output of shape ``a.shape`` cannot be judged as ``kind`` (None when it can)."""
+    if kind == "classes" and not (a.ndim == 2 and a.shape[1] > 1):
+        return "classes needs [N, C>1] scores"
+    if kind == "binary" and not (a.ndim == 1 or (a.ndim >= 2 and int(np.prod(a.shape[1:])) == 1)):
+        return "binary needs one score per sample ([N] or [N, 1])"
+    if kind in ("sequence", "ctc") and not (a.ndim == 3 and a.shape[2] > 1):
+        return f"{kind} needs [N, T, C>1] scores"
+    if kind == "map" and a.ndim < 3:
+        return "map needs [N, ..., H, W]"
+    return None
+
+
+def _resolve(source: Mapping[str, np.ndarray], judging: Judging) -> tuple[str, str, str]:
+    if judging.kind is None and judging.output is None:
+        return infer_kind(source)
+    if judging.output is not None and judging.output not in source:
+        raise JudgingError(f"output {judging.output!r} is not a model output ({sorted(source)})")
+    if judging.kind is None:
+        assert judging.output is not None
+        kind, _, why = infer_kind({judging.output: source[judging.output]})
+        return kind, judging.output, why
+    kind = judging.kind
+    names = [judging.output] if judging.output else list(source)
+    for name in names:
+        if _fits(kind, source[name]) is None:
+            return kind, name, "declared"
+    raise JudgingError(
+        f"declared output kind {kind!r} fits no output: {_fits(kind, source[names[0]])}"
+    )
+
+
+def _ctc(y: np.ndarray) -> list[tuple[int, ...]]:
+    out = []
+    for seq in y.argmax(axis=-1):
+        merged = [int(t) for i, t in enumerate(seq) if t != 0 and (i == 0 or t != seq[i - 1])]
+        out.append(tuple(merged))
+    return out
+
+
+def _step_probabilities(y: np.ndarray) -> np.ndarray:
+    n, t, c = y.shape
+    return _probabilities(y.reshape(n * t, c)).reshape(n, t, c)
+
+
 def compare(
     source: Mapping[str, np.ndarray],
     candidate: Mapping[str, np.ndarray],
     labels: np.ndarray | None = None,
+    judging: Judging | None = None,
 ) -> Metrics:
-    """Top-1 agreement, accuracy (with labels), cosine and max abs error of ``candidate``."""
+    """Agreement (per :data:`OUTPUT_KINDS`), accuracy (with labels), cosine and max abs error.
+
+    ``judging`` declares the output kind (and output, threshold); without it the kind is
+    inferred from the outputs' shapes (:func:`infer_kind`). Metrics say which and how.
+    """
     missing = sorted(set(source) - set(candidate))
     if missing:
         raise ValueError(f"candidate lacks output(s) {missing}")
-    name = score_output(source)
+    judging = judging or Judging()
+    kind, name, how = _resolve(source, judging)
     n = len(next(iter(source.values())))
     max_err = 0.0
     scale = 0.0
@@ -137,31 +257,53 @@ def compare(
             scale = max(scale, float(np.abs(ref).max()) if ref.size else 0.0)
     acc = src_acc = None
     lost = gained = None
-    confident = hard = None
-    if name is not None:
-        top_src = source[name].argmax(axis=1)
-        top_cand = candidate[name].argmax(axis=1)
+    low: np.ndarray | None = None
+    threshold = iou_mean = pixel_agreement = None
+    ref_all, got_all = source[name], candidate[name]
+    decided: tuple[np.ndarray, np.ndarray] | None = None  # per-sample answers, for labels
+    if kind == "classes":
+        top_src, top_cand = ref_all.argmax(axis=1), got_all.argmax(axis=1)
         same = top_src == top_cand
-        agreement = float(np.mean(same))
-        agreeing = int(same.sum())
-        low = _probabilities(source[name]).max(axis=1) < HARD_BELOW
-        confident = Slice(int((~low).sum()), int(same[~low].sum()))
-        hard = Slice(int(low.sum()), int(same[low].sum()))
-        if labels is not None:
-            y = np.asarray(labels).reshape(-1)
-            acc, src_acc = float(np.mean(top_cand == y)), float(np.mean(top_src == y))
-            lost = int(np.sum((top_src == y) & (top_cand != y)))
-            gained = int(np.sum((top_src != y) & (top_cand == y)))
+        low = _probabilities(ref_all).max(axis=1) < HARD_BELOW
+        decided = (top_src, top_cand)
+    elif kind == "binary":
+        threshold = judging.threshold if judging.threshold is not None else DEFAULT_THRESHOLD
+        p, q = ref_all.reshape(n).astype(np.float64), got_all.reshape(n).astype(np.float64)
+        same = (p > threshold) == (q > threshold)
+        low = np.abs(p - threshold) < HARD_BELOW - 0.5
+        decided = ((p > threshold).astype(np.int64), (q > threshold).astype(np.int64))
+    elif kind == "map":
+        threshold = judging.threshold if judging.threshold is not None else DEFAULT_THRESHOLD
+        a, b = ref_all.reshape(n, -1) > threshold, got_all.reshape(n, -1) > threshold
+        union = np.sum(a | b, axis=1)
+        iou = np.where(union == 0, 1.0, np.sum(a & b, axis=1) / np.maximum(union, 1))
+        same = iou >= MAP_IOU
+        iou_mean, pixel_agreement = float(np.mean(iou)), float(np.mean(a == b))
+    elif kind == "sequence":
+        same = np.all(ref_all.argmax(axis=2) == got_all.argmax(axis=2), axis=1)
+        low = _step_probabilities(ref_all).max(axis=2).min(axis=1) < HARD_BELOW
+    elif kind == "ctc":
+        same = np.array([x == y for x, y in zip(_ctc(ref_all), _ctc(got_all), strict=True)])
+        low = _step_probabilities(ref_all).max(axis=2).min(axis=1) < HARD_BELOW
     else:
-        key = next(iter(source))
-        ref, got = source[key].reshape(n, -1), candidate[key].reshape(n, -1)
+        ref, got = ref_all.reshape(n, -1), got_all.reshape(n, -1)
         if np.issubdtype(ref.dtype, np.floating):
             tol = 0.01 * (float(np.abs(ref).max()) or 1.0)
-            close = np.all(np.abs(got - ref) <= tol, axis=1)
+            same = np.all(np.abs(got - ref) <= tol, axis=1)
         else:
-            close = np.all(got == ref, axis=1)
-        agreement = float(np.mean(close))
-        agreeing = int(close.sum())
+            same = np.all(got == ref, axis=1)
+    same = np.asarray(same, dtype=bool)
+    agreement, agreeing = float(np.mean(same)) if n else 0.0, int(same.sum())
+    confident = hard = None
+    if low is not None:
+        confident = Slice(int((~low).sum()), int(same[~low].sum()))
+        hard = Slice(int(low.sum()), int(same[low].sum()))
+    if labels is not None and decided is not None:
+        top_src, top_cand = decided
+        y = np.asarray(labels).reshape(-1)
+        acc, src_acc = float(np.mean(top_cand == y)), float(np.mean(top_src == y))
+        lost = int(np.sum((top_src == y) & (top_cand != y)))
+        gained = int(np.sum((top_src != y) & (top_cand == y)))
     cos = _cosines(source, candidate, n)
     return Metrics(
         agreement,
@@ -169,7 +311,7 @@ def compare(
         src_acc,
         max_err,
         n,
-        name,
+        name if kind == "classes" else None,
         agreeing=agreeing,
         lost=lost,
         gained=gained,
@@ -178,6 +320,11 @@ def compare(
         confident=confident,
         hard=hard,
         source_scale=scale,
+        output_kind=kind,
+        output_kind_how=how,
+        threshold=threshold,
+        iou_mean=iou_mean,
+        pixel_agreement=pixel_agreement,
     )
 
 

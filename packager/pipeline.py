@@ -23,8 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.packager.backends.verify import combine, recipe_constraints, summary, verify
 from edgefleet.packager.benchmark import Latency, host_info, measure
-from edgefleet.packager.evaluate import Metrics, compare, io_spec, run_all, session
+from edgefleet.packager.evaluate import (
+    Judging,
+    JudgingError,
+    Metrics,
+    compare,
+    io_spec,
+    run_all,
+    session,
+)
 from edgefleet.packager.npzio import load_npz, save_npz
 from edgefleet.packager.profiles import Profile, get_profile, resolve_target, unmet_requirements
 from edgefleet.packager.quantize import (
@@ -151,6 +160,11 @@ class _Source:
     latency: Latency
     size_bytes: int
     cal_outputs: dict[str, np.ndarray] | None = None
+    judging: Judging = field(default_factory=Judging)
+
+    def compare(self, outputs: dict[str, np.ndarray], *, labels: bool = True) -> Metrics:
+        """``outputs`` (on the validation inputs) judged against the source's."""
+        return compare(self.outputs, outputs, self.labels if labels else None, self.judging)
 
 
 def _needs_external(model: Path, force: bool) -> bool:
@@ -189,6 +203,7 @@ def _prepare_source(
     *,
     force_external: bool,
     bench: dict[str, Any],
+    judging: Judging | None = None,
 ) -> _Source:
     try:
         sess = session(model, threads=bench["threads"])
@@ -201,11 +216,18 @@ def _prepare_source(
     labels = val.get("labels")
     if labels is not None and len(labels) != len(inputs[names[0]]):
         raise PackagingError(f"validation file {validation}: 'labels' length differs from inputs")
+    judging = _judging(val, judging, validation)
+    outputs = run_all(sess, inputs)
+    try:
+        compare(outputs, outputs, judging=judging)  # a declared kind must fit the outputs
+    except JudgingError as exc:
+        raise PackagingError(f"validation: {exc}") from exc
     external = _needs_external(model, force_external)
     prep_dir = work / "prepared"
     prep_dir.mkdir(parents=True, exist_ok=True)
     prepared, info = preprocess(model, prep_dir / "model.onnx", external=external)
     return _Source(
+        judging=judging,
         model=model,
         prepared=prepared,
         preprocessing=info,
@@ -213,10 +235,27 @@ def _prepare_source(
         calibration={n: cal[n] for n in names},
         inputs=inputs,
         labels=labels,
-        outputs=run_all(sess, inputs),
+        outputs=outputs,
         latency=measure(sess, inputs, runs=bench["runs"], max_seconds=bench["seconds"]),
         size_bytes=model_size(model),
     )
+
+
+def _judging(val: dict[str, np.ndarray], given: Judging | None, path: Path) -> Judging:
+    """The output kind to judge by: given (the CLI) over the validation file's own metadata
+    (``output_kind``, ``output_name``, ``output_threshold`` arrays) over inference."""
+    try:
+        kind = str(val["output_kind"].reshape(-1)[0]) if "output_kind" in val else None
+        name = str(val["output_name"].reshape(-1)[0]) if "output_name" in val else None
+        thr = float(val["output_threshold"].reshape(-1)[0]) if "output_threshold" in val else None
+        given = given or Judging()
+        return Judging(
+            given.kind or kind,
+            given.output or name,
+            given.threshold if given.threshold is not None else thr,
+        )
+    except (JudgingError, ValueError, TypeError, IndexError) as exc:
+        raise PackagingError(f"validation file {path}: output metadata: {exc}") from exc
 
 
 def _recipe_key(recipe: Recipe) -> str:
@@ -257,7 +296,7 @@ def _build_and_measure(
             info=info,
         )
         sess = session(out, providers=[provider], threads=bench["threads"])
-        metrics = compare(src.outputs, run_all(sess, src.inputs), src.labels)
+        metrics = src.compare(run_all(sess, src.inputs))
         latency = measure(sess, src.inputs, runs=bench["runs"], max_seconds=bench["seconds"])
     except BuildError as exc:
         return _Built(None, None, None, None, str(exc))
@@ -329,7 +368,7 @@ def _device_gates(
     sample_inputs = {k: v[:N_SAMPLES] for k, v in src.inputs.items()}
     got = run_all(sess, sample_inputs)
     ref = {k: v[:N_SAMPLES] for k, v in src.outputs.items()}
-    m = compare(ref, got)
+    m = compare(ref, got, judging=src.judging)
     g = profile.device_gates
     atol = max(g.sample_atol, float(np.ceil(m.max_abs_error * 2 * 1e4) / 1e4))
     gates = {
@@ -385,11 +424,15 @@ def package_model(
     progress: Progress | None = None,
     now: datetime | None = None,
     strict: bool = False,
+    judging: Judging | None = None,
 ) -> PackageReport:
     """Package ``model`` for each profile; see the module docstring. Never raises on a gate miss.
 
     ``strict``: a gate the validation set is too small to resolve (see
     :mod:`edgefleet.packager.search`) fails the candidate instead of passing on the estimate.
+    ``judging``: how agreement is judged (:class:`~edgefleet.packager.evaluate.Judging`: output
+    kind, output, threshold); by default the validation file's own ``output_kind`` /
+    ``output_name`` / ``output_threshold`` arrays, else inferred from the outputs' shapes.
     """
     import onnxruntime as ort
 
@@ -418,7 +461,13 @@ def package_model(
     try:
         notify("source", "loading and pre-processing the source model", 0, 1)
         src = _prepare_source(
-            model, calibration, validation, tmp, force_external=force_external_data, bench=bench
+            model,
+            calibration,
+            validation,
+            tmp,
+            force_external=force_external_data,
+            bench=bench,
+            judging=judging,
         )
         shared: dict[str, Any] = {
             "samples": save_npz(tmp / "samples.npz", _samples(src)),
@@ -470,7 +519,8 @@ def package_model(
             "size_bytes": src.size_bytes,
             "p50_ms": src.latency.p50_ms,
             "p95_ms": src.latency.p95_ms,
-            "accuracy": compare(src.outputs, src.outputs, src.labels).source_accuracy,
+            "accuracy": src.compare(src.outputs).source_accuracy,
+            "output_kind": src.compare(src.outputs).output_kind,
             "external_data": src.external,
             "preprocessing": src.preprocessing,
         }
@@ -508,7 +558,8 @@ def _package_profile(
         target={k: {"value": v, "how": how} for k, (v, how) in target.items()},
     )
     total = len(profile.candidates) + 1
-    built: dict[str, _Built] = {}
+    ctx = _Search(profile, src, work, cache, {}, provider, bench, strict, rank)
+    built = ctx.built
     recipes: dict[str, Recipe] = {}
     for i, recipe in enumerate(profile.candidates):
         notify(profile.id, f"candidate {recipe.id}", i, total)
@@ -520,11 +571,11 @@ def _package_profile(
             continue
         effective, note = resolve_backend(recipe)
         recipes[recipe.id] = effective
-        cr = _evaluate(profile, effective, src, work, cache, built, provider, bench, strict, rank)
+        cr = _evaluate(ctx, effective)
         cr.recipe = recipe.to_dict()
         cr.backend_note = note
         result.candidates.append(cr)
-    _recover(profile, result, recipes, src, work, cache, built, provider, bench, strict, rank)
+    _recover(ctx, result, recipes)
     best = choose(result.candidates, rank=rank)
     notify(profile.id, "writing package" if best else "no candidate within gate", total - 1, total)
     if best is None:
@@ -541,6 +592,7 @@ def _package_profile(
             "closest_candidate": closest.candidate if closest else None,
             "gates": [m.to_dict() for m in closest.misses] if closest else [],
             "errors": {c.candidate: c.error for c in result.candidates if c.error},
+            "refused": {c.candidate: c.violations[0] for c in result.candidates if c.violations},
             "unresolved": unresolved,
         }
         notify(profile.id, "gate failed", total, total)
@@ -586,23 +638,32 @@ def _package_profile(
     return result
 
 
-def _evaluate(
-    profile: Profile,
-    recipe: Recipe,
-    src: _Source,
-    work: Path,
-    cache: dict[str, _Built],
-    built: dict[str, _Built],
-    provider: str,
-    bench: dict[str, Any],
-    strict: bool,
-    rank: str,
-) -> CandidateResult:
+@dataclass(frozen=True)
+class _Search:
+    """What every candidate of one profile is built, measured and judged with.
+
+    ``cache`` (builds by provider and recipe, shared by all profiles) and ``built`` (this
+    profile's builds by candidate id) are filled as the search goes; the rest is fixed.
+    """
+
+    profile: Profile
+    src: _Source
+    work: Path
+    cache: dict[str, _Built]
+    built: dict[str, _Built]
+    provider: str
+    bench: dict[str, Any]
+    strict: bool
+    rank: str
+
+
+def _evaluate(ctx: _Search, recipe: Recipe) -> CandidateResult:
     """Build (or reuse) one candidate and judge it against the profile's gates."""
+    profile, provider, strict = ctx.profile, ctx.provider, ctx.strict
     key = f"{provider}|{_recipe_key(recipe)}"
-    if key not in cache:
-        cache[key] = _build_and_measure(recipe, src, work, provider, bench)
-    b = built[recipe.id] = cache[key]
+    if key not in ctx.cache:
+        ctx.cache[key] = _build_and_measure(recipe, ctx.src, ctx.work, provider, ctx.bench)
+    b = ctx.built[recipe.id] = ctx.cache[key]
     cr = CandidateResult(
         recipe.id,
         recipe.to_dict(),
@@ -618,6 +679,8 @@ def _evaluate(
             b.latency.p95_ms,
             b.size,
         )
+        if b.model is not None and not _meets_constraints(ctx, recipe, b.model, cr):
+            return cr
         cr.gates = judge(b.metrics, profile.accuracy_gate)
         cr.misses = check_gate(
             b.metrics,
@@ -627,24 +690,36 @@ def _evaluate(
             strict=strict,
         )
         cr.accepted = not cr.misses
-        if rank == "cost" and b.model is not None:
+        if ctx.rank == "cost" and b.model is not None:
             cr.cost = {"fp32_compute_nodes": fp32_compute_nodes(b.model), "size_bytes": b.size}
     return cr
 
 
-def _recover(
-    profile: Profile,
-    result: ProfileResult,
-    recipes: dict[str, Recipe],
-    src: _Source,
-    work: Path,
-    cache: dict[str, _Built],
-    built: dict[str, _Built],
-    provider: str,
-    bench: dict[str, Any],
-    strict: bool,
-    rank: str,
-) -> None:
+def _meets_constraints(ctx: _Search, recipe: Recipe, model: Path, cr: CandidateResult) -> bool:
+    """Check a candidate's output against its target before it may be chosen and signed.
+
+    The constraints are the profile's ``[constraints]`` combined with what the recipe promises
+    (:func:`~edgefleet.packager.backends.verify.recipe_constraints`); a vendor backend checks its
+    own promises too, this check holds every backend - ``ort`` included - to the target's.
+    A violation refuses the candidate, naming each rule, node and what was found.
+    """
+    import onnx
+
+    checked = combine(ctx.profile.constraints, recipe_constraints(recipe))
+    found = verify(onnx.load(str(model)), checked)
+    cr.verification = {
+        "constraints": checked.to_dict(),
+        "passed": not found,
+        "violations": [{"rule": v.rule, "node": v.node, "detail": v.detail} for v in found[:20]],
+        "violation_count": len(found),
+    }
+    if found:
+        cr.violations = [summary(found)]
+        cr.accepted = False
+    return not found
+
+
+def _recover(ctx: _Search, result: ProfileResult, recipes: dict[str, Recipe]) -> None:
     """Accuracy-aware search: keep the fewest sensitive nodes of a failed candidate in FP32.
 
     A candidate that missed its gate is worth recovering when it is QDQ (static or QNN) and,
@@ -669,7 +744,7 @@ def _recover(
         and any(not v.passes for v in c.gates)  # not just too little data to tell
         and not any(m.gate == "max_memory_mb" for m in c.misses)
     ]
-    if rank == "cost":
+    if ctx.rank == "cost":
         if accepted:
             return
     else:
@@ -678,20 +753,20 @@ def _recover(
     tried: set[int] = set()
     for cand in failed:
         recipe = recipes[cand.candidate]
-        b = built[cand.candidate]
+        b = ctx.built[cand.candidate]
         assert b.model is not None
         if id(b) in tried:  # the same build under another name (e.g. a backend's fallback)
             continue
         if len(tried) >= MAX_RECOVERIES:
             break
         tried.add(id(b))
-        found = _sensitive_nodes(profile, recipe, b, src, work, provider, bench, strict)
+        found = _sensitive_nodes(ctx, recipe, b)
         cand.recovery = found["summary"]
         if not found["nodes"]:
             continue
         names = tuple(n["node"] for n in found["nodes"])
         derived = replace(recipe, id=f"{recipe.id}+fp32x{len(names)}", nodes_to_exclude=names)
-        cr = _evaluate(profile, derived, src, work, cache, built, provider, bench, strict, rank)
+        cr = _evaluate(ctx, derived)
         cr.derived_from = recipe.id
         cr.fp32_nodes = found["nodes"]
         cr.backend_note = cand.backend_note
@@ -700,19 +775,11 @@ def _recover(
             return
 
 
-def _sensitive_nodes(
-    profile: Profile,
-    recipe: Recipe,
-    b: _Built,
-    src: _Source,
-    work: Path,
-    provider: str,
-    bench: dict[str, Any],
-    strict: bool,
-) -> dict[str, Any]:
+def _sensitive_nodes(ctx: _Search, recipe: Recipe, b: _Built) -> dict[str, Any]:
     from edgefleet.packager.sensitivity import rank as rank_nodes
     from edgefleet.packager.sensitivity import save_float_except
 
+    src, bench = ctx.src, ctx.bench
     assert b.model is not None
     floats = b.model.with_name("equalized.onnx")
     originals = floats if floats.exists() else src.prepared
@@ -729,13 +796,13 @@ def _sensitive_nodes(
     limit = min(MAX_FP32_NODES, max(1, int(len(ranked) * MAX_FP32_FRACTION)), len(useful))
     steps = sorted({k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if k <= limit} | {limit} - {0})
     tried = []
-    scratch = _new_dir(work)
+    scratch = _new_dir(ctx.work)
     for k in steps:
         names = [s.node for s in useful[:k]]
         path = save_float_except(b.model, originals, names, scratch / f"fp32x{k}.onnx")
-        sess = session(path, providers=[provider], threads=bench["threads"])
-        metrics = compare(src.outputs, run_all(sess, src.inputs), src.labels)
-        misses = check_gate(metrics, profile.accuracy_gate, strict=strict)
+        sess = session(path, providers=[ctx.provider], threads=bench["threads"])
+        metrics = src.compare(run_all(sess, src.inputs))
+        misses = check_gate(metrics, ctx.profile.accuracy_gate, strict=ctx.strict)
         tried.append({"fp32_nodes": k, "agreement": metrics.agreement, "passes": not misses})
         if not misses:
             why = "kept in FP32: quantizing it alone caused {:.1%} of the quantized output error"
@@ -831,6 +898,8 @@ def _manifest(
             "max_abs_error": m.max_abs_error,
             "samples": m.samples,
             "score_output": m.score_output,
+            "output_kind": m.output_kind,
+            "output_kind_how": m.output_kind_how,
             "accuracy_gate": profile.accuracy_gate.to_dict(),
             "provider": validated_on,
             "measured_off_target": result.off_target,

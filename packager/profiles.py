@@ -19,6 +19,7 @@ from edgefleet.hardware_profiles import (
     profiles_dir,
     read_profile_file,
 )
+from edgefleet.packager.backends.verify import CONSTRAINT_FIELDS, Constraints
 from edgefleet.packager.recipe import Recipe, RecipeError, parse_recipe
 
 
@@ -117,6 +118,9 @@ class Profile:
     min_agent_version: str
     source: Path | None = None
     target: dict[str, bool | str] | None = None
+    #: What the target's runtime accepts (``[constraints]``); every candidate's output is
+    #: checked against it, combined with its recipe's own promises, before it may be signed.
+    constraints: Constraints | None = None
 
     @property
     def provider_names(self) -> list[str]:
@@ -138,6 +142,7 @@ class Profile:
             "device_gates": dict(vars(self.device_gates)),
             "min_agent_version": self.min_agent_version,
             "target": dict(self.target or {}),
+            "constraints": self.constraints.to_dict() if self.constraints else None,
         }
 
 
@@ -177,6 +182,7 @@ def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -
         "device_gates",
         "min_agent_version",
         "target",
+        "constraints",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -246,6 +252,7 @@ def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -
         sample_rtol=_num(dev, "sample_rtol", dw, lo=0),
         min_sample_agreement=_num(dev, "min_sample_agreement", dw, lo=0, hi=1),
     )
+    constraints = _constraints(raw, where)
     min_agent = raw.get("min_agent_version", "0.1.0")
     if not isinstance(min_agent, str):
         raise ProfileError(f"{where}: 'min_agent_version' must be a string")
@@ -261,7 +268,34 @@ def parse_profile(raw: dict[str, Any], where: str, source: Path | None = None) -
         min_agent_version=min_agent,
         source=source,
         target=dict(target_raw),
+        constraints=constraints,
     )
+
+
+def _constraints(raw: dict[str, Any], where: str) -> Constraints | None:
+    """The optional ``[constraints]`` table (see :mod:`edgefleet.packager.backends.verify`)."""
+    if "constraints" not in raw:
+        return None
+    table = raw["constraints"]
+    cw = f"{where} [constraints]"
+    if not isinstance(table, dict):
+        raise ProfileError(f"{where}: [constraints] must be a table")
+    unknown = sorted(set(table) - set(CONSTRAINT_FIELDS))
+    if unknown:
+        raise ProfileError(f"{cw}: unknown key(s) {unknown}; known: {sorted(CONSTRAINT_FIELDS)}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if CONSTRAINT_FIELDS[key] is bool:
+            if not isinstance(value, bool):
+                raise ProfileError(f"{cw}: '{key}' must be true or false")
+            values[key] = value
+        elif key == "min_quantized_share":
+            values[key] = _num(table, key, cw, lo=0, hi=1)
+        elif isinstance(value, bool) or value not in (4, 8, 16):
+            raise ProfileError(f"{cw}: '{key}' must be 4, 8 or 16, got {value!r}")
+        else:
+            values[key] = int(value)
+    return Constraints(**values)
 
 
 def load_profile_file(path: Path) -> Profile:

@@ -213,7 +213,9 @@ def _build(
             return _copy_model(source, out, external)
         if recipe.method == "optimized":
             return _optimized(source, out, external)
-        if recipe.method in ("static", "qnn") and (recipe.equalize or recipe.bias_correction):
+        if recipe.method in ("static", "qnn") and (
+            recipe.equalize or recipe.bias_correction or recipe.adaround
+        ):
             prepared = _equalized(recipe, prepared, out, calibration, info)
         if recipe.method == "fp16":
             return _fp16(recipe, source, out, external)
@@ -252,6 +254,8 @@ def _equalized(
         per_channel=recipe.per_channel,
         weight_symmetric=recipe.weight_symmetric or recipe.weight_type in ("QInt8", "QInt16"),
         power_of_two=recipe.power_of_two,
+        learn_rounding=recipe.adaround,
+        reduce_range=recipe.reduce_range,
     )
     if info is not None:
         info.update(done)

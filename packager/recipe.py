@@ -53,6 +53,9 @@ class Recipe:
     requires: tuple[str, ...] = ()
     equalize: bool = False
     bias_correction: bool = False
+    #: Learn each weight's rounding (up or down) to minimise its layer's output error on the
+    #: calibration data (:mod:`edgefleet.packager.adaround`); symmetric signed weights only.
+    adaround: bool = False
     nodes_to_exclude: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,7 +71,7 @@ class Recipe:
         if self.requires:
             keep.add("requires")
         if self.method in ("static", "qnn"):
-            keep |= {k for k in ("equalize", "bias_correction") if getattr(self, k)}
+            keep |= {k for k in ("equalize", "bias_correction", "adaround") if getattr(self, k)}
             if self.nodes_to_exclude:
                 keep.add("nodes_to_exclude")
         if self.method == "dynamic":
@@ -111,6 +114,7 @@ _BOOL_FIELDS = (
     "keep_io_types",
     "equalize",
     "bias_correction",
+    "adaround",
 )
 
 
@@ -155,8 +159,15 @@ def parse_recipe(raw: dict[str, Any], where: str) -> Recipe:
     recipe = Recipe(**kwargs)
     if recipe.power_of_two and (recipe.method != "static" or recipe.per_channel):
         raise RecipeError(f"{where}: 'power_of_two' needs method = 'static', per_channel = false")
-    if (recipe.equalize or recipe.bias_correction) and recipe.method not in ("static", "qnn"):
-        raise RecipeError(f"{where}: 'equalize'/'bias_correction' need method 'static' or 'qnn'")
+    if (recipe.equalize or recipe.bias_correction or recipe.adaround) and recipe.method not in (
+        "static",
+        "qnn",
+    ):
+        raise RecipeError(
+            f"{where}: 'equalize'/'bias_correction' need method 'static' or 'qnn' (so does 'adaround')"
+        )
+    if recipe.adaround and (recipe.weight_type != "QInt8" or not recipe.weight_symmetric):
+        raise RecipeError(f"{where}: 'adaround' needs symmetric QInt8 weights")
     for req in recipe.requires:
         if not req.lstrip("!").replace("_", "").isalnum():
             raise RecipeError(f"{where}: 'requires' entry {req!r} is not a property name")

@@ -73,6 +73,9 @@ class CandidateResult:
     fp32_nodes: list[dict[str, Any]] = field(default_factory=list)  # accuracy-aware search
     derived_from: str | None = None  # the candidate an accuracy-aware variant was made from
     recovery: dict[str, Any] | None = None  # what the accuracy-aware search tried on this one
+    #: The target constraints its output was checked against and how it broke them (refused).
+    verification: dict[str, Any] | None = None
+    violations: list[str] = field(default_factory=list)
 
     @property
     def unresolved(self) -> list[GateVerdict]:
@@ -106,6 +109,8 @@ class CandidateResult:
             d["cost"] = self.cost
         if self.recovery is not None:
             d["recovery"] = self.recovery
+        if self.verification is not None:
+            d["verification"] = self.verification
         if self.fp32_nodes or self.derived_from:
             d["derived_from"] = self.derived_from
             d["fp32_nodes"] = self.fp32_nodes
@@ -116,6 +121,11 @@ def _fidelity(m: Metrics) -> dict[str, Any]:
     lo, hi = m.agreement_ci95
     return {
         "samples": m.samples,
+        "output_kind": m.output_kind,
+        "output_kind_how": m.output_kind_how,
+        "threshold": m.threshold,
+        "iou_mean": m.iou_mean,
+        "pixel_agreement": m.pixel_agreement,
         "agreement": m.agreement,
         "agreement_ci95": [round(lo, 6), round(hi, 6)],
         "cosine_mean": m.cosine_mean,
@@ -328,6 +338,8 @@ def choose(results: Sequence[CandidateResult], *, rank: str = "latency") -> Cand
             r.reason = f"skipped: {r.skipped}"
         elif r.error is not None:
             r.reason = f"build or run failed: {r.error}"
+        elif r.violations:
+            r.reason = "refused: violates the target's constraints: " + "; ".join(r.violations)
         elif not r.accepted:
             r.reason = "failed gate: " + "; ".join(m.describe() for m in r.misses)
         elif r is best:

@@ -103,6 +103,47 @@ def constraints_for(recipe: Recipe) -> Constraints:
     )
 
 
+#: What a ``[constraints]`` table of a hardware profile may declare (and each value's type).
+CONSTRAINT_FIELDS: dict[str, type] = {
+    "qdq_only": bool,
+    "power_of_two": bool,
+    "per_tensor": bool,
+    "symmetric": bool,
+    "activation_bits": int,
+    "weight_bits": int,
+    "min_quantized_share": float,
+}
+
+#: A recipe that promises nothing (FP32, FP16, dynamic quantization): nothing to check.
+NO_CONSTRAINTS = Constraints(qdq_only=False, min_quantized_share=0.0)
+
+
+def recipe_constraints(recipe: Recipe) -> Constraints:
+    """What ``recipe``'s output must meet on its own: its static QDQ promises, or nothing."""
+    if recipe.method in ("static", "qnn"):
+        return constraints_for(recipe)
+    return NO_CONSTRAINTS
+
+
+def combine(target: Constraints | None, recipe: Constraints) -> Constraints:
+    """The stricter of a target's declared constraints and a recipe's own promises.
+
+    A target's declared widths win over the recipe's (the target decides what it runs); a
+    target that declares constraints also sets the share of compute ops that must be quantized.
+    """
+    if target is None:
+        return recipe
+    return Constraints(
+        qdq_only=target.qdq_only or recipe.qdq_only,
+        power_of_two=target.power_of_two or recipe.power_of_two,
+        per_tensor=target.per_tensor or recipe.per_tensor,
+        symmetric=target.symmetric or recipe.symmetric,
+        activation_bits=target.activation_bits or recipe.activation_bits,
+        weight_bits=target.weight_bits or recipe.weight_bits,
+        min_quantized_share=target.min_quantized_share,
+    )
+
+
 def _is_pow2(x: float) -> bool:
     if not np.isfinite(x) or x <= 0:
         return False
