@@ -155,3 +155,214 @@ class Children:
 
     def close(self) -> None:
         stop_processes(self.procs.values(), timeout=15.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A NATS Server cluster: N real nats-server processes on loopback, each with clustered JetStream
+# and an MQTT listener. Devices and controllers reach any node; sessions and retained messages
+# live in JetStream streams replicated across the nodes, so they survive a node's death.
+
+NATS_SERVER = os.environ.get("EDGEFLEET_NATS_SERVER", "/usr/sbin/nats-server")
+
+
+def nats_server_binary() -> str | None:
+    """The nats-server executable, or None when it is not installed."""
+    import shutil
+
+    if os.path.isfile(NATS_SERVER) and os.access(NATS_SERVER, os.X_OK):
+        return NATS_SERVER
+    return shutil.which("nats-server")
+
+
+def _mqtt_connect_packet(client_id: str) -> bytes:
+    """An MQTT 3.1.1 CONNECT (clean session, keepalive 30 s) for ``client_id``."""
+    cid = client_id.encode()
+    variable = b"\x00\x04MQTT\x04\x02\x00\x1e"
+    payload = len(cid).to_bytes(2, "big") + cid
+    body = variable + payload
+    assert len(body) < 128  # one-byte remaining length is enough for a probe
+    return bytes([0x10, len(body)]) + body
+
+
+def mqtt_probe(host: str, port: int, *, timeout: float = 3.0) -> int | None:
+    """Connect with MQTT 3.1.1 and return the CONNACK return code (0: accepted), or None when
+    the server closed the connection or said nothing (NATS does either while its JetStream
+    cluster has no meta leader yet). Standard library only."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(_mqtt_connect_packet(f"edgefleet-probe-{os.getpid()}-{port}"))
+            reply = b""
+            while len(reply) < 4:
+                chunk = s.recv(4 - len(reply))
+                if not chunk:
+                    return None
+                reply += chunk
+            with contextlib.suppress(OSError):
+                s.sendall(b"\xe0\x00")  # DISCONNECT
+            if reply[0] != 0x20 or reply[1] != 0x02:
+                return None
+            return reply[3]
+    except OSError:
+        return None
+
+
+class NatsCluster:
+    """``nodes`` nats-server processes routed to each other, with JetStream and MQTT on each.
+
+    Use as a context manager; the nodes are stopped (and their stores kept under ``workdir``)
+    on exit. Ports are chosen once, so `restart` brings a node back where it was, with its own
+    JetStream store. `wait_ready` returns once every live node accepts an MQTT session, which on
+    NATS needs an elected JetStream meta leader (MQTT sessions and retained messages are
+    JetStream streams)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        nodes: int = 3,
+        *,
+        host: str = "127.0.0.1",
+        cluster_name: str = "edgefleet",
+        ready_timeout: float = 60.0,
+    ) -> None:
+        if nodes < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.workdir = Path(workdir)
+        self.host = host
+        self.cluster_name = cluster_name
+        self.ready_timeout = ready_timeout
+        self.names = [f"n{i + 1}" for i in range(nodes)]
+        self.client_ports = [free_port(host) for _ in self.names]
+        self.cluster_ports = [free_port(host) for _ in self.names]
+        self.mqtt_ports = [free_port(host) for _ in self.names]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * nodes
+        # Pinned, not left to NATS: it sizes the MQTT streams by the servers it sees when the
+        # first MQTT client connects, and a node that connected before its routes were all up
+        # created them R2 in a three-node cluster, so one dead node took the quorum with it.
+        self.replicas = min(3, nodes)
+
+    # -- layout --------------------------------------------------------------------------------
+
+    @property
+    def mqtt_urls(self) -> list[str]:
+        return [f"mqtt://{self.host}:{p}" for p in self.mqtt_ports]
+
+    @property
+    def nats_urls(self) -> list[str]:
+        return [f"nats://{self.host}:{p}" for p in self.client_ports]
+
+    def log_path(self, i: int) -> Path:
+        return self.workdir / f"{self.names[i]}.log"
+
+    def log_tail(self, i: int, chars: int = 3000) -> str:
+        path = self.log_path(i)
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def config_text(self, i: int) -> str:
+        routes = ", ".join(
+            f'"nats-route://{self.host}:{p}"' for j, p in enumerate(self.cluster_ports) if j != i
+        )
+        store = self.workdir / f"{self.names[i]}-js"
+        cluster = (
+            f"cluster {{\n  name: {self.cluster_name}\n"
+            f"  listen: {self.host}:{self.cluster_ports[i]}\n  routes: [{routes}]\n}}\n"
+            if len(self.names) > 1
+            else ""
+        )
+        return (
+            f"server_name: {self.names[i]}\n"
+            f"listen: {self.host}:{self.client_ports[i]}\n"
+            f'jetstream {{\n  store_dir: "{store}"\n}}\n'
+            f"{cluster}"
+            f"mqtt {{\n  listen: {self.host}:{self.mqtt_ports[i]}\n"
+            f"  stream_replicas: {self.replicas}\n  consumer_replicas: {self.replicas}\n}}\n"
+        )
+
+    # -- processes -----------------------------------------------------------------------------
+
+    def start(self, i: int) -> None:
+        """Start node ``i`` (no wait: see `wait_ready`)."""
+        if self.alive(i):
+            raise HarnessError(f"nats node {self.names[i]} is already running")
+        binary = nats_server_binary()
+        if binary is None:
+            raise HarnessError("nats-server is not installed (apt-get install nats-server)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / f"{self.names[i]}.conf"
+        conf.write_text(self.config_text(i))
+        with open(self.log_path(i), "ab") as log:
+            self.procs[i] = subprocess.Popen(
+                [binary, "-c", str(conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent(),
+            )
+
+    def alive(self, i: int) -> bool:
+        p = self.procs[i]
+        return p is not None and p.poll() is None
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i``, as a crash would; returns once it is gone."""
+        p = self.procs[i]
+        if p is not None:
+            stop_processes([p], kill=True)
+
+    def stop(self, i: int) -> None:
+        """Stop node ``i`` cleanly (SIGTERM: NATS leaves the cluster in order)."""
+        p = self.procs[i]
+        if p is not None:
+            stop_processes([p])
+
+    def restart(self, i: int, *, wait: bool = True) -> None:
+        """Bring node ``i`` back on its ports with its store (killing it first if it runs)."""
+        self.kill(i)
+        self.start(i)
+        if wait:
+            self.wait_ready([i])
+
+    def wait_ready(self, which: Iterable[int] | None = None, timeout: float | None = None) -> None:
+        """Return once each node in ``which`` (default: every live node) accepts an MQTT session.
+
+        Raises `HarnessError` with the node's log tail if it exits or never accepts one."""
+        indices = list(range(len(self.names)) if which is None else which)
+        deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
+        for i in indices:
+            if which is None and self.procs[i] is None:
+                continue
+            wait_listening(
+                self.host,
+                self.mqtt_ports[i],
+                self.procs[i],
+                timeout=max(0.1, deadline - time.monotonic()),
+                log=self.log_path(i),
+                name=f"nats node {self.names[i]}",
+            )
+            while True:
+                if not self.alive(i):
+                    raise HarnessError(f"nats node {self.names[i]} exited: {self.log_tail(i)}")
+                if mqtt_probe(self.host, self.mqtt_ports[i]) == 0:
+                    break
+                if time.monotonic() > deadline:
+                    raise NotListening(
+                        f"nats node {self.names[i]} accepts no MQTT session (no JetStream "
+                        f"meta leader?): {self.log_tail(i)}"
+                    )
+                time.sleep(0.2)
+
+    def __enter__(self) -> NatsCluster:
+        try:
+            for i in range(len(self.names)):
+                self.start(i)
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        stop_processes([p for p in self.procs if p is not None])
