@@ -1,4 +1,4 @@
-"""Run every benchmark (or the named ones): ``python -m bench [--quick] [packager agent controller fleet drift fuzz shadow delta]``.
+"""Run every benchmark (or the named ones): ``python -m bench [--quick] [packager agent controller fleet drift fuzz shadow delta scale]``.
 
 Each ``bench/bench_NAME.py`` prints its own table with ratios against a baseline measured in the
 same run. A benchmark that fails is reported and the others still run; the exit code says so.
@@ -10,7 +10,7 @@ import importlib
 import sys
 import time
 
-NAMES = ("packager", "agent", "controller", "fleet", "drift", "fuzz", "shadow", "delta")
+NAMES = ("packager", "agent", "controller", "fleet", "drift", "fuzz", "shadow", "delta", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:
