@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -139,24 +139,50 @@ def set_labels(
     return dev
 
 
-def note_device_seq(session: Session, device_id: str, seq: int, now: datetime) -> bool:
+class SeqBatch:
+    """The seq floors and desired seqs of a batch's devices, read with two queries (the bridge
+    applies hundreds of reports per batch: one SELECT per report each was most of its time)."""
+
+    def __init__(self, session: Session, device_ids: Collection[str]) -> None:
+        ids_ = sorted(set(device_ids))
+        self.floors: dict[str, DeviceSeqFloor] = {
+            f.device_id: f
+            for f in session.scalars(
+                select(DeviceSeqFloor).where(DeviceSeqFloor.device_id.in_(ids_))
+            )
+        }
+        # A floor added earlier in this transaction is pending, invisible to a query under
+        # no_autoflush (where the bridge works): two reports of a new device in one batch
+        # would insert its row twice and lose the whole batch.
+        for o in session.new:
+            if isinstance(o, DeviceSeqFloor) and o.device_id in ids_:
+                self.floors[o.device_id] = o
+        self.desired: dict[str, int] = {
+            d: q
+            for d, q in session.execute(
+                select(DesiredState.device_id, DesiredState.seq).where(
+                    DesiredState.device_id.in_(ids_)
+                )
+            )
+        }
+
+
+def note_device_seq(
+    session: Session, device_id: str, seq: int, now: datetime, batch: SeqBatch | None = None
+) -> bool:
     """Record the highest desired seq the device reports accepting; True when it is above the
     controller's own sequence for it (the database went backwards: the device would drop every
-    new state until the controller continues above it)."""
-    # A floor added earlier in this batch is pending, not yet in the identity map that
-    # `get` reads (the bridge applies batches under no_autoflush): look there too, or two
-    # reports of a new device in one batch insert its row twice and lose the whole batch.
-    floor = session.get(DeviceSeqFloor, device_id) or next(
-        (o for o in session.new if isinstance(o, DeviceSeqFloor) and o.device_id == device_id),
-        None,
-    )
+    new state until the controller continues above it). ``batch``: preloaded rows."""
+    batch = batch if batch is not None else SeqBatch(session, [device_id])
+    floor = batch.floors.get(device_id)
     if floor is None:
         floor = DeviceSeqFloor(device_id=device_id, floor=seq, reported_at=now)
         session.add(floor)
+        batch.floors[device_id] = floor
     elif seq >= floor.floor:
         floor.floor, floor.reported_at = seq, now
-    row = session.get(DesiredState, device_id)
-    return row is not None and row.seq < seq
+    own = batch.desired.get(device_id)
+    return own is not None and own < seq
 
 
 def stale_sequences(session: Session) -> dict[str, tuple[int, int | None]]:

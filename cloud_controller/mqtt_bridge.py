@@ -596,9 +596,12 @@ class MqttBridge:
                 devices.ensure_rows(session, ids_)
             q = select(Device).where(Device.id.in_(ids_)).order_by(Device.id)
             loaded = list(session.scalars(q.with_for_update() if locking else q))
+            seqs = devices.SeqBatch(session, ids_)
             for d in decoded:
                 held = _held_seq(d.parsed)
-                if held is not None and devices.note_device_seq(session, d.device_id, held, now):
+                if held is not None and devices.note_device_seq(
+                    session, d.device_id, held, now, seqs
+                ):
                     stale.add(d.device_id)
                 if isinstance(d.parsed, Presence):
                     devices.apply_presence(session, d.device_id, d.parsed, now)
