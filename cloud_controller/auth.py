@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from edgefleet.cloud_controller.models import ApiToken, Device
@@ -154,7 +155,14 @@ def register_device(
             online=False,
             recent_status_seqs=[],
         )
-        session.add(dev)
+        try:
+            with session.begin_nested():  # the device's first presence may insert it meanwhile
+                session.add(dev)
+        except IntegrityError:
+            found = session.get(Device, device_id)
+            if found is None:
+                raise
+            dev = found
     password, token = (new_secret("efm") if mqtt_password else ""), new_secret("efd")
     dev.registered = True
     dev.registered_at = now
