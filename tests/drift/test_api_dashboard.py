@@ -166,7 +166,11 @@ def _sign_in(b: Browser, url: str, token: str, then: str) -> None:
         f"document.querySelector('input[name=token]').value = {json.dumps(token)};"
         "document.querySelector('form[action=\"/dashboard/login\"]').submit()"
     )
-    b.wait_for(f"location.pathname + location.search === {json.dumps(then)}")
+    # The sign-in form may have been served at ``then`` itself: wait for the form to be gone.
+    b.wait_for(
+        "document.querySelector('input[name=token]') === null"
+        f" && location.pathname + location.search === {json.dumps(then)}"
+    )
 
 
 def test_drift_page_in_headless_chromium(served: Served, tmp_path: Path) -> None:

@@ -148,13 +148,17 @@ def test_slower_release_aborts_on_the_p95_gate_and_rolls_back(
             ).json()
         assert h["p95_ratio"] > 2.0
         page = httpx.get(
-            f"{run.url}/dashboard/rollouts", params={"token": run.tokens["viewer"]}, timeout=30
+            f"{run.url}/dashboard/rollouts",
+            headers={"Authorization": f"Bearer {run.tokens['viewer']}"},
+            timeout=30,
         )
         assert page.status_code == 200
         assert 'class="badge aborted"' in page.text and "p95 latency ratio" in page.text
         assert "wave 1: 50 %" in page.text and "2/2" in page.text
         fleet = httpx.get(
-            f"{run.url}/dashboard/", params={"token": run.tokens["viewer"]}, timeout=30
+            f"{run.url}/dashboard/",
+            headers={"Authorization": f"Bearer {run.tokens['viewer']}"},
+            timeout=30,
         ).text
         # The session's broker keeps other tests' retained presence, so the inventory may hold
         # more devices than this test's: check each of ours, back on 1.0.0 and healthy.

@@ -58,7 +58,8 @@ class Browser:
         self.wait_for(f"location.href === {json.dumps(url)}")
 
     def dom(self) -> str:
-        return str(self.eval("document.documentElement.outerHTML"))
+        """The loaded page's HTML (waits out a navigation in progress, which reads as None)."""
+        return str(self.wait_for("document.documentElement && document.documentElement.outerHTML"))
 
     def cookies(self) -> list[dict[str, Any]]:
         return list(self.call("Network.getAllCookies")["cookies"])
