@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgefleet.cloud_controller import db
 from edgefleet.cloud_controller.api import router as api_router
+from edgefleet.cloud_controller.capture.api import router as capture_router
 from edgefleet.cloud_controller.controller import Controller
 from edgefleet.cloud_controller.dashboard import router as dashboard_router
 from edgefleet.cloud_controller.drift.api import router as drift_router
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Reads that are audited too: who fetched which package file.
-_AUDITED_READS = re.compile(r"/api/v1/packages/[^/]+/download")
+_AUDITED_READS = re.compile(r"/api/v1/packages/[^/]+/download|/api/v1/datasets/[^/]+/npz")
 _UPLOADS = re.compile(r"/api/v1/packages/?")
 _REFERENCES = re.compile(r"/api/v1/drift/[^/]+/references/?")
 # Enrollment carries its own credential (the one-time token) in a small body.
@@ -335,5 +336,6 @@ def create_app(settings: Settings, controller: Controller | None = None) -> Fast
 
     app.include_router(api_router)
     app.include_router(drift_router)
+    app.include_router(capture_router)
     app.include_router(dashboard_router)
     return app
