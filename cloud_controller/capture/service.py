@@ -331,9 +331,9 @@ class RateWindow:
 
     def allow(self, key: tuple[str, str], rows: int, limit: int, now_s: float) -> bool:
         w = [x for x in self.seen.get(key, []) if now_s - x[0] < 60.0]
-        # twice the device's own limit: sampling bursts and a backlog sent after a reconnect
-        # pass; a device that ignores its limit does not
-        if sum(n for _, n in w) + rows > 2 * limit + wc.MAX_ROWS_PER_RECORD:
+        # twice the device's own limit (its records never carry more rows than that limit):
+        # a backlog sent after a reconnect passes, a device that ignores its limit does not
+        if sum(n for _, n in w) + rows > 2 * limit:
             self.seen[key] = w
             return False
         w.append((now_s, rows))
@@ -417,10 +417,10 @@ def ingest(
             res.acked.append(p.record_id)
         elif p.record_id in seen:
             res.acked.append(p.record_id)  # a resend: stored already
-        elif cap.state not in OPEN or _utc(cap.until) + timedelta(minutes=5) < now:
-            refuse(CaptureReason.CLOSED)
         elif st["rows"] + p.rows > cap.rows_per_device:
             refuse(CaptureReason.OVER_QUOTA)
+        elif cap.state not in OPEN or _utc(cap.until) + timedelta(minutes=5) < now:
+            refuse(CaptureReason.CLOSED)
         elif not rate.allow((cap.id, device_id), p.rows, cap.max_rows_per_minute, now_s):
             refuse(CaptureReason.RATE)
         elif cap.bytes + p.nbytes > lim.max_bytes or p.nbytes > budget_left:
