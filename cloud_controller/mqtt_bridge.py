@@ -77,7 +77,7 @@ MAX_MESSAGE_BYTES = {
     "presence": 64 * 1024,
     "status": 64 * 1024,
     "telemetry": 1024**2,
-    "capture": 4 * 1024**2,
+    "capture": 2 * 1024**2,
 }
 
 

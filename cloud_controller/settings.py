@@ -185,7 +185,7 @@ class Settings:
     max_telemetry_bytes: int = 1024**2  # one telemetry envelope
     max_enroll_body_bytes: int = 64 * 1024  # an enrollment or renewal (token + CSR), anonymous
     # Capture on demand (docs/capture.md, docs/limits.md "Capture").
-    max_capture_bytes: int = 4 * 1024**2  # one capture message (<= 64 records of <= 256 KiB)
+    max_capture_bytes: int = 2 * 1024**2  # one capture message (the agent sends <= 1 MiB)
     capture_on_drift: bool = False  # a drift event starts a capture on its devices
     capture_on_drift_rows: int = 500  # ... of this many rows
     capture_max_rows: int = 100_000  # rows one capture may ask for

@@ -31,6 +31,9 @@ from edgefleet.wire.telemetry import TelemetryEnvelope
 #: ``publish(kind, payload) -> message id``: one QoS 1 message on this device's topic.
 Publish = Callable[[Kind, bytes], int]
 AckMode = Literal["auto", "on", "off"]
+#: Records of one capture message, JSON bytes (docs/limits.md): a record holds at most
+#: 256 KiB of tensors (~350 KB as base64), so one always fits.
+MAX_CAPTURE_MESSAGE = 1024**2
 
 
 class RecordOutbox(Protocol):
@@ -176,7 +179,14 @@ class Delivery:
                 payload = json.dumps(TelemetryEnvelope(self.device_id, batch).to_dict()).encode()
                 self._publish(publish, self.telemetry, "telemetry", batch, payload)
         if self.capture is not None:
-            rows = [r for _, r in self._fresh(self.capture, self.capture_batch)]
+            # one message stays under MAX_CAPTURE_MESSAGE (the broker's packet limit is above)
+            rows, size = [], 0
+            for _, r in self._fresh(self.capture, self.capture_batch):
+                n = len(json.dumps(r))
+                if rows and size + n > MAX_CAPTURE_MESSAGE:
+                    break
+                rows.append(r)
+                size += n
             if rows:
                 payload = json.dumps({"device_id": self.device_id, "records": rows}).encode()
                 self._publish(publish, self.capture, "capture", rows, payload)
