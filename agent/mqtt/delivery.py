@@ -180,7 +180,8 @@ class Delivery:
                 self._publish(publish, self.telemetry, "telemetry", batch, payload)
         if self.capture is not None:
             # one message stays under MAX_CAPTURE_MESSAGE (the broker's packet limit is above)
-            rows, size = [], 0
+            rows: list[dict[str, Any]] = []
+            size = 0
             for _, r in self._fresh(self.capture, self.capture_batch):
                 n = len(json.dumps(r))
                 if rows and size + n > MAX_CAPTURE_MESSAGE:
