@@ -399,3 +399,46 @@ def test_tensor_bounds_are_checked_before_anything_is_decoded() -> None:
         with pytest.raises(wc.CaptureError):
             wc.parse_spec(bad)
     assert io is not None
+
+
+def test_a_drift_event_starts_a_capture_when_the_setting_is_on(
+    ctl: Running, tmp_path: Path
+) -> None:
+    from sqlalchemy import select
+
+    from edgefleet.cloud_controller.capture import service as svc
+    from edgefleet.cloud_controller.db import transaction
+    from edgefleet.cloud_controller.drift.models import DriftEvent
+    from edgefleet.cloud_controller.models import CaptureSession, DesiredState
+
+    dev = f"cap-drift-{tmp_path.name[-8:].replace('_', '-')}"
+    _manage(ctl, [dev])
+    now = datetime.now(UTC)
+    with transaction(ctl.controller.factory) as s:
+        event = DriftEvent(
+            at=now, model=MODEL, reference_id="r" * 16, scope="device", scope_key=dev,
+            bucket_start=now, versions=["1.0.0"], features=["f0"], evidence={},
+            webhook_state="none",
+        )  # fmt: skip
+        s.add(event)
+        s.flush()
+        assert svc.start_capture_for_event(s, event) is None  # capture_on_drift is off
+        before = svc.limits()
+        svc.configure(svc.CaptureLimits(on_drift=True, on_drift_rows=7))
+        try:
+            cid = svc.start_capture_for_event(s, event)
+            assert cid is not None and svc.start_capture_for_event(s, event) == cid  # once
+        finally:
+            svc.configure(before)
+        event_id = event.id
+    # the leader's ticker sends it: the device's signed desired state carries it
+    assert _wait(lambda: ctl.controller.capture_tick(force=True) is not None and _active(ctl, cid))
+    with transaction(ctl.controller.factory) as s:
+        cap = s.scalar(select(CaptureSession).where(CaptureSession.id == cid))
+        assert cap is not None and cap.drift_event_id == event_id and cap.rows_wanted == 7
+        entry = s.get(DesiredState, dev).models[MODEL]  # type: ignore[union-attr]
+        assert entry["capture"]["id"] == cid and entry["capture"]["rows"] == 7
+
+
+def _active(run: Running, cid: str) -> bool:
+    return run.client("viewer").get(f"/api/v1/captures/{cid}").json()["state"] == "active"
