@@ -393,6 +393,7 @@ def ingest(
             )
         )
     budget_left = lim.total_bytes - total_bytes(session)
+    versions = _known_versions(session, device_id, {c.model for c in caps.values()})
     now_s = now.timestamp()
     for p in parsed:
         cap = caps.get(p.capture_id)
@@ -417,6 +418,8 @@ def ingest(
             res.acked.append(p.record_id)
         elif p.record_id in seen:
             res.acked.append(p.record_id)  # a resend: stored already
+        elif p.version not in versions.get(cap.model, ()):
+            refuse(CaptureReason.WRONG_VERSION)
         elif st["rows"] + p.rows > cap.rows_per_device:
             refuse(CaptureReason.OVER_QUOTA)
         elif cap.state not in OPEN or _utc(cap.until) + timedelta(minutes=5) < now:
@@ -452,6 +455,24 @@ def ingest(
                 cap.state, cap.ended_at = "complete", now  # the ticker withdraws the entries
         cap.stats = stats
     return res
+
+
+def _known_versions(session: Session, device_id: str, models: set[str]) -> dict[str, set[str]]:
+    """Per model, the versions a row from this device may name: the one its desired state
+    names, and those it reported installed (the current and the previous one)."""
+    out: dict[str, set[str]] = {m: set() for m in models}
+    row = session.get(DesiredState, device_id)
+    dev = session.get(Device, device_id)
+    for m in models:
+        entry = (row.models or {}).get(m) if row is not None else None
+        if isinstance(entry, dict) and isinstance(entry.get("version"), str):
+            out[m].add(entry["version"])
+        info = (dev.installed or {}).get(m) if dev is not None else None
+        if isinstance(info, dict):
+            out[m].update(
+                v for v in (info.get("version"), info.get("previous")) if isinstance(v, str)
+            )
+    return out
 
 
 # --- the leader's ticker ----------------------------------------------------------------------

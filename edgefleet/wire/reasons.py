@@ -163,6 +163,8 @@ class CaptureReason(StrEnum):
     FORBIDDEN = "capture_forbidden"  # the device's config ([capture] allowed = false) forbids it
     UNKNOWN = "capture_unknown"  # no such capture, or this device is not one of its targets
     WRONG_MODEL = "capture_wrong_model"  # the record names another model than the capture's
+    # a version the device neither runs nor was asked to run (its report or desired state)
+    WRONG_VERSION = "capture_wrong_version"
     CLOSED = "capture_closed"  # the capture was stopped, finished or expired
     OVER_QUOTA = "capture_over_quota"  # beyond the rows asked of this device
     RATE = "capture_rate"  # faster than the capture's max_rows_per_minute allows (a flood)

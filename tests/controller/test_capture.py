@@ -285,6 +285,7 @@ def test_adversarial_records_are_refused_counted_and_never_stored(
     records = [
         _row("cap-" + "0" * 16, 1),  # unknown capture
         _row(cid, 2, model="other"),  # wrong model
+        _row(cid, 6, version="9.9.9"),  # a version the device neither runs nor was asked to
         _row(cid, 3, inputs={"X": lying}),  # shape says 16 bytes, data has 12
         _row(cid, 4, inputs={"X": {**lying, "dtype": "object"}}),  # dtype outside the list
         _row(cid, 5, inputs={"X": huge}),  # 2**80 elements: refused before decoding
@@ -302,13 +303,14 @@ def test_adversarial_records_are_refused_counted_and_never_stored(
         # over the message cap: refused whole, before parsing
         pub.publish(topic(dev, "capture"), b"{" + b" " * (2 * 1024**2 + 1) + b"}", qos=1)
         acked = lambda: {i for a in acks for i in a.get("capture", [])}  # noqa: E731
-        want = {1, 2, 3, 4, 5, *range(10, 18)}
+        want = {1, 2, 3, 4, 5, 6, *range(10, 18)}
         assert _wait(lambda: acked() >= want), acks
     finally:
         pub.loop_stop()
         pub.disconnect()
     drops = ctl.controller.bridge.stats.dropped
     assert drops.get("capture_unknown") == 1 and drops.get("capture_wrong_model") == 1
+    assert drops.get("capture_wrong_version") == 1
     assert drops.get("capture_bad_tensor") == 2 and drops.get("capture_too_large", 0) >= 1
     assert drops.get("capture_too_large") == 2  # the huge tensor and the oversize message
     c = ctl.client("viewer").get(f"/api/v1/captures/{cid}").json()
