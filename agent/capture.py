@@ -40,6 +40,7 @@ from edgefleet.wire.manifest import parse_time
 from edgefleet.wire.message import JsonObject, JsonValue, now_iso
 
 log = logging.getLogger("edgefleet.agent.capture")
+MAX_REMEMBERED = 256  # captures whose progress the state file keeps
 
 
 @dataclass
@@ -132,6 +133,10 @@ class CaptureService:
                 self._active[model] = _Active(spec, model, parse_time(spec.until).timestamp())
 
     def _save(self) -> None:
+        # bounded: the oldest ended captures are forgotten first (a capture id never returns)
+        ended = [c for c, p in self._progress.items() if p.done is not None or p.refused]
+        for cid in ended[: max(0, len(self._progress) - MAX_REMEMBERED)]:
+            del self._progress[cid]
         body = {
             "specs": self._specs,
             "captures": {

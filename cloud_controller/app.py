@@ -262,6 +262,11 @@ class _Metrics:
             for reason, n in b.stats.dropped.items():
                 d.add_metric([reason], n)
             yield d
+            cr = CounterMetricFamily(
+                "edgefleet_capture_records_stored", "Captured records stored (docs/capture.md)"
+            )
+            cr.add_metric([], b.stats.capture_rows)
+            yield cr
             c = GaugeMetricFamily("edgefleet_broker_connected", "1 when connected to the broker")
             c.add_metric([], 1.0 if b.stats.connected else 0.0)
             yield c

@@ -216,6 +216,9 @@ def test_capture_start_rows_export_and_a_device_that_forbids_it(
         assert kinds == ["refused"] and no.raw_records()[0]["reason"] == "capture_forbidden"
         assert no.capture.outbox.stats().pending == 0
         assert sum(r["kind"] == "row" for r in ok.raw_records()) == 20
+        metrics = viewer.get("/metrics").text
+        assert "edgefleet_capture_records_stored_total 20.0" in metrics
+        assert 'edgefleet_mqtt_messages_total{kind="capture"}' in metrics
         # export: the packager's reader takes both files, with the model's input name
         cal, val = tmp_path / "cal.npz", tmp_path / "val.npz"
         out = _cli(
