@@ -275,11 +275,24 @@ def run(
             telemetry = None
     link: Any = None
     renewed = threading.Event()
+    capture: Any = None
     if cfg.mqtt.brokers:
+        from edgefleet.agent.capture import CaptureService
         from edgefleet.agent.mqtt.link import MqttLink
 
+        # Always there, allowed or not: a device that forbids capture says so (docs/capture.md).
         try:
-            link = MqttLink(agent, cfg, telemetry=telemetry.outbox if telemetry else None)
+            capture = CaptureService(agent, cfg)
+            capture.start()
+            extras.append(capture)
+        except Exception as e:
+            console.print(f"[yellow]capture not started:[/yellow] {type(e).__name__}: {e}")
+            capture = None
+
+        try:
+            link = MqttLink(
+                agent, cfg, telemetry=telemetry.outbox if telemetry else None, capture=capture
+            )
             link.start()
         except Exception as e:
             # A gateway configured for a fleet but without its link would serve stale models
@@ -301,7 +314,9 @@ def run(
             # TLS files are read when the link starts: reconnect with the new certificate.
             renewed.clear()
             link.stop()
-            link = MqttLink(agent, cfg, telemetry=telemetry.outbox if telemetry else None)
+            link = MqttLink(
+                agent, cfg, telemetry=telemetry.outbox if telemetry else None, capture=capture
+            )
             link.start()
     if link is not None:
         link.stop()

@@ -132,6 +132,17 @@ class TelemetryConfig:
 
 
 @dataclass
+class CaptureConfig:
+    """``[capture]``: capture on demand (docs/capture.md). Off unless this device opts in:
+    with ``allowed = false`` a capture the controller asks for is refused (``capture_forbidden``,
+    reported once) and no raw input or output ever leaves the device."""
+
+    allowed: bool = False
+    outbox_max_bytes: int = 32 * 1024 * 1024  # captured rows waiting for the controller's ack
+    queue: int = 64  # sampled requests waiting to be written; more are dropped (counted)
+
+
+@dataclass
 class ShadowConfig:
     """``[shadow]``: a candidate version evaluated next to the serving one (docs/shadow.md)."""
 
@@ -190,6 +201,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     serving: ServingLimits = field(default_factory=ServingLimits)  # the inference API's limits
     shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     config_path: Path | None = None
 
     @property

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgefleet.cloud_controller import db
 from edgefleet.cloud_controller.api import router as api_router
+from edgefleet.cloud_controller.capture.api import router as capture_router
 from edgefleet.cloud_controller.controller import Controller
 from edgefleet.cloud_controller.dashboard import router as dashboard_router
 from edgefleet.cloud_controller.drift.api import router as drift_router
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Reads that are audited too: who fetched which package file.
-_AUDITED_READS = re.compile(r"/api/v1/packages/[^/]+/download")
+_AUDITED_READS = re.compile(r"/api/v1/packages/[^/]+/download|/api/v1/datasets/[^/]+/npz")
 _UPLOADS = re.compile(r"/api/v1/packages/?")
 _REFERENCES = re.compile(r"/api/v1/drift/[^/]+/references/?")
 # Enrollment carries its own credential (the one-time token) in a small body.
@@ -261,6 +262,11 @@ class _Metrics:
             for reason, n in b.stats.dropped.items():
                 d.add_metric([reason], n)
             yield d
+            cr = CounterMetricFamily(
+                "edgefleet_capture_records_stored", "Captured records stored (docs/capture.md)"
+            )
+            cr.add_metric([], b.stats.capture_rows)
+            yield cr
             c = GaugeMetricFamily("edgefleet_broker_connected", "1 when connected to the broker")
             c.add_metric([], 1.0 if b.stats.connected else 0.0)
             yield c
@@ -335,5 +341,6 @@ def create_app(settings: Settings, controller: Controller | None = None) -> Fast
 
     app.include_router(api_router)
     app.include_router(drift_router)
+    app.include_router(capture_router)
     app.include_router(dashboard_router)
     return app

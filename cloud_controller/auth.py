@@ -215,6 +215,7 @@ def mosquitto_acl(controller_user: str = CONTROLLER_MQTT_USER) -> str:
             f"pattern read {dev}/ack",  # the controller's acknowledgements (wire.mqtt)
             f"pattern write {dev}/status",
             f"pattern write {dev}/telemetry",
+            f"pattern write {dev}/capture",  # opt-in captured rows (docs/capture.md)
             f"pattern write {dev}/presence",
             "",
         ]

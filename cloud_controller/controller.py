@@ -102,6 +102,9 @@ class Controller:
     def build(cls, settings: Settings) -> Controller:
         engine = db.make_engine(settings.database_url)
         db.upgrade(engine)
+        from edgefleet.cloud_controller.capture import service as capture
+
+        capture.configure(capture.CaptureLimits.from_settings(settings))
         factory = db.session_factory(engine)
         signer = Signer(load_signing_key(settings), timedelta(seconds=settings.desired_ttl_s))
         settings.package_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +138,7 @@ class Controller:
                     "presence": settings.max_presence_bytes,
                     "status": settings.max_status_bytes,
                     "telemetry": settings.max_telemetry_bytes,
+                    "capture": settings.max_capture_bytes,
                 },
                 signer=signer,
                 tls_files=settings.broker_tls_files(),
@@ -307,6 +311,29 @@ class Controller:
             log.exception("desired seq high-water mark not written")
         self.engine.dispose()
 
+    _capture_next: float = 0.0
+
+    def capture_tick(self, force: bool = False) -> dict[str, int]:
+        """The leader's capture duties (docs/capture.md), at most every 2 s unless forced:
+        send pending captures, end expired ones, delete what is past the retention."""
+        import time as _time
+
+        from edgefleet.cloud_controller.capture import service as capture
+
+        if not force and _time.monotonic() < self._capture_next:
+            return {}
+        self._capture_next = _time.monotonic() + 2.0
+        with db.transaction(self.factory) as session:
+            if self.elector is not None:
+                self.elector.fence(session)
+            rows, counts = capture.tick(session, self.signer)
+            rows = list({id(r): r for r in rows}.values())  # a device issued twice: its newest
+            for row in rows:
+                session.expunge(row)
+        if rows:
+            self.rollouts.publish_committed(rows)
+        return counts
+
     def _tick_loop(self) -> None:
         """The leader advances rollouts and publishes what followers committed; a follower
         only keeps its copy of the rollouts current (it serves the API and ingests)."""
@@ -326,6 +353,12 @@ class Controller:
                 log.warning("rollout tick refused: %s", e)
             except Exception:
                 log.exception("rollout tick failed")
+            try:
+                self.capture_tick()
+            except Fenced as e:
+                log.warning("capture tick refused: %s", e)
+            except Exception:
+                log.exception("capture tick failed")
             try:
                 self.persist_seq_high()
             except Exception:

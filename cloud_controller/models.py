@@ -196,3 +196,69 @@ class ControllerLease(Base):
     epoch: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     acquired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class CaptureSession(Base):
+    """A capture on demand (docs/capture.md): what was asked of which devices, and how it went.
+
+    ``stats`` holds per device ``{"rows", "bytes", "refused": {reason: n}, "forbidden",
+    "done"}``; written by the bridge under a row lock (``SELECT … FOR UPDATE``)."""
+
+    __tablename__ = "capture_sessions"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    devices: Mapped[list[str]] = mapped_column(JSON)  # the targets, resolved at start
+    group: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    rows_wanted: Mapped[int] = mapped_column(Integer)  # in all; each device is asked its share
+    rows_per_device: Mapped[int] = mapped_column(Integer)
+    sample_rate: Mapped[float] = mapped_column(Float)
+    max_rows_per_minute: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # active|complete|stopped|expired
+    created_by: Mapped[str] = mapped_column(String(200))
+    drift_event_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    rows: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class CapturedRow(Base):
+    """One captured record (a sampled request): its tensors as the wire carried them."""
+
+    __tablename__ = "captured_rows"
+    __table_args__ = (UniqueConstraint("device_id", "record_id", name="uq_captured_rows_record"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    capture_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("capture_sessions.id", ondelete="CASCADE"), index=True
+    )
+    device_id: Mapped[str] = mapped_column(String(128))
+    record_id: Mapped[int] = mapped_column(BigInteger)
+    version: Mapped[str] = mapped_column(String(128))
+    rows: Mapped[int] = mapped_column(Integer)
+    nbytes: Mapped[int] = mapped_column(Integer)
+    captured_at: Mapped[str] = mapped_column(String(40))  # the device's clock, as sent
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)  # JSON: {"inputs", "outputs"}
+
+
+class CaptureDataset(Base):
+    """An export of a capture: a versioned dataset with its lineage and the .npz bytes."""
+
+    __tablename__ = "capture_datasets"
+    __table_args__ = (UniqueConstraint("capture_id", "version", "part", name="uq_dataset_version"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    capture_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("capture_sessions.id", ondelete="CASCADE"), index=True
+    )
+    version: Mapped[int] = mapped_column(Integer)  # 1, 2, … per capture
+    part: Mapped[str] = mapped_column(String(16))  # calibration | holdout
+    model: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(200))
+    lineage: Mapped[dict[str, Any]] = mapped_column(JSON)
+    rows: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    npz: Mapped[bytes] = mapped_column(LargeBinary)

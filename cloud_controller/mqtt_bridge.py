@@ -36,6 +36,8 @@ from edgefleet.cloud_controller.models import Device
 from edgefleet.cloud_controller.rollouts import RolloutService
 from edgefleet.wire import ids
 from edgefleet.wire.backoff import Failover, split_urls
+from edgefleet.wire.capture import CaptureEnvelope, record_id
+from edgefleet.wire.capture import parse_envelope as parse_capture
 from edgefleet.wire.message import MessageError, loads_bounded
 from edgefleet.wire.presence import Presence
 from edgefleet.wire.presence import parse as parse_presence
@@ -67,14 +69,19 @@ class Decoded:
     device_id: str
     kind: str
     raw: dict[str, Any]
-    parsed: Presence | StatusReport | TelemetryEnvelope
+    parsed: Presence | StatusReport | TelemetryEnvelope | CaptureEnvelope
 
 
 # docs/limits.md, Controller: the largest message of each kind the bridge reads.
-MAX_MESSAGE_BYTES = {"presence": 64 * 1024, "status": 64 * 1024, "telemetry": 1024**2}
+MAX_MESSAGE_BYTES = {
+    "presence": 64 * 1024,
+    "status": 64 * 1024,
+    "telemetry": 1024**2,
+    "capture": 2 * 1024**2,
+}
 
 
-def _held_seq(msg: Presence | StatusReport | TelemetryEnvelope) -> int | None:
+def _held_seq(msg: Presence | StatusReport | TelemetryEnvelope | CaptureEnvelope) -> int | None:
     """The desired seq a message says its device holds (wire.presence, wire.status)."""
     if isinstance(msg, Presence):
         return msg.desired_seq
@@ -88,7 +95,7 @@ def _held_seq(msg: Presence | StatusReport | TelemetryEnvelope) -> int | None:
 @dataclass
 class BridgeStats:
     received: dict[str, int] = field(
-        default_factory=lambda: {"status": 0, "presence": 0, "telemetry": 0}
+        default_factory=lambda: {"status": 0, "presence": 0, "telemetry": 0, "capture": 0}
     )
     dropped: dict[str, int] = field(default_factory=dict)
     published: int = 0
@@ -97,6 +104,7 @@ class BridgeStats:
     stale_sequence: int = 0  # reports of a device holding a newer desired seq than ours
     failovers: int = 0  # connections lost or refused, each followed by the next broker
     subscribe_refused: int = 0  # SUBACKs refusing a subscription (retried with backoff)
+    capture_rows: int = 0  # capture records stored (refusals: dropped["capture_…"])
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -181,6 +189,9 @@ class MqttBridge:
         self.protocol = protocol
         self._factory = factory
         self._rollouts = rollouts
+        from edgefleet.cloud_controller.capture.service import RateWindow
+
+        self._capture_rate = RateWindow()  # rows per minute per (capture, device): floods
         self.stats = BridgeStats()
         self._queue: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
         self._stop = threading.Event()
@@ -315,7 +326,7 @@ class MqttBridge:
         twice changes nothing), so a replica that starts learns the fleet as it is."""
         from edgefleet.wire.mqtt import SHARE_GROUP, subscription
 
-        reports = [subscription(k) for k in ("status", "telemetry")]
+        reports = [subscription(k) for k in ("status", "telemetry", "capture")]
         if self.shared and (shared_filters or self.shared_works is not False):
             reports = [f"$share/{SHARE_GROUP}/{f}" for f in reports]
         return [*reports, subscription("presence")]
@@ -484,6 +495,8 @@ class MqttBridge:
                 return Decoded(device_id, kind, msg, parse_presence(msg, device_id))
             if kind == "status":
                 return Decoded(device_id, kind, msg, parse_status(msg, device_id))
+            if kind == "capture":
+                return Decoded(device_id, kind, msg, parse_capture(msg, device_id))
             return Decoded(device_id, kind, msg, parse_telemetry(msg, device_id))
         except ids.IdentifierError:
             self.stats.drop(f"{kind}_bad_device_id")
@@ -564,6 +577,7 @@ class MqttBridge:
 
         status: dict[str, list[int]] = {}
         telemetry: dict[str, list[int]] = {}
+        capture: dict[str, list[int]] = {}
         for d in committed:
             if isinstance(d.parsed, StatusReport) and d.parsed.seq is not None:
                 status.setdefault(d.device_id, []).append(d.parsed.seq)
@@ -573,8 +587,17 @@ class MqttBridge:
                     for rid in (r.get("id") for r in d.parsed.records)
                     if isinstance(rid, int) and not isinstance(rid, bool)
                 )
-        for device_id in sorted(status.keys() | telemetry.keys()):
-            for payload in acks_for(status.get(device_id, []), telemetry.get(device_id, [])):
+            elif isinstance(d.parsed, CaptureEnvelope):
+                # stored, stored before, or refused for good in the committed transaction
+                capture.setdefault(d.device_id, []).extend(
+                    rid for rid in (record_id(r) for r in d.parsed.records) if rid is not None
+                )
+        for device_id in sorted(status.keys() | telemetry.keys() | capture.keys()):
+            for payload in acks_for(
+                status.get(device_id, []),
+                telemetry.get(device_id, []),
+                capture.get(device_id, []),
+            ):
                 self._client.publish(topic(device_id, "ack"), payload, qos=1)
                 self.stats.acks += 1
 
@@ -585,6 +608,7 @@ class MqttBridge:
         valid only once it committed."""
         reports: list[tuple[str, E.StatusReport | E.ShadowReport]] = []
         telemetry: list[tuple[str, TelemetryEnvelope]] = []
+        captures: list[tuple[str, CaptureEnvelope]] = []
         drops: list[str] = []
         with transaction(self._factory) as session, session.no_autoflush:
             ids_ = sorted({d.device_id for d in decoded})
@@ -609,14 +633,23 @@ class MqttBridge:
                     rep = self._status(session, d.parsed, d.raw, now, drops)
                     if rep is not None:
                         reports.append(rep)
+                elif isinstance(d.parsed, CaptureEnvelope):
+                    devices.get_or_create(session, d.device_id).last_seen = now
+                    captures.append((d.device_id, d.parsed))
                 else:
                     devices.get_or_create(session, d.device_id).last_seen = now
                     telemetry.append((d.device_id, d.parsed))
             # what a device reports installed may now match its desired state, or no longer
-            reported = {d.device_id for d in decoded if not isinstance(d.parsed, TelemetryEnvelope)}
+            reported = {
+                d.device_id
+                for d in decoded
+                if not isinstance(d.parsed, TelemetryEnvelope | CaptureEnvelope)
+            }
             desired.note_sync_many(session, reported, now)
             if telemetry:
                 drops += self._telemetry(session, telemetry)
+            for device_id, env in captures:
+                drops += self._capture(session, device_id, env, now)
             session.flush()
         del loaded
         return reports, drops
@@ -699,6 +732,21 @@ class MqttBridge:
             except Exception as e:
                 log.warning("telemetry from %s refused: %s", device_id, e)
                 drops.append("telemetry_refused")
+        return drops
+
+    def _capture(
+        self, session: Session, device_id: str, env: CaptureEnvelope, now: datetime
+    ) -> list[str]:
+        """Captured rows (docs/capture.md): each record checked against its capture and
+        stored, or refused and counted under its reason. A database error fails the batch
+        (then this message alone): nothing is acked that was not committed."""
+        from edgefleet.cloud_controller.capture.service import ingest
+
+        res = ingest(session, device_id, list(env.records), now, self._capture_rate)
+        self.stats.capture_rows += res.stored
+        drops = ["capture_not_object"] * env.skipped
+        for reason, n in res.refused.items():
+            drops += [reason] * n
         return drops
 
     def _republish_all(self) -> None:

@@ -121,12 +121,23 @@ ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("BROKER_CA_FILE", Path),
     ("BROKER_CERT_FILE", Path),
     ("BROKER_KEY_FILE", Path),
+    ("CAPTURE_ON_DRIFT_ROWS", int),
+    ("CAPTURE_MAX_ROWS", int),
+    ("CAPTURE_MAX_BYTES", int),
+    ("CAPTURE_TOTAL_BYTES", int),
+    ("CAPTURE_RETENTION_DAYS", float),
 )
 ENV_NAMES = frozenset(
     [ENV_PREFIX + n for n, _ in ENV_SETTINGS]
     + [
         ENV_PREFIX + n
-        for n in ("TRUSTED_KEYS", "DEVICE_BROKER_URL", "SHARED_SUBSCRIPTIONS", "ACKS")
+        for n in (
+            "TRUSTED_KEYS",
+            "DEVICE_BROKER_URL",
+            "SHARED_SUBSCRIPTIONS",
+            "ACKS",
+            "CAPTURE_ON_DRIFT",
+        )
     ]
 )
 
@@ -173,6 +184,14 @@ class Settings:
     max_status_bytes: int = 64 * 1024  # one status report
     max_telemetry_bytes: int = 1024**2  # one telemetry envelope
     max_enroll_body_bytes: int = 64 * 1024  # an enrollment or renewal (token + CSR), anonymous
+    # Capture on demand (docs/capture.md, docs/limits.md "Capture").
+    max_capture_bytes: int = 2 * 1024**2  # one capture message (the agent sends <= 1 MiB)
+    capture_on_drift: bool = False  # a drift event starts a capture on its devices
+    capture_on_drift_rows: int = 500  # ... of this many rows
+    capture_max_rows: int = 100_000  # rows one capture may ask for
+    capture_max_bytes: int = 256 * 1024**2  # tensor bytes one capture may store
+    capture_total_bytes: int = 2 * 1024**3  # tensor bytes all captures together may store
+    capture_retention_days: float = 30.0  # an ended capture, its rows and datasets, then deleted
     # Transport security (docs/security.md): the broker URL(s) enrolled devices are given, how
     # long a device certificate lives, and the TLS files of the controller's own broker link
     # (default: the CA and the bridge certificate in <data dir>/pki, when the URL is mqtts).
@@ -258,7 +277,7 @@ class Settings:
             updates["device_broker_urls"] = tuple(
                 u.strip() for u in device_brokers.split(",") if u.strip()
             )
-        for flag in ("SHARED_SUBSCRIPTIONS", "ACKS"):
+        for flag in ("SHARED_SUBSCRIPTIONS", "ACKS", "CAPTURE_ON_DRIFT"):
             value = env.get(ENV_PREFIX + flag)
             if value:
                 updates[flag.lower()] = _flag(value)

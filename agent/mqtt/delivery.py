@@ -31,6 +31,9 @@ from edgefleet.wire.telemetry import TelemetryEnvelope
 #: ``publish(kind, payload) -> message id``: one QoS 1 message on this device's topic.
 Publish = Callable[[Kind, bytes], int]
 AckMode = Literal["auto", "on", "off"]
+#: Records of one capture message, JSON bytes (docs/limits.md): a record holds at most
+#: 256 KiB of tensors (~350 KB as base64), so one always fits.
+MAX_CAPTURE_MESSAGE = 1024**2
 
 
 class RecordOutbox(Protocol):
@@ -56,6 +59,8 @@ class Delivery:
         *,
         telemetry_batch: int = 100,
         resend_after_s: float = 15.0,
+        capture: RecordOutbox | None = None,
+        capture_batch: int = 8,
         acks: AckMode = "auto",
         acks_marker: Path | None = None,
     ) -> None:
@@ -65,6 +70,8 @@ class Delivery:
         self.status = status
         self.telemetry = telemetry
         self.telemetry_batch = telemetry_batch
+        self.capture = capture  # captured rows (agent.capture), acked under "capture"
+        self.capture_batch = capture_batch
         self.resend_after_s = resend_after_s
         self.acks: AckMode = acks
         self.acks_marker = acks_marker
@@ -123,7 +130,11 @@ class Delivery:
 
                 atomic_write_bytes(self.acks_marker, b"controller acks\n")
         released = 0
-        for box, ids in ((self.status, ack.status), (self.telemetry, ack.telemetry)):
+        for box, ids in (
+            (self.status, ack.status),
+            (self.telemetry, ack.telemetry),
+            (self.capture, ack.capture),
+        ):
             if box is None or not ids:
                 continue
             released += box.ack(ids)
@@ -167,6 +178,19 @@ class Delivery:
             if batch:
                 payload = json.dumps(TelemetryEnvelope(self.device_id, batch).to_dict()).encode()
                 self._publish(publish, self.telemetry, "telemetry", batch, payload)
+        if self.capture is not None:
+            # one message stays under MAX_CAPTURE_MESSAGE (the broker's packet limit is above)
+            rows: list[dict[str, Any]] = []
+            size = 0
+            for _, r in self._fresh(self.capture, self.capture_batch):
+                n = len(json.dumps(r))
+                if rows and size + n > MAX_CAPTURE_MESSAGE:
+                    break
+                rows.append(r)
+                size += n
+            if rows:
+                payload = json.dumps({"device_id": self.device_id, "records": rows}).encode()
+                self._publish(publish, self.capture, "capture", rows, payload)
 
     def _fresh(self, box: RecordOutbox, limit: int) -> list[tuple[int, dict[str, Any]]]:
         """Pending records not already handed out."""

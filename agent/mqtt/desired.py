@@ -89,8 +89,11 @@ class DesiredStateHandler:
         state_path: Path,
         report: Report,
         current_since: CurrentSince | None = None,
+        on_desired: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.agent = agent
+        # every verified desired state, before it is acted on (agent.capture reads its captures)
+        self.on_desired = on_desired
         self.device_id = device_id
         self.trusted = trusted
         self.state_path = state_path
@@ -231,6 +234,11 @@ class DesiredStateHandler:
             self._ignore(ReasonCode.MALFORMED.value, str(e))
             return
         seq = int(desired["seq"])
+        if self.on_desired is not None:
+            try:
+                self.on_desired(desired)
+            except Exception:
+                log.exception("desired state observer failed")
         try:
             targets = parse_targets(desired)
             removals = parse_removals(desired)

@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode as MqttReasonCode
 
+from edgefleet.agent.capture import CaptureService
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.mqtt.delivery import AckMode, Delivery, RecordOutbox
 from edgefleet.agent.mqtt.desired import CurrentSince, DesiredStateHandler
@@ -104,8 +105,10 @@ class MqttLink:
         telemetry_batch: int = 100,
         tick_s: float = 0.5,
         resend_after_s: float = 15.0,
+        capture: CaptureService | None = None,
     ) -> None:
         self.agent = agent
+        self.capture = capture
         self.config = config
         self.device_id = config.device_id
         self.failover = Failover(broker_urls(config.mqtt.brokers), base_s=0.5, cap_s=30.0)
@@ -124,6 +127,7 @@ class MqttLink:
             self.dir / "link.json",
             self._report,
             current_since=installed_since(Path(config.data_dir)),
+            on_desired=capture.apply if capture is not None else None,
         )
         self.delivery = Delivery(
             self.device_id,
@@ -133,6 +137,7 @@ class MqttLink:
             resend_after_s=resend_after_s,
             acks=cast(AckMode, config.mqtt.controller_acks),
             acks_marker=self.dir / "controller-acks",
+            capture=capture.outbox if capture is not None else None,
         )
         self.tick_s = tick_s
         self.last_connect_error: str | None = None

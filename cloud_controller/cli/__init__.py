@@ -1,4 +1,5 @@
-"""Controller commands: `controller`, `packages`, `devices`, `rollout` (the last three use the API).
+"""Controller commands: `controller`, `packages`, `devices`, `rollout`, `capture` (all but the
+first use the API).
 
 One module per command group; `client` holds what they share. Only typer, rich and the standard
 library are imported at module level; httpx, SQLAlchemy and uvicorn are imported inside the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import typer
 
+from edgefleet.cloud_controller.cli.capture import capture_app
 from edgefleet.cloud_controller.cli.controller import controller_app
 from edgefleet.cloud_controller.cli.devices import devices_app
 from edgefleet.cloud_controller.cli.packages import packages_app
@@ -21,3 +23,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(packages_app, name="packages")
     app.add_typer(devices_app, name="devices")
     app.add_typer(rollout_app, name="rollout")
+    app.add_typer(capture_app, name="capture")

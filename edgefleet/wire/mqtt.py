@@ -8,10 +8,13 @@ topic      direction               QoS, retain    payload
 desired    controller -> device    1, retained    :func:`sign_desired` envelope
 status     device -> controller    1              `edgefleet.wire.status.StatusReport`
 telemetry  device -> controller    1              `edgefleet.wire.telemetry.TelemetryEnvelope`
+capture    device -> controller    1              `edgefleet.wire.capture.CaptureEnvelope`
+                                                  (docs/capture.md)
 presence   device -> controller    1, retained    `edgefleet.wire.presence.Presence`; last will
                                                   :func:`offline_will` (``"online": false``)
-ack        controller -> device    1              :func:`encode_ack`: the status seqs and
-                                                  telemetry record ids now in the database
+ack        controller -> device    1              :func:`acks_for`: the status seqs,
+                                                  telemetry and capture record ids now in
+                                                  the database
 ========== ======================= ============== ==============================================
 
 The ack is the application-level acknowledgement: the controller sends it after the database
@@ -42,6 +45,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.wire import ids
+from edgefleet.wire.capture import CaptureError
+from edgefleet.wire.capture import parse_spec as parse_capture
 from edgefleet.wire.errors import RejectError, ReplayError
 from edgefleet.wire.keyid import key_id
 from edgefleet.wire.manifest import NAME_RE, now_utc, parse_time
@@ -53,8 +58,8 @@ from edgefleet.wire.shadow import ShadowError
 from edgefleet.wire.shadow import parse_spec as parse_shadow
 
 TOPIC_PREFIX = "edgefleet/v1"
-Kind = Literal["desired", "status", "telemetry", "presence", "ack"]
-KINDS: tuple[Kind, ...] = ("desired", "status", "telemetry", "presence", "ack")
+Kind = Literal["desired", "status", "telemetry", "presence", "ack", "capture"]
+KINDS: tuple[Kind, ...] = ("desired", "status", "telemetry", "presence", "ack", "capture")
 SHARE_GROUP = "edgefleet"
 # docs/limits.md: one ack message; the controller splits larger acknowledgements.
 MAX_ACK_IDS = 5000  # ids per list in one ack
@@ -152,6 +157,11 @@ def validate_desired(state: Any) -> dict[str, Any]:
             parse_shadow(spec.get("shadow"))
         except ShadowError as e:
             raise _bad(f"model {name!r}: {e}") from e
+        # Optional: capture a sample of inputs and outputs (docs/capture.md).
+        try:
+            parse_capture(spec.get("capture"))
+        except CaptureError as e:
+            raise _bad(f"model {name!r}: {e}") from e
     # Explicit removal only: a model merely absent from `models` is left alone (it may have been
     # installed locally by an operator); one named here must stop serving and be uninstalled.
     remove = state.get("remove", [])
@@ -229,16 +239,27 @@ class Ack:
 
     status: tuple[int, ...] = ()
     telemetry: tuple[int, ...] = ()
+    capture: tuple[int, ...] = ()
 
 
-def acks_for(status: Sequence[int], telemetry: Sequence[int]) -> list[bytes]:
+def acks_for(
+    status: Sequence[int], telemetry: Sequence[int], capture: Sequence[int] = ()
+) -> list[bytes]:
     """Ack payloads for these ids (as many messages as :data:`MAX_ACK_IDS` makes needed):
-    ``{"v": 1, "status": [...], "telemetry": [...]}``."""
+    ``{"v": 1, "status": [...], "telemetry": [...]}``, with ``"capture": [...]`` when there
+    are capture record ids (an agent without capture never sees the key)."""
     st = sorted(set(status))
     tl = sorted(set(telemetry))
+    cp = sorted(set(capture))
     out: list[bytes] = []
-    for i in range(0, max(len(st), len(tl)), MAX_ACK_IDS):
-        body = {"v": 1, "status": st[i : i + MAX_ACK_IDS], "telemetry": tl[i : i + MAX_ACK_IDS]}
+    for i in range(0, max(len(st), len(tl), len(cp)), MAX_ACK_IDS):
+        body: dict[str, Any] = {
+            "v": 1,
+            "status": st[i : i + MAX_ACK_IDS],
+            "telemetry": tl[i : i + MAX_ACK_IDS],
+        }
+        if cp[i : i + MAX_ACK_IDS]:
+            body["capture"] = cp[i : i + MAX_ACK_IDS]
         out.append(json.dumps(body, separators=(",", ":")).encode())
     return out
 
@@ -255,7 +276,7 @@ def parse_ack(raw: bytes) -> Ack:
     if not isinstance(msg, dict) or msg.get("v") != 1:
         raise RejectError(ReasonCode.ACK_INVALID, "ack is not a version 1 object")
     lists: list[tuple[int, ...]] = []
-    for name in ("status", "telemetry"):
+    for name in ("status", "telemetry", "capture"):
         ids_ = msg.get(name, [])
         if not isinstance(ids_, list) or len(ids_) > MAX_ACK_IDS:
             raise RejectError(
@@ -265,7 +286,7 @@ def parse_ack(raw: bytes) -> Ack:
             if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i <= _MAX_ID:
                 raise RejectError(ReasonCode.ACK_INVALID, f"ack {name}: {i!r} is not an id")
         lists.append(tuple(ids_))
-    return Ack(lists[0], lists[1])
+    return Ack(lists[0], lists[1], lists[2])
 
 
 def offline_will(device_id: str) -> bytes:

@@ -154,6 +154,26 @@ def is_transient(code: object) -> bool:
     return parsed is not None and parsed in TRANSIENT
 
 
+class CaptureReason(StrEnum):
+    """Every refusal on the capture path (docs/capture.md), a code each: a device's refusal to
+    capture (sent by the device), and the controller's refusal of one capture record (counted
+    per capture and device, never stored). All are final for that record: the controller acks
+    a refused record so the device lets it go."""
+
+    FORBIDDEN = "capture_forbidden"  # the device's config ([capture] allowed = false) forbids it
+    UNKNOWN = "capture_unknown"  # no such capture, or this device is not one of its targets
+    WRONG_MODEL = "capture_wrong_model"  # the record names another model than the capture's
+    # a version the device neither runs nor was asked to run (its report or desired state)
+    WRONG_VERSION = "capture_wrong_version"
+    CLOSED = "capture_closed"  # the capture was stopped, finished or expired
+    OVER_QUOTA = "capture_over_quota"  # beyond the rows asked of this device
+    RATE = "capture_rate"  # faster than the capture's max_rows_per_minute allows (a flood)
+    BAD_TENSOR = "capture_bad_tensor"  # dtype outside the whitelist, shape x itemsize != bytes
+    TOO_LARGE = "capture_too_large"  # a record over the per-record byte cap
+    BYTES_LIMIT = "capture_bytes_limit"  # the capture's (or the controller's) byte budget is spent
+    MALFORMED = "capture_malformed"  # not a capture record at all
+
+
 class EnrollReason(StrEnum):
     """Every refusal of `POST /api/v1/enroll` and of a certificate renewal, a code each (the
     ``detail.code`` of the HTTP answer; `edgefleet agent enroll` prints it)."""

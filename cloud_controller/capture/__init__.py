@@ -1,0 +1,1 @@
+"""Capture on demand (docs/capture.md): sessions, ingest, retention, export, the API."""
