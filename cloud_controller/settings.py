@@ -126,7 +126,13 @@ ENV_NAMES = frozenset(
     [ENV_PREFIX + n for n, _ in ENV_SETTINGS]
     + [
         ENV_PREFIX + n
-        for n in ("TRUSTED_KEYS", "DEVICE_BROKER_URL", "SHARED_SUBSCRIPTIONS", "ACKS")
+        for n in (
+            "TRUSTED_KEYS",
+            "DEVICE_BROKER_URL",
+            "SHARED_SUBSCRIPTIONS",
+            "ACKS",
+            "CAPTURE_ON_DRIFT",
+        )
     ]
 )
 
@@ -181,6 +187,9 @@ class Settings:
     broker_ca_file: Path | None = None
     broker_cert_file: Path | None = None
     broker_key_file: Path | None = None
+    # A drift event (docs/drift.md, Alerts in minutes) starts a capture on the affected devices
+    # (docs/retrain.md); off by default: raw field data leaves devices only when asked for.
+    capture_on_drift: bool = False
 
     @property
     def pki_dir(self) -> Path:
@@ -258,7 +267,7 @@ class Settings:
             updates["device_broker_urls"] = tuple(
                 u.strip() for u in device_brokers.split(",") if u.strip()
             )
-        for flag in ("SHARED_SUBSCRIPTIONS", "ACKS"):
+        for flag in ("SHARED_SUBSCRIPTIONS", "ACKS", "CAPTURE_ON_DRIFT"):
             value = env.get(ENV_PREFIX + flag)
             if value:
                 updates[flag.lower()] = _flag(value)
