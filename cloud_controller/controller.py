@@ -341,3 +341,7 @@ class Controller:
                 self.persist_seq_high()
             except Exception:
                 log.exception("desired seq high-water mark not written")
+            try:  # early drift looks (docs/drift.md, Alerts in minutes): the leader only
+                self.drift_looker.tick()
+            except Exception:
+                log.exception("drift look failed")

@@ -148,7 +148,7 @@ def _start_capture(session: Session, ev: DriftEvent) -> str | None:
             start_capture_for_event,
         )
     except ImportError:
-        log.info("capture_on_drift is on but capture is not part of this controller; skipped")
+        log.warning("capture_on_drift is on but capture is not part of this controller; skipped")
         return None
     try:
         with session.begin_nested():

