@@ -33,7 +33,7 @@ from edgefleet.cloud_controller.drift.analysis import (
     summarize,
     utc,
 )
-from edgefleet.cloud_controller.drift.models import DriftEvent, TelemetryRecord
+from edgefleet.cloud_controller.drift.models import DriftEvent, SketchAggregate, TelemetryRecord
 from edgefleet.cloud_controller.models import Device
 from edgefleet.drift.alerts import LookPlan, episode_step
 from edgefleet.drift.decision import decide
@@ -67,7 +67,7 @@ def _scopes_of(dev: str, version: str, groups: dict[str, list[str]]) -> list[tup
 
 
 def _windows(
-    session: Session, model: str, since: datetime, until: datetime
+    session: Session, model: str, versions: Iterable[str], since: datetime, until: datetime
 ) -> dict[tuple[str, str, str], tuple[dict[str, Any], set[str], set[str], datetime]]:
     """(reference, scope, key) -> (merged sketch, versions, devices, earliest window) of the
     sketch records of ``model`` in (since, until]."""
@@ -80,6 +80,7 @@ def _windows(
         ).where(
             TelemetryRecord.kind == "sketch",
             TelemetryRecord.model == model,
+            TelemetryRecord.version.in_(sorted(versions)),
             TelemetryRecord.at > since,
             TelemetryRecord.at <= until,
         )
@@ -170,22 +171,19 @@ def look(
     """One round of early looks (each model at most once per grid slot unless ``force``);
     returns the events it opened (stored, not committed)."""
     now = now or datetime.now(UTC)
-    names: list[str]
-    if models is not None:
-        names = list(models)
-    else:
-        names = [
-            m
-            for m in session.scalars(
-                select(TelemetryRecord.model)
-                .where(
-                    TelemetryRecord.kind == "sketch",
-                    TelemetryRecord.at > now - timedelta(seconds=MAX_WINDOW_S),
-                )
-                .distinct()
-            )
-            if m
-        ]
+    # the models and versions with sketches merged lately: the small aggregates table names
+    # them, so the records are read through their (model, version, kind, at) index
+    recent: dict[str, set[str]] = {}
+    for m, v in session.execute(
+        select(SketchAggregate.model, SketchAggregate.scope_key)
+        .where(
+            SketchAggregate.scope == "release",
+            SketchAggregate.updated_at > now - timedelta(seconds=MAX_WINDOW_S),
+        )
+        .distinct()
+    ):
+        recent.setdefault(m, set()).add(v)
+    names = list(models) if models is not None else sorted(recent)
     opened: list[DriftEvent] = []
     for model in names:
         s = get_settings(session, model)
@@ -200,7 +198,7 @@ def look(
         since = now - timedelta(seconds=min(plan.window_s, MAX_WINDOW_S))
         cfg = plan.look_config(s.config)
         for (rid, scope, key), (sk, versions, devices, first) in sorted(
-            _windows(session, model, since, now).items()
+            _windows(session, model, recent.get(model, set()), since, now).items()
         ):
             if scope not in s.scopes:
                 continue
