@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from edgefleet.cloud_controller.drift.alerts import look
 from edgefleet.cloud_controller.drift.ingest import ingest_batch
 from edgefleet.cloud_controller.drift.models import DriftEvent
 from edgefleet.cloud_controller.drift.webhook import HEADER, verify_signature
-from tests.drift.conftest import Hook, Served, iris, sketch_record
+from tests.drift.conftest import Hook, Served, iris, migrated_factory, sketch_record
 
 
 def _shifted(x: np.ndarray) -> np.ndarray:
@@ -27,12 +28,38 @@ def _shifted(x: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_factory(
+    request: pytest.FixtureRequest, factory: sessionmaker[Session]
+) -> Iterator[sessionmaker[Session]]:
+    if request.param == "sqlite":
+        yield factory
+        return
+    import uuid
+
+    import psycopg
+
+    url: str = request.getfixturevalue("postgres_url")
+    name = f"edgefleet_alerts_{uuid.uuid4().hex[:8]}"
+    admin = url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        f = migrated_factory(url.rsplit("/", 1)[0] + "/" + name)
+        yield f
+        f.kw["bind"].dispose()
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def test_default_plan_announces_a_shift_within_two_minutes(
-    factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+    any_factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The defaults (look every 30 s over the last 5 minutes, alpha 0.01 per hour-bucket),
+    """On SQLite and PostgreSQL. The defaults (look every 30 s over the last 5 minutes, alpha 0.01 per hour-bucket),
     four devices reporting 20 rows every 10 s (the agent's interval), on simulated clock
     time: no event before the shift, one event after it, and one only."""
+    factory = any_factory
     ref, x, y = iris()
     with transaction(factory) as s:
         analysis.register_reference(s, "iris", "1.0.0", ref)
