@@ -17,7 +17,7 @@ from edgefleet.cloud_controller.db import transaction
 from edgefleet.cloud_controller.drift import analysis
 from edgefleet.cloud_controller.drift.alerts import look
 from edgefleet.cloud_controller.drift.ingest import ingest_batch
-from edgefleet.cloud_controller.drift.models import DriftEvent
+from edgefleet.cloud_controller.drift.models import DriftEvent, SketchAggregate
 from edgefleet.cloud_controller.drift.webhook import HEADER, verify_signature
 from tests.drift.conftest import Hook, Served, iris, migrated_factory, sketch_record
 
@@ -99,6 +99,16 @@ def test_default_plan_announces_a_shift_within_two_minutes(
             f"edgefleet capture start iris --devices d0,d1,d2,d3 --rows 1000 "
             f"--drift-event {fleet[0].id}"
         )
+    with transaction(factory) as s:  # the bucket closes drifted: the episode announced it
+        judged = analysis.evaluate_due(s, t0 + timedelta(hours=2))
+        assert not [e for e in judged if e.scope == "fleet"]
+        closed = s.scalars(
+            select(SketchAggregate).where(
+                SketchAggregate.scope == "fleet",
+                SketchAggregate.bucket_start == datetime(2026, 3, 1, 10, tzinfo=UTC),
+            )
+        ).one()
+        assert closed.evaluated and closed.status == "drift"
     try:  # capture_on_drift with the capture service absent: skipped, said so, event kept
         import edgefleet.cloud_controller.capture.service  # noqa: F401
     except ImportError:
