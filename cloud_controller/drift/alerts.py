@@ -33,7 +33,13 @@ from edgefleet.cloud_controller.drift.analysis import (
     summarize,
     utc,
 )
-from edgefleet.cloud_controller.drift.models import DriftEvent, SketchAggregate, TelemetryRecord
+from edgefleet.cloud_controller.drift.models import (
+    DriftEvent,
+    DriftReference,
+    DriftSettings,
+    SketchAggregate,
+    TelemetryRecord,
+)
 from edgefleet.cloud_controller.models import Device
 from edgefleet.drift.alerts import LookPlan, episode_step
 from edgefleet.drift.decision import decide
@@ -113,6 +119,32 @@ def _windows(
     return out
 
 
+def known_models(session: Session) -> list[str]:
+    """Models with a package, a registered reference or drift settings (small tables)."""
+    from edgefleet.cloud_controller.models import Package
+
+    names: set[str] = set(session.scalars(select(Package.name).distinct()))
+    names.update(session.scalars(select(DriftReference.model).distinct()))
+    names.update(session.scalars(select(DriftSettings.model)))
+    return sorted(names)
+
+
+def recent_versions(session: Session, model: str, since: datetime) -> set[str]:
+    """Versions whose sketches were merged into buckets starting after ``since`` (through the
+    (model, scope, scope_key, bucket_start) index), so records are read by their own index."""
+    return set(
+        session.scalars(
+            select(SketchAggregate.scope_key)
+            .where(
+                SketchAggregate.model == model,
+                SketchAggregate.scope == "release",
+                SketchAggregate.bucket_start >= since,
+            )
+            .distinct()
+        )
+    )
+
+
 def _open_episode(session: Session, model: str, scope: str, key: str) -> DriftEvent | None:
     return session.scalars(
         select(DriftEvent)
@@ -173,17 +205,7 @@ def look(
     now = now or datetime.now(UTC)
     # the models and versions with sketches merged lately: the small aggregates table names
     # them, so the records are read through their (model, version, kind, at) index
-    recent: dict[str, set[str]] = {}
-    for m, v in session.execute(
-        select(SketchAggregate.model, SketchAggregate.scope_key)
-        .where(
-            SketchAggregate.scope == "release",
-            SketchAggregate.updated_at > now - timedelta(seconds=MAX_WINDOW_S),
-        )
-        .distinct()
-    ):
-        recent.setdefault(m, set()).add(v)
-    names = list(models) if models is not None else sorted(recent)
+    names = list(models) if models is not None else known_models(session)
     opened: list[DriftEvent] = []
     for model in names:
         s = get_settings(session, model)
@@ -196,9 +218,12 @@ def look(
                 continue
             _last_slot[model] = slot
         since = now - timedelta(seconds=min(plan.window_s, MAX_WINDOW_S))
+        live = recent_versions(session, model, since - timedelta(seconds=s.bucket_s))
+        if not live:
+            continue
         cfg = plan.look_config(s.config)
         for (rid, scope, key), (sk, versions, devices, first) in sorted(
-            _windows(session, model, recent.get(model, set()), since, now).items()
+            _windows(session, model, live, since, now).items()
         ):
             if scope not in s.scopes:
                 continue
