@@ -270,6 +270,37 @@ class _Metrics:
             c = GaugeMetricFamily("edgefleet_broker_connected", "1 when connected to the broker")
             c.add_metric([], 1.0 if b.stats.connected else 0.0)
             yield c
+        yield from _drift_metrics(self.ctl)
+
+
+def _drift_metrics(ctl: Controller) -> Iterator[Any]:
+    """``edgefleet_drift_state{model,scope,key}`` 1 while a drift episode is open (so
+    Alertmanager can page), with the statistic and p-value of the look behind it."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from edgefleet.cloud_controller.drift.alerts import gauges
+
+    labels = ["model", "scope", "key"]
+    st = GaugeMetricFamily(
+        "edgefleet_drift_state", "1 while a drift episode is open, else 0", labels=labels
+    )
+    score = GaugeMetricFamily(
+        "edgefleet_drift_statistic",
+        "largest JS distance or out-of-range share among drifted features",
+        labels=labels,
+    )
+    pv = GaugeMetricFamily(
+        "edgefleet_drift_p_value", "smallest adjusted p-value of the look", labels=labels
+    )
+    with ctl.factory() as s:
+        rows = gauges(s)
+    for model, scope, key, state, stat, p in rows:
+        st.add_metric([model, scope, key], state)
+        score.add_metric([model, scope, key], stat)
+        pv.add_metric([model, scope, key], p)
+    yield st
+    yield score
+    yield pv
 
 
 DOCS_ASSETS = "/docs/assets"

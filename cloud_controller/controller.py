@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine
@@ -97,6 +98,16 @@ class Controller:
     elector: Elector | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _ticker: threading.Thread | None = None
+    _looker: Any = None
+
+    @property
+    def drift_looker(self) -> Any:
+        """Early drift looks (edgefleet.cloud_controller.drift.alerts.Looker), made on first use."""
+        if self._looker is None:
+            from edgefleet.cloud_controller.drift.alerts import Looker
+
+            self._looker = Looker(self.factory, capture_on_drift=self.settings.capture_on_drift)
+        return self._looker
 
     @classmethod
     def build(cls, settings: Settings) -> Controller:
@@ -363,3 +374,7 @@ class Controller:
                 self.persist_seq_high()
             except Exception:
                 log.exception("desired seq high-water mark not written")
+            try:  # early drift looks (docs/drift.md, Alerts in minutes): the leader only
+                self.drift_looker.tick()
+            except Exception:
+                log.exception("drift look failed")

@@ -186,7 +186,9 @@ class Settings:
     max_enroll_body_bytes: int = 64 * 1024  # an enrollment or renewal (token + CSR), anonymous
     # Capture on demand (docs/capture.md, docs/limits.md "Capture").
     max_capture_bytes: int = 2 * 1024**2  # one capture message (the agent sends <= 1 MiB)
-    capture_on_drift: bool = False  # a drift event starts a capture on its devices
+    # A drift event (docs/drift.md, Alerts in minutes) starts a capture on the affected devices
+    # (docs/retrain.md); off by default: raw field data leaves devices only when asked for.
+    capture_on_drift: bool = False
     capture_on_drift_rows: int = 500  # ... of this many rows
     capture_max_rows: int = 100_000  # rows one capture may ask for
     capture_max_bytes: int = 256 * 1024**2  # tensor bytes one capture may store

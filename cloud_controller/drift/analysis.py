@@ -22,6 +22,7 @@ from edgefleet.cloud_controller.drift.models import (
     DriftSettings,
     SketchAggregate,
 )
+from edgefleet.drift.alerts import LookPlan
 from edgefleet.drift.decision import DriftConfig, DriftDecision, decide
 from edgefleet.drift.reference import ReferenceError, validate_reference
 from edgefleet.drift.sketch import SketchError, merge_dicts
@@ -276,7 +277,9 @@ def evaluate_due(
                 known[rid] = get_reference(session, agg.model, rid) is not None
             if not known[rid]:
                 continue  # judged once the reference arrives
-            result = judge(session, agg.model, rid, agg.sketch, s.config)
+            # with early looks the closed bucket keeps alpha * (1 - early_share) of the level
+            close_cfg = LookPlan.of(s.config, s.bucket_s).close_config(s.config)
+            result = judge(session, agg.model, rid, agg.sketch, close_cfg)
             agg.evaluated = True
             agg.status = result["status"]
             agg.result = result
@@ -287,7 +290,22 @@ def evaluate_due(
 
 
 def _has_event(session: Session, agg: SketchAggregate) -> bool:
-    """A bucket re-judged after late data raises no second event."""
+    """A bucket re-judged after late data raises no second event, nor does a bucket that an
+    early look's episode (edgefleet.drift.alerts) already announced."""
+    start = utc(agg.bucket_start) or datetime.now(UTC)
+    for ev in session.scalars(
+        select(DriftEvent).where(
+            DriftEvent.model == agg.model,
+            DriftEvent.scope == agg.scope,
+            DriftEvent.scope_key == agg.scope_key,
+            DriftEvent.at >= start - timedelta(days=1),
+        )
+    ):
+        ep = (ev.evidence or {}).get("episode")
+        if isinstance(ep, dict):
+            last = parse_time(ep.get("last_seen"), utc(ev.at) or start)
+            if last >= start:
+                return True
     found = session.scalars(
         select(DriftEvent.id)
         .where(

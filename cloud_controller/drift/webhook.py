@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from edgefleet.cloud_controller.drift.analysis import event_dict, get_settings
+from edgefleet.cloud_controller.drift.analysis import event_dict, get_settings, utc
 from edgefleet.cloud_controller.drift.models import DriftEvent
 
 log = logging.getLogger("edgefleet.controller.drift")
@@ -36,9 +36,51 @@ def verify_signature(secret: str, body: bytes, header: str | None) -> bool:
     return bool(header) and hmac.compare_digest(sign(secret, body), str(header))
 
 
+def alert_fields(ev: DriftEvent) -> dict[str, Any]:
+    """The flat fields a CI job reads (docs/retrain.md): what drifted, where, how sure, since
+    when, and the capture command to run (with the capture's id if one was started)."""
+    evd = ev.evidence or {}
+    ep = evd.get("episode") or {}
+    at = (utc(ev.at) or datetime.now(UTC)).isoformat()
+    window = evd.get("window")
+    if not isinstance(window, dict):  # a closed bucket: the bucket is the window
+        bs = utc(ev.bucket_start) or datetime.now(UTC)
+        plan = (evd.get("plan") or {}).get("bucket_s")
+        window = {"start": bs.isoformat(), "end": None, "seconds": plan}
+    devices = evd.get("devices")
+    if devices is None and ev.scope == "device":
+        devices = [ev.scope_key]
+    capture = evd.get("capture")
+    if not isinstance(capture, dict):
+        from edgefleet.cloud_controller.drift.alerts import capture_hint
+
+        target = list(devices or [])
+        capture = {
+            "command": capture_hint(ev.model, ev.scope, ev.scope_key, target, ev.id)
+            if (target or ev.scope == "group")
+            else None,
+            "id": None,
+        }
+    return {
+        "model": ev.model,
+        "versions": list(ev.versions),
+        "scope": ev.scope,
+        "scope_key": ev.scope_key,
+        "devices": devices,
+        "statistic": {"name": "drift_score", "value": evd.get("drift_score", 0.0)},
+        "p_value": evd.get("min_p_adjusted"),
+        "threshold": evd.get("alpha"),
+        "features": list(ev.features),
+        "window": window,
+        "first_seen": ep.get("first_seen", at),
+        "capture": capture,
+    }
+
+
 def payload(ev: DriftEvent) -> bytes:
     doc: dict[str, Any] = {
         "type": "edgefleet.drift",
+        **alert_fields(ev),
         "event": event_dict(ev),
         "evidence": ev.evidence,
         "sent_at": datetime.now(UTC).isoformat(),
