@@ -40,6 +40,7 @@ from edgefleet.cloud_controller.drift.models import (
     SketchAggregate,
     TelemetryRecord,
 )
+from edgefleet.cloud_controller.drift.webhook import capture_hint
 from edgefleet.cloud_controller.models import Device
 from edgefleet.drift.alerts import LookPlan, episode_step
 from edgefleet.drift.decision import decide
@@ -48,7 +49,6 @@ from edgefleet.drift.sketch import SketchError, merge_dicts
 log = logging.getLogger("edgefleet.controller.drift")
 MAX_WINDOW_S = 3600
 MAX_DEVICES_LISTED = 1000
-CAPTURE_ROWS = 1000
 
 
 @dataclass
@@ -159,20 +159,6 @@ def episode_last_seen(ev: DriftEvent) -> float:
     ep = (ev.evidence or {}).get("episode") or {}
     at = parse_time(ep.get("last_seen"), utc(ev.at) or datetime.now(UTC))
     return at.timestamp()
-
-
-def capture_hint(
-    model: str,
-    scope: str,
-    key: str,
-    devices: Iterable[str],
-    event_id: int | None,
-    rows: int = CAPTURE_ROWS,
-) -> str:
-    """The exact CLI a pipeline runs to capture field data for this event."""
-    target = f"--group {key}" if scope == "group" else "--devices " + ",".join(sorted(devices))
-    cmd = f"edgefleet capture start {model} {target} --rows {rows}"
-    return cmd + (f" --drift-event {event_id}" if event_id is not None else "")
 
 
 def _start_capture(session: Session, ev: DriftEvent) -> str | None:

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,8 +53,6 @@ def alert_fields(ev: DriftEvent) -> dict[str, Any]:
         devices = [ev.scope_key]
     capture = evd.get("capture")
     if not isinstance(capture, dict):
-        from edgefleet.cloud_controller.drift.alerts import capture_hint
-
         target = list(devices or [])
         capture = {
             "command": capture_hint(ev.model, ev.scope, ev.scope_key, target, ev.id)
@@ -123,3 +122,20 @@ def deliver_pending(factory: sessionmaker[Session], timeout_s: float = 5.0) -> i
                 ev.webhook_state = "failed"
             log.warning("drift webhook for event %s: %s", ev.id, ev.webhook_error)
     return delivered
+
+
+CAPTURE_ROWS = 1000
+
+
+def capture_hint(
+    model: str,
+    scope: str,
+    key: str,
+    devices: Iterable[str],
+    event_id: int | None,
+    rows: int = CAPTURE_ROWS,
+) -> str:
+    """The exact CLI a pipeline runs to capture field data for this event."""
+    target = f"--group {key}" if scope == "group" else "--devices " + ",".join(sorted(devices))
+    cmd = f"edgefleet capture start {model} {target} --rows {rows}"
+    return cmd + (f" --drift-event {event_id}" if event_id is not None else "")
