@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,12 +14,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from edgefleet.cloud_controller.capture import service as capture_service
 from edgefleet.cloud_controller.db import transaction
 from edgefleet.cloud_controller.drift import analysis
 from edgefleet.cloud_controller.drift.alerts import look
 from edgefleet.cloud_controller.drift.ingest import ingest_batch
 from edgefleet.cloud_controller.drift.models import DriftEvent, SketchAggregate
 from edgefleet.cloud_controller.drift.webhook import HEADER, verify_signature
+from edgefleet.cloud_controller.models import CaptureSession, DesiredState
 from tests.drift.conftest import Hook, Served, iris, migrated_factory, sketch_record
 
 
@@ -64,6 +67,20 @@ def test_default_plan_announces_a_shift_within_two_minutes(
     with transaction(factory) as s:
         analysis.register_reference(s, "iris", "1.0.0", ref)
         analysis.put_settings(s, "iris", scopes=["fleet"])
+        for d in range(4):  # the devices run iris by the controller's desired state
+            s.add(
+                DesiredState(
+                    device_id=f"d{d}",
+                    seq=1,
+                    models={"iris": {"version": "1.0.0"}},
+                    issued_at=datetime(2026, 3, 1, tzinfo=UTC),
+                    expires_at=datetime(2027, 3, 1, tzinfo=UTC),
+                    envelope=b"{}",
+                    published=True,
+                )
+            )
+    limits = capture_service.limits()  # the controller sets these from its settings
+    capture_service.configure(replace(limits, on_drift=True, on_drift_rows=300))
     rng = np.random.default_rng(3)
     t0 = datetime(2026, 3, 1, 10, 7, 13, tzinfo=UTC)
     shift_at = t0 + timedelta(minutes=10)
@@ -109,11 +126,12 @@ def test_default_plan_announces_a_shift_within_two_minutes(
             )
         ).one()
         assert closed.evaluated and closed.status == "drift"
-    try:  # capture_on_drift with the capture service absent: skipped, said so, event kept
-        import edgefleet.cloud_controller.capture.service  # noqa: F401
-    except ImportError:
-        assert capture["id"] is None
-        assert "capture is not part of this controller" in caplog.text
+    capture_service.configure(limits)
+    # capture_on_drift: the event started one capture on the devices it names, with lineage
+    with factory() as s:
+        (cap,) = s.scalars(select(CaptureSession)).all()
+        assert capture["id"] == cap.id and cap.drift_event_id == fleet[0].id
+        assert cap.model == "iris" and cap.rows_wanted == 300
 
 
 def test_shift_reaches_the_webhook_and_the_gauge_of_a_running_controller(
