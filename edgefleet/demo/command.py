@@ -18,7 +18,9 @@ from edgefleet.demo.scenario import run_demo
 
 
 def demo(
-    devices: int = typer.Option(5, "--devices", min=1, max=50, help="Agent processes."),
+    devices: int | None = typer.Option(
+        None, "--devices", min=1, max=50, help="Agent processes (default 5; 4 with --loop)."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print each rollout's final state and per-device outcomes."
     ),
@@ -43,10 +45,9 @@ def demo(
         if loop:
             from edgefleet.demo.loop import run_loop
 
-            n = devices if devices != 5 else 4
-            summary = run_loop(n, broker, workdir, console, iterations)
+            summary = run_loop(devices or 4, broker, workdir, console, iterations)
         else:
-            summary = run_demo(devices, broker, workdir, console)
+            summary = run_demo(devices or 5, broker, workdir, console)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every child process was stopped[/yellow]")
         raise typer.Exit(130) from None
