@@ -41,12 +41,20 @@ BATCH, PERIOD_S = 10, 0.5  # load: 10 rows every 0.5 s per device (20 rows/s)
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
-def field_shift(iteration: int) -> tuple[str, Transform]:
-    """The input shift of ``iteration`` (1-based): what a field camera does to the digits
-    (contrast and brightness, which the demo's labeller sees through)."""
+def field_shift(iteration: int) -> tuple[str, Transform, Transform]:
+    """The input shift of ``iteration`` (1-based), what a field camera does to the digits, and
+    its inverse: the known generating function the demo labels captured rows with."""
     if iteration % 2 == 1:
-        return "contrast x0.6, brightness +0.3", lambda x: (x * 0.6 + 0.3).astype(np.float32)
-    return "contrast x0.5, brightness +0.5", lambda x: (x * 0.5 + 0.5).astype(np.float32)
+        return (
+            "contrast x0.6, brightness +0.3",
+            lambda x: (x * 0.6 + 0.3).astype(np.float32),
+            lambda x: ((x - 0.3) / 0.6).astype(np.float32),
+        )
+    return (
+        "inverted (1 - x)",
+        lambda x: (1.0 - x).astype(np.float32),
+        lambda x: (1.0 - x).astype(np.float32),
+    )
 
 
 class Hook:
@@ -274,7 +282,7 @@ def _iteration(
     say(f"\\[step 1] serving {MODEL_NAME} {version} on {len(ids)} devices: {load.sent} rows sent")
     rec.step(1, "fleet serves", version=version, devices=ids, rows_sent=load.sent)
     # 2. the shift
-    what, transform = field_shift(it)
+    what, transform, inverse = field_shift(it)
     load.transform = transform
     t_shift = time.monotonic()
     load.shifted = set(shifted)
@@ -358,7 +366,8 @@ def _iteration(
     # would leak the holdout into training, so training keeps only rows the holdout lacks
     held = {r.tobytes() for r in x_hold}
     x_train = x_cap[[r.tobytes() not in held for r in x_cap]]
-    y_train, y_hold = digits_oracle(x_train), digits_oracle(x_hold)
+    # labels: the digit image each row was made from (undo the known shift, find the image)
+    y_train, y_hold = digits_oracle(inverse(x_train)), digits_oracle(inverse(x_hold))
     model = export_onnx(retrain(x_train, y_train, hidden=(128,), max_iter=150), work / "model.onnx")
     acc_old, acc_new = accuracy(current_onnx, x_hold, y_hold), accuracy(model, x_hold, y_hold)
     if not acc_new > acc_old:
