@@ -8,6 +8,7 @@ kept in browser history, proxy logs and Referer headers); ``/dashboard/logout`` 
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from html import escape
 from typing import Any
@@ -462,3 +463,73 @@ def drift_page(
         + f"<th>features</th><th>webhook</th></tr>{evs}</table>"
     )
     return _page(f"Drift: {model}", body, refresh=60)
+
+
+# -- loop iterations (`edgefleet demo --loop` stores one JSON record per iteration) -----------
+MAX_LOOP_RECORD_BYTES = 1024 * 1024
+
+
+def _loop_records(request: Request) -> dict[int, dict[str, Any]]:
+    """``<data dir>/loops/<N>.json`` by iteration; a file too large or not JSON is skipped."""
+    out: dict[int, dict[str, Any]] = {}
+    folder = controller(request).settings.data_dir / "loops"
+    if not folder.is_dir():
+        return out
+    for path in folder.glob("*.json"):
+        if not path.stem.isdigit() or path.stat().st_size > MAX_LOOP_RECORD_BYTES:
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("steps"), list):
+            out[int(path.stem)] = doc
+    return out
+
+
+@router.get("/loops", response_class=HTMLResponse)
+def loops_index(request: Request) -> Response:
+    if (denied := _viewer(request)) is not None:
+        return denied
+    recs = _loop_records(request)
+    items = "".join(
+        f'<li><a href="/dashboard/loops/{n}">iteration {n}</a>: '
+        f"{escape(str(recs[n].get('state', 'running')))}</li>"
+        for n in sorted(recs)
+    )
+    body = (
+        f"<ul>{items}</ul>" if items else "<p>No loop iterations yet (edgefleet demo --loop).</p>"
+    )
+    return _page("Loop iterations", body)
+
+
+@router.get("/loops/{n}", response_class=HTMLResponse)
+def loop_page(request: Request, n: int) -> Response:
+    if (denied := _viewer(request)) is not None:
+        return denied
+    doc = _loop_records(request).get(n)
+    if doc is None:
+        resp = _page("Loop iteration", f"<p>No loop iteration {n}.</p>")
+        resp.status_code = 404
+        return resp
+    rows = "".join(
+        f"<tr><td>{escape(str(st.get('step')))}</td><td>{escape(str(st.get('title')))}</td>"
+        f"<td>{escape(str(st.get('at')))}</td><td>{escape(str(st.get('t_s')))}</td>"
+        "<td>"
+        + "<br>".join(
+            f"{escape(str(k))}: {escape(json.dumps(v))}"
+            for k, v in dict(st.get("figures") or {}).items()
+        )
+        + "</td></tr>"
+        for st in doc["steps"]
+        if isinstance(st, dict)
+    )
+    summary = (
+        f"<p>state after: {escape(str(doc.get('state', 'running')))} · loop "
+        f"{escape(str(doc.get('loop_s', '-')))} s · version {escape(str(doc.get('version', '-')))}</p>"
+    )
+    body = (
+        summary + "<table id='steps'><tr><th>step</th><th>what</th><th>at</th><th>t (s)</th>"
+        f"<th>figures</th></tr>{rows}</table>"
+    )
+    return _page(f"Loop iteration {n}", body, refresh=None if "state" in doc else 5)

@@ -18,7 +18,9 @@ from edgefleet.demo.scenario import run_demo
 
 
 def demo(
-    devices: int = typer.Option(5, "--devices", min=1, max=50, help="Agent processes."),
+    devices: int | None = typer.Option(
+        None, "--devices", min=1, max=50, help="Agent processes (default 5; 4 with --loop)."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print each rollout's final state and per-device outcomes."
     ),
@@ -26,13 +28,26 @@ def demo(
     workdir: Path | None = typer.Option(
         None, "--workdir", help="Keep everything here (default: a temp dir, removed)."
     ),
+    loop: bool = typer.Option(
+        False,
+        "--loop",
+        help="Instead: drift on half the devices -> capture -> retrain -> staged rollout -> "
+        "drift back to normal (4 devices unless --devices says otherwise).",
+    ),
+    iterations: int = typer.Option(1, "--iterations", min=1, max=5, help="Loop iterations."),
 ) -> None:
-    """Run a whole fleet on this machine: a good rollout, then a bad one that rolls back."""
+    """Run a whole fleet on this machine: a good rollout, then a bad one that rolls back
+    (or, with --loop, the drift -> capture -> retrain -> rollout loop)."""
     if broker not in ("amqtt", "mosquitto"):
         raise typer.BadParameter("choose amqtt or mosquitto", param_hint="--broker")
     console = Console(stderr=as_json)
     try:
-        summary = run_demo(devices, broker, workdir, console)
+        if loop:
+            from edgefleet.demo.loop import run_loop
+
+            summary = run_loop(devices or 4, broker, workdir, console, iterations)
+        else:
+            summary = run_demo(devices or 5, broker, workdir, console)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every child process was stopped[/yellow]")
         raise typer.Exit(130) from None
@@ -43,6 +58,8 @@ def demo(
         raise typer.Exit(1) from None
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    if loop:
+        return  # run_loop raises when a step fails or drift does not return to normal
     ok = [r["phase"] for r in summary["rollouts"]] == ["succeeded", "aborted"]
     if not ok:
         console.print("[red]unexpected rollout outcome[/red]")
