@@ -42,7 +42,7 @@ from edgefleet.wire.message import MessageError, loads_bounded
 from edgefleet.wire.presence import Presence
 from edgefleet.wire.presence import parse as parse_presence
 from edgefleet.wire.reasons import ReasonCode
-from edgefleet.wire.states import UpdateState
+from edgefleet.wire.states import SUCCESS_STATES, UpdateState
 from edgefleet.wire.status import StatusReport
 from edgefleet.wire.status import parse as parse_status
 from edgefleet.wire.telemetry import TelemetryEnvelope
@@ -670,6 +670,13 @@ class MqttBridge:
         )
         if not fresh:
             drops.append("status_duplicate")
+            # A replica that died between storing a report and handing it to the rollouts
+            # leaves it on record but perhaps never applied, and unacknowledged: the device
+            # sends it again. A repeated success is safe to apply again (the rollout ignores
+            # it for a device already done); a repeated failure is not (it could end a retry
+            # begun since), so that device waits for its timeout and retry.
+            if report.seq == dev.last_status_seq and report.state in SUCCESS_STATES:
+                return _rollout_event(report)
             return None
         # The newest report is the device's last status (a late one is not); a shadow window
         # is figures, not a status: it must not hide the last update's outcome.
@@ -700,16 +707,7 @@ class MqttBridge:
             dev.installed = installed
         elif state == UpdateState.REMOVED and model in (dev.installed or {}):
             dev.installed = {k: v for k, v in dev.installed.items() if k != model}
-        code = report.reason_code
-        return model, E.StatusReport(
-            report.device_id,
-            version,
-            state.value,
-            reason_code=str(code) if code is not None else None,
-            reason=report.reason,
-            rollout_id=report.rollout_id,
-            model=model,
-        )
+        return _rollout_event(report)
 
     def _telemetry(
         self, session: Session, messages: list[tuple[str, TelemetryEnvelope]]
@@ -752,3 +750,20 @@ class MqttBridge:
     def _republish_all(self) -> None:
         """Every desired state again, retained, same seq (the leader only)."""
         self._rollouts.republish_all()
+
+
+def _rollout_event(report: StatusReport) -> tuple[str, E.StatusReport] | None:
+    """The rollout's view of an update report: (model, event)."""
+    model, version, state = report.model, report.version, report.state
+    if model is None or version is None or state is None:
+        return None
+    code = report.reason_code
+    return model, E.StatusReport(
+        report.device_id,
+        version,
+        state.value,
+        reason_code=str(code) if code is not None else None,
+        reason=report.reason,
+        rollout_id=report.rollout_id,
+        model=model,
+    )

@@ -519,3 +519,47 @@ def test_a_flaky_link_is_retried_and_never_counts_toward_the_abort(
     finally:
         for d in devs:
             d.stop()
+
+
+def test_a_success_on_record_but_never_applied_counts_when_the_device_sends_it_again(
+    fleet_ctl: Running, broker: Mosquitto
+) -> None:
+    """A replica that dies after storing a report and before the rollouts used it (nor acked
+    it): the device sends it again, and the repeat, a duplicate by seq, still moves the
+    rollout when it is the device's newest report and a success."""
+    from datetime import UTC, datetime
+
+    devs = start_devices(fleet_ctl, broker, ["lost-1"], hold=True)
+    try:
+        r = rollout(
+            fleet_ctl,
+            version="2.0.0",
+            target={"device_ids": ["lost-1"]},
+            waves=[100],
+            device_timeout_s=300,
+        )
+        wait_for(lambda: devs[0].held, what="dispatched")
+        bridge = fleet_ctl.controller.bridge
+        assert bridge is not None
+        report = {
+            "device_id": "lost-1",
+            "seq": 10**12,
+            "model": "iris",
+            "version": "2.0.0",
+            "state": "COMMITTED",
+            "rollout_id": str(r["id"]),
+        }
+        raw = json.dumps(report).encode()
+        decoded = bridge._decode("lost-1", "status", raw)
+        assert decoded is not None
+        bridge._apply([decoded], datetime.now(UTC), set())  # stored; the rollouts never saw it
+        time.sleep(1.0)
+        assert show(fleet_ctl, str(r["id"]))["phase"] == "running"
+        before = bridge.stats.dropped.get("status_duplicate", 0)
+        bridge._process([("lost-1", "status", raw)])  # the device's resend
+        assert bridge.stats.dropped.get("status_duplicate", 0) == before + 1
+        done = wait_for(lambda: finished(fleet_ctl, str(r["id"])), what="rollout end")
+        assert done["counts"]["states"] == {"succeeded": 1}  # type: ignore[index]
+    finally:
+        for d in devs:
+            d.stop()
