@@ -150,7 +150,44 @@ class QuietServer(ThreadingHTTPServer):
         log.error("error serving %s", client_address, exc_info=err)
 
 
-class CappedServer(QuietServer):
+class _SlotServer(QuietServer):
+    """At most as many connections handled at once as ``_slots`` allows, one thread each; one
+    more is answered 503 at once and closed, without a thread. `_take_slot` says whether a
+    new connection gets a slot (a subclass may make room first)."""
+
+    _slots: threading.BoundedSemaphore
+    refused_connections: int
+
+    def _take_slot(self) -> bool:
+        return self._slots.acquire(blocking=False)
+
+    def process_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:
+        if not self._take_slot():
+            self.refused_connections += 1
+            assert isinstance(request, socket.socket)
+            with contextlib.suppress(OSError):  # non-blocking: the accept loop never waits
+                request.setblocking(False)
+                request.send(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class CappedServer(_SlotServer):
     """A `QuietServer` with bounded resources, for the agent's small local endpoints (admin):
 
     at most ``max_connections`` connections are handled at once, one thread each; one more is
@@ -182,33 +219,8 @@ class CappedServer(QuietServer):
         sock.settimeout(self.timeout_s)  # kept by the handler (its own `timeout` is None)
         return sock, addr
 
-    def process_request(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
-    ) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.refused_connections += 1
-            assert isinstance(request, socket.socket)
-            with contextlib.suppress(OSError):  # non-blocking: the accept loop never waits
-                request.setblocking(False)
-                request.send(_BUSY)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
 
-    def process_request_thread(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
-    ) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-class InferenceServer(QuietServer):
+class InferenceServer(_SlotServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
@@ -240,35 +252,13 @@ class InferenceServer(QuietServer):
         self.evicted_connections = 0
 
     # -- connections: at most max_connections served at once -------------------------------
-    def process_request(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
-    ) -> None:
+    def _take_slot(self) -> bool:
         # Full: make room by closing the connection that has waited longest for a request (an
         # idle keep-alive one, or one trickling its headers), as long as it has waited longer
         # than a client sending a request at once ever does; else refuse at once.
-        if not self._slots.acquire(blocking=False) and not (
+        return self._slots.acquire(blocking=False) or (
             self._evict_one() and self._slots.acquire(timeout=1.0)
-        ):
-            self.refused_connections += 1
-            assert isinstance(request, socket.socket)
-            with contextlib.suppress(OSError):  # non-blocking: the accept loop never waits
-                request.setblocking(False)
-                request.send(_BUSY)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
-    ) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+        )
 
     def track(self, handler: _Handler, waiting_since: float | None) -> None:
         """A connection waits for its next request since ``waiting_since`` (None: it is being
