@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from edgefleet.wire.errors import RejectError
+from edgefleet.wire.protowire import Malformed, length_delimited
 from edgefleet.wire.reasons import ReasonCode
 
 CHUNK = 256 * 1024  # a large tensor is split into blocks of this size
@@ -49,64 +50,20 @@ class Block(NamedTuple):
         return [self.offset, self.length, self.sha256]
 
 
-class _Malformed(Exception):
-    pass
-
-
-def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _Malformed
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: memoryview, pos: int, end: int) -> list[tuple[int, int, int, int]]:
-    """(field number, start of the tag, start of the value, end) of each length-delimited field
-    of the message in ``buf[pos:end]``; other wire types are skipped."""
-    out = []
-    while pos < end:
-        start = pos
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos, end)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            n, pos = _varint(buf, pos, end)
-            if pos + n > end:
-                raise _Malformed
-            out.append((number, start, pos, pos + n))
-            pos += n
-        else:
-            raise _Malformed
-        if pos > end:
-            raise _Malformed
-    return out
-
-
 def tensor_spans(model: bytes | memoryview) -> list[tuple[int, int]]:
     """(start, end) of every graph initializer field in an ONNX model's bytes, in file order;
     [] when the bytes are not a readable ModelProto."""
     buf = memoryview(model)
     try:
         spans = []
-        for number, _, vstart, vend in _fields(buf, 0, len(buf)):
+        for number, _, vstart, vend in length_delimited(buf, 0, len(buf)):
             if number != _MODEL_GRAPH:
                 continue
-            for n2, tag, _, end in _fields(buf, vstart, vend):
+            for n2, tag, _, end in length_delimited(buf, vstart, vend):
                 if n2 == _GRAPH_INITIALIZER:
                     spans.append((tag, end))
         return spans
-    except _Malformed:
+    except Malformed:
         return []
 
 

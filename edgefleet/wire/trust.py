@@ -33,6 +33,7 @@ from edgefleet.wire.errors import RejectError
 from edgefleet.wire.keyid import KeyIdError, canonical_key_ids
 from edgefleet.wire.manifest import MANIFEST_FILE, parse_time, validate_manifest
 from edgefleet.wire.message import json_depth_ok
+from edgefleet.wire.protowire import Malformed, length_delimited, varint
 from edgefleet.wire.reasons import ReasonCode
 from edgefleet.wire.semver import parse_version
 
@@ -246,32 +247,15 @@ _ONNX_FIELDS: dict[str, dict[int, str]] = {
 MAX_ONNX_NESTING = 64
 
 
-class _Malformed(Exception):
-    pass
-
-
-def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _Malformed("bad varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-
-
 def _entry(buf: memoryview, pos: int, end: int) -> tuple[str | None, str | None]:
     key = value = None
     while pos < end:
-        tag, pos = _varint(buf, pos, end)
+        tag, pos = varint(buf, pos, end)
         if tag & 7 != 2:
-            raise _Malformed("external_data entry field is not a string")
-        n, pos = _varint(buf, pos, end)
+            raise Malformed("external_data entry field is not a string")
+        n, pos = varint(buf, pos, end)
         if pos + n > end:
-            raise _Malformed("string runs past its message")
+            raise Malformed("string runs past its message")
         text = bytes(buf[pos : pos + n]).decode("utf-8", "replace")
         if tag >> 3 == 1:
             key = text
@@ -293,34 +277,17 @@ def external_data_locations(model: memoryview | bytes, what: str = "model") -> l
         while stack:
             kind, pos, end, depth = stack.pop()
             fields = _ONNX_FIELDS[kind]
-            while pos < end:
-                tag, pos = _varint(buf, pos, end)
-                number, wire = tag >> 3, tag & 7
-                if wire == 0:
-                    _, pos = _varint(buf, pos, end)
-                elif wire == 1:
-                    pos += 8
-                elif wire == 5:
-                    pos += 4
-                elif wire == 2:
-                    n, pos = _varint(buf, pos, end)
-                    if pos + n > end:
-                        raise _Malformed("field runs past its message")
-                    sub = fields.get(number)
-                    if sub == "entry":
-                        key, value = _entry(buf, pos, pos + n)
-                        if key == "location":
-                            out.append(value or "")
-                    elif sub is not None:
-                        if depth >= MAX_ONNX_NESTING:
-                            raise _Malformed(f"nests deeper than {MAX_ONNX_NESTING} messages")
-                        stack.append((sub, pos, pos + n, depth + 1))
-                    pos += n
-                else:
-                    raise _Malformed(f"wire type {wire}")
-                if pos > end:
-                    raise _Malformed("field runs past its message")
-    except _Malformed as e:
+            for number, _, vpos, vend in length_delimited(buf, pos, end):
+                sub = fields.get(number)
+                if sub == "entry":
+                    key, value = _entry(buf, vpos, vend)
+                    if key == "location":
+                        out.append(value or "")
+                elif sub is not None:
+                    if depth >= MAX_ONNX_NESTING:
+                        raise Malformed(f"nests deeper than {MAX_ONNX_NESTING} messages")
+                    stack.append((sub, vpos, vend, depth + 1))
+    except Malformed as e:
         raise RejectError(
             ReasonCode.NOT_A_PACKAGE, f"{what} is not a well-formed ONNX model: {e}"
         ) from e
