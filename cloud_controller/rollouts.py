@@ -473,6 +473,13 @@ class RolloutService:
         with transaction(self._factory) as session:
             self._fence(session, fenced)
             for rid, state in states.items():
+                if events is not None and session.scalar(
+                    select(Rollout.revision).where(Rollout.id == rid)
+                ) != self._rev.get(rid, 0):
+                    # Another replica moved this rollout on since we loaded it: a report judged
+                    # on the old copy could be ignored (its device not yet at work there) and
+                    # then acknowledged, lost. Reports are applied to the current state only.
+                    raise _Stale(rid)
                 evs: list[E.Event]
                 if events is None:
                     evs = [E.Tick(self._health_of(session, state))]

@@ -168,3 +168,44 @@ def test_deposed_leaders_rollout_tick_is_refused(postgres_url: str) -> None:
         with factory() as s:
             row = s.get(Rollout, rid)
             assert row is not None and row.revision > before
+
+
+def test_a_report_reaching_a_replica_with_an_old_copy_is_applied_to_the_current_rollout(
+    postgres_url: str,
+) -> None:
+    """With shared ingest a follower applies reports too. Its copy of a rollout may be older
+    than the leader's (a wave the leader has dispatched since): a report judged on that copy
+    was ignored, then acknowledged, and the rollout never finished. It is applied to the
+    rollout as it stands in the database."""
+    from edgefleet.cloud_controller import rollout_engine as E
+    from edgefleet.cloud_controller.models import RolloutDevice
+    from tests.controller.test_rollout_service import SPEC, Clock, seeded_store, service
+
+    with pg_schema(postgres_url) as url:
+        factory = seeded_store(url)
+        clock = Clock()
+        leader, _ = service(factory, clock)
+        follower, _ = service(factory, clock)
+        st = leader.create({**SPEC, "waves": [50, 100], "device_timeout_s": 600}, "t")
+        rid = st.spec.rollout_id
+        follower.sync()  # the follower's copy: wave 1 at work, wave 2 not yet
+        first = sorted(d for d, p in st.devices.items() if p.state == E.DevState.IN_PROGRESS)
+        assert len(first) == 2
+
+        def done(device: str) -> tuple[str, E.StatusReport]:
+            return "iris", E.StatusReport(
+                device, "2.0.0", "COMMITTED", rollout_id=rid, model="iris"
+            )
+
+        leader.on_status([done(d) for d in first])
+        for _ in range(5):
+            clock.now += 5
+            leader.tick()
+        second = sorted(
+            d for d, p in leader._active[rid].devices.items() if p.state == E.DevState.IN_PROGRESS
+        )
+        assert second and not set(second) & set(first)  # the leader dispatched wave 2
+        follower.on_status([done(second[0])])  # its share of the reports
+        with factory() as s:
+            row = s.get(RolloutDevice, (rid, second[0]))
+            assert row is not None and row.state == E.DevState.SUCCEEDED.value
