@@ -78,6 +78,13 @@ def states(obs: Observer, dev: str, version: str) -> list[str]:
     return [s["state"] for s in obs.of(dev, "status") if s.get("version") == version]
 
 
+def queued(dev: Device, state: str) -> bool:
+    """The link's outbox holds a report of ``state``. The agent tells its listeners after
+    `wait_update` returns, so the report can land a moment later; counting the backlog would
+    not do, since it also holds the IDLE report that comes first."""
+    return any(r.get("state") == state for _, r in dev.link.outbox.pending(100))
+
+
 def committed(obs: Observer, dev: str, version: str) -> bool:
     return "COMMITTED" in states(obs, dev, version)
 
@@ -224,7 +231,7 @@ def test_status_survives_broker_outage_and_agent_restart(
         p1 = iris_packages["1.0.0"]
         uid = dev.agent.submit_update(UpdateRequest("iris", "1.0.0", str(p1.path), p1.sha256))
         assert dev.agent.wait_update(uid, 60)["state"] == "COMMITTED"
-        assert wait_until(lambda: dev.link.backlog() >= len(FULL_PATH), 10)
+        assert wait_until(lambda: queued(dev, "COMMITTED"), 10)
         assert observer.of(dev.id, "status") == []
 
         proxy.restore()  # paho reconnects with backoff; the outbox drains on PUBACK
@@ -236,11 +243,16 @@ def test_status_survives_broker_outage_and_agent_restart(
         p2 = iris_packages["1.1.0"]
         uid = dev.agent.submit_update(UpdateRequest("iris", "1.1.0", str(p2.path), p2.sha256))
         assert dev.agent.wait_update(uid, 60)["state"] == "COMMITTED"
-        assert wait_until(lambda: dev.link.backlog() >= len(FULL_PATH), 10)
+        assert wait_until(lambda: queued(dev, "COMMITTED"), 10)
         dev.new_link()
         proxy.restore()
         dev.start_link()
-        assert observer.wait(lambda: committed(observer, dev.id, "1.1.0"), 60)
+        assert observer.wait(lambda: committed(observer, dev.id, "1.1.0"), 60), (
+            f"seen: {states(observer, dev.id, '1.1.0')}, presence: "
+            f"{[p['online'] for p in observer.of(dev.id, 'presence')]}, connected: "
+            f"{dev.link.connected.is_set()}, backlog: {dev.link.backlog()}, "
+            f"in flight: {dev.link.delivery._inflight}, handed: {dev.link.delivery._handed}"
+        )
         got = states(observer, dev.id, "1.1.0")
         assert [s for s in got if s in FULL_PATH] == FULL_PATH
         # At least once, each report under its own increasing id (the controller's dedup key).
