@@ -218,12 +218,21 @@ class Fleet:
     def wait_online(self, ids: list[str] | None = None, timeout: float = 90.0) -> None:
         want = set(ids or self.spec.device_ids())
         deadline = time.monotonic() + timeout
+        moved: dict[str, int] = {}
         while time.monotonic() < deadline:
             for dev in want:
                 if not self.children.alive(f"agent-{dev}"):
-                    raise FleetError(
-                        f"agent {dev} exited:\n" + self.children.log_tail(f"agent-{dev}")
-                    )
+                    tail = self.children.log_tail(f"agent-{dev}")
+                    # Its HTTP port was free when chosen, and another process of a busy host
+                    # took it before the agent bound it: a new port, a few times at most.
+                    if tail.count("Address already in use") > moved.get(dev, 0) < 3:
+                        moved[dev] = moved.get(dev, 0) + 1
+                        self.agent_ports[dev] = free_port()
+                        self.write_agent_config(dev)
+                        self.say(f"agent {dev}: its port was taken; starting it on another")
+                        self.start_agent(dev)
+                        continue
+                    raise FleetError(f"agent {dev} exited:\n" + tail)
             online = {d for d, info in self.devices().items() if info.get("online")}
             if want <= online:
                 return
