@@ -97,7 +97,22 @@ def test_a_nats_controller_refuses_dotted_ids_at_registration_and_enrollment(
         fleet.start_controller()
         api = fleet.api
         assert api is not None
-        # the bridge runs on NATS as it is told: 3.1.1, plain subscriptions, no probe
+        # the bridge runs on NATS as it is told: 3.1.1 and plain subscriptions from its first
+        # SUBSCRIBE (no probe for shared ones, during which reports would go unread)
+        seen: set[str] = set()
+
+        def bridge_subjects() -> set[str]:
+            conns = nats.monitor(0, "/connz?subs=1").get("connections") or []
+            seen.update(
+                s
+                for c in conns
+                if str(c.get("mqtt_client", "")).startswith("edgefleet-controller")
+                for s in c.get("subscriptions_list") or []
+            )
+            return seen
+
+        assert wait_until(lambda: "edgefleet.v1.devices.*.status" in bridge_subjects(), 30)
+        # a bridge that probed would have logged its fallback before subscribing plainly
         log = fleet.children.log_tail("controller")
         assert "shared subscriptions" not in log, log
         with pytest.raises(ApiError) as refused:
