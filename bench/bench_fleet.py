@@ -75,6 +75,10 @@ class SimCounters:
 class SimFleet:
     """``SimFleet(host, port, ids, trusted).connect()``, then ``run_until(pred, timeout)``."""
 
+    # The QoS of each device's desired-state subscription, as the agent's for the broker kind
+    # (`edgefleet.wire.brokerkind.device_subscription_qos`: 0 on NATS).
+    desired_qos = 1
+
     def __init__(
         self,
         host: str,
@@ -172,7 +176,7 @@ class SimFleet:
             return
         dev.connected = True
         self.counters.connects += 1
-        client.subscribe(topic(dev_id, "desired"), qos=1)
+        client.subscribe(topic(dev_id, "desired"), qos=self.desired_qos)
         presence = {
             "device_id": dev_id,
             "online": True,

@@ -54,6 +54,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.bench_fleet import SUCCESS_PATH, SimFleet
+from edgefleet.wire.brokerkind import BrokerKind, device_subscription_qos
 from edgefleet.wire.mqtt import topic
 
 MODEL = "digits"
@@ -180,7 +181,9 @@ def _record(k: int, rid: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _worker(conn: Connection, host: str, port: int, ids: list[str], trusted_pem: bytes) -> None:
+def _worker(
+    conn: Connection, host: str, port: int, ids: list[str], trusted_pem: bytes, desired_qos: int
+) -> None:
     """One simulator process: its devices' loop, and commands from the parent between polls."""
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -189,6 +192,7 @@ def _worker(conn: Connection, host: str, port: int, ids: list[str], trusted_pem:
     _raise_nofile()
     key = load_pem_public_key(trusted_pem)
     sim = ScaleSim(host, port, ids, [key], profile=host_profile())
+    sim.desired_qos = desired_qos
     last_misc = time.monotonic()
     try:
         while True:
@@ -247,7 +251,9 @@ def _handle(sim: ScaleSim, cmd: str, args: list[Any]) -> Any:
 class Swarm:
     """The simulator processes, seen from the benchmark: commands go to all, answers come back."""
 
-    def __init__(self, ids: Sequence[str], ports: Sequence[int], procs: int, pem: bytes) -> None:
+    def __init__(
+        self, ids: Sequence[str], ports: Sequence[int], procs: int, pem: bytes, desired_qos: int = 1
+    ) -> None:
         ctx = mp.get_context("fork")  # before any thread of this process starts
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
@@ -256,7 +262,11 @@ class Swarm:
             part = list(ids[i::procs])
             parent, child = ctx.Pipe()
             port = ports[i % len(ports)]
-            p = ctx.Process(target=_worker, args=(child, "127.0.0.1", port, part, pem), daemon=True)
+            p = ctx.Process(
+                target=_worker,
+                args=(child, "127.0.0.1", port, part, pem, desired_qos),
+                daemon=True,
+            )
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -466,6 +476,9 @@ class Brokers:
     controller_url: str
     pids: list[int]
     stop: Callable[[], None]
+    broker_kind: BrokerKind = (
+        "mqtt"  # edgefleet.wire.brokerkind: what devices and controller are told
+    )
 
 
 def start_brokers(kind: str, root: Path) -> Brokers:
@@ -487,7 +500,8 @@ def start_brokers(kind: str, root: Path) -> Brokers:
     urls = list(cluster.mqtt_urls)
     ports = [int(urlsplit(u).port or 1883) for u in urls]
     pids = [int(p.pid) for p in cluster.procs if p is not None]
-    return Brokers(kind, ports, urls[0], pids, cluster.close)
+    # Every node's URL, as a deployment gives the controller (failover to the next node).
+    return Brokers(kind, ports, ",".join(urls), pids, cluster.close, "nats")
 
 
 class Skip(Exception):
@@ -533,6 +547,7 @@ class Controllers:
         replicas: int,
         tag: str,
         profile: bool = False,
+        broker_kind: BrokerKind = "mqtt",
     ) -> None:
         from edgefleet.cloud_controller import auth, db
         from edgefleet.harness import Children, free_port
@@ -565,6 +580,9 @@ class Controllers:
             env = {
                 "EDGEFLEET_CONTROLLER_DATA_DIR": str(data),
                 "EDGEFLEET_CONTROLLER_MQTT_CLIENT_ID": f"edgefleet-controller-{tag}",
+                # On NATS: MQTT 3.1.1 and plain subscriptions from the first CONNECT, with no
+                # 5 s probe for shared subscriptions during which reports would go unread.
+                "EDGEFLEET_CONTROLLER_BROKER_KIND": broker_kind,
             }
             if replicas > 1:
                 env["EDGEFLEET_CONTROLLER_REPLICA_ID"] = f"{tag}-r{r}"
@@ -870,7 +888,9 @@ def run_controller(
             finally:
                 reg.close()
             say(f"  registered {n} devices through the API in {row.register_s:.1f}s")
-        ctls = Controllers(root / tag, url, brokers.controller_url, replicas, tag, cfg.profile)
+        ctls = Controllers(
+            root / tag, url, brokers.controller_url, replicas, tag, cfg.profile, brokers.broker_kind
+        )
         stack.callback(ctls.close)
         t0 = time.perf_counter()  # healthy: from here the bridge reads the retained presences
         probe = DbProbe(url)
@@ -972,7 +992,7 @@ def run_broker(
         brokers = start_brokers(kind, root)
     except Skip as e:
         return None, [Row(kind, "-", 1, cfg.devices, skipped=str(e))], sizes
-    swarm = Swarm(ids, brokers.ports, cfg.procs, pem)
+    swarm = Swarm(ids, brokers.ports, cfg.procs, pem, device_subscription_qos(brokers.broker_kind))
     try:
         say(f"{kind}: connecting {cfg.devices} devices in {len(swarm.procs)} processes …")
         rss0 = rss(brokers.pids)
