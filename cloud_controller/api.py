@@ -485,6 +485,7 @@ def _device_info(request: Request) -> dict[str, Any]:
     return {
         "ca_pem": ctl.ca.cert_pem.decode(),
         "broker_urls": list(ctl.settings.device_broker_urls),
+        "broker_kind": ctl.settings.resolved_broker_kind,
         "controller_url": ctl.settings.base_url,
         "controller_key": controller_key(request),
         "trusted_keys": [

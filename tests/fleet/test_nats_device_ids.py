@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefleet.agent.config import load_config
 from edgefleet.agent.enroll import EnrollError, enroll
 from edgefleet.demo.api import ApiError
 from edgefleet.demo.fleet import Fleet
@@ -126,7 +127,8 @@ def test_a_nats_controller_refuses_dotted_ids_at_registration_and_enrollment(
             enroll(api.base, token, tmp_path / "gw.2", "gw.2")
         # refused before the token was spent: it still enrolls a valid id
         enrolled = enroll(api.base, token, tmp_path / "gw-2", "gw-2")
-        assert enrolled is not None
+        # ... into a config that knows its broker is NATS
+        assert load_config(enrolled.config_path, env={}).mqtt.broker_kind == "nats"
         ids = {d["device_id"] for d in api.call("GET", "/api/v1/devices")}
         assert ids == {"gw-1", "gw-2"}, ids
     finally:
