@@ -256,8 +256,12 @@ class SimFleet:
         }
         if state == "COMMITTED" and code is None:
             body["figures"] = {"p50_ms": 0.05, "p95_ms": 0.1}
-        dev.client.publish(topic(dev.device_id, "status"), json.dumps(body), qos=1)
+        self._publish(dev, topic(dev.device_id, "status"), json.dumps(body))
         self.counters.status_sent += 1
+
+    def _publish(self, dev: SimDevice, t: str, body: str) -> None:
+        """Send one QoS 1 report of ``dev`` (a subclass may hold it back: bench_scale)."""
+        dev.client.publish(t, body, qos=1)
 
 
 # --- the benchmark ---------------------------------------------------------------------------
