@@ -107,6 +107,9 @@ class MqttConfig:
     # controller's ack (after its database commit); "off" on the broker's PUBACK (controllers
     # that never ack); "auto" on PUBACK until the first ack arrives, then "on" for good.
     controller_acks: str = "auto"
+    # "mqtt" (any MQTT broker) or "nats" (NATS Server's MQTT listener): on NATS the device id
+    # may not contain '.', and the device subscribes at QoS 0 (edgefleet.wire.brokerkind).
+    broker_kind: str = "mqtt"
 
     @property
     def brokers(self) -> list[str]:
@@ -315,9 +318,14 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
     cfg = _build(AgentConfig, raw, "", base)
     cfg.config_path = path
     from edgefleet.wire import ids
+    from edgefleet.wire.brokerkind import broker_kind, device_id_for
 
+    try:
+        kind = broker_kind(cfg.mqtt.broker_kind)
+    except ValueError as e:
+        raise ConfigError(f"mqtt.broker_kind: {e}") from e
     try:  # it becomes the broker user, topic level and log label: one grammar (wire.ids)
-        ids.device_id(cfg.device_id)
+        device_id_for(kind, cfg.device_id)  # on NATS also without '.'
     except ids.IdentifierError as e:
         raise ConfigError(f"device_id: {e}") from e
     from edgefleet.wire.keyid import canonical_key_ids

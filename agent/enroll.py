@@ -118,6 +118,8 @@ def agent_toml(answer: Mapping[str, Any], *, http_port: int, http_host: str) -> 
             "ca_file": "tls/ca.crt",
             "cert_file": "tls/device.crt",
             "key_file": "tls/device.key",
+            # "nats" from a controller of a NATS deployment (wire.brokerkind)
+            "broker_kind": str(answer.get("broker_kind") or "mqtt"),
         },
         "telemetry": {"enabled": True, "interval_s": 10.0},
     }

@@ -75,6 +75,10 @@ class SimCounters:
 class SimFleet:
     """``SimFleet(host, port, ids, trusted).connect()``, then ``run_until(pred, timeout)``."""
 
+    # The QoS of each device's desired-state subscription, as the agent's for the broker kind
+    # (`edgefleet.wire.brokerkind.device_subscription_qos`: 0 on NATS).
+    desired_qos = 1
+
     def __init__(
         self,
         host: str,
@@ -172,7 +176,7 @@ class SimFleet:
             return
         dev.connected = True
         self.counters.connects += 1
-        client.subscribe(topic(dev_id, "desired"), qos=1)
+        client.subscribe(topic(dev_id, "desired"), qos=self.desired_qos)
         presence = {
             "device_id": dev_id,
             "online": True,
@@ -252,8 +256,12 @@ class SimFleet:
         }
         if state == "COMMITTED" and code is None:
             body["figures"] = {"p50_ms": 0.05, "p95_ms": 0.1}
-        dev.client.publish(topic(dev.device_id, "status"), json.dumps(body), qos=1)
+        self._publish(dev, topic(dev.device_id, "status"), json.dumps(body))
         self.counters.status_sent += 1
+
+    def _publish(self, dev: SimDevice, t: str, body: str) -> None:
+        """Send one QoS 1 report of ``dev`` (a subclass may hold it back: bench_scale)."""
+        dev.client.publish(t, body, qos=1)
 
 
 # --- the benchmark ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from edgefleet.cloud_controller.db import iso, transaction
 from edgefleet.cloud_controller.deps import Principal, audit_detail, controller, need, session
 from edgefleet.cloud_controller.models import AuditEntry, DesiredState, Device, Package
 from edgefleet.wire import ids
+from edgefleet.wire.brokerkind import device_id_for
 from edgefleet.wire.manifest import package_filename
 
 router = APIRouter(prefix="/api/v1")
@@ -249,6 +250,8 @@ def register_device(body: RegisterRequest, request: Request, who: Operator) -> d
     """Create a device (or rotate its credentials); the secrets are shown only in this reply."""
     ctl = controller(request)
     try:
+        # On a NATS deployment a '.' in the id cannot travel in its topics (wire.brokerkind).
+        device_id_for(ctl.settings.resolved_broker_kind, body.device_id)
         with transaction(ctl.factory) as s:
             known = s.get(Device, body.device_id)
             if known is not None and known.registered and not body.rotate_credentials:
@@ -482,6 +485,7 @@ def _device_info(request: Request) -> dict[str, Any]:
     return {
         "ca_pem": ctl.ca.cert_pem.decode(),
         "broker_urls": list(ctl.settings.device_broker_urls),
+        "broker_kind": ctl.settings.resolved_broker_kind,
         "controller_url": ctl.settings.base_url,
         "controller_key": controller_key(request),
         "trusted_keys": [
@@ -502,7 +506,15 @@ def enroll_device(body: EnrollRequest, request: Request) -> dict[str, Any]:
     validity = timedelta(days=ctl.settings.device_cert_days)
     try:
         with transaction(ctl.factory) as s:
-            done = enroll.enroll(s, ctl.ca, body.token, body.device_id, body.csr_pem, validity)
+            done = enroll.enroll(
+                s,
+                ctl.ca,
+                body.token,
+                body.device_id,
+                body.csr_pem,
+                validity,
+                broker_kind=ctl.settings.resolved_broker_kind,
+            )
     except enroll.EnrollRefused as e:
         audit_detail(request, refused=e.code.value)
         raise fail(e.status, e.code.value, e.message) from e

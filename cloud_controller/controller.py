@@ -143,7 +143,7 @@ class Controller:
                 factory,
                 service,
                 client_id=settings.bridge_client_id,
-                shared=settings.shared_subscriptions,
+                shared=settings.use_shared_subscriptions,
                 acks=settings.acks,
                 max_bytes={
                     "presence": settings.max_presence_bytes,

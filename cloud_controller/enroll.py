@@ -25,6 +25,7 @@ from edgefleet.cloud_controller.models import (
     EnrollmentToken,
 )
 from edgefleet.wire import ids
+from edgefleet.wire.brokerkind import BrokerKind, device_id_for
 from edgefleet.wire.reasons import EnrollReason
 
 TOKEN_PREFIX = "efe"
@@ -159,6 +160,8 @@ def enroll(
     csr_pem: str,
     validity: timedelta,
     now: datetime | None = None,
+    *,
+    broker_kind: BrokerKind = "mqtt",
 ) -> Enrolled:
     """Spend ``token``, register ``device_id`` and issue its certificate from ``csr_pem``.
 
@@ -166,7 +169,7 @@ def enroll(
     it); the caller's transaction makes the rest all-or-nothing."""
     now = now or datetime.now(UTC)
     try:
-        ids.device_id(device_id)
+        device_id_for(broker_kind, device_id)  # on NATS also without '.' (wire.brokerkind)
     except ids.IdentifierError as e:
         raise EnrollRefused(EnrollReason.INVALID_DEVICE_ID, 422, str(e)) from e
     try:

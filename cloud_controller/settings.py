@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from edgefleet.wire.brokerkind import BrokerKind, broker_kind
+
 ENV_PREFIX = "EDGEFLEET_CONTROLLER_"
 CONFIG_NAME = "controller.toml"
 
@@ -105,6 +107,7 @@ ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("BROKER", str),
     ("MQTT_CLIENT_ID", str),
     ("MQTT_PROTOCOL", str),
+    ("BROKER_KIND", str),
     ("REPLICA_ID", str),
     ("LEASE_TTL_S", float),
     ("LEASE_RENEW_S", float),
@@ -154,6 +157,9 @@ class Settings:
     # "3.1.1", "5" or "auto" (5 when shared subscriptions are on, else 3.1.1). NATS speaks
     # 3.1.1 only: run it with "3.1.1", which also turns shared subscriptions off.
     mqtt_protocol: str = "auto"
+    # "mqtt" (any MQTT broker, e.g. Mosquitto) or "nats" (NATS Server's MQTT: 3.1.1, no shared
+    # subscriptions, and device ids without '.'; wire.brokerkind, docs/fleet.md).
+    broker_kind: str = "mqtt"
     mqtt_client_id: str = "edgefleet-controller"  # persistent session: QoS 1 kept while away
     # Replicas (docs/controller.md, Replicas): a stable id per replica names its lease and its
     # MQTT client (`<mqtt_client_id>-<replica_id>`); unset: host name + pid, and the MQTT
@@ -226,6 +232,8 @@ class Settings:
         """The protocol the bridge speaks: "3.1.1" or "5" (ValueError for anything else)."""
         if self.mqtt_protocol == "auto":  # every broker here speaks 3.1.1 (NATS nothing newer)
             return "3.1.1"
+        if self.mqtt_protocol == "5" and self.resolved_broker_kind == "nats":
+            raise ValueError("mqtt_protocol 5: a NATS broker speaks MQTT 3.1.1 only")
         if self.mqtt_protocol in ("3.1.1", "5"):
             return self.mqtt_protocol
         raise ValueError(f"mqtt_protocol {self.mqtt_protocol!r}: expected auto, 3.1.1 or 5")
@@ -234,8 +242,13 @@ class Settings:
     def use_shared_subscriptions(self) -> bool:
         """Mosquitto serves ``$share/…`` to 3.1.1 and 5 clients alike; a broker that delivers
         nothing through them (NATS, amqtt) is found out by the bridge's probe, which falls
-        back to plain subscriptions."""
-        return self.shared_subscriptions
+        back to plain subscriptions. On a broker of kind "nats" there is nothing to probe."""
+        return self.shared_subscriptions and self.resolved_broker_kind != "nats"
+
+    @property
+    def resolved_broker_kind(self) -> BrokerKind:
+        """`broker_kind`, checked (ValueError naming the kinds)."""
+        return broker_kind(self.broker_kind)
 
     @property
     def database_url(self) -> str:

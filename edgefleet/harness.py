@@ -225,11 +225,13 @@ class NatsCluster:
         cluster_name: str = "edgefleet",
         ready_timeout: float = 60.0,
         consumer_replicas: int | None = None,
+        consumer_memory_storage: bool = False,
     ) -> None:
         """``consumer_replicas``: replicas of the JetStream consumer behind each QoS 1 MQTT
-        subscription (default: as many as the streams, up to 3). One per subscription: with
-        thousands of devices, R1 consumers cost far less to create, at the price of a session
-        that lives on one node."""
+        subscription (default: as many as the streams, up to 3); ``consumer_memory_storage``:
+        keep those consumers in memory. There is one per QoS 1 subscription; devices of a NATS
+        deployment subscribe at QoS 0 and have none (`edgefleet.wire.brokerkind`), so the
+        defaults only concern the controller's few, which stay replicated on every node."""
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
         self.workdir = Path(workdir)
@@ -240,6 +242,7 @@ class NatsCluster:
         self.client_ports = [free_port(host) for _ in self.names]
         self.cluster_ports = [free_port(host) for _ in self.names]
         self.mqtt_ports = [free_port(host) for _ in self.names]
+        self.monitor_ports = [free_port(host) for _ in self.names]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * nodes
         # Pinned, not left to NATS: it sizes the MQTT streams by the servers it sees when the
         # first MQTT client connects, and a node that connected before its routes were all up
@@ -248,6 +251,7 @@ class NatsCluster:
         self.consumer_replicas = self.replicas if consumer_replicas is None else consumer_replicas
         if not 1 <= self.consumer_replicas <= self.replicas:
             raise ValueError(f"consumer_replicas must be 1..{self.replicas}")
+        self.consumer_memory_storage = consumer_memory_storage
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -258,6 +262,20 @@ class NatsCluster:
     @property
     def nats_urls(self) -> list[str]:
         return [f"nats://{self.host}:{p}" for p in self.client_ports]
+
+    @property
+    def monitor_urls(self) -> list[str]:
+        """Each node's HTTP monitoring endpoint (``/varz``, ``/jsz``, ``/connz``, ``/healthz``)."""
+        return [f"http://{self.host}:{p}" for p in self.monitor_ports]
+
+    def monitor(self, i: int, path: str, timeout: float = 5.0) -> Any:
+        """GET ``path`` (e.g. ``"/jsz?consumers=true"``) from node ``i``'s monitoring endpoint,
+        parsed from JSON."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.monitor_urls[i] + path, timeout=timeout) as r:
+            return json.loads(r.read())
 
     def log_path(self, i: int) -> Path:
         return self.workdir / f"{self.names[i]}.log"
@@ -280,10 +298,12 @@ class NatsCluster:
         return (
             f"server_name: {self.names[i]}\n"
             f"listen: {self.host}:{self.client_ports[i]}\n"
+            f"http: {self.host}:{self.monitor_ports[i]}\n"
             f'jetstream {{\n  store_dir: "{store}"\n}}\n'
             f"{cluster}"
             f"mqtt {{\n  listen: {self.host}:{self.mqtt_ports[i]}\n"
-            f"  stream_replicas: {self.replicas}\n  consumer_replicas: {self.consumer_replicas}\n}}\n"
+            f"  stream_replicas: {self.replicas}\n  consumer_replicas: {self.consumer_replicas}\n"
+            f"  consumer_memory_storage: {str(self.consumer_memory_storage).lower()}\n}}\n"
         )
 
     # -- processes -----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from edgefleet.agent.telemetry.outbox import Outbox
 from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.keys import load_public_key
 from edgefleet.wire.backoff import Failover
+from edgefleet.wire.brokerkind import broker_kind, device_subscription_qos
 from edgefleet.wire.message import encode, now_iso
 from edgefleet.wire.mqtt import Kind, offline_will, topic
 from edgefleet.wire.states import TERMINAL_STATES
@@ -162,6 +163,12 @@ class MqttLink:
     def resent(self) -> int:
         return self.delivery.resent
 
+    @property
+    def subscription_qos(self) -> int:
+        """QoS of the desired-state and ack subscriptions: 0 on NATS, where each QoS 1
+        subscription would be a JetStream consumer of its own (wire.brokerkind)."""
+        return device_subscription_qos(broker_kind(self.config.mqtt.broker_kind))
+
     def topic(self, kind: Kind) -> str:
         return topic(self.device_id, kind)
 
@@ -254,7 +261,8 @@ class MqttLink:
             return
         self.last_connect_error = None
         self.failover.connected()
-        client.subscribe([(self.topic("desired"), 1), (self.topic("ack"), 1)])
+        qos = self.subscription_qos
+        client.subscribe([(self.topic("desired"), qos), (self.topic("ack"), qos)])
         self._connected_since = time.monotonic()
         self.connected.set()
         self._jobs.put(("connected", None))
@@ -364,7 +372,7 @@ class MqttLink:
             log.info(
                 "subscribing again to the desired state (try %d)", self._subscribe_failures + 1
             )
-            self._client.subscribe(self.topic("desired"), qos=1)
+            self._client.subscribe(self.topic("desired"), qos=self.subscription_qos)
 
     def _handle_event(self, event: UpdateEvent) -> None:
         state = self.desired.state

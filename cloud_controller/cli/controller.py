@@ -110,6 +110,12 @@ def serve(
         "--mqtt-protocol",
         help="auto, 3.1.1 or 5 (auto: 5 with shared subscriptions). NATS needs 3.1.1.",
     ),
+    broker_kind: str = typer.Option(
+        None,
+        "--broker-kind",
+        help="mqtt (any MQTT broker, default) or nats (NATS Server: MQTT 3.1.1, no shared"
+        " subscriptions, device ids without '.'; env EDGEFLEET_CONTROLLER_BROKER_KIND).",
+    ),
     packages: Path = typer.Option(None, "--packages", help="Packages directory."),
     host: str = typer.Option(None, "--host"),
     port: int = typer.Option(None, "--port"),
@@ -164,6 +170,7 @@ def serve(
         db,
         broker_url=broker,
         mqtt_protocol=mqtt_protocol,
+        broker_kind=broker_kind,
         packages_dir=packages,
         host=host,
         port=port,
@@ -179,6 +186,10 @@ def serve(
     )
     from edgefleet.cloud_controller.mqtt_bridge import broker_addresses
 
+    try:
+        s.resolved_broker_kind  # noqa: B018 (validates the setting)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--broker-kind") from e
     try:
         s.resolved_mqtt_protocol  # noqa: B018 (validates the setting)
     except ValueError as e:

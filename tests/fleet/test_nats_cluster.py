@@ -177,7 +177,7 @@ def _agent_config(
                 "admin_port": 0,
                 "probation": {"seconds": probation_s},
                 "validation": {"bench_runs": 10, "bench_warmup": 2},
-                "mqtt": {"urls": urls, "keepalive_s": 5},
+                "mqtt": {"urls": urls, "keepalive_s": 5, "broker_kind": "nats"},
                 "telemetry": {"enabled": False},
             }
         )
@@ -304,6 +304,7 @@ class _NatsFleet(Fleet):
         first = 1 + sum(map(ord, device_id)) % (len(urls) - 1)  # node 2 or 3, never node 1
         raw["mqtt"].pop("url", None)
         raw["mqtt"]["urls"] = urls[first:] + urls[:first]
+        raw["mqtt"]["broker_kind"] = "nats"  # QoS 0 subscriptions: no consumer per device
         path.write_text(dump_config(raw))
         return path
 
@@ -326,9 +327,8 @@ def test_rollout_finishes_when_the_controllers_node_dies_and_no_report_is_lost_o
     from edgefleet.demo.rollouts import rollout_body
     from edgefleet.demo.spec import FleetSpec
 
-    # NATS speaks MQTT 3.1.1 only (and so has no shared subscriptions).
-    monkeypatch.setenv("EDGEFLEET_CONTROLLER_MQTT_PROTOCOL", "3.1.1")
-    monkeypatch.setenv("EDGEFLEET_CONTROLLER_SHARED_SUBSCRIPTIONS", "0")
+    # NATS speaks MQTT 3.1.1 only (and so has no shared subscriptions): the broker kind says so.
+    monkeypatch.setenv("EDGEFLEET_CONTROLLER_BROKER_KIND", "nats")
     spec = FleetSpec(tmp_path / "fleet", devices=3, probation_s=1.0, telemetry_interval_s=1.0)
     fleet = _NatsFleet(spec)
     fleet.cluster = nats
