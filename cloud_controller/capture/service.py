@@ -68,6 +68,8 @@ class CaptureLimits:
 
     on_drift: bool = False
     on_drift_rows: int = 500
+    on_drift_sample_rate: float = 0.1
+    on_drift_rows_per_minute: int = 60
     max_rows: int = 100_000
     max_bytes: int = 256 * 1024**2
     total_bytes: int = 2 * 1024**3
@@ -78,6 +80,8 @@ class CaptureLimits:
         return cls(
             on_drift=bool(s.capture_on_drift),
             on_drift_rows=int(s.capture_on_drift_rows),
+            on_drift_sample_rate=float(s.capture_on_drift_sample_rate),
+            on_drift_rows_per_minute=int(s.capture_on_drift_rows_per_minute),
             max_rows=int(s.capture_max_rows),
             max_bytes=int(s.capture_max_bytes),
             total_bytes=int(s.capture_total_bytes),
@@ -279,7 +283,8 @@ def get(session: Session, capture_id: str, lock: bool = False) -> CaptureSession
 
 def start_capture_for_event(session: Session, event: Any) -> str | None:
     """For a drift event (``cloud_controller.drift.models.DriftEvent``): start a capture of
-    ``capture_on_drift_rows`` rows on the devices its scope names, when the controller's
+    ``capture_on_drift_rows`` rows (sampling ``capture_on_drift_sample_rate`` of the requests,
+    at most ``capture_on_drift_rows_per_minute`` a minute a device) on the devices its scope names, when the controller's
     ``capture_on_drift`` setting is on. Returns the capture id, None when the setting is off,
     the event already has a capture, or no device of its scope has the model in its desired
     state. The capture is ``pending``: the leader's ticker sends it to the devices."""
@@ -311,6 +316,8 @@ def start_capture_for_event(session: Session, event: Any) -> str | None:
             devices=devices,
             group=group,
             rows=min(lim.on_drift_rows, lim.max_rows),
+            sample_rate=lim.on_drift_sample_rate,
+            max_rows_per_minute=lim.on_drift_rows_per_minute,
             drift_event_id=event_id,
             created_by=f"drift-event:{event_id}",
         )
