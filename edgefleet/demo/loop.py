@@ -69,6 +69,10 @@ MAX_DRIFT = 0.1
 # The shadow gate's margin below the agreement the held-out rows predict (requests of BATCH
 # rows, as the load sends them): live traffic that agrees less is not what was captured.
 AGREEMENT_MARGIN = 0.15
+# The shadow's latency gate: the candidate runs on a nice-10 thread beside serving (docs/shadow.md)
+# and the demo's whole fleet shares this machine's cores, so its p95 over a few requests says
+# more about the machine than the model: only a candidate an order of magnitude slower fails.
+MAX_P95_RATIO = 25.0
 
 
 def field_shift(iteration: int) -> tuple[str, Transform, Transform]:
@@ -478,7 +482,7 @@ def _iteration(
         shifted,
         waves=[50.0, 100.0],
         shadow={"requests": profile.shadow_requests, "min_agreement": min_agreement,
-                "max_p95_ratio": 5.0, "window_s": 1.0, "timeout_s": 120.0},
+                "max_p95_ratio": MAX_P95_RATIO, "window_s": 1.0, "timeout_s": 120.0},
         soak_s=profile.soak_s,
         gates={"max_drift": MAX_DRIFT},
     )  # fmt: skip
