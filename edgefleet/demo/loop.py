@@ -429,10 +429,6 @@ def _iteration(
             parts_hold.append(np.asarray(d[INPUT], dtype=np.float32))
     x_cap, x_hold = np.concatenate(parts_cap), np.concatenate(parts_hold)
     cid = ", ".join(sorted(captures.values()))
-    with np.load(captured, allow_pickle=False) as d:
-        x_cap = np.asarray(d[INPUT], dtype=np.float32)
-    with np.load(holdout, allow_pickle=False) as d:
-        x_hold = np.asarray(d[INPUT], dtype=np.float32)
     # calibration (and so the new package's drift reference) = every captured row; the
     # holdout is held out of training and is the validation set and the accuracy gate
     calibration = save_npz(work / "calibration.npz", {INPUT: np.concatenate([x_cap, x_hold])})
