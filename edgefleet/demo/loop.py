@@ -34,6 +34,7 @@ from edgefleet.demo.packages import build_packages
 from edgefleet.demo.retrain import INPUT, accuracy, digits_oracle, export_onnx, retrain
 from edgefleet.demo.rollouts import rollout_body
 from edgefleet.demo.spec import GOOD, MODEL_NAME, FleetError, FleetSpec
+from edgefleet.drift.alerts import LookPlan
 from edgefleet.harness import free_port, sigterm_as_interrupt
 
 # The demo's drift settings: looks every 5 s (the defaults are 30 s / 300 s), 10-minute buckets,
@@ -61,7 +62,9 @@ class LoopProfile:
 
 PROFILES = {
     "default": LoopProfile("default", 15, 10.0, 30, 6.0, 50, 0.5, 150),
-    "quick": LoopProfile("quick", 10, 5.0, 10, 3.0, 20, 0.2, 100),
+    # the same windows as the default: a 10 s window alone holds too few rows when the
+    # agents' sketches come late on a loaded machine (shift to event 30-70 s there)
+    "quick": LoopProfile("quick", 15, 5.0, 10, 3.0, 20, 0.2, 100),
 }
 # The drift gate of the staged rollout: the largest JS distance among features the calibrated
 # test flags on the new version's sketches of the moved devices (0 when none is flagged).
@@ -285,6 +288,7 @@ def run_loop(
                 fleet.upload(path)
             fleet.wait_online()
             assert fleet.api is not None
+            windows = LookPlan(0.01, BUCKET_S, LOOK_S, profile.window_s, 0.5).windows
             fleet.api.call(
                 "PUT",
                 f"/api/v1/drift/{MODEL_NAME}/settings",
@@ -293,8 +297,8 @@ def run_loop(
             )  # fmt: skip
             say(
                 f"drift settings for the demo ({profile.name}): early looks every {LOOK_S} s over "
-                f"the last {2 * LOOK_S} s and {profile.window_s} s (defaults 30 s: 60 s and "
-                f"300 s), {BUCKET_S // 60}-minute buckets, per-device scope; webhook -> "
+                f"the last {' and '.join(f'{w} s' for w in windows)} (defaults every 30 s over "
+                f"60 and 300 s), {BUCKET_S // 60}-minute buckets, per-device scope; webhook -> "
                 f"{hook.url}; capture_on_drift on ({capture_rows(len(rows))} rows a device)"
             )
             ids = fleet.spec.device_ids()
