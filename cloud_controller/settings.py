@@ -125,6 +125,8 @@ ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("BROKER_CERT_FILE", Path),
     ("BROKER_KEY_FILE", Path),
     ("CAPTURE_ON_DRIFT_ROWS", int),
+    ("CAPTURE_ON_DRIFT_SAMPLE_RATE", float),
+    ("CAPTURE_ON_DRIFT_ROWS_PER_MINUTE", int),
     ("CAPTURE_MAX_ROWS", int),
     ("CAPTURE_MAX_BYTES", int),
     ("CAPTURE_TOTAL_BYTES", int),
@@ -196,6 +198,8 @@ class Settings:
     # (docs/retrain.md); off by default: raw field data leaves devices only when asked for.
     capture_on_drift: bool = False
     capture_on_drift_rows: int = 500  # ... of this many rows
+    capture_on_drift_sample_rate: float = 0.1  # ... sampling this share of the requests
+    capture_on_drift_rows_per_minute: int = 60  # ... at most this many rows a minute a device
     capture_max_rows: int = 100_000  # rows one capture may ask for
     capture_max_bytes: int = 256 * 1024**2  # tensor bytes one capture may store
     capture_total_bytes: int = 2 * 1024**3  # tensor bytes all captures together may store

@@ -68,6 +68,8 @@ class CaptureLimits:
 
     on_drift: bool = False
     on_drift_rows: int = 500
+    on_drift_sample_rate: float = 0.1
+    on_drift_rows_per_minute: int = 60
     max_rows: int = 100_000
     max_bytes: int = 256 * 1024**2
     total_bytes: int = 2 * 1024**3
@@ -78,6 +80,8 @@ class CaptureLimits:
         return cls(
             on_drift=bool(s.capture_on_drift),
             on_drift_rows=int(s.capture_on_drift_rows),
+            on_drift_sample_rate=float(s.capture_on_drift_sample_rate),
+            on_drift_rows_per_minute=int(s.capture_on_drift_rows_per_minute),
             max_rows=int(s.capture_max_rows),
             max_bytes=int(s.capture_max_bytes),
             total_bytes=int(s.capture_total_bytes),
@@ -279,7 +283,8 @@ def get(session: Session, capture_id: str, lock: bool = False) -> CaptureSession
 
 def start_capture_for_event(session: Session, event: Any) -> str | None:
     """For a drift event (``cloud_controller.drift.models.DriftEvent``): start a capture of
-    ``capture_on_drift_rows`` rows on the devices its scope names, when the controller's
+    ``capture_on_drift_rows`` rows (sampling ``capture_on_drift_sample_rate`` of the requests,
+    at most ``capture_on_drift_rows_per_minute`` a minute a device) on the devices its scope names, when the controller's
     ``capture_on_drift`` setting is on. Returns the capture id, None when the setting is off,
     the event already has a capture, or no device of its scope has the model in its desired
     state. The capture is ``pending``: the leader's ticker sends it to the devices."""
@@ -311,6 +316,8 @@ def start_capture_for_event(session: Session, event: Any) -> str | None:
             devices=devices,
             group=group,
             rows=min(lim.on_drift_rows, lim.max_rows),
+            sample_rate=lim.on_drift_sample_rate,
+            max_rows_per_minute=lim.on_drift_rows_per_minute,
             drift_event_id=event_id,
             created_by=f"drift-event:{event_id}",
         )
@@ -325,19 +332,44 @@ def start_capture_for_event(session: Session, event: Any) -> str | None:
 
 @dataclass
 class RateWindow:
-    """Rows accepted per (capture, device) over the last minute: refuses a flood."""
+    """Rows accepted per (capture, device) over the last minute, read from the stored rows:
+    refuses a flood on every replica together. Each replica's bridge holds one, but the count
+    is the database's (``captured_rows`` by capture, ``received_at``), and ``ingest`` holds the
+    capture's row lock (``FOR UPDATE``) while it counts and stores, so two replicas taking one
+    device's records at the same moment are serialized: N replicas let through the limit, not
+    N times it. ``used`` keeps the count of the current ``ingest`` call (rows it added)."""
 
-    seen: dict[tuple[str, str], list[tuple[float, int]]] = field(default_factory=dict)
+    used: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def allow(self, key: tuple[str, str], rows: int, limit: int, now_s: float) -> bool:
-        w = [x for x in self.seen.get(key, []) if now_s - x[0] < 60.0]
+    def begin(self) -> None:
+        self.used = {}
+
+    def allow(
+        self,
+        session: Session,
+        key: tuple[str, str],
+        rows: int,
+        limit: int,
+        now: datetime,
+    ) -> bool:
+        if key not in self.used:
+            cid, dev = key
+            session.flush()  # rows an earlier message of the same batch stored count too
+            self.used[key] = int(
+                session.scalar(
+                    select(func.coalesce(func.sum(CapturedRow.rows), 0)).where(
+                        CapturedRow.capture_id == cid,
+                        CapturedRow.device_id == dev,
+                        CapturedRow.received_at > now - timedelta(seconds=60),
+                    )
+                )
+                or 0
+            )
         # twice the device's own limit (its records never carry more rows than that limit):
         # a backlog sent after a reconnect passes, a device that ignores its limit does not
-        if sum(n for _, n in w) + rows > 2 * limit:
-            self.seen[key] = w
+        if self.used[key] + rows > 2 * limit:
             return False
-        w.append((now_s, rows))
-        self.seen[key] = w
+        self.used[key] += rows
         return True
 
 
@@ -394,7 +426,7 @@ def ingest(
         )
     budget_left = lim.total_bytes - total_bytes(session)
     versions = _known_versions(session, device_id, {c.model for c in caps.values()})
-    now_s = now.timestamp()
+    rate.begin()
     for p in parsed:
         cap = caps.get(p.capture_id)
         if cap is None or device_id not in (cap.devices or []):
@@ -424,7 +456,7 @@ def ingest(
             refuse(CaptureReason.OVER_QUOTA)
         elif cap.state not in OPEN or _utc(cap.until) + timedelta(minutes=5) < now:
             refuse(CaptureReason.CLOSED)
-        elif not rate.allow((cap.id, device_id), p.rows, cap.max_rows_per_minute, now_s):
+        elif not rate.allow(session, (cap.id, device_id), p.rows, cap.max_rows_per_minute, now):
             refuse(CaptureReason.RATE)
         elif cap.bytes + p.nbytes > lim.max_bytes or p.nbytes > budget_left:
             refuse(CaptureReason.BYTES_LIMIT)

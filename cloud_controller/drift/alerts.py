@@ -1,9 +1,9 @@
 """Early drift looks on the leader's ticker: sliding windows, one event per episode, gauges.
 
 Every ``look_s`` seconds (the model's drift config, default 30) the leader merges each
-scope's sketch windows of the last ``window_s`` seconds (stored telemetry records, so any
-replica that leads sees them) and judges them at the early-look level of
-:class:`edgefleet.drift.alerts.LookPlan` (the closed bucket keeps the rest of ``alpha``;
+scope's sketch windows of each window of the plan (the last ``2 * look_s`` and the last
+``window_s`` seconds; stored telemetry records, so any replica that leads sees them) and judges
+them at the early-look level of :class:`edgefleet.drift.alerts.LookPlan` (the closed bucket keeps the rest of ``alpha``;
 docs/drift.md, Alerts in minutes). A drifted look opens an episode and stores a drift event
 (one per model, scope, key and episode; its webhook goes out after the commit); later drifted
 looks extend the episode (``evidence.episode.last_seen``) without a new event. With the
@@ -72,36 +72,55 @@ def _scopes_of(dev: str, version: str, groups: dict[str, list[str]]) -> list[tup
     return keys + [("group", g) for g in groups.get(dev, [])]
 
 
-def _windows(
+Window = tuple[dict[str, Any], set[str], set[str], datetime]
+Row = tuple[str, str | None, datetime, Any]
+
+
+def _rows(
     session: Session, model: str, versions: Iterable[str], since: datetime, until: datetime
-) -> dict[tuple[str, str, str], tuple[dict[str, Any], set[str], set[str], datetime]]:
-    """(reference, scope, key) -> (merged sketch, versions, devices, earliest window) of the
-    sketch records of ``model`` in (since, until]."""
-    rows = session.execute(
-        select(
-            TelemetryRecord.device_id,
-            TelemetryRecord.version,
-            TelemetryRecord.at,
-            TelemetryRecord.data,
-        ).where(
-            TelemetryRecord.kind == "sketch",
-            TelemetryRecord.model == model,
-            TelemetryRecord.version.in_(sorted(versions)),
-            TelemetryRecord.at > since,
-            TelemetryRecord.at <= until,
-        )
-    ).all()
+) -> list[Row]:
+    """The sketch records of ``model`` in (since, until]."""
+    return [
+        (str(r[0]), r[1], r[2], r[3])
+        for r in session.execute(
+            select(
+                TelemetryRecord.device_id,
+                TelemetryRecord.version,
+                TelemetryRecord.at,
+                TelemetryRecord.data,
+            ).where(
+                TelemetryRecord.kind == "sketch",
+                TelemetryRecord.model == model,
+                TelemetryRecord.version.in_(sorted(versions)),
+                TelemetryRecord.at > since,
+                TelemetryRecord.at <= until,
+            )
+        ).all()
+    ]
+
+
+def _groups(session: Session, rows: list[Row]) -> dict[str, list[str]]:
     devs = {r[0] for r in rows}
     groups: dict[str, list[str]] = {}
     if devs:
         for d in session.scalars(select(Device).where(Device.id.in_(sorted(devs)))):
             groups[d.id] = [str(g) for g in (d.groups or [])]
-    out: dict[tuple[str, str, str], tuple[dict[str, Any], set[str], set[str], datetime]] = {}
+    return groups
+
+
+def _windows(
+    rows: list[Row], groups: dict[str, list[str]], since: datetime, until: datetime
+) -> dict[tuple[str, str, str], Window]:
+    """(reference, scope, key) -> (merged sketch, versions, devices, earliest window) of the
+    rows in (since, until]."""
+    out: dict[tuple[str, str, str], Window] = {}
     for dev, version, at, data in rows:
+        at = utc(at) or until
+        if not since < at <= until:
+            continue
         sk = data.get("sketch") if isinstance(data, dict) else None
         if not isinstance(sk, dict) or not isinstance(sk.get("reference_id"), str):
             continue
-        at = utc(at) or until
         for scope, key in _scopes_of(dev, version or "?", groups):
             k = (str(sk["reference_id"]), scope, key)
             prev = out.get(k)
@@ -203,20 +222,29 @@ def look(
             if not force and _last_slot.get(model) == slot:
                 continue
             _last_slot[model] = slot
-        since = now - timedelta(seconds=min(plan.window_s, MAX_WINDOW_S))
+        longest = min(plan.window_s, MAX_WINDOW_S)
+        since = now - timedelta(seconds=longest)
         live = recent_versions(session, model, since - timedelta(seconds=s.bucket_s))
         if not live:
             continue
-        cfg = plan.look_config(s.config)
-        for (rid, scope, key), (sk, versions, devices, first) in sorted(
-            _windows(session, model, live, since, now).items()
+        rows = _rows(session, model, live, since, now)
+        groups = _groups(session, rows)
+        # each scope judged on every window of the plan, shortest first; the first that drifts
+        # is the look's evidence (else the longest window's result, for the gauges)
+        judged: dict[tuple[str, str, str], tuple[dict[str, Any], Window, int]] = {}
+        for i, w in enumerate(plan.windows):
+            cfg = plan.look_config(s.config, i)
+            w_since = now - timedelta(seconds=min(w, MAX_WINDOW_S))
+            for k, win in _windows(rows, groups, w_since, now).items():
+                if k[1] not in s.scopes or (k in judged and judged[k][0]["status"] == "drift"):
+                    continue
+                ref = get_reference(session, model, k[0])
+                if ref is None:
+                    continue
+                judged[k] = (summarize(decide(ref, win[0], cfg)), win, w)
+        for (rid, scope, key), (result, (_sk, versions, devices, first), w) in sorted(
+            judged.items()
         ):
-            if scope not in s.scopes:
-                continue
-            ref = get_reference(session, model, rid)
-            if ref is None:
-                continue
-            result = summarize(decide(ref, sk, cfg))
             drift = result["status"] == "drift"
             LAST_LOOKS[(model, scope, key)] = LookState(
                 drift, float(result["drift_score"]), float(result["min_p_adjusted"]), now
@@ -239,9 +267,9 @@ def look(
                     "kind": "look",
                 }
                 result["window"] = {
-                    "start": since.isoformat(),
+                    "start": (now - timedelta(seconds=w)).isoformat(),
                     "end": now.isoformat(),
-                    "seconds": plan.window_s,
+                    "seconds": w,
                     "first_record": first.isoformat(),
                 }
                 result["plan"] = plan.to_dict()

@@ -35,6 +35,12 @@ def demo(
         "drift back to normal (4 devices unless --devices says otherwise).",
     ),
     iterations: int = typer.Option(1, "--iterations", min=1, max=5, help="Loop iterations."),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="With --loop: shorter windows, shadow and packaging benchmark (same steps, same "
+        "gates; what the CI test runs).",
+    ),
 ) -> None:
     """Run a whole fleet on this machine: a good rollout, then a bad one that rolls back
     (or, with --loop, the drift -> capture -> retrain -> rollout loop)."""
@@ -43,9 +49,10 @@ def demo(
     console = Console(stderr=as_json)
     try:
         if loop:
-            from edgefleet.demo.loop import run_loop
+            from edgefleet.demo.loop import PROFILES, run_loop
 
-            summary = run_loop(devices or 4, broker, workdir, console, iterations)
+            profile = PROFILES["quick" if quick else "default"]
+            summary = run_loop(devices or 4, broker, workdir, console, iterations, profile)
         else:
             summary = run_demo(devices or 5, broker, workdir, console)
     except KeyboardInterrupt:

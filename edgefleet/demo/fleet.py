@@ -40,6 +40,8 @@ class Fleet:
     keys: dict[str, Any] = field(default_factory=dict)
     agent_ports: dict[str, int] = field(default_factory=dict)
     packages: dict[str, Path] = field(default_factory=dict)
+    # EDGEFLEET_CONTROLLER_* settings the controller is started with (the loop's capture_on_drift)
+    controller_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = Path(self.spec.workdir)
@@ -150,7 +152,7 @@ class Fleet:
             "--port",
             str(self.controller_port),
         ]
-        env = {"EDGEFLEET_CONTROLLER_DATA_DIR": str(self.controller_dir)}
+        env = {**self.controller_env, "EDGEFLEET_CONTROLLER_DATA_DIR": str(self.controller_dir)}
         if self.spec.broker == "amqtt":  # no MQTT shared subscriptions there
             env["EDGEFLEET_CONTROLLER_SHARED_SUBSCRIPTIONS"] = "0"
         self.children.spawn("controller", argv, env)

@@ -324,9 +324,13 @@ def test_adversarial_records_are_refused_counted_and_never_stored(
         # a resend of a stored record is acked, not stored twice
         res = svc.ingest(s, dev, [_row(cid, 10)], datetime.now(UTC), svc.RateWindow())
         assert res.acked == [10] and res.stored == 0
-        # beyond the 5 rows asked of this device (a fresh rate window: not a flood)
+        # beyond the 5 rows asked of this device (a minute apart each: not a flood; the
+        # rate counts the stored rows, whichever replica's window asks)
+        t = datetime.now(UTC)
         results = [
-            svc.ingest(s, dev, [_row(cid, 20 + i)], datetime.now(UTC), svc.RateWindow())
+            svc.ingest(
+                s, dev, [_row(cid, 20 + i)], t + timedelta(seconds=61 * (i + 1)), svc.RateWindow()
+            )
             for i in range(4)
         ]
         assert [r.stored for r in results] == [1, 1, 1, 0]
