@@ -612,19 +612,30 @@ class MqttBridge:
         drops: list[str] = []
         with transaction(self._factory) as session, session.no_autoflush:
             ids_ = sorted({d.device_id for d in decoded})
-            # One query; held here so that get_or_create finds them in the identity map. On
-            # PostgreSQL the rows exist first and are locked in id order: replicas sharing the
-            # reports apply one device's reports one after the other (seq dedupe, installed).
-            locking = session.get_bind().dialect.name == "postgresql"
-            if locking:
-                devices.ensure_rows(session, ids_)
-            q = select(Device).where(Device.id.in_(ids_)).order_by(Device.id)
-            loaded = list(session.scalars(q.with_for_update() if locking else q))
-            seqs = devices.SeqBatch(session, ids_)
+            # Every device's row exists first (one statement) and, on PostgreSQL, is locked in
+            # id order: replicas sharing the reports apply one device's reports one after the
+            # other (seq dedupe, installed), and never wait on each other in a cycle.
+            devices.ensure_rows(session, ids_)
+            devices.lock_rows(session, ids_)
+            # Only the devices with a presence, status or capture here are loaded (held, so
+            # that get_or_create finds them in the identity map); telemetry moves `last_seen`
+            # alone, which one UPDATE does for the others.
+            full = sorted(
+                {d.device_id for d in decoded if not isinstance(d.parsed, TelemetryEnvelope)}
+            )
+            loaded = (
+                list(session.scalars(select(Device).where(devices.id_in(Device.id, full, session))))
+                if full
+                else []
+            )
+            held_ids = [d.device_id for d in decoded if _held_seq(d.parsed) is not None]
+            seqs = devices.SeqBatch(session, held_ids) if held_ids else None
             for d in decoded:
                 held = _held_seq(d.parsed)
-                if held is not None and devices.note_device_seq(
-                    session, d.device_id, held, now, seqs
+                if (
+                    held is not None
+                    and seqs is not None
+                    and devices.note_device_seq(session, d.device_id, held, now, seqs)
                 ):
                     stale.add(d.device_id)
                 if isinstance(d.parsed, Presence):
@@ -637,7 +648,6 @@ class MqttBridge:
                     devices.get_or_create(session, d.device_id).last_seen = now
                     captures.append((d.device_id, d.parsed))
                 else:
-                    devices.get_or_create(session, d.device_id).last_seen = now
                     telemetry.append((d.device_id, d.parsed))
             # what a device reports installed may now match its desired state, or no longer
             reported = {
@@ -647,6 +657,10 @@ class MqttBridge:
             }
             desired.note_sync_many(session, reported, now)
             if telemetry:
+                seen = {device_id for device_id, _ in telemetry}
+                for device_id in seen.intersection(full):  # loaded: the ORM writes it
+                    devices.get_or_create(session, device_id).last_seen = now
+                devices.touch(session, seen.difference(full), now)
                 drops += self._telemetry(session, telemetry)
             for device_id, env in captures:
                 drops += self._capture(session, device_id, env, now)
