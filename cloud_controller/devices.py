@@ -16,17 +16,6 @@ from edgefleet.wire import ids
 from edgefleet.wire.presence import InstalledModel, Presence
 from edgefleet.wire.presence import parse as parse_presence
 
-_NEW_ROW: dict[str, Any] = {
-    "registered": False,
-    "groups": [],
-    "tags": [],
-    "online": False,
-    "execution_providers": [],
-    "profiles": [],
-    "hardware": {},
-    "installed": {},
-    "recent_status_seqs": [],
-}
 # PostgreSQL: the ids as one array parameter, so the statement's text is the same for every
 # batch (an ``IN`` of 500 placeholders, or 500 rows of VALUES, is compiled by SQLAlchemy and
 # split by psycopg again each time: that was most of the bridge's time on PostgreSQL).
@@ -35,6 +24,11 @@ _PG_ENSURE = text(
     " hardware, installed, recent_status_seqs)"
     " SELECT i, false, '[]', '[]', false, '[]', '[]', '{}', '{}', '[]'"
     " FROM unnest(CAST(:ids AS varchar[])) AS i ON CONFLICT (id) DO NOTHING"
+)
+_SQLITE_ENSURE = text(
+    "INSERT INTO devices (id, registered, groups, tags, online, execution_providers, profiles,"
+    " hardware, installed, recent_status_seqs)"
+    " VALUES (:id, 0, '[]', '[]', 0, '[]', '[]', '{}', '{}', '[]') ON CONFLICT (id) DO NOTHING"
 )
 _PG_LOCK = text(
     "SELECT id FROM devices WHERE id = ANY(CAST(:ids AS varchar[])) ORDER BY id FOR UPDATE"
@@ -52,12 +46,8 @@ def ensure_rows(session: Session, device_ids: Collection[str]) -> None:
     if dialect == "postgresql":
         session.execute(_PG_ENSURE, {"ids": ids_})
         return
-    table = cast(Table, Device.__table__)
     if dialect == "sqlite":
-        from sqlalchemy.dialects import sqlite
-
-        stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=["id"])
-        session.execute(stmt, [{"id": d, **_NEW_ROW} for d in ids_])
+        session.execute(_SQLITE_ENSURE, [{"id": d} for d in ids_])
         return
     for d in ids_:  # elsewhere: the ORM's way, one device at a time
         get_or_create(session, d)

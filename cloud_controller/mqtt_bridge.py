@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, load_only, sessionmaker
 
 from edgefleet.cloud_controller import desired, devices
 from edgefleet.cloud_controller import rollout_engine as E
@@ -90,6 +90,21 @@ def _held_seq(msg: Presence | StatusReport | TelemetryEnvelope | CaptureEnvelope
     ):
         return msg.desired_seq
     return None
+
+
+# The columns the bridge reads from a device's row; the others (labels, hardware, the last
+# status it overwrites) are only written, so they are not loaded and decoded from JSON for
+# every device of every batch. One it reads elsewhere is loaded on first access.
+_BRIDGE_COLUMNS = load_only(
+    Device.id,
+    Device.online,
+    Device.installed,
+    Device.last_seen,
+    Device.last_status_seq,
+    Device.recent_status_seqs,
+    Device.out_of_sync_since,
+    Device.revoked_at,
+)
 
 
 @dataclass
@@ -624,7 +639,13 @@ class MqttBridge:
                 {d.device_id for d in decoded if not isinstance(d.parsed, TelemetryEnvelope)}
             )
             loaded = (
-                list(session.scalars(select(Device).where(devices.id_in(Device.id, full, session))))
+                list(
+                    session.scalars(
+                        select(Device)
+                        .options(_BRIDGE_COLUMNS)
+                        .where(devices.id_in(Device.id, full, session))
+                    )
+                )
                 if full
                 else []
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -153,10 +154,25 @@ def loads_bounded(raw: bytes | str, max_depth: int = MAX_DEPTH) -> object:
         raise ValueError(f"not JSON: {e}") from e
     except ValueError as e:  # NaN/Infinity, or an integer of more than 4300 digits
         raise ValueError(f"not storable JSON: {e}") from e
+    if isinstance(raw, bytes) and _plainly_storable(raw, max_depth):
+        return value
     problem = json_problem(value, max_depth)
     if problem is not None:
         raise ValueError(problem)
     return value
+
+
+# What could make a decoded value unstorable, as it must appear in the bytes: a NUL can only be
+# written ``\u0000`` (a raw control character is not JSON), an integer beyond int64 takes 19
+# digits or more, a float beyond the finite range an exponent or over 300 digits.
+_RISKY = re.compile(rb"\\u0000|[0-9]{19}|[0-9.][eE]")
+
+
+def _plainly_storable(raw: bytes, max_depth: int) -> bool:
+    """True when bytes that decoded cannot hold anything `json_problem` refuses: fewer brackets
+    than ``max_depth`` (so no deeper nesting) and none of `_RISKY`. A match only means that the
+    value is walked (most device messages are not: the controller reads thousands a second)."""
+    return raw.count(b"[") + raw.count(b"{") <= max_depth and _RISKY.search(raw) is None
 
 
 def decode_object(
