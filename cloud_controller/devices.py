@@ -219,7 +219,7 @@ def note_device_seq(
         floor = DeviceSeqFloor(device_id=device_id, floor=seq, reported_at=now)
         session.add(floor)
         batch.floors[device_id] = floor
-    elif seq >= floor.floor:
+    elif seq > floor.floor:  # only when it rises: every status report carries it (no UPDATE)
         floor.floor, floor.reported_at = seq, now
     own = batch.desired.get(device_id)
     return own is not None and own < seq

@@ -671,10 +671,15 @@ class MqttBridge:
                 else:
                     telemetry.append((d.device_id, d.parsed))
             # what a device reports installed may now match its desired state, or no longer
+            # (only a presence or an install/removal moves what it has installed)
             reported = {
                 d.device_id
                 for d in decoded
-                if not isinstance(d.parsed, TelemetryEnvelope | CaptureEnvelope)
+                if isinstance(d.parsed, Presence)
+                or (
+                    isinstance(d.parsed, StatusReport)
+                    and d.parsed.state in (UpdateState.COMMITTED, UpdateState.REMOVED)
+                )
             }
             desired.note_sync_many(session, reported, now)
             if telemetry:

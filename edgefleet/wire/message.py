@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -164,15 +163,21 @@ def loads_bounded(raw: bytes | str, max_depth: int = MAX_DEPTH) -> object:
 
 # What could make a decoded value unstorable, as it must appear in the bytes: a NUL can only be
 # written ``\u0000`` (a raw control character is not JSON), an integer beyond int64 takes 19
-# digits or more, a float beyond the finite range an exponent or over 300 digits.
-_RISKY = re.compile(rb"\\u0000|[0-9]{19}|[0-9.][eE]")
+# digits or more, a float beyond the finite range an exponent or over 300 digits. Every digit
+# is read as 0 (bytes.translate: faster than a regular expression, and than the walk).
+_ZEROS = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN = b"0" * 19
 
 
 def _plainly_storable(raw: bytes, max_depth: int) -> bool:
     """True when bytes that decoded cannot hold anything `json_problem` refuses: fewer brackets
-    than ``max_depth`` (so no deeper nesting) and none of `_RISKY`. A match only means that the
-    value is walked (most device messages are not: the controller reads thousands a second)."""
-    return raw.count(b"[") + raw.count(b"{") <= max_depth and _RISKY.search(raw) is None
+    than ``max_depth`` (so no deeper nesting), no ``\\u0000``, no 19-digit run, no exponent. A
+    miss only means that the value is walked (most device messages are not: the controller
+    reads thousands a second)."""
+    if raw.count(b"[") + raw.count(b"{") > max_depth or b"\\u0000" in raw:
+        return False
+    digits = raw.translate(_ZEROS)
+    return not (_NINETEEN in digits or b"0e" in digits or b"0E" in digits)
 
 
 def decode_object(
