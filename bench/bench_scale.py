@@ -1,7 +1,7 @@
 """Scale benchmark: N simulated devices in a few processes, a real controller, a real broker.
 
 ``python -m bench scale [--devices=10000] [--procs=4] [--broker=mosquitto|nats|both]
-[--db=sqlite|postgres|both] [--replicas=1|2] [--quick] [--json=PATH]``
+[--db=sqlite|postgres|both] [--replicas=1|2] [--quick] [--ingest-only] [--json=PATH]``
 
 Per broker (Mosquitto; and the three-node NATS cluster where ``edgefleet.harness.NatsCluster``
 exists), one fleet of simulated devices is spread over ``--procs`` worker processes, each one
@@ -1110,6 +1110,63 @@ def status_bytes() -> int:
     return len(json.dumps(body))
 
 
+def run_ingest_only(
+    db_kind: str, root: Path, n: int, rounds: int, say: Callable[[str], None]
+) -> None:
+    """The bridge worker alone: ``MqttBridge._process`` fed batches of the simulator's status
+    reports and telemetry envelopes directly (no broker, no simulators, no acks), on a real
+    database; its CPU per message, the part of the controller's cost that batching changes."""
+    from datetime import timedelta
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from edgefleet.cloud_controller import db
+    from edgefleet.cloud_controller.desired import Signer
+    from edgefleet.cloud_controller.mqtt_bridge import MqttBridge
+    from edgefleet.cloud_controller.rollouts import RolloutService
+
+    with database(db_kind, root) as url:
+        engine = db.make_engine(url)
+        db.upgrade(engine)
+        factory = db.session_factory(engine)
+        signer = Signer(ec.generate_private_key(ec.SECP256R1()), timedelta(days=1))
+        bridge = MqttBridge(
+            "mqtt://127.0.0.1:1", factory, RolloutService(factory, signer, "http://x"), acks=False
+        )
+        ids = [f"sim-{i:05d}" for i in range(n)]
+        presence = {"online": True, "agent_version": "0.1.0", "hardware": {"simulated": True}}
+        bridge._process([(d, "presence", json.dumps(presence).encode()) for d in ids])
+        counters = dict.fromkeys(ids, 0)
+
+        def status(dev: str) -> bytes:
+            counters[dev] += 1
+            body = {
+                "seq": counters[dev], "device_id": dev, "at": _now(), "kind": "update",
+                "model": MODEL, "version": VERSION, "state": "DOWNLOADING", "desired_seq": 3,
+            }  # fmt: skip
+            return json.dumps(body).encode()
+
+        def telemetry(dev: str) -> bytes:
+            recs = []
+            for k in range(TELEMETRY_RECORDS):
+                counters[dev] += 1
+                recs.append(_record(k, counters[dev]))
+            return json.dumps({"device_id": dev, "records": recs}).encode()
+
+        for kind, make in (("status", status), ("telemetry", telemetry)):
+            msgs = [(d, kind, make(d)) for _ in range(rounds) for d in ids]
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            for i in range(0, len(msgs), bridge.batch_size):
+                bridge._process(msgs[i : i + bridge.batch_size])
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+            say(
+                f"  {db_kind} {kind}: {len(msgs)} messages, {cpu / len(msgs) * 1e6:.0f} µs CPU"
+                f" each ({len(msgs) / wall:,.0f}/s wall, load {os.getloadavg()[0]:.1f});"
+                f" dropped {dict(bridge.stats.dropped)}"
+            )
+        engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -1129,6 +1186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="sample the controller's stacks; print the top"
     )
+    parser.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="the bridge worker alone, fed --devices x 10 messages of each kind directly",
+    )
     args = parser.parse_args(argv)
     n = args.devices or (500 if args.quick else 10_000)
     budget = 20_000 if args.quick else 50_000  # messages per flood
@@ -1143,6 +1205,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     console = Console(width=140)
     say = console.print
+    if args.ingest_only:
+        with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+            for db_kind in ["sqlite", "postgres"] if args.db == "both" else [args.db]:
+                try:
+                    run_ingest_only(db_kind, Path(tmp) / db_kind, args.devices or 1000, 10, say)
+                except Skip as e:
+                    say(f"  {db_kind}: skipped ({e})")
+        return 0
     _raise_nofile()
     brokers = ["mosquitto", "nats"] if args.broker == "both" else [args.broker]
     dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]

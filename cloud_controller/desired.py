@@ -24,6 +24,17 @@ class Signer:
     ttl: timedelta
 
 
+@dataclass
+class Known:
+    """The desired-state rows and seq floors of a batch of devices, loaded by the caller in a
+    few queries (rollout waves: thousands of devices). Without it each device costs a query
+    per row it does not have yet (``session.get`` of an absent row always asks the database)
+    and a flush; with it, the rows issued are flushed with the transaction."""
+
+    rows: dict[str, DesiredState | None]
+    floors: dict[str, int]
+
+
 def _issue(
     session: Session,
     signer: Signer,
@@ -31,14 +42,20 @@ def _issue(
     models: dict[str, Any],
     now: datetime,
     remove: list[str] | None = None,
+    known: Known | None = None,
 ) -> DesiredState:
     from edgefleet.wire.manifest import format_time
     from edgefleet.wire.mqtt import sign_desired
 
-    row = session.get(DesiredState, device_id)
+    if known is not None and device_id not in known.rows:
+        known = None  # a device the caller did not load: the database is asked
+    if known is not None:
+        row, floor = known.rows[device_id], known.floors.get(device_id, 0)
+    else:
+        row, floor = session.get(DesiredState, device_id), seq_floor(session, device_id)
     # Above the controller's last seq and above what the device reports holding: a database
     # restored from a backup must not issue states the device drops as replays.
-    seq = max(row.seq if row is not None else 0, seq_floor(session, device_id)) + 1
+    seq = max(row.seq if row is not None else 0, floor) + 1
     expires = now + signer.ttl
     state = {
         "device_id": device_id,
@@ -57,7 +74,10 @@ def _issue(
     row.seq, row.models, row.issued_at, row.expires_at = seq, models, now, expires
     row.remove = remove or None
     row.envelope, row.published = envelope, False
-    session.flush()
+    if known is not None:
+        known.rows[device_id] = row  # the next lookup of this batch finds it (no flush)
+    else:
+        session.flush()
     dev = session.get(Device, device_id)
     if dev is not None:
         note_sync(dev, row, now)
@@ -73,6 +93,7 @@ def set_model(
     now: datetime | None = None,
     *,
     uninstall: bool = False,
+    known: Known | None = None,
 ) -> DesiredState:
     """Set one model of a device's desired state; seq + 1.
 
@@ -80,7 +101,10 @@ def set_model(
     `uninstall=True` it also goes into the explicit `remove` list, which asks the device to
     unload and delete it. Setting an entry takes the model off `remove` again.
     """
-    row = session.get(DesiredState, device_id)
+    if known is not None and device_id in known.rows:
+        row = known.rows[device_id]
+    else:
+        row = session.get(DesiredState, device_id)
     models = dict(row.models) if row is not None else {}
     remove = set(row.remove or ()) if row is not None else set()
     if entry is None:
@@ -91,7 +115,13 @@ def set_model(
         models[model] = entry
         remove.discard(model)
     return _issue(
-        session, signer, device_id, models, now or datetime.now(UTC), remove=sorted(remove)
+        session,
+        signer,
+        device_id,
+        models,
+        now or datetime.now(UTC),
+        remove=sorted(remove),
+        known=known,
     )
 
 

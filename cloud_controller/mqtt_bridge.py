@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, load_only, sessionmaker
 
 from edgefleet.cloud_controller import desired, devices
 from edgefleet.cloud_controller import rollout_engine as E
@@ -90,6 +90,21 @@ def _held_seq(msg: Presence | StatusReport | TelemetryEnvelope | CaptureEnvelope
     ):
         return msg.desired_seq
     return None
+
+
+# The columns the bridge reads from a device's row; the others (labels, hardware, the last
+# status it overwrites) are only written, so they are not loaded and decoded from JSON for
+# every device of every batch. One it reads elsewhere is loaded on first access.
+_BRIDGE_COLUMNS = load_only(
+    Device.id,
+    Device.online,
+    Device.installed,
+    Device.last_seen,
+    Device.last_status_seq,
+    Device.recent_status_seqs,
+    Device.out_of_sync_since,
+    Device.revoked_at,
+)
 
 
 @dataclass
@@ -612,19 +627,36 @@ class MqttBridge:
         drops: list[str] = []
         with transaction(self._factory) as session, session.no_autoflush:
             ids_ = sorted({d.device_id for d in decoded})
-            # One query; held here so that get_or_create finds them in the identity map. On
-            # PostgreSQL the rows exist first and are locked in id order: replicas sharing the
-            # reports apply one device's reports one after the other (seq dedupe, installed).
-            locking = session.get_bind().dialect.name == "postgresql"
-            if locking:
-                devices.ensure_rows(session, ids_)
-            q = select(Device).where(Device.id.in_(ids_)).order_by(Device.id)
-            loaded = list(session.scalars(q.with_for_update() if locking else q))
-            seqs = devices.SeqBatch(session, ids_)
+            # Every device's row exists first (one statement) and, on PostgreSQL, is locked in
+            # id order: replicas sharing the reports apply one device's reports one after the
+            # other (seq dedupe, installed), and never wait on each other in a cycle.
+            devices.ensure_rows(session, ids_)
+            devices.lock_rows(session, ids_)
+            # Only the devices with a presence, status or capture here are loaded (held, so
+            # that get_or_create finds them in the identity map); telemetry moves `last_seen`
+            # alone, which one UPDATE does for the others.
+            full = sorted(
+                {d.device_id for d in decoded if not isinstance(d.parsed, TelemetryEnvelope)}
+            )
+            loaded = (
+                list(
+                    session.scalars(
+                        select(Device)
+                        .options(_BRIDGE_COLUMNS)
+                        .where(devices.id_in(Device.id, full, session))
+                    )
+                )
+                if full
+                else []
+            )
+            held_ids = [d.device_id for d in decoded if _held_seq(d.parsed) is not None]
+            seqs = devices.SeqBatch(session, held_ids) if held_ids else None
             for d in decoded:
                 held = _held_seq(d.parsed)
-                if held is not None and devices.note_device_seq(
-                    session, d.device_id, held, now, seqs
+                if (
+                    held is not None
+                    and seqs is not None
+                    and devices.note_device_seq(session, d.device_id, held, now, seqs)
                 ):
                     stale.add(d.device_id)
                 if isinstance(d.parsed, Presence):
@@ -637,16 +669,24 @@ class MqttBridge:
                     devices.get_or_create(session, d.device_id).last_seen = now
                     captures.append((d.device_id, d.parsed))
                 else:
-                    devices.get_or_create(session, d.device_id).last_seen = now
                     telemetry.append((d.device_id, d.parsed))
             # what a device reports installed may now match its desired state, or no longer
+            # (only a presence or an install/removal moves what it has installed)
             reported = {
                 d.device_id
                 for d in decoded
-                if not isinstance(d.parsed, TelemetryEnvelope | CaptureEnvelope)
+                if isinstance(d.parsed, Presence)
+                or (
+                    isinstance(d.parsed, StatusReport)
+                    and d.parsed.state in (UpdateState.COMMITTED, UpdateState.REMOVED)
+                )
             }
             desired.note_sync_many(session, reported, now)
             if telemetry:
+                seen = {device_id for device_id, _ in telemetry}
+                for device_id in seen.intersection(full):  # loaded: the ORM writes it
+                    devices.get_or_create(session, device_id).last_seen = now
+                devices.touch(session, seen.difference(full), now)
                 drops += self._telemetry(session, telemetry)
             for device_id, env in captures:
                 drops += self._capture(session, device_id, env, now)

@@ -26,6 +26,7 @@ from edgefleet.cloud_controller.db import transaction
 from edgefleet.cloud_controller.models import (
     DesiredState,
     Device,
+    DeviceSeqFloor,
     Package,
     Rollout,
     RolloutDevice,
@@ -547,10 +548,18 @@ class RolloutService:
             session.execute(update(RolloutDevice), changed)
         targets = [a.device_id for a in decision.actions if isinstance(a, E.Dispatch | E.Revert)]
         loaded: list[DesiredState] = []  # held so the identity map keeps them for set_model
+        # and each one's seq floor: `desired` issues the wave without a query per device
+        known = desired.Known(dict.fromkeys(targets), {})
         for i in range(0, len(targets), 500):  # locked (PostgreSQL): seq + 1 is read-modify-write
             chunk = targets[i : i + 500]
             q = select(DesiredState).where(DesiredState.device_id.in_(chunk)).with_for_update()
             loaded += session.scalars(q)
+            floors = select(DeviceSeqFloor.device_id, DeviceSeqFloor.floor)
+            for device_id, floor in session.execute(
+                floors.where(DeviceSeqFloor.device_id.in_(chunk))
+            ):
+                known.floors[device_id] = floor
+        known.rows.update((r.device_id, r) for r in loaded)
         # their inventory rows too (desired.set_model keeps each one's "in sync" mark)
         devs = (
             []
@@ -584,12 +593,19 @@ class RolloutService:
                     entry["shadow"] = E.device_shadow(spec.shadow)
                 rows.append(
                     desired.set_model(
-                        session, self._signer, action.device_id, spec.model, entry, when
+                        session,
+                        self._signer,
+                        action.device_id,
+                        spec.model,
+                        entry,
+                        when,
+                        known=known,
                     )
                 )
             elif isinstance(action, E.Revert):
-                rows.append(self._revert(session, spec, action, package, when))
+                rows.append(self._revert(session, spec, action, package, when, known))
         del devs
+        session.flush()  # the rows issued without a flush each (`desired.Known`)
         return rows
 
     def _warn_unrevertable(self, session: Session, state: E.RolloutState, now: float) -> None:
@@ -622,6 +638,7 @@ class RolloutService:
         action: E.Revert,
         package: Callable[[str, str], Package | None],
         when: datetime,
+        known: desired.Known | None = None,
     ) -> DesiredState:
         if action.previous_version is None:
             # A first install. Only when the operator asked for removal does the model go on the
@@ -635,6 +652,7 @@ class RolloutService:
                 None,
                 when,
                 uninstall=action.remove,
+                known=known,
             )
         pkg = package(action.previous_version, action.profile or "")
         if pkg is None:
@@ -649,12 +667,14 @@ class RolloutService:
                 )
             )
             return desired.set_model(
-                session, self._signer, action.device_id, spec.model, None, when
+                session, self._signer, action.device_id, spec.model, None, when, known=known
             )
         entry = registry.desired_entry(pkg, self._base_url, spec.rollout_id, True)
         # A version the device ran before: it is not held to the forward gates (agent side).
         entry["rollback"] = True
-        return desired.set_model(session, self._signer, action.device_id, spec.model, entry, when)
+        return desired.set_model(
+            session, self._signer, action.device_id, spec.model, entry, when, known=known
+        )
 
     def _publish(self, rows: Sequence[DesiredState]) -> None:
         """Publish (the leader only; callers hold the lock) and mark each row published at
