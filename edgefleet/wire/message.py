@@ -170,10 +170,14 @@ _NINETEEN = b"0" * 19
 
 
 def _plainly_storable(raw: bytes, max_depth: int) -> bool:
-    """True when bytes that decoded cannot hold anything `json_problem` refuses: fewer brackets
+    """True when UTF-8 bytes that decoded cannot hold anything `json_problem` refuses: fewer brackets
     than ``max_depth`` (so no deeper nesting), no ``\\u0000``, no 19-digit run, no exponent. A
     miss only means that the value is walked (most device messages are not: the controller
     reads thousands a second)."""
+    if b"\x00" in raw:
+        # Not UTF-8: json.loads also reads UTF-16 and UTF-32, whose bytes put a NUL beside
+        # every ASCII character, so none of the patterns below would be seen; walk it.
+        return False
     if raw.count(b"[") + raw.count(b"{") > max_depth or b"\\u0000" in raw:
         return False
     digits = raw.translate(_ZEROS)
