@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -90,6 +91,9 @@ class ProfileResult:
     backend: str | None = None
     backend_note: str | None = None
     warnings: list[str] = field(default_factory=list)
+    #: Wall-clock seconds this profile's search and packaging took. Builds another profile
+    #: made first are reused, not repeated: their time counts where they were built.
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -115,6 +119,7 @@ class ProfileResult:
             "backend": self.backend,
             "backend_note": self.backend_note,
             "warnings": self.warnings,
+            "seconds": self.seconds,
             "validation": self.metrics.to_dict() if self.metrics else None,
             "benchmark": self.latency.to_dict() if self.latency else None,
             "size_bytes": self.size_bytes,
@@ -272,6 +277,7 @@ class _Built:
     size: int | None
     error: str | None
     info: dict[str, Any] = field(default_factory=dict)
+    build_s: float | None = None
 
 
 def _new_dir(work: Path) -> Path:
@@ -285,6 +291,7 @@ def _build_and_measure(
 ) -> _Built:
     out = _new_dir(work) / "model.onnx"
     info: dict[str, Any] = {}
+    start = time.perf_counter()
     try:
         build_candidate(
             recipe,
@@ -295,14 +302,15 @@ def _build_and_measure(
             external=src.external,
             info=info,
         )
+        build_s = time.perf_counter() - start
         sess = session(out, providers=[provider], threads=bench["threads"])
         metrics = src.compare(run_all(sess, src.inputs))
         latency = measure(sess, src.inputs, runs=bench["runs"], max_seconds=bench["seconds"])
     except BuildError as exc:
-        return _Built(None, None, None, None, str(exc))
+        return _Built(None, None, None, None, str(exc), build_s=time.perf_counter() - start)
     except Exception as exc:
         return _Built(None, None, None, None, f"model does not run: {type(exc).__name__}: {exc}")
-    return _Built(out, metrics, latency, model_size(out), None, info)
+    return _Built(out, metrics, latency, model_size(out), None, info, build_s)
 
 
 def fp32_compute_nodes(model: Path) -> int:
@@ -486,6 +494,7 @@ def package_model(
         cache: dict[str, _Built] = {}
         results = []
         for profile in resolved:
+            started = time.perf_counter()
             results.append(
                 _package_profile(
                     profile,
@@ -513,6 +522,7 @@ def package_model(
                     strict=strict,
                 )
             )
+            results[-1].seconds = time.perf_counter() - started
         source_info = {
             "model": str(model),
             "sha256": shared["lineage"]["source_sha256"],
@@ -661,7 +671,8 @@ def _evaluate(ctx: _Search, recipe: Recipe) -> CandidateResult:
     """Build (or reuse) one candidate and judge it against the profile's gates."""
     profile, provider, strict = ctx.profile, ctx.provider, ctx.strict
     key = f"{provider}|{_recipe_key(recipe)}"
-    if key not in ctx.cache:
+    fresh = key not in ctx.cache
+    if fresh:
         ctx.cache[key] = _build_and_measure(recipe, ctx.src, ctx.work, provider, ctx.bench)
     b = ctx.built[recipe.id] = ctx.cache[key]
     cr = CandidateResult(
@@ -671,6 +682,7 @@ def _evaluate(ctx: _Search, recipe: Recipe) -> CandidateResult:
         backend=recipe.backend,
         measured_on=provider,
         on_target_provider=provider == profile.provider_names[0],
+        build_s=b.build_s if fresh else None,
     )
     if b.metrics is not None and b.latency is not None:
         cr.metrics, cr.p50_ms, cr.p95_ms, cr.size_bytes = (
