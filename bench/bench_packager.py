@@ -6,7 +6,8 @@ extra is installed) and a MobileNet-class conv net trained and exported here wit
 ``bench`` extra). Every model is packaged for every profile by the real pipeline
 (``package_model``: calibration set, gate judged on the confident validation set), and measured
 in the same run, at one intra-op thread, side by side with its FP32 source and with plain ONNX
-Runtime ``quantize_static`` (QDQ U8S8, per channel, ``reduce_range=False``, MinMax): latency
+Runtime (its ``quant_pre_process``, then ``quantize_static``: QDQ U8S8, per channel,
+``reduce_range=False``, MinMax): latency
 ratios, size, and agreement on the confident and on the hard (low-confidence) inputs, judged per
 task (:func:`edgefleet.packager.zoo.agreement`).
 
@@ -330,6 +331,25 @@ def _measure_model(
     return row
 
 
+def plain_pre_process(model: Path, out: Path) -> Path:
+    """ONNX Runtime's own ``quant_pre_process``, as a user of plain ORT runs it (the packager's
+    pre-processing does more: it folds batch-norm arithmetic into convolutions); the source
+    model when it fails."""
+    import contextlib
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # Symbolic shape inference may leave a temp file in the working directory.
+    with contextlib.chdir(out.parent):
+        for skip in (False, True):
+            try:
+                quant_pre_process(str(model), str(out), skip_symbolic_shape=skip)
+                return out
+            except Exception:
+                continue
+    return model
+
+
 def bench_model(
     m: dict[str, Any],
     profiles: list[Any],
@@ -344,7 +364,7 @@ def bench_model(
     from edgefleet.packager.evaluate import run_all, session
     from edgefleet.packager.npzio import load_npz
     from edgefleet.packager.pipeline import package_model
-    from edgefleet.packager.quantize import make_reader, preprocess
+    from edgefleet.packager.quantize import make_reader
 
     work.mkdir(parents=True, exist_ok=True)
     fp32 = session(m["model"], threads=1)
@@ -359,7 +379,7 @@ def bench_model(
     t0 = time.perf_counter()
     plain = work / "plain-ort.onnx"
     try:
-        prepared, _ = preprocess(m["model"], work / "prep.onnx", external=False)
+        prepared = plain_pre_process(m["model"], work / "prep.onnx")
         quantize_static(
             str(prepared),
             str(plain),

@@ -574,6 +574,9 @@ def _package_profile(
     for i, recipe in enumerate(profile.candidates):
         notify(profile.id, f"candidate {recipe.id}", i, total)
         unmet = unmet_requirements(recipe.requires, target)
+        passed = next((c.candidate for c in result.candidates if c.accepted), None)
+        if unmet is None and recipe.only_if_needed and passed is not None:
+            unmet = f"not needed: {passed} already met its gates"
         if unmet is not None:
             result.candidates.append(
                 CandidateResult(recipe.id, recipe.to_dict(), skipped=unmet, measured_on=None)
