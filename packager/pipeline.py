@@ -266,6 +266,7 @@ def _judging(val: dict[str, np.ndarray], given: Judging | None, path: Path) -> J
 def _recipe_key(recipe: Recipe) -> str:
     d = recipe.to_dict()
     d.pop("id")
+    d.pop("only_if_needed", None)  # when to build it, not what is built
     return json.dumps(d, sort_keys=True, default=str)
 
 
