@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -90,6 +91,9 @@ class ProfileResult:
     backend: str | None = None
     backend_note: str | None = None
     warnings: list[str] = field(default_factory=list)
+    #: Wall-clock seconds this profile's search and packaging took. Builds another profile
+    #: made first are reused, not repeated: their time counts where they were built.
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -115,6 +119,7 @@ class ProfileResult:
             "backend": self.backend,
             "backend_note": self.backend_note,
             "warnings": self.warnings,
+            "seconds": self.seconds,
             "validation": self.metrics.to_dict() if self.metrics else None,
             "benchmark": self.latency.to_dict() if self.latency else None,
             "size_bytes": self.size_bytes,
@@ -261,6 +266,7 @@ def _judging(val: dict[str, np.ndarray], given: Judging | None, path: Path) -> J
 def _recipe_key(recipe: Recipe) -> str:
     d = recipe.to_dict()
     d.pop("id")
+    d.pop("only_if_needed", None)  # when to build it, not what is built
     return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -272,6 +278,7 @@ class _Built:
     size: int | None
     error: str | None
     info: dict[str, Any] = field(default_factory=dict)
+    build_s: float | None = None
 
 
 def _new_dir(work: Path) -> Path:
@@ -285,6 +292,7 @@ def _build_and_measure(
 ) -> _Built:
     out = _new_dir(work) / "model.onnx"
     info: dict[str, Any] = {}
+    start = time.perf_counter()
     try:
         build_candidate(
             recipe,
@@ -295,14 +303,15 @@ def _build_and_measure(
             external=src.external,
             info=info,
         )
+        build_s = time.perf_counter() - start
         sess = session(out, providers=[provider], threads=bench["threads"])
         metrics = src.compare(run_all(sess, src.inputs))
         latency = measure(sess, src.inputs, runs=bench["runs"], max_seconds=bench["seconds"])
     except BuildError as exc:
-        return _Built(None, None, None, None, str(exc))
+        return _Built(None, None, None, None, str(exc), build_s=time.perf_counter() - start)
     except Exception as exc:
         return _Built(None, None, None, None, f"model does not run: {type(exc).__name__}: {exc}")
-    return _Built(out, metrics, latency, model_size(out), None, info)
+    return _Built(out, metrics, latency, model_size(out), None, info, build_s)
 
 
 def fp32_compute_nodes(model: Path) -> int:
@@ -486,6 +495,7 @@ def package_model(
         cache: dict[str, _Built] = {}
         results = []
         for profile in resolved:
+            started = time.perf_counter()
             results.append(
                 _package_profile(
                     profile,
@@ -513,6 +523,7 @@ def package_model(
                     strict=strict,
                 )
             )
+            results[-1].seconds = time.perf_counter() - started
         source_info = {
             "model": str(model),
             "sha256": shared["lineage"]["source_sha256"],
@@ -564,6 +575,9 @@ def _package_profile(
     for i, recipe in enumerate(profile.candidates):
         notify(profile.id, f"candidate {recipe.id}", i, total)
         unmet = unmet_requirements(recipe.requires, target)
+        passed = next((c.candidate for c in result.candidates if c.accepted), None)
+        if unmet is None and recipe.only_if_needed and passed is not None:
+            unmet = f"not needed: {passed} already met its gates"
         if unmet is not None:
             result.candidates.append(
                 CandidateResult(recipe.id, recipe.to_dict(), skipped=unmet, measured_on=None)
@@ -661,7 +675,8 @@ def _evaluate(ctx: _Search, recipe: Recipe) -> CandidateResult:
     """Build (or reuse) one candidate and judge it against the profile's gates."""
     profile, provider, strict = ctx.profile, ctx.provider, ctx.strict
     key = f"{provider}|{_recipe_key(recipe)}"
-    if key not in ctx.cache:
+    fresh = key not in ctx.cache
+    if fresh:
         ctx.cache[key] = _build_and_measure(recipe, ctx.src, ctx.work, provider, ctx.bench)
     b = ctx.built[recipe.id] = ctx.cache[key]
     cr = CandidateResult(
@@ -671,6 +686,7 @@ def _evaluate(ctx: _Search, recipe: Recipe) -> CandidateResult:
         backend=recipe.backend,
         measured_on=provider,
         on_target_provider=provider == profile.provider_names[0],
+        build_s=b.build_s if fresh else None,
     )
     if b.metrics is not None and b.latency is not None:
         cr.metrics, cr.p50_ms, cr.p95_ms, cr.size_bytes = (

@@ -30,7 +30,7 @@ def run(source: Path, out: Path, *, external: bool) -> dict[str, Any]:
     }
     try:
         quant_pre_process(str(source), str(out), **kwargs)
-        return {"ok": True, "symbolic_shape_inference": True, **upgrade_opset(out, external)}
+        return {"ok": True, "symbolic_shape_inference": True, **finish(out, external)}
     except Exception as first:
         info: dict[str, Any] = {
             "symbolic_shape_inference": False,
@@ -40,7 +40,7 @@ def run(source: Path, out: Path, *, external: bool) -> dict[str, Any]:
             quant_pre_process(str(source), str(out), skip_symbolic_shape=True, **kwargs)
         except Exception as second:
             return {**info, "ok": False, "reason": f"quant_pre_process failed: {str(second)[:200]}"}
-        return {**info, "ok": True, **upgrade_opset(out, external)}
+        return {**info, "ok": True, **finish(out, external)}
 
 
 #: ONNX Runtime's per-channel QDQ writes DequantizeLinear with an ``axis`` attribute, which
@@ -49,11 +49,14 @@ def run(source: Path, out: Path, *, external: bool) -> dict[str, Any]:
 MIN_OPSET = 13
 
 
-def upgrade_opset(path: Path, external: bool) -> dict[str, Any]:
-    """Convert the model at ``path`` to :data:`MIN_OPSET` when it is older and name every node;
-    returns what was done."""
+def finish(path: Path, external: bool) -> dict[str, Any]:
+    """Convert the model at ``path`` to :data:`MIN_OPSET` when it is older, fold per-channel
+    arithmetic after convolutions into them (:mod:`edgefleet.packager.fold`) and name every
+    node; returns what was done."""
     import onnx
     from onnx import version_converter
+
+    from edgefleet.packager.fold import fold_conv_affine
 
     model = onnx.load(str(path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -67,6 +70,9 @@ def upgrade_opset(path: Path, external: bool) -> dict[str, Any]:
         except Exception as exc:
             converted = model
             info = {"opset": opset, "opset_upgrade_failed": str(exc)[:200]}
+    folded = fold_conv_affine(converted)
+    if folded:
+        info["conv_affine_folded"] = folded
     # Every node gets a name: the accuracy-aware search keeps nodes in FP32 by name.
     taken = {n.name for n in converted.graph.node if n.name}
     named = 0

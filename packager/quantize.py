@@ -212,7 +212,7 @@ def _build(
         if recipe.method == "fp32":
             return _copy_model(source, out, external)
         if recipe.method == "optimized":
-            return _optimized(source, out, external)
+            return _optimized(prepared, out, external)
         if recipe.method in ("static", "qnn") and (
             recipe.equalize or recipe.bias_correction or recipe.adaround
         ):
@@ -263,7 +263,9 @@ def _equalized(
 
 
 def _optimized(source: Path, out: Path, external: bool) -> Path:
-    """FP32 with ONNX Runtime's extended graph optimizations applied once and saved.
+    """FP32 with ONNX Runtime's extended graph optimizations applied once and saved. ``source``
+    is the pre-processed model (:func:`preprocess`: batch norms that a converter left as
+    arithmetic are folded into their convolutions there, which ONNX Runtime does not do).
 
     Extended (not "all"): the layout optimizations of the highest level are specific to the
     machine that applies them and must not be saved for another.

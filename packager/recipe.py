@@ -57,6 +57,9 @@ class Recipe:
     #: calibration data (:mod:`edgefleet.packager.adaround`); symmetric signed weights only.
     adaround: bool = False
     nodes_to_exclude: tuple[str, ...] = ()
+    #: Built only when no candidate listed before it met its gates: for a recipe that costs
+    #: minutes (a vendor toolkit's learned rounding) and is only worth it where cheaper ones fail.
+    only_if_needed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as recorded in the manifest (only fields that matter for its method)."""
@@ -70,6 +73,8 @@ class Recipe:
         )
         if self.requires:
             keep.add("requires")
+        if self.only_if_needed:
+            keep.add("only_if_needed")
         if self.method in ("static", "qnn"):
             keep |= {k for k in ("equalize", "bias_correction", "adaround") if getattr(self, k)}
             if self.nodes_to_exclude:
@@ -115,6 +120,7 @@ _BOOL_FIELDS = (
     "equalize",
     "bias_correction",
     "adaround",
+    "only_if_needed",
 )
 
 

@@ -76,6 +76,9 @@ class CandidateResult:
     #: The target constraints its output was checked against and how it broke them (refused).
     verification: dict[str, Any] | None = None
     violations: list[str] = field(default_factory=list)
+    #: Seconds spent building it (quantizing, not measuring); None when another profile's
+    #: identical build was reused.
+    build_s: float | None = None
 
     @property
     def unresolved(self) -> list[GateVerdict]:
@@ -104,6 +107,7 @@ class CandidateResult:
             "skipped": self.skipped,
             "fidelity": _fidelity(m) if m else None,
             "gates": [g.to_dict() for g in self.gates],
+            "build_s": self.build_s,
         }
         if self.cost is not None:
             d["cost"] = self.cost

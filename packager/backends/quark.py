@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.metadata
+import logging
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,12 @@ class QuarkBackend:
         # of the caller's.
         reader = make_reader(prepared, calibration)
         source_path, tmp_path = str(prepared.resolve()), str(tmp.resolve())
-        with quiet("quark"), tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        with (
+            quiet("quark"),
+            _screen_logs_off(),
+            tempfile.TemporaryDirectory() as scratch,
+            contextlib.chdir(scratch),
+        ):
             ModelQuantizer(config).quantize_model(source_path, tmp_path, reader)
         seconds = time.perf_counter() - start
         quantized = onnx.load(str(tmp))
@@ -127,6 +133,20 @@ class QuarkBackend:
             "seconds": seconds,
             "verified": constraints.to_dict(),
         }
+
+
+@contextlib.contextmanager
+def _screen_logs_off() -> Iterator[None]:
+    """Quark's own loggers write to the stderr they found at import (not the redirected one):
+    raise their shared level to errors for the build (the report says what ran)."""
+    from quark.common.utils.log import ScreenLogger
+
+    before = int(getattr(ScreenLogger, "_shared_level", logging.INFO))
+    ScreenLogger.set_shared_level(logging.ERROR)
+    try:
+        yield
+    finally:
+        ScreenLogger.set_shared_level(before)
 
 
 BACKEND = QuarkBackend()

@@ -137,3 +137,42 @@ def test_bad_constraints_tables_name_the_field(tmp_path: Path, table: str, messa
     with pytest.raises(ProfileError, match="constraints") as err:
         load_profile_file(path)
     assert message in str(err.value)
+
+
+LATE = """
+[[quantization.candidates]]
+id = "pow2-costly"
+method = "static"
+activation_type = "QInt8"
+activation_symmetric = true
+power_of_two = true
+calibrate_method = "Percentile"
+only_if_needed = true
+"""
+
+
+def test_a_costly_candidate_is_built_only_when_no_earlier_one_met_its_gates(
+    examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
+) -> None:
+    """``only_if_needed``: skipped (saying which candidate made it unneeded) once one passed;
+    built when every earlier one failed."""
+    from edgefleet.packager.pipeline import package_model
+
+    head, tail = POW2_TARGET.split("[constraints]")
+    without_pow2 = head.split('[[quantization.candidates]]\nid = "pow2"')[0]
+    ex = examples["digits-cnn"]
+    reports = {}
+    for name, candidates in (("after-pow2", head), ("alone", without_pow2)):
+        path = tmp_path / name / "dpu-like.toml"
+        path.parent.mkdir()
+        path.write_text(candidates + LATE + "[constraints]" + tail)
+        reports[name] = package_model(
+            ex.model, name="cnn", version="1.0.0", profiles=[load_profile_file(path)],
+            calibration=ex.calibration, validation=ex.validation, key=signing_key.private_path,
+            out_dir=tmp_path / name / "out", bench_runs=5, bench_seconds=0.1,
+        ).profiles[0]  # fmt: skip
+    late = {c.candidate: c for c in reports["after-pow2"].candidates}["pow2-costly"]
+    assert late.skipped == "not needed: pow2 already met its gates" and late.metrics is None
+    assert reports["after-pow2"].chosen == "pow2"
+    alone = {c.candidate: c for c in reports["alone"].candidates}["pow2-costly"]
+    assert alone.skipped is None and alone.accepted and reports["alone"].chosen == "pow2-costly"
