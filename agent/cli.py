@@ -17,6 +17,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgefleet.wire.states import TERMINAL_STATES as TERMINAL
@@ -33,7 +34,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", soft_wrap=True)  # one line: greppable
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # one line: greppable
     return typer.Exit(code)
 
 
@@ -345,7 +346,7 @@ def _refuse_unworkable(cfg: Any) -> None:
     problems = startup_problems(cfg)
     if problems:
         for p in problems:
-            console.print(f"[red]error:[/red] {p}", soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(p))}", soft_wrap=True)
         console.print(
             "the agent cannot work with this configuration (`edgefleet agent check`)",
             soft_wrap=True,

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # MobileNetV1 (Howard et al. 2017) depthwise-separable blocks: (out channels, stride).
@@ -567,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 sets.append(own)
         for s in skipped:
-            console.print(f"[yellow]skipped[/] {s}")
+            console.print(f"[yellow]skipped[/] {escape(s)}")  # its hint names an extra in [...]
         if not sets:
             console.print("[red]no model to benchmark[/]: install 'edgefleet[zoo]'")
             return 1

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgefleet.cloud_controller.cli.client import (
@@ -53,7 +54,7 @@ def _settings_from(
     try:
         url, source = resolve_db(db, s.data_dir)
     except SettingsError as e:
-        err.print(f"[red]invalid_config: {e}[/red]")
+        err.print(f"[red]invalid_config: {escape(str(e))}[/red]")
         raise typer.Exit(2) from e
     return replace(s, db_url=url), source
 
@@ -234,7 +235,7 @@ def token_create(
     try:
         ids.token_name(name)
     except ids.IdentifierError as e:
-        err.print(f"[red]{e.code}: {e}[/red]")
+        err.print(f"[red]{e.code}: {escape(str(e))}[/red]")
         raise typer.Exit(2) from e
     s, source = _settings_from(data_dir, db)
     engine = dbm.make_engine(s.database_url)
@@ -419,10 +420,10 @@ def mosquitto_config(
         server_key = pki.new_key()
         server_cert = pki.issue_server(ca.key, ca.cert, server_key.public_key(), names, now)
     except auth.GeneratedFileError as e:
-        err.print(f"[red]invalid_identifier: {e}; nothing written[/red]")
+        err.print(f"[red]invalid_identifier: {escape(str(e))}; nothing written[/red]")
         raise typer.Exit(2) from e
     except pki.PkiError as e:
-        err.print(f"[red]{e.code}: {e}; nothing written[/red]")
+        err.print(f"[red]{e.code}: {escape(str(e))}; nothing written[/red]")
         raise typer.Exit(2) from e
     finally:
         engine.dispose()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edgefleet.keys import KeyPair
 from tests.agent.helpers import REPO, served_version, wait_for
@@ -224,3 +225,11 @@ def test_install_names_structural_rejections_by_their_own_code(
             assert f"FAILED: {code}" in r.stdout and "manifest_invalid" not in r.stdout, r.stdout
     finally:
         agent.stop()
+
+
+def test_an_error_naming_an_extra_keeps_its_brackets(capsys: pytest.CaptureFixture[str]) -> None:
+    """rich reads ``[agent]`` as a style tag and drops it: the reason would lose its words."""
+    from edgefleet.agent.cli import _fail
+
+    _fail("install it with pip install 'edgefleet[agent]'")
+    assert "'edgefleet[agent]'" in capsys.readouterr().out
