@@ -51,9 +51,9 @@ def test_main_exports_retrains_packages_uploads_and_starts_the_rollout(
     run = start_controller(
         tmp_path / "ctl", trusted=[packager_key.public_path], broker_url=broker.url, db_url=db_url
     )
+    admin = run.client("admin")
     try:
         assert run.controller.bridge.wait_connected(10)
-        admin = run.client("admin")
         assert admin.post("/api/v1/devices", json={"device_id": DEV}).status_code == 201
         ctl = run.controller
         with transaction(ctl.factory) as s:  # the device serves digits 1.0.0 (its desired state)
@@ -133,4 +133,5 @@ def test_main_exports_retrains_packages_uploads_and_starts_the_rollout(
         lin = datasets[0]["lineage"]
         assert lin["capture_id"] == cid and DEV in lin["devices"] and "1.0.0" in lin["versions"]
     finally:
+        admin.close()
         run.stop()
