@@ -463,7 +463,9 @@ def vendor_lines(rows: list[dict[str, Any]]) -> list[str]:
             backend = c.get("backend") or asked
             if backend != asked:  # its extra is absent: the same recipe ran through ort
                 backend = f"{asked} -> {backend}: {c.get('backend_note') or ''}"[:120]
-            if c["error"]:
+            if c.get("skipped"):  # an only-if-needed candidate once a cheaper one passed
+                what = f"not built: {c['skipped']}"
+            elif c["error"]:
                 what = f"[red]failed[/]: {str(c['error'])[:160]}"
             else:
                 what = (
@@ -621,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['p50_ms']:.3f}" if "p50_ms" in r else "",
             f"{r['package_s']:.0f}" if "package_s" in r else "",
         )
+    if args.json:  # first: the rows are what an hour of packaging measured
+        args.json.write_text(json.dumps({"rows": rows}, indent=2, default=str))
     console.print(table)
     console.print(
         "package s: seconds of each profile's own candidate search and packaging (a build an "
@@ -633,8 +637,6 @@ def main(argv: list[str] | None = None) -> int:
         console.print(line, highlight=False)
     for line in targets(rows):
         console.print(line, highlight=False)
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows}, indent=2, default=str))
     return 0
 
 

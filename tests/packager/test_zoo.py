@@ -225,3 +225,17 @@ def test_bench_targets_compare_the_cpu_package_with_plain_ort() -> None:
     rows[2]["agree_hard"] = (50, 66)  # two more hard disagreements than plain ORT
     assert "missed" in targets(rows)[0]
     assert "nncf-int8 (nncf): agreement 0.990" in vendor_lines(rows)[1]
+
+
+def test_bench_vendor_lines_say_why_a_candidate_was_not_built() -> None:
+    """A candidate built only when needed has no figures once a cheaper one passed: the bench's
+    summary says so instead of failing on its missing agreement (it did, after an hour)."""
+    from bench.bench_packager import vendor_lines
+
+    skipped = {
+        "recipe": {"backend": "quark"}, "candidate": "quark-xint8-cle-adaround",
+        "backend": "quark", "skipped": "not needed: pow2 already met its gates", "error": None,
+        "agreement": None, "p50_ms": None, "accepted": False, "chosen": False,
+    }  # fmt: skip
+    lines = vendor_lines([{"model": "m", "profile": "fpga-vitisai", "candidates": [skipped]}])
+    assert lines[1].endswith("not built: not needed: pow2 already met its gates")
