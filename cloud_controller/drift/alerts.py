@@ -232,13 +232,16 @@ def look(
         # each scope judged on every window of the plan, shortest first; the first that drifts
         # is the look's evidence (else the longest window's result, for the gauges)
         judged: dict[tuple[str, str, str], tuple[dict[str, Any], Window, int]] = {}
+        refs: dict[str, dict[str, Any] | None] = {}  # one lookup per reference, not per key
         for i, w in enumerate(plan.windows):
             cfg = plan.look_config(s.config, i)
             w_since = now - timedelta(seconds=min(w, MAX_WINDOW_S))
             for k, win in _windows(rows, groups, w_since, now).items():
                 if k[1] not in s.scopes or (k in judged and judged[k][0]["status"] == "drift"):
                     continue
-                ref = get_reference(session, model, k[0])
+                if k[0] not in refs:
+                    refs[k[0]] = get_reference(session, model, k[0])
+                ref = refs[k[0]]
                 if ref is None:
                     continue
                 judged[k] = (summarize(decide(ref, win[0], cfg)), win, w)
