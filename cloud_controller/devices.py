@@ -6,7 +6,8 @@ from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, select, text, update
+from sqlalchemy import String, Table, any_, bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from edgefleet.cloud_controller.db import iso
@@ -65,9 +66,6 @@ def id_in(column: Any, device_ids: Collection[str], session: Session) -> Any:
     """``column IN ids`` as one array parameter on PostgreSQL (`_PG_ENSURE` says why)."""
     ids_ = sorted(set(device_ids))
     if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy import String, any_, bindparam
-        from sqlalchemy.dialects.postgresql import ARRAY
-
         return column == any_(bindparam(None, ids_, type_=ARRAY(String)))
     return column.in_(ids_)
 
