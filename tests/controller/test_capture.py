@@ -163,6 +163,32 @@ def _wait(pred: Any, timeout: float = 30.0) -> bool:
     return False
 
 
+class RawDevice:
+    """A device that speaks the capture protocol by hand (no agent): publishes what a test
+    gives it and collects the controller's acks."""
+
+    def __init__(self, broker: Any, device_id: str) -> None:
+        self.id = device_id
+        self.acks: list[dict[str, Any]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
+        self.client.on_message = lambda _c, _u, m: self.acks.append(json.loads(m.payload))
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(topic(device_id, "ack"), qos=1)
+        self.client.loop_start()
+        time.sleep(0.3)  # subscribed before anything is acked
+
+    def publish_capture(self, payload: bytes | str) -> None:
+        self.client.publish(topic(self.id, "capture"), payload, qos=1)
+
+    def acked(self) -> set[int]:
+        """The capture record ids the controller acknowledged."""
+        return {i for a in self.acks for i in a.get("capture", [])}
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
 @pytest.fixture
 def ctl(tmp_path: Path, broker: Any, db_url: str, packager_key: KeyPair) -> Iterator[Running]:
     run = start_controller(
@@ -293,23 +319,15 @@ def test_adversarial_records_are_refused_counted_and_never_stored(
         _row(cid, 5, inputs={"X": huge}),  # 2**80 elements: refused before decoding
         *[_row(cid, 10 + i) for i in range(8)],  # a flood past 5 rows and 1 row/minute
     ]
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=dev)
-    acks: list[dict[str, Any]] = []
-    pub.on_message = lambda _c, _u, m: acks.append(json.loads(m.payload))
-    pub.connect(broker.host, broker.port)
-    pub.subscribe(topic(dev, "ack"), qos=1)
-    pub.loop_start()
+    pub = RawDevice(broker, dev)
     try:
-        time.sleep(0.3)
-        pub.publish(topic(dev, "capture"), json.dumps({"records": records}), qos=1)
+        pub.publish_capture(json.dumps({"records": records}))
         # over the message cap: refused whole, before parsing
-        pub.publish(topic(dev, "capture"), b"{" + b" " * (2 * 1024**2 + 1) + b"}", qos=1)
-        acked = lambda: {i for a in acks for i in a.get("capture", [])}  # noqa: E731
+        pub.publish_capture(b"{" + b" " * (2 * 1024**2 + 1) + b"}")
         want = {1, 2, 3, 4, 5, 6, *range(10, 18)}
-        assert _wait(lambda: acked() >= want), acks
+        assert _wait(lambda: pub.acked() >= want), pub.acks
     finally:
-        pub.loop_stop()
-        pub.disconnect()
+        pub.close()
     drops = ctl.controller.bridge.stats.dropped
     assert drops.get("capture_unknown") == 1 and drops.get("capture_wrong_model") == 1
     assert drops.get("capture_wrong_version") == 1

@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from edgefleet.keys import KeyPair
-from edgefleet.wire.mqtt import topic
 from tests.controller.conftest import start_controller
-from tests.controller.test_capture import MODEL, _manage, _row, _wait
+from tests.controller.test_capture import MODEL, RawDevice, _manage, _row, _wait
 from tests.controller.test_replicas import own_database
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,23 +55,13 @@ def test_two_replicas_store_no_more_than_the_rate_together(
             assert r.status_code == 201, r.text
             cid = r.json()["id"]
             time.sleep(1.0)  # both bridges' shared subscriptions are in place
-            pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=dev)
-            acks: list[dict[str, Any]] = []
-            pub.on_message = lambda _c, _u, m: acks.append(json.loads(m.payload))
-            pub.connect(broker.host, broker.port)
-            pub.subscribe(topic(dev, "ack"), qos=1)
-            pub.loop_start()
+            pub = RawDevice(broker, dev)
             try:
-                time.sleep(0.3)
                 for i in range(40):  # one row a message: the broker deals them to both
-                    pub.publish(
-                        topic(dev, "capture"), json.dumps({"records": [_row(cid, i)]}), qos=1
-                    )
-                acked = lambda: {i for a in acks for i in a.get("capture", [])}  # noqa: E731
-                assert _wait(lambda: acked() >= set(range(40))), acks
+                    pub.publish_capture(json.dumps({"records": [_row(cid, i)]}))
+                assert _wait(lambda: pub.acked() >= set(range(40))), pub.acks
             finally:
-                pub.loop_stop()
-                pub.disconnect()
+                pub.close()
             handled = [
                 sum(v for k, v in c.controller.bridge.stats.dropped.items() if "capture" in k)
                 for c in (a, b)
