@@ -39,6 +39,9 @@ def poison_payloads() -> list[tuple[str, str, bytes]]:
         ("bad-nul", "presence", json.dumps({"online": True, "agent_version": "1.0\x00"}).encode()),
         ("bad-seq", "status", json.dumps({"seq": 2**63, "state": "committed"}).encode()),
         ("bad-nan", "presence", b'{"online": true, "hardware": {"ram": NaN}}'),
+        # JSON in UTF-16 (json.loads reads it): the same checks, however the bytes look
+        ("bad-utf16", "presence", '{"online": true, "hardware": {"ram": 1e400}}'.encode("utf-16")),
+        ("bad-utf16", "status", json.dumps({"seq": 2**63, "state": "committed"}).encode("utf-16")),
         (
             "bad-big",
             "presence",
@@ -129,8 +132,8 @@ def test_poison_messages_in_one_batch_cost_only_themselves(
         assert dropped == {
             "status_too_large": 1,  # 100k deep
             "presence_too_large": 2,  # 100k deep, 1 MB of hardware
-            "status_unstorable": 2,  # 5,000 deep, seq 2**63
-            "presence_unstorable": 3,  # 40 deep, NUL, NaN
+            "status_unstorable": 3,  # 5,000 deep, seq 2**63, seq 2**63 in UTF-16
+            "presence_unstorable": 4,  # 40 deep, NUL, NaN, 1e400 in UTF-16
             "presence_db_refused": 1,  # the trigger
         }
 
