@@ -312,13 +312,15 @@ def run(
     )
     while not done.wait(1.0):
         if renewed.is_set() and link is not None:
-            # TLS files are read when the link starts: reconnect with the new certificate.
+            # TLS files are read when a client is made: reconnect with the new certificate.
+            # The same link (its worker, queue and agent listener) carries on, so no update
+            # event falls between two links.
             renewed.clear()
-            link.stop()
-            link = MqttLink(
-                agent, cfg, telemetry=telemetry.outbox if telemetry else None, capture=capture
-            )
-            link.start()
+            link.renew()
+    # Updates first: an update stops at its next step (journaled; it resumes at the next
+    # start), and the events of its last steps still reach the link, which queues their
+    # reports in its outbox before it stops itself.
+    agent.stop_updates()
     if link is not None:
         link.stop()
     for x in reversed(extras):

@@ -257,6 +257,16 @@ class Agent(AgentPort, ObservedAgent, AdminPort):
             self._queue.put(uid)
         self.ready.set()
 
+    def stop_updates(self) -> None:
+        """Stop taking and running updates; serving goes on until `stop`. An update in flight
+        stops at its next step (journaled: it resumes at the next start) and tells the
+        listeners of the steps it took until then, so a fleet link stopped after this has
+        heard every event."""
+        self._stop.set()
+        self._queue.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout=10)
+
     def stop(self) -> None:
         self._stop.set()
         self._queue.put(None)

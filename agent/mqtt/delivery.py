@@ -113,6 +113,13 @@ class Delivery:
             for i in ids:
                 self._handed.pop((id(box), i), None)
 
+    def forget_inflight(self) -> None:
+        """The connection these were handed to is gone for good (a new client replaced it, so
+        paho will not resend them): hand every unacknowledged record out again at once."""
+        self.resent += len(self._handed)
+        self._inflight.clear()
+        self._handed.clear()
+
     def on_ack_message(self, raw: bytes) -> int:
         """An ack from the controller (worker): release what it names; how many records."""
         try:

@@ -46,7 +46,7 @@ from edgefleet.wire.status import StatusReport
 log = logging.getLogger("edgefleet.agent.mqtt")
 
 Job = (
-    tuple[Literal["connected", "acked", "stop", "tick", "subscribe_failed"], None]
+    tuple[Literal["connected", "acked", "stop", "tick", "subscribe_failed", "renew"], None]
     | tuple[Literal["desired", "ack"], bytes]
     | tuple[Literal["event"], UpdateEvent]
 )
@@ -174,6 +174,13 @@ class MqttLink:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
+        self.agent.add_listener(self._on_event)
+        self._worker = threading.Thread(target=self._run, name="mqtt-link", daemon=True)
+        self._worker.start()
+        self._connect(self._new_client())
+
+    def _new_client(self) -> mqtt.Client:
+        """A paho client with the credentials and TLS files as they are on disk now."""
         mqtt_cfg = self.config.mqtt
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -199,24 +206,52 @@ class MqttLink:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        return client
+
+    def _connect(self, client: mqtt.Client) -> None:
         self._client = client
-        self.agent.add_listener(self._on_event)
-        self._worker = threading.Thread(target=self._run, name="mqtt-link", daemon=True)
-        self._worker.start()
-        client.connect_async(self.host, self.port, keepalive=int(mqtt_cfg.keepalive_s))
+        client.connect_async(self.host, self.port, keepalive=int(self.config.mqtt.keepalive_s))
         client.loop_start()
+
+    def renew(self) -> None:
+        """Reconnect with the TLS files as they are now (after a certificate renewal). The
+        worker, its queue and the agent listener stay: an update event emitted meanwhile is
+        queued as always and its report sent on the new connection. (A new link in place of
+        this one would leave a gap in which no listener hears the agent.)"""
+        self._jobs.put(("renew", None))
+
+    def _renew(self) -> None:
+        """The worker: retire the paho client, then connect a new one."""
+        old = self._client
+        if old is None or self._stopping:
+            return
+        self._client = None  # the old client's callbacks are ignored from here (`_current`)
+        self.connected.clear()
+        old.disconnect()
+        old.loop_stop()  # its network thread has ended: no callback of it comes after this
+        # What it had handed out but not seen acknowledged goes out again on the new
+        # connection (paho's own resend dies with the old session); the controller drops
+        # duplicates by status seq and record id.
+        self.delivery.drain_acks()
+        self.delivery.forget_inflight()
+        self._connect(self._new_client())
+        log.info("reconnecting to %s:%s with renewed credentials", self.host, self.port)
+
+    def _current(self, client: mqtt.Client) -> bool:
+        """Whether a paho callback comes from the link's client, not a retired one."""
+        return client is self._client
 
     def stop(self, timeout: float = 5.0) -> None:
         """Say offline (retained), flush what the broker can still take, disconnect."""
-        client = self._client
-        if client is None:
+        if self._worker is None:
             return
         self._stopping = True
         self.agent.remove_listener(self._on_event)
         self._jobs.put(("stop", None))
-        if self._worker is not None:
-            self._worker.join(timeout)
-        if self.connected.is_set():
+        self._worker.join(timeout)
+        self._worker = None
+        client = self._client  # read after the worker: a renewal may have replaced it
+        if client is not None and self.connected.is_set():
             try:
                 info = client.publish(
                     self.topic("presence"), offline_will(self.device_id), qos=1, retain=True
@@ -224,8 +259,9 @@ class MqttLink:
                 info.wait_for_publish(timeout=min(timeout, 2.0))
             except (RuntimeError, ValueError) as e:
                 log.warning("offline presence not sent: %s", e)
-        client.disconnect()
-        client.loop_stop()
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
         self._client = None
         self.outbox.close()
 
@@ -245,6 +281,8 @@ class MqttLink:
         reason: MqttReasonCode,
         props: Properties | None,
     ) -> None:
+        if not self._current(client):
+            return
         if reason.is_failure:
             from edgefleet.agent.check import refusal_hint
 
@@ -275,13 +313,15 @@ class MqttLink:
         reason: MqttReasonCode,
         props: Properties | None,
     ) -> None:
+        if not self._current(client):
+            return
         self.connected.clear()
         if not self._stopping:
             log.info("disconnected from %s:%s: %s", self.host, self.port, reason)
             self._next_broker(client)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        if not self._stopping:
+        if self._current(client) and not self._stopping:
             log.info("could not connect to %s:%s", self.host, self.port)
             self._next_broker(client)
 
@@ -305,6 +345,8 @@ class MqttLink:
         reasons: list[MqttReasonCode],
         props: Properties | None,
     ) -> None:
+        if not self._current(client):
+            return
         if any(r.is_failure for r in reasons):
             log.warning("broker %s:%s refused the desired-state subscription", self.host, self.port)
             self._jobs.put(("subscribe_failed", None))
@@ -325,6 +367,8 @@ class MqttLink:
         reason: MqttReasonCode,
         props: Properties,
     ) -> None:
+        if not self._current(client):
+            return  # a retired client's mid would name another message of the new one
         self.delivery.on_puback(mid)
         self._jobs.put(("acked", None))
 
@@ -345,7 +389,9 @@ class MqttLink:
                 if job[0] == "stop":
                     self._flush()
                     return
-                if job[0] == "connected":
+                if job[0] == "renew":
+                    self._renew()
+                elif job[0] == "connected":
                     self._resubscribe_at = None
                     self._publish_presence()
                 elif job[0] == "subscribe_failed":

@@ -334,3 +334,60 @@ def test_explicit_remove_list_uninstalls_implicit_absence_does_not(
     assert observer.wait(
         lambda: "iris" not in observer.of(device.id, "presence")[-1].get("installed", {"iris": 1})
     )
+
+
+def test_renewed_credentials_reconnect_without_missing_an_update_event(
+    device: Device, observer: Observer, iris_packages: dict[str, Pkg], fleet_keys: Keys
+) -> None:
+    """A certificate renewal reconnects the link while an update runs: the link keeps its
+    listener and queue, so every step of the update is reported (a new link in its place
+    would leave a moment in which nobody hears the agent)."""
+    import threading
+
+    link = device.start_link()
+    p1 = iris_packages["1.0.0"]
+    done = threading.Event()
+
+    def renew_all_along() -> None:
+        while not done.is_set():
+            link.renew()
+            done.wait(0.01)
+
+    renewer = threading.Thread(target=renew_all_along)
+    renewer.start()
+    try:
+        uid = device.agent.submit_update(UpdateRequest("iris", "1.0.0", str(p1.path), p1.sha256))
+        assert device.agent.wait_update(uid, 60)["state"] == "COMMITTED"
+    finally:
+        done.set()
+        renewer.join()
+    assert observer.wait(lambda: committed(observer, device.id, "1.0.0"), 60)
+    # Each reconnect hands out again what was not acknowledged: at least once, one id each.
+    by_id = {
+        r["id"]: r["state"] for r in observer.of(device.id, "status") if r["state"] in FULL_PATH
+    }
+    assert [by_id[i] for i in sorted(by_id)] == FULL_PATH
+    assert link.wait_connected(15) and wait_until(lambda: link.backlog() == 0, 30)
+
+
+def test_updates_stop_before_the_link_so_every_step_taken_is_queued(
+    device: Device, iris_packages: dict[str, Pkg]
+) -> None:
+    """`agent run` stops updates first, then the link: each step the update journaled until
+    it stopped has its report in the outbox (the next start resumes the update)."""
+    link = device.start_link()
+    link.connected.clear()  # nothing leaves the outbox: it shows what was queued
+    p1 = iris_packages["1.0.0"]
+    uid = device.agent.submit_update(UpdateRequest("iris", "1.0.0", str(p1.path), p1.sha256))
+    assert wait_until(lambda: queued(device, "DOWNLOADING"), 30)
+    device.agent.stop_updates()
+    link.stop()  # its worker turns the events queued before the stop into reports first
+    from edgefleet.agent.telemetry.outbox import Outbox
+
+    box = Outbox(link.dir / "status-outbox.sqlite")
+    pending = [r for _, r in box.pending(100) if r["state"] in FULL_PATH]
+    box.close()
+    view = device.agent.update(uid)
+    assert view is not None
+    journaled = [t["state"] for t in view["history"] if t["state"] in FULL_PATH]
+    assert [r["state"] for r in pending] == journaled
