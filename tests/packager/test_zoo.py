@@ -234,8 +234,10 @@ def test_bench_vendor_lines_say_why_a_candidate_was_not_built() -> None:
 
     skipped = {
         "recipe": {"backend": "quark"}, "candidate": "quark-xint8-cle-adaround",
-        "backend": "quark", "skipped": "not needed: pow2 already met its gates", "error": None,
+        "backend": None, "skipped": "not needed: pow2 already met its gates", "error": None,
         "agreement": None, "p50_ms": None, "accepted": False, "chosen": False,
     }  # fmt: skip
     lines = vendor_lines([{"model": "m", "profile": "fpga-vitisai", "candidates": [skipped]}])
-    assert lines[1].endswith("not built: not needed: pow2 already met its gates")
+    assert lines[1].endswith(
+        "quark-xint8-cle-adaround (quark recipe): not built: not needed: pow2 already met its gates"
+    )
