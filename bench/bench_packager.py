@@ -461,9 +461,8 @@ def vendor_lines(rows: list[dict[str, Any]]) -> list[str]:
             if asked == "ort":
                 continue
             backend = c.get("backend") or asked
-            if backend != asked:  # its extra is absent: the same recipe ran through ort
-                backend = f"{asked} -> {backend}: {c.get('backend_note') or ''}"[:120]
-            if c.get("skipped"):  # an only-if-needed candidate once a cheaper one passed
+            if c.get("skipped"):  # e.g. only-if-needed once a cheaper one passed: null backend
+                backend = f"{asked} recipe"
                 what = f"not built: {c['skipped']}"
             elif c["error"]:
                 what = f"[red]failed[/]: {str(c['error'])[:160]}"
@@ -473,6 +472,8 @@ def vendor_lines(rows: list[dict[str, Any]]) -> list[str]:
                     f"{'within gate' if c['accepted'] else 'gate missed'}"
                     f"{', chosen' if c['chosen'] else ''}"
                 )
+            if not c.get("skipped") and backend != asked:  # extra absent: ort built the recipe
+                backend = f"{asked} -> {backend}: {c.get('backend_note') or ''}"[:120]
             lines.append(f"  {r['model']} {r['profile']} {c['candidate']} ({backend}): {what}")
     return (
         (["vendor candidates (pipeline's validation set, CPU provider):", *lines]) if lines else []

@@ -38,7 +38,7 @@ from edgefleet.wire import ids
 from edgefleet.wire.backoff import Failover, split_urls
 from edgefleet.wire.capture import CaptureEnvelope, record_id
 from edgefleet.wire.capture import parse_envelope as parse_capture
-from edgefleet.wire.message import MessageError, loads_bounded
+from edgefleet.wire.message import MessageError, loads_object
 from edgefleet.wire.presence import Presence
 from edgefleet.wire.presence import parse as parse_presence
 from edgefleet.wire.reasons import ReasonCode
@@ -495,13 +495,13 @@ class MqttBridge:
             self.stats.drop(f"{kind}_too_large")
             return None
         try:
-            msg = loads_bounded(raw)
+            msg = loads_object(raw)  # checked here once: the parsers below do not walk it again
         except ValueError as e:
             self.stats.drop(
                 f"{kind}_not_json" if str(e).startswith("not JSON") else f"{kind}_unstorable"
             )
             return None
-        if not isinstance(msg, dict):
+        if msg is None:
             self.stats.drop(f"{kind}_not_object")
             return None
         try:

@@ -22,13 +22,17 @@ from edgefleet.cloud_controller.rollout_types import (
 
 def counts(state: RolloutState) -> dict[str, Any]:
     """Per device-state counts, overall and per wave, plus rollback progress (a device whose
-    way back failed counts in `rollback_failed`, never as rolled back)."""
-    total = Counter(d.state.value for d in state.devices.values())
-    waves: list[dict[str, int]] = []
-    for w in range(len(state.wave_sizes)):
-        c = Counter(d.state.value for d in state.devices.values() if d.wave == w)
-        waves.append({"size": state.wave_sizes[w], **c})
-    rb = Counter(d.rollback for d in state.devices.values() if d.rollback)
+    way back failed counts in `rollback_failed`, never as rolled back). From the state's
+    tallies: no pass over the devices (the shell writes this header after every batch)."""
+    total: Counter[str] = Counter()
+    per_wave: list[Counter[str]] = [Counter() for _ in state.wave_sizes]
+    assert state.tally is not None and state.rollbacks is not None
+    for (wave, st), n in state.tally.items():
+        total[st.value] += n
+        if 0 <= wave < len(per_wave):
+            per_wave[wave][st.value] += n
+    waves = [{"size": size, **c} for size, c in zip(state.wave_sizes, per_wave, strict=True)]
+    rb = state.rollbacks
     return {
         "total": len(state.devices),
         "states": dict(total),

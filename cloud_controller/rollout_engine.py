@@ -12,7 +12,7 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from edgefleet.cloud_controller.rollout_codec import (
     counts,
@@ -57,6 +57,7 @@ from edgefleet.cloud_controller.rollout_types import (
     StatusReport,
     Target,
     Tick,
+    rollbacks_of,
     tally_of,
 )
 from edgefleet.wire.reasons import ReasonCode, is_transient
@@ -109,6 +110,7 @@ __all__ = [
     "plan",
     "planned_waves",
     "resolve_target",
+    "rollbacks_of",
     "shadow_verdict",
     "spec_from_dict",
     "spec_to_dict",
@@ -122,6 +124,39 @@ __all__ = [
 def _tally(state: RolloutState) -> Mapping[tuple[int, DevState], int]:
     assert state.tally is not None
     return state.tally
+
+
+class _Devices(dict[str, DeviceProgress]):
+    """A rollout's devices while one call of the engine owns them (`_open`): written in place
+    by `_put`, each write recorded, so that a batch of reports costs what its reports touch,
+    not a copy of every device per report. Sealed when the call returns: the state it gave
+    back is never written again (the next call copies it first)."""
+
+    __slots__ = ("changed", "open")
+
+    def __init__(self, devices: Mapping[str, DeviceProgress]) -> None:
+        super().__init__(devices)
+        self.open = True
+        self.changed: set[str] = set()
+
+
+def _open(state: RolloutState) -> RolloutState:
+    """A private copy of `state` the engine may write: one copy of the device map (C speed),
+    the derived tallies copied too. The caller's state is left as it was."""
+    assert state.rollbacks is not None
+    return replace(
+        state,
+        devices=_Devices(state.devices),
+        tally=dict(_tally(state)),
+        rollbacks=dict(state.rollbacks),
+    )
+
+
+def _seal(state: RolloutState, actions: Iterable[Action]) -> Decision:
+    devices = state.devices
+    assert isinstance(devices, _Devices)
+    devices.open = False
+    return Decision(state, tuple(actions), frozenset(devices.changed))
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -271,7 +306,7 @@ def plan(
             progress[d.device_id] = DeviceProgress(d.device_id, wave, profile, d.previous_version)
         i += size
     state = RolloutState(
-        spec=spec, devices=progress, wave_sizes=sizes, created_at=now, wave_plan=keep
+        spec=spec, devices=_Devices(progress), wave_sizes=sizes, created_at=now, wave_plan=keep
     )
     logs: list[Action] = [
         Log(
@@ -289,9 +324,9 @@ def plan(
             state, phase=Phase.ABORTED, reason="no compatible target devices", finished_at=now
         )
         logs.append(Log("aborted: no compatible target devices"))
-        return Decision(state, tuple(logs))
+        return _seal(state, logs)
     state = _enter_wave(state, 0, now, logs)
-    return _advance(state, now, None, logs)
+    return _seal(_advance(state, now, None, logs).state, logs)
 
 
 # --- event handling ------------------------------------------------------------------------
@@ -299,6 +334,23 @@ def plan(
 
 def handle(state: RolloutState, event: Event, now: float) -> Decision:
     """Apply one event at time `now` and advance the rollout as far as it can go."""
+    return handle_all(state, (event,), now)
+
+
+def handle_all(state: RolloutState, events: Iterable[Event], now: float) -> Decision:
+    """`handle` each event in order; the actions of all of them, in order. The state given is
+    not changed: it is copied once for the whole batch (`_open`), which the events then write
+    in place, so a batch costs one copy of the device map plus what its events touch."""
+    state = _open(state)
+    actions: list[Action] = []
+    for ev in events:
+        d = _handle(state, ev, now)
+        state = d.state
+        actions.extend(d.actions)
+    return _seal(state, actions)
+
+
+def _handle(state: RolloutState, event: Event, now: float) -> Decision:
     actions: list[Action] = []
     health: Health | None = None
     if isinstance(event, Tick):
@@ -344,16 +396,6 @@ def handle(state: RolloutState, event: Event, now: float) -> Decision:
     if state.phase in TERMINAL_PHASES:
         return Decision(state, tuple(actions))
     return _advance(state, now, health, actions)
-
-
-def handle_all(state: RolloutState, events: Iterable[Event], now: float) -> Decision:
-    """`handle` each event in order; the actions of all of them, in order."""
-    actions: list[Action] = []
-    for ev in events:
-        d = handle(state, ev, now)
-        state = d.state
-        actions.extend(d.actions)
-    return Decision(state, tuple(actions))
 
 
 def _on_status(
@@ -516,16 +558,13 @@ def _shadow_gate(
         f"wave {state.wave + 1} shadow: {figures['compared']} compared on {len(shadowing)}"
         f" devices, agreement {figures['agreement']}, p95 ratio {figures['p95_ratio']}"
     )
-    devices = dict(state.devices)
     if code is None:
         actions.append(Log(f"{desc}: promoted"))
         for d in sorted(shadowing, key=lambda d: d.device_id):
             assert d.profile is not None
-            devices[d.device_id] = replace(d, deadline=now + state.spec.device_timeout_s)
+            state = _put(state, replace(d, deadline=now + state.spec.device_timeout_s))
             actions.append(Dispatch(d.device_id, d.profile, d.attempts, shadow=False))
-        state = replace(
-            state, devices=devices, shadow_passed=(*state.shadow_passed, state.wave), tally=None
-        )
+        state = replace(state, shadow_passed=(*state.shadow_passed, state.wave))
         return state, None
     why = {
         ReasonCode.SHADOW_NO_TRAFFIC.value: "no request compared before the shadow timeout",
@@ -534,10 +573,10 @@ def _shadow_gate(
     }[code]
     actions.append(Log(f"{desc}: {code} ({why}); the candidate is dropped"))
     for d in shadowing:
-        devices[d.device_id] = replace(
-            d, state=DevState.FAILED, finished_at=now, reason_code=code, reason=why
+        state = _put(
+            state,
+            replace(d, state=DevState.FAILED, finished_at=now, reason_code=code, reason=why),
         )
-    state = replace(state, devices=devices, tally=None)
     # halt: the failed devices get their serving version back as desired (the candidate is
     # dropped); rollback: earlier waves' devices go back too.
     return state, Decision(
@@ -588,18 +627,35 @@ def _fail(
 
 
 def _put(state: RolloutState, dev: DeviceProgress) -> RolloutState:
-    old = state.devices[dev.device_id]
-    devices = dict(state.devices)
+    """Write one device's progress into the state the current call owns (`_open`), and keep
+    its tallies: no copy, no pass over the other devices."""
+    devices = state.devices
+    if not (isinstance(devices, _Devices) and devices.open):
+        state = _open(state)  # not ours to write (a state handed in from outside)
+        devices = state.devices
+        assert isinstance(devices, _Devices)
+    old = devices[dev.device_id]
+    if old is dev:
+        return state
     devices[dev.device_id] = dev
-    tally = dict(_tally(state))
+    devices.changed.add(dev.device_id)
     if (old.wave, old.state) != (dev.wave, dev.state):
+        tally = cast(dict[tuple[int, DevState], int], state.tally)
         k = (old.wave, old.state)
         tally[k] -= 1
         if not tally[k]:
             del tally[k]
         k = (dev.wave, dev.state)
         tally[k] = tally.get(k, 0) + 1
-    return replace(state, devices=devices, tally=tally)
+    if old.rollback != dev.rollback:
+        rollbacks = cast(dict[str, int], state.rollbacks)
+        if old.rollback:
+            rollbacks[old.rollback] -= 1
+            if not rollbacks[old.rollback]:
+                del rollbacks[old.rollback]
+        if dev.rollback:
+            rollbacks[dev.rollback] = rollbacks.get(dev.rollback, 0) + 1
+    return state
 
 
 def _enter_wave(state: RolloutState, wave: int, now: float, actions: list[Action]) -> RolloutState:
@@ -692,13 +748,11 @@ def _advance(
     sc = _scan(state, now)
     # 1. Timeouts (they run while paused too: the device was already asked).
     if sc.expired:
-        devices = dict(state.devices)
         for dev in sc.expired:
             why = f"no result within {spec.device_timeout_s:g}s"
-            devices[dev.device_id] = _fail(
-                spec, dev, DevState.TIMED_OUT, ReasonCode.TIMEOUT, why, now, actions
+            state = _put(
+                state, _fail(spec, dev, DevState.TIMED_OUT, ReasonCode.TIMEOUT, why, now, actions)
             )
-        state = replace(state, devices=devices, tally=None)
         sc = _scan(state, now)
     # 2. The abort rule, over every device finished so far.
     finished, failures = sc.finished, sc.failures
@@ -785,20 +839,22 @@ def _dispatch(
         due = due[: max(0, budget)]
     if not due:
         return replace(state, dispatch_times=recent) if spec.rate_per_min else state
-    devices = dict(state.devices)
     shadow = spec.shadow is not None and state.wave not in state.shadow_passed
     extra = spec.shadow.timeout_s if shadow and spec.shadow is not None else 0.0
     for dev in due:
         attempt = dev.attempts + 1
         # a device of a wave already promoted (a retry) gets the release without shadow
         in_shadow = shadow and dev.wave == state.wave
-        devices[dev.device_id] = replace(
-            dev,
-            state=DevState.IN_PROGRESS,
-            attempts=attempt,
-            started_at=dev.started_at if dev.started_at is not None else now,
-            deadline=now + spec.device_timeout_s + (extra if in_shadow else 0.0),
-            retry_at=None,
+        state = _put(
+            state,
+            replace(
+                dev,
+                state=DevState.IN_PROGRESS,
+                attempts=attempt,
+                started_at=dev.started_at if dev.started_at is not None else now,
+                deadline=now + spec.device_timeout_s + (extra if in_shadow else 0.0),
+                retry_at=None,
+            ),
         )
         assert dev.profile is not None
         actions.append(Dispatch(dev.device_id, dev.profile, attempt, shadow=in_shadow))
@@ -806,9 +862,7 @@ def _dispatch(
     started = state.shadow_started_at
     if shadow and started is None:
         started = now
-    return replace(
-        state, devices=devices, dispatch_times=times, tally=None, shadow_started_at=started
-    )
+    return replace(state, dispatch_times=times, shadow_started_at=started)
 
 
 def _mode(spec: RolloutSpec) -> OnAbort:
@@ -834,11 +888,10 @@ def _finish(
     """
     spec = state.spec
     rollback = mode == OnAbort.ROLLBACK
-    devices = dict(state.devices)
     reverted = kept = 0
-    for dev in state.devices.values():
+    for dev in list(state.devices.values()):
         if dev.state == DevState.PENDING:
-            devices[dev.device_id] = replace(dev, state=DevState.SKIPPED)
+            state = _put(state, replace(dev, state=DevState.SKIPPED))
             continue
         if dev.state not in MOVED or dev.rollback is not None:
             continue
@@ -862,7 +915,7 @@ def _finish(
         first = dev.previous_version is None
         if not rollback:
             if dev.state in (DevState.SUCCEEDED, DevState.IN_PROGRESS):
-                devices[dev.device_id] = new
+                state = _put(state, new)
                 continue  # it took the release (or is taking it): left alone, followed
             # It does not run the release (or we do not know): it must not pick it up later.
             actions.append(Revert(dev.device_id, dev.profile, dev.previous_version))
@@ -878,18 +931,10 @@ def _finish(
             actions.append(Revert(dev.device_id, dev.profile, dev.previous_version, remove=first))
             new = replace(new, rollback="done" if runs_previous else "requested")
             reverted += 1
-        devices[dev.device_id] = new
+        state = _put(state, new)
     what = f"; reverting {reverted} devices" if rollback else "; halted (moved devices keep it)"
     if kept:
         what += f"; {kept} first installs kept"
     actions.append(Log(f"{phase}: {reason}{what}"))
-    state = replace(
-        state,
-        devices=devices,
-        phase=phase,
-        reason=reason,
-        finished_at=now,
-        paused=False,
-        tally=None,
-    )
+    state = replace(state, phase=phase, reason=reason, finished_at=now, paused=False)
     return state, tuple(actions)

@@ -194,14 +194,23 @@ class RolloutState:
     tally: Mapping[tuple[int, DevState], int] | None = field(
         default=None, compare=False, repr=False
     )
+    # Devices per rollback mark ("requested", "done", "failed"), derived like `tally`: the
+    # counts and whether a finished rollout still waits on a device need no pass either.
+    rollbacks: Mapping[str, int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.tally is None:
             object.__setattr__(self, "tally", tally_of(self.devices))
+        if self.rollbacks is None:
+            object.__setattr__(self, "rollbacks", rollbacks_of(self.devices))
 
 
 def tally_of(devices: Mapping[str, DeviceProgress]) -> dict[tuple[int, DevState], int]:
     return dict(Counter((d.wave, d.state) for d in devices.values()))
+
+
+def rollbacks_of(devices: Mapping[str, DeviceProgress]) -> dict[str, int]:
+    return dict(Counter(d.rollback for d in devices.values() if d.rollback))
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -241,6 +250,9 @@ Action = Dispatch | Revert | Log
 class Decision:
     state: RolloutState
     actions: tuple[Action, ...]
+    # The devices whose progress differs from the state the engine was given (the rows the
+    # shell writes); None when not known (compare the two states).
+    changed: frozenset[str] | None = None
 
 
 # --- events --------------------------------------------------------------------------------

@@ -63,9 +63,9 @@ def _live(state: E.RolloutState) -> bool:
     plain cancel) following devices that were still at work."""
     if state.phase not in E.TERMINAL_PHASES:
         return True
-    return any(
-        d.rollback == "requested" or d.state == E.DevState.IN_PROGRESS
-        for d in state.devices.values()
+    assert state.tally is not None and state.rollbacks is not None
+    return bool(state.rollbacks.get("requested")) or any(
+        st == E.DevState.IN_PROGRESS for _, st in state.tally
     )
 
 
@@ -314,10 +314,10 @@ class RolloutService:
                 )
                 session.flush()
                 self._warn_unrevertable(session, decision.state, now)
-                empty = E.RolloutState(spec, decision.state.devices, decision.state.wave_sizes)
                 self._rev[spec.rollout_id] = 0
                 self._next_rev.clear()
-                rows = self._apply(session, empty, decision, now)
+                # the device rows were just written as planned: only the header and actions
+                rows = self._apply(session, decision, (), now)
             self._rev.update(self._next_rev)
             self._publish(rows)
             self._set(decision.state)
@@ -489,8 +489,14 @@ class RolloutService:
                 else:
                     evs = [events]
                 decision = E.handle_all(state, evs, now)
-                if decision.state != state or decision.actions:
-                    rows += self._apply(session, state, decision, now)
+                new = decision.state
+                changed = decision.changed
+                if changed is None:  # not said: compare
+                    changed = frozenset(
+                        did for did, dev in new.devices.items() if state.devices.get(did) is not dev
+                    )
+                if changed or decision.actions or E.header_to_dict(new) != E.header_to_dict(state):
+                    rows += self._apply(session, decision, changed, now)
                 out[rid] = decision.state
         self._rev.update(self._next_rev)
         self._publish(rows)
@@ -513,14 +519,15 @@ class RolloutService:
             self._active.pop(state.spec.rollout_id, None)
 
     def _apply(
-        self, session: Session, old: E.RolloutState, decision: E.Decision, now: float
+        self, session: Session, decision: E.Decision, changed: Iterable[str], now: float
     ) -> list[DesiredState]:
+        """Write a decision: the rollout's header (its counts from the state's tallies), the
+        rows of the devices in `changed` only, and its actions."""
         new, spec = decision.state, decision.state.spec
         rid = spec.rollout_id
         header = E.header_to_dict(new)
-        header["pending_rollback"] = sum(
-            1 for d in new.devices.values() if d.rollback == "requested"
-        )
+        assert new.rollbacks is not None
+        header["pending_rollback"] = new.rollbacks.get("requested", 0)
         header["counts"] = E.counts(new)
         header["open"] = _live(new)
         rev = self._rev.get(rid, 0)
@@ -533,7 +540,7 @@ class RolloutService:
         if getattr(res, "rowcount", 1) != 1:  # optimistic lock: someone else moved it on
             raise _Stale(rid)
         self._next_rev[rid] = rev + 1
-        changed = [
+        rows_changed = [
             {
                 "rollout_id": rid,
                 "device_id": did,
@@ -541,11 +548,10 @@ class RolloutService:
                 "state": dev.state.value,
                 "wave": dev.wave,
             }
-            for did, dev in new.devices.items()
-            if old.devices.get(did) is not dev
+            for did, dev in ((did, new.devices[did]) for did in sorted(changed))
         ]
-        if changed:  # one executemany (ORM bulk UPDATE by primary key)
-            session.execute(update(RolloutDevice), changed)
+        if rows_changed:  # one executemany (ORM bulk UPDATE by primary key)
+            session.execute(update(RolloutDevice), rows_changed)
         targets = [a.device_id for a in decision.actions if isinstance(a, E.Dispatch | E.Revert)]
         loaded: list[DesiredState] = []  # held so the identity map keeps them for set_model
         # and each one's seq floor: `desired` issues the wave without a query per device

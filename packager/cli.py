@@ -175,6 +175,10 @@ def _render(report: Any, console: Console) -> None:
         if p.backend_note:
             console.print(f"  {p.profile}: backend {p.backend_note}", highlight=False)
         for c in p.candidates:
+            if c.skipped is not None:
+                console.print(
+                    f"  {p.profile}: {c.candidate} not built: {c.skipped}", highlight=False
+                )
             if c.fp32_nodes and c.chosen:
                 names = ", ".join(n["node"] for n in c.fp32_nodes)
                 console.print(

@@ -706,6 +706,8 @@ def _evaluate(ctx: _Search, recipe: Recipe) -> CandidateResult:
             strict=strict,
         )
         cr.accepted = not cr.misses
+        if recipe.method == "fp16":  # nodes the FP16 conversion kept in FP32, with the reason
+            cr.fp32_nodes = list(b.info.get("fp32_nodes", []))
         if ctx.rank == "cost" and b.model is not None:
             cr.cost = {"fp32_compute_nodes": fp32_compute_nodes(b.model), "size_bytes": b.size}
     return cr

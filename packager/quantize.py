@@ -218,7 +218,7 @@ def _build(
         ):
             prepared = _equalized(recipe, prepared, out, calibration, info)
         if recipe.method == "fp16":
-            return _fp16(recipe, source, out, external)
+            return _fp16(recipe, source, out, external, calibration, info)
         if recipe.method == "dynamic":
             return _dynamic(recipe, prepared, out, external)
         if recipe.method == "qnn":
@@ -587,22 +587,38 @@ def _qnn(
     return out
 
 
-def _fp16(recipe: Recipe, source: Path, out: Path, external: bool) -> Path:
-    """FP16 with float IO; Cast nodes and the default ML ops stay in FP32 (blocked by name)."""
+def _fp16(
+    recipe: Recipe,
+    source: Path,
+    out: Path,
+    external: bool,
+    calibration: Mapping[str, np.ndarray] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """FP16 with float IO; Cast nodes, the default ML ops, the recipe's blocked ops and
+    ``nodes_to_exclude``, and every node FP16 cannot hold (:mod:`edgefleet.packager.fp16`: out of
+    range on its constants or on the calibration data) stay in FP32."""
     import onnx
-    from onnxconverter_common import float16
+
+    from edgefleet.packager.fp16 import convert
 
     model = onnx.load(str(source))
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
-    blocked_ops = list(dict.fromkeys([*float16.DEFAULT_OP_BLOCK_LIST, *recipe.op_block_list]))
-    cast_nodes = [n.name for n in model.graph.node if n.op_type == "Cast"]
-    converted = float16.convert_float_to_float16(
-        model,
-        keep_io_types=recipe.keep_io_types,
-        op_block_list=blocked_ops,
-        node_block_list=cast_nodes,
-    )
+    with warnings.catch_warnings():  # "the float32 number ... will be truncated": handled above
+        warnings.simplefilter("ignore", UserWarning)
+        converted, done = convert(
+            model,
+            keep_io_types=recipe.keep_io_types,
+            op_block_list=recipe.op_block_list,
+            node_block_list=recipe.nodes_to_exclude,
+            calibration=calibration,
+        )
+    ops = {n.name: n.op_type for n in model.graph.node}
+    done["fp32_nodes"] = [
+        {"node": n, "op_type": ops.get(n, "?"), "why": "listed in the recipe's nodes_to_exclude"}
+        for n in recipe.nodes_to_exclude
+        if n not in {k["node"] for k in done["fp32_nodes"]}
+    ] + done["fp32_nodes"]
+    if info is not None:
+        info.update(done)
     save_model(converted, out, external=external)
     return out

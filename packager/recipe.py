@@ -107,6 +107,8 @@ class Recipe:
             }
         elif self.method == "fp16":
             keep |= {"keep_io_types", "op_block_list"}
+            if self.nodes_to_exclude:
+                keep.add("nodes_to_exclude")
         return {k: v for k, v in d.items() if k in keep}
 
 

@@ -64,11 +64,13 @@ class CandidateResult:
     chosen: bool = False
     reason: str = ""
     gates: list[GateVerdict] = field(default_factory=list)
-    skipped: str | None = None  # why the candidate was not built (target properties)
-    backend: str = "ort"  # the toolkit that actually built it
+    #: Why the candidate was not built (target properties, or ``only_if_needed`` after an earlier
+    #: candidate passed); a skipped candidate has no backend, provider or figures.
+    skipped: str | None = None
+    backend: str | None = "ort"  # the toolkit that actually built it (None: nothing built it)
     backend_note: str | None = None  # why it is not the recipe's own backend
     measured_on: str | None = None  # provider the figures come from
-    on_target_provider: bool = True
+    on_target_provider: bool | None = True
     cost: dict[str, Any] | None = None  # the cost model's inputs (accelerator profiles)
     fp32_nodes: list[dict[str, Any]] = field(default_factory=list)  # accuracy-aware search
     derived_from: str | None = None  # the candidate an accuracy-aware variant was made from
@@ -79,6 +81,10 @@ class CandidateResult:
     #: Seconds spent building it (quantizing, not measuring); None when another profile's
     #: identical build was reused.
     build_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.skipped is not None:  # never built: nothing to attribute it to
+            self.backend, self.measured_on, self.on_target_provider = None, None, None
 
     @property
     def unresolved(self) -> list[GateVerdict]:

@@ -324,8 +324,12 @@ def _pool(name: str, n: int, seed: int) -> dict[str, np.ndarray]:
         a = crops(text, half, 48, 320, seed=seed, min_scale=0.05, max_scale=0.25)
         b = crops(imgs, n - half, 48, 320, seed=seed + 1)
         return {"x": _paddle(np.concatenate([a, b]))}
-    if name == "ppocr-det":
-        return {"x": _paddle(crops(imgs, n, 256, 256, seed=seed, min_scale=0.3))}
+    if name == "ppocr-det":  # half printed text (a detector's gate must see text), half scenes
+        pages = {k: v for k, v in imgs.items() if k == "page"} or imgs
+        half = n // 2
+        a = crops(pages, half, 256, 256, seed=seed, min_scale=0.3)
+        b = crops(imgs, n - half, 256, 256, seed=seed + 1, min_scale=0.3)
+        return {"x": _paddle(np.concatenate([a, b]))}
     if name in ("mtcnn-rnet", "mtcnn-onet"):
         size = 24 if name == "mtcnn-rnet" else 48
         faces = lfw_faces()
@@ -448,9 +452,15 @@ def task_confidence(task: str, outputs: Mapping[str, np.ndarray]) -> NDArray[np.
     if task == "text-recognition":  # the least sure time step decides whether the string holds
         top2 = np.sort(y, axis=2)[:, :, -2:]
         return np.asarray((top2[..., 1] - top2[..., 0]).min(axis=1))
-    if task == "text-detection":  # 1 - share of pixels in the ambiguous band around 0.3
+    if task == "text-detection":
+        # The share of the map's responsive pixels (> 0.1) that are decisive (>= 0.5): crisp text
+        # is confident. A map with no text at all scores 0: judged by the IoU of foregrounds it
+        # is all or nothing (one spurious pixel disagrees), and a gate judged only on such maps
+        # (the surest by any pixel count) would never look at text.
         p = y.reshape(len(y), -1)
-        return np.asarray(1.0 - np.mean((p > 0.1) & (p < 0.5), axis=1))
+        responsive = np.sum(p > 0.1, axis=1)
+        decisive = np.sum(p >= 0.5, axis=1)
+        return np.asarray(np.where(responsive > 0, decisive / np.maximum(responsive, 1), 0.0))
     p = y.reshape(len(y), -1)[:, 0]  # vad: distance of the speech probability from 0.5
     return np.asarray(np.abs(p - 0.5) * 2)
 
@@ -483,10 +493,14 @@ def task_agreement(
         return np.asarray(ref.argmax(axis=1) == got.argmax(axis=1))
     if task == "text-recognition":
         return np.array([a == b for a, b in zip(_ctc(ref), _ctc(got), strict=True)])
-    if task == "text-detection":  # the binarised text map (DB threshold 0.3) agrees on 99 %
+    if task == "text-detection":  # the packager's map rule: IoU of the foregrounds at DB's 0.3
+        from edgefleet.packager.evaluate import MAP_IOU
+
         a = ref.reshape(len(ref), -1) > 0.3
         b = got.reshape(len(got), -1) > 0.3
-        return np.asarray(np.mean(a == b, axis=1) >= 0.99)
+        union = np.sum(a | b, axis=1)
+        iou = np.where(union == 0, 1.0, np.sum(a & b, axis=1) / np.maximum(union, 1))
+        return np.asarray(iou >= MAP_IOU)
     return np.asarray((ref.reshape(-1) > 0.5) == (got.reshape(-1) > 0.5))
 
 
@@ -528,6 +542,10 @@ SIZES = {  # (calibration, each validation set): ONNX Runtime's histogram calibr
 }
 
 
+#: Bumped when a model's pool or confidence changes (its cached sets are then rebuilt).
+DATA_VERSION = {"ppocr-det": "v3"}
+
+
 def prepare(
     name: str,
     out_dir: Path,
@@ -552,7 +570,7 @@ def prepare(
     source = locate(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(
-        f"{name}|{source.stat().st_size}|{n_cal}|{n_val}|{seed}|v2".encode()
+        f"{name}|{source.stat().st_size}|{n_cal}|{n_val}|{seed}|{DATA_VERSION.get(name, 'v2')}".encode()
     ).hexdigest()[:16]
     info_path = out_dir / f"{name}-{key}.json"
     paths = {k: out_dir / f"{name}-{key}-{k}.npz" for k in ("calibration", "confident", "hard")}

@@ -99,11 +99,9 @@ def ingest_batch(
     if not fresh:
         return 0
     rows = [_row(dev, rid, rec, now) for (dev, rid), rec in fresh.items()]
-    new = _insert_new(session, rows)
-    fresh = {k: v for k, v in fresh.items() if k in new}
-    if not fresh:
-        return 0
-    sketches = [(dev, rec) for (dev, _), rec in fresh.items() if rec["kind"] == "sketch"]
+    count, new = _insert_new(session, rows)
+    # a sketch is merged once, when its record is new (`new`: the sketch records inserted)
+    sketches = [(dev, rec) for (dev, rid), rec in fresh.items() if (dev, rid) in new] if new else []
     if sketches and defer:
         session.info.setdefault(PENDING_KEY, []).append((sketches, now))
         session.info[FLUSH_KEY] = flush_pending
@@ -112,7 +110,7 @@ def ingest_batch(
             event.listen(session, "after_rollback", _after_rollback)
     elif sketches:
         _merge_sketches(session, sketches, now)
-    return len(fresh)
+    return count
 
 
 def flush_pending(session: Session) -> None:
@@ -140,29 +138,36 @@ def _after_rollback(session: Session) -> None:
         session.info.pop(DELIVER_KEY, None)
 
 
-def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
-    """Insert rows whose (device, record id) is not stored yet; returns the inserted pairs.
+def _insert_new(session: Session, rows: list[dict[str, Any]]) -> tuple[int, set[tuple[str, int]]]:
+    """Insert rows whose (device, record id) is not stored yet: (how many were, and the pairs
+    of the ``sketch`` records among them, whose merge must happen once).
 
-    SQLite and PostgreSQL: ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` (race-free across
-    controller replicas); elsewhere a lookup of the stored pairs first.
+    SQLite and PostgreSQL: ``INSERT ... ON CONFLICT DO NOTHING`` (race-free across controller
+    replicas); elsewhere a lookup of the stored pairs first. On SQLite only the sketch records
+    are inserted with ``RETURNING`` (SQLAlchemy renders, runs and reads back one statement per
+    thousand of them); the others, nearly all, go to the driver's ``executemany`` and are
+    counted by its row count (`_insert_plain_sqlite`).
     """
     table = TelemetryRecord.__table__
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return _insert_new_pg(session, rows)
+        stored = _insert_new_pg(session, rows)
+        return len(stored), stored & _sketch_pairs(rows)
     if dialect == "sqlite":
         from sqlalchemy.dialects import sqlite
 
-        stmt = (
-            sqlite.insert(table)  # type: ignore[arg-type]
-            .on_conflict_do_nothing(index_elements=["device_id", "record_id"])
-            .returning(table.c.device_id, table.c.record_id)
+        stmt = sqlite.insert(table).on_conflict_do_nothing(  # type: ignore[arg-type]
+            index_elements=["device_id", "record_id"]
         )
+        sketch = [r for r in rows if r["kind"] == "sketch"]
+        plain = [r for r in rows if r["kind"] != "sketch"] if sketch else rows
+        count = _insert_plain_sqlite(session, plain) if plain else 0
         inserted: set[tuple[str, int]] = set()
-        for i in range(0, len(rows), 1000):
-            result = session.execute(stmt, rows[i : i + 1000])
+        keyed = stmt.returning(table.c.device_id, table.c.record_id)
+        for i in range(0, len(sketch), 1000):
+            result = session.execute(keyed, sketch[i : i + 1000])
             inserted.update((str(d), int(r)) for d, r in result)
-        return inserted
+        return count + len(inserted), inserted
     pairs = {(r["device_id"], r["record_id"]) for r in rows}
     devices = sorted({d for d, _ in pairs})
     ids = sorted({i for _, i in pairs})
@@ -177,7 +182,43 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[tuple[str, 
     todo = [r for r in rows if (r["device_id"], r["record_id"]) in pairs]
     if todo:
         session.execute(insert(table), todo)  # type: ignore[arg-type]
-    return pairs
+    return len(pairs), pairs & _sketch_pairs(rows)
+
+
+_COLUMNS = (
+    "device_id", "record_id", "kind", "at", "model", "version", "requests", "errors", "p95_ms",
+    "data",
+)  # fmt: skip
+_SQLITE_INSERT = (
+    f"INSERT INTO telemetry_records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 10)})"
+    " ON CONFLICT (device_id, record_id) DO NOTHING"
+)
+
+
+def _insert_plain_sqlite(session: Session, rows: list[dict[str, Any]]) -> int:
+    """`_insert_new` on SQLite for rows whose inserted pairs are not needed: one DB-API
+    ``executemany`` of one statement text, each row's time and JSON written by their columns'
+    own SQLAlchemy bind processors (the stored text is what the ORM writes and reads back),
+    without SQLAlchemy's per-row parameter machinery; how many rows were new (the driver's
+    row count of an ``executemany`` sums each row's, 0 for a row already stored)."""
+    conn = session.connection()
+    columns = TelemetryRecord.__table__.c
+    at = columns.at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    data = columns.data.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    assert at is not None and data is not None
+    params = [
+        (
+            r["device_id"], r["record_id"], r["kind"], at(r["at"]), r["model"], r["version"],
+            r["requests"], r["errors"], r["p95_ms"], data(r["data"]),
+        )
+        for r in rows
+    ]  # fmt: skip
+    result = conn.exec_driver_sql(_SQLITE_INSERT, params)
+    return int(result.rowcount)
+
+
+def _sketch_pairs(rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    return {(r["device_id"], r["record_id"]) for r in rows if r["kind"] == "sketch"}
 
 
 # PostgreSQL: the rows as one array per column, unnested into one INSERT. The statement's text

@@ -509,3 +509,29 @@ def test_removed_does_not_confirm_a_device_with_a_previous_version() -> None:
     assert st.devices[dev].rollback == "requested"  # it must come back on 1.0.0, not vanish
     st = E.handle(st, StatusReport(dev, "1.0.0", "COMMITTED", model="iris"), T0 + 4).state
     assert st.devices[dev].rollback == "done"
+
+
+def test_a_batch_names_the_devices_it_changed_and_leaves_the_state_given_as_it_was() -> None:
+    """A batch of reports costs what it touches: the decision names the devices it moved (the
+    rows the shell writes), the counts come from tallies kept as it goes, and the state it was
+    given is not written (the engine writes a private copy)."""
+    st = E.plan(spec(waves=(100.0,)), fleet(50), ["cpu-x86_64"], T0).state
+    snapshot = dict(st.devices)
+    moved = sorted(d for d, p in st.devices.items() if p.state == DevState.IN_PROGRESS)[:3]
+    reports = [StatusReport(d, "2.0.0", s) for d in moved for s in ("DOWNLOADING", "COMMITTED")]
+    d = E.handle_all(st, reports, T0 + 1)
+    assert d.changed == frozenset(moved)
+    assert dict(st.devices) == snapshot and all(st.devices[k] is v for k, v in snapshot.items())
+    assert [d.state.devices[x].state for x in moved] == [DevState.SUCCEEDED] * 3
+    # the counts from the tallies are those of a count over every device
+    assert d.state.tally == E.tally_of(d.state.devices)
+    assert E.counts(d.state)["states"] == {"succeeded": 3, "in_progress": 47}
+    assert E.counts(d.state)["waves"] == [{"size": 50, "succeeded": 3, "in_progress": 47}]
+    # a decision on a returned state again leaves that one as it was
+    again = E.handle(d.state, StatusReport(moved[0], "2.0.0", "COMMITTED"), T0 + 2)
+    assert again.changed == frozenset() and d.state.devices[moved[0]].state == DevState.SUCCEEDED
+    # a rollback's marks are tallied too
+    ab = E.handle(d.state, Abort("bad", on_abort="rollback"), T0 + 3)
+    assert ab.changed == frozenset(ab.state.devices)  # each device moved: reverted or failed
+    assert ab.state.rollbacks == E.rollbacks_of(ab.state.devices) == {"requested": 50}
+    assert E.counts(ab.state)["rollback_requested"] == 50

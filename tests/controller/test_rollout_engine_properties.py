@@ -97,8 +97,12 @@ def test_invariants_hold_for_any_event_sequence(
     for k, (ev, dt) in enumerate(steps):
         now += dt
         before = state
+        snapshot = dict(before.devices)
         d = E.handle(state, ev, now)
         state = d.state
+        # the state given is never written, and the decision names every device it moved
+        assert before.devices == snapshot
+        assert d.changed == {k for k, v in state.devices.items() if snapshot[k] is not v}
         for a in d.actions:
             if isinstance(a, E.Dispatch):
                 dispatches[a.device_id] += 1
@@ -119,6 +123,7 @@ def test_invariants_hold_for_any_event_sequence(
                 rolled = state.phase == E.Phase.ABORTED and spec.on_abort == "rollback"
         # the incremental tally always equals a fresh count
         assert state.tally == E.tally_of(state.devices)
+        assert state.rollbacks == E.rollbacks_of(state.devices)
         # counts always add up, and waves match the plan
         c = E.counts(state)
         assert sum(c["states"].values()) == n + 1

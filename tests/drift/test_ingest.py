@@ -264,3 +264,28 @@ def test_ingest_on_postgresql(postgres_url: str) -> None:
     finally:
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_records_read_back_as_written_and_each_new_one_counts_once(
+    factory: sessionmaker[Session],
+) -> None:
+    """SQLite's insert of plain records (no sketch) goes to the driver with the columns' own
+    conversions: the ORM reads back what was sent, and a record twice in one batch, or sent
+    again later, is stored and counted once."""
+    rec = {"id": 9, "at": T0.isoformat(), "kind": "inference", "model": "iris", "version": "2",
+           "requests": 7, "errors": 1, "latency_ms": {"p95": 2.5}, "note": "é\u2603"}  # fmt: skip
+    with transaction(factory) as s:
+        n = ingest_batch(
+            s, [("d1", {"records": [rec]}), ("d1", {"records": [rec, {**rec, "id": 10}]})]
+        )
+        assert n == 2
+    with transaction(factory) as s:
+        assert ingest_batch(s, [("d1", {"records": [rec]})]) == 0
+    with factory() as s:
+        rows = s.scalars(select(TelemetryRecord).order_by(TelemetryRecord.record_id)).all()
+        assert [r.record_id for r in rows] == [9, 10]
+        r = rows[0]
+        assert (r.device_id, r.kind, r.model, r.version, r.requests, r.errors, r.p95_ms) == (
+            "d1", "inference", "iris", "2", 7, 1, 2.5,
+        )  # fmt: skip
+        assert r.at.replace(tzinfo=UTC) == T0 and r.data == rec

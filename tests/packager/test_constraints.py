@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from edgefleet.keys import KeyPair
 from edgefleet.packager.backends.verify import Constraints, combine, recipe_constraints
+from edgefleet.packager.cli import _render
 from edgefleet.packager.examples import ExampleModel
 from edgefleet.packager.profiles import ProfileError, load_profile_file, load_profiles
 from edgefleet.packager.recipe import Recipe
@@ -161,18 +164,35 @@ def test_a_costly_candidate_is_built_only_when_no_earlier_one_met_its_gates(
     head, tail = POW2_TARGET.split("[constraints]")
     without_pow2 = head.split('[[quantization.candidates]]\nid = "pow2"')[0]
     ex = examples["digits-cnn"]
-    reports = {}
+    reports, full = {}, {}
     for name, candidates in (("after-pow2", head), ("alone", without_pow2)):
         path = tmp_path / name / "dpu-like.toml"
         path.parent.mkdir()
         path.write_text(candidates + LATE + "[constraints]" + tail)
-        reports[name] = package_model(
+        full[name] = package_model(
             ex.model, name="cnn", version="1.0.0", profiles=[load_profile_file(path)],
             calibration=ex.calibration, validation=ex.validation, key=signing_key.private_path,
             out_dir=tmp_path / name / "out", bench_runs=5, bench_seconds=0.1,
-        ).profiles[0]  # fmt: skip
+        )  # fmt: skip
+        reports[name] = full[name].profiles[0]
     late = {c.candidate: c for c in reports["after-pow2"].candidates}["pow2-costly"]
     assert late.skipped == "not needed: pow2 already met its gates" and late.metrics is None
+    # Nothing built it: no backend, no provider (the report said "ort" for a recipe never run).
+    assert late.backend is None and late.measured_on is None and late.on_target_provider is None
+    package = reports["after-pow2"].package
+    assert package is not None
+    (listed,) = [
+        c
+        for c in read_manifest(package)["quantization"]["search"]
+        if c["candidate"] == late.candidate
+    ]
+    assert listed["backend"] is None and listed["skipped"] == late.skipped
+    assert listed["reason"] == f"skipped: {late.skipped}" and listed["fidelity"] is None
+    assert full["after-pow2"].to_dict()["profiles"][0]["candidates"][-1]["backend"] is None
+    console = Console(file=io.StringIO(), width=200)
+    _render(full["after-pow2"], console)  # the human report names it, and why
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert f"{late.candidate} not built: not needed: pow2 already met its gates" in text
     assert reports["after-pow2"].chosen == "pow2"
     alone = {c.candidate: c for c in reports["alone"].candidates}["pow2-costly"]
     assert alone.skipped is None and alone.accepted and reports["alone"].chosen == "pow2-costly"

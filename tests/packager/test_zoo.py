@@ -116,6 +116,24 @@ def test_agreement_is_judged_in_each_task_s_own_sense() -> None:
     assert zoo.task_agreement("vad", vad, {"o": np.array([[0.4], [0.4]])}).tolist() == [True, False]
 
 
+def test_a_text_map_is_confident_when_its_text_is_crisp_and_a_blank_one_never_is() -> None:
+    """A gate judged on the "surest" maps must see text: blank maps (surest by pixel count, and
+    the whole confident set of PP-OCR det's bench data before) rank last."""
+    maps = np.zeros((3, 1, 10, 10))
+    maps[0, :, :4] = 0.95  # crisp text
+    maps[1, :, :4] = 0.95
+    maps[1, :, 4:6] = 0.3  # text with a blurred border
+    conf = zoo.task_confidence("text-detection", {"m": maps})  # maps[2] is blank
+    assert conf[0] == 1.0 and 0.0 < conf[1] < 1.0 and conf[2] == 0.0
+    # Agreement is the packager's map rule (IoU >= 0.9), not 99 % of pixels: losing a third of
+    # a small text region agreed on 99 % of the pixels.
+    small = np.zeros((1, 1, 30, 30))
+    small[0, 0, :3, :3] = 0.9
+    lost = small.copy()
+    lost[0, 0, :3, 2] = 0.0
+    assert zoo.task_agreement("text-detection", {"m": small}, {"m": lost}).tolist() == [False]
+
+
 def test_prepare_splits_real_inputs_by_the_fp32_model_s_confidence(rnet: zoo.ZooSet) -> None:
     cal, confident, hard = (load_npz(p) for p in (rnet.calibration, rnet.confident, rnet.hard))
     assert len(cal["input_2"]) == 32 and len(confident["input_2"]) == 24
@@ -234,8 +252,10 @@ def test_bench_vendor_lines_say_why_a_candidate_was_not_built() -> None:
 
     skipped = {
         "recipe": {"backend": "quark"}, "candidate": "quark-xint8-cle-adaround",
-        "backend": "quark", "skipped": "not needed: pow2 already met its gates", "error": None,
+        "backend": None, "skipped": "not needed: pow2 already met its gates", "error": None,
         "agreement": None, "p50_ms": None, "accepted": False, "chosen": False,
     }  # fmt: skip
     lines = vendor_lines([{"model": "m", "profile": "fpga-vitisai", "candidates": [skipped]}])
-    assert lines[1].endswith("not built: not needed: pow2 already met its gates")
+    assert lines[1].endswith(
+        "quark-xint8-cle-adaround (quark recipe): not built: not needed: pow2 already met its gates"
+    )
