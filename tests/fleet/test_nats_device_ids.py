@@ -91,6 +91,8 @@ def test_a_nats_controller_refuses_dotted_ids_at_registration_and_enrollment(
     nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EDGEFLEET_CONTROLLER_BROKER_KIND", "nats")
+    # status and telemetry through the cluster's JetStream (cloud_controller/jetstream.py)
+    monkeypatch.setenv("EDGEFLEET_CONTROLLER_NATS_URL", ",".join(nats.nats_urls))
     # (not the demo's amqtt spec, whose controller is told to skip shared subscriptions)
     fleet = Fleet(FleetSpec(tmp_path / "fleet", devices=1, broker="mosquitto"))
     fleet.broker_url = lambda user=None, password=None: nats.mqtt_urls[0]  # type: ignore[method-assign]
