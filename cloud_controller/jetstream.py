@@ -219,13 +219,15 @@ class JetStreamIngest:
                 delay = 0.5
                 tasks = [asyncio.create_task(self._pull(k, sub)) for k, sub in pulls]
                 closing = asyncio.create_task(self._closing.wait())
-                await asyncio.wait([closing, *tasks], return_when="FIRST_COMPLETED")
+                done, _ = await asyncio.wait([closing, *tasks], return_when="FIRST_COMPLETED")
                 for t in [closing, *tasks]:
                     t.cancel()
                 # every task's end collected (nats-py turns a cancelled fetch into an error)
-                ends = await asyncio.gather(*tasks, return_exceptions=True)
-                if not self._closing.is_set():
-                    raise next(e for e in ends if isinstance(e, BaseException))
+                await asyncio.gather(closing, *tasks, return_exceptions=True)
+                if not self._closing.is_set():  # a pull gave up: bind again
+                    ended = [t for t in done if t is not closing]
+                    err = ended[0].exception() if ended and not ended[0].cancelled() else None
+                    raise err if isinstance(err, Exception) else RuntimeError("a pull ended")
             except Exception as e:
                 self.stats.ready = False
                 failure = definitive(e)
@@ -269,8 +271,9 @@ class JetStreamIngest:
     async def _pull(self, kind: Kind, sub: Any) -> None:
         import nats.errors
 
-        assert self._room is not None
-        while True:
+        assert self._room is not None and self._closing is not None
+        failures = 0
+        while not self._closing.is_set():
             await self._room.wait()
             room = self.max_in_flight - self._in_flight
             if room <= 0:
@@ -278,7 +281,15 @@ class JetStreamIngest:
                 continue
             try:
                 msgs = await sub.fetch(min(room, self.fetch_batch), timeout=1.0)
+                failures = 0
             except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # a node or leader away: nats-py reconnects by itself
+                failures += 1
+                if self._closing.is_set() or failures >= 5:  # bind again (`_main`)
+                    raise
+                log.warning("JetStream %s pull: %s", kind, e or type(e).__name__)
+                await asyncio.sleep(0.5 * failures)
                 continue
             self._in_flight += len(msgs)
             self.stats.fetched[kind] += len(msgs)
