@@ -235,7 +235,7 @@ class JetStreamIngest:
                     log.error("%s", failure)
                     self._failure = failure
                     break
-                log.warning("JetStream ingest: %s; again in %.1fs", e or type(e).__name__, delay)
+                log.warning("JetStream ingest: %r; again in %.1fs", e, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), delay)
                 delay = min(delay * 2, 5.0)
@@ -282,13 +282,13 @@ class JetStreamIngest:
             try:
                 msgs = await sub.fetch(min(room, self.fetch_batch), timeout=1.0)
                 failures = 0
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):  # nothing to pull (nats-py: either)
                 continue
             except Exception as e:  # a node or leader away: nats-py reconnects by itself
                 failures += 1
                 if self._closing.is_set() or failures >= 5:  # bind again (`_main`)
                     raise
-                log.warning("JetStream %s pull: %s", kind, e or type(e).__name__)
+                log.warning("JetStream %s pull: %r", kind, e)
                 await asyncio.sleep(0.5 * failures)
                 continue
             self._in_flight += len(msgs)

@@ -592,10 +592,13 @@ class MqttBridge:
                 self._resync(stale, now)
             if reports:
                 self._rollouts.on_status(reports)
+            # JetStream's copies first (jetstream.py), then the devices; copies whose rollout
+            # step failed (a conflict with another replica) come again after the ack wait,
+            # and a repeated success is applied again (`_status`)
+            self._settle(True)
         finally:
             # after the rollouts took the reports too: a replica that dies before this point
             # leaves them unacknowledged, and the devices send them again
-            self._settle(True)  # JetStream's copies first (jetstream.py), then the devices
             self._ack(committed)
 
     def _resync(self, device_ids: set[str], now: datetime) -> None:
