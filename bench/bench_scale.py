@@ -577,6 +577,27 @@ def start_brokers(kind: str, root: Path) -> Brokers:
 NATS_PUBLISH_WINDOW = 1000
 
 
+def drop_jetstream_consumers(nats_url: str) -> None:
+    """Delete the controller's durable JetStream consumers (cloud_controller/jetstream.py)."""
+    import asyncio
+
+    import nats
+
+    from edgefleet.cloud_controller.jetstream import KINDS, STREAM, durable_name
+
+    async def drop() -> None:
+        nc = await nats.connect(nats_url.split(","))
+        try:
+            js = nc.jetstream()
+            for kind in KINDS:
+                with contextlib.suppress(Exception):
+                    await js.delete_consumer(STREAM, durable_name(kind))
+        finally:
+            await nc.close()
+
+    asyncio.run(drop())
+
+
 class Skip(Exception):
     """A row that cannot run here; the message says why."""
 
@@ -977,6 +998,10 @@ def run_controller(
             brokers.broker_kind,
             brokers.nats_url if ingest == "jetstream" else None,
         )
+        if ingest == "jetstream" and brokers.nats_url:
+            # after the controllers stopped: the durable consumers would keep every report of
+            # the rows that follow on this cluster for the next JetStream row to work off
+            stack.callback(drop_jetstream_consumers, brokers.nats_url)
         stack.callback(ctls.close)
         t0 = time.perf_counter()  # healthy: from here the bridge reads the retained presences
         probe = DbProbe(url)
