@@ -102,7 +102,7 @@ def test_a_nats_controller_refuses_dotted_ids_at_registration_and_enrollment(
         api = fleet.api
         assert api is not None
         # the bridge runs on NATS as it is told: 3.1.1 and plain subscriptions from its first
-        # SUBSCRIBE (no probe for shared ones, during which reports would go unread)
+        # SUBSCRIBE (no probe for shared ones, during which presences would go unread)
         seen: set[str] = set()
 
         def bridge_subjects() -> set[str]:
@@ -115,7 +115,9 @@ def test_a_nats_controller_refuses_dotted_ids_at_registration_and_enrollment(
             )
             return seen
 
-        assert wait_until(lambda: "edgefleet.v1.devices.*.status" in bridge_subjects(), 30)
+        assert wait_until(lambda: "edgefleet.v1.devices.*.presence" in bridge_subjects(), 30)
+        # status and telemetry come through JetStream (cloud_controller/jetstream.py), not MQTT
+        assert not {"edgefleet.v1.devices.*.status", "edgefleet.v1.devices.*.telemetry"} & seen
         # a bridge that probed would have logged its fallback before subscribing plainly
         log = fleet.children.log_tail("controller")
         assert "shared subscriptions" not in log, log
