@@ -1,7 +1,8 @@
 """Scale benchmark: N simulated devices in a few processes, a real controller, a real broker.
 
 ``python -m bench scale [--devices=10000] [--procs=4] [--broker=mosquitto|nats|both]
-[--db=sqlite|postgres|both] [--replicas=1|2] [--quick] [--ingest-only] [--json=PATH]``
+[--db=sqlite|postgres|both] [--replicas=1|2] [--nats-ingest=jetstream|mqtt|both] [--quick]
+[--ingest-only] [--json=PATH]``
 
 Per broker (Mosquitto; and the three-node NATS cluster where ``edgefleet.harness.NatsCluster``
 exists), one fleet of simulated devices is spread over ``--procs`` worker processes, each one
@@ -21,6 +22,9 @@ run and on the same broker and devices:
 3. With ``--replicas=2`` (PostgreSQL only): the same with two controller processes of distinct
    replica ids, when the controller has replicas (``Settings.replica_id``); otherwise the row is
    skipped with the reason.
+4. On NATS, ``--nats-ingest=jetstream`` (the default: status and telemetry through the shared
+   JetStream consumers), ``mqtt`` (every replica subscribes to every report over MQTT, as
+   before JetStream ingest) or ``both`` (a row of each, on the same cluster and devices).
 
 It prints the table with ratios against the baseline, and the per-message figures that
 docs/scale.md sizes larger fleets from (payload bytes, database rows and bytes per record,
@@ -532,6 +536,7 @@ class Brokers:
     stop: Callable[[], None]
     broker_kind: BrokerKind = "mqtt"  # edgefleet.wire.brokerkind: devices' and controller's
     publish_window: int | None = None  # devices publishing at once (ScaleSim.publish_window)
+    nats_url: str | None = None  # the cluster's NATS client URLs (the controller's JetStream)
 
 
 def start_brokers(kind: str, root: Path) -> Brokers:
@@ -554,13 +559,43 @@ def start_brokers(kind: str, root: Path) -> Brokers:
     ports = [int(urlsplit(u).port or 1883) for u in urls]
     pids = [int(p.pid) for p in cluster.procs if p is not None]
     # Every node's URL, as a deployment gives the controller (failover to the next node).
-    return Brokers(kind, ports, ",".join(urls), pids, cluster.close, "nats", NATS_PUBLISH_WINDOW)
+    return Brokers(
+        kind,
+        ports,
+        ",".join(urls),
+        pids,
+        cluster.close,
+        "nats",
+        NATS_PUBLISH_WINDOW,
+        ",".join(cluster.nats_urls),
+    )
 
 
 # Devices of the simulated fleet with QoS 1 reports in flight at once on the NATS cluster: about
 # what three nodes on this 2-core machine store within NATS's 4 s JetStream request timeout
 # (1,000-2,000 stores/s); all 3,000 at once had 2,900 connections closed mid-flood.
 NATS_PUBLISH_WINDOW = 1000
+
+
+def drop_jetstream_consumers(nats_url: str) -> None:
+    """Delete the controller's durable JetStream consumers (cloud_controller/jetstream.py)."""
+    import asyncio
+
+    import nats
+
+    from edgefleet.cloud_controller.jetstream import KINDS, STREAM, durable_name
+
+    async def drop() -> None:
+        nc = await nats.connect(nats_url.split(","))
+        try:
+            js = nc.jetstream()
+            for kind in KINDS:
+                with contextlib.suppress(Exception):
+                    await js.delete_consumer(STREAM, durable_name(kind))
+        finally:
+            await nc.close()
+
+    asyncio.run(drop())
 
 
 class Skip(Exception):
@@ -607,7 +642,10 @@ class Controllers:
         tag: str,
         profile: bool = False,
         broker_kind: BrokerKind = "mqtt",
+        nats_url: str | None = None,
     ) -> None:
+        """``nats_url``: on NATS, read status and telemetry through JetStream from there (the
+        default of broker kind "nats"); None: over MQTT, every replica reading every report."""
         from edgefleet.cloud_controller import auth, db
         from edgefleet.harness import Children, free_port
 
@@ -643,6 +681,9 @@ class Controllers:
                 # 5 s probe for shared subscriptions during which reports would go unread.
                 "EDGEFLEET_CONTROLLER_BROKER_KIND": broker_kind,
             }
+            if broker_kind == "nats":
+                env["EDGEFLEET_CONTROLLER_NATS_URL"] = nats_url or ""
+                env["EDGEFLEET_CONTROLLER_JETSTREAM_INGEST"] = "1" if nats_url else "0"
             if replicas > 1:
                 env["EDGEFLEET_CONTROLLER_REPLICA_ID"] = f"{tag}-r{r}"
                 argv += ["--replica-id", f"{tag}-r{r}"]
@@ -775,6 +816,7 @@ class Row:
     telemetry_rows: int = 0
     telemetry_db_bytes: int = 0
     skipped: str = ""
+    ingest: str = ""  # NATS: "jetstream" (shared durable consumers) or "mqtt" (every replica)
 
 
 @dataclass
@@ -808,6 +850,7 @@ class Config:
     timeout: float
     register: bool
     profile: bool = False
+    nats_ingest: tuple[str, ...] = ("jetstream",)  # NATS rows: one per way of reading reports
 
 
 def make_package(root: Path, key_path: Path) -> Path:
@@ -900,13 +943,11 @@ def run_controller(
     replicas: int,
     cfg: Config,
     say: Callable[[str], None],
+    ingest: str = "",
 ) -> Row:
-    row = Row(brokers.kind, db_kind, replicas, len(ids))
+    row = Row(brokers.kind, db_kind, replicas, len(ids), ingest=ingest)
     if replicas > 1 and db_kind != "postgres":
         row.skipped = "replicas share a PostgreSQL database"
-        return row
-    if replicas > 1 and brokers.kind == "nats":
-        row.skipped = "replicas share reports through MQTT 5 shared subscriptions; NATS has none"
         return row
     if replicas > 1 and not has_replicas():
         row.skipped = "replicas need h-replicas (no Settings.replica_id in this controller)"
@@ -948,8 +989,19 @@ def run_controller(
                 reg.close()
             say(f"  registered {n} devices through the API in {row.register_s:.1f}s")
         ctls = Controllers(
-            root / tag, url, brokers.controller_url, replicas, tag, cfg.profile, brokers.broker_kind
+            root / tag,
+            url,
+            brokers.controller_url,
+            replicas,
+            tag,
+            cfg.profile,
+            brokers.broker_kind,
+            brokers.nats_url if ingest == "jetstream" else None,
         )
+        if ingest == "jetstream" and brokers.nats_url:
+            # after the controllers stopped: the durable consumers would keep every report of
+            # the rows that follow on this cluster for the next JetStream row to work off
+            stack.callback(drop_jetstream_consumers, brokers.nats_url)
         stack.callback(ctls.close)
         t0 = time.perf_counter()  # healthy: from here the bridge reads the retained presences
         probe = DbProbe(url)
@@ -1081,15 +1133,21 @@ def run_broker(
         sizes.telemetry_bytes = counters[0]["telemetry_bytes"]
         rows = []
         plan = [(d, 1) for d in dbs] + ([("postgres", replicas)] if replicas > 1 else [])
+        ingests = cfg.nats_ingest if brokers.broker_kind == "nats" else ("",)
         for db_kind, r in plan:
-            say(f"{kind} + controller on {db_kind} ×{r} …")
-            try:
-                rows.append(run_controller(swarm, brokers, ids, root, db_kind, r, cfg, say))
-            except (TimeoutError, RuntimeError) as e:
-                say(f"  failed: {e}")
-                for log in sorted(root.glob("*/logs/controller-*.log")):
-                    say(f"  {log}:\n" + log.read_text(errors="replace")[-3000:])
-                rows.append(Row(kind, db_kind, r, cfg.devices, skipped=f"failed: {e}"))
+            for ingest in ingests:
+                say(f"{kind} + controller on {db_kind} ×{r} {ingest}…")
+                try:
+                    rows.append(
+                        run_controller(swarm, brokers, ids, root, db_kind, r, cfg, say, ingest)
+                    )
+                except (TimeoutError, RuntimeError) as e:
+                    say(f"  failed: {e}")
+                    for log in sorted(root.glob("*/logs/controller-*.log")):
+                        say(f"  {log}:\n" + log.read_text(errors="replace")[-3000:])
+                    rows.append(
+                        Row(kind, db_kind, r, cfg.devices, skipped=f"failed: {e}", ingest=ingest)
+                    )
             got = [b for c in swarm.call("counters") for b in c["desired_bytes"]]
             if got:
                 sizes.desired_bytes_mean = sum(got) / len(got)
@@ -1177,6 +1235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", choices=("mosquitto", "nats", "both"), default="mosquitto")
     parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="sqlite")
     parser.add_argument("--replicas", type=int, choices=(1, 2), default=1)
+    parser.add_argument(
+        "--nats-ingest",
+        choices=("jetstream", "mqtt", "both"),
+        default="jetstream",
+        help="NATS: the controller reads reports through JetStream (shared) or MQTT (each replica"
+        " everything), or a row of each",
+    )
     parser.add_argument("--quick", action="store_true", help="500 devices, smaller floods")
     parser.add_argument("--flood", type=int, default=None, help="status reports per device")
     parser.add_argument("--telemetry", type=int, default=None, help="envelopes per device")
@@ -1202,6 +1267,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         register=not args.no_register,
         profile=args.profile,
+        nats_ingest=("mqtt", "jetstream") if args.nats_ingest == "both" else (args.nats_ingest,),
     )
     console = Console(width=140)
     say = console.print
@@ -1239,13 +1305,13 @@ def main(argv: list[str] | None = None) -> int:
                 {**dataclasses.asdict(r), "baseline": baseline and dataclasses.asdict(baseline)}
             )
             if r.skipped:
-                notes.append(f"{kind} {r.db} ×{r.replicas}: {r.skipped}")
+                notes.append(f"{kind} {r.db} ×{r.replicas} {r.ingest}: {r.skipped}")
                 ok = ok and not r.skipped.startswith("failed")
                 continue
             assert baseline is not None
             ok = ok and r.phase == "succeeded"
             table.add_row(
-                kind[:4], r.db[:6], f"×{r.replicas}",
+                kind[:4], r.db[:6], f"×{r.replicas}{' ' + r.ingest[:4] if r.ingest else ''}",
                 f"{r.rollout.wall_s:.2f}", f"{baseline.rollout.wall_s:.2f}",
                 f"{r.rollout.wall_s / baseline.rollout.wall_s:.1f}x",
                 f"{r.rollout.cpu['controller']:.1f}", f"{r.rollout.cpu['broker']:.1f}",
@@ -1257,7 +1323,8 @@ def main(argv: list[str] | None = None) -> int:
             per_row = r.telemetry_db_bytes / max(r.telemetry_rows, 1)
             tel_msgs = max(r.telemetry_rows / TELEMETRY_RECORDS, 1)
             notes.append(
-                f"{kind} {r.db} ×{r.replicas}: {r.phase}; registered {n} in {r.register_s:.1f}s"
+                f"{kind} {r.db} ×{r.replicas} {r.ingest}: {r.phase}; registered {n} in"
+                f" {r.register_s:.1f}s"
                 f"; all online {r.online_s:.1f}s after the controller was up;"
                 f" {per_row:.0f} DB bytes per telemetry record; controller CPU"
                 f" {r.telemetry.cpu['controller'] / tel_msgs * 1e6:.0f} µs per telemetry message,"

@@ -270,6 +270,20 @@ class _Metrics:
             c = GaugeMetricFamily("edgefleet_broker_connected", "1 when connected to the broker")
             c.add_metric([], 1.0 if b.stats.connected else 0.0)
             yield c
+            if b.jetstream is not None:  # broker kind "nats": reports through JetStream
+                js = b.jetstream.stats
+                f = CounterMetricFamily(
+                    "edgefleet_jetstream_fetched", "Reports pulled from JetStream", labels=["kind"]
+                )
+                for kind, n in js.fetched.items():
+                    f.add_metric([kind], n)
+                yield f
+                rd = CounterMetricFamily(
+                    "edgefleet_jetstream_redelivered",
+                    "Reports JetStream delivered more than once (a replica died, an ack lost)",
+                )
+                rd.add_metric([], js.redelivered)
+                yield rd
         yield from _drift_metrics(self.ctl)
 
 

@@ -154,6 +154,8 @@ class Controller:
                 signer=signer,
                 tls_files=settings.broker_tls_files(),
                 protocol=settings.resolved_mqtt_protocol,
+                jetstream_urls=settings.jetstream_urls,
+                jetstream_ack_wait_s=settings.jetstream_ack_wait_s,
             )
             service.publish = ctl.bridge.publish
         return ctl

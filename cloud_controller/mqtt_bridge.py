@@ -32,6 +32,7 @@ from edgefleet.cloud_controller import desired, devices
 from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import transaction
 from edgefleet.cloud_controller.desired import Signer
+from edgefleet.cloud_controller.jetstream import JetStreamIngest
 from edgefleet.cloud_controller.models import Device
 from edgefleet.cloud_controller.rollouts import RolloutService
 from edgefleet.wire import ids
@@ -183,9 +184,13 @@ class MqttBridge:
         shared: bool = True,
         acks: bool = True,
         protocol: str = "3.1.1",
+        jetstream_urls: str | None = None,
+        jetstream_ack_wait_s: float = 30.0,
     ) -> None:
         """``broker_url``: one URL or a comma-separated list (the nodes of a cluster), tried in
-        order and in turn after every lost connection. ``protocol``: "3.1.1" or "5"."""
+        order and in turn after every lost connection. ``protocol``: "3.1.1" or "5".
+        ``jetstream_urls``: on a NATS cluster, its NATS client URLs: status and telemetry are
+        then read through JetStream (`jetstream.JetStreamIngest`), not subscribed over MQTT."""
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -208,7 +213,17 @@ class MqttBridge:
 
         self._capture_rate = RateWindow()  # rows per minute per (capture, device): floods
         self.stats = BridgeStats()
-        self._queue: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        # (device id, kind, payload, its JetStream message to acknowledge, or None)
+        self._queue: queue.Queue[tuple[str, str, bytes, Any]] = queue.Queue()
+        self.jetstream: JetStreamIngest | None = None
+        self._handles: list[Any] = []  # the JetStream messages of the batch at work
+        if jetstream_urls:
+            self.jetstream = JetStreamIngest(
+                jetstream_urls,
+                self._queue.put,
+                ack_wait_s=jetstream_ack_wait_s,
+                max_in_flight=4 * batch_size,
+            )
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         # A fixed client id with a persistent session: the broker keeps the QoS 1 status
@@ -253,6 +268,8 @@ class MqttBridge:
         self._worker.start()
         self._connect_async()
         self._client.loop_start()
+        if self.jetstream is not None:  # after the MQTT connection, which creates its stream
+            self.jetstream.start()
 
     @property
     def address(self) -> BrokerAddress:
@@ -290,6 +307,8 @@ class MqttBridge:
         self._client.loop_stop()
         if self._worker is not None:
             self._worker.join(timeout)
+        if self.jetstream is not None:  # after the worker: the batch at work is acked
+            self.jetstream.stop()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -332,7 +351,7 @@ class MqttBridge:
 
     def request_republish(self) -> None:
         """Publish every desired state again (the worker; the leader only)."""
-        self._queue.put(("", "republish", b""))
+        self._queue.put(("", "republish", b"", None))
 
     def subscriptions(self, shared_filters: bool = False) -> list[str]:
         """The device-report filters: status and telemetry shared (`$share/edgefleet/…`)
@@ -341,7 +360,11 @@ class MqttBridge:
         twice changes nothing), so a replica that starts learns the fleet as it is."""
         from edgefleet.wire.mqtt import SHARE_GROUP, subscription
 
-        reports = [subscription(k) for k in ("status", "telemetry", "capture")]
+        reports = [
+            subscription(k)
+            for k in ("status", "telemetry", "capture")
+            if self.jetstream is None or k == "capture"  # else read through JetStream
+        ]
         if self.shared and (shared_filters or self.shared_works is not False):
             reports = [f"$share/{SHARE_GROUP}/{f}" for f in reports]
         return [*reports, subscription("presence")]
@@ -403,7 +426,7 @@ class MqttBridge:
         if self.shared and self.shared_works is None:
             self._probe(client)
         self.stats.connected = True
-        self._queue.put(("", "republish", b""))
+        self._queue.put(("", "republish", b"", None))
 
     def _subscribe(self) -> None:
         if self._stop.is_set():
@@ -459,7 +482,7 @@ class MqttBridge:
         if parsed is None or parsed[1] in ("desired", "ack"):
             self.stats.drop("unknown_topic")
             return
-        self._queue.put((parsed[0], parsed[1], bytes(msg.payload)))
+        self._queue.put((parsed[0], parsed[1], bytes(msg.payload), None))
 
     # --- worker -------------------------------------------------------------------------------
 
@@ -475,13 +498,23 @@ class MqttBridge:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            self._handles = [h for *_, h in batch if h is not None]
             try:
-                self._process(batch)
+                self._process([(d, k, raw) for d, k, raw, _ in batch])
+                self._settle(True)  # through: committed, or refused for good
             except Exception:
                 log.exception("mqtt batch of %d messages failed", len(batch))
             finally:
+                self._settle(False)  # failed: JetStream delivers them again after ack_wait
                 for _ in batch:
                     self._queue.task_done()
+
+    def _settle(self, done: bool) -> None:
+        """Hand the batch's JetStream messages back (`JetStreamIngest.settle`) once: acked when
+        ``done``, else only let go of. A no-op for messages that came over MQTT."""
+        handles, self._handles = self._handles, []
+        if handles and self.jetstream is not None:
+            self.jetstream.settle(handles, done)
 
     def _decode(self, device_id: str, kind: str, raw: bytes) -> Decoded | None:
         """Parse and check one message before any database work (None: refused and counted).
@@ -559,6 +592,10 @@ class MqttBridge:
                 self._resync(stale, now)
             if reports:
                 self._rollouts.on_status(reports)
+            # JetStream's copies first (jetstream.py), then the devices; copies whose rollout
+            # step failed (a conflict with another replica) come again after the ack wait,
+            # and a repeated success is applied again (`_status`)
+            self._settle(True)
         finally:
             # after the rollouts took the reports too: a replica that dies before this point
             # leaves them unacknowledged, and the devices send them again

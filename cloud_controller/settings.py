@@ -108,6 +108,8 @@ ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("MQTT_CLIENT_ID", str),
     ("MQTT_PROTOCOL", str),
     ("BROKER_KIND", str),
+    ("NATS_URL", str),
+    ("JETSTREAM_ACK_WAIT_S", float),
     ("REPLICA_ID", str),
     ("LEASE_TTL_S", float),
     ("LEASE_RENEW_S", float),
@@ -140,6 +142,7 @@ ENV_NAMES = frozenset(
             "TRUSTED_KEYS",
             "DEVICE_BROKER_URL",
             "SHARED_SUBSCRIPTIONS",
+            "JETSTREAM_INGEST",
             "ACKS",
             "CAPTURE_ON_DRIFT",
         )
@@ -162,6 +165,13 @@ class Settings:
     # "mqtt" (any MQTT broker, e.g. Mosquitto) or "nats" (NATS Server's MQTT: 3.1.1, no shared
     # subscriptions, and device ids without '.'; wire.brokerkind, docs/fleet.md).
     broker_kind: str = "mqtt"
+    # Broker kind "nats": the cluster's NATS client URL(s) (nats://n1:4222,...). Device status
+    # and telemetry are read through JetStream durable consumers shared by every replica
+    # (`jetstream.py`; docs/controller.md, Replicas), unless `jetstream_ingest` is off: then
+    # every replica subscribes to them over MQTT and ingests every report.
+    nats_url: str | None = None
+    jetstream_ingest: bool = True
+    jetstream_ack_wait_s: float = 30.0  # a report unacknowledged this long goes to a replica again
     mqtt_client_id: str = "edgefleet-controller"  # persistent session: QoS 1 kept while away
     # Replicas (docs/controller.md, Replicas): a stable id per replica names its lease and its
     # MQTT client (`<mqtt_client_id>-<replica_id>`); unset: host name + pid, and the MQTT
@@ -250,6 +260,21 @@ class Settings:
         return self.shared_subscriptions and self.resolved_broker_kind != "nats"
 
     @property
+    def jetstream_urls(self) -> str | None:
+        """The NATS URLs the bridge reads status and telemetry from, or None (over MQTT).
+        ValueError when JetStream ingest is on for a NATS broker that was given none."""
+        if self.resolved_broker_kind != "nats" or not self.jetstream_ingest:
+            return None
+        if not self.nats_url:
+            raise ValueError(
+                "broker kind 'nats' reads device reports through JetStream: give the cluster's "
+                "NATS client URL(s) (--nats-url nats://n1:4222,..., EDGEFLEET_CONTROLLER_NATS_URL)"
+                ", or turn it off (--no-jetstream-ingest: every replica then reads every report "
+                "over MQTT)"
+            )
+        return self.nats_url
+
+    @property
     def resolved_broker_kind(self) -> BrokerKind:
         """`broker_kind`, checked (ValueError naming the kinds)."""
         return broker_kind(self.broker_kind)
@@ -296,7 +321,7 @@ class Settings:
             updates["device_broker_urls"] = tuple(
                 u.strip() for u in device_brokers.split(",") if u.strip()
             )
-        for flag in ("SHARED_SUBSCRIPTIONS", "ACKS", "CAPTURE_ON_DRIFT"):
+        for flag in ("SHARED_SUBSCRIPTIONS", "JETSTREAM_INGEST", "ACKS", "CAPTURE_ON_DRIFT"):
             value = env.get(ENV_PREFIX + flag)
             if value:
                 updates[flag.lower()] = _flag(value)

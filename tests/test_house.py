@@ -118,6 +118,7 @@ _IMPORT_NAME = {
     "sqlalchemy": "sqlalchemy",
     "scikit-image": "skimage",
     "amd-quark": "quark",
+    "nats-py": "nats",
 }
 # Optional parts of a component, each behind its own extra: the component may import them too.
 _OPTIONAL_EXTRAS = {"packager": ("zoo", "zoo-vad", "nncf", "quark", "aimet")}

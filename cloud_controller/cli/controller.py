@@ -159,6 +159,18 @@ def serve(
         help="Read device reports through $share/edgefleet/... (default on; off for brokers "
         "without MQTT shared subscriptions, e.g. NATS).",
     ),
+    nats_url: str = typer.Option(
+        None,
+        "--nats-url",
+        help="Broker kind nats: the cluster's NATS client URL(s), comma-separated "
+        "(nats://n1:4222,...); status and telemetry are read through JetStream from there.",
+    ),
+    jetstream_ingest: bool = typer.Option(
+        None,
+        "--jetstream-ingest/--no-jetstream-ingest",
+        help="Broker kind nats: read status and telemetry through JetStream consumers shared "
+        "by the replicas (default on); off: every replica reads every report over MQTT.",
+    ),
 ) -> None:
     """Run the controller (API, MQTT bridge, rollout engine) until interrupted. Any number of
     replicas may share one PostgreSQL database: one leads the rollouts, all serve the API."""
@@ -184,6 +196,8 @@ def serve(
         broker_key_file=broker_key,
         replica_id=replica_id,
         shared_subscriptions=shared_subscriptions,
+        nats_url=nats_url,
+        jetstream_ingest=jetstream_ingest,
     )
     from edgefleet.cloud_controller.mqtt_bridge import broker_addresses
 
@@ -199,6 +213,10 @@ def serve(
         broker_addresses(s.broker_url) if s.broker_url else None
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--broker") from e
+    try:
+        s.jetstream_urls  # noqa: B018 (validates the setting)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--nats-url") from e
     app = create_app(s)
     console.print(_banner(s, source), soft_wrap=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning")

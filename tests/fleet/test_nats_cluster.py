@@ -329,6 +329,8 @@ def test_rollout_finishes_when_the_controllers_node_dies_and_no_report_is_lost_o
 
     # NATS speaks MQTT 3.1.1 only (and so has no shared subscriptions): the broker kind says so.
     monkeypatch.setenv("EDGEFLEET_CONTROLLER_BROKER_KIND", "nats")
+    # status and telemetry through the cluster's JetStream (cloud_controller/jetstream.py)
+    monkeypatch.setenv("EDGEFLEET_CONTROLLER_NATS_URL", ",".join(nats.nats_urls))
     spec = FleetSpec(tmp_path / "fleet", devices=3, probation_s=1.0, telemetry_interval_s=1.0)
     fleet = _NatsFleet(spec)
     fleet.cluster = nats

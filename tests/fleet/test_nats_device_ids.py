@@ -91,6 +91,8 @@ def test_a_nats_controller_refuses_dotted_ids_at_registration_and_enrollment(
     nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EDGEFLEET_CONTROLLER_BROKER_KIND", "nats")
+    # status and telemetry through the cluster's JetStream (cloud_controller/jetstream.py)
+    monkeypatch.setenv("EDGEFLEET_CONTROLLER_NATS_URL", ",".join(nats.nats_urls))
     # (not the demo's amqtt spec, whose controller is told to skip shared subscriptions)
     fleet = Fleet(FleetSpec(tmp_path / "fleet", devices=1, broker="mosquitto"))
     fleet.broker_url = lambda user=None, password=None: nats.mqtt_urls[0]  # type: ignore[method-assign]
@@ -100,7 +102,7 @@ def test_a_nats_controller_refuses_dotted_ids_at_registration_and_enrollment(
         api = fleet.api
         assert api is not None
         # the bridge runs on NATS as it is told: 3.1.1 and plain subscriptions from its first
-        # SUBSCRIBE (no probe for shared ones, during which reports would go unread)
+        # SUBSCRIBE (no probe for shared ones, during which presences would go unread)
         seen: set[str] = set()
 
         def bridge_subjects() -> set[str]:
@@ -113,7 +115,9 @@ def test_a_nats_controller_refuses_dotted_ids_at_registration_and_enrollment(
             )
             return seen
 
-        assert wait_until(lambda: "edgefleet.v1.devices.*.status" in bridge_subjects(), 30)
+        assert wait_until(lambda: "edgefleet.v1.devices.*.presence" in bridge_subjects(), 30)
+        # status and telemetry come through JetStream (cloud_controller/jetstream.py), not MQTT
+        assert not {"edgefleet.v1.devices.*.status", "edgefleet.v1.devices.*.telemetry"} & seen
         # a bridge that probed would have logged its fallback before subscribing plainly
         log = fleet.children.log_tail("controller")
         assert "shared subscriptions" not in log, log

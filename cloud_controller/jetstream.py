@@ -1,0 +1,315 @@
+"""Device reports through JetStream on a NATS cluster (broker kind "nats"; docs/fleet.md,
+Clustered broker, and docs/controller.md, Replicas).
+
+NATS Server's MQTT layer stores every QoS 1 PUBLISH in the JetStream stream ``$MQTT_msgs``
+(subjects ``$MQTT.msgs.>``, interest retention, replicated like the other MQTT streams) under
+``$MQTT.msgs.<subject>``: the device topic ``edgefleet/v1/devices/gw-1/status`` is kept as
+``$MQTT.msgs.edgefleet.v1.devices.gw-1.status``, the MQTT payload as the message's data (with a
+``Nmqtt-Pub`` header). The device's PUBACK waits for that store, so reading the reports from
+there costs the cluster no second copy. With interest retention a message is kept while a
+consumer whose filter matches has not acknowledged it: one durable pull consumer per kind
+(``edgefleet-ingest-status``, ``edgefleet-ingest-telemetry``), created once and kept by the
+cluster (replicated like the stream), keeps every report published while no controller runs,
+and every replica pulls from the same consumer, so each report goes to one replica. A message
+is acknowledged to JetStream once the bridge has finished with its batch: after the batch's
+transaction committed (or the message was refused for good); one whose replica dies first is
+delivered again after ``ack_wait_s`` to whichever replica pulls next, and the database's
+duplicate checks keep one copy.
+
+The layout of ``$MQTT_msgs`` is NATS Server's own (server/README-MQTT.md), checked here at every
+start: a stream of another shape is refused with the reason, not read.
+
+nats-py is asyncio: one thread runs its event loop; the bridge's worker thread hands acks to it
+with `asyncio.run_coroutine_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet.wire.backoff import split_urls
+from edgefleet.wire.mqtt import TOPIC_PREFIX, Kind, parse_topic
+
+log = logging.getLogger(__name__)
+
+STREAM = "$MQTT_msgs"
+SUBJECT_PREFIX = "$MQTT.msgs."
+KINDS: tuple[Kind, ...] = ("status", "telemetry")
+DURABLE_PREFIX = "edgefleet-ingest-"
+# JetStream's error codes (nats-server errors.json) that no retry will change.
+_JS_NOT_ENABLED_FOR_ACCOUNT = 10039
+_JS_NOT_ENABLED = 10076
+
+# One item of the bridge's queue: (device id, kind, payload, the JetStream message to ack).
+Put = Callable[[tuple[str, str, bytes, Any]], None]
+
+
+class JetStreamError(RuntimeError):
+    """The cluster cannot serve device reports through JetStream; the message says why."""
+
+
+def filter_subject(kind: Kind) -> str:
+    """The stream subject of one kind of report from every device."""
+    return f"{SUBJECT_PREFIX}{TOPIC_PREFIX.replace('/', '.')}.devices.*.{kind}"
+
+
+def durable_name(kind: Kind) -> str:
+    return DURABLE_PREFIX + kind
+
+
+def parse_subject(subject: str) -> tuple[str, Kind] | None:
+    """``(device id, kind)`` of a stored report's subject, else None. On NATS a device id has
+    no '.' (`wire.brokerkind`), so subject tokens and topic levels are one to one."""
+    if not subject.startswith(SUBJECT_PREFIX):
+        return None
+    return parse_topic(subject[len(SUBJECT_PREFIX) :].replace(".", "/"))
+
+
+def check_stream(retention: object, subjects: list[str] | None) -> None:
+    """JetStreamError unless the stream is NATS's MQTT message stream as this module reads it."""
+    value = getattr(retention, "value", retention)
+    if value != "interest":
+        raise JetStreamError(
+            f"stream {STREAM} has retention {value!r}, not 'interest': not the NATS MQTT "
+            "message stream this controller reads (NATS Server 2.9+)"
+        )
+    if f"{SUBJECT_PREFIX}>" not in (subjects or []):
+        raise JetStreamError(
+            f"stream {STREAM} holds subjects {subjects}, not {SUBJECT_PREFIX}>: not the NATS "
+            "MQTT message stream this controller reads"
+        )
+
+
+def definitive(err: BaseException) -> JetStreamError | None:
+    """The JetStreamError a failed JetStream request means for good (no JetStream on the
+    cluster or the account), else None (a node or leader still coming: retry)."""
+    from nats.js.errors import ServiceUnavailableError
+
+    if isinstance(err, JetStreamError):
+        return err
+    if isinstance(err, ServiceUnavailableError) and (
+        (err.code is None and err.err_code is None)
+        or err.err_code in (_JS_NOT_ENABLED_FOR_ACCOUNT, _JS_NOT_ENABLED)
+    ):
+        return JetStreamError(
+            "the NATS cluster has no JetStream for this account (no JetStream API answers: "
+            f"{err}); broker kind 'nats' needs JetStream (`jetstream {{}}` on every node), or "
+            "turn JetStream ingest off (--no-jetstream-ingest)"
+        )
+    return None
+
+
+@dataclass
+class JetStreamStats:
+    fetched: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    redelivered: int = 0  # messages delivered more than once (a replica died, an ack was lost)
+    acked: int = 0
+    unknown_subject: int = 0  # acked and dropped: not an edgefleet report subject
+    ready: bool = False  # consumers bound, pulling
+
+
+class JetStreamIngest:
+    """Pulls status and telemetry from the shared durable consumers into the bridge's queue,
+    at most ``max_in_flight`` messages fetched and not yet acknowledged."""
+
+    def __init__(
+        self,
+        urls: str,
+        put: Put,
+        *,
+        ack_wait_s: float = 30.0,
+        fetch_batch: int = 250,
+        max_in_flight: int = 2000,
+        max_ack_pending: int = 20_000,
+    ) -> None:
+        """``urls``: the NATS client URLs of the cluster's nodes, comma-separated."""
+        self.urls = split_urls(urls)
+        if not self.urls:
+            raise ValueError("no NATS URL")
+        for u in self.urls:
+            if not u.startswith(("nats://", "tls://")):
+                raise ValueError(f"NATS url {u!r}: expected nats://host:port or tls://host:port")
+        self._put = put
+        self.ack_wait_s = ack_wait_s
+        self.fetch_batch = fetch_batch
+        self.max_in_flight = max_in_flight
+        self.max_ack_pending = max_ack_pending
+        self.stats = JetStreamStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._nc: Any = None
+        self._in_flight = 0
+        self._room: asyncio.Event | None = None
+        self._closing: asyncio.Event | None = None
+        self._first = threading.Event()  # the first setup ended (bound, or failed for good)
+        self._failure: JetStreamError | None = None
+
+    # --- lifecycle (any thread) ----------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect and bind the consumers in the background; wait up to ``timeout`` for it.
+        JetStreamError when the cluster has no JetStream (or not the stream NATS's MQTT
+        keeps): nothing retries that. A cluster not reachable yet is retried for ever."""
+        self._thread = threading.Thread(target=self._run_loop, name="jetstream-ingest", daemon=True)
+        self._thread.start()
+        if not self._first.wait(timeout):
+            log.warning("JetStream ingest not ready after %.0fs; still trying", timeout)
+        if self._failure is not None:
+            self._thread.join(5)
+            raise self._failure
+
+    def stop(self, timeout: float = 5.0) -> None:
+        loop, closing = self._loop, self._closing
+        if loop is not None and closing is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(closing.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def settle(self, handles: list[Any], done: bool, timeout: float = 5.0) -> None:
+        """The bridge's worker is through with these messages: ``done`` (their batch's
+        transaction committed, or each was refused for good) acknowledges them to JetStream;
+        else (the batch failed) they are only let go of here, and JetStream delivers them
+        again after ``ack_wait_s``, to whichever replica pulls. Either way, room for more."""
+        loop = self._loop
+        if not handles or loop is None or loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._ack(handles, done), loop).result(timeout)
+        except Exception as e:  # the messages come again; the database keeps one copy
+            log.warning("JetStream ack of %d messages failed: %s", len(handles), e)
+
+    # --- the event loop's thread -----------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            self._first.set()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _main(self) -> None:
+        import nats
+
+        self._closing = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        delay = 0.5
+        while not self._closing.is_set():
+            try:
+                if self._nc is None:
+                    self._nc = await nats.connect(
+                        servers=self.urls,
+                        name="edgefleet-controller-ingest",
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=1,
+                        connect_timeout=5,
+                    )
+                pulls = await self._bind(self._nc.jetstream())
+                self.stats.ready = True
+                self._first.set()
+                delay = 0.5
+                tasks = [asyncio.create_task(self._pull(k, sub)) for k, sub in pulls]
+                closing = asyncio.create_task(self._closing.wait())
+                done, _ = await asyncio.wait([closing, *tasks], return_when="FIRST_COMPLETED")
+                for t in [closing, *tasks]:
+                    t.cancel()
+                # every task's end collected (nats-py turns a cancelled fetch into an error)
+                await asyncio.gather(closing, *tasks, return_exceptions=True)
+                if not self._closing.is_set():  # a pull gave up: bind again
+                    ended = [t for t in done if t is not closing]
+                    err = ended[0].exception() if ended and not ended[0].cancelled() else None
+                    raise err if isinstance(err, Exception) else RuntimeError("a pull ended")
+            except Exception as e:
+                self.stats.ready = False
+                failure = definitive(e)
+                if failure is not None:
+                    log.error("%s", failure)
+                    self._failure = failure
+                    break
+                log.warning("JetStream ingest: %r; again in %.1fs", e, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+                delay = min(delay * 2, 5.0)
+        if self._nc is not None:  # the acks handed over so far go out first
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+    async def _bind(self, js: Any) -> list[tuple[Kind, Any]]:
+        """Check the stream, create (or update) the durable consumers, bind to them."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        info = await js.stream_info(STREAM)  # NotFoundError until a first MQTT client came
+        check_stream(info.config.retention, info.config.subjects)
+        pulls: list[tuple[Kind, Any]] = []
+        for kind in KINDS:
+            await js.add_consumer(
+                STREAM,
+                ConsumerConfig(
+                    durable_name=durable_name(kind),
+                    filter_subject=filter_subject(kind),
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_wait=self.ack_wait_s,
+                    max_ack_pending=self.max_ack_pending,
+                    max_deliver=-1,
+                ),
+            )
+            pulls.append((kind, await js.pull_subscribe_bind(durable_name(kind), stream=STREAM)))
+        return pulls
+
+    async def _pull(self, kind: Kind, sub: Any) -> None:
+        import nats.errors
+
+        assert self._room is not None and self._closing is not None
+        failures = 0
+        while not self._closing.is_set():
+            await self._room.wait()
+            room = self.max_in_flight - self._in_flight
+            if room <= 0:
+                self._room.clear()
+                continue
+            try:
+                msgs = await sub.fetch(min(room, self.fetch_batch), timeout=1.0)
+                failures = 0
+            except (nats.errors.TimeoutError, TimeoutError):  # nothing to pull (nats-py: either)
+                continue
+            except Exception as e:  # a node or leader away: nats-py reconnects by itself
+                failures += 1
+                if self._closing.is_set() or failures >= 5:  # bind again (`_main`)
+                    raise
+                log.warning("JetStream %s pull: %r", kind, e)
+                await asyncio.sleep(0.5 * failures)
+                continue
+            self._in_flight += len(msgs)
+            self.stats.fetched[kind] += len(msgs)
+            for m in msgs:
+                if m.metadata.num_delivered > 1:
+                    self.stats.redelivered += 1
+                parsed = parse_subject(m.subject)
+                if parsed is None or parsed[1] != kind:
+                    self.stats.unknown_subject += 1
+                    await self._ack([m])
+                    continue
+                self._put((parsed[0], kind, m.data, m))
+
+    async def _ack(self, handles: list[Any], done: bool = True) -> None:
+        for m in handles if done else ():
+            try:
+                await m.ack()
+                self.stats.acked += 1
+            except Exception as e:  # acked already, or the connection is gone: it comes again
+                log.debug("ack of %s: %s", getattr(m, "subject", "?"), e)
+        self._in_flight -= len(handles)
+        if self._room is not None:
+            self._room.set()
