@@ -58,3 +58,12 @@ def test_scale_bench_small_fleet(tmp_path: Path) -> None:
     sizes = report["sizes"]["mosquitto"]
     assert sizes["desired_bytes_max"] > 200  # a signed desired state was received and measured
     assert "scale: 40 devices" in proc.stdout
+
+
+def test_rollout_only_runs_a_small_rollout_to_its_end(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--rollout-only`: the rollout service alone takes every device through three waves."""
+    from bench.bench_scale import main
+
+    assert main(["--rollout-only", "--devices=30"]) == 0
+    out = capsys.readouterr().out
+    assert "sqlite rollout of 30 devices: succeeded, 210 reports" in out, out
