@@ -259,7 +259,10 @@ class JetStreamIngest:
                     durable_name=durable_name(kind),
                     filter_subject=filter_subject(kind),
                     ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.ALL,
+                    # from its creation on (kept by the cluster from then): not whatever the
+                    # stream still holds for other consumers, e.g. a persistent MQTT session
+                    # of a controller that no longer runs (its devices send that again)
+                    deliver_policy=DeliverPolicy.NEW,
                     ack_wait=self.ack_wait_s,
                     max_ack_pending=self.max_ack_pending,
                     max_deliver=-1,

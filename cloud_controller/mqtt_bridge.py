@@ -431,6 +431,12 @@ class MqttBridge:
     def _subscribe(self) -> None:
         if self._stop.is_set():
             return
+        if self.jetstream is not None:
+            # a persistent session from before JetStream ingest still holds these (on NATS,
+            # consumers that would deliver every report here too, and keep it until then)
+            from edgefleet.wire.mqtt import subscription
+
+            self._client.unsubscribe([subscription("status"), subscription("telemetry")])
         self._client.subscribe([(f, 1) for f in self.subscriptions()])
 
     def _on_subscribe(self, _client: Any, _ud: Any, _mid: Any, reasons: Any, _props: Any) -> None:
