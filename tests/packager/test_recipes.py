@@ -204,3 +204,18 @@ def test_exclude_activation_matmul_keeps_attention_in_fp32(tmp_path: Path) -> No
         assert producer[node[name].input[1]] == "DequantizeLinear"  # INT8 weights
     with pytest.raises(ValueError, match="exclude_activation_matmul"):
         parse_recipe({"id": "d", "method": "dynamic", "exclude_activation_matmul": True}, "t")
+
+
+def test_a_matmul_only_recipe_is_not_refused_for_its_float_convs() -> None:
+    """cpu-x86_64 declares no [constraints]: a recipe naming its op types promises those only
+    (it was refused: 'only 9 of 51 Conv/MatMul/Gemm ops take a dequantized weight')."""
+    from edgefleet.packager.backends.verify import combine, recipe_constraints
+
+    x86 = load_profiles()["cpu-x86_64"]
+    mm = next(c for c in x86.candidates if c.id == "static-qdq-u8s8-matmul")
+    assert combine(x86.constraints, recipe_constraints(mm)).min_quantized_share == 0.0
+    full = next(c for c in x86.candidates if c.id == "static-qdq-u8s8-per-channel-minmax")
+    assert combine(x86.constraints, recipe_constraints(full)).min_quantized_share == 0.5
+    ov = load_profiles()["npu-openvino"]
+    ov_mm = next(c for c in ov.candidates if c.id == "static-qdq-u8s8-matmul")
+    assert combine(ov.constraints, recipe_constraints(ov_mm)).min_quantized_share == 0.1
