@@ -217,6 +217,13 @@ def _build(
             recipe.equalize or recipe.bias_correction or recipe.adaround
         ):
             prepared = _equalized(recipe, prepared, out, calibration, info)
+        if recipe.method in ("static", "qnn") and recipe.exclude_activation_matmul:
+            from dataclasses import replace
+
+            both = activation_matmuls(prepared)
+            recipe = replace(recipe, nodes_to_exclude=(*recipe.nodes_to_exclude, *both))
+            if info is not None:
+                info["activation_matmuls_fp32"] = list(both)
         if recipe.method == "fp16":
             return _fp16(recipe, source, out, external, calibration, info)
         if recipe.method == "dynamic":
@@ -232,6 +239,21 @@ def _build(
             f"{recipe.method} quantization failed: {type(exc).__name__}: {exc}"
         ) from exc
     raise BuildError(f"unknown method {recipe.method!r}")
+
+
+def activation_matmuls(model: Path) -> list[str]:
+    """Names of the MatMul/Gemm nodes none of whose inputs is a constant (attention's Q x K^T and
+    scores x V): what :attr:`Recipe.exclude_activation_matmul` keeps in FP32."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    consts = {t.name for t in proto.graph.initializer}
+    consts |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return [
+        n.name
+        for n in proto.graph.node
+        if n.op_type in ("MatMul", "Gemm") and not any(i in consts for i in n.input if i)
+    ]
 
 
 def _equalized(

@@ -57,6 +57,10 @@ class Recipe:
     #: calibration data (:mod:`edgefleet.packager.adaround`); symmetric signed weights only.
     adaround: bool = False
     nodes_to_exclude: tuple[str, ...] = ()
+    #: Static/QNN: a MatMul/Gemm of two activations (attention's Q x K^T and scores x V) stays FP32
+    #: (added to ``nodes_to_exclude`` at build time); with ``op_types = ["Conv", "MatMul"]`` only
+    #: the ops that multiply by a constant weight are quantized.
+    exclude_activation_matmul: bool = False
     #: Built only when no candidate listed before it met its gates: for a recipe that costs
     #: minutes (a vendor toolkit's learned rounding) and is only worth it where cheaper ones fail.
     only_if_needed: bool = False
@@ -79,6 +83,8 @@ class Recipe:
             keep |= {k for k in ("equalize", "bias_correction", "adaround") if getattr(self, k)}
             if self.nodes_to_exclude:
                 keep.add("nodes_to_exclude")
+            if self.exclude_activation_matmul:
+                keep.add("exclude_activation_matmul")
         if self.method == "dynamic":
             keep |= {"weight_type", "per_channel", "reduce_range", "op_types", "extra_options"}
         elif self.method == "qnn":
@@ -123,6 +129,7 @@ _BOOL_FIELDS = (
     "bias_correction",
     "adaround",
     "only_if_needed",
+    "exclude_activation_matmul",
 )
 
 
@@ -174,6 +181,8 @@ def parse_recipe(raw: dict[str, Any], where: str) -> Recipe:
         raise RecipeError(
             f"{where}: 'equalize'/'bias_correction' need method 'static' or 'qnn' (so does 'adaround')"
         )
+    if recipe.exclude_activation_matmul and recipe.method not in ("static", "qnn"):
+        raise RecipeError(f"{where}: 'exclude_activation_matmul' needs method 'static' or 'qnn'")
     if recipe.adaround and (recipe.weight_type != "QInt8" or not recipe.weight_symmetric):
         raise RecipeError(f"{where}: 'adaround' needs symmetric QInt8 weights")
     for req in recipe.requires:

@@ -100,6 +100,9 @@ def constraints_for(recipe: Recipe) -> Constraints:
         symmetric=recipe.power_of_two or (recipe.activation_symmetric and recipe.weight_symmetric),
         activation_bits=_BITS.get(recipe.activation_type),
         weight_bits=_BITS.get(recipe.weight_type),
+        # A recipe that names its op types (MatMul-only INT8) promises those, not half of every
+        # compute op; a target's own [constraints] table still sets its share.
+        min_quantized_share=0.0 if recipe.op_types is not None else 0.5,
     )
 
 

@@ -138,3 +138,84 @@ def test_preprocessing_leaves_the_working_directory_clean(
     _, info = preprocess(examples["digits-mlp"].model, work / "prep.onnx", external=False)
     assert info["symbolic_shape_inference"] is False
     assert list(cwd.iterdir()) == []
+
+
+def _attention(path: Path) -> Path:
+    """x [N, 8, 16] -> softmax((x Wq)(x Wk)^T) (x Wv) Wo: two weight MatMuls feed an activation x
+    activation MatMul (the scores), whose softmax weights a second one (the values)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    w = {
+        k: numpy_helper.from_array(rng.normal(0, 0.3, (16, 16)).astype(np.float32), k)
+        for k in "qkvo"
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "q"], ["xq"], name="proj_q"),
+        helper.make_node("MatMul", ["x", "k"], ["xk"], name="proj_k"),
+        helper.make_node("MatMul", ["x", "v"], ["xv"], name="proj_v"),
+        helper.make_node("Transpose", ["xk"], ["kt"], name="kt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["xq", "kt"], ["s"], name="scores"),
+        helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "xv"], ["a"], name="weighted"),
+        helper.make_node("MatMul", ["a", "o"], ["y"], name="proj_o"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16])],
+        list(w.values()),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_exclude_activation_matmul_keeps_attention_in_fp32(tmp_path: Path) -> None:
+    """The weight MatMuls are quantized; the scores, their softmax and the weighted values stay
+    FP32 (no Q/DQ pair on them, so ONNX Runtime runs both attention MatMuls in float), and the
+    build info names the two (what the manifest records)."""
+    src = _attention(tmp_path / "attn.onnx")
+    cal = {"x": np.random.default_rng(1).normal(0, 1, (16, 8, 16)).astype(np.float32)}
+    recipe = parse_recipe(
+        {
+            "id": "mm",
+            "method": "static",
+            "per_channel": True,
+            "op_types": ["MatMul"],
+            "exclude_activation_matmul": True,
+        },
+        "test",
+    )
+    info: dict[str, object] = {}
+    out = build(
+        recipe, source=src, prepared=src, out=tmp_path / "q.onnx", calibration=cal,
+        external=False, info=info,
+    )  # fmt: skip
+    model = onnx.load(str(out))
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    node = {n.name: n for n in model.graph.node}
+    quantized = {i for n in model.graph.node if n.op_type == "QuantizeLinear" for i in n.input}
+    assert info["activation_matmuls_fp32"] == ["scores", "weighted"]
+    assert not {"s", "p"} & quantized  # scores and probabilities: no 8-bit rounding
+    assert node["softmax"].input[0] == "s" and "p" in node["weighted"].input
+    for name in ("proj_q", "proj_k", "proj_v", "proj_o"):
+        assert producer[node[name].input[1]] == "DequantizeLinear"  # INT8 weights
+    with pytest.raises(ValueError, match="exclude_activation_matmul"):
+        parse_recipe({"id": "d", "method": "dynamic", "exclude_activation_matmul": True}, "t")
+
+
+def test_a_matmul_only_recipe_is_not_refused_for_its_float_convs() -> None:
+    """cpu-x86_64 declares no [constraints]: a recipe naming its op types promises those only
+    (it was refused: 'only 9 of 51 Conv/MatMul/Gemm ops take a dequantized weight')."""
+    from edgefleet.packager.backends.verify import combine, recipe_constraints
+
+    x86 = load_profiles()["cpu-x86_64"]
+    mm = next(c for c in x86.candidates if c.id == "static-qdq-u8s8-matmul")
+    assert combine(x86.constraints, recipe_constraints(mm)).min_quantized_share == 0.0
+    full = next(c for c in x86.candidates if c.id == "static-qdq-u8s8-per-channel-minmax")
+    assert combine(x86.constraints, recipe_constraints(full)).min_quantized_share == 0.5
+    ov = load_profiles()["npu-openvino"]
+    ov_mm = next(c for c in ov.candidates if c.id == "static-qdq-u8s8-matmul")
+    assert combine(ov.constraints, recipe_constraints(ov_mm)).min_quantized_share == 0.1
