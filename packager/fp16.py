@@ -63,6 +63,8 @@ def normalise(model: Any) -> dict[str, int]:
     ``value_info`` (in place; see the module docstring). Returns what it changed."""
     from onnx import TensorProto
 
+    from edgefleet.packager.preprocess import name_nodes
+
     graph = model.graph
     folded = 0
     for node in list(graph.node):
@@ -77,14 +79,7 @@ def normalise(model: Any) -> dict[str, int]:
         graph.initializer.append(tensor)
         graph.node.remove(node)
         folded += 1
-    taken = {n.name for n in graph.node if n.name}
-    for i, node in enumerate(graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
+    name_nodes(graph)
     inits = {t.name for t in graph.initializer}
     keep = [v for v in graph.value_info if v.name not in inits]
     dropped = len(graph.value_info) - len(keep)

@@ -74,16 +74,7 @@ def finish(path: Path, external: bool) -> dict[str, Any]:
     if folded:
         info["conv_affine_folded"] = folded
     # Every node gets a name: the accuracy-aware search keeps nodes in FP32 by name.
-    taken = {n.name for n in converted.graph.node if n.name}
-    named = 0
-    for i, node in enumerate(converted.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
-            named += 1
+    named = name_nodes(converted.graph)
     if not info and not named:
         return {}
     if external:
@@ -115,3 +106,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def name_nodes(graph: Any) -> int:
+    """Give every unnamed node of ``graph`` a unique name (``<op type>_<index>``), in place:
+    FP32 islands and block lists name their nodes. Returns how many were named."""
+    taken = {n.name for n in graph.node if n.name}
+    named = 0
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            named += 1
+    return named

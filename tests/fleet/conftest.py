@@ -18,8 +18,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from edgefleet.harness import NatsCluster, nats_server_binary
 from edgefleet.keys import KeyPair, generate_keypair, load_private_key
 from edgefleet.wire.mqtt import sign_desired, topic
+from tests.support.services import require
 
 
 @dataclass
@@ -175,3 +177,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05
             return True
         time.sleep(step)
     return predicate()
+
+
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A three-node NATS cluster (MQTT and JetStream on every node) of the test's own."""
+    require(
+        nats_server_binary() is not None,
+        "nats-server is not installed (apt-get install nats-server)",
+    )
+    with NatsCluster(tmp_path / "nats", nodes=3) as cluster:
+        yield cluster

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.demo.fleet import Fleet
-from edgefleet.harness import NatsCluster, die_with_parent, free_port, nats_server_binary, terminate
+from edgefleet.harness import NatsCluster, die_with_parent, free_port, terminate
 from edgefleet.wire.mqtt import subscription, topic
 from tests.fleet.conftest import (
     Keys,
@@ -31,17 +30,6 @@ from tests.fleet.conftest import (
     signed,
     wait_until,
 )
-from tests.support.services import require
-
-
-@pytest.fixture
-def nats(tmp_path: Path) -> Iterator[NatsCluster]:
-    require(
-        nats_server_binary() is not None,
-        "nats-server is not installed (apt-get install nats-server)",
-    )
-    with NatsCluster(tmp_path / "nats", nodes=3) as cluster:
-        yield cluster
 
 
 class _Reader:

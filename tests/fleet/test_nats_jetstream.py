@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,16 +47,6 @@ from tests.fleet.conftest import wait_until
 from tests.support.services import require
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def nats(tmp_path: Path) -> Iterator[NatsCluster]:
-    require(
-        nats_server_binary() is not None,
-        "nats-server is not installed (apt-get install nats-server)",
-    )
-    with NatsCluster(tmp_path / "nats", nodes=3) as cluster:
-        yield cluster
 
 
 # --- the pure parts ----------------------------------------------------------------------------
