@@ -456,7 +456,8 @@ min_sample_agreement = 0.5
 def test_accuracy_aware_search_keeps_the_fewest_sensitive_nodes_in_fp32(
     examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
 ) -> None:
-    """Power-of-two INT8 loses 1 of 450 images; keeping the most sensitive node in FP32 wins it."""
+    """Power-of-two INT8 loses 1 of 450 images (on a host with VNNI); keeping the most sensitive
+    node in FP32 wins it. Where it loses none, nothing is kept in FP32."""
     from edgefleet.packager.pipeline import package_model
     from edgefleet.packager.profiles import load_profile_file
 
@@ -470,6 +471,15 @@ def test_accuracy_aware_search_keeps_the_fewest_sensitive_nodes_in_fp32(
     )  # fmt: skip
     (result,) = report.profiles
     assert result.ok, result.failure
+    first = result.candidates[0]
+    if first.accepted:
+        # INT8 kernels differ between hosts (VNNI or not): where power-of-two keeps all 450
+        # images, nothing may be kept in FP32 and no search may run.
+        assert len(result.candidates) == 1 and first.chosen and first.recovery is None
+        assert first.metrics is not None and first.metrics.agreement == 1.0
+        m = read_manifest(result.package)  # type: ignore[arg-type]
+        assert not m["quantization"].get("fp32_nodes")
+        return
     first, derived = result.candidates
     assert first.candidate == "pow2" and not first.accepted and first.recovery is not None
     assert "gate passes with" in first.recovery["outcome"]
