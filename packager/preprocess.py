@@ -91,6 +91,22 @@ def finish(path: Path, external: bool) -> dict[str, Any]:
     return info
 
 
+def name_nodes(graph: Any) -> int:
+    """Give every unnamed node of ``graph`` a unique name (``<op type>_<index>``), in place:
+    FP32 islands and block lists name their nodes. Returns how many were named."""
+    taken = {n.name for n in graph.node if n.name}
+    named = 0
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            named += 1
+    return named
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) not in (2, 3) or (len(args) == 3 and args[2] != "--external"):
@@ -106,19 +122,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def name_nodes(graph: Any) -> int:
-    """Give every unnamed node of ``graph`` a unique name (``<op type>_<index>``), in place:
-    FP32 islands and block lists name their nodes. Returns how many were named."""
-    taken = {n.name for n in graph.node if n.name}
-    named = 0
-    for i, node in enumerate(graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
-            named += 1
-    return named
