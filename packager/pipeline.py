@@ -406,9 +406,23 @@ def _drift_reference(src: _Source, bench: dict[str, Any]) -> dict[str, Any]:
     sess = session(src.model, threads=bench["threads"])
     ref = build_reference(src.calibration, run_all(sess, src.calibration))
     ref["warnings"] = reference_warnings(ref)  # features too thinly sampled to watch
-    for w in ref["warnings"]:  # on stderr at packaging time; kept in the manifest too
-        logging.getLogger(__name__).warning("drift reference: %s", w)
+    if ref["warnings"]:  # one line at packaging time; every feature's line is in the package
+        logging.getLogger(__name__).warning("%s", drift_reference_summary(ref["warnings"]))
     return ref
+
+
+def drift_reference_summary(warnings: list[str], named: int = 4) -> str:
+    """One line for a drift reference's per-feature warnings (a model of 64 inputs can have
+    dozens): how many, the first few names, and where the rest are."""
+    names = [w.split(":", 1)[0] for w in warnings]
+    shown = ", ".join(names[:named]) + (
+        f" and {len(names) - named} more" if len(names) > named else ""
+    )
+    return (
+        f"drift reference: {len(names)} feature(s) watched by their range only, not their "
+        f"distribution ({shown}); each one's reason is in the manifest "
+        "(drift_reference.warnings)"
+    )
 
 
 def package_model(

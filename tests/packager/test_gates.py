@@ -144,3 +144,17 @@ def test_latency_ties_go_to_the_most_faithful_candidate() -> None:
     assert choose([per_tensor, per_channel, slow]) is per_channel
     assert "most faithful" in per_channel.reason
     assert choose([cand("a", 1.0, 0.985), cand("b", 1.2, 0.999)]).candidate == "a"  # type: ignore[union-attr]
+
+
+def test_drift_reference_warnings_are_one_line_at_packaging_time() -> None:
+    """A 64-input model can have dozens of thinly sampled features: packaging logs one line
+    naming how many and the first few, not one line each (the manifest keeps every line)."""
+    from edgefleet.packager.pipeline import drift_reference_summary
+
+    warnings = [f"features[{i}]: constant (0) in the reference; ..." for i in range(6)]
+    line = drift_reference_summary(warnings)
+    assert "\n" not in line
+    assert line.startswith("drift reference: 6 feature(s)")
+    assert "features[0], features[1], features[2], features[3] and 2 more" in line
+    assert "drift_reference.warnings" in line
+    assert "(features[0], features[1]);" in drift_reference_summary(warnings[:2])
