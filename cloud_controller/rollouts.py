@@ -234,6 +234,17 @@ class RolloutService:
                 if self._rev.get(rid) != rev:
                     self._reload(rid)
 
+    def _read_locked(self, session: Session, rollout_id: str) -> E.RolloutState:
+        """The rollout as it is now, read in the step's transaction that holds its row lock
+        (its revision becomes the one this replica writes against)."""
+        row = session.get(Rollout, rollout_id, populate_existing=True)
+        assert row is not None  # locked by the caller
+        state = self._read(session, row)
+        # committed state: this replica's copy, whether or not the step itself commits
+        self._rev[rollout_id] = row.revision
+        self._set(state)
+        return state
+
     def _read(self, session: Session, row: Rollout) -> E.RolloutState:
         devs = session.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == row.id))
         return E.state_from_parts(
@@ -473,14 +484,21 @@ class RolloutService:
         self._next_rev.clear()
         with transaction(self._factory) as session:
             self._fence(session, fenced)
-            for rid, state in states.items():
-                if events is not None and session.scalar(
-                    select(Rollout.revision).where(Rollout.id == rid)
-                ) != self._rev.get(rid, 0):
-                    # Another replica moved this rollout on since we loaded it: a report judged
-                    # on the old copy could be ignored (its device not yet at work there) and
-                    # then acknowledged, lost. Reports are applied to the current state only.
-                    raise _Stale(rid)
+            for rid in sorted(states):  # locked in id order: replicas never wait in a cycle
+                # Events are applied to the current state only: a report judged on an old
+                # copy could be ignored (its device not yet at work there) and then
+                # acknowledged, lost. The row is locked (PostgreSQL) until this step commits,
+                # so a copy reloaded here stays current: replicas sharing the ingest take
+                # turns, where re-reading without the lock could lose to another replica
+                # again and again.
+                rev = session.scalar(
+                    select(Rollout.revision).where(Rollout.id == rid).with_for_update()
+                )
+                if rev is None:
+                    raise _Stale(rid)  # gone: the retry drops it
+                state = states[rid]
+                if rev != self._rev.get(rid, 0):
+                    state = self._read_locked(session, rid)
                 evs: list[E.Event]
                 if events is None:
                     evs = [E.Tick(self._health_of(session, state))]

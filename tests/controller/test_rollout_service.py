@@ -489,3 +489,66 @@ def test_a_malformed_probation_ratio_is_refused_when_signed(ratio: object) -> No
              "expires_at": "2026-01-02T00:00:00Z", "models": {"iris": entry}}  # fmt: skip
     with pytest.raises(RejectError, match="max_p95_ratio"):
         sign_desired(state, ec.generate_private_key(ec.SECP256R1()))
+
+
+def test_replicas_applying_reports_at_once_never_give_up_on_a_batch(postgres_url: str) -> None:
+    """Replicas sharing the ingest step the same rollout at once, each from its own copy. A
+    step that found the rollout moved on reloaded it and tried again, five times at most, then
+    raised `conflict`: the bridge had already stored those reports and acknowledged them to
+    their devices, so the rollout never heard of them (the devices waited for their timeout).
+    Now a step locks the rollout's row and reloads under the lock: it always goes through."""
+    import threading
+
+    from tests.controller.conftest import pg_schema
+
+    with pg_schema(postgres_url) as url:
+        factory = seeded_store(url)
+        ids = [f"g{i:03d}" for i in range(48)]
+        with db.transaction(factory) as s:
+            for d in ids:
+                devices.apply_presence(
+                    s, d, {"online": True, "profiles": ["cpu-x86_64"],
+                           "installed": {"iris": {"version": "1.0.0"}}},
+                )  # fmt: skip
+        clock = Clock()
+        key = ec.generate_private_key(ec.SECP256R1())
+        replicas = [
+            RolloutService(
+                factory,
+                Signer(key, timedelta(hours=2)),
+                "http://ctl",
+                publish=None,
+                clock=clock,
+                health=None,
+            )  # fmt: skip
+            for _ in range(4)
+        ]
+        spec = {**SPEC, "target": {"device_ids": ids}, "waves": [100]}
+        rid = replicas[0].create(spec, "t").spec.rollout_id
+        for r in replicas[1:]:
+            r.sync()
+        errors: list[BaseException] = []
+        states = ("DOWNLOADING", "VERIFYING", "INSTALLING", "COMMITTED")
+
+        def feed(svc: RolloutService, mine: list[str]) -> None:
+            try:
+                for state in states:
+                    for d in mine:  # one report per step: as many steps as can collide
+                        svc.on_status([("iris", E.StatusReport(d, "2.0.0", state))])
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [
+            threading.Thread(target=feed, args=(svc, ids[i::4])) for i, svc in enumerate(replicas)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        with factory() as s:
+            from edgefleet.cloud_controller.models import Rollout
+
+            row = s.get(Rollout, rid)
+            assert row is not None and row.phase == "succeeded", row and row.state["counts"]
+            assert row.state["counts"]["states"] == {"succeeded": 48}
