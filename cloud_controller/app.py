@@ -267,6 +267,13 @@ class _Metrics:
             )
             cr.add_metric([], b.stats.capture_rows)
             yield cr
+            sf = CounterMetricFamily(
+                "edgefleet_rollout_step_failures",
+                "Report batches whose rollout step failed; their status reports were left "
+                "unacknowledged, so their devices send them again",
+            )
+            sf.add_metric([], b.stats.rollout_step_failures)
+            yield sf
             c = GaugeMetricFamily("edgefleet_broker_connected", "1 when connected to the broker")
             c.add_metric([], 1.0 if b.stats.connected else 0.0)
             yield c

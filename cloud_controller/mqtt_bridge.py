@@ -121,6 +121,8 @@ class BridgeStats:
     failovers: int = 0  # connections lost or refused, each followed by the next broker
     subscribe_refused: int = 0  # SUBACKs refusing a subscription (retried with backoff)
     capture_rows: int = 0  # capture records stored (refusals: dropped["capture_…"])
+    # batches whose rollout step failed: their status reports stay unacknowledged
+    rollout_step_failures: int = 0
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -593,19 +595,29 @@ class MqttBridge:
                 committed.append(d)
         for reason in drops:
             self.stats.drop(reason)
+        stepped = False
         try:
             if stale:
                 self._resync(stale, now)
             if reports:
                 self._rollouts.on_status(reports)
+            stepped = True
             # JetStream's copies first (jetstream.py), then the devices; copies whose rollout
-            # step failed (a conflict with another replica) come again after the ack wait,
-            # and a repeated success is applied again (`_status`)
+            # step failed come again after the ack wait, and a repeated success is applied
+            # again (`_status`)
             self._settle(True)
         finally:
             # after the rollouts took the reports too: a replica that dies before this point
-            # leaves them unacknowledged, and the devices send them again
-            self._ack(committed)
+            # leaves them unacknowledged, and the devices send them again. A failed rollout
+            # step (the database lost mid-step) keeps the batch's status reports
+            # unacknowledged too: stored, but not yet seen by the rollout.
+            if not stepped:
+                self.stats.rollout_step_failures += 1
+            self._ack(
+                committed
+                if stepped
+                else [d for d in committed if not isinstance(d.parsed, StatusReport)]
+            )
 
     def _resync(self, device_ids: set[str], now: datetime) -> None:
         """Devices that hold a higher desired seq than the controller (its database went

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -85,3 +86,50 @@ def test_reports_sent_while_the_controller_is_down_arrive_exactly_once(
             d.stop()
         if b is not None:
             b.stop()
+
+
+def test_status_reports_of_a_failed_rollout_step_stay_unacknowledged(
+    tmp_path: Path, broker: Mosquitto, packager_key: KeyPair
+) -> None:
+    """The bridge commits a batch, then hands its status reports to the rollouts. When that
+    step fails (here: its first call raises, as when the database goes away mid-step), the
+    reports are stored but no rollout has seen them: they are not acknowledged, so the device
+    sends them again and the repeated report reaches the rollouts. The batch's telemetry is
+    acknowledged as usual: it is all in the database."""
+    a = start_controller(
+        tmp_path / "ctl", trusted=[packager_key.public_path], broker_url=broker.url
+    )
+    bridge = a.controller.bridge
+    assert bridge is not None
+    key = a.controller.signer.key.public_key()
+    d = SimDevice(
+        f"step-{uuid.uuid4().hex[:6]}", broker.host, broker.port, key, resend_after_s=1.0
+    ).start()
+    rollouts = a.controller.rollouts
+    real = rollouts.on_status
+    seen: list[str] = []
+
+    def failing_once(reports: Any) -> None:
+        reports = list(reports)
+        seen.extend(f"{r.device_id}:{r.state}" for _, r in reports)
+        if len(seen) == len(reports):  # the first batch with reports
+            raise RuntimeError("database connection lost (injected)")
+        real(reports)
+
+    rollouts.on_status = failing_once  # type: ignore[method-assign]
+    try:
+
+        def known() -> bool:
+            with a.controller.factory() as s:
+                return s.get(Device, d.device_id) is not None
+
+        wait_for(known, what="presence")
+        d.telemetry(2)
+        d.install_locally("1.0.1")
+        wait_for(lambda: bridge.stats.rollout_step_failures == 1, what="the failed step")
+        wait_for(lambda: d.backlog() == (0, 0), what="the status report resent and acked")
+        assert seen == [f"{d.device_id}:COMMITTED"] * 2, seen  # failed, then applied
+        assert d.delivery.resent >= 1
+    finally:
+        d.stop()
+        a.stop()
