@@ -484,21 +484,24 @@ class RolloutService:
         self._next_rev.clear()
         with transaction(self._factory) as session:
             self._fence(session, fenced)
-            for rid in sorted(states):  # locked in id order: replicas never wait in a cycle
-                # Events are applied to the current state only: a report judged on an old
-                # copy could be ignored (its device not yet at work there) and then
-                # acknowledged, lost. The row is locked (PostgreSQL) until this step commits,
-                # so a copy reloaded here stays current: replicas sharing the ingest take
-                # turns, where re-reading without the lock could lose to another replica
-                # again and again.
+            # Events are applied to the current state only: a report judged on an old copy
+            # could be ignored (its device not yet at work there) and then acknowledged, lost.
+            # Every rollout of the step is locked (PostgreSQL) first, in id order, before any
+            # desired-state row, so replicas never wait on each other in a cycle; a copy
+            # reloaded under the lock stays current until this step commits. Replicas sharing
+            # the ingest take turns, where re-reading without the lock could lose to another
+            # replica again and again.
+            current: dict[str, E.RolloutState] = {}
+            for rid in sorted(states):
                 rev = session.scalar(
                     select(Rollout.revision).where(Rollout.id == rid).with_for_update()
                 )
                 if rev is None:
                     raise _Stale(rid)  # gone: the retry drops it
-                state = states[rid]
-                if rev != self._rev.get(rid, 0):
-                    state = self._read_locked(session, rid)
+                current[rid] = (
+                    states[rid] if rev == self._rev.get(rid, 0) else self._read_locked(session, rid)
+                )
+            for rid, state in current.items():
                 evs: list[E.Event]
                 if events is None:
                     evs = [E.Tick(self._health_of(session, state))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -15,7 +16,6 @@ import httpx
 import pytest
 
 from edgefleet.keys import KeyPair, generate_keypair
-from tests.support.services import free_port
 
 
 @dataclass
@@ -59,7 +59,11 @@ def start_controller(
     from edgefleet.cloud_controller.db import transaction
     from edgefleet.cloud_controller.settings import Settings
 
-    port = free_port()
+    # The listening socket is bound here, before anything else can take its port (a port
+    # picked free and bound later by uvicorn raced other test processes on a busy host).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     settings = Settings(
         data_dir=data_dir,
         db_url=db_url,
@@ -83,7 +87,7 @@ def start_controller(
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
