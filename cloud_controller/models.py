@@ -12,6 +12,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -127,6 +128,10 @@ class RolloutDevice(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(32))
     wave: Mapped[int] = mapped_column(Integer)
+    # the rollout's revision that last wrote this row: a replica behind reads only newer rows
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    __table_args__ = (Index("ix_rollout_devices_rollout_revision", "rollout_id", "revision"),)
 
 
 class RolloutEvent(Base):

@@ -239,7 +239,20 @@ class RolloutService:
         (its revision becomes the one this replica writes against)."""
         row = session.get(Rollout, rollout_id, populate_existing=True)
         assert row is not None  # locked by the caller
-        state = self._read(session, row)
+        ours, rev = self._active.get(rollout_id), self._rev.get(rollout_id)
+        if ours is None or rev is None:
+            state = self._read(session, row)
+        else:  # only the device rows written since our revision (each row carries its writer's)
+            newer = session.scalars(
+                select(RolloutDevice.data).where(
+                    RolloutDevice.rollout_id == rollout_id, RolloutDevice.revision > rev
+                )
+            )
+            devs = dict(ours.devices)
+            for data in newer:
+                d = E.device_from_dict(data)
+                devs[d.device_id] = d
+            state = E.state_from_parts(ours.spec, row.state, devs.values())
         # committed state: this replica's copy, whether or not the step itself commits
         self._rev[rollout_id] = row.revision
         self._set(state)
@@ -568,6 +581,7 @@ class RolloutService:
                 "data": E.device_to_dict(dev),
                 "state": dev.state.value,
                 "wave": dev.wave,
+                "revision": rev + 1,
             }
             for did, dev in ((did, new.devices[did]) for did in sorted(changed))
         ]
