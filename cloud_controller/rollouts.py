@@ -342,9 +342,11 @@ class RolloutService:
                 self._next_rev.clear()
                 # the device rows were just written as planned: only the header and actions
                 rows = self._apply(session, decision, (), now)
+            # the copy and its revision move together (a replica behind merges rows newer
+            # than the revision into the copy), before a publish that may fail
             self._rev.update(self._next_rev)
-            self._publish(rows)
             self._set(decision.state)
+            self._publish(rows)
             return decision.state
 
     def resolve_id(self, prefix: str) -> str:
@@ -532,10 +534,10 @@ class RolloutService:
                 if changed or decision.actions or E.header_to_dict(new) != E.header_to_dict(state):
                     rows += self._apply(session, decision, changed, now)
                 out[rid] = decision.state
-        self._rev.update(self._next_rev)
-        self._publish(rows)
+        self._rev.update(self._next_rev)  # with the copies, before a publish that may fail
         for st in out.values():
             self._set(st)
+        self._publish(rows)
         return out
 
     def _health_of(self, session: Session, state: E.RolloutState) -> E.Health | None:
