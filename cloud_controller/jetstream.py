@@ -8,7 +8,7 @@ NATS Server's MQTT layer stores every QoS 1 PUBLISH in the JetStream stream ``$M
 ``Nmqtt-Pub`` header). The device's PUBACK waits for that store, so reading the reports from
 there costs the cluster no second copy. With interest retention a message is kept while a
 consumer whose filter matches has not acknowledged it: one durable pull consumer per kind
-(``edgefleet-ingest-status``, ``edgefleet-ingest-telemetry``), created once and kept by the
+(``edgefleet-ingest-status``, ``-telemetry``, ``-capture``), created once and kept by the
 cluster (replicated like the stream), keeps every report published while no controller runs,
 and every replica pulls from the same consumer, so each report goes to one replica. A message
 is acknowledged to JetStream once the bridge has finished with its batch: after the batch's
@@ -40,8 +40,12 @@ log = logging.getLogger(__name__)
 
 STREAM = "$MQTT_msgs"
 SUBJECT_PREFIX = "$MQTT.msgs."
-KINDS: tuple[Kind, ...] = ("status", "telemetry")
+KINDS: tuple[Kind, ...] = ("status", "telemetry", "capture")
 DURABLE_PREFIX = "edgefleet-ingest-"
+# Capture messages are up to `mqtt_bridge.MAX_MESSAGE_BYTES["capture"]` (2 MiB) where a status
+# is a few hundred bytes: a replica holds at most this many fetched and not yet acknowledged
+# (64 MiB at worst), whatever room the other kinds leave.
+CAPTURE_IN_FLIGHT = 32
 # JetStream's error codes (nats-server errors.json) that no retry will change.
 _JS_NOT_ENABLED_FOR_ACCOUNT = 10039
 _JS_NOT_ENABLED = 10076
@@ -115,8 +119,9 @@ class JetStreamStats:
 
 
 class JetStreamIngest:
-    """Pulls status and telemetry from the shared durable consumers into the bridge's queue,
-    at most ``max_in_flight`` messages fetched and not yet acknowledged."""
+    """Pulls status, telemetry and capture from the shared durable consumers into the bridge's
+    queue, at most ``max_in_flight`` messages fetched and not yet acknowledged (capture: at most
+    `CAPTURE_IN_FLIGHT` of them)."""
 
     def __init__(
         self,
@@ -144,8 +149,12 @@ class JetStreamIngest:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._nc: Any = None
-        self._in_flight = 0
-        self._room: asyncio.Event | None = None
+        self._in_flight: dict[Kind, int] = dict.fromkeys(KINDS, 0)
+        self._limit: dict[Kind, int] = {k: max_in_flight for k in KINDS}
+        self._limit["capture"] = min(max_in_flight, CAPTURE_IN_FLIGHT)
+        self._room: dict[Kind, asyncio.Event] = {}
+        # the messages handed to the bridge and not settled yet (by id), with their kind
+        self._held: dict[int, tuple[Kind, Any]] = {}
         self._closing: asyncio.Event | None = None
         self._first = threading.Event()  # the first setup ended (bound, or failed for good)
         self._failure: JetStreamError | None = None
@@ -200,8 +209,9 @@ class JetStreamIngest:
         import nats
 
         self._closing = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        self._room = {k: asyncio.Event() for k in KINDS}
+        for room in self._room.values():
+            room.set()
         delay = 0.5
         while not self._closing.is_set():
             try:
@@ -274,13 +284,16 @@ class JetStreamIngest:
     async def _pull(self, kind: Kind, sub: Any) -> None:
         import nats.errors
 
-        assert self._room is not None and self._closing is not None
+        assert self._closing is not None
         failures = 0
         while not self._closing.is_set():
-            await self._room.wait()
-            room = self.max_in_flight - self._in_flight
+            await self._room[kind].wait()
+            room = min(
+                self.max_in_flight - sum(self._in_flight.values()),
+                self._limit[kind] - self._in_flight[kind],
+            )
             if room <= 0:
-                self._room.clear()
+                self._room[kind].clear()
                 continue
             try:
                 msgs = await sub.fetch(min(room, self.fetch_batch), timeout=1.0)
@@ -294,7 +307,6 @@ class JetStreamIngest:
                 log.warning("JetStream %s pull: %r", kind, e)
                 await asyncio.sleep(0.5 * failures)
                 continue
-            self._in_flight += len(msgs)
             self.stats.fetched[kind] += len(msgs)
             for m in msgs:
                 if m.metadata.num_delivered > 1:
@@ -302,8 +314,11 @@ class JetStreamIngest:
                 parsed = parse_subject(m.subject)
                 if parsed is None or parsed[1] != kind:
                     self.stats.unknown_subject += 1
-                    await self._ack([m])
+                    with contextlib.suppress(Exception):
+                        await m.ack()
                     continue
+                self._in_flight[kind] += 1
+                self._held[id(m)] = (kind, m)
                 self._put((parsed[0], kind, m.data, m))
 
     async def _ack(self, handles: list[Any], done: bool = True) -> None:
@@ -313,6 +328,9 @@ class JetStreamIngest:
                 self.stats.acked += 1
             except Exception as e:  # acked already, or the connection is gone: it comes again
                 log.debug("ack of %s: %s", getattr(m, "subject", "?"), e)
-        self._in_flight -= len(handles)
-        if self._room is not None:
-            self._room.set()
+        for m in handles:
+            held = self._held.pop(id(m), None)
+            if held is not None:
+                self._in_flight[held[0]] -= 1
+        for room in self._room.values():  # each pull checks its own room again
+            room.set()

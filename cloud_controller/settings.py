@@ -261,7 +261,7 @@ class Settings:
 
     @property
     def jetstream_urls(self) -> str | None:
-        """The NATS URLs the bridge reads status and telemetry from, or None (over MQTT).
+        """The NATS URLs the bridge reads status, telemetry and capture from, or None (over MQTT).
         ValueError when JetStream ingest is on for a NATS broker that was given none."""
         if self.resolved_broker_kind != "nats" or not self.jetstream_ingest:
             return None

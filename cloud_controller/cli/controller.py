@@ -163,13 +163,14 @@ def serve(
         None,
         "--nats-url",
         help="Broker kind nats: the cluster's NATS client URL(s), comma-separated "
-        "(nats://n1:4222,...); status and telemetry are read through JetStream from there.",
+        "(nats://n1:4222,...); status, telemetry and capture are read through JetStream from "
+        "there.",
     ),
     jetstream_ingest: bool = typer.Option(
         None,
         "--jetstream-ingest/--no-jetstream-ingest",
-        help="Broker kind nats: read status and telemetry through JetStream consumers shared "
-        "by the replicas (default on); off: every replica reads every report over MQTT.",
+        help="Broker kind nats: read status, telemetry and capture through JetStream consumers "
+        "shared by the replicas (default on); off: every replica reads every report over MQTT.",
     ),
 ) -> None:
     """Run the controller (API, MQTT bridge, rollout engine) until interrupted. Any number of

@@ -378,3 +378,84 @@ def test_a_replica_killed_mid_batch_loses_nothing(
             assert redelivered > 0
         finally:
             stop([survivor])
+
+
+@pytest.mark.slow
+def test_capture_goes_to_one_replica_and_the_flood_limit_holds_fleet_wide(
+    nats: NatsCluster, tmp_path: Path, postgres_url: str
+) -> None:
+    """Capture messages come through the third shared consumer, like status and telemetry:
+    two in-process controllers on one PostgreSQL database each take some, none takes one
+    twice, and together they store the capture's rows per minute once (the rate is counted in
+    the database, under the capture's row lock), refusing the rest once each. Read over MQTT
+    on NATS (no shared subscriptions) every replica ingested every capture message: the
+    refusals were counted twice, and each record was checked and acknowledged twice."""
+    from sqlalchemy import func, select
+
+    from edgefleet.cloud_controller.db import transaction
+    from edgefleet.cloud_controller.models import CapturedRow
+    from tests.controller.conftest import start_controller
+    from tests.controller.test_capture import MODEL, RawDevice, _manage, _row
+
+    keys = generate_keypair(tmp_path / "keys", "packager")
+    with own_database(postgres_url) as url:
+        common: dict[str, Any] = {
+            "trusted": [keys.public_path],
+            "broker_url": ",".join(nats.mqtt_urls),
+            "db_url": url,
+            "broker_kind": "nats",
+            "nats_url": ",".join(nats.nats_urls),
+            "jetstream_ack_wait_s": 30.0,
+        }
+        a = start_controller(tmp_path / "a", **common)
+        b = None
+        pub = None
+        try:
+            b = start_controller(
+                tmp_path / "b", signing_key=tmp_path / "a" / "keys" / "controller.key", **common
+            )
+            for c in (a, b):
+                assert c.controller.bridge.wait_connected(20)
+                js = c.controller.bridge.jetstream
+                assert js is not None and wait_until(lambda js=js: js.stats.ready, 30)
+            dev = "cap-nats-1"
+            _manage(a, [dev])
+            r = a.client("operator").post(
+                "/api/v1/captures",
+                json={"model": MODEL, "devices": [dev], "rows": 100, "max_rows_per_minute": 5},
+            )
+            assert r.status_code == 201, r.text
+            cid = r.json()["id"]
+            pub = RawDevice(_Node(nats.mqtt_ports[1]), dev)
+            for i in range(40):  # one row a message
+                pub.publish_capture(json.dumps({"records": [_row(cid, i)]}))
+            assert wait_until(lambda: pub.acked() >= set(range(40)), 60), pub.acks
+            bridges = [c.controller.bridge for c in (a, b)]
+            assert wait_until(lambda: all(br.idle() for br in bridges), 30)
+            taken = [br.stats.received["capture"] for br in bridges]
+            refused = [br.stats.dropped.get("capture_rate", 0) for br in bridges]
+            with transaction(a.controller.factory) as s:
+                stored_rows = s.scalar(select(func.count()).select_from(CapturedRow))
+                distinct = s.scalar(select(func.count(func.distinct(CapturedRow.record_id))))
+            per = a.client("viewer").get(f"/api/v1/captures/{cid}").json()["per_device"][dev]
+            print(f"\ncapture messages per replica {taken}, rate refusals per replica {refused}")
+            assert sum(taken) == 40, taken  # each message ingested by one replica
+            assert sum(refused) == 30, refused
+            assert stored_rows == distinct == per["rows"] == 10  # 2 x 5 a minute, fleet-wide
+            assert per["refused"]["capture_rate"] == 30
+            for kind in ("status", "telemetry", "capture"):
+                assert consumer(nats, kind).num_ack_pending == 0
+        finally:
+            if pub is not None:
+                pub.close()
+            if b is not None:
+                b.stop()
+            a.stop()
+
+
+@dataclass
+class _Node:
+    """One NATS node's MQTT listener, as `RawDevice` takes a broker."""
+
+    port: int
+    host: str = "127.0.0.1"
