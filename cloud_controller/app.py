@@ -284,6 +284,12 @@ class _Metrics:
                 )
                 rd.add_metric([], js.redelivered)
                 yield rd
+                rl = CounterMetricFamily(
+                    "edgefleet_jetstream_released",
+                    "Reports fetched and not processed, NAKed at a clean stop (to other replicas)",
+                )
+                rl.add_metric([], js.released)
+                yield rl
         yield from _drift_metrics(self.ctl)
 
 

@@ -14,7 +14,8 @@ and every replica pulls from the same consumer, so each report goes to one repli
 is acknowledged to JetStream once the bridge has finished with its batch: after the batch's
 transaction committed (or the message was refused for good); one whose replica dies first is
 delivered again after ``ack_wait_s`` to whichever replica pulls next, and the database's
-duplicate checks keep one copy.
+duplicate checks keep one copy. A replica that stops cleanly NAKs what it fetched and did not
+process (`JetStreamIngest._hand_back`): the others get it at once.
 
 The layout of ``$MQTT_msgs`` is NATS Server's own (server/README-MQTT.md), checked here at every
 start: a stream of another shape is refused with the reason, not read.
@@ -46,6 +47,7 @@ DURABLE_PREFIX = "edgefleet-ingest-"
 # is a few hundred bytes: a replica holds at most this many fetched and not yet acknowledged
 # (64 MiB at worst), whatever room the other kinds leave.
 CAPTURE_IN_FLIGHT = 32
+FETCH_TIMEOUT_S = 1.0  # a pull request's life on the server (nats-py: its `expires`)
 # JetStream's error codes (nats-server errors.json) that no retry will change.
 _JS_NOT_ENABLED_FOR_ACCOUNT = 10039
 _JS_NOT_ENABLED = 10076
@@ -115,6 +117,7 @@ class JetStreamStats:
     redelivered: int = 0  # messages delivered more than once (a replica died, an ack was lost)
     acked: int = 0
     unknown_subject: int = 0  # acked and dropped: not an edgefleet report subject
+    released: int = 0  # fetched, not processed, NAKed on a clean stop (another replica's now)
     ready: bool = False  # consumers bound, pulling
 
 
@@ -155,6 +158,7 @@ class JetStreamIngest:
         self._room: dict[Kind, asyncio.Event] = {}
         # the messages handed to the bridge and not settled yet (by id), with their kind
         self._held: dict[int, tuple[Kind, Any]] = {}
+        self._subs: list[Any] = []  # the bound pull subscriptions
         self._closing: asyncio.Event | None = None
         self._first = threading.Event()  # the first setup ended (bound, or failed for good)
         self._failure: JetStreamError | None = None
@@ -227,9 +231,18 @@ class JetStreamIngest:
                 self.stats.ready = True
                 self._first.set()
                 delay = 0.5
+                self._subs = [sub for _, sub in pulls]
                 tasks = [asyncio.create_task(self._pull(k, sub)) for k, sub in pulls]
                 closing = asyncio.create_task(self._closing.wait())
                 done, _ = await asyncio.wait([closing, *tasks], return_when="FIRST_COMPLETED")
+                if self._closing.is_set():
+                    # A clean stop: each pull ends after the fetch it has in flight (at most
+                    # `FETCH_TIMEOUT_S`), so that no pull request of this replica is left on
+                    # the server to take what `_hand_back` NAKs (JetStream would deliver it
+                    # there again, and it would wait out the ack wait once more).
+                    for room in self._room.values():
+                        room.set()
+                    await asyncio.wait(tasks, timeout=FETCH_TIMEOUT_S + 2)
                 for t in [closing, *tasks]:
                     t.cancel()
                 # every task's end collected (nats-py turns a cancelled fetch into an error)
@@ -250,6 +263,7 @@ class JetStreamIngest:
                     await asyncio.wait_for(self._closing.wait(), delay)
                 delay = min(delay * 2, 5.0)
         if self._nc is not None:  # the acks handed over so far go out first
+            await self._hand_back()
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=2)
             with contextlib.suppress(Exception):
@@ -288,6 +302,8 @@ class JetStreamIngest:
         failures = 0
         while not self._closing.is_set():
             await self._room[kind].wait()
+            if self._closing.is_set():
+                break
             room = min(
                 self.max_in_flight - sum(self._in_flight.values()),
                 self._limit[kind] - self._in_flight[kind],
@@ -296,7 +312,7 @@ class JetStreamIngest:
                 self._room[kind].clear()
                 continue
             try:
-                msgs = await sub.fetch(min(room, self.fetch_batch), timeout=1.0)
+                msgs = await sub.fetch(min(room, self.fetch_batch), timeout=FETCH_TIMEOUT_S)
                 failures = 0
             except (nats.errors.TimeoutError, TimeoutError):  # nothing to pull (nats-py: either)
                 continue
@@ -320,6 +336,40 @@ class JetStreamIngest:
                 self._in_flight[kind] += 1
                 self._held[id(m)] = (kind, m)
                 self._put((parsed[0], kind, m.data, m))
+
+    async def _hand_back(self) -> None:
+        """On a clean stop: NAK every message handed to the bridge and not settled (fetched,
+        still in its queue), so that JetStream delivers it to another replica at once, not
+        after ``ack_wait_s``. The bridge's worker has ended first (`MqttBridge.stop`), so none
+        of them is being written; one that was (a worker past its join timeout) comes again
+        and the database keeps one copy."""
+        held = [m for _, m in self._held.values()]
+        self._held = {}
+        self._in_flight = dict.fromkeys(KINDS, 0)
+        # and what reached a pull's inbox after its fetch returned (nats-py keeps it there for
+        # the next fetch; none comes)
+        for sub in self._subs:
+            pending = getattr(getattr(sub, "_sub", None), "_pending_queue", None)
+            while pending is not None and not pending.empty():
+                m = pending.get_nowait()
+                if (m.reply or "").startswith("$JS.ACK."):  # a message, not a status (408)
+                    held.append(m)
+        await asyncio.sleep(0.05)  # a pull request that expired as the fetch did is gone
+        naked = 0
+        for m in held:
+            try:
+                await m.nak()
+                naked += 1
+            except Exception as e:  # the connection is gone: it comes again after ack_wait
+                log.debug("nak of %s: %s", m.subject, e)
+        self.stats.released += naked
+        if held:
+            log.info(
+                "JetStream ingest stopped: %d of %d unprocessed messages handed back (NAK) to "
+                "the other replicas",
+                naked,
+                len(held),
+            )
 
     async def _ack(self, handles: list[Any], done: bool = True) -> None:
         for m in handles if done else ():

@@ -459,3 +459,41 @@ class _Node:
 
     port: int
     host: str = "127.0.0.1"
+
+
+@pytest.mark.slow
+def test_a_replica_stopped_cleanly_hands_its_unprocessed_messages_to_the_next_at_once(
+    nats: NatsCluster, tmp_path: Path, postgres_url: str
+) -> None:
+    """A replica stopped with SIGTERM while it holds a backlog it fetched and has not processed
+    NAKs those messages: the next replica stores them within seconds of the stop (its own start
+    included), not after the ack wait (120 s here; before, every message the stopped replica
+    held waited that long). The next replica starts after the stop: a replica running beside
+    it would have worked off the whole backlog with it before any stop could catch it."""
+    ack_wait = 120.0
+    key = generate_keypair(tmp_path / "keys", "controller")
+    with own_database(postgres_url) as url:
+        db.upgrade(db.make_engine(url))
+        stop([start_replica("leaver", tmp_path, url, nats, key.private_path, ack_wait)])
+        devices = [f"gw-leave-{i}" for i in range(500)]
+        sent = publish(nats, devices, statuses=5, envelopes=3)  # a backlog, 4,000 messages
+        leaver = start_replica("leaver", tmp_path, url, nats, key.private_path, ack_wait)
+        stayer = None
+        try:
+            assert wait_until(lambda: leaver.metric("status") > 0, 60, 0.02), leaver.tail()
+            held = consumer(nats, "status").num_ack_pending
+            t0 = time.monotonic()
+            stop([leaver])  # SIGTERM: a clean stop, in the middle of the backlog
+            assert not complete(url, sent)
+            stayer = start_replica("stayer", tmp_path, url, nats, key.private_path, ack_wait)
+            assert wait_until(lambda: complete(url, sent), ack_wait / 4, 0.5), stored(url, devices)
+            took = time.monotonic() - t0
+            assert_exactly_once(url, sent)
+            redelivered = stayer.metric("", "edgefleet_jetstream_redelivered_total")
+            print(
+                f"{held} status messages held at the stop; all stored {took:.1f} s after it "
+                f"(ack wait {ack_wait:.0f} s); {redelivered} delivered again"
+            )
+            assert redelivered > 0  # the NAKed ones: the stayer got them again, at once
+        finally:
+            stop([r for r in (leaver, stayer) if r is not None])
