@@ -29,9 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edgefleet.wire.backoff import split_urls
@@ -92,6 +95,31 @@ def check_stream(retention: object, subjects: list[str] | None) -> None:
         )
 
 
+def refusal(err: BaseException) -> tuple[str, str]:
+    """(reason, what it means) of a failed NATS connection, as nats-py reports it."""
+    text = str(err)
+    if "authorization violation" in text.lower() or type(err).__name__ == "AuthorizationError":
+        return "authorization_violation", (
+            "the NATS server refused the controller's credentials (Authorization Violation): "
+            "check the user and password in --nats-url (nats://user:password@host:4222)"
+        )
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return "tls_verify_failed", (
+            f"the NATS server's TLS certificate is not trusted ({err.verify_message}): give "
+            "the CA that signed it (--nats-ca, EDGEFLEET_CONTROLLER_NATS_CA_FILE)"
+        )
+    if isinstance(err, ssl.SSLError):
+        return "tls_error", f"TLS with the NATS server failed: {err}"
+    if "permissions violation" in text.lower():
+        return "permissions_violation", (
+            f"the NATS server refused an operation to the controller's user ({text}): it "
+            "needs the JetStream API ($JS.API.>) and acks ($JS.ACK.>)"
+        )
+    if isinstance(err, OSError | TimeoutError):
+        return "unreachable", f"cannot reach a NATS server: {err!r}"
+    return "error", f"NATS: {err!r}"
+
+
 def definitive(err: BaseException) -> JetStreamError | None:
     """The JetStreamError a failed JetStream request means for good (no JetStream on the
     cluster or the account), else None (a node or leader still coming: retry)."""
@@ -118,6 +146,8 @@ class JetStreamStats:
     acked: int = 0
     unknown_subject: int = 0  # acked and dropped: not an edgefleet report subject
     released: int = 0  # fetched, not processed, NAKed on a clean stop (another replica's now)
+    # connections the NATS servers refused or that failed, by reason (`refusal`)
+    refused: dict[str, int] = field(default_factory=dict)
     ready: bool = False  # consumers bound, pulling
 
 
@@ -135,8 +165,11 @@ class JetStreamIngest:
         fetch_batch: int = 250,
         max_in_flight: int = 2000,
         max_ack_pending: int = 20_000,
+        tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None),
     ) -> None:
-        """``urls``: the NATS client URLs of the cluster's nodes, comma-separated."""
+        """``urls``: the NATS client URLs of the cluster's nodes, comma-separated, credentials
+        in them (``tls://user:password@host:4222``); ``tls_files``: (CA, client certificate,
+        its key) for servers that require TLS (default: the system's CAs, no certificate)."""
         self.urls = split_urls(urls)
         if not self.urls:
             raise ValueError("no NATS URL")
@@ -144,6 +177,8 @@ class JetStreamIngest:
             if not u.startswith(("nats://", "tls://")):
                 raise ValueError(f"NATS url {u!r}: expected nats://host:port or tls://host:port")
         self._put = put
+        self.tls_files = tls_files
+        self._said: dict[str, float] = {}  # refusal reason -> when it was last logged
         self.ack_wait_s = ack_wait_s
         self.fetch_batch = fetch_batch
         self.max_in_flight = max_in_flight
@@ -220,12 +255,16 @@ class JetStreamIngest:
         while not self._closing.is_set():
             try:
                 if self._nc is None:
+                    tls = self._tls_context()
+                    await self._check_tls_offered()
                     self._nc = await nats.connect(
                         servers=self.urls,
                         name="edgefleet-controller-ingest",
                         max_reconnect_attempts=-1,
                         reconnect_time_wait=1,
                         connect_timeout=5,
+                        error_cb=self._on_error,
+                        **({"tls": tls} if tls is not None else {}),
                     )
                 pulls = await self._bind(self._nc.jetstream())
                 self.stats.ready = True
@@ -268,6 +307,65 @@ class JetStreamIngest:
                 await self._nc.flush(timeout=2)
             with contextlib.suppress(Exception):
                 await self._nc.close()
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for servers that require TLS: the given CA (else the system's) and
+        client certificate; None (nats-py's default context) when none is given. A file that
+        cannot be read is a JetStreamError: no retry mends it."""
+        ca, cert, key = self.tls_files
+        if ca is None and cert is None:
+            return None
+        try:
+            ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+            if cert is not None:
+                ctx.load_cert_chain(str(cert), str(key) if key else None)
+        except (OSError, ssl.SSLError) as e:
+            raise JetStreamError(f"the JetStream client's TLS files ({ca}, {cert}): {e}") from e
+        return ctx
+
+    async def _check_tls_offered(self) -> None:
+        """JetStreamError when a server named by a ``tls://`` URL says it requires no TLS:
+        nats-py follows the server's INFO (``tls_required``), not the URL's scheme, and would
+        send the credentials in clear. Checked before each first connection, on the servers
+        that answer; it catches a server configured without TLS, not a forger on the path."""
+        import json
+        from urllib.parse import urlsplit
+
+        for url in self.urls:
+            u = urlsplit(url)
+            if u.scheme != "tls":
+                continue
+            where = f"{u.hostname}:{u.port or 4222}"
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(u.hostname, u.port or 4222), 5
+                )
+            except (OSError, TimeoutError):
+                continue  # not up: nats-py tries it, and the next
+            try:
+                line = await asyncio.wait_for(reader.readline(), 5)
+                info = json.loads(line[5:]) if line.startswith(b"INFO ") else {}
+            except (OSError, TimeoutError, ValueError):
+                continue
+            finally:
+                writer.close()
+            if isinstance(info, dict) and not info.get("tls_required"):
+                raise JetStreamError(
+                    f"the NATS server {where} requires no TLS, but its URL says tls://: the "
+                    "controller does not send its credentials in clear (enable TLS on its "
+                    "client port, or give it as nats://)"
+                )
+
+    async def _on_error(self, err: Exception) -> None:
+        """nats-py's report of a failed (re)connection or a server error: counted under its
+        reason (`refusal`), and logged with it, once a minute per reason (nats-py retries
+        every second for ever)."""
+        reason, meaning = refusal(err)
+        self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._said.get(reason, -120.0) >= 60.0:
+            self._said[reason] = now
+            log.error("JetStream ingest: %s; retrying (%s)", meaning, reason)
 
     async def _bind(self, js: Any) -> list[tuple[Kind, Any]]:
         """Check the stream, create (or update) the durable consumers, bind to them."""

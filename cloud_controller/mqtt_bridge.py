@@ -121,6 +121,7 @@ class BridgeStats:
     failovers: int = 0  # connections lost or refused, each followed by the next broker
     subscribe_refused: int = 0  # SUBACKs refusing a subscription (retried with backoff)
     capture_rows: int = 0  # capture records stored (refusals: dropped["capture_…"])
+    refused: dict[str, int] = field(default_factory=dict)  # CONNACK refusals by reason
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -186,6 +187,7 @@ class MqttBridge:
         protocol: str = "3.1.1",
         jetstream_urls: str | None = None,
         jetstream_ack_wait_s: float = 30.0,
+        jetstream_tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None),
     ) -> None:
         """``broker_url``: one URL or a comma-separated list (the nodes of a cluster), tried in
         order and in turn after every lost connection. ``protocol``: "3.1.1" or "5".
@@ -224,6 +226,7 @@ class MqttBridge:
                 self._queue.put,
                 ack_wait_s=jetstream_ack_wait_s,
                 max_in_flight=4 * batch_size,
+                tls_files=jetstream_tls_files,
             )
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -421,6 +424,7 @@ class MqttBridge:
                 else ""
             )
             log.error("broker %s refused the controller: %s%s", self._where(), reason, hint)
+            self.stats.refused[str(reason)] = self.stats.refused.get(str(reason), 0) + 1
             return
         self.failover.connected()
         self._subscribe_failures = 0

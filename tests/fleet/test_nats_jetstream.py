@@ -43,7 +43,7 @@ from edgefleet.harness import NatsCluster, free_port, nats_server_binary, stop_p
 from edgefleet.keys import generate_keypair
 from edgefleet.wire.mqtt import topic
 from tests.controller.test_replicas import own_database
-from tests.fleet.conftest import wait_until
+from tests.fleet.conftest import SecureNatsCluster, wait_until
 from tests.support.services import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +87,24 @@ def test_broker_kind_nats_needs_the_nats_urls_unless_jetstream_ingest_is_off() -
     assert Settings(broker_kind="mqtt", nats_url="nats://n1:4222").jetstream_urls is None
 
 
+def test_the_jetstream_client_takes_the_brokers_ca_unless_given_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from edgefleet.cli import app
+
+    ca, own, cert, key = (tmp_path / n for n in ("ca.crt", "nats-ca.crt", "c.crt", "c.key"))
+    assert Settings(broker_ca_file=ca).nats_tls_files() == (ca, None, None)
+    given = Settings(broker_ca_file=ca, nats_ca_file=own, nats_cert_file=cert, nats_key_file=key)
+    assert given.nats_tls_files() == (own, cert, key)
+    monkeypatch.setenv("EDGEFLEET_CONTROLLER_NATS_CA_FILE", str(own))
+    monkeypatch.setenv("EDGEFLEET_CONTROLLER_NATS_CERT_FILE", str(cert))
+    assert Settings().with_env().nats_tls_files()[:2] == (own, cert)
+    out = CliRunner().invoke(app, ["controller", "serve", "--help"], env={"COLUMNS": "200"})
+    assert all(f in out.output for f in ("--nats-ca", "--nats-cert", "--nats-key")), out.output
+
+
 def test_a_nats_server_without_jetstream_is_refused_at_start(tmp_path: Path) -> None:
     """A plain NATS server (no `jetstream {}`) answers no JetStream request: the ingest says so
     at start instead of waiting for ever."""
@@ -103,6 +121,10 @@ def test_a_nats_server_without_jetstream_is_refused_at_start(tmp_path: Path) -> 
         assert wait_until(lambda: _listening(port), 10)
         ingest = JetStreamIngest(f"nats://127.0.0.1:{port}", lambda item: None)
         with pytest.raises(JetStreamError, match="no JetStream"):
+            ingest.start(timeout=20)
+        # a tls:// URL to a server without TLS: nats-py would go on in clear, credentials too
+        ingest = JetStreamIngest(f"tls://ctl:secret@127.0.0.1:{port}", lambda item: None)
+        with pytest.raises(JetStreamError, match=r"requires no TLS, but its URL says tls://"):
             ingest.start(timeout=20)
     finally:
         stop_processes([proc])
@@ -497,3 +519,121 @@ def test_a_replica_stopped_cleanly_hands_its_unprocessed_messages_to_the_next_at
             assert redelivered > 0  # the NAKed ones: the stayer got them again, at once
         finally:
             stop([r for r in (leaver, stayer) if r is not None])
+
+
+# --- TLS and passwords ---------------------------------------------------------------------------
+
+
+def _seq(url: str, device_id: str) -> int:
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as c:
+            row = c.execute(
+                text("SELECT last_status_seq FROM devices WHERE id = :d"), {"d": device_id}
+            ).first()
+        return int(row[0] or 0) if row else 0
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_over_tls_with_passwords_a_device_report_is_stored_and_acked(
+    secure_nats: SecureNatsCluster, tmp_path: Path, postgres_url: str
+) -> None:
+    """TLS and user/password on the cluster's MQTT listeners and NATS client ports: the
+    controller's bridge over mqtts://user:password@..., its JetStream client over
+    tls://user:password@... with the cluster's CA (--nats-ca), a device over MQTT/TLS with its
+    own user; its status is stored (through JetStream) and acknowledged to it."""
+    from tests.controller.conftest import start_controller
+
+    keys = generate_keypair(tmp_path / "keys", "packager")
+    with own_database(postgres_url) as url:
+        run = start_controller(
+            tmp_path / "ctl",
+            trusted=[keys.public_path],
+            broker_url=",".join(secure_nats.mqtts_urls("controller")),
+            db_url=url,
+            broker_kind="nats",
+            broker_ca_file=secure_nats.security.ca,
+            nats_url=",".join(secure_nats.tls_urls("controller")),
+            nats_ca_file=secure_nats.security.ca,
+        )
+        dev = None
+        try:
+            bridge = run.controller.bridge
+            assert bridge.wait_connected(20), bridge.stats
+            js = bridge.jetstream
+            assert js is not None and wait_until(lambda: js.stats.ready, 30), js.stats
+            acks: list[bytes] = []
+            dev = secure_nats.mqtt_client(2, "device", client_id="gw-tls-1")
+            dev.on_message = lambda _c, _u, m: acks.append(bytes(m.payload))
+            dev.connect("127.0.0.1", secure_nats.mqtt_ports[2])
+            dev.loop_start()
+            dev.subscribe(topic("gw-tls-1", "ack"), qos=0)
+            time.sleep(0.5)
+            info = dev.publish(topic("gw-tls-1", "status"), _status("gw-tls-1", 1), qos=1)
+            info.wait_for_publish(20)
+            assert wait_until(lambda: _seq(url, "gw-tls-1") == 1, 30), js.stats
+            assert wait_until(lambda: any(b'"status"' in a for a in acks), 20), acks
+            assert js.stats.fetched["status"] == 1 and js.stats.refused == {}
+            assert bridge.stats.refused == {}
+        finally:
+            if dev is not None:
+                dev.disconnect()
+                dev.loop_stop()
+            run.stop()
+
+
+@pytest.mark.slow
+def test_a_wrong_password_is_refused_with_the_reason_on_mqtt_and_on_nats(
+    secure_nats: SecureNatsCluster, tmp_path: Path, postgres_url: str, caplog: Any
+) -> None:
+    """A wrong password (and, for NATS, a CA that is not the cluster's) is not retried in
+    silence: the log and /metrics name the broker's refusal."""
+    import logging
+
+    from tests.controller.conftest import start_controller
+
+    caplog.set_level(logging.ERROR)
+    urls = secure_nats.tls_urls("controller")
+    wrong = ",".join(u.replace(":ctl-Secret-1@", ":nope@") for u in urls)
+    ingest = JetStreamIngest(
+        wrong, lambda item: None, tls_files=(secure_nats.security.ca, None, None)
+    )
+    ingest.start(timeout=3)
+    try:
+        assert wait_until(lambda: ingest.stats.refused.get("authorization_violation", 0) > 0, 15)
+        assert not ingest.stats.ready
+    finally:
+        ingest.stop()
+    assert "refused the controller's credentials (Authorization Violation)" in caplog.text
+    untrusted = JetStreamIngest(",".join(urls), lambda item: None)  # the system's CAs
+    untrusted.start(timeout=3)
+    try:
+        assert wait_until(lambda: untrusted.stats.refused.get("tls_verify_failed", 0) > 0, 15)
+    finally:
+        untrusted.stop()
+    assert "TLS certificate is not trusted" in caplog.text and "--nats-ca" in caplog.text
+
+    keys = generate_keypair(tmp_path / "keys", "packager")
+    with own_database(postgres_url) as url:
+        run = start_controller(
+            tmp_path / "ctl",
+            trusted=[keys.public_path],
+            broker_url=",".join(
+                u.replace(":ctl-Secret-1@", ":nope@") for u in secure_nats.mqtts_urls("controller")
+            ),
+            db_url=url,
+            broker_kind="nats",
+            broker_ca_file=secure_nats.security.ca,
+            jetstream_ingest=False,
+        )
+        try:
+            bridge = run.controller.bridge
+            assert wait_until(lambda: bridge.stats.refused.get("Not authorized", 0) > 0, 20)
+            assert not bridge.stats.connected
+            metrics = httpx.get(f"{run.url}/metrics", timeout=5).text
+            assert 'edgefleet_broker_refused_total{reason="Not authorized"}' in metrics, metrics
+        finally:
+            run.stop()
+    assert "refused the controller: Not authorized" in caplog.text
