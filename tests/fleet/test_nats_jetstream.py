@@ -39,11 +39,11 @@ from edgefleet.cloud_controller.jetstream import (
     parse_subject,
 )
 from edgefleet.cloud_controller.settings import Settings
-from edgefleet.harness import NatsCluster, free_port, nats_server_binary, stop_processes
+from edgefleet.harness import NatsCluster, nats_server_binary, stop_processes
 from edgefleet.keys import generate_keypair
 from edgefleet.wire.mqtt import topic
 from tests.controller.test_replicas import own_database
-from tests.fleet.conftest import SecureNatsCluster, wait_until
+from tests.fleet.conftest import SecureNatsCluster, quiet_port, wait_until
 from tests.support.services import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def test_a_nats_server_without_jetstream_is_refused_at_start(tmp_path: Path) -> 
     binary = nats_server_binary()
     require(binary is not None, "nats-server is not installed (apt-get install nats-server)")
     assert binary is not None
-    port = free_port()
+    port = quiet_port()
     proc = subprocess.Popen(
         [binary, "-a", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -291,7 +291,7 @@ class Replica:
 def start_replica(
     name: str, workdir: Path, db_url: str, cluster: NatsCluster, key: Path, ack_wait_s: float
 ) -> Replica:
-    port = free_port()
+    port = quiet_port()
     log = workdir / f"{name}.log"
     path = os.environ.get("PYTHONPATH")
     env = {
