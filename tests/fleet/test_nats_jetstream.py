@@ -637,3 +637,36 @@ def test_a_wrong_password_is_refused_with_the_reason_on_mqtt_and_on_nats(
         finally:
             run.stop()
     assert "refused the controller: Not authorized" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_replica_holds_at_most_32_capture_messages_unacknowledged(nats: NatsCluster) -> None:
+    """Capture messages are up to 2 MiB: however many wait, a replica fetches at most
+    `CAPTURE_IN_FLIGHT` of them before its bridge settles some, while status keeps flowing."""
+    from edgefleet.cloud_controller.jetstream import CAPTURE_IN_FLIGHT
+
+    got: list[tuple[str, str, bytes, Any]] = []
+    ingest = JetStreamIngest(",".join(nats.nats_urls), got.append, ack_wait_s=60)
+    ingest.start()
+    try:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cap-pub", protocol=mqtt.MQTTv311)
+        c.connect("127.0.0.1", nats.mqtt_ports[0])
+        c.loop_start()
+        infos = [
+            c.publish(topic("gw-cap", "capture"), b'{"records": []}', qos=1) for _ in range(80)
+        ]
+        infos += [c.publish(topic("gw-cap", "status"), _status("gw-cap", 1), qos=1)]
+        for info in infos:
+            info.wait_for_publish(30)
+        c.disconnect()
+        c.loop_stop()
+        assert wait_until(lambda: any(k == "status" for _, k, _, _ in got), 20)
+        time.sleep(2.0)  # room for more pulls, were there room
+        held = [m for _, k, _, m in got if k == "capture"]
+        assert len(held) == CAPTURE_IN_FLIGHT == 32
+        ingest.settle(held[:10], True)
+        assert wait_until(lambda: sum(k == "capture" for _, k, _, _ in got) == 42, 20)
+        time.sleep(1.0)
+        assert sum(k == "capture" for _, k, _, _ in got) == 42
+    finally:
+        ingest.stop()
