@@ -277,6 +277,14 @@ class _Metrics:
             c = GaugeMetricFamily("edgefleet_broker_connected", "1 when connected to the broker")
             c.add_metric([], 1.0 if b.stats.connected else 0.0)
             yield c
+            br = CounterMetricFamily(
+                "edgefleet_broker_refused",
+                "Connections the broker refused, by CONNACK reason (e.g. Not authorized)",
+                labels=["reason"],
+            )
+            for reason, n in b.stats.refused.items():
+                br.add_metric([reason], n)
+            yield br
             if b.jetstream is not None:  # broker kind "nats": reports through JetStream
                 js = b.jetstream.stats
                 f = CounterMetricFamily(
@@ -291,6 +299,26 @@ class _Metrics:
                 )
                 rd.add_metric([], js.redelivered)
                 yield rd
+                rl = CounterMetricFamily(
+                    "edgefleet_jetstream_released",
+                    "Reports fetched and not processed, NAKed at a clean stop (to other replicas)",
+                )
+                rl.add_metric([], js.released)
+                yield rl
+                rf = CounterMetricFamily(
+                    "edgefleet_jetstream_refused",
+                    "NATS connections refused or failed, by reason (authorization_violation, "
+                    "tls_verify_failed, ...)",
+                    labels=["reason"],
+                )
+                for reason, n in js.refused.items():
+                    rf.add_metric([reason], n)
+                yield rf
+                jr = GaugeMetricFamily(
+                    "edgefleet_jetstream_ready", "1 while the JetStream consumers are bound"
+                )
+                jr.add_metric([], 1.0 if js.ready else 0.0)
+                yield jr
         yield from _drift_metrics(self.ctl)
 
 

@@ -156,6 +156,7 @@ class Controller:
                 protocol=settings.resolved_mqtt_protocol,
                 jetstream_urls=settings.jetstream_urls,
                 jetstream_ack_wait_s=settings.jetstream_ack_wait_s,
+                jetstream_tls_files=settings.nats_tls_files(),
             )
             service.publish = ctl.bridge.publish
         return ctl

@@ -123,6 +123,7 @@ class BridgeStats:
     capture_rows: int = 0  # capture records stored (refusals: dropped["capture_…"])
     # batches whose rollout step failed: their status reports stay unacknowledged
     rollout_step_failures: int = 0
+    refused: dict[str, int] = field(default_factory=dict)  # CONNACK refusals by reason
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -188,11 +189,13 @@ class MqttBridge:
         protocol: str = "3.1.1",
         jetstream_urls: str | None = None,
         jetstream_ack_wait_s: float = 30.0,
+        jetstream_tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None),
     ) -> None:
         """``broker_url``: one URL or a comma-separated list (the nodes of a cluster), tried in
         order and in turn after every lost connection. ``protocol``: "3.1.1" or "5".
-        ``jetstream_urls``: on a NATS cluster, its NATS client URLs: status and telemetry are
-        then read through JetStream (`jetstream.JetStreamIngest`), not subscribed over MQTT."""
+        ``jetstream_urls``: on a NATS cluster, its NATS client URLs: status, telemetry and
+        capture are then read through JetStream (`jetstream.JetStreamIngest`), not subscribed
+        over MQTT."""
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -225,6 +228,7 @@ class MqttBridge:
                 self._queue.put,
                 ack_wait_s=jetstream_ack_wait_s,
                 max_in_flight=4 * batch_size,
+                tls_files=jetstream_tls_files,
             )
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -356,17 +360,18 @@ class MqttBridge:
         self._queue.put(("", "republish", b"", None))
 
     def subscriptions(self, shared_filters: bool = False) -> list[str]:
-        """The device-report filters: status and telemetry shared (`$share/edgefleet/…`)
-        unless turned off. Presence is retained, and a shared subscription gets no retained
-        messages (MQTT 5, 4.8.2): every replica reads every presence (a state: writing it
-        twice changes nothing), so a replica that starts learns the fleet as it is."""
-        from edgefleet.wire.mqtt import SHARE_GROUP, subscription
+        """The device-report filters: status, telemetry and capture shared
+        (`$share/edgefleet/…`) unless turned off (none of them on NATS: JetStream). Presence
+        is retained, and a shared subscription gets no retained messages (MQTT 5, 4.8.2): every
+        replica reads every presence (a state: writing it twice changes nothing), so a replica
+        that starts learns the fleet as it is."""
+        from edgefleet.wire.mqtt import SHARE_GROUP, Kind, subscription
 
-        reports = [
-            subscription(k)
-            for k in ("status", "telemetry", "capture")
-            if self.jetstream is None or k == "capture"  # else read through JetStream
-        ]
+        # on NATS they come through JetStream instead, shared by the replicas (jetstream.py)
+        kinds: tuple[Kind, ...] = (
+            () if self.jetstream is not None else ("status", "telemetry", "capture")
+        )
+        reports = [subscription(k) for k in kinds]
         if self.shared and (shared_filters or self.shared_works is not False):
             reports = [f"$share/{SHARE_GROUP}/{f}" for f in reports]
         return [*reports, subscription("presence")]
@@ -421,6 +426,7 @@ class MqttBridge:
                 else ""
             )
             log.error("broker %s refused the controller: %s%s", self._where(), reason, hint)
+            self.stats.refused[str(reason)] = self.stats.refused.get(str(reason), 0) + 1
             return
         self.failover.connected()
         self._subscribe_failures = 0
@@ -436,9 +442,10 @@ class MqttBridge:
         if self.jetstream is not None:
             # a persistent session from before JetStream ingest still holds these (on NATS,
             # consumers that would deliver every report here too, and keep it until then)
-            from edgefleet.wire.mqtt import subscription
+            from edgefleet.wire.mqtt import Kind, subscription
 
-            self._client.unsubscribe([subscription("status"), subscription("telemetry")])
+            ingest: tuple[Kind, ...] = ("status", "telemetry", "capture")
+            self._client.unsubscribe([subscription(k) for k in ingest])
         self._client.subscribe([(f, 1) for f in self.subscriptions()])
 
     def _on_subscribe(self, _client: Any, _ud: Any, _mid: Any, reasons: Any, _props: Any) -> None:

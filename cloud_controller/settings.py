@@ -110,6 +110,9 @@ ENV_SETTINGS: tuple[tuple[str, type], ...] = (
     ("BROKER_KIND", str),
     ("NATS_URL", str),
     ("JETSTREAM_ACK_WAIT_S", float),
+    ("NATS_CA_FILE", Path),
+    ("NATS_CERT_FILE", Path),
+    ("NATS_KEY_FILE", Path),
     ("REPLICA_ID", str),
     ("LEASE_TTL_S", float),
     ("LEASE_RENEW_S", float),
@@ -172,6 +175,13 @@ class Settings:
     nats_url: str | None = None
     jetstream_ingest: bool = True
     jetstream_ack_wait_s: float = 30.0  # a report unacknowledged this long goes to a replica again
+    # TLS of the JetStream client (`nats_tls_files`): the CA that signed the NATS servers'
+    # certificates (default: the broker's CA, `broker_tls_files`, else the system's), and a
+    # client certificate and key for a NATS server that verifies clients. Credentials go in
+    # the URLs (nats://user:password@host:4222, tls://user:password@host:4222).
+    nats_ca_file: Path | None = None
+    nats_cert_file: Path | None = None
+    nats_key_file: Path | None = None
     mqtt_client_id: str = "edgefleet-controller"  # persistent session: QoS 1 kept while away
     # Replicas (docs/controller.md, Replicas): a stable id per replica names its lease and its
     # MQTT client (`<mqtt_client_id>-<replica_id>`); unset: host name + pid, and the MQTT
@@ -241,6 +251,12 @@ class Settings:
             pick(self.broker_key_file, d / "controller-client.key"),
         )
 
+    def nats_tls_files(self) -> tuple[Path | None, Path | None, Path | None]:
+        """(CA, client cert, client key) for the JetStream client's TLS; the CA defaults to
+        the broker link's (one cluster serves MQTT and NATS), the client pair to none."""
+        ca = self.nats_ca_file if self.nats_ca_file is not None else self.broker_tls_files()[0]
+        return ca, self.nats_cert_file, self.nats_key_file
+
     @property
     def resolved_mqtt_protocol(self) -> str:
         """The protocol the bridge speaks: "3.1.1" or "5" (ValueError for anything else)."""
@@ -261,7 +277,7 @@ class Settings:
 
     @property
     def jetstream_urls(self) -> str | None:
-        """The NATS URLs the bridge reads status and telemetry from, or None (over MQTT).
+        """The NATS URLs the bridge reads status, telemetry and capture from, or None (over MQTT).
         ValueError when JetStream ingest is on for a NATS broker that was given none."""
         if self.resolved_broker_kind != "nats" or not self.jetstream_ingest:
             return None

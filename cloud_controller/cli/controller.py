@@ -163,13 +163,24 @@ def serve(
         None,
         "--nats-url",
         help="Broker kind nats: the cluster's NATS client URL(s), comma-separated "
-        "(nats://n1:4222,...); status and telemetry are read through JetStream from there.",
+        "(nats://n1:4222,...); status, telemetry and capture are read through JetStream from "
+        "there.",
     ),
+    nats_ca: Path = typer.Option(
+        None,
+        "--nats-ca",
+        help="Broker kind nats: the CA of the NATS servers' TLS certificates (tls://... URLs, or "
+        "a client port that requires TLS; default: --broker-ca, else the system's CAs).",
+    ),
+    nats_cert: Path = typer.Option(
+        None, "--nats-cert", help="The JetStream client's TLS certificate (servers verifying it)."
+    ),
+    nats_key: Path = typer.Option(None, "--nats-key", help="Its key."),
     jetstream_ingest: bool = typer.Option(
         None,
         "--jetstream-ingest/--no-jetstream-ingest",
-        help="Broker kind nats: read status and telemetry through JetStream consumers shared "
-        "by the replicas (default on); off: every replica reads every report over MQTT.",
+        help="Broker kind nats: read status, telemetry and capture through JetStream consumers "
+        "shared by the replicas (default on); off: every replica reads every report over MQTT.",
     ),
 ) -> None:
     """Run the controller (API, MQTT bridge, rollout engine) until interrupted. Any number of
@@ -197,6 +208,9 @@ def serve(
         replica_id=replica_id,
         shared_subscriptions=shared_subscriptions,
         nats_url=nats_url,
+        nats_ca_file=nats_ca,
+        nats_cert_file=nats_cert,
+        nats_key_file=nats_key,
         jetstream_ingest=jetstream_ingest,
     )
     from edgefleet.cloud_controller.mqtt_bridge import broker_addresses

@@ -50,8 +50,10 @@ def start_controller(
     client_id: str | None = None,
     before_start: Callable[[Any], None] | None = None,
     device_broker_urls: tuple[str, ...] = (),
+    **more: Any,
 ) -> Running:
-    """Build the controller app and serve it with uvicorn in a thread on a free port."""
+    """Build the controller app and serve it with uvicorn in a thread on a free port
+    (``more``: further `Settings` fields, e.g. ``broker_kind="nats"``)."""
     import uvicorn
 
     from edgefleet.cloud_controller import auth
@@ -74,6 +76,7 @@ def start_controller(
         signing_key=signing_key,
         mqtt_client_id=client_id or f"ctl-test-{uuid.uuid4().hex[:8]}",
         device_broker_urls=device_broker_urls,
+        **more,
     )
     ctl = Controller.build(settings)
     if before_start is not None:

@@ -9,11 +9,12 @@ import http.server
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -179,6 +180,42 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05
     return predicate()
 
 
+C = TypeVar("C", bound=NatsCluster)
+
+
+def quiet_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port below the kernel's ephemeral range: `free_port` picks one inside it,
+    which an outgoing connection may take before the server binds it (seen here with ten
+    thousand simulated devices of another job connected: a node died with "address already in
+    use")."""
+    import random
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12_000), low - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low - 12_000}, {low})")
+
+
+def off_ephemeral(cluster: C) -> C:
+    """The cluster's ports moved to `quiet_port` ones (before it starts)."""
+    if Path("/proc/sys/net/ipv4/ip_local_port_range").exists():
+        for ports in (
+            cluster.client_ports,
+            cluster.cluster_ports,
+            cluster.mqtt_ports,
+            cluster.monitor_ports,
+        ):
+            ports[:] = [quiet_port(cluster.host) for _ in ports]
+    return cluster
+
+
 @pytest.fixture
 def nats(tmp_path: Path) -> Iterator[NatsCluster]:
     """A three-node NATS cluster (MQTT and JetStream on every node) of the test's own."""
@@ -186,5 +223,109 @@ def nats(tmp_path: Path) -> Iterator[NatsCluster]:
         nats_server_binary() is not None,
         "nats-server is not installed (apt-get install nats-server)",
     )
-    with NatsCluster(tmp_path / "nats", nodes=3) as cluster:
+    with off_ephemeral(NatsCluster(tmp_path / "nats", nodes=3)) as cluster:
+        yield cluster
+
+
+@dataclass
+class NatsSecurity:
+    """A CA and the nodes' server certificate (for 127.0.0.1 and localhost), and the users
+    (name: password) that the MQTT listener and the NATS client port accept."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    users: dict[str, str]
+
+    @classmethod
+    def create(cls, d: Path, users: dict[str, str]) -> NatsSecurity:
+        """The controller's own PKI code (`cloud_controller.pki`, what `controller
+        mosquitto-config` uses for Mosquitto's TLS) makes the CA and the certificate."""
+        from edgefleet.cloud_controller import pki
+
+        ca = pki.CertificateAuthority.load_or_create(d / "ca")
+        key = pki.new_key()
+        cert = pki.issue_server(
+            ca.key, ca.cert, key.public_key(), ["127.0.0.1", "localhost"], datetime.now(UTC)
+        )
+        (d / "server.crt").write_bytes(pki.cert_pem(cert))
+        pki.write_private(d / "server.key", pki.key_pem(key))
+        return cls(ca.cert_path, d / "server.crt", d / "server.key", users)
+
+
+class SecureNatsCluster(NatsCluster):
+    """`NatsCluster` with TLS on every node's MQTT listener and NATS client port, and user /
+    password authorization on both (the routes between the nodes stay plain, on loopback)."""
+
+    def __init__(self, workdir: Path, security: NatsSecurity, nodes: int = 3) -> None:
+        super().__init__(workdir, nodes)
+        self.security = security
+
+    def config_text(self, i: int) -> str:
+        s = self.security
+        tls = f'tls {{\n  cert_file: "{s.cert}"\n  key_file: "{s.key}"\n  timeout: 5\n}}\n'
+        users = ", ".join(f'{{user: "{u}", password: "{p}"}}' for u, p in s.users.items())
+        base = super().config_text(i).replace("mqtt {\n", "mqtt {\n" + tls)
+        return base + tls + f"authorization {{\n  users: [{users}]\n}}\n"
+
+    def mqtts_urls(self, user: str) -> list[str]:
+        return [f"mqtts://{user}:{self.security.users[user]}@{u[7:]}" for u in self.mqtt_urls]
+
+    def tls_urls(self, user: str) -> list[str]:
+        return [f"tls://{user}:{self.security.users[user]}@{u[7:]}" for u in self.nats_urls]
+
+    def mqtt_client(self, i: int, user: str, password: str | None = None, **kw: Any) -> Any:
+        """A paho client (3.1.1) set up for node ``i``'s MQTT listener: TLS, credentials."""
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311, **kw)
+        c.tls_set(ca_certs=str(self.security.ca))
+        c.username_pw_set(user, self.security.users[user] if password is None else password)
+        return c
+
+    def wait_ready(self, which: Any = None, timeout: float | None = None) -> None:
+        """Every node accepts an MQTT session over TLS with a user's password (the plain
+        probe of `NatsCluster` speaks no TLS)."""
+        user = next(iter(self.security.users))
+        deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
+        for i in range(len(self.names)) if which is None else which:
+            while self._connack(i, user) != 0:
+                for j in range(len(self.names)):  # a node that died cannot take its replica
+                    if self.procs[j] is not None and not self.alive(j):
+                        raise AssertionError(f"nats node {self.names[j]}: {self.log_tail(j)}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"nats node {self.names[i]}: {self.log_tail(i)}")
+                time.sleep(0.3)
+
+    def _connack(self, i: int, user: str) -> int | None:
+        got: list[int] = []
+        done = threading.Event()
+
+        def on_connect(cl: Any, u: Any, flags: Any, reason: Any, props: Any) -> None:
+            got.append(int(reason.value))
+            done.set()
+
+        c = self.mqtt_client(i, user, client_id=f"probe-{uuid.uuid4().hex[:8]}")
+        c.on_connect = on_connect
+        try:
+            c.connect(self.host, self.mqtt_ports[i], keepalive=10)
+        except OSError:
+            return None
+        c.loop_start()
+        done.wait(3)
+        c.disconnect()
+        c.loop_stop()
+        return got[0] if got else None
+
+
+@pytest.fixture
+def secure_nats(tmp_path: Path) -> Iterator[SecureNatsCluster]:
+    """A three-node NATS cluster with TLS and passwords on its MQTT and client ports; users
+    ``controller`` and ``device``."""
+    require(
+        nats_server_binary() is not None,
+        "nats-server is not installed (apt-get install nats-server)",
+    )
+    sec = NatsSecurity.create(
+        tmp_path / "nats-pki", {"controller": "ctl-Secret-1", "device": "dev-Secret-2"}
+    )
+    with off_ephemeral(SecureNatsCluster(tmp_path / "nats", sec, nodes=3)) as cluster:
         yield cluster

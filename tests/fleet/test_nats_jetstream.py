@@ -39,11 +39,11 @@ from edgefleet.cloud_controller.jetstream import (
     parse_subject,
 )
 from edgefleet.cloud_controller.settings import Settings
-from edgefleet.harness import NatsCluster, free_port, nats_server_binary, stop_processes
+from edgefleet.harness import NatsCluster, nats_server_binary, stop_processes
 from edgefleet.keys import generate_keypair
 from edgefleet.wire.mqtt import topic
 from tests.controller.test_replicas import own_database
-from tests.fleet.conftest import wait_until
+from tests.fleet.conftest import SecureNatsCluster, quiet_port, wait_until
 from tests.support.services import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,13 +87,31 @@ def test_broker_kind_nats_needs_the_nats_urls_unless_jetstream_ingest_is_off() -
     assert Settings(broker_kind="mqtt", nats_url="nats://n1:4222").jetstream_urls is None
 
 
+def test_the_jetstream_client_takes_the_brokers_ca_unless_given_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from edgefleet.cli import app
+
+    ca, own, cert, key = (tmp_path / n for n in ("ca.crt", "nats-ca.crt", "c.crt", "c.key"))
+    assert Settings(broker_ca_file=ca).nats_tls_files() == (ca, None, None)
+    given = Settings(broker_ca_file=ca, nats_ca_file=own, nats_cert_file=cert, nats_key_file=key)
+    assert given.nats_tls_files() == (own, cert, key)
+    monkeypatch.setenv("EDGEFLEET_CONTROLLER_NATS_CA_FILE", str(own))
+    monkeypatch.setenv("EDGEFLEET_CONTROLLER_NATS_CERT_FILE", str(cert))
+    assert Settings().with_env().nats_tls_files()[:2] == (own, cert)
+    out = CliRunner().invoke(app, ["controller", "serve", "--help"], env={"COLUMNS": "200"})
+    assert all(f in out.output for f in ("--nats-ca", "--nats-cert", "--nats-key")), out.output
+
+
 def test_a_nats_server_without_jetstream_is_refused_at_start(tmp_path: Path) -> None:
     """A plain NATS server (no `jetstream {}`) answers no JetStream request: the ingest says so
     at start instead of waiting for ever."""
     binary = nats_server_binary()
     require(binary is not None, "nats-server is not installed (apt-get install nats-server)")
     assert binary is not None
-    port = free_port()
+    port = quiet_port()
     proc = subprocess.Popen(
         [binary, "-a", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -103,6 +121,10 @@ def test_a_nats_server_without_jetstream_is_refused_at_start(tmp_path: Path) -> 
         assert wait_until(lambda: _listening(port), 10)
         ingest = JetStreamIngest(f"nats://127.0.0.1:{port}", lambda item: None)
         with pytest.raises(JetStreamError, match="no JetStream"):
+            ingest.start(timeout=20)
+        # a tls:// URL to a server without TLS: nats-py would go on in clear, credentials too
+        ingest = JetStreamIngest(f"tls://ctl:secret@127.0.0.1:{port}", lambda item: None)
+        with pytest.raises(JetStreamError, match=r"requires no TLS, but its URL says tls://"):
             ingest.start(timeout=20)
     finally:
         stop_processes([proc])
@@ -269,7 +291,7 @@ class Replica:
 def start_replica(
     name: str, workdir: Path, db_url: str, cluster: NatsCluster, key: Path, ack_wait_s: float
 ) -> Replica:
-    port = free_port()
+    port = quiet_port()
     log = workdir / f"{name}.log"
     path = os.environ.get("PYTHONPATH")
     env = {
@@ -378,3 +400,273 @@ def test_a_replica_killed_mid_batch_loses_nothing(
             assert redelivered > 0
         finally:
             stop([survivor])
+
+
+@pytest.mark.slow
+def test_capture_goes_to_one_replica_and_the_flood_limit_holds_fleet_wide(
+    nats: NatsCluster, tmp_path: Path, postgres_url: str
+) -> None:
+    """Capture messages come through the third shared consumer, like status and telemetry:
+    two in-process controllers on one PostgreSQL database each take some, none takes one
+    twice, and together they store the capture's rows per minute once (the rate is counted in
+    the database, under the capture's row lock), refusing the rest once each. Read over MQTT
+    on NATS (no shared subscriptions) every replica ingested every capture message: the
+    refusals were counted twice, and each record was checked and acknowledged twice."""
+    from sqlalchemy import func, select
+
+    from edgefleet.cloud_controller.db import transaction
+    from edgefleet.cloud_controller.models import CapturedRow
+    from tests.controller.conftest import start_controller
+    from tests.controller.test_capture import MODEL, RawDevice, _manage, _row
+
+    keys = generate_keypair(tmp_path / "keys", "packager")
+    with own_database(postgres_url) as url:
+        common: dict[str, Any] = {
+            "trusted": [keys.public_path],
+            "broker_url": ",".join(nats.mqtt_urls),
+            "db_url": url,
+            "broker_kind": "nats",
+            "nats_url": ",".join(nats.nats_urls),
+            "jetstream_ack_wait_s": 30.0,
+        }
+        a = start_controller(tmp_path / "a", **common)
+        b = None
+        pub = None
+        try:
+            b = start_controller(
+                tmp_path / "b", signing_key=tmp_path / "a" / "keys" / "controller.key", **common
+            )
+            for c in (a, b):
+                assert c.controller.bridge.wait_connected(20)
+                js = c.controller.bridge.jetstream
+                assert js is not None and wait_until(lambda js=js: js.stats.ready, 30)
+            dev = "cap-nats-1"
+            _manage(a, [dev])
+            r = a.client("operator").post(
+                "/api/v1/captures",
+                json={"model": MODEL, "devices": [dev], "rows": 100, "max_rows_per_minute": 5},
+            )
+            assert r.status_code == 201, r.text
+            cid = r.json()["id"]
+            pub = RawDevice(_Node(nats.mqtt_ports[1]), dev)
+            for i in range(40):  # one row a message
+                pub.publish_capture(json.dumps({"records": [_row(cid, i)]}))
+            assert wait_until(lambda: pub.acked() >= set(range(40)), 60), pub.acks
+            bridges = [c.controller.bridge for c in (a, b)]
+            assert wait_until(lambda: all(br.idle() for br in bridges), 30)
+            taken = [br.stats.received["capture"] for br in bridges]
+            refused = [br.stats.dropped.get("capture_rate", 0) for br in bridges]
+            with transaction(a.controller.factory) as s:
+                stored_rows = s.scalar(select(func.count()).select_from(CapturedRow))
+                distinct = s.scalar(select(func.count(func.distinct(CapturedRow.record_id))))
+            per = a.client("viewer").get(f"/api/v1/captures/{cid}").json()["per_device"][dev]
+            print(f"\ncapture messages per replica {taken}, rate refusals per replica {refused}")
+            assert sum(taken) == 40, taken  # each message ingested by one replica
+            assert sum(refused) == 30, refused
+            assert stored_rows == distinct == per["rows"] == 10  # 2 x 5 a minute, fleet-wide
+            assert per["refused"]["capture_rate"] == 30
+            for kind in ("status", "telemetry", "capture"):
+                assert consumer(nats, kind).num_ack_pending == 0
+        finally:
+            if pub is not None:
+                pub.close()
+            if b is not None:
+                b.stop()
+            a.stop()
+
+
+@dataclass
+class _Node:
+    """One NATS node's MQTT listener, as `RawDevice` takes a broker."""
+
+    port: int
+    host: str = "127.0.0.1"
+
+
+@pytest.mark.slow
+def test_a_replica_stopped_cleanly_hands_its_unprocessed_messages_to_the_next_at_once(
+    nats: NatsCluster, tmp_path: Path, postgres_url: str
+) -> None:
+    """A replica stopped with SIGTERM while it holds a backlog it fetched and has not processed
+    NAKs those messages: the next replica stores them within seconds of the stop (its own start
+    included), not after the ack wait (120 s here; before, every message the stopped replica
+    held waited that long). The next replica starts after the stop: a replica running beside
+    it would have worked off the whole backlog with it before any stop could catch it."""
+    ack_wait = 120.0
+    key = generate_keypair(tmp_path / "keys", "controller")
+    with own_database(postgres_url) as url:
+        db.upgrade(db.make_engine(url))
+        stop([start_replica("leaver", tmp_path, url, nats, key.private_path, ack_wait)])
+        devices = [f"gw-leave-{i}" for i in range(500)]
+        sent = publish(nats, devices, statuses=5, envelopes=3)  # a backlog, 4,000 messages
+        leaver = start_replica("leaver", tmp_path, url, nats, key.private_path, ack_wait)
+        stayer = None
+        try:
+            assert wait_until(lambda: leaver.metric("status") > 0, 60, 0.02), leaver.tail()
+            held = consumer(nats, "status").num_ack_pending
+            t0 = time.monotonic()
+            stop([leaver])  # SIGTERM: a clean stop, in the middle of the backlog
+            assert not complete(url, sent)
+            stayer = start_replica("stayer", tmp_path, url, nats, key.private_path, ack_wait)
+            assert wait_until(lambda: complete(url, sent), ack_wait / 4, 0.5), stored(url, devices)
+            took = time.monotonic() - t0
+            assert_exactly_once(url, sent)
+            redelivered = stayer.metric("", "edgefleet_jetstream_redelivered_total")
+            print(
+                f"{held} status messages held at the stop; all stored {took:.1f} s after it "
+                f"(ack wait {ack_wait:.0f} s); {redelivered} delivered again"
+            )
+            assert redelivered > 0  # the NAKed ones: the stayer got them again, at once
+        finally:
+            stop([r for r in (leaver, stayer) if r is not None])
+
+
+# --- TLS and passwords ---------------------------------------------------------------------------
+
+
+def _seq(url: str, device_id: str) -> int:
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as c:
+            row = c.execute(
+                text("SELECT last_status_seq FROM devices WHERE id = :d"), {"d": device_id}
+            ).first()
+        return int(row[0] or 0) if row else 0
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_over_tls_with_passwords_a_device_report_is_stored_and_acked(
+    secure_nats: SecureNatsCluster, tmp_path: Path, postgres_url: str
+) -> None:
+    """TLS and user/password on the cluster's MQTT listeners and NATS client ports: the
+    controller's bridge over mqtts://user:password@..., its JetStream client over
+    tls://user:password@... with the cluster's CA (--nats-ca), a device over MQTT/TLS with its
+    own user; its status is stored (through JetStream) and acknowledged to it."""
+    from tests.controller.conftest import start_controller
+
+    keys = generate_keypair(tmp_path / "keys", "packager")
+    with own_database(postgres_url) as url:
+        run = start_controller(
+            tmp_path / "ctl",
+            trusted=[keys.public_path],
+            broker_url=",".join(secure_nats.mqtts_urls("controller")),
+            db_url=url,
+            broker_kind="nats",
+            broker_ca_file=secure_nats.security.ca,
+            nats_url=",".join(secure_nats.tls_urls("controller")),
+            nats_ca_file=secure_nats.security.ca,
+        )
+        dev = None
+        try:
+            bridge = run.controller.bridge
+            assert bridge.wait_connected(20), bridge.stats
+            js = bridge.jetstream
+            assert js is not None and wait_until(lambda: js.stats.ready, 30), js.stats
+            acks: list[bytes] = []
+            dev = secure_nats.mqtt_client(2, "device", client_id="gw-tls-1")
+            dev.on_message = lambda _c, _u, m: acks.append(bytes(m.payload))
+            dev.connect("127.0.0.1", secure_nats.mqtt_ports[2])
+            dev.loop_start()
+            dev.subscribe(topic("gw-tls-1", "ack"), qos=0)
+            time.sleep(0.5)
+            info = dev.publish(topic("gw-tls-1", "status"), _status("gw-tls-1", 1), qos=1)
+            info.wait_for_publish(20)
+            assert wait_until(lambda: _seq(url, "gw-tls-1") == 1, 30), js.stats
+            assert wait_until(lambda: any(b'"status"' in a for a in acks), 20), acks
+            assert js.stats.fetched["status"] == 1 and js.stats.refused == {}
+            assert bridge.stats.refused == {}
+        finally:
+            if dev is not None:
+                dev.disconnect()
+                dev.loop_stop()
+            run.stop()
+
+
+@pytest.mark.slow
+def test_a_wrong_password_is_refused_with_the_reason_on_mqtt_and_on_nats(
+    secure_nats: SecureNatsCluster, tmp_path: Path, postgres_url: str, caplog: Any
+) -> None:
+    """A wrong password (and, for NATS, a CA that is not the cluster's) is not retried in
+    silence: the log and /metrics name the broker's refusal."""
+    import logging
+
+    from tests.controller.conftest import start_controller
+
+    caplog.set_level(logging.ERROR)
+    urls = secure_nats.tls_urls("controller")
+    wrong = ",".join(u.replace(":ctl-Secret-1@", ":nope@") for u in urls)
+    ingest = JetStreamIngest(
+        wrong, lambda item: None, tls_files=(secure_nats.security.ca, None, None)
+    )
+    ingest.start(timeout=3)
+    try:
+        assert wait_until(lambda: ingest.stats.refused.get("authorization_violation", 0) > 0, 15)
+        assert not ingest.stats.ready
+    finally:
+        ingest.stop()
+    assert "refused the controller's credentials (Authorization Violation)" in caplog.text
+    untrusted = JetStreamIngest(",".join(urls), lambda item: None)  # the system's CAs
+    untrusted.start(timeout=3)
+    try:
+        assert wait_until(lambda: untrusted.stats.refused.get("tls_verify_failed", 0) > 0, 15)
+    finally:
+        untrusted.stop()
+    assert "TLS certificate is not trusted" in caplog.text and "--nats-ca" in caplog.text
+
+    keys = generate_keypair(tmp_path / "keys", "packager")
+    with own_database(postgres_url) as url:
+        run = start_controller(
+            tmp_path / "ctl",
+            trusted=[keys.public_path],
+            broker_url=",".join(
+                u.replace(":ctl-Secret-1@", ":nope@") for u in secure_nats.mqtts_urls("controller")
+            ),
+            db_url=url,
+            broker_kind="nats",
+            broker_ca_file=secure_nats.security.ca,
+            jetstream_ingest=False,
+        )
+        try:
+            bridge = run.controller.bridge
+            assert wait_until(lambda: bridge.stats.refused.get("Not authorized", 0) > 0, 20)
+            assert not bridge.stats.connected
+            metrics = httpx.get(f"{run.url}/metrics", timeout=5).text
+            assert 'edgefleet_broker_refused_total{reason="Not authorized"}' in metrics, metrics
+        finally:
+            run.stop()
+    assert "refused the controller: Not authorized" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_replica_holds_at_most_32_capture_messages_unacknowledged(nats: NatsCluster) -> None:
+    """Capture messages are up to 2 MiB: however many wait, a replica fetches at most
+    `CAPTURE_IN_FLIGHT` of them before its bridge settles some, while status keeps flowing."""
+    from edgefleet.cloud_controller.jetstream import CAPTURE_IN_FLIGHT
+
+    got: list[tuple[str, str, bytes, Any]] = []
+    ingest = JetStreamIngest(",".join(nats.nats_urls), got.append, ack_wait_s=60)
+    ingest.start()
+    try:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cap-pub", protocol=mqtt.MQTTv311)
+        c.connect("127.0.0.1", nats.mqtt_ports[0])
+        c.loop_start()
+        infos = [
+            c.publish(topic("gw-cap", "capture"), b'{"records": []}', qos=1) for _ in range(80)
+        ]
+        infos += [c.publish(topic("gw-cap", "status"), _status("gw-cap", 1), qos=1)]
+        for info in infos:
+            info.wait_for_publish(30)
+        c.disconnect()
+        c.loop_stop()
+        assert wait_until(lambda: any(k == "status" for _, k, _, _ in got), 20)
+        time.sleep(2.0)  # room for more pulls, were there room
+        held = [m for _, k, _, m in got if k == "capture"]
+        assert len(held) == CAPTURE_IN_FLIGHT == 32
+        ingest.settle(held[:10], True)
+        assert wait_until(lambda: sum(k == "capture" for _, k, _, _ in got) == 42, 20)
+        time.sleep(1.0)
+        assert sum(k == "capture" for _, k, _, _ in got) == 42
+    finally:
+        ingest.stop()
