@@ -31,9 +31,11 @@ from edgefleet.wire.telemetry import TelemetryEnvelope
 #: ``publish(kind, payload) -> message id``: one QoS 1 message on this device's topic.
 Publish = Callable[[Kind, bytes], int]
 AckMode = Literal["auto", "on", "off"]
-#: Records of one capture message, JSON bytes (docs/limits.md): a record holds at most
-#: 256 KiB of tensors (~350 KB as base64), so one always fits.
-MAX_CAPTURE_MESSAGE = 1024**2
+#: One capture message, its whole JSON payload (docs/limits.md): a record holds at most
+#: 256 KiB of tensors (~350 KB as base64), so one always fits. 16 KiB under 1 MiB: NATS's
+#: default ``max_payload`` (1 MiB) counts the MQTT topic and JetStream's headers too, and a
+#: message over it is refused with the connection.
+MAX_CAPTURE_MESSAGE = 1024**2 - 16 * 1024
 
 
 class RecordOutbox(Protocol):
@@ -186,11 +188,11 @@ class Delivery:
                 payload = json.dumps(TelemetryEnvelope(self.device_id, batch).to_dict()).encode()
                 self._publish(publish, self.telemetry, "telemetry", batch, payload)
         if self.capture is not None:
-            # one message stays under MAX_CAPTURE_MESSAGE (the broker's packet limit is above)
+            # one message stays under MAX_CAPTURE_MESSAGE, its envelope and separators counted
             rows: list[dict[str, Any]] = []
-            size = 0
+            size = len(json.dumps({"device_id": self.device_id, "records": []}))
             for _, r in self._fresh(self.capture, self.capture_batch):
-                n = len(json.dumps(r))
+                n = len(json.dumps(r)) + 2  # ", " between records
                 if rows and size + n > MAX_CAPTURE_MESSAGE:
                     break
                 rows.append(r)

@@ -105,3 +105,34 @@ def test_auto_learns_that_the_controller_acks_and_remembers(tmp_path: Path) -> N
 def test_bad_mode() -> None:
     with pytest.raises(ValueError, match="acks"):
         Delivery("dev", Outbox(":memory:"), None, acks="sometimes")  # type: ignore[arg-type]
+
+
+def test_a_capture_message_stays_under_natss_payload_limit_with_its_envelope(
+    tmp_path: Path,
+) -> None:
+    """Records are added while the whole payload, envelope and separators included, stays 16
+    KiB under NATS's default 1 MiB max_payload (which counts the topic and JetStream's headers
+    too). Counting the records' JSON alone against 1 MiB sent four records of just under 1 MiB
+    together as a message over it."""
+    cap = Outbox(tmp_path / "c.sqlite")
+    d = Delivery(
+        "dev", Outbox(tmp_path / "s.sqlite"), None, capture=cap, capture_batch=64, acks="on"
+    )
+    for _ in range(4):
+        cap.append({"blob": ""})
+    one = len(json.dumps(cap.pending(1)[0][1]))  # a record's JSON as delivery measures it
+    cap = Outbox(tmp_path / "c2.sqlite")
+    d.capture = cap
+    for _ in range(4):  # four records whose JSON adds up to 20 bytes under 1 MiB
+        cap.append({"blob": "a" * ((1024**2 - 20) // 4 - one)})
+    sent: list[dict[str, object]] = []
+    sizes: list[int] = []
+
+    def publish(kind: Kind, payload: bytes) -> int:
+        sizes.append(len(payload))
+        sent.append(json.loads(payload))
+        return len(sizes)
+
+    d.flush(publish, time.monotonic())
+    assert sizes and all(n <= 1024**2 - 16 * 1024 for n in sizes), sizes
+    assert [len(m["records"]) for m in sent] == [3]  # type: ignore[arg-type]  # 4th waits
