@@ -41,6 +41,7 @@ from edgefleet.packager.quantize import (
     BuildError,
     build_candidate,
     model_size,
+    nothing_to_quantize,
     preprocess,
     save_model,
 )
@@ -592,12 +593,14 @@ def _package_profile(
         passed = next((c.candidate for c in result.candidates if c.accepted), None)
         if unmet is None and recipe.only_if_needed and passed is not None:
             unmet = f"not needed: {passed} already met its gates"
+        effective, note = resolve_backend(recipe)
+        if unmet is None:
+            unmet = nothing_to_quantize(effective, src.prepared)
         if unmet is not None:
             result.candidates.append(
                 CandidateResult(recipe.id, recipe.to_dict(), skipped=unmet, measured_on=None)
             )
             continue
-        effective, note = resolve_backend(recipe)
         recipes[recipe.id] = effective
         cr = _evaluate(ctx, effective)
         cr.recipe = recipe.to_dict()

@@ -256,6 +256,37 @@ def activation_matmuls(model: Path) -> list[str]:
     ]
 
 
+def nothing_to_quantize(recipe: Recipe, model: Path) -> str | None:
+    """Why an ONNX Runtime recipe limited to some op types would quantize nothing in ``model``
+    (None when it would quantize something).
+
+    A MatMul-only recipe on a pure conv net writes the FP32 graph back under an INT8 recipe's
+    name; judged on latency noise it could win against ``fp32-optimized`` and ship as "INT8".
+    """
+    import onnx
+
+    if recipe.backend != "ort" or recipe.method not in ("dynamic", "static", "qnn"):
+        return None
+    types = recipe.op_types or (("MatMul", "Gemm") if recipe.method == "dynamic" else None)
+    if not types:
+        return None
+    excluded = set(recipe.nodes_to_exclude)
+    weights_only = recipe.method in ("static", "qnn") and recipe.exclude_activation_matmul
+    if weights_only:
+        excluded |= set(activation_matmuls(model))
+    proto = onnx.load(str(model), load_external_data=False)
+    graphs = [proto.graph]  # with the bodies of If / Loop / Scan
+    while graphs:
+        g = graphs.pop()
+        for n in g.node:
+            if n.op_type in types and n.name not in excluded:
+                return None
+            for a in n.attribute:
+                graphs += [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+    what = " or ".join(types) + " node" + (" with a constant weight" if weights_only else "")
+    return f"nothing to quantize: the model has no {what} (the recipe's op_types)"
+
+
 def _equalized(
     recipe: Recipe,
     prepared: Path,

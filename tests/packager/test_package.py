@@ -493,3 +493,72 @@ def test_accuracy_aware_search_keeps_the_fewest_sensitive_nodes_in_fp32(
     assert names == [n["node"] for n in derived.fp32_nodes]
     assert m["quantization"]["recipe"]["nodes_to_exclude"] == names
     assert m["validation"]["agreement"] >= 0.999
+
+
+OP_TYPES = """
+id = "cpu-op-types"
+cpu_fallback = true
+[[execution_providers]]
+name = "CPUExecutionProvider"
+[[quantization.candidates]]
+id = "fp32-optimized"
+method = "optimized"
+[[quantization.candidates]]
+id = "matmul-only"
+method = "static"
+per_channel = true
+op_types = ["MatMul"]
+exclude_activation_matmul = true
+[[quantization.candidates]]
+id = "dynamic-matmul"
+method = "dynamic"
+op_types = ["MatMul"]
+[[quantization.candidates]]
+id = "gemm-only"
+method = "static"
+per_channel = true
+op_types = ["Gemm"]
+[accuracy_gate]
+min_agreement = 0.9
+max_accuracy_drop = 0.05
+[device_gates]
+max_p95_ms = 10
+max_memory_mb = 100
+sample_atol = 0.1
+sample_rtol = 0
+min_sample_agreement = 0.5
+"""
+
+
+def test_a_recipe_whose_op_types_the_model_lacks_is_skipped_not_shipped(
+    examples: dict[str, ExampleModel], signing_key: KeyPair, tmp_path: Path
+) -> None:
+    """A MatMul-only recipe on a net without MatMul (PP-OCRv4 det: Conv only) wrote the FP32
+    graph back under an INT8 recipe's name, won on latency noise and shipped as
+    'static-qdq-u8s8-matmul'. It is skipped with the reason; a recipe whose op types the model
+    has (Gemm here) is built as before."""
+    from edgefleet.packager.pipeline import package_model
+    from edgefleet.packager.profiles import load_profile_file
+
+    path = tmp_path / "cpu-op-types.toml"
+    path.write_text(OP_TYPES)
+    ex = examples["digits-cnn"]  # Conv, Conv, Gemm
+    report = package_model(
+        ex.model, name="cnn", version="1.0.0", profiles=[load_profile_file(path)],
+        calibration=ex.calibration, validation=ex.validation, key=signing_key.private_path,
+        out_dir=tmp_path / "out", bench_runs=5, bench_seconds=0.1,
+    )  # fmt: skip
+    (result,) = report.profiles
+    assert result.ok, result.failure
+    by_id = {c.candidate: c for c in result.candidates}
+    for skipped in ("matmul-only", "dynamic-matmul"):
+        c = by_id[skipped]
+        assert c.skipped is not None and c.p50_ms is None and not c.chosen
+        assert c.skipped.startswith("nothing to quantize: the model has no MatMul node")
+        assert c.reason == f"skipped: {c.skipped}"
+    assert "with a constant weight" in (by_id["matmul-only"].skipped or "")
+    assert by_id["gemm-only"].skipped is None and by_id["gemm-only"].p50_ms is not None
+    assert result.chosen in ("fp32-optimized", "gemm-only")
+    m = read_manifest(result.package)  # type: ignore[arg-type]
+    search = {c["candidate"]: c for c in m["quantization"]["search"]}
+    assert search["matmul-only"]["skipped"].startswith("nothing to quantize")
