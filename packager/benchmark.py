@@ -47,6 +47,45 @@ def measure(
     return Latency(float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), len(times))
 
 
+def measure_interleaved(
+    sessions: Mapping[str, Any],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    rounds: int = 12,
+    per_round: int = 5,
+    max_seconds: float = 6.0,
+    warmup: int = 3,
+) -> dict[str, Latency]:
+    """Time several models in turns: each round runs every model ``per_round`` single-sample
+    times, starting one model later each round, so that a change of load on a shared host falls
+    on all of them alike (timed one after the other, a load peak during one model's turn decides
+    a ranking by a few percent). Stops after ``max_seconds`` once every model ran a round."""
+    names = list(sessions)
+    feeds = {
+        n: {i.name: np.ascontiguousarray(inputs[i.name][:1]) for i in sessions[n].get_inputs()}
+        for n in names
+    }
+    for n in names:
+        for _ in range(warmup):
+            sessions[n].run(None, feeds[n])
+    times: dict[str, list[float]] = {n: [] for n in names}
+    deadline = time.perf_counter() + max_seconds
+    for r in range(max(1, rounds)):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            sess, feed = sessions[n], feeds[n]
+            for _ in range(max(1, per_round)):
+                start = time.perf_counter()
+                sess.run(None, feed)
+                times[n].append(time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    out: dict[str, Latency] = {}
+    for n, t in times.items():
+        ms = np.asarray(t) * 1000.0
+        out[n] = Latency(float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), len(t))
+    return out
+
+
 def cpu_flags() -> list[str]:
     """The CPU features that decide INT8 speed (VNNI, AMX, AVX-512, NEON dot product)."""
     interesting = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"}

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.packager.backends.verify import combine, recipe_constraints, summary, verify
-from edgefleet.packager.benchmark import Latency, host_info, measure
+from edgefleet.packager.benchmark import Latency, host_info, measure, measure_interleaved
 from edgefleet.packager.evaluate import (
     Judging,
     JudgingError,
@@ -95,6 +95,8 @@ class ProfileResult:
     #: Wall-clock seconds this profile's search and packaging took. Builds another profile
     #: made first are reused, not repeated: their time counts where they were built.
     seconds: float = 0.0
+    #: The FP32 source timed in turns with the finalists (`_retime_finalists`), when they were.
+    source_interleaved: Latency | None = None
 
     @property
     def ok(self) -> bool:
@@ -607,6 +609,8 @@ def _package_profile(
         cr.backend_note = note
         result.candidates.append(cr)
     _recover(ctx, result, recipes)
+    if rank == "latency":
+        _retime_finalists(ctx, result)
     best = choose(result.candidates, rank=rank)
     notify(profile.id, "writing package" if best else "no candidate within gate", total - 1, total)
     if best is None:
@@ -659,6 +663,8 @@ def _package_profile(
         files["model.onnx.data"] = data
         ext_members.append("model.onnx.data")
     result.metrics, result.latency, result.size_bytes = b.metrics, b.latency, model_size(final)
+    if best.timing is not None and best.p50_ms is not None and best.p95_ms is not None:
+        result.latency = Latency(best.p50_ms, best.p95_ms, int(best.timing["runs"]))
     manifest = _manifest(
         profile, src, best, result, shared, gates, final, ext_members, manifest_base, on_host
     )
@@ -686,6 +692,57 @@ class _Search:
     bench: dict[str, Any]
     strict: bool
     rank: str
+
+
+#: Accepted candidates within this factor of the fastest are timed again, in turns, before the
+#: choice (at most `MAX_FINALISTS` of them, the fastest first).
+FINALIST_MARGIN = 1.5
+MAX_FINALISTS = 4
+
+
+def _retime_finalists(ctx: _Search, result: ProfileResult) -> None:
+    """Time the accepted candidates close to the fastest again, in turns with each other and
+    the FP32 source (`benchmark.measure_interleaved`), and rank them on those figures.
+
+    Each candidate was first timed alone, one after another: on a shared host a load peak
+    during one of them decided the ranking (PP-OCRv4 det: an INT8 recipe timed at 8.0 ms
+    against 12.8 ms for the FP32-optimized graph during a peak, then 1.4x slower than it in
+    turns). The first figures stay in each candidate's ``timing``."""
+    accepted = sorted(
+        (c for c in result.candidates if c.accepted and c.p50_ms is not None),
+        key=lambda c: c.p50_ms or 0.0,
+    )
+    if len(accepted) < 2:
+        return
+    fastest = accepted[0].p50_ms or 0.0
+    finalists = [c for c in accepted if (c.p50_ms or 0.0) <= fastest * FINALIST_MARGIN]
+    finalists = finalists[:MAX_FINALISTS]
+    if len(finalists) < 2:
+        return
+    sessions: dict[str, Any] = {}
+    for c in finalists:
+        model = ctx.built[c.candidate].model
+        assert model is not None
+        sessions[c.candidate] = session(
+            model, providers=[ctx.provider], threads=ctx.bench["threads"]
+        )
+    source = "\0source"  # not a candidate id (ids are recipe names)
+    sessions[source] = session(
+        ctx.src.model, providers=[ctx.provider], threads=ctx.bench["threads"]
+    )
+    timed = measure_interleaved(
+        sessions, ctx.src.inputs, max_seconds=max(2.0, 2 * float(ctx.bench["seconds"]))
+    )
+    for c in finalists:
+        lat = timed[c.candidate]
+        c.timing = {
+            "interleaved_with": [f.candidate for f in finalists if f is not c] + ["FP32 source"],
+            "runs": lat.runs,
+            "sequential_p50_ms": c.p50_ms,
+            "sequential_p95_ms": c.p95_ms,
+        }
+        c.p50_ms, c.p95_ms = lat.p50_ms, lat.p95_ms
+    result.source_interleaved = timed[source]
 
 
 def _evaluate(ctx: _Search, recipe: Recipe) -> CandidateResult:
@@ -889,6 +946,11 @@ def _manifest(
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     m = best.metrics
     assert m is not None and best.p50_ms is not None
+    source = (
+        result.source_interleaved
+        if best.timing is not None and result.source_interleaved is not None
+        else src.latency
+    )
     validated_on = result.validated_on
     note = (
         f"validated and benchmarked on {validated_on}"
@@ -949,9 +1011,11 @@ def _manifest(
             "p95_ms": best.p95_ms,
             "runs": result.latency.runs if result.latency else None,
             "batch": 1,
-            "source_p50_ms": src.latency.p50_ms,
-            "source_p95_ms": src.latency.p95_ms,
-            "speedup_p50": src.latency.p50_ms / best.p50_ms if best.p50_ms else None,
+            "source_p50_ms": source.p50_ms,
+            "source_p95_ms": source.p95_ms,
+            "speedup_p50": source.p50_ms / best.p50_ms if best.p50_ms else None,
+            # the chosen candidate and the source timed in turns (a fair ratio on a busy host)
+            "timing": "interleaved" if best.timing is not None else "sequential",
             "size_ratio": model_size(final) / src.size_bytes,
         },
         "gates": gates,

@@ -81,6 +81,9 @@ class CandidateResult:
     #: Seconds spent building it (quantizing, not measuring); None when another profile's
     #: identical build was reused.
     build_s: float | None = None
+    #: Set when the finalists were timed again in turns (`benchmark.measure_interleaved`):
+    #: p50_ms/p95_ms are those figures, and this keeps the first, sequential ones.
+    timing: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.skipped is not None:  # never built: nothing to attribute it to
@@ -117,6 +120,8 @@ class CandidateResult:
         }
         if self.cost is not None:
             d["cost"] = self.cost
+        if self.timing is not None:
+            d["timing"] = self.timing
         if self.recovery is not None:
             d["recovery"] = self.recovery
         if self.verification is not None:

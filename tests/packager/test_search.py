@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from edgefleet.packager.evaluate import Metrics, compare
@@ -76,3 +78,37 @@ def test_compare_metrics() -> None:
     assert m.accuracy == pytest.approx(1 / 3) and m.source_accuracy == pytest.approx(2 / 3)
     assert m.max_abs_error == pytest.approx(0.4)
     assert m.score_output == "p"
+
+
+def test_interleaved_timing_runs_every_model_in_turns_and_ranks_by_work(tmp_path: Path) -> None:
+    """`measure_interleaved` gives each model the same number of runs, in rotated turns, and
+    a model doing 16x the multiplications comes out slower (real ONNX Runtime sessions)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgefleet.packager.benchmark import measure_interleaved
+    from edgefleet.packager.evaluate import session
+
+    def chain(depth: int, path: Path) -> Path:
+        w = numpy_helper.from_array(np.full((256, 256), 1 / 256, dtype=np.float32), "w")
+        nodes = [
+            helper.make_node("MatMul", [f"h{i}" if i else "x", "w"], [f"h{i + 1}"])
+            for i in range(depth)
+        ]
+        g = helper.make_graph(
+            nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
+            [helper.make_tensor_value_info(f"h{depth}", TensorProto.FLOAT, [None, 256])], [w],
+        )  # fmt: skip
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    sessions = {
+        "light": session(chain(1, tmp_path / "light.onnx"), threads=1),
+        "heavy": session(chain(16, tmp_path / "heavy.onnx"), threads=1),
+    }
+    got = measure_interleaved(
+        sessions, {"x": np.ones((1, 256), np.float32)}, rounds=6, per_round=4, max_seconds=30
+    )
+    assert got["light"].runs == got["heavy"].runs == 24
+    assert got["heavy"].p50_ms > got["light"].p50_ms
