@@ -106,20 +106,31 @@ class QuarkBackend:
         )
         tmp = out.with_name(out.stem + ".quark.onnx")
         start = time.perf_counter()
+        reader = make_reader(prepared, calibration)
+        tmp_path = str(tmp.resolve())
         # Quark writes a summary (quantized_info.csv) into the working directory: keep it out
         # of the caller's.
-        reader = make_reader(prepared, calibration)
-        source_path, tmp_path = str(prepared.resolve()), str(tmp.resolve())
         with (
             quiet("quark"),
             _screen_logs_off(),
             tempfile.TemporaryDirectory() as scratch,
             contextlib.chdir(scratch),
         ):
+            # The prepared model's inferred shapes (`value_info`) go stale in the graphs Quark
+            # rewrites for CLE and AdaRound, and ONNX Runtime plans its buffers by them: on
+            # PP-OCRv4 det, AdaRound's own sessions failed ("Shape mismatch attempting to
+            # re-use buffer {1,192,1,1} != {1,192,8,8}" at a squeeze-excite Mul) and its output
+            # did not run. Quark gets the model without them, and its output is cleared too.
+            bare = onnx.load(str(prepared), load_external_data=True)
+            del bare.graph.value_info[:]
+            source_path = str(Path(scratch) / "prepared.onnx")
+            save_model(bare, Path(source_path), external=external)
+            del bare
             ModelQuantizer(config).quantize_model(source_path, tmp_path, reader)
         seconds = time.perf_counter() - start
         quantized = onnx.load(str(tmp))
         tmp.unlink(missing_ok=True)
+        del quantized.graph.value_info[:]  # ONNX Runtime infers them again, correctly
         constraints = self.constraints(recipe)
         problems = verify(quantized, constraints)
         if problems:

@@ -233,3 +233,29 @@ def test_aimet_a16w8_output_has_sixteen_bit_activations(
         "mtcnn-rnet", run_all(session(rnet.model), data), run_all(session(out), data)
     )
     assert ok.mean() >= 0.9
+
+
+def test_quark_adaround_output_runs_where_inferred_shapes_went_stale(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """PP-OCRv4 det: the pre-processed model's inferred shapes (value_info) went stale in the
+    graph Quark rewrites for CLE + AdaRound, and ONNX Runtime refused to run the output
+    ("Shape mismatch attempting to re-use buffer {1,192,1,1} != {1,192,8,8}" at a
+    squeeze-excite Mul). Quark now gets the model without them, and its output is cleared too:
+    it runs, and is judged like any other candidate."""
+    _need_torch_backend("quark")
+    reason = zoo.unavailable("ppocr-det")
+    require(reason is None, reason or "")
+    det = zoo.prepare("ppocr-det", tmp_path_factory.mktemp("det"), n_calibration=8, n_validation=4)
+    prepared, _ = preprocess(
+        det.model, tmp_path_factory.mktemp("detprep") / "m.onnx", external=False
+    )
+    recipe = Recipe(
+        "q", "static", backend="quark",
+        backend_options={"algorithms": ["cle", "adaround"], "iterations": 2},
+    )  # fmt: skip
+    out = _build(recipe, det, prepared, tmp_path_factory.mktemp("detq") / "quark.onnx")
+    assert len(_onnx(out).graph.value_info) == 0
+    data = load_npz(det.confident)
+    got = run_all(session(out), data)  # raised before
+    assert all(np.isfinite(v).all() for v in got.values())
