@@ -21,7 +21,7 @@ Rules (each violation names its rule, the node and what was found):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,11 +154,34 @@ def _is_pow2(x: float) -> bool:
     return bool(m == 0.5)
 
 
+def _graphs(graph: Any) -> Iterator[Any]:
+    """``graph`` and every graph nested in its nodes (If branches, Loop and Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _graphs(a.g)
+            for sub in a.graphs:
+                yield from _graphs(sub)
+
+
+class _Flat:
+    """The nodes and initializers of a graph and its subgraphs, as one graph: a subgraph reads
+    the names of the scopes around it, so one namespace serves (exporters name uniquely)."""
+
+    def __init__(self, graph: Any) -> None:
+        graphs = list(_graphs(graph))
+        self.node = [n for g in graphs for n in g.node]
+        self.initializer = [t for g in graphs for t in g.initializer]
+
+
 def verify(model: Any, c: Constraints) -> list[Violation]:
-    """Every way ``model`` (an ``onnx.ModelProto``) breaks ``c``; empty when it meets them."""
+    """Every way ``model`` (an ``onnx.ModelProto``) breaks ``c``; empty when it meets them.
+    Nodes inside subgraphs (an If's branches, a Loop's body) are checked like the others: a
+    scale that is no power of two there breaks the target as much as one outside."""
     from onnx import numpy_helper
 
-    g = model.graph
+    g = _Flat(model.graph)
     init = {t.name: t for t in g.initializer}
     consts: dict[str, np.ndarray] = {n: numpy_helper.to_array(t) for n, t in init.items()}
     for node in g.node:  # Constant nodes hold scales/zero points in some exporters

@@ -196,3 +196,48 @@ def test_a_costly_candidate_is_built_only_when_no_earlier_one_met_its_gates(
     assert reports["after-pow2"].chosen == "pow2"
     alone = {c.candidate: c for c in reports["alone"].candidates}["pow2-costly"]
     assert alone.skipped is None and alone.accepted and reports["alone"].chosen == "pow2-costly"
+
+
+def test_nodes_inside_subgraphs_are_checked_like_the_others() -> None:
+    """A Q/DQ pair with a scale of 0.3 inside an If branch (where exporters put e.g. an LSTM
+    of Silero VAD) breaks a power-of-two target as much as one outside: the check walked the
+    top-level graph only, and passed it."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgefleet.packager.backends.verify import verify
+
+    def qdq(scale: float, x: str, y: str, tag: str) -> tuple[list[object], list[object]]:
+        inits = [
+            numpy_helper.from_array(np.array(scale, np.float32), f"s_{tag}"),
+            numpy_helper.from_array(np.array(0, np.int8), f"z_{tag}"),
+        ]
+        nodes = [
+            helper.make_node("QuantizeLinear", [x, f"s_{tag}", f"z_{tag}"], [f"q_{tag}"], f"Q_{tag}"),
+            helper.make_node("DequantizeLinear", [f"q_{tag}", f"s_{tag}", f"z_{tag}"], [y], f"DQ_{tag}"),
+        ]  # fmt: skip
+        return nodes, inits
+
+    def branch(scale: float, tag: str) -> object:
+        nodes, inits = qdq(scale, "x", f"out_{tag}", tag)
+        out = helper.make_tensor_value_info(f"out_{tag}", TensorProto.FLOAT, [1])
+        return helper.make_graph(nodes, tag, [], [out], inits)
+
+    top_nodes, top_inits = qdq(0.25, "x", "y", "top")
+    cond = helper.make_node(
+        "If", ["c"], ["z"], "if", then_branch=branch(0.3, "then"), else_branch=branch(0.5, "else")
+    )
+    g = helper.make_graph(
+        [*top_nodes, cond], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])],
+        top_inits,
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    bad = verify(model, Constraints(power_of_two=True, symmetric=True))
+    assert [(v.rule, v.node) for v in bad] == [
+        ("power_of_two", "Q_then"),
+        ("power_of_two", "DQ_then"),
+    ]
