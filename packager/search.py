@@ -323,6 +323,10 @@ def cost_key(r: CandidateResult) -> tuple[float, float]:
 #: Candidates within this fraction of the fastest p50 are a tie (timing noise on a shared host):
 #: the most faithful of them wins.
 LATENCY_TIE = 0.05
+#: Ranked by cost: candidates with the fewest FP32 compute nodes whose sizes are within this
+#: fraction of the smallest are a tie (a few bytes of graph predict nothing on the target): the
+#: most faithful of them wins.
+SIZE_TIE = 0.01
 
 
 def _fidelity_key(r: CandidateResult) -> tuple[float, float]:
@@ -337,13 +341,20 @@ def choose(results: Sequence[CandidateResult], *, rank: str = "latency") -> Cand
 
     ``rank="latency"``: fastest p50 wins; candidates within :data:`LATENCY_TIE` of it are a tie,
     won by the highest agreement, then output cosine, then the earlier candidate in the profile. ``rank="cost"``: :func:`cost_key` decides (the figures were
-    not measured on the target, so latency would predict nothing), then profile order.
+    not measured on the target, so latency would predict nothing); sizes within
+    :data:`SIZE_TIE` of the smallest are a tie, won the same way.
     """
     accepted = [r for r in results if r.accepted and r.p50_ms is not None]
     best: CandidateResult | None = None
     if accepted:
         if rank == "cost":
-            best = min(accepted, key=cost_key)
+            fp32, smallest = cost_key(min(accepted, key=cost_key))
+            close = [
+                r
+                for r in accepted
+                if cost_key(r)[0] == fp32 and cost_key(r)[1] <= smallest * (1 + SIZE_TIE)
+            ]
+            best = max(close, key=_fidelity_key)  # the earlier one on a full tie
         else:
             fastest = min(r.p50_ms or 0.0 for r in accepted)
             close = [r for r in accepted if (r.p50_ms or 0.0) <= fastest * (1 + LATENCY_TIE)]
@@ -363,7 +374,12 @@ def choose(results: Sequence[CandidateResult], *, rank: str = "latency") -> Cand
                 fp32, size = cost_key(r)
                 r.reason = (
                     f"lowest cost within gate ({int(fp32)} FP32 compute nodes, {int(size)} bytes;"
-                    " latency not measured on the target)"
+                    " latency not measured on the target"
+                )
+                r.reason += (
+                    f"; most faithful of those within {SIZE_TIE:.0%} of the smallest)"
+                    if cost_key(r) != min(cost_key(a) for a in accepted)
+                    else ")"
                 )
             else:
                 r.reason = f"fastest within gate (p50 {r.p50_ms:.4f} ms"

@@ -112,3 +112,26 @@ def test_interleaved_timing_runs_every_model_in_turns_and_ranks_by_work(tmp_path
     )
     assert got["light"].runs == got["heavy"].runs == 24
     assert got["heavy"].p50_ms > got["light"].p50_ms
+
+
+def test_cost_ranking_takes_sizes_a_few_bytes_apart_as_a_tie_won_by_fidelity() -> None:
+    """Off target, the cost model ranks by FP32 compute nodes, then size: two FP16 builds 66
+    bytes apart (open-nsfw on gpu-cuda) were decided by those bytes. Sizes within 1 % of the
+    smallest are a tie now, won by the most faithful; fewer FP32 nodes still win outright."""
+
+    def cand(name: str, fp32: int, size: int, agreement: float) -> CandidateResult:
+        c = _cand(name, 1.0, _metrics(agreement))
+        c.cost, c.size_bytes = {"fp32_compute_nodes": fp32}, size
+        return c
+
+    results = [
+        cand("smallest", 0, 1_000_000, 0.985),
+        cand("66-bytes-more", 0, 1_000_066, 0.995),
+        cand("2-percent-more", 0, 1_020_000, 1.0),
+        cand("fewer-quantized", 3, 900_000, 1.0),
+    ]
+    best = choose(results, rank="cost")
+    assert best is not None and best.candidate == "66-bytes-more"
+    assert "most faithful of those within 1% of the smallest" in best.reason
+    alone = choose([cand("a", 0, 1_000_000, 0.99), cand("b", 2, 10, 1.0)], rank="cost")
+    assert alone is not None and alone.candidate == "a" and alone.reason.endswith("target)")
