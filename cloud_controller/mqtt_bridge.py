@@ -32,7 +32,7 @@ from edgefleet.cloud_controller import desired, devices
 from edgefleet.cloud_controller import rollout_engine as E
 from edgefleet.cloud_controller.db import transaction
 from edgefleet.cloud_controller.desired import Signer
-from edgefleet.cloud_controller.jetstream import JetStreamIngest
+from edgefleet.cloud_controller.jetstream import KINDS, JetStreamIngest
 from edgefleet.cloud_controller.models import Device
 from edgefleet.cloud_controller.rollouts import RolloutService
 from edgefleet.wire import ids
@@ -442,10 +442,9 @@ class MqttBridge:
         if self.jetstream is not None:
             # a persistent session from before JetStream ingest still holds these (on NATS,
             # consumers that would deliver every report here too, and keep it until then)
-            from edgefleet.wire.mqtt import Kind, subscription
+            from edgefleet.wire.mqtt import subscription
 
-            ingest: tuple[Kind, ...] = ("status", "telemetry", "capture")
-            self._client.unsubscribe([subscription(k) for k in ingest])
+            self._client.unsubscribe([subscription(k) for k in KINDS])
         self._client.subscribe([(f, 1) for f in self.subscriptions()])
 
     def _on_subscribe(self, _client: Any, _ud: Any, _mid: Any, reasons: Any, _props: Any) -> None:

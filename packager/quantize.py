@@ -265,6 +265,8 @@ def nothing_to_quantize(recipe: Recipe, model: Path) -> str | None:
     """
     import onnx
 
+    from edgefleet.packager.backends.verify import all_graphs
+
     if recipe.backend != "ort" or recipe.method not in ("dynamic", "static", "qnn"):
         return None
     types = recipe.op_types or (("MatMul", "Gemm") if recipe.method == "dynamic" else None)
@@ -275,14 +277,9 @@ def nothing_to_quantize(recipe: Recipe, model: Path) -> str | None:
     if weights_only:
         excluded |= set(activation_matmuls(model))
     proto = onnx.load(str(model), load_external_data=False)
-    graphs = [proto.graph]  # with the bodies of If / Loop / Scan
-    while graphs:
-        g = graphs.pop()
-        for n in g.node:
-            if n.op_type in types and n.name not in excluded:
-                return None
-            for a in n.attribute:
-                graphs += [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+    for g in all_graphs(proto.graph):  # with the bodies of If / Loop / Scan
+        if any(n.op_type in types and n.name not in excluded for n in g.node):
+            return None
     what = " or ".join(types) + " node" + (" with a constant weight" if weights_only else "")
     return f"nothing to quantize: the model has no {what} (the recipe's op_types)"
 

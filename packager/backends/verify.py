@@ -154,15 +154,15 @@ def _is_pow2(x: float) -> bool:
     return bool(m == 0.5)
 
 
-def _graphs(graph: Any) -> Iterator[Any]:
+def all_graphs(graph: Any) -> Iterator[Any]:
     """``graph`` and every graph nested in its nodes (If branches, Loop and Scan bodies)."""
     yield graph
     for node in graph.node:
         for a in node.attribute:
             if a.HasField("g"):
-                yield from _graphs(a.g)
+                yield from all_graphs(a.g)
             for sub in a.graphs:
-                yield from _graphs(sub)
+                yield from all_graphs(sub)
 
 
 class _Flat:
@@ -170,7 +170,7 @@ class _Flat:
     the names of the scopes around it, so one namespace serves (exporters name uniquely)."""
 
     def __init__(self, graph: Any) -> None:
-        graphs = list(_graphs(graph))
+        graphs = list(all_graphs(graph))
         self.node = [n for g in graphs for n in g.node]
         self.initializer = [t for g in graphs for t in g.initializer]
 
