@@ -123,6 +123,16 @@ class CaptureDevice:
         self.capture.stop()
 
 
+def _start_capture(run: Running, devices: list[str], rows: int, per_minute: int) -> str:
+    """Start a capture of MODEL on ``devices`` through the API (as an operator); its id."""
+    r = run.client("operator").post(
+        "/api/v1/captures",
+        json={"model": MODEL, "devices": devices, "rows": rows, "max_rows_per_minute": per_minute},
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
 def _manage(run: Running, devices: list[str]) -> None:
     """Each device's desired state names the model (what a rollout leaves there)."""
     from edgefleet.cloud_controller import desired
@@ -302,12 +312,7 @@ def test_adversarial_records_are_refused_counted_and_never_stored(
 
     dev = f"cap-adv-{tmp_path.name[-8:].replace('_', '-')}"
     _manage(ctl, [dev])
-    r = ctl.client("operator").post(
-        "/api/v1/captures",
-        json={"model": MODEL, "devices": [dev], "rows": 5, "max_rows_per_minute": 1},
-    )
-    assert r.status_code == 201, r.text
-    cid = r.json()["id"]
+    cid = _start_capture(ctl, [dev], rows=5, per_minute=1)
     huge = {"dtype": "float32", "shape": [2**40, 2**40], "data": "AAAA"}
     lying = {"dtype": "float32", "shape": [1, 4], "data": base64.b64encode(b"\0" * 12).decode()}
     records = [

@@ -17,7 +17,13 @@ import pytest
 
 from edgefleet.keys import KeyPair
 from tests.controller.conftest import start_controller
-from tests.controller.test_capture import MODEL, RawDevice, _manage, _row, _wait
+from tests.controller.test_capture import (
+    RawDevice,
+    _manage,
+    _row,
+    _start_capture,
+    _wait,
+)
 from tests.controller.test_replicas import own_database
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,12 +54,7 @@ def test_two_replicas_store_no_more_than_the_rate_together(
             assert b.controller.bridge.wait_connected(10)
             dev = "cap-flood-1"
             _manage(a, [dev])
-            r = a.client("operator").post(
-                "/api/v1/captures",
-                json={"model": MODEL, "devices": [dev], "rows": 100, "max_rows_per_minute": 5},
-            )
-            assert r.status_code == 201, r.text
-            cid = r.json()["id"]
+            cid = _start_capture(a, [dev], rows=100, per_minute=5)
             time.sleep(1.0)  # both bridges' shared subscriptions are in place
             pub = RawDevice(broker, dev)
             try:

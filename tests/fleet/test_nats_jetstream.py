@@ -417,7 +417,7 @@ def test_capture_goes_to_one_replica_and_the_flood_limit_holds_fleet_wide(
     from edgefleet.cloud_controller.db import transaction
     from edgefleet.cloud_controller.models import CapturedRow
     from tests.controller.conftest import start_controller
-    from tests.controller.test_capture import MODEL, RawDevice, _manage, _row
+    from tests.controller.test_capture import RawDevice, _manage, _row, _start_capture
 
     keys = generate_keypair(tmp_path / "keys", "packager")
     with own_database(postgres_url) as url:
@@ -442,12 +442,7 @@ def test_capture_goes_to_one_replica_and_the_flood_limit_holds_fleet_wide(
                 assert js is not None and wait_until(lambda js=js: js.stats.ready, 30)
             dev = "cap-nats-1"
             _manage(a, [dev])
-            r = a.client("operator").post(
-                "/api/v1/captures",
-                json={"model": MODEL, "devices": [dev], "rows": 100, "max_rows_per_minute": 5},
-            )
-            assert r.status_code == 201, r.text
-            cid = r.json()["id"]
+            cid = _start_capture(a, [dev], rows=100, per_minute=5)
             pub = RawDevice(_Node(nats.mqtt_ports[1]), dev)
             for i in range(40):  # one row a message
                 pub.publish_capture(json.dumps({"records": [_row(cid, i)]}))
