@@ -206,10 +206,13 @@ def test_kill_mid_extraction_leaves_no_partial_directory(
         os.kill(agent.proc.pid, signal.SIGKILL)
     finally:
         agent.kill()
-    assert partial()  # what the kill left
+    left = partial()  # what the kill left
+    assert left
     agent = AgentProcess(cfg)
     try:
-        assert not partial()
+        # the restarted agent resumes INSTALLING, which extracts again into a directory of a new
+        # name: only the ones the kill left must be gone once it is up
+        assert not [p for p in left if p.exists()]
         assert agent.wait_terminal(uid)["state"] == "COMMITTED"
         assert served_version(agent.port, "lookup", np.array([3.0], np.float32)) == "1.0.0"
         assert not partial()
