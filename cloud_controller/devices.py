@@ -178,23 +178,21 @@ def set_labels(
 
 
 class SeqBatch:
-    """The seq floors and desired seqs of a batch's devices, read with two queries (the bridge
-    applies hundreds of reports per batch: one SELECT per report each was most of its time)."""
+    """The seq floors and desired seqs of a batch's devices, read with two queries and written
+    with one statement per kind (`write`): the bridge applies hundreds of reports per batch, and
+    one SELECT, or one ORM object, per report each was most of its time."""
 
     def __init__(self, session: Session, device_ids: Collection[str]) -> None:
         ids_ = sorted(set(device_ids))
-        self.floors: dict[str, DeviceSeqFloor] = {
-            f.device_id: f
-            for f in session.scalars(
-                select(DeviceSeqFloor).where(id_in(DeviceSeqFloor.device_id, ids_, session))
+        floors = cast(Table, DeviceSeqFloor.__table__)
+        self.floors: dict[str, int] = {
+            d: f
+            for d, f in session.execute(
+                select(floors.c.device_id, floors.c.floor).where(
+                    id_in(floors.c.device_id, ids_, session)
+                )
             )
         }
-        # A floor added earlier in this transaction is pending, invisible to a query under
-        # no_autoflush (where the bridge works): two reports of a new device in one batch
-        # would insert its row twice and lose the whole batch.
-        for o in session.new:
-            if isinstance(o, DeviceSeqFloor) and o.device_id in ids_:
-                self.floors[o.device_id] = o
         self.desired: dict[str, int] = {
             d: q
             for d, q in session.execute(
@@ -203,6 +201,36 @@ class SeqBatch:
                 )
             )
         }
+        self._new: dict[str, tuple[int, datetime]] = {}  # floors to insert
+        self._raised: dict[str, tuple[int, datetime]] = {}  # floors to raise
+
+    def note(self, device_id: str, seq: int, now: datetime) -> None:
+        """The device says it accepted ``seq``: its floor, created or raised (never lowered)."""
+        floor = self.floors.get(device_id)
+        if floor is None:
+            self._new[device_id] = (seq, now)
+        elif seq > floor:  # only when it rises: every status report carries it (no UPDATE)
+            (self._new if device_id in self._new else self._raised)[device_id] = (seq, now)
+        else:
+            return
+        self.floors[device_id] = seq
+
+    def write(self, session: Session) -> None:
+        """The floors noted since the last write: one INSERT and one UPDATE (executemany)."""
+        table = cast(Table, DeviceSeqFloor.__table__)
+        if self._new:
+            session.execute(
+                table.insert(),
+                [{"device_id": d, "floor": f, "reported_at": t} for d, (f, t) in self._new.items()],
+            )
+        if self._raised:
+            session.execute(
+                update(table)
+                .where(table.c.device_id == bindparam("b_id"))
+                .values(floor=bindparam("b_floor"), reported_at=bindparam("b_at")),
+                [{"b_id": d, "b_floor": f, "b_at": t} for d, (f, t) in self._raised.items()],
+            )
+        self._new, self._raised = {}, {}
 
 
 def note_device_seq(
@@ -210,17 +238,72 @@ def note_device_seq(
 ) -> bool:
     """Record the highest desired seq the device reports accepting; True when it is above the
     controller's own sequence for it (the database went backwards: the device would drop every
-    new state until the controller continues above it). ``batch``: preloaded rows."""
+    new state until the controller continues above it). ``batch``: preloaded rows, whose
+    `SeqBatch.write` the caller runs; without one, the floor is written at once."""
+    own_batch = batch is None
     batch = batch if batch is not None else SeqBatch(session, [device_id])
-    floor = batch.floors.get(device_id)
-    if floor is None:
-        floor = DeviceSeqFloor(device_id=device_id, floor=seq, reported_at=now)
-        session.add(floor)
-        batch.floors[device_id] = floor
-    elif seq > floor.floor:  # only when it rises: every status report carries it (no UPDATE)
-        floor.floor, floor.reported_at = seq, now
+    batch.note(device_id, seq, now)
+    if own_batch:
+        batch.write(session)
     own = batch.desired.get(device_id)
     return own is not None and own < seq
+
+
+class StatusRows:
+    """The columns of a device row that its status reports move, read for many devices with
+    one query and written back with one statement per shape (`write`): the bridge's way for the
+    devices whose batch holds nothing but status reports and telemetry (the ORM costs several
+    times as much per row). Each `StatusRow` is what `_status` reads and writes."""
+
+    def __init__(self, session: Session, device_ids: Collection[str]) -> None:
+        t = cast(Table, Device.__table__)
+        q = select(t.c.id, t.c.last_status_seq, t.c.recent_status_seqs, t.c.installed).where(
+            id_in(t.c.id, device_ids, session)
+        )
+        self.rows: dict[str, StatusRow] = {
+            d: StatusRow(seq, list(recent or []), dict(installed or {}))
+            for d, seq, recent, installed in session.execute(q)
+        }
+
+    def write(self, session: Session) -> None:
+        """Every row a report moved: one executemany per set of columns written."""
+        t = cast(Table, Device.__table__)
+        shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for d, row in self.rows.items():
+            if row.last_seen is None:
+                continue  # no fresh report: nothing moved
+            values: dict[str, Any] = {
+                "last_status_seq": row.last_status_seq,
+                "recent_status_seqs": row.recent_status_seqs,
+                "installed": row.installed,
+                "last_seen": row.last_seen,
+            }
+            if row.last_status is not None:
+                values["last_status"] = row.last_status
+            shapes.setdefault(tuple(values), []).append(
+                {"b_id": d, **{f"b_{k}": v for k, v in values.items()}}
+            )
+        for columns, params in shapes.items():
+            stmt = (
+                update(t)
+                .where(t.c.id == bindparam("b_id"))
+                .values({c: bindparam(f"b_{c}", type_=t.c[c].type) for c in columns})
+            )
+            session.execute(stmt, params)
+
+
+class StatusRow:
+    """A device's status bookkeeping, as `StatusRows` read it (the ORM `Device` has the same
+    attributes): ``last_status`` and ``last_seen`` are only written (None: not moved)."""
+
+    __slots__ = ("installed", "last_seen", "last_status", "last_status_seq", "recent_status_seqs")
+
+    def __init__(self, seq: int | None, recent: list[int], installed: dict[str, Any]) -> None:
+        self.last_status_seq = seq
+        self.recent_status_seqs = recent
+        self.installed = installed
+        self.last_status: dict[str, Any] | None = None
+        self.last_seen: datetime | None = None
 
 
 def stale_sequences(session: Session) -> dict[str, tuple[int, int | None]]:

@@ -693,11 +693,12 @@ class MqttBridge:
             # other (seq dedupe, installed), and never wait on each other in a cycle.
             devices.ensure_rows(session, ids_)
             devices.lock_rows(session, ids_)
-            # Only the devices with a presence, status or capture here are loaded (held, so
-            # that get_or_create finds them in the identity map); telemetry moves `last_seen`
-            # alone, which one UPDATE does for the others.
+            # Only the devices with a presence or capture here are loaded as ORM objects (held,
+            # so that get_or_create finds them in the identity map). The status bookkeeping of
+            # the others is read and written with one statement each (`devices.StatusRows`),
+            # and telemetry moves `last_seen` alone, which one UPDATE does for the rest.
             full = sorted(
-                {d.device_id for d in decoded if not isinstance(d.parsed, TelemetryEnvelope)}
+                {d.device_id for d in decoded if isinstance(d.parsed, Presence | CaptureEnvelope)}
             )
             loaded = (
                 list(
@@ -710,6 +711,10 @@ class MqttBridge:
                 if full
                 else []
             )
+            status_only = {
+                d.device_id for d in decoded if isinstance(d.parsed, StatusReport)
+            }.difference(full)
+            rows = devices.StatusRows(session, status_only) if status_only else None
             held_ids = [d.device_id for d in decoded if _held_seq(d.parsed) is not None]
             seqs = devices.SeqBatch(session, held_ids) if held_ids else None
             for d in decoded:
@@ -723,7 +728,9 @@ class MqttBridge:
                 if isinstance(d.parsed, Presence):
                     devices.apply_presence(session, d.device_id, d.parsed, now)
                 elif isinstance(d.parsed, StatusReport):
-                    rep = self._status(session, d.parsed, d.raw, now, drops)
+                    row = rows.rows.get(d.device_id) if rows is not None else None
+                    dev = row or devices.get_or_create(session, d.device_id)
+                    rep = self._status(dev, d.parsed, d.raw, now, drops)
                     if rep is not None:
                         reports.append(rep)
                 elif isinstance(d.parsed, CaptureEnvelope):
@@ -731,6 +738,10 @@ class MqttBridge:
                     captures.append((d.device_id, d.parsed))
                 else:
                     telemetry.append((d.device_id, d.parsed))
+            if rows is not None:  # before note_sync_many, which reads them back
+                rows.write(session)
+            if seqs is not None:
+                seqs.write(session)
             # what a device reports installed may now match its desired state, or no longer
             # (only a presence or an install/removal moves what it has installed)
             reported = {
@@ -757,15 +768,15 @@ class MqttBridge:
 
     def _status(
         self,
-        session: Session,
+        dev: Device | devices.StatusRow,
         report: StatusReport,
         raw: dict[str, Any],
         now: datetime,
         drops: list[str],
     ) -> tuple[str, E.StatusReport | E.ShadowReport] | None:
-        """Record a parsed report on its device; the rollout event for an update report."""
+        """Record a parsed report on its device's row; the rollout event for an update
+        report."""
         assert report.seq is not None  # parse() requires it
-        dev = devices.get_or_create(session, report.device_id)
         fresh, top, recent = devices.accept_seq(
             dev.last_status_seq, list(dev.recent_status_seqs or []), report.seq
         )

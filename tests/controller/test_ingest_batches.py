@@ -14,7 +14,7 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +215,66 @@ def test_a_wave_issued_in_one_go_continues_above_each_devices_floor(tmp_path: Pa
         for t, p in sent
     }
     assert published == seqs
+
+
+def update_status(seq: int, state: str, version: str, desired_seq: int) -> bytes:
+    at = datetime.now(UTC).isoformat()
+    body = {
+        "id": seq, "seq": seq, "at": at, "kind": "update", "model": "iris", "version": version,
+        "rollout_id": None, "state": state, "reason_code": None, "reason": None,
+        "desired_seq": desired_seq,
+    }  # fmt: skip
+    return json.dumps(body).encode()
+
+
+def test_status_rows_come_out_the_same_with_or_without_a_presence_in_the_batch(
+    tmp_path: Path, packager_key: KeyPair, db_url: str, broker: Mosquitto, acks: AckListener
+) -> None:
+    """A device with a presence in the batch is applied through its ORM object, one with status
+    reports alone through `devices.StatusRows` (one read, one write for the batch): the same
+    reports must leave the same row, the same seq floor and the same sync mark on both."""
+    run = started(tmp_path, packager_key, db_url, broker)
+    tag = uuid.uuid4().hex[:6]
+    orm, core = f"orm-{tag}", f"core-{tag}"
+    presence = json.dumps(
+        {"online": True, "agent_version": "0.1.0", "installed": {"iris": {"version": "1.0.0"}}}
+    ).encode()
+    reports = [
+        update_status(1, "DOWNLOADING", "1.1.0", 3),
+        update_status(3, "COMMITTED", "1.1.0", 4),
+        update_status(2, "INSTALLING", "1.1.0", 3),  # late: on record, not the last status
+        update_status(3, "COMMITTED", "1.1.0", 4),  # a repeat
+    ]
+    try:
+        bridge = run.controller.bridge
+        assert bridge is not None
+        with run.controller.factory() as s, s.begin():  # both are to run iris 1.1.0
+            for d in (orm, core):
+                now = datetime.now(UTC)
+                models = {"iris": {"version": "1.1.0"}}
+                s.add(DesiredState(device_id=d, seq=4, models=models, remove=None, issued_at=now,
+                                   expires_at=now + timedelta(days=7), envelope=b"", published=True))  # fmt: skip
+        bridge._process([(orm, "presence", presence), (core, "presence", presence)])
+        with run.controller.factory() as s:
+            assert all(s.get(Device, d).out_of_sync_since is not None for d in (orm, core))
+        batch = [(orm, "presence", presence)]
+        for r in reports:
+            batch += [(orm, "status", r), (core, "status", r)]
+        batch += [(core, "telemetry", telemetry(1))]
+        bridge._process(batch)
+        with run.controller.factory() as s:
+            rows = {d: s.get(Device, d) for d in (orm, core)}
+            floors = {d: s.get(DeviceSeqFloor, d) for d in (orm, core)}
+            for d in (orm, core):
+                dev, floor = rows[d], floors[d]
+                assert dev is not None and floor is not None
+                assert (dev.last_status_seq, dev.recent_status_seqs) == (3, [1, 2, 3]), d
+                assert dev.installed == {
+                    "iris": {"version": "1.1.0", "previous": "1.0.0", "state": "COMMITTED"}
+                }, d
+                assert dev.last_status is not None and dev.last_status["state"] == "COMMITTED"
+                assert dev.last_seen is not None and floor.floor == 4
+                assert dev.out_of_sync_since is None, d  # in sync again: read after the write
+        wait_for(lambda: acks.of(core)[0] == {1, 2, 3}, what="the status acks of core")
+    finally:
+        run.stop()
