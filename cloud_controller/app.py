@@ -285,6 +285,15 @@ class _Metrics:
             for reason, n in b.stats.refused.items():
                 br.add_metric([reason], n)
             yield br
+            cf = CounterMetricFamily(
+                "edgefleet_broker_connect_failed",
+                "Connection attempts that failed before the broker answered, by reason (tls,"
+                " tls_certificate, refused, timeout, dns, network)",
+                labels=["reason"],
+            )
+            for reason, n in b.stats.connect_failed.items():
+                cf.add_metric([reason], n)
+            yield cf
             if b.jetstream is not None:  # broker kind "nats": reports through JetStream
                 js = b.jetstream.stats
                 f = CounterMetricFamily(

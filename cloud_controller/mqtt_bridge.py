@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -36,7 +37,7 @@ from edgefleet.cloud_controller.jetstream import KINDS, JetStreamIngest
 from edgefleet.cloud_controller.models import Device
 from edgefleet.cloud_controller.rollouts import RolloutService
 from edgefleet.wire import ids
-from edgefleet.wire.backoff import Failover, split_urls
+from edgefleet.wire.backoff import Failover, connect_failure, split_urls
 from edgefleet.wire.capture import CaptureEnvelope, record_id
 from edgefleet.wire.capture import parse_envelope as parse_capture
 from edgefleet.wire.message import MessageError, loads_object
@@ -124,6 +125,8 @@ class BridgeStats:
     # batches whose rollout step failed: their status reports stay unacknowledged
     rollout_step_failures: int = 0
     refused: dict[str, int] = field(default_factory=dict)  # CONNACK refusals by reason
+    # attempts that failed before any CONNACK (TLS, refused, timeout: `backoff.connect_failure`)
+    connect_failed: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -266,6 +269,7 @@ class MqttBridge:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         self._subscribe_failures = 0
+        self._last_connect_failure: str | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -469,7 +473,16 @@ class MqttBridge:
 
     def _on_connect_fail(self, *_args: Any) -> None:
         if not self._stop.is_set():
-            log.warning("cannot reach broker %s", self._where())
+            # paho calls this inside its `except OSError` (`backoff.connect_failure`)
+            key, why = connect_failure(sys.exc_info()[1], self.address.tls)
+            self.stats.connect_failed[key] = self.stats.connect_failed.get(key, 0) + 1
+            repeated, self._last_connect_failure = self._last_connect_failure == why, why
+            log.log(
+                logging.DEBUG if repeated else logging.WARNING,
+                "cannot reach broker %s: %s",
+                self._where(),
+                why,
+            )
             self._next_broker()
 
     def _where(self) -> str:

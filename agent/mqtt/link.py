@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from edgefleet.agent.store import ModelStore
 from edgefleet.agent.telemetry.outbox import Outbox
 from edgefleet.agent.update.events import UpdateEvent
 from edgefleet.keys import load_public_key
-from edgefleet.wire.backoff import Failover
+from edgefleet.wire.backoff import Failover, connect_failure
 from edgefleet.wire.brokerkind import broker_kind, device_subscription_qos
 from edgefleet.wire.message import encode, now_iso
 from edgefleet.wire.mqtt import Kind, offline_will, topic
@@ -322,7 +323,17 @@ class MqttLink:
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         if self._current(client) and not self._stopping:
-            log.info("could not connect to %s:%s", self.host, self.port)
+            # paho calls this inside its `except OSError` (`backoff.connect_failure`)
+            key, why = connect_failure(sys.exc_info()[1], self.tls)
+            repeated, self.last_connect_error = self.last_connect_error == why, why
+            level = logging.WARNING if key.startswith("tls") else logging.INFO
+            log.log(
+                logging.DEBUG if repeated else level,
+                "could not connect to %s:%s: %s",
+                self.host,
+                self.port,
+                why,
+            )
             self._next_broker(client)
 
     def _next_broker(self, client: mqtt.Client) -> None:

@@ -73,3 +73,38 @@ class Failover:
     def connected(self) -> None:
         """A connection to `current` succeeded: the next failure starts from ``base_s``."""
         self.failures = 0
+
+
+def connect_failure(exc: BaseException | None, tls: bool) -> tuple[str, str]:
+    """Why a connection attempt failed before the broker answered (pure): a short counter name
+    (``tls_certificate``, ``tls``, ``refused``, ``timeout``, ``dns``, ``network``, ``unknown``)
+    and the reason in words. paho only says that an attempt failed; its network thread calls
+    ``on_connect_fail`` inside its ``except OSError`` block, so the exception is at hand there
+    (`sys.exc_info`), and a certificate the broker's CA did not sign, or a TLS URL aimed at a
+    plaintext port, is named rather than retried in silence. ``tls``: whether the attempt was
+    over TLS (a connection reset in the middle of it is then the handshake's)."""
+    import socket
+    import ssl
+
+    if exc is None:
+        return "unknown", "no reason given"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+        return "tls_certificate", f"TLS: the broker's certificate was refused ({detail})"
+    if isinstance(exc, ssl.SSLError):
+        return (
+            "tls",
+            f"TLS handshake failed ({getattr(exc, 'reason', None) or exc}; a plaintext port?)",
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", "connection refused (nothing listens there)"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timeout", "no answer in time"
+    if isinstance(exc, socket.gaierror):
+        return "dns", f"the host name does not resolve ({exc.strerror or exc})"
+    if tls and isinstance(exc, ConnectionResetError | ConnectionAbortedError):
+        return (
+            "tls",
+            f"TLS handshake failed: the broker closed the connection ({exc}; a plaintext port?)",
+        )
+    return "network", str(exc) or type(exc).__name__

@@ -6,6 +6,7 @@ One controller (with its MQTT bridge over mTLS) and one broker started from the 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
@@ -29,9 +30,10 @@ from edgefleet.agent.config import load_config
 from edgefleet.agent.enroll import EnrollError, enroll, renew
 from edgefleet.cli import app as root_app
 from edgefleet.cloud_controller import pki
+from edgefleet.cloud_controller.mqtt_bridge import MqttBridge
 from edgefleet.keys import KeyPair
 from tests.controller.conftest import Running, start_controller, wait_for
-from tests.support.services import free_port, require, wait_port
+from tests.support.services import Mosquitto, free_port, require, wait_port
 
 TOPIC = "edgefleet/v1/devices"
 
@@ -558,3 +560,32 @@ def test_cli_enroll_token_and_revoke(controller: Running, tmp_path: Path) -> Non
     assert res.exit_code == 0 and "revoked gw-cli2" in res.output, res.output
     res = runner.invoke(root_app, ["devices", "revoke", "nope"], env=env)
     assert res.exit_code == 1 and "not_found" in res.output
+
+
+def test_a_tls_failure_is_named_and_counted_not_retried_in_silence(
+    fleet: dict[str, Any], tmp_path: Path, broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """paho only says that an attempt failed: the bridge names why (a broker certificate its CA
+    did not sign; a TLS URL aimed at a plaintext port), logs it once and counts it by reason
+    (`edgefleet_broker_connect_failed`)."""
+    run: Running = fleet["run"]
+    ctl = run.controller
+    other = pki.CertificateAuthority.load_or_create(tmp_path / "other-ca")
+    cases = [
+        (f"mqtts://localhost:{fleet['port']}", other.cert_path, "tls_certificate", "refused"),
+        (broker.url.replace("mqtt://", "mqtts://"), ctl.ca.cert_path, "tls", "handshake"),
+    ]
+    for url, ca, key, words in cases:
+        caplog.clear()
+        bridge = MqttBridge(url, ctl.factory, ctl.rollouts, tls_files=(ca, None, None))
+        with caplog.at_level(logging.DEBUG, logger="edgefleet.cloud_controller.mqtt_bridge"):
+            bridge.start()
+            try:
+                wait_for(lambda b=bridge, k=key: b.stats.connect_failed.get(k, 0) >= 2, 20, key)
+            finally:
+                bridge.stop()
+        assert not bridge.stats.connected and set(bridge.stats.connect_failed) == {key}
+        said = [r for r in caplog.records if r.getMessage().startswith("cannot reach broker")]
+        assert words in said[0].getMessage(), said[0].getMessage()
+        # the same reason again is not a new warning at every retry
+        assert [r.levelno for r in said][:2] == [logging.WARNING, logging.DEBUG]

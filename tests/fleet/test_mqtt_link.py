@@ -391,3 +391,18 @@ def test_updates_stop_before_the_link_so_every_step_taken_is_queued(
     assert view is not None
     journaled = [t["state"] for t in view["history"] if t["state"] in FULL_PATH]
     assert [r["state"] for r in pending] == journaled
+
+
+def test_a_tls_url_to_a_plaintext_port_says_so(
+    tmp_path: Path, broker: Any, fleet_keys: Keys
+) -> None:
+    """paho only says that an attempt failed: the link keeps why (`last_connect_error`, what
+    `wait_connected` failures and the logs show), here a TLS handshake with a plaintext port."""
+    d = Device(tmp_path, broker.url.replace("mqtt://", "mqtts://"), fleet_keys)
+    try:
+        d.link.start()
+        assert not d.link.wait_connected(1)
+        wait_until(lambda: d.link.last_connect_error is not None, 15)
+        assert "TLS" in str(d.link.last_connect_error), d.link.last_connect_error
+    finally:
+        d.close()

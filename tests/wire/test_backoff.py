@@ -53,3 +53,27 @@ def test_a_policy_without_urls_or_with_a_bad_backoff_is_refused() -> None:
         Failover(["a"], base_s=0)
     with pytest.raises(ValueError, match="base_s"):
         Failover(["a"], base_s=5, cap_s=1)
+
+
+def test_connect_failures_are_named_by_what_went_wrong() -> None:
+    import socket
+    import ssl
+
+    from edgefleet.wire.backoff import connect_failure
+
+    cert = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    cert.verify_message = "unable to get local issuer certificate"
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    cases = {
+        (cert, True): ("tls_certificate", "unable to get local issuer certificate"),
+        (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), True): ("tls", "TLS"),
+        (reset, True): ("tls", "plaintext port"),
+        (reset, False): ("network", "reset"),  # without TLS a reset is the network's
+        (ConnectionRefusedError(111, "Connection refused"), False): ("refused", "nothing listens"),
+        (TimeoutError("timed out"), True): ("timeout", "no answer"),
+        (socket.gaierror(-2, "Name or service not known"), False): ("dns", "not known"),
+        (None, False): ("unknown", "no reason"),
+    }
+    for (exc, tls), (key, words) in cases.items():
+        got_key, text = connect_failure(exc, tls)
+        assert (got_key, words in text) == (key, True), (exc, tls, got_key, text)
