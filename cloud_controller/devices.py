@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -17,19 +19,43 @@ from edgefleet.wire import ids
 from edgefleet.wire.presence import InstalledModel, Presence
 from edgefleet.wire.presence import parse as parse_presence
 
+# What a device row holds before anything is known of the device: the ORM's new rows
+# (`get_or_create`) and the bulk INSERTs below are written from this one table.
+_NEW_ROW: dict[str, Any] = {
+    "registered": False,
+    "groups": [],
+    "tags": [],
+    "online": False,
+    "execution_providers": [],
+    "profiles": [],
+    "hardware": {},
+    "installed": {},
+    "recent_status_seqs": [],
+}
+
+
+def _literals(sqlite: bool) -> str:
+    """`_NEW_ROW`'s values as SQL literals (constants of this module: nothing from outside)."""
+    out = []
+    for v in _NEW_ROW.values():
+        if isinstance(v, bool):
+            out.append(("1" if v else "0") if sqlite else ("true" if v else "false"))
+        else:
+            out.append(f"'{json.dumps(v)}'")
+    return ", ".join(out)
+
+
+_COLUMNS = ", ".join(_NEW_ROW)
 # PostgreSQL: the ids as one array parameter, so the statement's text is the same for every
 # batch (an ``IN`` of 500 placeholders, or 500 rows of VALUES, is compiled by SQLAlchemy and
 # split by psycopg again each time: that was most of the bridge's time on PostgreSQL).
 _PG_ENSURE = text(
-    "INSERT INTO devices (id, registered, groups, tags, online, execution_providers, profiles,"
-    " hardware, installed, recent_status_seqs)"
-    " SELECT i, false, '[]', '[]', false, '[]', '[]', '{}', '{}', '[]'"
+    f"INSERT INTO devices (id, {_COLUMNS}) SELECT i, {_literals(sqlite=False)}"
     " FROM unnest(CAST(:ids AS varchar[])) AS i ON CONFLICT (id) DO NOTHING"
 )
 _SQLITE_ENSURE = text(
-    "INSERT INTO devices (id, registered, groups, tags, online, execution_providers, profiles,"
-    " hardware, installed, recent_status_seqs)"
-    " VALUES (:id, 0, '[]', '[]', 0, '[]', '[]', '{}', '{}', '[]') ON CONFLICT (id) DO NOTHING"
+    f"INSERT INTO devices (id, {_COLUMNS}) VALUES (:id, {_literals(sqlite=True)})"
+    " ON CONFLICT (id) DO NOTHING"
 )
 _PG_LOCK = text(
     "SELECT id FROM devices WHERE id = ANY(CAST(:ids AS varchar[])) ORDER BY id FOR UPDATE"
@@ -84,18 +110,7 @@ def get_or_create(session: Session, device_id: str) -> Device:
     dev = session.get(Device, device_id)
     if dev is None:
         ids.device_id(device_id)  # a device first seen on a topic: the same grammar
-        dev = Device(
-            id=device_id,
-            registered=False,
-            groups=[],
-            tags=[],
-            online=False,
-            execution_providers=[],
-            profiles=[],
-            hardware={},
-            installed={},
-            recent_status_seqs=[],
-        )
+        dev = Device(id=device_id, **copy.deepcopy(_NEW_ROW))
         session.add(dev)
         # Flush now so the row is in the identity map: callers (the MQTT bridge) run whole
         # batches with autoflush off, and a second lookup would otherwise insert it again.
