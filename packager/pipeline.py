@@ -401,7 +401,7 @@ def _device_gates(
     return gates, miss
 
 
-def _drift_reference(src: _Source, bench: dict[str, Any]) -> dict[str, Any]:
+def _drift_reference(src: _Source, bench: dict[str, Any], what: str) -> dict[str, Any]:
     import logging
 
     from edgefleet.drift import build_reference, reference_warnings
@@ -410,7 +410,8 @@ def _drift_reference(src: _Source, bench: dict[str, Any]) -> dict[str, Any]:
     ref = build_reference(src.calibration, run_all(sess, src.calibration))
     ref["warnings"] = reference_warnings(ref)  # features too thinly sampled to watch
     if ref["warnings"]:  # one line at packaging time; every feature's line is in the package
-        logging.getLogger(__name__).warning("%s", drift_reference_summary(ref["warnings"]))
+        summary = drift_reference_summary(ref["warnings"])
+        logging.getLogger(__name__).warning("%s: %s", what, summary)
     return ref
 
 
@@ -497,7 +498,7 @@ def package_model(
         )
         shared: dict[str, Any] = {
             "samples": save_npz(tmp / "samples.npz", _samples(src)),
-            "drift": _drift_reference(src, bench),
+            "drift": _drift_reference(src, bench, f"{name} {version}"),
             "lineage": lineage(
                 model,
                 calibration,

@@ -8,11 +8,13 @@ the progress on stderr.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 
 from edgefleet.demo.scenario import run_demo
 
@@ -47,6 +49,14 @@ def demo(
     if broker not in ("amqtt", "mosquitto"):
         raise typer.BadParameter("choose amqtt or mosquitto", param_hint="--broker")
     console = Console(stderr=as_json)
+    # Warnings (the packager's, ONNX Runtime's) through the demo's console, in one format: left
+    # alone, the first would go to logging's last resort and the rest to the root handler that
+    # ONNX Runtime's quantizer installs by calling logging.warning().
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_time=False, show_path=False)],
+    )
     try:
         if loop:
             from edgefleet.demo.loop import PROFILES, run_loop
