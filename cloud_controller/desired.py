@@ -182,18 +182,20 @@ def note_sync(dev: Device, row: DesiredState | None, now: datetime) -> None:
 
 
 def note_sync_many(session: Session, device_ids: Collection[str], now: datetime) -> None:
-    """`note_sync` for these devices (one query for their desired states)."""
+    """`note_sync` for these devices (one query for their desired states, one for them)."""
     if not device_ids:
         return
-    ids = sorted(set(device_ids))
+    from edgefleet.cloud_controller.devices import id_in
+
     rows = {
         r.device_id: r
-        for r in session.scalars(select(DesiredState).where(DesiredState.device_id.in_(ids)))
+        for r in session.scalars(
+            select(DesiredState).where(id_in(DesiredState.device_id, device_ids, session))
+        )
     }
-    for device_id in ids:
-        dev = session.get(Device, device_id)
-        if dev is not None:
-            note_sync(dev, rows.get(device_id), now)
+    # one query for the devices too (one already in the session comes back as it is there)
+    for dev in session.scalars(select(Device).where(id_in(Device.id, device_ids, session))):
+        note_sync(dev, rows.get(dev.id), now)
 
 
 def sync_view(dev: Device, row: DesiredState | None) -> dict[str, Any]:
