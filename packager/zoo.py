@@ -580,15 +580,19 @@ class ZooSet:
 
 SIZES = {  # (calibration, each validation set): ONNX Runtime's histogram calibrators keep every
     # activation of every calibration sample (ResNet-50 at 64 x 224 px peaked near 10 GB, the
-    # PP-OCRv4 recogniser over 14 GB), so the large models get fewer.
+    # PP-OCRv4 recogniser over 14 GB), so the large models get fewer calibration samples.
+    # Validation samples cost no such memory (they are run through each candidate in batches and
+    # only the outputs are kept; the sensitivity ranking uses calibration samples), only time: the
+    # PP-OCRv4 sets get 96 each, so that a 0.97 gate is judged on steps of 1/96 (24 samples
+    # passed only at 24/24: one disagreement, 0.958, failed it).
     "open-nsfw": (32, 32),
-    "ppocr-det": (32, 24),
-    "ppocr-rec": (32, 24),
+    "ppocr-det": (32, 96),
+    "ppocr-rec": (32, 96),
 }
 
 
 #: Bumped when a model's pool or confidence changes (its cached sets are then rebuilt).
-DATA_VERSION = {"ppocr-det": "v3", "ppocr-rec": "v3-lines"}
+DATA_VERSION = {"ppocr-det": "v4-val96", "ppocr-rec": "v4-lines-val96"}
 
 
 def prepare(

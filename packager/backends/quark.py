@@ -123,6 +123,18 @@ class QuarkBackend:
             # did not run. Quark gets the model without them, and its output is cleared too.
             bare = onnx.load(str(prepared), load_external_data=True)
             del bare.graph.value_info[:]
+            # Quark infers shapes again for the sub-models AdaRound trains on, and with symbolic
+            # height and width (PP-OCRv4 det's 'p2o.DynamicDimension.1/2') ONNX's inference
+            # gives tensors before and after a Resize the same shape: AdaRound's sessions then
+            # failed on 10 of det's layers ("Shape mismatch attempting to re-use buffer
+            # {16,96,16,16} != {16,96,32,32}"), which kept plain rounding. A graph that reads no
+            # shape (no Shape or Size op) computes the same whatever size its inputs declare:
+            # Quark gets its inputs pinned to the calibration data's shape (the batch stays
+            # free), and its output gets the source's declared shapes back. A graph that reads
+            # shapes is left as it is (pinned, PP-OCRv4 rec came out of Quark with its seven
+            # Shape ops folded to constants: its width was no longer free).
+            io = _io_types(bare)
+            pinned = _pin_dims(bare, calibration) if io["shape_ops"] == 0 else {}
             source_path = str(Path(scratch) / "prepared.onnx")
             save_model(bare, Path(source_path), external=external)
             del bare
@@ -131,6 +143,7 @@ class QuarkBackend:
         quantized = onnx.load(str(tmp))
         tmp.unlink(missing_ok=True)
         del quantized.graph.value_info[:]  # ONNX Runtime infers them again, correctly
+        restored = _restore_io(quantized, io) if pinned else False
         constraints = self.constraints(recipe)
         problems = verify(quantized, constraints)
         if problems:
@@ -141,9 +154,60 @@ class QuarkBackend:
             "quark_version": importlib.metadata.version("amd-quark"),
             "options": opts,
             "calibration_samples": len(next(iter(calibration.values()))),
+            "pinned_dims": pinned,
+            "dims_restored": restored,
             "seconds": seconds,
             "verified": constraints.to_dict(),
         }
+
+
+_SHAPE_READERS = ("Shape", "Size")
+
+
+def _io_types(model: Any) -> dict[str, Any]:
+    """The declared types of the graph's inputs and outputs, by name, and its shape-reading ops."""
+    return {
+        "inputs": {v.name: copy.deepcopy(v.type) for v in model.graph.input},
+        "outputs": {v.name: copy.deepcopy(v.type) for v in model.graph.output},
+        "shape_ops": sum(n.op_type in _SHAPE_READERS for n in model.graph.node),
+    }
+
+
+def _pin_dims(model: Any, calibration: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+    """Set each graph input's symbolic non-batch dims to its calibration data's; what was pinned
+    (input name -> its shape without the batch), empty when only the batch was free."""
+    pinned: dict[str, list[int]] = {}
+    for v in model.graph.input:
+        data = calibration.get(v.name)
+        dims = v.type.tensor_type.shape.dim
+        if data is None or len(dims) != data.ndim:
+            continue
+        changed = False
+        for i, d in enumerate(dims):
+            if i > 0 and not d.HasField("dim_value"):
+                d.dim_value = int(data.shape[i])
+                changed = True
+        if changed:
+            pinned[v.name] = [int(x) for x in data.shape[1:]]
+    return pinned
+
+
+def _restore_io(model: Any, io: Mapping[str, Any]) -> bool:
+    """Give Quark's output back the source's declared input and output shapes.
+
+    Exact only when nothing in the graph reads the pinned dims (only graphs without shape-reading
+    ops are pinned). Should Quark's output read shapes the source did not, the pinned shapes
+    stay: they are then what the graph computes. Returns whether the shapes were restored.
+    """
+    if any(n.op_type in _SHAPE_READERS for n in model.graph.node):
+        return False
+    for v in model.graph.input:
+        if v.name in io["inputs"]:
+            v.type.CopyFrom(io["inputs"][v.name])
+    for v in model.graph.output:
+        if v.name in io["outputs"]:
+            v.type.CopyFrom(io["outputs"][v.name])
+    return True
 
 
 @contextlib.contextmanager
