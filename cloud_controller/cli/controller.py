@@ -231,6 +231,14 @@ def serve(
         s.jetstream_urls  # noqa: B018 (validates the setting)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--nats-url") from e
+    if not 0 < s.switch_interval_ms <= 100:
+        raise typer.BadParameter(
+            f"{s.switch_interval_ms} ms: expected more than 0 and at most 100",
+            param_hint="EDGEFLEET_CONTROLLER_SWITCH_INTERVAL_MS",
+        )
+    import sys
+
+    sys.setswitchinterval(s.switch_interval_ms / 1000)
     app = create_app(s)
     console.print(_banner(s, source), soft_wrap=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level="warning")

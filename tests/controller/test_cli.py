@@ -155,3 +155,15 @@ def test_scripts_get_distinct_exit_codes_whole_ids_and_no_silent_requests(
     assert code == Exit.FAILED, out
     code, out = run(controller, "rollout", "--help")
     assert "Exit codes" in out and "4 controller unreachable" in out
+
+
+def test_serve_refuses_a_switch_interval_it_cannot_use(tmp_path: Path) -> None:
+    """`EDGEFLEET_CONTROLLER_SWITCH_INTERVAL_MS` (docs/scale.md) is checked before anything
+    starts: 0 would make the interpreter refuse it, a huge one starve paho's thread."""
+    for bad in ("0", "-1", "500"):
+        env = {"EDGEFLEET_CONTROLLER_SWITCH_INTERVAL_MS": bad, "COLUMNS": "200"}
+        res = CliRunner().invoke(
+            app, ["controller", "serve", "--data-dir", str(tmp_path / "ctl")], env=env
+        )
+        assert res.exit_code == 2, res.output
+        assert "SWITCH_INTERVAL_MS" in res.output and "at most 100" in res.output, res.output
