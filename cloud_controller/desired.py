@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgefleet.cloud_controller.db import iso
+from edgefleet.cloud_controller.devices import id_in
 from edgefleet.cloud_controller.models import DesiredState, Device, DeviceSeqFloor
 
 Publish = Callable[[str, bytes], None]  # (topic, payload): retained, QoS 1
@@ -185,8 +186,6 @@ def note_sync_many(session: Session, device_ids: Collection[str], now: datetime)
     """`note_sync` for these devices (one query for their desired states, one for them)."""
     if not device_ids:
         return
-    from edgefleet.cloud_controller.devices import id_in
-
     rows = {
         r.device_id: r
         for r in session.scalars(
